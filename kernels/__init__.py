@@ -1,0 +1,53 @@
+"""lowbit's kernel layer: Numba-compiled low-bit CPU kernels, arrays in and arrays out.
+
+Depends on numpy, numba and llvmlite only, and never on ``lowbit``. Importing it
+compiles nothing; each kernel compiles (or loads from Numba's on-disk cache) on
+first use, for the instruction-set level ``kernels.cpu.active_level()`` allows.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from kernels import cpu
+from kernels.gemm.int8 import gemm_int8, linear_int8, max_k_int32
+from kernels.pack.panels import PackedInt8, pack_int8
+from kernels.threads import get_num_threads, set_num_threads
+
+__all__ = [
+    "PackedInt8",
+    "cpu_info",
+    "gemm_int8",
+    "get_num_threads",
+    "linear_int8",
+    "max_k_int32",
+    "pack_int8",
+    "set_num_threads",
+]
+
+
+def cpu_info() -> dict:
+    """What the kernels see and will use on this machine.
+
+    Keys: ``cpu`` (model name), ``arch``, ``features`` (the relevant ones present),
+    ``supported_levels``, ``host_level``, ``active_level`` (after ``LOWBIT_ISA``),
+    ``threads``, and the ``numba``, ``llvmlite``, ``llvm`` and ``numpy`` versions.
+    """
+    import llvmlite
+    import llvmlite.binding as llvm
+
+    have = cpu.target_features()
+    return {
+        "cpu": cpu.cpu_name(),
+        "arch": cpu.host_arch(),
+        "features": [f for f in cpu.RELEVANT_FEATURES if f in have],
+        "supported_levels": [lv.name for lv in cpu.supported_levels()],
+        "host_level": cpu.host_level().name,
+        "active_level": cpu.active_level().name,
+        "threads": get_num_threads(),
+        "numba": numba.__version__,
+        "llvmlite": llvmlite.__version__,
+        "llvm": ".".join(map(str, llvm.llvm_version_info)),
+        "numpy": np.__version__,
+    }

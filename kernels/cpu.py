@@ -1,0 +1,123 @@
+"""CPU feature detection and the ordered instruction-set levels kernels target.
+
+A *level* names a set of CPU features that one family of kernel variants needs.
+Levels of one architecture are ordered by ``rank`` (generic < avx2 < avx-vnni <
+avx512-vnni on x86-64; generic < neon-dotprod on aarch64). The ranks say which
+variant to prefer, not which CPUs run what: a Cascade Lake has avx512-vnni but not
+the VEX-encoded avx-vnni, so a level is *supported* only when all of its own
+features are present.
+
+The features are the ones Numba compiles for: the host's, as llvmlite reports
+them, unless ``NUMBA_CPU_NAME`` names another CPU, in which case only the features
+listed in ``NUMBA_CPU_FEATURES`` count. Compiling a target intrinsic for a CPU
+without the feature aborts the process, so nothing ISA-specific may be compiled
+before :func:`active_level` allows it.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+from dataclasses import dataclass
+
+import llvmlite
+import llvmlite.binding as llvm
+import numba
+import numpy as np
+
+from kernels import _env
+
+
+@dataclass(frozen=True)
+class Level:
+    """One instruction-set level: a name, its architecture, its rank and its features."""
+
+    name: str
+    arch: str  # "any", "x86_64" or "aarch64"
+    rank: int
+    features: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+GENERIC = Level("generic", "any", 0, ())
+AVX2 = Level("avx2", "x86_64", 1, ("avx2", "fma"))
+AVX_VNNI = Level("avx-vnni", "x86_64", 2, ("avx2", "fma", "avxvnni"))
+AVX512_VNNI = Level("avx512-vnni", "x86_64", 3, ("avx512f", "avx512bw", "avx512vl", "avx512vnni"))
+NEON_DOTPROD = Level("neon-dotprod", "aarch64", 1, ("neon", "dotprod"))
+
+LEVELS: dict[str, Level] = {lv.name: lv for lv in (GENERIC, AVX2, AVX_VNNI, AVX512_VNNI, NEON_DOTPROD)}
+
+
+def host_arch() -> str:
+    """``"x86_64"``, ``"aarch64"`` or the raw machine name for anything else."""
+    machine = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+
+
+@functools.cache
+def target_features() -> frozenset[str]:
+    """The CPU features Numba generates code for in this process."""
+    if numba.config.CPU_NAME and numba.config.CPU_NAME != "host":
+        spec = numba.config.CPU_FEATURES or ""
+    else:
+        spec = llvm.get_host_cpu_features().flatten()
+    return frozenset(f[1:] for f in spec.split(",") if f.startswith("+"))
+
+
+@functools.cache
+def supported_levels() -> tuple[Level, ...]:
+    """The levels this CPU can run, lowest rank first."""
+    arch, have = host_arch(), target_features()
+    found = [lv for lv in LEVELS.values() if lv.arch in ("any", arch) and have.issuperset(lv.features)]
+    return tuple(sorted(found, key=lambda lv: lv.rank))
+
+
+def host_level() -> Level:
+    """The highest level this CPU supports."""
+    return supported_levels()[-1]
+
+
+def active_level() -> Level:
+    """The level kernels may use: the host's, or the lower one named by ``LOWBIT_ISA``.
+
+    Raises
+    ------
+    ValueError
+        If ``LOWBIT_ISA`` names no known level, or a level this CPU cannot run.
+    """
+    return _resolve(_env.requested_isa())
+
+
+@functools.cache
+def _resolve(wanted: str | None) -> Level:
+    if wanted is None:
+        return host_level()
+    level = LEVELS.get(wanted)
+    if level is None:
+        raise ValueError(
+            f"{_env.ISA_VAR}={wanted!r} is not a known level; expected one of: {', '.join(LEVELS)}"
+        )
+    if level not in supported_levels():
+        raise ValueError(
+            f"{_env.ISA_VAR}={wanted!r} is not supported by this CPU; it supports: "
+            f"{', '.join(lv.name for lv in supported_levels())}"
+        )
+    return level
+
+
+def allows(level: Level, active: Level) -> bool:
+    """True when code for ``level`` may run while ``active`` is the active level."""
+    return level in supported_levels() and level.rank <= active.rank and level.arch in ("any", active.arch)
+
+
+def cpu_name() -> str:
+    """The CPU model Numba targets (llvmlite's name, e.g. ``"cascadelake"``)."""
+    if numba.config.CPU_NAME and numba.config.CPU_NAME != "host":
+        return numba.config.CPU_NAME
+    return llvm.get_host_cpu_name()
+
+
+RELEVANT_FEATURES = ("avx2", "fma", "avxvnni", "avx512f", "avx512bw", "avx512vl", "avx512vnni",
+                     "avx512vpopcntdq", "neon", "dotprod", "i8mm")

@@ -1,0 +1,62 @@
+"""Kernel variants and the choice between them: the only code that reads the CPU level.
+
+Each :class:`Variant` names a micro-kernel (``kernels.gemm.microkernels.TILES``),
+the instruction-set level it needs and the problems it accepts. :func:`choose`
+walks the list in order (most specialised first) and returns the first variant
+the active level allows; the portable variant accepts everything and comes last,
+so a choice always exists. ``LOWBIT_ISA=generic`` therefore selects only
+portable code, on any CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from kernels import cpu
+from kernels.gemm.microkernels import TILES
+
+GEMV_MAX_ROWS = 8
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One implementation of an op: its micro-kernel, level and shape guard."""
+
+    op: str
+    kind: str  # key of kernels.gemm.microkernels.TILES, passed to the driver as a literal
+    level: cpu.Level
+    accepts: Callable[[int, int, int], bool]  # (M, N, K) -> usable?
+
+    @property
+    def rows(self) -> int:
+        """Height of the variant's micro-tile."""
+        return TILES[self.kind][0]
+
+
+def _any_shape(m: int, n: int, k: int) -> bool:
+    return True
+
+
+VARIANTS: tuple[Variant, ...] = (
+    Variant("gemm_int8", "avx512-vnni-gemv", cpu.AVX512_VNNI, lambda m, n, k: m <= GEMV_MAX_ROWS),
+    Variant("gemm_int8", "avx512-vnni", cpu.AVX512_VNNI, _any_shape),
+    Variant("gemm_int8", "generic", cpu.GENERIC, _any_shape),
+)
+
+
+def choose(op: str, m: int, n: int, k: int, level: cpu.Level | None = None) -> Variant:
+    """The first variant of ``op`` that the level allows and that accepts the shape.
+
+    ``level`` defaults to :func:`kernels.cpu.active_level` (which honours ``LOWBIT_ISA``).
+    """
+    level = level or cpu.active_level()
+    for variant in VARIANTS:
+        if variant.op == op and cpu.allows(variant.level, level) and variant.accepts(m, n, k):
+            return variant
+    raise ValueError(f"no kernel variant for op {op!r}; known ops: {sorted({v.op for v in VARIANTS})}")
+
+
+def variants(op: str | None = None) -> tuple[Variant, ...]:
+    """All registered variants (of one op), in preference order."""
+    return tuple(v for v in VARIANTS if op is None or v.op == op)

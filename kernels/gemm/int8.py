@@ -1,0 +1,266 @@
+"""Public int8 matrix products: ``gemm_int8`` (exact int32) and ``linear_int8`` (fused layer).
+
+Both validate every argument, bring the activations to the unsigned form the
+micro-kernels multiply (int8 ``a`` becomes ``a + 128`` with its zero point moved
+by 128; K is zero-padded to a multiple of 4), choose a variant through
+``kernels.dispatch`` and split the output panels over ``kernels.threads``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from kernels import _validate, dispatch, epilogue, threads
+from kernels.gemm.driver import DRIVERS, row_sums_u8
+from kernels.pack.panels import KGROUP, PackedInt8, pack_int8
+from kernels.qtypes import QTYPES, qtype_of
+
+INT32_MAX = 2**31 - 1
+MIN_K_LIMIT = INT32_MAX // (255 * 255)  # no zero points can make the int32 bound smaller
+MIN_OPS_PER_THREAD = 1 << 23  # below this a second thread costs more than it saves
+ACTIVATIONS = {None: 0.0, "relu": 0.0, "relu6": 6.0}  # name -> lower clamp (relu6 also clips at 6)
+OUT_DTYPES = (np.dtype(np.float32), np.dtype(np.uint8), np.dtype(np.int8))
+
+
+def max_k_int32(a_dtype=np.uint8, a_zero_point: int = 0, b_zero_point=0) -> int:
+    """Longest K for which ``gemm_int8`` cannot overflow its int32 output.
+
+    ``|sum_k (a - za)(b - zb)| <= K * max|a - za| * max|b - zb|``, so the bound is
+    ``(2**31 - 1) // (max|a - za| * max|b - zb|)``: 65793 for uint8 x int8 and
+    131071 for int8 x int8 with zero zero points.
+    """
+    qa, qb = qtype_of(a_dtype), QTYPES["s8"]
+    zb = np.asarray(b_zero_point, dtype=np.int64)
+    a_dev = max(a_zero_point - qa.qmin, qa.qmax - a_zero_point)
+    b_dev = int(np.max(np.maximum(zb - qb.qmin, qb.qmax - zb)))
+    return INT32_MAX // max(1, a_dev * b_dev)
+
+
+def _activations(a: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """``(flat uint8 rows of stride lda, lda, zero-point shift)`` for the micro-kernels."""
+    m, k = a.shape
+    lda = -(-k // KGROUP) * KGROUP
+    if a.dtype == np.uint8 and lda == k:
+        return a.reshape(-1), lda, 0
+    flat = np.zeros((m, lda), dtype=np.uint8)
+    flat[:, :k] = a.view(np.uint8)
+    if a.dtype == np.int8:
+        flat[:, :k] ^= 0x80  # two's complement a + 128, as an unsigned byte
+        return flat.reshape(-1), lda, 128
+    return flat.reshape(-1), lda, 0
+
+
+def _weights(w: object, name: str) -> PackedInt8:
+    if isinstance(w, PackedInt8):
+        return w
+    return pack_int8(_validate.array(name, w, (np.int8,), 2))
+
+
+def _zero_point(name: str, value: object, dtype: np.dtype, n: int | None = None):
+    """A zero point in the range of ``dtype``: an int, or with ``n`` an int64 ``[n]`` per-channel array."""
+    q = qtype_of(dtype)
+    if isinstance(value, int) and q.qmin <= value <= q.qmax:  # the common case, without NumPy
+        return np.full(n, value, np.int64) if n else value
+    if n is None and np.size(value) != 1:
+        raise ValueError(f"{name}: expected a scalar, got shape {np.shape(value)}")
+    v = _validate.per_channel(name, value, n or 1, np.int64)
+    _validate.integer_in(name, v, q.qmin, q.qmax)
+    return v if n else int(v[0])
+
+
+def _run(a, packed, a_zero_point, w_zp, col_extra, mult, shift, lo, hi, zp, qrange, mode, out):
+    """Shared tail of both products: prepare activations, choose, split, run."""
+    m, k = a.shape
+    n = packed.n
+    a_u8, lda, a_shift = _activations(a)
+    za = int(a_zero_point) + a_shift
+    col_term = -za * packed.col_sums + k * za * w_zp + col_extra
+    row_sums = row_sums_u8(a_u8, m, lda) if w_zp.any() else np.zeros(m, np.int64)
+    variant = dispatch.choose("gemm_int8", m, n, k)
+    qmin, qmax = qrange
+    driver = DRIVERS[variant.kind]
+
+    def run(p0, p1, i0, i1):
+        driver(a_u8, lda, n, packed.data, packed.k_groups, p0, p1, i0, i1,
+                   col_term, w_zp, row_sums, mult, shift, lo, hi, zp, qmin, qmax, mode, out)
+
+    parts = min(threads.get_num_threads(), max(1, 2 * m * n * k // MIN_OPS_PER_THREAD))
+    panels = packed.n_panels
+    if parts == 1 or panels >= parts:
+        threads.run_ranges(lambda p0, p1: run(p0, p1, 0, m), threads.split(panels, parts))
+    else:  # few, tall panels: split the rows in whole tiles
+        tiles = -(-m // variant.rows)
+        threads.run_ranges(lambda t0, t1: run(0, panels, t0 * variant.rows, min(m, t1 * variant.rows)),
+                           threads.split(tiles, parts))
+    return out
+
+
+def gemm_int8(a: np.ndarray, b: np.ndarray | PackedInt8, *, a_zero_point: int = 0,
+              b_zero_point: int | np.ndarray = 0, out: np.ndarray | None = None) -> np.ndarray:
+    """Exact integer matrix product ``(a - a_zero_point) @ (b - b_zero_point).T`` in int32.
+
+    ``out[m, n] = sum_k (a[m, k] - za) * (b[n, k] - zb[n])``; with the default zero
+    points this is ``a @ b.T``. It is ONNX MatMulInteger with ``b`` transposed.
+
+    Parameters
+    ----------
+    a : uint8 or int8 ndarray, shape (M, K), C-contiguous
+        Activations.
+    b : int8 ndarray, shape (N, K), C-contiguous, or PackedInt8
+        Weights, one row per output channel; ``kernels.pack_int8(b)`` packs them
+        once for repeated calls.
+    a_zero_point : int, optional
+        Subtracted from every activation; in the range of ``a``'s dtype.
+    b_zero_point : int or int array of shape (N,), optional
+        Subtracted from the weights, per tensor or per output channel.
+    out : int32 ndarray, shape (M, N), C-contiguous, optional
+        Written in place and returned.
+
+    Returns
+    -------
+    int32 ndarray, shape (M, N)
+
+    Raises
+    ------
+    TypeError
+        For a wrong type or dtype.
+    ValueError
+        For a wrong rank, mismatched K, non-contiguous arrays, zero points out of
+        range, or K past :func:`max_k_int32` (131071 for int8 x int8, 65793 for
+        uint8 x int8 with zero zero points), beyond which an int32 result could
+        overflow: use ``linear_int8``, which accumulates any K exactly.
+    """
+    a = _validate.array("a", a, (np.uint8, np.int8), 2)
+    packed = _weights(b, "b")
+    m, k = a.shape
+    if k != packed.k:
+        raise ValueError(f"a: expected K = {packed.k} columns to match b of shape {packed.shape}, got shape {a.shape}")
+    za = _zero_point("a_zero_point", a_zero_point, a.dtype)
+    zb = _zero_point("b_zero_point", b_zero_point, np.dtype(np.int8), packed.n)
+    if k > MIN_K_LIMIT and k > (limit := max_k_int32(a.dtype, za, zb)):
+        raise ValueError(
+            f"a: K = {k} exceeds {limit}, the longest K for which the int32 result of {a.dtype} x int8 with "
+            "these zero points cannot overflow; split K and add the parts in int64, or use linear_int8"
+        )
+    shape = (m, packed.n)
+    out = np.empty(shape, np.int32) if out is None else _validate.out(out, shape, np.dtype(np.int32))
+    unused = np.zeros(1, np.float64)
+    return _run(a, packed, za, zb, 0, unused, unused, 0.0, 0.0, 0.0, (0.0, 0.0), epilogue.INTEGER, out)
+
+
+def _positive(name: str, value: object, n: int) -> np.ndarray:
+    v = np.asarray(value)
+    if v.dtype.kind != "f" and v.dtype.kind not in "iu":
+        raise TypeError(f"{name}: expected a float scalar or [{n}] array, got dtype {v.dtype}")
+    if v.ndim == 1 and v.shape[0] == 1:
+        v = v.reshape(())
+    if v.ndim not in (0, 1) or (v.ndim == 1 and v.shape != (n,)):
+        raise ValueError(f"{name}: expected a scalar or shape ({n},), got shape {v.shape}")
+    if not (np.all(np.isfinite(v)) and np.all(v > 0)):
+        raise ValueError(f"{name}: scales must be finite and positive")
+    return v
+
+
+def linear_int8(a: np.ndarray, w: np.ndarray | PackedInt8, *, a_scale: float, a_zero_point: int,
+                w_scale: float | np.ndarray, w_zero_point: int | np.ndarray = 0, bias: np.ndarray | None = None,
+                activation: str | None = None, out_dtype: type | np.dtype = np.float32,
+                out_scale: float | None = None, out_zero_point: int | None = None,
+                out: np.ndarray | None = None) -> np.ndarray:
+    """Fused quantized linear layer: integer product, rescale, bias, activation, requantize.
+
+    With ``acc[m, n] = sum_k (a[m, k] - a_zero_point) * (w[n, k] - w_zero_point[n])``
+    (exact, any K) and ``s[n] = a_scale * w_scale[n]``::
+
+        real[m, n] = act(acc[m, n] * s[n] + bias[n])                  out_dtype float32
+        out[m, n]  = saturate(rint(real[m, n] / out_scale + out_zero_point))   uint8 / int8
+
+    Rounding is half to even and saturation clips to the output type, as in ONNX
+    QLinearMatMul. The multiplier ``a_scale * w_scale / out_scale`` is formed in the
+    scales' own dtype (so float16 scales behave as ONNX's), then applied in float64.
+
+    Parameters
+    ----------
+    a : uint8 or int8 ndarray, shape (M, K), C-contiguous
+    w : int8 or uint8 ndarray, shape (N, K), or PackedInt8 (int8)
+        Weights, one row per output channel. uint8 weights are shifted to int8
+        together with their zero point, which changes nothing in the result.
+    a_scale : positive float
+    a_zero_point : int in the range of ``a``'s dtype
+    w_scale : positive float, or float array of shape (N,) for per-channel scales
+    w_zero_point : int or int array of shape (N,), in the range of ``w``'s dtype
+    bias : float array of shape (N,) in real units, or int32 array of shape (N,)
+        in accumulator units (``a_scale * w_scale`` per unit, as ONNX QLinearConv).
+    activation : None, "relu" or "relu6"
+    out_dtype : numpy.float32, numpy.uint8 or numpy.int8
+    out_scale, out_zero_point : required scale (and optional zero point, default 0)
+        of an integer output; not allowed for float output.
+    out : ndarray of shape (M, N) and dtype ``out_dtype``, optional
+
+    Returns
+    -------
+    ndarray, shape (M, N), dtype ``out_dtype``
+    """
+    a = _validate.array("a", a, (np.uint8, np.int8), 2)
+    if isinstance(w, np.ndarray) and w.dtype == np.uint8:
+        w = _validate.array("w", w, (np.uint8,), 2)
+        w_dtype = np.dtype(np.uint8)
+        packed = pack_int8((w ^ 0x80).view(np.int8))
+    else:
+        w_dtype = np.dtype(np.int8)
+        packed = _weights(w, "w")
+    m, k = a.shape
+    n = packed.n
+    if k != packed.k:
+        raise ValueError(f"a: expected K = {packed.k} columns to match w of shape {packed.shape}, got shape {a.shape}")
+    za = _zero_point("a_zero_point", a_zero_point, a.dtype)
+    zw = _zero_point("w_zero_point", w_zero_point, w_dtype, n)
+    if w_dtype == np.uint8:
+        zw = zw - 128
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {list(ACTIVATIONS)}, got {activation!r}")
+    out_dtype = np.dtype(out_dtype)
+    if out_dtype not in OUT_DTYPES:
+        raise TypeError(f"out_dtype: expected one of {', '.join(map(str, OUT_DTYPES))}, got {out_dtype}")
+
+    s_a = _positive("a_scale", a_scale, n)
+    s_w = _positive("w_scale", w_scale, n)
+    if s_a.ndim:
+        raise ValueError(f"a_scale: expected a scalar, got shape {s_a.shape}")
+    quantized = out_dtype != np.float32
+    if quantized:
+        if out_scale is None:
+            raise ValueError(f"out_scale: required for out_dtype {out_dtype}")
+        s_out = _positive("out_scale", out_scale, n)
+        if s_out.ndim:
+            raise ValueError(f"out_scale: expected a scalar, got shape {s_out.shape}")
+        zp = _zero_point("out_zero_point", 0 if out_zero_point is None else out_zero_point, out_dtype)
+        mult = s_a * s_w / s_out
+        unit = float(s_out)
+    else:
+        if out_scale is not None or out_zero_point is not None:
+            raise ValueError("out_scale, out_zero_point: only for integer out_dtype (uint8 or int8)")
+        zp, mult, unit = 0, s_a * s_w, 1.0
+    mult = np.ascontiguousarray(np.broadcast_to(np.asarray(mult, np.float64), (n,)))
+
+    col_extra = 0
+    shift = np.zeros(n, np.float64)
+    if bias is not None:
+        b = np.asarray(bias)
+        if b.shape != (n,):
+            raise ValueError(f"bias: expected shape ({n},), got {b.shape}")
+        if b.dtype == np.int32:
+            col_extra = b.astype(np.int64)
+        elif b.dtype.kind == "f":
+            shift = b.astype(np.float64) / unit
+        else:
+            raise TypeError(f"bias: expected float (real units) or int32 (accumulator units), got {b.dtype}")
+    lo = ACTIVATIONS[activation] if activation else -math.inf
+    hi = 6.0 / unit if activation == "relu6" else math.inf
+    q = qtype_of(out_dtype)
+    qrange = (float(q.qmin), float(q.qmax)) if quantized else (0.0, 0.0)
+    mode = epilogue.QUANT if quantized else epilogue.REAL
+    shape = (m, n)
+    out = np.empty(shape, out_dtype) if out is None else _validate.out(out, shape, out_dtype)
+    return _run(a, packed, za, zw, col_extra, mult, shift, lo, hi, float(zp), qrange, mode, out)

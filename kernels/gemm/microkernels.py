@@ -1,0 +1,71 @@
+"""The int8 micro-kernels and the compile-time switch between them.
+
+Every micro-kernel computes one tile of raw u8 x s8 dot products over the panel
+layout of ``kernels.pack.panels``::
+
+    acc[r, c] = sum_{q < kq} sum_{u < 4} a[a_off + r * lda + 4 q + u]
+                                         * b[b_off + (q * 64 + c) * 4 + u]
+
+for ``r < m`` and ``c < 64``. ``a`` is the flattened uint8 activation matrix with
+row stride ``lda`` (a multiple of 4, zero-padded), ``b`` the flattened panel data
+with ``b_off`` at k group 0 of one panel, ``acc`` an int32 ``[rows, 64]`` scratch
+tile. Sums wrap modulo 2**32; the caller keeps ``kq`` small enough that they do
+not (see ``kernels.gemm.driver``).
+
+``microkernel(kind, ...)`` is resolved while a driver is compiled, from the
+string literal ``kind``: only the chosen kernel is compiled, so the VNNI IR never
+reaches a CPU that cannot run it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import types
+from numba.extending import overload
+
+from kernels._jit import kernel
+from kernels.gemm import vnni
+
+
+@kernel
+def tile_portable(a, a_off, lda, m, b, b_off, kq, acc):
+    """Portable micro-kernel: the same contract, plain loops that LLVM vectorises over c."""
+    for r in range(m):
+        row = acc[r]
+        row[:] = 0
+        base_a = a_off + r * lda
+        for q in range(kq):
+            x0 = np.int32(a[base_a + 4 * q])
+            x1 = np.int32(a[base_a + 4 * q + 1])
+            x2 = np.int32(a[base_a + 4 * q + 2])
+            x3 = np.int32(a[base_a + 4 * q + 3])
+            base_b = b_off + q * 256
+            for c in range(64):
+                o = base_b + 4 * c
+                row[c] += (x0 * np.int32(b[o]) + x1 * np.int32(b[o + 1])
+                           + x2 * np.int32(b[o + 2]) + x3 * np.int32(b[o + 3]))
+
+
+# kind -> (tile height, implementation). Heights are what the drivers step rows by.
+TILES = {
+    "generic": (4, tile_portable),
+    "avx512-vnni": (6, vnni.make_tile(6)),
+    "avx512-vnni-gemv": (4, vnni.make_tile(4)),
+}
+
+
+def microkernel(kind, a, a_off, lda, m, b, b_off, kq, acc):
+    """Compute one tile with the micro-kernel named by the literal ``kind`` (jitted code only)."""
+    raise NotImplementedError("microkernel() is only callable from compiled kernels")
+
+
+@overload(microkernel)
+def _select(kind, a, a_off, lda, m, b, b_off, kq, acc):
+    if not isinstance(kind, types.StringLiteral):
+        return None
+    impl = TILES[kind.literal_value][1]
+
+    def run(kind, a, a_off, lda, m, b, b_off, kq, acc):
+        impl(a, a_off, lda, m, b, b_off, kq, acc)
+
+    return run

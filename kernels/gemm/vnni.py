@@ -1,0 +1,137 @@
+"""AVX-512 VNNI int8 micro-kernel, written as LLVM IR inside a Numba intrinsic.
+
+LLVM's vectoriser never emits ``vpdpbusd`` for a plain int8 dot loop, so the tile
+is spelled out: ``rows x 4`` accumulators of 16 int32 lanes stay in registers for
+the whole K loop. Each k group loads four 512-bit weight vectors (64 channels x 4
+k values, see ``kernels.pack.panels``), broadcasts 4 activation bytes of each row
+to all lanes and issues one ``vpdpbusd`` per (row, vector):
+
+    acc[r, 16 j + l] += sum_{u < 4} a[r, 4 q + u] * w[16 j + l, 4 q + u]
+
+(unsigned activation bytes times signed weight bytes, exact, wrapping in int32).
+Nothing here is compiled until a kernel that calls it is, and ``kernels.dispatch``
+only selects such kernels on CPUs with avx512vnni: compiling this for a CPU
+without it aborts the process.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import llvmlite.binding as llvm
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+I8, I32, I64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+V16I32 = ir.VectorType(I32, 16)
+V64I8 = ir.VectorType(I8, 64)
+VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
+VECTORS = 4  # 512-bit vectors per row: one 64-channel panel
+
+
+@functools.cache
+def _byte_operand_type() -> ir.VectorType:
+    """The type LLVM declares for vpdpbusd's byte operands: <64 x i8> since LLVM 21, <16 x i32> before."""
+    probe = f"declare <16 x i32> @{VPDPBUSD}(<16 x i32>, <64 x i8>, <64 x i8>)"
+    try:
+        llvm.parse_assembly(probe).verify()
+    except RuntimeError:
+        return V16I32
+    return V64I8
+
+
+def _vpdpbusd(builder: ir.IRBuilder) -> ir.Function:
+    module = builder.module
+    try:
+        return module.get_global(VPDPBUSD)
+    except KeyError:
+        byte = _byte_operand_type()
+        return ir.Function(module, ir.FunctionType(V16I32, [V16I32, byte, byte]), name=VPDPBUSD)
+
+
+def _splat_i32(builder: ir.IRBuilder, value: ir.Value) -> ir.Value:
+    vec = builder.insert_element(ir.Constant(V16I32, ir.Undefined), value, ir.Constant(I32, 0))
+    return builder.shuffle_vector(vec, ir.Constant(V16I32, ir.Undefined), ir.Constant(V16I32, None))
+
+
+def make_tile(rows: int):
+    """A ``rows x 64`` VNNI tile intrinsic with the portable tile's signature.
+
+    ``tile(a, a_off, lda, m, b, b_off, kq, acc)``: see ``kernels.gemm.microkernels``.
+    Rows ``m..rows-1`` repeat row ``m - 1`` (no read past the activations) and are
+    stored to ``acc`` too; callers use only the first ``m``.
+    """
+
+    @intrinsic
+    def tile(typingctx, a, a_off, lda, m, b, b_off, kq, acc):
+        expected = {a: (types.uint8, 1), b: (types.int8, 1), acc: (types.int32, 2)}
+        if not all(isinstance(t, types.Array) and (t.dtype, t.ndim) == want and t.layout == "C"
+                   for t, want in expected.items()):
+            return None
+        sig = types.void(a, a_off, lda, m, b, b_off, kq, acc)
+
+        def codegen(context, builder, signature, args):
+            a, a_off, lda, m, b, b_off, kq, acc = args
+            a_ty, b_ty, acc_ty = signature.args[0], signature.args[4], signature.args[7]
+            a_ptr = builder.bitcast(context.make_array(a_ty)(context, builder, a).data, I8.as_pointer())
+            b_ptr = builder.bitcast(context.make_array(b_ty)(context, builder, b).data, I8.as_pointer())
+            c_ptr = builder.bitcast(context.make_array(acc_ty)(context, builder, acc).data, I32.as_pointer())
+            dot = _vpdpbusd(builder)
+            byte = dot.function_type.args[1]
+            last = builder.sub(m, ir.Constant(I64, 1))
+            row_ptrs = []
+            for r in range(rows):
+                rr = builder.select(builder.icmp_signed("<", ir.Constant(I64, r), m), ir.Constant(I64, r), last)
+                row_ptrs.append(builder.gep(a_ptr, [builder.add(a_off, builder.mul(rr, lda))]))
+            b_base = builder.gep(b_ptr, [b_off])
+            zero = ir.Constant(V16I32, None)
+
+            entry = builder.block
+            loop = builder.append_basic_block("vnni.loop")
+            done = builder.append_basic_block("vnni.done")
+            builder.cbranch(builder.icmp_signed(">", kq, ir.Constant(I64, 0)), loop, done)
+
+            builder.position_at_end(loop)
+            q = builder.phi(I64)
+            accs = [[builder.phi(V16I32) for _ in range(VECTORS)] for _ in range(rows)]
+            q.add_incoming(ir.Constant(I64, 0), entry)
+            b_group = builder.gep(b_base, [builder.mul(q, ir.Constant(I64, 64 * VECTORS))])
+            w_vecs = [
+                builder.bitcast(
+                    builder.load(builder.bitcast(builder.gep(b_group, [ir.Constant(I64, 64 * j)]), V64I8.as_pointer()), align=1),
+                    byte,
+                )
+                for j in range(VECTORS)
+            ]
+            a_step = builder.mul(q, ir.Constant(I64, 4))
+            updated = []
+            for r in range(rows):
+                word = builder.load(builder.bitcast(builder.gep(row_ptrs[r], [a_step]), I32.as_pointer()), align=1)
+                a_vec = builder.bitcast(_splat_i32(builder, word), byte)
+                updated.append([builder.call(dot, [accs[r][j], a_vec, w_vecs[j]]) for j in range(VECTORS)])
+            q_next = builder.add(q, ir.Constant(I64, 1))
+            body_end = builder.block
+            q.add_incoming(q_next, body_end)
+            for r in range(rows):
+                for j in range(VECTORS):
+                    accs[r][j].add_incoming(zero, entry)
+                    accs[r][j].add_incoming(updated[r][j], body_end)
+            builder.cbranch(builder.icmp_signed("<", q_next, kq), loop, done)
+
+            builder.position_at_end(done)
+            results = []
+            for r in range(rows):
+                for j in range(VECTORS):
+                    result = builder.phi(V16I32)
+                    result.add_incoming(zero, entry)
+                    result.add_incoming(updated[r][j], body_end)
+                    results.append(result)
+            for index, result in enumerate(results):  # row r, vector j at acc[r, 16 j]
+                dst = builder.gep(c_ptr, [ir.Constant(I64, 16 * index)])
+                builder.store(result, builder.bitcast(dst, V16I32.as_pointer()), align=4)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return tile

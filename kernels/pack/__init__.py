@@ -1,0 +1,1 @@
+"""Memory layouts: how values are arranged for the kernels, with no arithmetic."""

@@ -1,0 +1,67 @@
+"""Thread count and the pool that runs kernel tiles in parallel.
+
+Kernels are compiled with ``nogil=True`` and split work into disjoint output
+ranges; each range runs on a thread of one shared pool. This keeps the split
+explicit (Numba's ``prange`` with ``cache=True`` loads slowly and spreads small
+tiles badly) and lets one process setting govern every kernel.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+from kernels import _env
+
+_lock = threading.Lock()
+_setting: int | None = None
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+
+
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def get_num_threads() -> int:
+    """Threads a kernel call may use: ``set_num_threads``, else ``LOWBIT_NUM_THREADS``, else all cores."""
+    if _setting is not None:
+        return _setting
+    return _env.requested_threads() or _available_cores()
+
+
+def set_num_threads(n: int) -> None:
+    """Let every following kernel call use at most ``n`` threads (``n >= 1``)."""
+    global _setting
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"set_num_threads: n must be a positive integer, got {n!r}")
+    _setting = n
+
+
+def split(total: int, parts: int) -> list[tuple[int, int]]:
+    """Cut ``range(total)`` into at most ``parts`` contiguous, nearly equal, non-empty ranges."""
+    parts = max(1, min(parts, total))
+    bounds = [total * i // parts for i in range(parts + 1)]
+    return [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+
+
+def run_ranges(fn: Callable[[int, int], None], ranges: list[tuple[int, int]]) -> None:
+    """Call ``fn(lo, hi)`` for every range, the first on this thread and the rest on the pool."""
+    global _pool, _pool_size
+    if len(ranges) == 1:
+        fn(*ranges[0])
+        return
+    with _lock:
+        if _pool_size < len(ranges) - 1:
+            _pool_size = len(ranges) - 1
+            _pool = ThreadPoolExecutor(max_workers=_pool_size, thread_name_prefix="kernels")
+        pool = _pool
+    futures = [pool.submit(fn, lo, hi) for lo, hi in ranges[1:]]
+    fn(*ranges[0])
+    for future in futures:
+        future.result()
