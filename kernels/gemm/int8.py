@@ -20,7 +20,7 @@ from kernels.qtypes import QTYPES, qtype_of
 INT32_MAX = 2**31 - 1
 MIN_K_LIMIT = INT32_MAX // (255 * 255)  # no zero points can make the int32 bound smaller
 MIN_OPS_PER_THREAD = 1 << 23  # below this a second thread costs more than it saves
-ACTIVATIONS = {None: 0.0, "relu": 0.0, "relu6": 6.0}  # name -> lower clamp (relu6 also clips at 6)
+ACTIVATIONS = {None: (-math.inf, math.inf), "relu": (0.0, math.inf), "relu6": (0.0, 6.0)}  # clamp, real units
 OUT_DTYPES = (np.dtype(np.float32), np.dtype(np.uint8), np.dtype(np.int8))
 
 
@@ -256,8 +256,7 @@ def linear_int8(a: np.ndarray, w: np.ndarray | PackedInt8, *, a_scale: float, a_
             shift = b.astype(np.float64) / unit
         else:
             raise TypeError(f"bias: expected float (real units) or int32 (accumulator units), got {b.dtype}")
-    lo = ACTIVATIONS[activation] if activation else -math.inf
-    hi = 6.0 / unit if activation == "relu6" else math.inf
+    lo, hi = (bound / unit for bound in ACTIVATIONS[activation])
     q = qtype_of(out_dtype)
     qrange = (float(q.qmin), float(q.qmax)) if quantized else (0.0, 0.0)
     mode = epilogue.QUANT if quantized else epilogue.REAL

@@ -1,0 +1,136 @@
+"""linear_int8: the fused quantized layer against the oracle (bit for bit) and a float model."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+import kernels
+from kernels import reference
+from kernels.gemm.driver import K_CHUNK
+
+
+def _layer(rng, m, n, k, a_dtype=np.uint8, w_dtype=np.int8):
+    ai, wi = np.iinfo(a_dtype), np.iinfo(w_dtype)
+    return dict(
+        a=rng.integers(ai.min, ai.max, (m, k), endpoint=True, dtype=a_dtype),
+        w=rng.integers(wi.min, wi.max, (n, k), endpoint=True, dtype=w_dtype),
+        a_scale=np.float32(0.02),
+        a_zero_point=int(rng.integers(ai.min, ai.max)),
+        w_scale=rng.uniform(0.001, 0.01, n).astype(np.float32),
+    )
+
+
+def _both(**kw):
+    args = dict(kw)
+    a, w = args.pop("a"), args.pop("w")
+    return kernels.linear_int8(a, w, **args), reference.linear_int8_ref(a, w, **args)
+
+
+OUTPUTS = [
+    dict(out_dtype=np.float32),
+    dict(out_dtype=np.uint8, out_scale=0.05, out_zero_point=128),
+    dict(out_dtype=np.int8, out_scale=0.03, out_zero_point=-5),
+]
+
+
+@pytest.mark.parametrize("a_dtype", [np.uint8, np.int8], ids=str)
+@pytest.mark.parametrize("output", OUTPUTS, ids=lambda o: np.dtype(o["out_dtype"]).name)
+@pytest.mark.parametrize("activation", [None, "relu", "relu6"])
+@pytest.mark.parametrize("bias", [None, "float", "int32"])
+def test_linear_matches_oracle(level, rng, a_dtype, output, activation, bias):
+    for m, n, k in [(1, 1, 1), (3, 65, 63), (9, 130, 257)]:
+        layer = _layer(rng, m, n, k, a_dtype)
+        if bias == "float":
+            layer["bias"] = rng.normal(0, 2, n).astype(np.float32)
+        elif bias == "int32":
+            layer["bias"] = rng.integers(-5000, 5000, n, dtype=np.int32)
+        got, want = _both(**layer, activation=activation, **output)
+        assert got.dtype == np.dtype(output["out_dtype"]) and got.shape == (m, n)
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("w_dtype", [np.int8, np.uint8], ids=str)
+def test_linear_weight_zero_points(level, rng, w_dtype):
+    layer = _layer(rng, 7, 70, 100, np.uint8, w_dtype)
+    info = np.iinfo(w_dtype)
+    for zw in (int(rng.integers(info.min, info.max)), rng.integers(info.min, info.max, 70)):
+        got, want = _both(**layer, w_zero_point=zw, out_dtype=np.uint8, out_scale=0.2, out_zero_point=100)
+        np.testing.assert_array_equal(got, want)
+
+
+def test_linear_float_output_is_the_real_layer(rng):
+    """Against dequantize -> float matmul -> bias -> relu6, computed independently in float64."""
+    layer = _layer(rng, 17, 90, 300, np.int8)
+    bias = rng.normal(0, 1, 90)
+    got = kernels.linear_int8(**layer, bias=bias.astype(np.float32), activation="relu6")
+    real_a = (layer["a"].astype(np.float64) - layer["a_zero_point"]) * float(layer["a_scale"])
+    real_w = layer["w"].astype(np.float64) * layer["w_scale"][:, None].astype(np.float64)
+    want = np.clip(real_a @ real_w.T + bias.astype(np.float32), 0, 6)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_long_k_is_exact(rng):
+    """K past one int32 chunk: partial sums are added in int64, so nothing wraps."""
+    k = K_CHUNK + 1001
+    a = np.full((2, k), 255, np.uint8)
+    a[1, ::3] = 0
+    w = np.full((3, k), -128, np.int8)
+    got = kernels.linear_int8(a, w, a_scale=1.0, a_zero_point=0, w_scale=1.0)
+    np.testing.assert_array_equal(got, reference.gemm_int8_ref(a, w).astype(np.float32))
+    assert got[0, 0] == -255 * 128 * k  # far beyond int32
+
+
+def test_linear_packed_weights_and_out(rng):
+    layer = _layer(rng, 5, 64, 64)
+    packed = kernels.pack_int8(layer["w"])
+    out = np.empty((5, 64), np.float32)
+    got = kernels.linear_int8(layer["a"], packed, out=out, **{k: v for k, v in layer.items() if k not in "aw"})
+    assert got is out
+    np.testing.assert_array_equal(out, _both(**layer)[1])
+
+
+def test_linear_float16_scales_follow_onnx(rng):
+    """The multiplier a_scale * w_scale / out_scale is formed in float16, as ONNX does."""
+    layer = _layer(rng, 4, 8, 16)
+    scales = dict(a_scale=np.float16(0.0157), w_scale=np.float16(0.0039), out_scale=np.float16(0.0123))
+    layer.update(a_scale=scales["a_scale"], w_scale=scales["w_scale"])
+    got, want = _both(**layer, out_dtype=np.uint8, out_scale=scales["out_scale"], out_zero_point=7)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("out_dtype,lo,hi", [(np.uint8, 0, 255), (np.int8, -128, 127)])
+def test_linear_saturates(out_dtype, lo, hi):
+    a = np.array([[255, 0]], np.uint8)
+    w = np.array([[127, 0], [-128, 0]], np.int8)
+    got = kernels.linear_int8(a, w, a_scale=1.0, a_zero_point=0, w_scale=1.0, out_dtype=out_dtype, out_scale=1.0)
+    np.testing.assert_array_equal(got, [[hi, lo]])
+
+
+def test_linear_rounds_half_to_even():
+    a = np.array([[1, 3, 5, 7]], np.uint8).T.copy()  # four rows, K = 1
+    w = np.ones((1, 1), np.int8)
+    got = kernels.linear_int8(a, w, a_scale=0.5, a_zero_point=0, w_scale=1.0, out_dtype=np.int8, out_scale=1.0)
+    np.testing.assert_array_equal(got.ravel(), [0, 2, 2, 4])  # 0.5, 1.5, 2.5, 3.5
+
+
+@pytest.mark.parametrize("activation,expected", [(None, [0, 0, 4]), ("relu", [0, 0, 4]), ("relu6", [0, 0, 2])])
+def test_linear_activation_in_quantized_units(activation, expected):
+    """Real outputs -2, 0, 10 with out_scale 2.5: relu6 clips 10 to 6, i.e. 2.4, which rounds to 2."""
+    a = np.array([[0], [2], [12]], np.uint8)
+    w = np.ones((1, 1), np.int8)
+    got = kernels.linear_int8(a, w, a_scale=1.0, a_zero_point=2, w_scale=1.0, activation=activation,
+                              out_dtype=np.uint8, out_scale=2.5)
+    np.testing.assert_array_equal(got.ravel(), expected)
+
+
+def test_all_modes_compile_for_each_level(level, rng):
+    """One call per output dtype and weight form, so every driver specialisation is exercised."""
+    layer = _layer(rng, 3, 5, 7)
+    for output, packed in itertools.product(OUTPUTS, (False, True)):
+        args = dict(layer, **output)
+        if packed:
+            args["w"] = kernels.pack_int8(args["w"])
+        np.testing.assert_array_equal(kernels.linear_int8(**args), reference.linear_int8_ref(**dict(layer, **output)))
