@@ -10,6 +10,7 @@ portable code, on any CPU.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -50,7 +51,11 @@ def choose(op: str, m: int, n: int, k: int, level: cpu.Level | None = None) -> V
 
     ``level`` defaults to :func:`kernels.cpu.active_level` (which honours ``LOWBIT_ISA``).
     """
-    level = level or cpu.active_level()
+    return _choose(op, m, n, k, level or cpu.active_level())
+
+
+@functools.lru_cache(maxsize=1024)
+def _choose(op: str, m: int, n: int, k: int, level: cpu.Level) -> Variant:
     for variant in VARIANTS:
         if variant.op == op and cpu.allows(variant.level, level) and variant.accepts(m, n, k):
             return variant

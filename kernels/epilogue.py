@@ -27,23 +27,31 @@ import numpy as np
 from kernels._jit import kernel
 
 INTEGER, REAL, QUANT = 0, 1, 2
+MODES = (INTEGER, REAL, QUANT)
 
 
 @kernel
-def finish_tile(v, i0, rows, c0, cols, col_term, w_zp, row_sums, mult, shift, lo, hi, zp, qmin, qmax, mode, out):
+def finish_tile(v, i0, rows, c0, cols, col_term, w_zp, row_sums, row_term, mult, shift, lo, hi, zp, qmin, qmax, mode,
+                out):
     """Write ``out[i0:i0+rows, c0:c0+cols]`` from the tile ``v[:rows, :cols]`` (see module docstring).
 
-    One loop per mode, with branch-free clamps, so that LLVM vectorises each.
+    ``mode`` is a compile-time constant in every caller, so only its loop is kept;
+    each loop is branch-free and vectorises. ``row_term`` is false when ``w_zp`` is
+    all zero, which spares the multiply.
     """
+    ct = col_term[c0 : c0 + cols]
+    wz = w_zp[c0 : c0 + cols]
     for r in range(rows):
-        rs = row_sums[i0 + r]
         src = v[r]
         dst = out[i0 + r, c0 : c0 + cols]
-        ct = col_term[c0 : c0 + cols]
-        wz = w_zp[c0 : c0 + cols]
+        rs = row_sums[i0 + r] if row_term else 0
         if mode == INTEGER:
-            for c in range(cols):
-                dst[c] = src[c] + ct[c] - wz[c] * rs
+            if row_term:
+                for c in range(cols):
+                    dst[c] = src[c] + ct[c] - wz[c] * rs
+            else:  # the common case: no multiply (vpmullq is slow)
+                for c in range(cols):
+                    dst[c] = src[c] + ct[c]
             continue
         mu = mult[c0 : c0 + cols]
         sh = shift[c0 : c0 + cols]

@@ -44,9 +44,9 @@ S8 = QType("s8", 8, True, np.dtype(np.int8), 1, "signed 8-bit: weights, or activ
 U8 = QType("u8", 8, False, np.dtype(np.uint8), 1, "unsigned 8-bit activations (ONNX uint8)")
 
 QTYPES: dict[str, QType] = {q.name: q for q in (S8, U8)}
+_BY_DTYPE = {q.dtype: q for q in QTYPES.values()}
 
 
 def qtype_of(dtype: np.dtype | type) -> QType | None:
     """The row whose unpacked dtype is ``dtype``, or None."""
-    dtype = np.dtype(dtype)
-    return next((q for q in QTYPES.values() if q.dtype == dtype), None)
+    return _BY_DTYPE.get(np.dtype(dtype))

@@ -77,14 +77,15 @@ def _run(a, packed, a_zero_point, w_zp, col_extra, mult, shift, lo, hi, zp, qran
     a_u8, lda, a_shift = _activations(a)
     za = int(a_zero_point) + a_shift
     col_term = -za * packed.col_sums + k * za * w_zp + col_extra
-    row_sums = row_sums_u8(a_u8, m, lda) if w_zp.any() else np.zeros(m, np.int64)
+    row_term = bool(w_zp.any())
+    row_sums = row_sums_u8(a_u8, m, lda) if row_term else np.zeros(m, np.int64)
     variant = dispatch.choose("gemm_int8", m, n, k)
     qmin, qmax = qrange
-    driver = DRIVERS[variant.kind]
+    driver = DRIVERS[variant.kind, mode]
 
     def run(p0, p1, i0, i1):
         driver(a_u8, lda, n, packed.data, packed.k_groups, p0, p1, i0, i1,
-                   col_term, w_zp, row_sums, mult, shift, lo, hi, zp, qmin, qmax, mode, out)
+                   col_term, w_zp, row_sums, row_term, mult, shift, lo, hi, zp, qmin, qmax, out)
 
     parts = min(threads.get_num_threads(), max(1, 2 * m * n * k // MIN_OPS_PER_THREAD))
     panels = packed.n_panels

@@ -41,26 +41,35 @@ def _byte_operand_type() -> ir.VectorType:
     return V64I8
 
 
-def _vpdpbusd(builder: ir.IRBuilder) -> ir.Function:
-    module = builder.module
-    try:
-        return module.get_global(VPDPBUSD)
-    except KeyError:
-        byte = _byte_operand_type()
-        return ir.Function(module, ir.FunctionType(V16I32, [V16I32, byte, byte]), name=VPDPBUSD)
-
-
 def _splat_i32(builder: ir.IRBuilder, value: ir.Value) -> ir.Value:
     vec = builder.insert_element(ir.Constant(V16I32, ir.Undefined), value, ir.Constant(I32, 0))
     return builder.shuffle_vector(vec, ir.Constant(V16I32, ir.Undefined), ir.Constant(V16I32, None))
 
 
-def make_tile(rows: int):
+def _declare(builder: ir.IRBuilder, name: str, fnty: ir.FunctionType) -> ir.Function:
+    try:
+        return builder.module.get_global(name)
+    except KeyError:
+        return ir.Function(builder.module, fnty, name=name)
+
+
+def _vpdpbusd(builder: ir.IRBuilder) -> ir.Function:
+    byte = _byte_operand_type()
+    return _declare(builder, VPDPBUSD, ir.FunctionType(V16I32, [V16I32, byte, byte]))
+
+
+def _prefetch(builder: ir.IRBuilder) -> ir.Function:
+    return _declare(builder, "llvm.prefetch.p0", ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32]))
+
+
+def make_tile(rows: int, prefetch: int = 0):
     """A ``rows x 64`` VNNI tile intrinsic with the portable tile's signature.
 
     ``tile(a, a_off, lda, m, b, b_off, kq, acc)``: see ``kernels.gemm.microkernels``.
     Rows ``m..rows-1`` repeat row ``m - 1`` (no read past the activations) and are
-    stored to ``acc`` too; callers use only the first ``m``.
+    stored to ``acc`` too; callers use only the first ``m``. With ``prefetch`` > 0
+    each k group also prefetches the weights that many bytes ahead into L1: they
+    stream from L2 (GEMM: a 64 x K panel is larger than L1) or from L3 / DRAM (GEMV).
     """
 
     @intrinsic
@@ -104,6 +113,11 @@ def make_tile(rows: int):
                 )
                 for j in range(VECTORS)
             ]
+            if prefetch:  # read, keep in all cache levels, data cache; no fault past the end
+                fetch = _prefetch(builder)
+                for line in range(VECTORS):
+                    target = builder.gep(b_group, [ir.Constant(I64, prefetch + 64 * line)])
+                    builder.call(fetch, [target, ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
             a_step = builder.mul(q, ir.Constant(I64, 4))
             updated = []
             for r in range(rows):
