@@ -18,6 +18,8 @@ def _names(dtypes: Iterable[np.dtype]) -> str:
 
 def array(name: str, x: object, dtypes: Iterable[type | np.dtype], ndim: int) -> np.ndarray:
     """Check that ``x`` is a C-contiguous ``ndim``-D ndarray of one of ``dtypes``."""
+    if isinstance(x, np.ndarray) and x.dtype in dtypes and x.ndim == ndim and x.flags.c_contiguous:
+        return x  # the common case, checked once
     dtypes = tuple(np.dtype(d) for d in dtypes)
     if not isinstance(x, np.ndarray):
         raise TypeError(f"{name}: expected a numpy.ndarray of {_names(dtypes)}, got {type(x).__name__}")

@@ -76,25 +76,30 @@ def _run(a, packed, a_zero_point, w_zp, col_extra, mult, shift, lo, hi, zp, qran
     n = packed.n
     a_u8, lda, a_shift = _activations(a)
     za = int(a_zero_point) + a_shift
-    col_term = -za * packed.col_sums + k * za * w_zp + col_extra
     row_term = bool(w_zp.any())
+    if za == 0 and not row_term and np.ndim(col_extra) == 0 and col_extra == 0:
+        col_term = np.zeros(n, np.int64)  # uint8 activations without zero points: nothing to correct
+    else:
+        col_term = -za * packed.col_sums + k * za * w_zp + col_extra
     row_sums = row_sums_u8(a_u8, m, lda) if row_term else np.zeros(m, np.int64)
     variant = dispatch.choose("gemm_int8", m, n, k)
-    qmin, qmax = qrange
     driver = DRIVERS[variant.kind, mode]
-
-    def run(p0, p1, i0, i1):
-        driver(a_u8, lda, n, packed.data, packed.k_groups, p0, p1, i0, i1,
-                   col_term, w_zp, row_sums, row_term, mult, shift, lo, hi, zp, qmin, qmax, out)
-
-    parts = min(threads.get_num_threads(), max(1, 2 * m * n * k // MIN_OPS_PER_THREAD))
+    qmin, qmax = qrange
     panels = packed.n_panels
-    if parts == 1 or panels >= parts:
+
+    def run(p0: int, p1: int, i0: int, i1: int) -> None:
+        driver(a_u8, lda, n, packed.data, packed.k_groups, p0, p1, i0, i1,
+               col_term, w_zp, row_sums, row_term, mult, shift, lo, hi, zp, qmin, qmax, out)
+
+    parts = min(threads.get_num_threads(), 2 * m * n * k // MIN_OPS_PER_THREAD)
+    if parts <= 1:
+        run(0, panels, 0, m)
+    elif panels >= parts:
         threads.run_ranges(lambda p0, p1: run(p0, p1, 0, m), threads.split(panels, parts))
     else:  # few, tall panels: split the rows in whole tiles
-        tiles = -(-m // variant.rows)
-        threads.run_ranges(lambda t0, t1: run(0, panels, t0 * variant.rows, min(m, t1 * variant.rows)),
-                           threads.split(tiles, parts))
+        rows = variant.rows
+        threads.run_ranges(lambda t0, t1: run(0, panels, t0 * rows, min(m, t1 * rows)),
+                           threads.split(-(-m // rows), parts))
     return out
 
 
