@@ -14,7 +14,7 @@ import numpy as np
 
 from kernels import _validate, dispatch, epilogue, threads
 from kernels.gemm.driver import DRIVERS, row_sums_u8
-from kernels.pack.panels import KGROUP, PackedInt8, pack_int8
+from kernels.pack.panels import KGROUP, PANEL, PackedInt8, pack_int8
 from kernels.qtypes import QTYPES, qtype_of
 
 INT32_MAX = 2**31 - 1
@@ -86,10 +86,13 @@ def _run(a, packed, a_zero_point, w_zp, col_extra, mult, shift, lo, hi, zp, qran
     driver = DRIVERS[variant.kind, mode]
     qmin, qmax = qrange
     panels = packed.n_panels
+    col_term32 = np.zeros(panels * PANEL if mode == epilogue.INTEGER else 0, np.int32)
+    if mode == epilogue.INTEGER:
+        col_term32[:n] = col_term  # wraps modulo 2**32, as the int32 sums do
 
     def run(p0: int, p1: int, i0: int, i1: int) -> None:
         driver(a_u8, lda, n, packed.data, packed.k_groups, p0, p1, i0, i1,
-               col_term, w_zp, row_sums, row_term, mult, shift, lo, hi, zp, qmin, qmax, out)
+               col_term, col_term32, w_zp, row_sums, row_term, mult, shift, lo, hi, zp, qmin, qmax, out)
 
     parts = min(threads.get_num_threads(), 2 * m * n * k // MIN_OPS_PER_THREAD)
     if parts <= 1:

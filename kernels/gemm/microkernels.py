@@ -6,7 +6,9 @@ layout of ``kernels.pack.panels``::
     acc[r, c] = sum_{q < kq} sum_{u < 4} a[a_off + r * lda + 4 q + u]
                                          * b[b_off + (q * 64 + c) * 4 + u]
 
-for ``r < m`` and ``c < 64``. ``a`` is the flattened uint8 activation matrix with
+for ``r < m`` and ``c < 64``. ``microkernel_store(kind, ...)`` computes the same
+sums and finishes an int32 output at once: ``out[o_off + r * ldo + c] = acc[r, c]
++ col_term[c0 + c]`` (wrapping) for ``r < m``, ``c < cols``. ``a`` is the flattened uint8 activation matrix with
 row stride ``lda`` (a multiple of 4, zero-padded), ``b`` the flattened panel data
 with ``b_off`` at k group 0 of one panel, ``acc`` an int32 ``[rows, 64]`` scratch
 tile. Sums wrap modulo 2**32; the caller keeps ``kq`` small enough that they do
@@ -46,14 +48,25 @@ def tile_portable(a, a_off, lda, m, b, b_off, kq, acc):
                            + x2 * np.int32(b[o + 2]) + x3 * np.int32(b[o + 3]))
 
 
-# kind -> (tile height, implementation); drivers step rows by the height. Prefetch
+@kernel
+def tile_store_portable(a, a_off, lda, m, b, b_off, kq, col_term, c0, cols, out, o_off, ldo):
+    """Portable ``microkernel_store``: the portable tile, then the column term, stored row by row."""
+    acc = np.empty((m, 64), np.int32)
+    tile_portable(a, a_off, lda, m, b, b_off, kq, acc)
+    for r in range(m):
+        base = o_off + r * ldo
+        for c in range(cols):
+            out[base + c] = acc[r, c] + col_term[c0 + c]
+
+
+# kind -> (tile height, tile, tile_store); drivers step rows by the height. Prefetch
 # distances are the measured best: 4 k groups ahead when the weights come from L2,
 # 16 when they stream from L3 or DRAM. (Blocking K so that the weights fit L1 instead
 # measured slower: short activation streams defeat the hardware prefetcher.)
 TILES = {
-    "generic": (4, tile_portable),
-    "avx512-vnni": (6, vnni.make_tile(6, prefetch=1024)),
-    "avx512-vnni-gemv": (4, vnni.make_tile(4, prefetch=4096)),
+    "generic": (4, tile_portable, tile_store_portable),
+    "avx512-vnni": (6, vnni.make_tile(6, prefetch=1024), vnni.make_tile_store(6, prefetch=1024)),
+    "avx512-vnni-gemv": (4, vnni.make_tile(4, prefetch=4096), vnni.make_tile_store(4, prefetch=4096)),
 }
 
 
@@ -70,5 +83,22 @@ def _select(kind, a, a_off, lda, m, b, b_off, kq, acc):
 
     def run(kind, a, a_off, lda, m, b, b_off, kq, acc):
         impl(a, a_off, lda, m, b, b_off, kq, acc)
+
+    return run
+
+
+def microkernel_store(kind, a, a_off, lda, m, b, b_off, kq, col_term, c0, cols, out, o_off, ldo):
+    """Compute one tile and write it, plus ``col_term``, to int32 ``out`` (jitted code only)."""
+    raise NotImplementedError("microkernel_store() is only callable from compiled kernels")
+
+
+@overload(microkernel_store)
+def _select_store(kind, a, a_off, lda, m, b, b_off, kq, col_term, c0, cols, out, o_off, ldo):
+    if not isinstance(kind, types.StringLiteral):
+        return None
+    impl = TILES[kind.literal_value][2]
+
+    def run(kind, a, a_off, lda, m, b, b_off, kq, col_term, c0, cols, out, o_off, ldo):
+        impl(a, a_off, lda, m, b, b_off, kq, col_term, c0, cols, out, o_off, ldo)
 
     return run
