@@ -19,7 +19,10 @@ from kernels.qtypes import QTYPES, qtype_of
 
 INT32_MAX = 2**31 - 1
 MIN_K_LIMIT = INT32_MAX // (255 * 255)  # no zero points can make the int32 bound smaller
-MIN_OPS_PER_THREAD = 1 << 23  # below this a second thread costs more than it saves
+# Waking a pool thread costs ~30 us here and two threads share caches, so a thread
+# pays off only for ~200 us of work; estimate it from compute (~400 GOPS) and from
+# streaming the weights (~20 GB/s), measured on one core.
+MIN_US_PER_THREAD = 200.0
 ACTIVATIONS = {None: (-math.inf, math.inf), "relu": (0.0, math.inf), "relu6": (0.0, 6.0)}  # clamp, real units
 OUT_DTYPES = (np.dtype(np.float32), np.dtype(np.uint8), np.dtype(np.int8))
 
@@ -94,7 +97,8 @@ def _run(a, packed, a_zero_point, w_zp, col_extra, mult, shift, lo, hi, zp, qran
         driver(a_u8, lda, n, packed.data, packed.k_groups, p0, p1, i0, i1,
                col_term, col_term32, w_zp, row_sums, row_term, mult, shift, lo, hi, zp, qmin, qmax, out)
 
-    parts = min(threads.get_num_threads(), 2 * m * n * k // MIN_OPS_PER_THREAD)
+    estimate_us = 2 * m * n * k / 400e3 + n * k / 20e3
+    parts = min(threads.get_num_threads(), int(estimate_us // MIN_US_PER_THREAD))
     if parts <= 1:
         run(0, panels, 0, m)
     elif panels >= parts:

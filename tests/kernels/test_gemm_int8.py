@@ -102,17 +102,16 @@ def test_gemm_longest_exact_k():
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("m,n", [(300, 700), (2000, 10)])  # split by panels; split by rows
-def test_threads_give_identical_results(rng, threads, m, n):
-    a = _random(rng, np.int8, (m, 512))
-    b = _random(rng, np.int8, (n, 512))
-    before = kernels.get_num_threads()
-    kernels.set_num_threads(threads)
-    try:
-        got = kernels.gemm_int8(a, b)
-    finally:
-        kernels.set_num_threads(before)
-    np.testing.assert_array_equal(got, reference.gemm_int8_ref(a, b))
+@pytest.mark.parametrize("m,n,k", [(600, 700, 512), (16000, 10, 1024)])  # split by panels; by rows
+def test_threads_give_identical_results(rng, monkeypatch, threads, m, n, k):
+    a = _random(rng, np.int8, (m, k))
+    b = _random(rng, np.int8, (n, k))
+    splits = []
+    run_ranges = kernels.threads.run_ranges
+    monkeypatch.setattr(kernels.threads, "run_ranges", lambda fn, ranges: (splits.append(ranges), run_ranges(fn, ranges)))
+    monkeypatch.setattr(kernels.threads, "_setting", threads)
+    np.testing.assert_array_equal(kernels.gemm_int8(a, b), reference.gemm_int8_ref(a, b))
+    assert [len(r) for r in splits] == ([threads] if threads > 1 else [])
 
 
 def test_packed_layout_golden_bytes():

@@ -1,0 +1,99 @@
+"""Register-only AVX-512 VNNI throughput: the ceiling an int8 GEMM core can reach.
+
+A loop of ``vpdpbusd`` on 16 independent accumulators, with no loads or stores:
+16 chains hide the instruction's latency on every current core, so the loop runs
+at the port throughput. One ``vpdpbusd`` on 512 bits is 64 multiply-adds, counted
+as 128 operations, the unit GEMM GOPS figures use.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numba
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+from kernels import cpu
+from kernels.gemm.vnni import I32, I64, V16I32, _splat_i32, _vpdpbusd
+
+ACCUMULATORS = 16
+OPS_PER_VPDPBUSD = 2 * 64
+OPS_PER_ITERATION = ACCUMULATORS * OPS_PER_VPDPBUSD
+
+
+@intrinsic
+def _vpdpbusd_loop(typingctx, iterations):
+    """``iterations`` rounds of 16 independent ``vpdpbusd``; returns a lane of their sum."""
+    if iterations != types.int64:
+        return None
+    sig = types.int32(types.int64)
+
+    def codegen(context, builder, signature, args):
+        (count,) = args
+        dot = _vpdpbusd(builder)
+        byte = dot.function_type.args[1]
+        # Operands come from the argument, so LLVM cannot fold the products away.
+        seed = builder.trunc(count, I32)
+        a_bytes = builder.bitcast(_splat_i32(builder, seed), byte)
+        b_bytes = builder.bitcast(_splat_i32(builder, builder.add(seed, ir.Constant(I32, 0x01010101))), byte)
+        zero = ir.Constant(V16I32, None)
+
+        entry = builder.block
+        loop = builder.append_basic_block("peak.loop")
+        done = builder.append_basic_block("peak.done")
+        builder.cbranch(builder.icmp_signed(">", count, ir.Constant(I64, 0)), loop, done)
+
+        builder.position_at_end(loop)
+        i = builder.phi(I64)
+        accs = [builder.phi(V16I32) for _ in range(ACCUMULATORS)]
+        updated = [builder.call(dot, [acc, a_bytes, b_bytes]) for acc in accs]
+        i_next = builder.add(i, ir.Constant(I64, 1))
+        i.add_incoming(ir.Constant(I64, 0), entry)
+        i.add_incoming(i_next, loop)
+        for acc, new in zip(accs, updated):
+            acc.add_incoming(zero, entry)
+            acc.add_incoming(new, loop)
+        builder.cbranch(builder.icmp_signed("<", i_next, count), loop, done)
+
+        builder.position_at_end(done)
+        results = [builder.phi(V16I32) for _ in updated]  # phis must open the block
+        total = zero
+        for result, new in zip(results, updated):  # every chain feeds the result: none is dead
+            result.add_incoming(zero, entry)
+            result.add_incoming(new, loop)
+            total = builder.add(total, result)
+        return builder.extract_element(total, ir.Constant(I32, 0))
+
+    return sig, codegen
+
+
+@numba.njit(cache=True, nogil=True)
+def _spin(iterations: int) -> int:
+    return _vpdpbusd_loop(iterations)
+
+
+def _seconds_for(iterations: int) -> float:
+    start = time.perf_counter()
+    _spin(iterations)
+    return time.perf_counter() - start
+
+
+def vnni_peak_gops(seconds: float = 0.3) -> float | None:
+    """Single-thread ``vpdpbusd`` throughput in giga-ops/s, or None without AVX-512 VNNI.
+
+    Compiling the loop for a CPU without VNNI aborts the process, so it is only
+    compiled when :func:`kernels.cpu.active_level` allows it. The best of three
+    runs of ``seconds / 3`` each is reported, since a shared machine only ever
+    slows a run down.
+    """
+    if not cpu.allows(cpu.AVX512_VNNI, cpu.active_level()):
+        return None
+    _seconds_for(1)  # compile, or load from Numba's cache
+    iterations = 1 << 16
+    while (elapsed := _seconds_for(iterations)) < 0.01:
+        iterations *= 4
+    iterations = max(1, int(iterations * seconds / 3 / elapsed))
+    best = min(_seconds_for(iterations) for _ in range(3))
+    return iterations * OPS_PER_ITERATION / best / 1e9

@@ -1,0 +1,95 @@
+"""What lowbit is measured against: NumPy's float32 BLAS and ONNX Runtime's MatMulInteger.
+
+Each builder returns a :class:`Contender`: a zero-argument call that computes the
+product into a preallocated output, plus a context that pins the threads it may
+use. Operands are prepared once (weights converted, transposed or prepacked), as
+a deployed model would, so only the product itself is timed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import numpy as np
+from threadpoolctl import threadpool_info, threadpool_limits
+
+OPSET = 13
+IR_VERSION = 9  # the newest IR the installed onnxruntime accepts; onnx writes a newer one by default
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One implementation of ``a @ b.T``, ready to be timed."""
+
+    name: str
+    call: Callable[[], np.ndarray]  # computes the product, returns the output array
+    pinned: Callable[[], AbstractContextManager]  # while entered, ``call`` uses the requested threads
+
+
+def numpy_float32(a: np.ndarray, b: np.ndarray, threads: int) -> Contender:
+    """NumPy ``a @ b.T`` on float32 copies of the operands: the usual unquantized baseline.
+
+    BLAS threads are set with threadpoolctl while ``pinned()`` is entered, not per
+    call, because limiting them costs far more than a GEMV.
+    """
+    a32, b32 = a.astype(np.float32), b.astype(np.float32)
+    out = np.empty((a.shape[0], b.shape[0]), np.float32)
+    return Contender(
+        "numpy",
+        lambda: np.matmul(a32, b32.T, out=out),
+        functools.partial(threadpool_limits, limits=threads, user_api="blas"),
+    )
+
+
+def blas_libraries() -> list[dict]:
+    """The BLAS libraries loaded in this process, as threadpoolctl reports them.
+
+    For OpenBLAS, ``architecture`` names the kernel set it chose (e.g.
+    ``"SkylakeX"``); ``OPENBLAS_CORETYPE`` can force a slower one.
+    """
+    return [lib for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+
+def onnxruntime_matmul_integer(a: np.ndarray, b: np.ndarray, threads: int) -> Contender | None:
+    """ONNX Runtime ``MatMulInteger`` (uint8 ``a`` [M, K] x int8 ``B = b.T`` [K, N] -> int32).
+
+    ``B`` is a graph initializer, so ORT prepacks it at session creation like
+    ``kernels.pack_int8``; input and output are bound once so a call runs only the
+    kernel. Returns None when onnx or onnxruntime is not installed.
+    """
+    try:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        return None
+    m, k = a.shape
+    n = b.shape[0]
+    node = helper.make_node("MatMulInteger", ["A", "B"], ["Y"])
+    graph = helper.make_graph(
+        [node],
+        "matmul_integer_u8s8",
+        [helper.make_tensor_value_info("A", TensorProto.UINT8, [m, k])],
+        [helper.make_tensor_value_info("Y", TensorProto.INT32, [m, n])],
+        initializer=[numpy_helper.from_array(np.ascontiguousarray(b.T), "B")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    out = np.empty((m, n), np.int32)
+    binding = session.io_binding()
+    binding.bind_cpu_input("A", a)
+    binding.bind_output("Y", "cpu", 0, np.int32, out.shape, out.ctypes.data)
+
+    def call() -> np.ndarray:
+        session.run_with_iobinding(binding)
+        return out
+
+    return Contender("onnxruntime", call, contextlib.nullcontext)
