@@ -4,12 +4,55 @@ Every kernel is cached on disk (``cache=True``) and releases the GIL
 (``nogil=True``) so that ``kernels.threads`` can run tiles on a Python thread
 pool. ``fastmath`` stays off: the epilogues round to integers and must match
 ``kernels.reference`` bit for bit, which FMA contraction would break.
+
+Numba stamps a cached function with the hash of its own source file only, but a
+kernel compiles in the helpers, micro-kernels and tables of other modules: after
+an edit to one of those it would keep loading stale machine code. The locators
+below stamp every function of this package with a hash of all of its sources.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+from pathlib import Path
 
 import numba
+from numba.core import caching
+
+PACKAGE = Path(__file__).resolve().parent
+
+
+@functools.cache
+def sources_digest() -> str:
+    """SHA-256 over the path and content of every Python file of the package."""
+    digest = hashlib.sha256()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        digest.update(path.relative_to(PACKAGE).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+class _PackageStamp:
+    """Locator mixin: applies to this package's files, stamped with the whole package."""
+
+    def get_source_stamp(self):
+        return sources_digest()
+
+    @classmethod
+    def from_function(cls, py_func, py_file):
+        if not Path(py_file).resolve().is_relative_to(PACKAGE):
+            return None
+        return super().from_function(py_func, py_file)
+
+
+def _numba_class(name: str) -> type:
+    """A class of numba.core.caching: public since Numba 0.61, with a leading underscore before."""
+    return getattr(caching, name, None) or getattr(caching, f"_{name}")
+
+
+_LOCATORS = [type(f"Package{name}", (_PackageStamp, _numba_class(name)), {})
+             for name in ("UserProvidedCacheLocator", "InTreeCacheLocator", "UserWideCacheLocator")]
+_numba_class("CacheImpl")._locator_classes[:0] = _LOCATORS  # before any kernel below is decorated
 
 kernel = functools.partial(numba.njit, cache=True, nogil=True)
