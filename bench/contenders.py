@@ -10,6 +10,7 @@ import numpy as np
 import kernels
 from bench.peers import Contender, numpy_float32, onnxruntime_matmul_integer
 
+
 @contextlib.contextmanager
 def _lowbit_threads(threads: int) -> Iterator[None]:
     previous = kernels.get_num_threads()
