@@ -16,7 +16,7 @@ from numba import types
 from numba.extending import intrinsic
 
 from kernels import cpu
-from kernels.gemm.vnni import I32, I64, V16I32, _splat_i32, _vpdpbusd
+from kernels.gemm.vnni import I32, splat_i32, declare_vpdpbusd, emit_loop
 
 ACCUMULATORS = 16
 OPS_PER_VPDPBUSD = 2 * 64
@@ -32,37 +32,16 @@ def _vpdpbusd_loop(typingctx, iterations):
 
     def codegen(context, builder, signature, args):
         (count,) = args
-        dot = _vpdpbusd(builder)
+        dot = declare_vpdpbusd(builder)
         byte = dot.function_type.args[1]
         # Operands come from the argument, so LLVM cannot fold the products away.
         seed = builder.trunc(count, I32)
-        a_bytes = builder.bitcast(_splat_i32(builder, seed), byte)
-        b_bytes = builder.bitcast(_splat_i32(builder, builder.add(seed, ir.Constant(I32, 0x01010101))), byte)
-        zero = ir.Constant(V16I32, None)
-
-        entry = builder.block
-        loop = builder.append_basic_block("peak.loop")
-        done = builder.append_basic_block("peak.done")
-        builder.cbranch(builder.icmp_signed(">", count, ir.Constant(I64, 0)), loop, done)
-
-        builder.position_at_end(loop)
-        i = builder.phi(I64)
-        accs = [builder.phi(V16I32) for _ in range(ACCUMULATORS)]
-        updated = [builder.call(dot, [acc, a_bytes, b_bytes]) for acc in accs]
-        i_next = builder.add(i, ir.Constant(I64, 1))
-        i.add_incoming(ir.Constant(I64, 0), entry)
-        i.add_incoming(i_next, loop)
-        for acc, new in zip(accs, updated):
-            acc.add_incoming(zero, entry)
-            acc.add_incoming(new, loop)
-        builder.cbranch(builder.icmp_signed("<", i_next, count), loop, done)
-
-        builder.position_at_end(done)
-        results = [builder.phi(V16I32) for _ in updated]  # phis must open the block
-        total = zero
-        for result, new in zip(results, updated):  # every chain feeds the result: none is dead
-            result.add_incoming(zero, entry)
-            result.add_incoming(new, loop)
+        a_bytes = builder.bitcast(splat_i32(builder, seed), byte)
+        b_bytes = builder.bitcast(splat_i32(builder, builder.add(seed, ir.Constant(I32, 0x01010101))), byte)
+        results = emit_loop(builder, count, ACCUMULATORS,
+                            lambda i, accs: [builder.call(dot, [acc, a_bytes, b_bytes]) for acc in accs])
+        total = results[0]
+        for result in results[1:]:  # every chain feeds the result: none is dead
             total = builder.add(total, result)
         return builder.extract_element(total, ir.Constant(I32, 0))
 

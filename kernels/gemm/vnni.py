@@ -41,7 +41,7 @@ def _byte_operand_type() -> ir.VectorType:
     return V64I8
 
 
-def _splat_i32(builder: ir.IRBuilder, value: ir.Value) -> ir.Value:
+def splat_i32(builder: ir.IRBuilder, value: ir.Value) -> ir.Value:
     vec = builder.insert_element(ir.Constant(V16I32, ir.Undefined), value, ir.Constant(I32, 0))
     return builder.shuffle_vector(vec, ir.Constant(V16I32, ir.Undefined), ir.Constant(V16I32, None))
 
@@ -53,7 +53,7 @@ def _declare(builder: ir.IRBuilder, name: str, fnty: ir.FunctionType) -> ir.Func
         return ir.Function(builder.module, fnty, name=name)
 
 
-def _vpdpbusd(builder: ir.IRBuilder) -> ir.Function:
+def declare_vpdpbusd(builder: ir.IRBuilder) -> ir.Function:
     byte = _byte_operand_type()
     return _declare(builder, VPDPBUSD, ir.FunctionType(V16I32, [V16I32, byte, byte]))
 
@@ -76,9 +76,42 @@ def _is_array(ty, dtype, ndim: int) -> bool:
     return isinstance(ty, types.Array) and ty.dtype == dtype and ty.ndim == ndim and ty.layout == "C"
 
 
+def emit_loop(builder: ir.IRBuilder, count: ir.Value, accumulators: int, body) -> list[ir.Value]:
+    """Emit ``for q in range(count)`` carrying ``accumulators`` <16 x i32> values in registers.
+
+    They start at zero; ``body(q, accs)`` emits one iteration and returns their new
+    values. Returns the final values (still zero when ``count <= 0``).
+    """
+    zero = ir.Constant(V16I32, None)
+    entry = builder.block
+    loop = builder.append_basic_block("vnni.loop")
+    done = builder.append_basic_block("vnni.done")
+    builder.cbranch(builder.icmp_signed(">", count, ir.Constant(I64, 0)), loop, done)
+
+    builder.position_at_end(loop)
+    q = builder.phi(I64)
+    accs = [builder.phi(V16I32) for _ in range(accumulators)]
+    updated = body(q, accs)
+    q_next = builder.add(q, ir.Constant(I64, 1))
+    body_end = builder.block
+    q.add_incoming(ir.Constant(I64, 0), entry)
+    q.add_incoming(q_next, body_end)
+    for acc, new in zip(accs, updated):
+        acc.add_incoming(zero, entry)
+        acc.add_incoming(new, body_end)
+    builder.cbranch(builder.icmp_signed("<", q_next, count), loop, done)
+
+    builder.position_at_end(done)
+    results = [builder.phi(V16I32) for _ in updated]  # phis must open the block
+    for result, new in zip(results, updated):
+        result.add_incoming(zero, entry)
+        result.add_incoming(new, body_end)
+    return results
+
+
 def _emit_dot(builder, a_ptr, a_off, lda, m, b_ptr, b_off, kq, rows: int, prefetch: int) -> list[ir.Value]:
-    """Emit the K loop; returns the ``rows * VECTORS`` accumulators, row-major."""
-    dot = _vpdpbusd(builder)
+    """Emit the K loop of a tile; returns the ``rows * VECTORS`` accumulators, row-major."""
+    dot = declare_vpdpbusd(builder)
     byte = dot.function_type.args[1]
     last = builder.sub(m, ir.Constant(I64, 1))
     row_ptrs = []
@@ -86,49 +119,27 @@ def _emit_dot(builder, a_ptr, a_off, lda, m, b_ptr, b_off, kq, rows: int, prefet
         rr = builder.select(builder.icmp_signed("<", ir.Constant(I64, r), m), ir.Constant(I64, r), last)
         row_ptrs.append(builder.gep(a_ptr, [builder.add(a_off, builder.mul(rr, lda))]))
     b_base = builder.gep(b_ptr, [b_off])
-    zero = ir.Constant(V16I32, None)
 
-    entry = builder.block
-    loop = builder.append_basic_block("vnni.loop")
-    done = builder.append_basic_block("vnni.done")
-    builder.cbranch(builder.icmp_signed(">", kq, ir.Constant(I64, 0)), loop, done)
+    def k_group(q, accs):
+        b_group = builder.gep(b_base, [builder.mul(q, ir.Constant(I64, 64 * VECTORS))])
+        w_vecs = []
+        for j in range(VECTORS):
+            ptr = builder.bitcast(builder.gep(b_group, [ir.Constant(I64, 64 * j)]), V64I8.as_pointer())
+            w_vecs.append(builder.bitcast(builder.load(ptr, align=1), byte))
+        if prefetch:  # read, keep in all cache levels, data cache; no fault past the end
+            fetch = _prefetch(builder)
+            for line in range(VECTORS):
+                target = builder.gep(b_group, [ir.Constant(I64, prefetch + 64 * line)])
+                builder.call(fetch, [target, ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
+        a_step = builder.mul(q, ir.Constant(I64, 4))
+        updated = []
+        for r in range(rows):
+            word = builder.load(builder.bitcast(builder.gep(row_ptrs[r], [a_step]), I32.as_pointer()), align=1)
+            a_vec = builder.bitcast(splat_i32(builder, word), byte)
+            updated += [builder.call(dot, [accs[r * VECTORS + j], a_vec, w_vecs[j]]) for j in range(VECTORS)]
+        return updated
 
-    builder.position_at_end(loop)
-    q = builder.phi(I64)
-    accs = [builder.phi(V16I32) for _ in range(rows * VECTORS)]
-    q.add_incoming(ir.Constant(I64, 0), entry)
-    b_group = builder.gep(b_base, [builder.mul(q, ir.Constant(I64, 64 * VECTORS))])
-    w_vecs = []
-    for j in range(VECTORS):
-        ptr = builder.bitcast(builder.gep(b_group, [ir.Constant(I64, 64 * j)]), V64I8.as_pointer())
-        w_vecs.append(builder.bitcast(builder.load(ptr, align=1), byte))
-    if prefetch:  # read, keep in all cache levels, data cache; no fault past the end
-        fetch = _prefetch(builder)
-        for line in range(VECTORS):
-            target = builder.gep(b_group, [ir.Constant(I64, prefetch + 64 * line)])
-            builder.call(fetch, [target, ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
-    a_step = builder.mul(q, ir.Constant(I64, 4))
-    updated = []
-    for r in range(rows):
-        word = builder.load(builder.bitcast(builder.gep(row_ptrs[r], [a_step]), I32.as_pointer()), align=1)
-        a_vec = builder.bitcast(_splat_i32(builder, word), byte)
-        updated += [builder.call(dot, [accs[r * VECTORS + j], a_vec, w_vecs[j]]) for j in range(VECTORS)]
-    q_next = builder.add(q, ir.Constant(I64, 1))
-    body_end = builder.block
-    q.add_incoming(q_next, body_end)
-    for acc, new in zip(accs, updated):
-        acc.add_incoming(zero, entry)
-        acc.add_incoming(new, body_end)
-    builder.cbranch(builder.icmp_signed("<", q_next, kq), loop, done)
-
-    builder.position_at_end(done)
-    results = []
-    for new in updated:
-        result = builder.phi(V16I32)
-        result.add_incoming(zero, entry)
-        result.add_incoming(new, body_end)
-        results.append(result)
-    return results
+    return emit_loop(builder, kq, rows * VECTORS, k_group)
 
 
 def make_tile(rows: int, prefetch: int = 0):
@@ -194,7 +205,7 @@ def make_tile_store(rows: int, prefetch: int = 0):
                 # rows past m store nothing: their lane limit is 0
                 limit = builder.select(builder.icmp_signed("<", ir.Constant(I64, r), m), builder.trunc(cols, I32),
                                        ir.Constant(I32, 0))
-                limit = _splat_i32(builder, limit)
+                limit = splat_i32(builder, limit)
                 row = builder.gep(out_ptr, [builder.add(o_off, builder.mul(ir.Constant(I64, r), ldo))])
                 for j in range(VECTORS):
                     mask = builder.icmp_signed("<", builder.add(lanes, ir.Constant(V16I32, [16 * j] * 16)), limit)
