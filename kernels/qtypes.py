@@ -35,10 +35,6 @@ class QType:
     def qmax(self) -> int:
         return (1 << (self.bits - 1)) - 1 if self.signed else (1 << self.bits) - 1
 
-    def packed_nbytes(self, count: int) -> int:
-        """Bytes needed to store ``count`` values of this type."""
-        return -(-count // self.elems_per_byte)
-
 
 S8 = QType("s8", 8, True, np.dtype(np.int8), 1, "signed 8-bit: weights, or activations")
 U8 = QType("u8", 8, False, np.dtype(np.uint8), 1, "unsigned 8-bit activations (ONNX uint8)")

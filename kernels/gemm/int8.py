@@ -9,6 +9,7 @@ by 128; K is zero-padded to a multiple of 4), choose a variant through
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -25,6 +26,21 @@ MIN_K_LIMIT = INT32_MAX // (255 * 255)  # no zero points can make the int32 boun
 MIN_US_PER_THREAD = 200.0
 ACTIVATIONS = {None: (-math.inf, math.inf), "relu": (0.0, math.inf), "relu6": (0.0, 6.0)}  # clamp, real units
 OUT_DTYPES = (np.dtype(np.float32), np.dtype(np.uint8), np.dtype(np.int8))
+_UNUSED = np.zeros(1)
+
+
+class _Epilogue(NamedTuple):
+    """How ``kernels.epilogue`` finishes the product (see its docstring for the formulas)."""
+
+    mode: int
+    col_bias: np.ndarray | int = 0  # int64 [N] added to the corrected sums: an int32 bias
+    mult: np.ndarray = _UNUSED  # float64 [N]
+    shift: np.ndarray = _UNUSED  # float64 [N]
+    lo: float = -math.inf
+    hi: float = math.inf
+    zp: float = 0.0
+    qmin: float = 0.0
+    qmax: float = 0.0
 
 
 def max_k_int32(a_dtype=np.uint8, a_zero_point: int = 0, b_zero_point=0) -> int:
@@ -73,29 +89,30 @@ def _zero_point(name: str, value: object, dtype: np.dtype, n: int | None = None)
     return v if n else int(v[0])
 
 
-def _run(a, packed, a_zero_point, w_zp, col_extra, mult, shift, lo, hi, zp, qrange, mode, out):
+def _run(a: np.ndarray, packed: PackedInt8, a_zero_point: int, w_zp: np.ndarray, epi: _Epilogue,
+         out: np.ndarray) -> np.ndarray:
     """Shared tail of both products: prepare activations, choose, split, run."""
     m, k = a.shape
     n = packed.n
     a_u8, lda, a_shift = _activations(a)
     za = int(a_zero_point) + a_shift
     row_term = bool(w_zp.any())
-    if za == 0 and not row_term and np.ndim(col_extra) == 0 and col_extra == 0:
+    if za == 0 and not row_term and np.ndim(epi.col_bias) == 0 and epi.col_bias == 0:
         col_term = np.zeros(n, np.int64)  # uint8 activations without zero points: nothing to correct
     else:
-        col_term = -za * packed.col_sums + k * za * w_zp + col_extra
+        col_term = -za * packed.col_sums + k * za * w_zp + epi.col_bias
     row_sums = row_sums_u8(a_u8, m, lda) if row_term else np.zeros(m, np.int64)
     variant = dispatch.choose("gemm_int8", m, n, k)
-    driver = DRIVERS[variant.kind, mode]
-    qmin, qmax = qrange
+    driver = DRIVERS[variant.kind, epi.mode]
     panels = packed.n_panels
-    col_term32 = np.zeros(panels * PANEL if mode == epilogue.INTEGER else 0, np.int32)
-    if mode == epilogue.INTEGER:
+    col_term32 = np.zeros(panels * PANEL if epi.mode == epilogue.INTEGER else 0, np.int32)
+    if epi.mode == epilogue.INTEGER:
         col_term32[:n] = col_term  # wraps modulo 2**32, as the int32 sums do
 
     def run(p0: int, p1: int, i0: int, i1: int) -> None:
         driver(a_u8, lda, n, packed.data, packed.k_groups, p0, p1, i0, i1,
-               col_term, col_term32, w_zp, row_sums, row_term, mult, shift, lo, hi, zp, qmin, qmax, out)
+               col_term, col_term32, w_zp, row_sums, row_term, epi.mult, epi.shift, epi.lo, epi.hi, epi.zp,
+               epi.qmin, epi.qmax, out)
 
     estimate_us = 2 * m * n * k / 400e3 + n * k / 20e3
     parts = min(threads.get_num_threads(), int(estimate_us // MIN_US_PER_THREAD))
@@ -159,8 +176,7 @@ def gemm_int8(a: np.ndarray, b: np.ndarray | PackedInt8, *, a_zero_point: int = 
         )
     shape = (m, packed.n)
     out = np.empty(shape, np.int32) if out is None else _validate.out(out, shape, np.dtype(np.int32))
-    unused = np.zeros(1, np.float64)
-    return _run(a, packed, za, zb, 0, unused, unused, 0.0, 0.0, 0.0, (0.0, 0.0), epilogue.INTEGER, out)
+    return _run(a, packed, za, zb, _Epilogue(epilogue.INTEGER), out)
 
 
 def _positive(name: str, value: object, n: int) -> np.ndarray:
@@ -257,22 +273,23 @@ def linear_int8(a: np.ndarray, w: np.ndarray | PackedInt8, *, a_scale: float, a_
         zp, mult, unit = 0, s_a * s_w, 1.0
     mult = np.ascontiguousarray(np.broadcast_to(np.asarray(mult, np.float64), (n,)))
 
-    col_extra = 0
-    shift = np.zeros(n, np.float64)
+    col_bias, shift = 0, np.zeros(n, np.float64)
     if bias is not None:
         b = np.asarray(bias)
         if b.shape != (n,):
             raise ValueError(f"bias: expected shape ({n},), got {b.shape}")
         if b.dtype == np.int32:
-            col_extra = b.astype(np.int64)
+            col_bias = b.astype(np.int64)
         elif b.dtype.kind == "f":
             shift = b.astype(np.float64) / unit
         else:
             raise TypeError(f"bias: expected float (real units) or int32 (accumulator units), got {b.dtype}")
     lo, hi = (bound / unit for bound in ACTIVATIONS[activation])
-    q = qtype_of(out_dtype)
-    qrange = (float(q.qmin), float(q.qmax)) if quantized else (0.0, 0.0)
-    mode = epilogue.QUANT if quantized else epilogue.REAL
+    if quantized:
+        q = qtype_of(out_dtype)
+        epi = _Epilogue(epilogue.QUANT, col_bias, mult, shift, lo, hi, float(zp), float(q.qmin), float(q.qmax))
+    else:
+        epi = _Epilogue(epilogue.REAL, col_bias, mult, shift, lo, hi)
     shape = (m, n)
     out = np.empty(shape, out_dtype) if out is None else _validate.out(out, shape, out_dtype)
-    return _run(a, packed, za, zw, col_extra, mult, shift, lo, hi, float(zp), qrange, mode, out)
+    return _run(a, packed, za, zw, epi, out)

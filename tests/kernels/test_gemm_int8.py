@@ -60,6 +60,11 @@ def test_gemm_property(m, n, k, signed, seed):
     _check_gemm(np.random.default_rng(seed), np.int8 if signed else np.uint8, m, n, k)
 
 
+def test_gemm_no_rows(level):
+    got = kernels.gemm_int8(np.zeros((0, 9), np.uint8), np.ones((5, 9), np.int8))
+    assert got.shape == (0, 5) and got.dtype == np.int32
+
+
 def test_gemm_extreme_values(level):
     """All-extreme operands: the largest magnitudes the u8 x s8 products can reach."""
     k = 4099
