@@ -16,7 +16,8 @@ from numba import types
 from numba.extending import intrinsic
 
 from kernels import cpu
-from kernels.gemm.vnni import I32, splat_i32, declare_vpdpbusd, emit_loop
+from kernels.gemm.llvm_ir import I32, emit_loop, splat
+from kernels.gemm.vnni import V16I32, declare_vpdpbusd
 
 ACCUMULATORS = 16
 OPS_PER_VPDPBUSD = 2 * 64
@@ -36,9 +37,9 @@ def _vpdpbusd_loop(typingctx, iterations):
         byte = dot.function_type.args[1]
         # Operands come from the argument, so LLVM cannot fold the products away.
         seed = builder.trunc(count, I32)
-        a_bytes = builder.bitcast(splat_i32(builder, seed), byte)
-        b_bytes = builder.bitcast(splat_i32(builder, builder.add(seed, ir.Constant(I32, 0x01010101))), byte)
-        results = emit_loop(builder, count, ACCUMULATORS,
+        a_bytes = builder.bitcast(splat(builder, seed, V16I32), byte)
+        b_bytes = builder.bitcast(splat(builder, builder.add(seed, ir.Constant(I32, 0x01010101)), V16I32), byte)
+        results = emit_loop(builder, count, V16I32, ACCUMULATORS,
                             lambda i, accs: [builder.call(dot, [acc, a_bytes, b_bytes]) for acc in accs])
         total = results[0]
         for result in results[1:]:  # every chain feeds the result: none is dead

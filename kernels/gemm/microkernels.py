@@ -69,8 +69,8 @@ def tile_store_portable(a, a_off, lda, m, b, b_off, kq, col_term, c0, cols, out,
 # measured slower: short activation streams defeat the hardware prefetcher.)
 TILES = {
     "generic": (4, tile_portable, tile_store_portable),
-    "avx512-vnni": (6, vnni.make_tile(6, prefetch=1024), vnni.make_tile_store(6, prefetch=1024)),
-    "avx512-vnni-gemv": (4, vnni.make_tile(4, prefetch=4096), vnni.make_tile_store(4, prefetch=4096)),
+    "avx512-vnni": (6, vnni.make_tile(6, prefetch_distance=1024), vnni.make_tile_store(6, prefetch_distance=1024)),
+    "avx512-vnni-gemv": (4, vnni.make_tile(4, prefetch_distance=4096), vnni.make_tile_store(4, prefetch_distance=4096)),
 }
 
 

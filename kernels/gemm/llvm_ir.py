@@ -1,0 +1,101 @@
+"""Small LLVM IR building blocks shared by the hand-written micro-kernels.
+
+The micro-kernels are Numba intrinsics that emit LLVM IR with llvmlite: loops
+whose accumulators live in vector registers, broadcasts, prefetches and typed
+views of array data. Only generic LLVM operations are emitted here; each
+micro-kernel module adds its own target intrinsics.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from llvmlite import ir
+from numba import types
+
+I1, I8, I16, I32, I64 = (ir.IntType(bits) for bits in (1, 8, 16, 32, 64))
+
+
+def declare(builder: ir.IRBuilder, name: str, fnty: ir.FunctionType) -> ir.Function:
+    """The module's declaration of function ``name``, added on first use."""
+    try:
+        return builder.module.get_global(name)
+    except KeyError:
+        return ir.Function(builder.module, fnty, name=name)
+
+
+def is_array(ty, dtype, ndim: int) -> bool:
+    """True for a C-contiguous Numba array type of ``dtype`` and ``ndim``."""
+    return isinstance(ty, types.Array) and ty.dtype == dtype and ty.ndim == ndim and ty.layout == "C"
+
+
+def array_ptr(context, builder: ir.IRBuilder, ty, value, elem: ir.Type) -> ir.Value:
+    """Pointer to the first element of a Numba array, typed as ``elem*``."""
+    return builder.bitcast(context.make_array(ty)(context, builder, value).data, elem.as_pointer())
+
+
+def load_vector(builder: ir.IRBuilder, base: ir.Value, offset: int | ir.Value, vtype: ir.VectorType) -> ir.Value:
+    """Unaligned load of a ``vtype`` at ``base + offset`` (offset in elements of ``base``)."""
+    offset = ir.Constant(I64, offset) if isinstance(offset, int) else offset
+    return builder.load(builder.bitcast(builder.gep(base, [offset]), vtype.as_pointer()), align=1)
+
+
+def splat(builder: ir.IRBuilder, value: ir.Value, vtype: ir.VectorType) -> ir.Value:
+    """``value`` in every lane of a ``vtype``."""
+    vec = builder.insert_element(ir.Constant(vtype, ir.Undefined), value, ir.Constant(I32, 0))
+    return builder.shuffle_vector(vec, ir.Constant(vtype, ir.Undefined), ir.Constant(ir.VectorType(I32, vtype.count), None))
+
+
+def prefetch(builder: ir.IRBuilder, address: ir.Value) -> None:
+    """Prefetch the cache line at ``address`` (an i8*) into every level; never faults."""
+    fetch = declare(builder, "llvm.prefetch.p0", ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32]))
+    builder.call(fetch, [address, ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
+
+
+def emit_loop(builder: ir.IRBuilder, count: ir.Value, vtype: ir.VectorType, accumulators: int,
+              body: Callable[[ir.Value, list[ir.Value]], list[ir.Value]]) -> list[ir.Value]:
+    """Emit ``for q in range(count)`` carrying ``accumulators`` values of ``vtype`` in registers.
+
+    They start at zero; ``body(q, accs)`` emits one iteration and returns their new
+    values. Returns the final values (still zero when ``count <= 0``).
+    """
+    zero = ir.Constant(vtype, None)
+    entry = builder.block
+    loop = builder.append_basic_block("kernel.loop")
+    done = builder.append_basic_block("kernel.done")
+    builder.cbranch(builder.icmp_signed(">", count, ir.Constant(I64, 0)), loop, done)
+
+    builder.position_at_end(loop)
+    q = builder.phi(I64)
+    accs = [builder.phi(vtype) for _ in range(accumulators)]
+    updated = body(q, accs)
+    q_next = builder.add(q, ir.Constant(I64, 1))
+    body_end = builder.block
+    q.add_incoming(ir.Constant(I64, 0), entry)
+    q.add_incoming(q_next, body_end)
+    for acc, new in zip(accs, updated):
+        acc.add_incoming(zero, entry)
+        acc.add_incoming(new, body_end)
+    builder.cbranch(builder.icmp_signed("<", q_next, count), loop, done)
+
+    builder.position_at_end(done)
+    results = [builder.phi(vtype) for _ in updated]  # phis must open the block
+    for result, new in zip(results, updated):
+        result.add_incoming(zero, entry)
+        result.add_incoming(new, body_end)
+    return results
+
+
+def clamped_rows(builder: ir.IRBuilder, base: ir.Value, offset: ir.Value, stride: ir.Value, m: ir.Value,
+                 rows: int) -> list[ir.Value]:
+    """Pointers to ``rows`` rows at ``base + offset + r * stride``; rows past ``m`` repeat row ``m - 1``.
+
+    A micro-kernel always computes its full height; clamping keeps the extra rows
+    inside the caller's array, and the caller ignores their results.
+    """
+    last = builder.sub(m, ir.Constant(I64, 1))
+    pointers = []
+    for r in range(rows):
+        row = builder.select(builder.icmp_signed("<", ir.Constant(I64, r), m), ir.Constant(I64, r), last)
+        pointers.append(builder.gep(base, [builder.add(offset, builder.mul(row, stride))]))
+    return pointers
