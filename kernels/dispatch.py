@@ -32,7 +32,7 @@ class Variant:
     @property
     def rows(self) -> int:
         """Height of the variant's micro-tile."""
-        return TILES[self.kind][0]
+        return TILES[self.kind].rows
 
 
 def _any_shape(m: int, n: int, k: int) -> bool:
@@ -42,6 +42,7 @@ def _any_shape(m: int, n: int, k: int) -> bool:
 VARIANTS: tuple[Variant, ...] = (
     Variant("gemm_int8", "avx512-vnni-gemv", cpu.AVX512_VNNI, lambda m, n, k: m <= GEMV_MAX_ROWS),
     Variant("gemm_int8", "avx512-vnni", cpu.AVX512_VNNI, _any_shape),
+    Variant("gemm_int8", "avx2", cpu.AVX2, _any_shape),
     Variant("gemm_int8", "generic", cpu.GENERIC, _any_shape),
 )
 

@@ -28,7 +28,7 @@ assert K_CHUNK % KGROUP == 0 and K_CHUNK * 255 * 128 < 2**31 <= (K_CHUNK + KGROU
 
 
 def _make_driver(kind: str, mode: int):
-    rows = TILES[kind][0]
+    rows = TILES[kind].rows
 
     @kernel
     def gemm_tiles(a, lda, n, b, kq, p0, p1, i0, i1,

@@ -21,12 +21,14 @@ reaches a CPU that cannot run it.
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import numpy as np
 from numba import types
 from numba.extending import overload
 
 from kernels._jit import kernel
-from kernels.gemm import vnni
+from kernels.gemm import avx2, vnni
 
 
 @kernel
@@ -52,25 +54,23 @@ def tile_portable(a, a_off, lda, m, b, b_off, kq, acc):
                            + x2 * np.int32(w[4 * c + 2]) + x3 * np.int32(w[4 * c + 3]))
 
 
-@kernel
-def tile_store_portable(a, a_off, lda, m, b, b_off, kq, col_term, c0, cols, out, o_off, ldo):
-    """Portable ``microkernel_store``: the portable tile, then the column term, stored row by row."""
-    acc = np.empty((m, 64), np.int32)
-    tile_portable(a, a_off, lda, m, b, b_off, kq, acc)
-    for r in range(m):
-        base = o_off + r * ldo
-        for c in range(cols):
-            out[base + c] = acc[r, c] + col_term[c0 + c]
+class Tile(NamedTuple):
+    """One micro-kernel: its height, its ``tile`` and, if it has one, its own ``tile_store``."""
+
+    rows: int
+    tile: Callable
+    tile_store: Callable | None = None  # None: run ``tile``, then add and store in plain code
 
 
-# kind -> (tile height, tile, tile_store); drivers step rows by the height. Prefetch
-# distances are the measured best: 4 k groups ahead when the weights come from L2,
-# 16 when they stream from L3 or DRAM. (Blocking K so that the weights fit L1 instead
-# measured slower: short activation streams defeat the hardware prefetcher.)
+# kind -> Tile; drivers step rows by the height. Prefetch distances are the measured
+# best: 4 k groups ahead when the weights come from L2, 16 when they stream from L3
+# or DRAM. (Blocking K so that the weights fit L1 instead measured slower: short
+# activation streams defeat the hardware prefetcher.)
 TILES = {
-    "generic": (4, tile_portable, tile_store_portable),
-    "avx512-vnni": (6, vnni.make_tile(6, prefetch_distance=1024), vnni.make_tile_store(6, prefetch_distance=1024)),
-    "avx512-vnni-gemv": (4, vnni.make_tile(4, prefetch_distance=4096), vnni.make_tile_store(4, prefetch_distance=4096)),
+    "generic": Tile(4, tile_portable),
+    "avx2": Tile(2, avx2.make_tile(2)),
+    "avx512-vnni": Tile(6, vnni.make_tile(6, 1024), vnni.make_tile_store(6, 1024)),
+    "avx512-vnni-gemv": Tile(4, vnni.make_tile(4, 4096), vnni.make_tile_store(4, 4096)),
 }
 
 
@@ -83,10 +83,10 @@ def microkernel(kind, a, a_off, lda, m, b, b_off, kq, acc):
 def _select(kind, a, a_off, lda, m, b, b_off, kq, acc):
     if not isinstance(kind, types.StringLiteral):
         return None
-    impl = TILES[kind.literal_value][1]
+    tile = TILES[kind.literal_value].tile
 
     def run(kind, a, a_off, lda, m, b, b_off, kq, acc):
-        impl(a, a_off, lda, m, b, b_off, kq, acc)
+        tile(a, a_off, lda, m, b, b_off, kq, acc)
 
     return run
 
@@ -100,9 +100,22 @@ def microkernel_store(kind, a, a_off, lda, m, b, b_off, kq, col_term, c0, cols, 
 def _select_store(kind, a, a_off, lda, m, b, b_off, kq, col_term, c0, cols, out, o_off, ldo):
     if not isinstance(kind, types.StringLiteral):
         return None
-    impl = TILES[kind.literal_value][2]
+    spec = TILES[kind.literal_value]
+    if spec.tile_store is not None:
+        tile_store = spec.tile_store
 
-    def run(kind, a, a_off, lda, m, b, b_off, kq, col_term, c0, cols, out, o_off, ldo):
-        impl(a, a_off, lda, m, b, b_off, kq, col_term, c0, cols, out, o_off, ldo)
+        def run(kind, a, a_off, lda, m, b, b_off, kq, col_term, c0, cols, out, o_off, ldo):
+            tile_store(a, a_off, lda, m, b, b_off, kq, col_term, c0, cols, out, o_off, ldo)
 
-    return run
+        return run
+    rows, tile = spec.rows, spec.tile
+
+    def run_then_store(kind, a, a_off, lda, m, b, b_off, kq, col_term, c0, cols, out, o_off, ldo):
+        acc = np.empty((rows, 64), np.int32)
+        tile(a, a_off, lda, m, b, b_off, kq, acc)
+        for r in range(m):
+            base = o_off + r * ldo
+            for c in range(cols):
+                out[base + c] = acc[r, c] + col_term[c0 + c]
+
+    return run_then_store

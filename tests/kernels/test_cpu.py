@@ -54,6 +54,8 @@ def test_choose_honours_level_and_shape(level):
     assert cpu.allows(chosen.level, level)
     if level is cpu.GENERIC:
         assert chosen.kind == "generic"
+    elif level is cpu.AVX2:
+        assert chosen.kind == "avx2"
     elif level is cpu.AVX512_VNNI:
         assert chosen.kind == "avx512-vnni-gemv"
         assert dispatch.choose("gemm_int8", dispatch.GEMV_MAX_ROWS + 1, 64, 64).kind == "avx512-vnni"
