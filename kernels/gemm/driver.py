@@ -1,4 +1,4 @@
-"""The int8 GEMM tile driver: loops over output tiles, calls a micro-kernel, finishes each panel.
+"""The int8 GEMM tile driver: loops over output tiles, calls a micro-kernel, finishes each tile.
 
 One call covers the column panels ``p0..p1`` and rows ``i0..i1`` of the output;
 ``kernels.threads`` gives each thread a disjoint range, so no two threads write
