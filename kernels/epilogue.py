@@ -1,7 +1,8 @@
 """Turning exact int32 dot products into the caller's output, one tile at a time.
 
 The GEMM driver hands every finished tile to :func:`finish_tile` while it is still
-in L1. With ``v`` the tile's raw sums of unsigned activation bytes ``a`` times
+in L1 (int32 outputs without weight zero points skip it: the VNNI micro-kernel
+adds ``col_term`` and stores them from its registers). With ``v`` the tile's raw sums of unsigned activation bytes ``a`` times
 signed weights ``w``, the zero-point corrected accumulator is (derivation:
 expand ``sum_k (a - za)(w - zw)``)::
 

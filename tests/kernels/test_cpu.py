@@ -11,6 +11,7 @@ import pytest
 
 import kernels
 from kernels import cpu, dispatch
+from kernels.gemm.microkernels import TILES
 
 
 def test_generic_always_supported():
@@ -47,6 +48,12 @@ def test_unsupported_isa_is_a_clear_error(monkeypatch):
 def test_every_op_has_a_portable_variant_last():
     for op in {v.op for v in dispatch.variants()}:
         assert dispatch.variants(op)[-1].level is cpu.GENERIC
+
+
+def test_variant_table_matches_micro_kernels():
+    """Every variant names a micro-kernel, and every micro-kernel is reachable."""
+    assert {v.kind for v in dispatch.variants()} == set(TILES)
+    assert all(v.rows == TILES[v.kind].rows > 0 for v in dispatch.variants())
 
 
 def test_choose_honours_level_and_shape(level):
