@@ -20,10 +20,8 @@ import functools
 import platform
 from dataclasses import dataclass
 
-import llvmlite
 import llvmlite.binding as llvm
 import numba
-import numpy as np
 
 from kernels import _env
 

@@ -18,11 +18,8 @@ AVX2's 16 registers); a call walks the 64-channel panel in four such blocks.
 from __future__ import annotations
 
 from llvmlite import ir
-from numba import types
-from numba.extending import intrinsic
 
-from kernels.gemm.llvm_ir import I8, I16, I32, I64, array_ptr, clamped_rows, declare, emit_loop, is_array, \
-    load_vector
+from kernels.gemm.llvm_ir import I8, I16, I32, I64, clamped_rows, declare, emit_loop, load_vector, tile_intrinsic
 
 V8I32 = ir.VectorType(I32, 8)
 V16I16 = ir.VectorType(I16, 16)
@@ -39,49 +36,37 @@ def make_tile(rows: int):
     ``m - 1`` and are stored too, callers use only the first ``m``.
     """
 
-    @intrinsic
-    def tile(typingctx, a, a_off, lda, m, b, b_off, kq, acc):
-        if not (is_array(a, types.uint8, 1) and is_array(b, types.int8, 1) and is_array(acc, types.int32, 2)):
-            return None
-        sig = types.void(a, a_off, lda, m, b, b_off, kq, acc)
+    def emit(builder, a_ptr, a_off, lda, m, b_ptr, b_off, kq, c_ptr):
+        madd = declare(builder, "llvm.x86.avx2.pmadd.wd", ir.FunctionType(V8I32, [V16I16, V16I16]))
+        row_ptrs = clamped_rows(builder, a_ptr, a_off, lda, m, rows)
+        b_base = builder.gep(b_ptr, [b_off])
+        repeat4 = ir.Constant(ir.VectorType(I32, 16), [0, 1, 2, 3] * 4)
+        evens, odds = (ir.Constant(ir.VectorType(I32, 4), list(range(start, 8, 2))) for start in (0, 1))
 
-        def codegen(context, builder, signature, args):
-            a, a_off, lda, m, b, b_off, kq, acc = args
-            tys = signature.args
-            madd = declare(builder, "llvm.x86.avx2.pmadd.wd", ir.FunctionType(V8I32, [V16I16, V16I16]))
-            row_ptrs = clamped_rows(builder, array_ptr(context, builder, tys[0], a, I8), a_off, lda, m, rows)
-            b_base = builder.gep(array_ptr(context, builder, tys[4], b, I8), [b_off])
-            c_ptr = array_ptr(context, builder, tys[7], acc, I32)
-            repeat4 = ir.Constant(ir.VectorType(I32, 16), [0, 1, 2, 3] * 4)
-            evens, odds = (ir.Constant(ir.VectorType(I32, 4), list(range(start, 8, 2))) for start in (0, 1))
+        for block in range(64 // BLOCK):
 
-            for block in range(64 // BLOCK):
-
-                def k_group(q, accs):
-                    group = builder.gep(b_base, [builder.add(builder.mul(q, ir.Constant(I64, 256)),
-                                                             ir.Constant(I64, 4 * BLOCK * block))])
-                    w16 = [builder.sext(load_vector(builder, group, 16 * v, V16I8), V16I16) for v in range(QUADS)]
-                    a_step = builder.mul(q, ir.Constant(I64, 4))
-                    updated = []
-                    for r in range(rows):
-                        word = builder.load(builder.bitcast(builder.gep(row_ptrs[r], [a_step]), V4I8.as_pointer()),
-                                            align=1)
-                        pattern = builder.zext(builder.shuffle_vector(word, ir.Constant(V4I8, ir.Undefined), repeat4),
-                                               V16I16)
-                        updated += [builder.add(accs[r * QUADS + v], builder.call(madd, [pattern, w16[v]]))
-                                    for v in range(QUADS)]
-                    return updated
-
-                results = emit_loop(builder, kq, V8I32, rows * QUADS, k_group)
+            def k_group(q, accs):
+                group = builder.gep(b_base, [builder.add(builder.mul(q, ir.Constant(I64, 256)),
+                                                         ir.Constant(I64, 4 * BLOCK * block))])
+                w16 = [builder.sext(load_vector(builder, group, 16 * v, V16I8), V16I16) for v in range(QUADS)]
+                a_step = builder.mul(q, ir.Constant(I64, 4))
+                updated = []
                 for r in range(rows):
-                    for v in range(QUADS):
-                        pairs = results[r * QUADS + v]
-                        sums = builder.add(builder.shuffle_vector(pairs, pairs, evens),
-                                           builder.shuffle_vector(pairs, pairs, odds))
-                        dst = builder.gep(c_ptr, [ir.Constant(I64, r * 64 + BLOCK * block + 4 * v)])
-                        builder.store(sums, builder.bitcast(dst, sums.type.as_pointer()), align=4)
-            return context.get_dummy_value()
+                    word = builder.load(builder.bitcast(builder.gep(row_ptrs[r], [a_step]), V4I8.as_pointer()),
+                                        align=1)
+                    pattern = builder.zext(builder.shuffle_vector(word, ir.Constant(V4I8, ir.Undefined), repeat4),
+                                           V16I16)
+                    updated += [builder.add(accs[r * QUADS + v], builder.call(madd, [pattern, w16[v]]))
+                                for v in range(QUADS)]
+                return updated
 
-        return sig, codegen
+            results = emit_loop(builder, kq, V8I32, rows * QUADS, k_group)
+            for r in range(rows):
+                for v in range(QUADS):
+                    pairs = results[r * QUADS + v]
+                    sums = builder.add(builder.shuffle_vector(pairs, pairs, evens),
+                                       builder.shuffle_vector(pairs, pairs, odds))
+                    dst = builder.gep(c_ptr, [ir.Constant(I64, r * 64 + BLOCK * block + 4 * v)])
+                    builder.store(sums, builder.bitcast(dst, sums.type.as_pointer()), align=4)
 
-    return tile
+    return tile_intrinsic(emit)

@@ -12,6 +12,7 @@ from typing import Callable
 
 from llvmlite import ir
 from numba import types
+from numba.extending import intrinsic
 
 I1, I8, I16, I32, I64 = (ir.IntType(bits) for bits in (1, 8, 16, 32, 64))
 
@@ -99,3 +100,28 @@ def clamped_rows(builder: ir.IRBuilder, base: ir.Value, offset: ir.Value, stride
         row = builder.select(builder.icmp_signed("<", ir.Constant(I64, r), m), ir.Constant(I64, r), last)
         pointers.append(builder.gep(base, [builder.add(offset, builder.mul(row, stride))]))
     return pointers
+
+
+def tile_intrinsic(emit: Callable) -> Callable:
+    """A Numba intrinsic with the micro-kernel tile signature, whose body ``emit`` writes.
+
+    ``tile(a, a_off, lda, m, b, b_off, kq, acc)`` takes uint8 ``a`` and int8 ``b`` (1-D)
+    and int32 ``acc`` (2-D), all C-contiguous; ``emit(builder, a_ptr, a_off, lda, m,
+    b_ptr, b_off, kq, acc_ptr)`` receives typed data pointers and the integer arguments.
+    """
+
+    @intrinsic
+    def tile(typingctx, a, a_off, lda, m, b, b_off, kq, acc):
+        if not (is_array(a, types.uint8, 1) and is_array(b, types.int8, 1) and is_array(acc, types.int32, 2)):
+            return None
+
+        def codegen(context, builder, signature, args):
+            a, a_off, lda, m, b, b_off, kq, acc = args
+            tys = signature.args
+            emit(builder, array_ptr(context, builder, tys[0], a, I8), a_off, lda, m,
+                 array_ptr(context, builder, tys[4], b, I8), b_off, kq, array_ptr(context, builder, tys[7], acc, I32))
+            return context.get_dummy_value()
+
+        return types.void(a, a_off, lda, m, b, b_off, kq, acc), codegen
+
+    return tile

@@ -24,7 +24,7 @@ from numba import types
 from numba.extending import intrinsic
 
 from kernels.gemm.llvm_ir import (I1, I8, I32, I64, array_ptr, clamped_rows, declare, emit_loop, is_array,
-                                  load_vector, prefetch, splat)
+                                  load_vector, prefetch, splat, tile_intrinsic)
 
 V16I32 = ir.VectorType(I32, 16)
 V64I8 = ir.VectorType(I8, 64)
@@ -83,26 +83,13 @@ def make_tile(rows: int, prefetch_distance: int = 0):
     L1) or from L3 / DRAM (GEMV).
     """
 
-    @intrinsic
-    def tile(typingctx, a, a_off, lda, m, b, b_off, kq, acc):
-        if not (is_array(a, types.uint8, 1) and is_array(b, types.int8, 1) and is_array(acc, types.int32, 2)):
-            return None
-        sig = types.void(a, a_off, lda, m, b, b_off, kq, acc)
+    def emit(builder, a_ptr, a_off, lda, m, b_ptr, b_off, kq, c_ptr):
+        results = _emit_dot(builder, a_ptr, a_off, lda, m, b_ptr, b_off, kq, rows, prefetch_distance)
+        for index, result in enumerate(results):  # row r, vector j at acc[r, 16 j]
+            dst = builder.gep(c_ptr, [ir.Constant(I64, 16 * index)])
+            builder.store(result, builder.bitcast(dst, V16I32.as_pointer()), align=4)
 
-        def codegen(context, builder, signature, args):
-            a, a_off, lda, m, b, b_off, kq, acc = args
-            tys = signature.args
-            results = _emit_dot(builder, array_ptr(context, builder, tys[0], a, I8), a_off, lda, m,
-                                array_ptr(context, builder, tys[4], b, I8), b_off, kq, rows, prefetch_distance)
-            c_ptr = array_ptr(context, builder, tys[7], acc, I32)
-            for index, result in enumerate(results):  # row r, vector j at acc[r, 16 j]
-                dst = builder.gep(c_ptr, [ir.Constant(I64, 16 * index)])
-                builder.store(result, builder.bitcast(dst, V16I32.as_pointer()), align=4)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return tile
+    return tile_intrinsic(emit)
 
 
 def make_tile_store(rows: int, prefetch_distance: int = 0):
