@@ -1,0 +1,1 @@
+"""Quantization toolkit: schemes, fitting and mapping (grid), metrics, calibration, fake quantization."""
