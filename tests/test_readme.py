@@ -8,11 +8,14 @@ from pathlib import Path
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_python_examples_run():
+def test_readme_python_examples_run(tmp_path, monkeypatch):
+    """The blocks run in order in one namespace, as a reader would paste them."""
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
     assert blocks
+    monkeypatch.chdir(tmp_path)  # examples may write files
+    namespace: dict = {}
     for block in blocks:
-        exec(compile(block, str(README), "exec"), {})
+        exec(compile(block, str(README), "exec"), namespace)
 
 
 def test_ci_runs_the_readme_test_command():
