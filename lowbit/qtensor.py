@@ -58,6 +58,17 @@ class QTensor:
         self.scheme = scheme
         self.shape = shape
 
+    @classmethod
+    def from_codes(cls, codes: np.ndarray, scheme: QScheme, params: grid.QParams) -> "QTensor":
+        """Pack integer ``codes`` (any shape) with the parameters that produced them.
+
+        Zero points are kept only for asymmetric uniform grids; the others follow
+        from the scheme.
+        """
+        codes = np.asarray(codes)
+        zero = params.zero_point if scheme.grid == "uniform" and not scheme.symmetric else None
+        return cls(scheme.qtype.pack(codes.astype(scheme.qtype.dtype)), params.scale, zero, scheme, codes.shape)
+
     @property
     def size(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64))
@@ -141,6 +152,4 @@ def quantize(x: np.ndarray, scheme: str | dict | QScheme = "int8", *, params: gr
         raise ValueError(f"x: expected a non-empty array, got shape {x.shape}")
     if params is None:
         params = grid.fit(x, scheme)
-    codes = grid.quantize(x, scheme, params, rng)
-    zero = params.zero_point if scheme.grid == "uniform" and not scheme.symmetric else None
-    return QTensor(scheme.qtype.pack(codes), params.scale, zero, scheme, x.shape)
+    return QTensor.from_codes(grid.quantize(x, scheme, params, rng), scheme, params)

@@ -77,12 +77,6 @@ def _uniform(scheme, fn: str) -> QScheme:
     return scheme
 
 
-def _qtensor(codes: np.ndarray, params: grid.QParams, scheme: QScheme, shape) -> QTensor:
-    """A QTensor as ``lowbit.quantize`` builds it: zero points only for asymmetric uniform grids."""
-    zero = params.zero_point if not scheme.symmetric else None
-    return QTensor(scheme.qtype.pack(codes.astype(scheme.qtype.dtype)), params.scale, zero, scheme, shape)
-
-
 # ----------------------------------------------------------------------------- bias correction
 
 def bias_correction(W, W_q, x_mean, b=None) -> np.ndarray:
@@ -283,7 +277,7 @@ def gptq(W, X, scheme="int4", *, damp: float = 0.01, block_size: int = 128) -> Q
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
 
     final = grid.QParams(_assemble(scales, scheme, span, K), _assemble(zeros, scheme, span, K))
-    return _qtensor(codes, final, scheme, (N, K))
+    return QTensor.from_codes(codes.reshape(N, K), scheme, final)
 
 
 # ----------------------------------------------------------------------------- AWQ
