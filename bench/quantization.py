@@ -1,20 +1,26 @@
-"""Quantization error of every preset scheme on Gaussian and heavy-tailed weights.
+"""Quantization error of the presets and the calibration observers, and observer memory.
 
 Run from the repository root::
 
-    python -m bench.quantization [--rows 4096] [--cols 4096]
+    python -m bench.quantization [--rows 4096] [--cols 4096] [--values 1000000] [--stream 100000000]
 
-Prints SQNR (dB) and bits per weight (scales included) of each preset on a
-Gaussian and on a Student-t (3 degrees of freedom) weight matrix.
+Prints (1) SQNR (dB) and bits per weight (scales included) of each preset on a
+Gaussian and on a Student-t (3 degrees of freedom) weight matrix; (2) the error of
+per-tensor int8 activations calibrated by each observer on a Student-t sample fed
+in batches; (3) each observer's peak traced memory on a long stream generated batch
+by batch, against the stream's size.
 """
 
 from __future__ import annotations
 
 import argparse
+import tracemalloc
 
 import numpy as np
 
 import lowbit
+from lowbit.quantization import grid
+from lowbit.quantization.calibration import OBSERVERS, get_observer
 
 SCHEMES = {
     "int8 (per channel)": lowbit.int8(granularity="channel"),
@@ -47,13 +53,60 @@ def sqnr_table(rows: int, cols: int) -> str:
     return "\n".join(lines)
 
 
+def _batches(total: int, batch: int, seed: int):
+    """Student-t (3 dof) float32 batches, generated one at a time."""
+    rng = np.random.default_rng(seed)
+    for start in range(0, total, batch):
+        yield rng.standard_t(3, min(batch, total - start)).astype(np.float32)
+
+
+def calibration_table(values: int, batch: int = 10_000, seed: int = 2026) -> str:
+    scheme = lowbit.int8()
+    data = np.concatenate(list(_batches(values, batch, seed)))
+    lines = [f"{'observer':<16} {'clip range':>20} {'MSE':>10} {'SQNR':>9}", "-" * 58]
+    for name in OBSERVERS:
+        observer = get_observer(name, scheme)
+        for chunk in _batches(values, batch, seed):
+            observer.observe(chunk)
+        params = observer.qparams()
+        lo, hi = observer.range()
+        approx = grid.dequantize(grid.quantize(data, scheme, params), scheme, params)
+        err = lowbit.compare(data, approx)
+        lines.append(f"{name:<16} {f'[{float(lo):.2f}, {float(hi):.2f}]':>20} {err['mse']:>10.4f} "
+                     f"{err['sqnr_db']:>6.2f} dB")
+    return "\n".join(lines)
+
+
+def memory_table(values: int, batch: int = 1_000_000) -> str:
+    stream_mib = values * 4 / 2**20
+    lines = [f"{'observer':<16} {'peak MiB':>9} {'of stream':>10}", "-" * 37]
+    for name in ["(batches only)", *OBSERVERS]:
+        tracemalloc.start()
+        observer = None if name.startswith("(") else get_observer(name, lowbit.int8())
+        for chunk in _batches(values, batch, seed=1):
+            if observer is not None:
+                observer.observe(chunk)
+        if observer is not None:
+            observer.qparams()
+        peak = tracemalloc.get_traced_memory()[1] / 2**20
+        tracemalloc.stop()
+        lines.append(f"{name:<16} {peak:>9.1f} {peak / stream_mib:>9.1%}")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--cols", type=int, default=4096)
+    parser.add_argument("--values", type=int, default=1_000_000, help="calibration sample size")
+    parser.add_argument("--stream", type=int, default=100_000_000, help="values streamed for the memory table")
     args = parser.parse_args()
     print(f"SQNR of a {args.rows} x {args.cols} weight matrix (higher is better)")
     print(sqnr_table(args.rows, args.cols))
+    print(f"\nint8 per-tensor activations, Student-t(3), {args.values} values in batches of 10000")
+    print(calibration_table(args.values))
+    print(f"\nPeak traced memory over a stream of {args.stream} float32 values ({args.stream * 4 / 2**20:.0f} MiB)")
+    print(memory_table(args.stream))
 
 
 if __name__ == "__main__":
