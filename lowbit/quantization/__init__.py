@@ -1,1 +1,10 @@
-"""Quantization toolkit: schemes, fitting and mapping (grid), metrics, calibration, fake quantization."""
+"""Quantization toolkit.
+
+- ``scheme``: QScheme (bits, signedness, symmetry, granularity, rounding, grid) and presets
+- ``grid``: fitting scales to data, values to codes and back (ONNX semantics for uniform grids)
+- ``qdq``: ONNX QuantizeLinear / DequantizeLinear / DynamicQuantizeLinear on arrays
+- ``metrics``: MSE, SQNR, cosine, max / relative error, and a report table
+- ``calibration``: streaming observers (min-max, moving average, percentile, MSE, KL entropy)
+- ``fake``: fake quantization with straight-through, LSQ, sign and ternary gradients
+- ``weights``: bias correction, SmoothQuant, GPTQ and AWQ
+"""
