@@ -1,4 +1,4 @@
-"""Plain NumPy definitions of what every kernel computes: the oracle tests compare against.
+"""NumPy oracles of the int8 products (``kernels.gemm_int8``, ``kernels.linear_int8``).
 
 Nothing here is fast. Integer results are exact (int64 arithmetic); the float
 steps follow the same formulas, in the same order, as ``kernels.epilogue``, so
