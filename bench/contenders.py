@@ -12,7 +12,7 @@ from bench.peers import Contender, numpy_float32, onnxruntime_matmul_integer
 
 
 @contextlib.contextmanager
-def _lowbit_threads(threads: int) -> Iterator[None]:
+def lowbit_threads(threads: int) -> Iterator[None]:
     previous = kernels.get_num_threads()
     kernels.set_num_threads(threads)
     try:
@@ -25,7 +25,7 @@ def lowbit_gemm_int8(a: np.ndarray, b: np.ndarray, threads: int) -> Contender:
     """``kernels.gemm_int8`` on weights packed once, writing into a preallocated output."""
     packed = kernels.pack_int8(b)
     out = np.empty((a.shape[0], b.shape[0]), np.int32)
-    return Contender("lowbit", lambda: kernels.gemm_int8(a, packed, out=out), lambda: _lowbit_threads(threads))
+    return Contender("lowbit", lambda: kernels.gemm_int8(a, packed, out=out), lambda: lowbit_threads(threads))
 
 
 BUILDERS = {"lowbit": lowbit_gemm_int8, "numpy": numpy_float32, "onnxruntime": onnxruntime_matmul_integer}

@@ -85,7 +85,7 @@ def _ratio(x: float | None, y: float | None) -> float | None:
     return x / y if x and y else None
 
 
-def _best_call(call: Callable[[], object], calls: int) -> float:
+def best_call(call: Callable[[], object], calls: int) -> float:
     best = math.inf
     for _ in range(calls):
         start = time.perf_counter()
@@ -94,11 +94,11 @@ def _best_call(call: Callable[[], object], calls: int) -> float:
     return best
 
 
-def _warm_up(contender: Contender) -> tuple[np.ndarray, int]:
+def warm_up(contender: Contender) -> tuple[np.ndarray, int]:
     """Compile (or load) the contender; return its output and how many calls fill a round."""
     with contender.pinned():
         out = contender.call().copy()
-        seconds = _best_call(contender.call, 1)
+        seconds = best_call(contender.call, 1)
     return out, max(MIN_CALLS, min(MAX_CALLS, int(ROUND_SECONDS / seconds)))
 
 
@@ -108,14 +108,14 @@ def measure(shape: Shape, threads: int, rounds: int, peak_gops: float | None) ->
     contenders = [c for name in NAMES if (c := build(name, a, b, threads)) is not None]
     calls, outputs = {}, {}
     for contender in contenders:
-        outputs[contender.name], calls[contender.name] = _warm_up(contender)
+        outputs[contender.name], calls[contender.name] = warm_up(contender)
     if "onnxruntime" in outputs and not np.array_equal(outputs["lowbit"], outputs["onnxruntime"]):
         raise RuntimeError(f"lowbit and onnxruntime disagree on {label(shape)}")
     best = dict.fromkeys(calls, math.inf)
     for _ in range(rounds):
         for contender in contenders:
             with contender.pinned():
-                best[contender.name] = min(best[contender.name], _best_call(contender.call, calls[contender.name]))
+                best[contender.name] = min(best[contender.name], best_call(contender.call, calls[contender.name]))
             if threads > 1:
                 time.sleep(SETTLE_SECONDS)
     return Measurement(shape, threads, best, peak_gops)
@@ -143,11 +143,11 @@ def scaling(measurements: list[Measurement]) -> list[dict]:
     ]
 
 
-def _cell(value: float | None, spec: str) -> str:
+def cell(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _print_table(header: list[str], rows: list[list[str]]) -> None:
+def print_table(header: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
@@ -159,27 +159,27 @@ def report(measurements: list[Measurement]) -> None:
     rows = []
     for m in measurements:
         r = m.ratios()
-        rows.append([label(m.shape), str(m.threads), *(_cell(m.gops(n), ".1f") for n in NAMES),
-                     _cell(m.peak_gops, ".0f"), *(_cell(r[key], ".2f") for key in r)])
-    _print_table(["shape", "thr", "lowbit", "numpy", "ORT", "peak", "lowbit/ORT", "lowbit/numpy", "lowbit/peak"], rows)
+        rows.append([label(m.shape), str(m.threads), *(cell(m.gops(n), ".1f") for n in NAMES),
+                     cell(m.peak_gops, ".0f"), *(cell(r[key], ".2f") for key in r)])
+    print_table(["shape", "thr", "lowbit", "numpy", "ORT", "peak", "lowbit/ORT", "lowbit/numpy", "lowbit/peak"], rows)
 
     gemv = [m for m in measurements if m.shape[0] == 1]
     if gemv:
         print("\nGEMV latency (ms; lowbit/ORT is a time ratio, below 1 means lowbit is faster)")
         rows = [[label(m.shape), str(m.threads),
-                 *(_cell(m.seconds[n] * 1e3 if n in m.seconds else None, ".3f") for n in NAMES),
-                 _cell(_ratio(m.seconds["lowbit"], m.seconds.get("onnxruntime")), ".2f")] for m in gemv]
-        _print_table(["shape", "thr", "lowbit", "numpy", "ORT", "lowbit/ORT"], rows)
+                 *(cell(m.seconds[n] * 1e3 if n in m.seconds else None, ".3f") for n in NAMES),
+                 cell(_ratio(m.seconds["lowbit"], m.seconds.get("onnxruntime")), ".2f")] for m in gemv]
+        print_table(["shape", "thr", "lowbit", "numpy", "ORT", "lowbit/ORT"], rows)
 
     speedups = scaling(measurements)
     if speedups:
         print("\nThread scaling (GOPS at thr threads / GOPS at 1 thread)")
-        rows = [[label(tuple(s["shape"])), str(s["threads"]), *(_cell(s["speedup"].get(n), ".2f") for n in NAMES)]
+        rows = [[label(tuple(s["shape"])), str(s["threads"]), *(cell(s["speedup"].get(n), ".2f") for n in NAMES)]
                 for s in speedups]
-        _print_table(["shape", "thr", "lowbit", "numpy", "ORT"], rows)
+        print_table(["shape", "thr", "lowbit", "numpy", "ORT"], rows)
 
 
-def _shape(text: str) -> Shape:
+def parse_shape(text: str) -> Shape:
     m, n, k = (int(part) for part in text.split(","))
     return m, n, k
 
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.gemm", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", metavar="PATH", help="write every number, with kernels.cpu_info(), here")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts (default: 1 2)")
-    parser.add_argument("--shapes", type=_shape, nargs="+", default=list(SHAPES), metavar="M,N,K",
+    parser.add_argument("--shapes", type=parse_shape, nargs="+", default=list(SHAPES), metavar="M,N,K",
                         help="problems as M,N,K (default: the shapes in bench/shapes.py)")
     parser.add_argument("--repeat", type=int, default=5, help="interleaved rounds per measurement (default: 5)")
     args = parser.parse_args(argv)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -54,6 +55,25 @@ def blas_libraries() -> list[dict]:
     return [lib for lib in threadpool_info() if lib["user_api"] == "blas"]
 
 
+def _bound_session(model, threads: int, input_name: str, x: np.ndarray, out: np.ndarray) -> Callable[[], np.ndarray]:
+    """An ONNX Runtime session on ``threads`` threads with ``x`` and ``out`` bound once: a call runs only the graph."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    binding = session.io_binding()
+    binding.bind_cpu_input(input_name, x)
+    binding.bind_output("Y", "cpu", 0, out.dtype, out.shape, out.ctypes.data)
+
+    def call() -> np.ndarray:
+        session.run_with_iobinding(binding)
+        return out
+
+    return call
+
+
 def onnxruntime_matmul_integer(a: np.ndarray, b: np.ndarray, threads: int) -> Contender | None:
     """ONNX Runtime ``MatMulInteger`` (uint8 ``a`` [M, K] x int8 ``B = b.T`` [K, N] -> int32).
 
@@ -61,11 +81,9 @@ def onnxruntime_matmul_integer(a: np.ndarray, b: np.ndarray, threads: int) -> Co
     ``kernels.pack_int8``; input and output are bound once so a call runs only the
     kernel. Returns None when onnx or onnxruntime is not installed.
     """
-    try:
-        import onnxruntime as ort
-        from onnx import TensorProto, helper, numpy_helper
-    except ImportError:
+    if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
         return None
+    from onnx import TensorProto, helper, numpy_helper
     m, k = a.shape
     n = b.shape[0]
     node = helper.make_node("MatMulInteger", ["A", "B"], ["Y"])
@@ -79,17 +97,43 @@ def onnxruntime_matmul_integer(a: np.ndarray, b: np.ndarray, threads: int) -> Co
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
     model.ir_version = IR_VERSION
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    out = np.empty((m, n), np.int32)
-    binding = session.io_binding()
-    binding.bind_cpu_input("A", a)
-    binding.bind_output("Y", "cpu", 0, np.int32, out.shape, out.ctypes.data)
-
-    def call() -> np.ndarray:
-        session.run_with_iobinding(binding)
-        return out
-
+    call = _bound_session(model, threads, "A", a, np.empty((m, n), np.int32))
     return Contender("onnxruntime", call, contextlib.nullcontext)
+
+
+def ort_matmul_nbits(x: np.ndarray, packed, threads: int, accuracy_level: int = 4) -> Contender | None:
+    """ONNX Runtime ``com.microsoft.MatMulNBits`` on the same int4 codes and scales as ``packed``.
+
+    ``packed`` is a ``kernels.PackedInt4``. B is uint8 ``[N, n_blocks, block / 2]``
+    (element 2j in the low nibble of byte j, unsigned codes: s4 + 8, whose default
+    zero point 8 ORT assumes), scales float32 ``[N * n_blocks]``, zero points
+    (asymmetric only) packed two per byte along the blocks; ``accuracy_level=4``
+    quantizes the activations to int8 per block, as ``kernels.gemm_int4`` does.
+    Input and output are bound once. None when onnxruntime is missing.
+    """
+    if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
+        return None
+    from onnx import TensorProto, helper, numpy_helper
+    m, k = x.shape
+    n, g, blocks = packed.n, packed.group_size, packed.n_groups
+    codes = np.full((n, blocks * g), packed.zero, np.uint8)
+    codes[:, :k] = packed.codes()
+    pairs = codes.reshape(n, blocks, g // 2, 2)
+    b = (pairs[..., 0] | (pairs[..., 1] << 4)).astype(np.uint8)
+    inputs = ["A", "B", "scales"]
+    initializers = [numpy_helper.from_array(b, "B"),
+                    numpy_helper.from_array(np.ascontiguousarray(packed.scales).reshape(-1), "scales")]
+    if not packed.symmetric:
+        zp = np.zeros((n, -(-blocks // 2) * 2), np.uint8)
+        zp[:, :blocks] = packed.zero_points
+        initializers.append(numpy_helper.from_array((zp[:, 0::2] | (zp[:, 1::2] << 4)).reshape(-1), "zero_points"))
+        inputs.append("zero_points")
+    node = helper.make_node("MatMulNBits", inputs, ["Y"], domain="com.microsoft", K=k, N=n, bits=4,
+                            block_size=g, accuracy_level=accuracy_level)
+    graph = helper.make_graph([node], "matmul_nbits", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [m, k])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [m, n])], initializer=initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = IR_VERSION
+    call = _bound_session(model, threads, "A", x, np.empty((m, n), np.float32))
+    return Contender(f"ORT-g{g}", call, contextlib.nullcontext)

@@ -1,7 +1,8 @@
 """Kernel variants and the choice between them: the only code that reads the CPU level.
 
-Each :class:`Variant` names a micro-kernel (``kernels.gemm.microkernels.TILES``),
-the instruction-set level it needs and the problems it accepts. :func:`choose`
+Each :class:`Variant` names a micro-kernel (``kernels.gemm.microkernels.TILES`` for
+the int8 products, ``kernels.gemm.grouped_microkernels.BASES`` for the group-wise
+sub-byte ones), the instruction-set level it needs and the problems it accepts. :func:`choose`
 walks the list in order (most specialised first) and returns the first variant
 the active level allows; the portable variant accepts everything and comes last,
 so a choice always exists. ``LOWBIT_ISA=generic`` therefore selects only
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from kernels import cpu
+from kernels.gemm.grouped_microkernels import BASES
 from kernels.gemm.microkernels import TILES
 
 GEMV_MAX_ROWS = 8
@@ -25,25 +27,40 @@ class Variant:
     """One implementation of an op: its micro-kernel, level and shape guard."""
 
     op: str
-    kind: str  # key of kernels.gemm.microkernels.TILES, passed to the driver as a literal
+    kind: str  # the micro-kernel, passed to its driver as a compile-time literal
     level: cpu.Level
     accepts: Callable[[int, int, int], bool]  # (M, N, K) -> usable?
-
-    @property
-    def rows(self) -> int:
-        """Height of the variant's micro-tile."""
-        return TILES[self.kind].rows
+    rows: int  # height of the micro-tile: drivers and thread splits step rows by it
 
 
 def _any_shape(m: int, n: int, k: int) -> bool:
     return True
 
 
+def _gemv(m: int, n: int, k: int) -> bool:
+    return m <= GEMV_MAX_ROWS
+
+
+def _int8(kind: str, level: cpu.Level, accepts=_any_shape) -> Variant:
+    return Variant("gemm_int8", kind, level, accepts, TILES[kind].rows)
+
+
+def _grouped(op: str) -> tuple[Variant, ...]:
+    """The int4 and ternary products share micro-kernels: one list serves both."""
+    rows = [("avx512-vnni-gemv1", cpu.AVX512_VNNI, lambda m, n, k: m == 1),
+            ("avx512-vnni-gemv", cpu.AVX512_VNNI, _gemv),
+            ("avx512-vnni", cpu.AVX512_VNNI, _any_shape),
+            ("generic", cpu.GENERIC, _any_shape)]
+    return tuple(Variant(op, kind, level, accepts, BASES[kind][0]) for kind, level, accepts in rows)
+
+
 VARIANTS: tuple[Variant, ...] = (
-    Variant("gemm_int8", "avx512-vnni-gemv", cpu.AVX512_VNNI, lambda m, n, k: m <= GEMV_MAX_ROWS),
-    Variant("gemm_int8", "avx512-vnni", cpu.AVX512_VNNI, _any_shape),
-    Variant("gemm_int8", "avx2", cpu.AVX2, _any_shape),
-    Variant("gemm_int8", "generic", cpu.GENERIC, _any_shape),
+    _int8("avx512-vnni-gemv", cpu.AVX512_VNNI, _gemv),
+    _int8("avx512-vnni", cpu.AVX512_VNNI),
+    _int8("avx2", cpu.AVX2),
+    _int8("generic", cpu.GENERIC),
+    *_grouped("gemm_int4"),
+    *_grouped("gemm_ternary"),
 )
 
 

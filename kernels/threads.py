@@ -65,3 +65,25 @@ def run_ranges(fn: Callable[[int, int], None], ranges: list[tuple[int, int]]) ->
     fn(*ranges[0])
     for future in futures:
         future.result()
+
+
+# Waking a pool thread costs ~30 us here and two threads share caches, so a thread
+# pays off only for about this much work.
+MIN_US_PER_THREAD = 200.0
+
+
+def run_tiled(part: Callable[[int, int, int, int], None], panels: int, m: int, rows: int,
+              estimate_us: float) -> None:
+    """Run ``part(p0, p1, i0, i1)`` over ``panels`` column panels and ``m`` rows.
+
+    The output is split over threads only when ``estimate_us`` (the caller's
+    estimate of the single-thread time) pays for them: by panels, or, when there
+    are fewer panels than threads, by rows in whole tiles of ``rows``.
+    """
+    parts = min(get_num_threads(), int(estimate_us // MIN_US_PER_THREAD))
+    if parts <= 1:
+        part(0, panels, 0, m)
+    elif panels >= parts:
+        run_ranges(lambda p0, p1: part(p0, p1, 0, m), split(panels, parts))
+    else:
+        run_ranges(lambda t0, t1: part(0, panels, t0 * rows, min(m, t1 * rows)), split(-(-m // rows), parts))

@@ -5,20 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kernels import cpu, dispatch
+from tests.levels import level_fixture
 
-# Each level some variant is written for, that this CPU supports: the portable
-# level is always among them, so its kernels are tested on every machine.
-TESTED_LEVELS = [lv for lv in cpu.supported_levels() if any(v.level == lv for v in dispatch.variants())]
+level = level_fixture()  # modules testing one family of ops define their own, e.g. level_fixture("gemm_int4")
 
 
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(20261121)
-
-
-@pytest.fixture(params=TESTED_LEVELS, ids=lambda lv: lv.name)
-def level(request, monkeypatch) -> cpu.Level:
-    """Run the test with ``LOWBIT_ISA`` forcing one level (the portable one included)."""
-    monkeypatch.setenv("LOWBIT_ISA", request.param.name)
-    return request.param

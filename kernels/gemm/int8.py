@@ -20,10 +20,6 @@ from kernels.qtypes import QTYPES, qtype_of
 
 INT32_MAX = 2**31 - 1
 MIN_K_LIMIT = INT32_MAX // (255 * 255)  # no zero points can make the int32 bound smaller
-# Waking a pool thread costs ~30 us here and two threads share caches, so a thread
-# pays off only for ~200 us of work; estimate it from compute (~400 GOPS) and from
-# streaming the weights (~20 GB/s), measured on one core.
-MIN_US_PER_THREAD = 200.0
 ACTIVATIONS = {None: (-math.inf, math.inf), "relu": (0.0, math.inf), "relu6": (0.0, 6.0)}  # clamp, real units
 OUT_DTYPES = (np.dtype(np.float32), np.dtype(np.uint8), np.dtype(np.int8))
 _UNUSED = np.zeros(1)
@@ -114,16 +110,8 @@ def _run(a: np.ndarray, packed: PackedInt8, a_zero_point: int, w_zp: np.ndarray,
                col_term, col_term32, w_zp, row_sums, row_term, epi.mult, epi.shift, epi.lo, epi.hi, epi.zp,
                epi.qmin, epi.qmax, out)
 
-    estimate_us = 2 * m * n * k / 400e3 + n * k / 20e3
-    parts = min(threads.get_num_threads(), int(estimate_us // MIN_US_PER_THREAD))
-    if parts <= 1:
-        run(0, panels, 0, m)
-    elif panels >= parts:
-        threads.run_ranges(lambda p0, p1: run(p0, p1, 0, m), threads.split(panels, parts))
-    else:  # few, tall panels: split the rows in whole tiles
-        rows = variant.rows
-        threads.run_ranges(lambda t0, t1: run(0, panels, t0 * rows, min(m, t1 * rows)),
-                           threads.split(-(-m // rows), parts))
+    # single-thread time from compute (~400 GOPS) and weight streaming (~20 GB/s), measured here
+    threads.run_tiled(run, panels, m, variant.rows, 2 * m * n * k / 400e3 + n * k / 20e3)
     return out
 
 

@@ -26,13 +26,30 @@ KGROUP = 4
 ALIGN = 64  # bytes; one cache line, and the width of a 512-bit load
 
 
-def _aligned_empty(nbytes: int) -> np.ndarray:
-    raw = np.empty(nbytes + ALIGN, dtype=np.int8)
+def aligned_empty(nbytes: int, dtype=np.int8) -> np.ndarray:
+    """An uninitialised 1-byte-element array whose data starts on an ``ALIGN``-byte boundary."""
+    raw = np.empty(nbytes + ALIGN, dtype=dtype)
     start = -raw.ctypes.data % ALIGN
     return raw[start : start + nbytes]
 
 
-class PackedInt8:
+class PanelWeights:
+    """Base of weights ``[N, K]`` stored in 64-channel panels: sizes derived from ``n`` and ``k``."""
+
+    __slots__ = ()
+    n: int
+    k: int
+
+    @property
+    def n_panels(self) -> int:
+        return -(-self.n // PANEL)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n, self.k)
+
+
+class PackedInt8(PanelWeights):
     """An int8 weight matrix ``[N, K]`` in panel layout, made once by :func:`pack_int8`.
 
     Attributes
@@ -50,14 +67,6 @@ class PackedInt8:
     @property
     def k_groups(self) -> int:
         return -(-self.k // KGROUP)
-
-    @property
-    def n_panels(self) -> int:
-        return -(-self.n // PANEL)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.n, self.k)
 
     def __repr__(self) -> str:
         return f"PackedInt8(shape=({self.n}, {self.k}), panels={self.n_panels}, nbytes={self.data.nbytes})"
@@ -78,7 +87,7 @@ def pack_int8(w: np.ndarray) -> PackedInt8:
     k_pad = -(-k // KGROUP) * KGROUP
     padded = np.zeros((n_pad, k_pad), dtype=np.int8)
     padded[:n, :k] = w
-    data = _aligned_empty(n_pad * k_pad)
+    data = aligned_empty(n_pad * k_pad)
     # [panel, channel, group, u] -> [panel, group, channel, u]
     panels = padded.reshape(n_pad // PANEL, PANEL, k_pad // KGROUP, KGROUP).transpose(0, 2, 1, 3)
     data.reshape(panels.shape)[...] = panels

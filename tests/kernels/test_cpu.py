@@ -11,6 +11,7 @@ import pytest
 
 import kernels
 from kernels import cpu, dispatch
+from kernels.gemm.grouped_microkernels import BASES
 from kernels.gemm.microkernels import TILES
 
 
@@ -52,8 +53,11 @@ def test_every_op_has_a_portable_variant_last():
 
 def test_variant_table_matches_micro_kernels():
     """Every variant names a micro-kernel, and every micro-kernel is reachable."""
-    assert {v.kind for v in dispatch.variants()} == set(TILES)
-    assert all(v.rows == TILES[v.kind].rows > 0 for v in dispatch.variants())
+    assert {v.kind for v in dispatch.variants("gemm_int8")} == set(TILES)
+    assert all(v.rows == TILES[v.kind].rows for v in dispatch.variants("gemm_int8"))
+    for op in ("gemm_int4", "gemm_ternary"):
+        assert {v.kind for v in dispatch.variants(op)} == set(BASES)
+        assert all(v.rows == BASES[v.kind][0] for v in dispatch.variants(op))
 
 
 def test_choose_honours_level_and_shape(level):
