@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,15 +25,10 @@ import numpy as np
 import kernels
 from bench.contenders import NAMES, build
 from bench.peak import vnni_peak_gops
-from bench.peers import Contender, blas_libraries
+from bench.peers import blas_libraries
 from bench.shapes import SHAPES, Shape, label, operands, ops
+from bench.timing import OPENBLAS_VARS, cell, interleave, parse_shape, print_table, ratio
 
-OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
-ROUND_SECONDS = 0.1  # time one contender gets in one round
-MIN_CALLS, MAX_CALLS = 3, 50  # calls per contender per round
-# OpenBLAS and ORT workers busy-wait after a parallel call (OpenBLAS for ~2**28
-# cycles); on a small machine they would steal cores from the next contender.
-SETTLE_SECONDS = 0.2
 STARTUP_SHAPE: Shape = (64, 768, 768)
 STARTUP_CHILD = """
 import json, time
@@ -70,8 +62,8 @@ class Measurement:
     def ratios(self) -> dict[str, float | None]:
         """lowbit's speed over ORT's, NumPy's and the ``threads x`` VNNI peak."""
         lowbit = self.gops("lowbit")
-        found = {key: _ratio(lowbit, self.gops(name)) for key, name in RATIOS}
-        found["lowbit/peak"] = _ratio(lowbit, self.peak_gops and self.threads * self.peak_gops)
+        found = {key: ratio(lowbit, self.gops(name)) for key, name in RATIOS}
+        found["lowbit/peak"] = ratio(lowbit, self.peak_gops and self.threads * self.peak_gops)
         return found
 
     def as_json(self) -> dict:
@@ -81,43 +73,13 @@ class Measurement:
                 "peak_gops_per_thread": self.peak_gops, "ratios": self.ratios()}
 
 
-def _ratio(x: float | None, y: float | None) -> float | None:
-    return x / y if x and y else None
-
-
-def best_call(call: Callable[[], object], calls: int) -> float:
-    best = math.inf
-    for _ in range(calls):
-        start = time.perf_counter()
-        call()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def warm_up(contender: Contender) -> tuple[np.ndarray, int]:
-    """Compile (or load) the contender; return its output and how many calls fill a round."""
-    with contender.pinned():
-        out = contender.call().copy()
-        seconds = best_call(contender.call, 1)
-    return out, max(MIN_CALLS, min(MAX_CALLS, int(ROUND_SECONDS / seconds)))
-
-
 def measure(shape: Shape, threads: int, rounds: int, peak_gops: float | None) -> Measurement:
     """Interleaved best-of-``rounds`` times of every installed contender."""
     a, b = operands(shape)
     contenders = [c for name in NAMES if (c := build(name, a, b, threads)) is not None]
-    calls, outputs = {}, {}
-    for contender in contenders:
-        outputs[contender.name], calls[contender.name] = warm_up(contender)
+    best, outputs = interleave(contenders, rounds, threads)
     if "onnxruntime" in outputs and not np.array_equal(outputs["lowbit"], outputs["onnxruntime"]):
         raise RuntimeError(f"lowbit and onnxruntime disagree on {label(shape)}")
-    best = dict.fromkeys(calls, math.inf)
-    for _ in range(rounds):
-        for contender in contenders:
-            with contender.pinned():
-                best[contender.name] = min(best[contender.name], best_call(contender.call, calls[contender.name]))
-            if threads > 1:
-                time.sleep(SETTLE_SECONDS)
     return Measurement(shape, threads, best, peak_gops)
 
 
@@ -138,19 +100,9 @@ def scaling(measurements: list[Measurement]) -> list[dict]:
     single = {m.shape: m for m in measurements if m.threads == 1}
     return [
         {"shape": list(m.shape), "threads": m.threads,
-         "speedup": {name: _ratio(m.gops(name), single[m.shape].gops(name)) for name in m.seconds}}
+         "speedup": {name: ratio(m.gops(name), single[m.shape].gops(name)) for name in m.seconds}}
         for m in measurements if m.threads != 1 and m.shape in single
     ]
-
-
-def cell(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def print_table(header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
 
 
 def report(measurements: list[Measurement]) -> None:
@@ -168,7 +120,7 @@ def report(measurements: list[Measurement]) -> None:
         print("\nGEMV latency (ms; lowbit/ORT is a time ratio, below 1 means lowbit is faster)")
         rows = [[label(m.shape), str(m.threads),
                  *(cell(m.seconds[n] * 1e3 if n in m.seconds else None, ".3f") for n in NAMES),
-                 cell(_ratio(m.seconds["lowbit"], m.seconds.get("onnxruntime")), ".2f")] for m in gemv]
+                 cell(ratio(m.seconds["lowbit"], m.seconds.get("onnxruntime")), ".2f")] for m in gemv]
         print_table(["shape", "thr", "lowbit", "numpy", "ORT", "lowbit/ORT"], rows)
 
     speedups = scaling(measurements)
@@ -177,11 +129,6 @@ def report(measurements: list[Measurement]) -> None:
         rows = [[label(tuple(s["shape"])), str(s["threads"]), *(cell(s["speedup"].get(n), ".2f") for n in NAMES)]
                 for s in speedups]
         print_table(["shape", "thr", "lowbit", "numpy", "ORT"], rows)
-
-
-def parse_shape(text: str) -> Shape:
-    m, n, k = (int(part) for part in text.split(","))
-    return m, n, k
 
 
 def main(argv: list[str] | None = None) -> None:

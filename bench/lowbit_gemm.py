@@ -23,15 +23,14 @@ import json
 import math
 import os
 import sys
-import time
 from collections.abc import Callable
 
 import numpy as np
 
 import kernels
 from bench.contenders import lowbit_threads
-from bench.gemm import OPENBLAS_VARS, best_call, cell, parse_shape, print_table, warm_up
 from bench.peers import Contender, numpy_float32, ort_matmul_nbits
+from bench.timing import OPENBLAS_VARS, best_call, cell, interleave, parse_shape, print_table
 from kernels.gemm.int4 import gemm_int4
 from kernels.gemm.ternary import gemm_ternary
 from kernels.pack.int4 import pack_int4
@@ -57,20 +56,6 @@ def _int8(x: np.ndarray, w: np.ndarray, threads: int) -> Contender:
     return Contender("int8", lambda: kernels.gemm_int8(a, packed, out=out), lambda: lowbit_threads(threads))
 
 
-def interleave(contenders: list[Contender], rounds: int, settle: float) -> tuple[dict[str, float], dict]:
-    """Best-of-``rounds`` seconds per contender, timed round-robin, and their first outputs."""
-    calls, outputs = {}, {}
-    for c in contenders:
-        outputs[c.name], calls[c.name] = warm_up(c)
-    best = dict.fromkeys(calls, math.inf)
-    for _ in range(rounds):
-        for c in contenders:
-            with c.pinned():
-                best[c.name] = min(best[c.name], best_call(c.call, calls[c.name]))
-            time.sleep(settle)
-    return best, outputs
-
-
 def measure_shape(shape, threads: int, rounds: int) -> dict:
     m, n, k = shape
     rng = np.random.default_rng(0)
@@ -85,7 +70,7 @@ def measure_shape(shape, threads: int, rounds: int) -> dict:
     contenders.append(numpy_float32(x, packs[BLOCKS[-1]].dequantize(), threads))
     contenders.append(_lowbit("ternary", gemm_ternary, x, pack_ternary(w), n, threads))
     contenders.append(_int8(x, w, threads))
-    seconds, outputs = interleave(contenders, rounds, 0.2 if threads > 1 else 0.0)
+    seconds, outputs = interleave(contenders, rounds, threads)
     errors = {}
     for g in BLOCKS:
         if f"ORT-g{g}" in outputs:
@@ -127,7 +112,7 @@ def measure_dram(count: int, threads: int, rounds: int) -> dict:
     sessions = [ort_matmul_nbits(x, p, threads) for p in int4]
     if sessions[0] is not None:
         contenders.append(cycling("ORT-g128", sessions, lambda s: s.call()))
-    seconds, _ = interleave(contenders, rounds, 0.0)
+    seconds, _ = interleave(contenders, rounds)
     nbytes = {"int4-g128": int4[0].data.nbytes, "ORT-g128": int4[0].data.nbytes, "ternary": ternary[0].data.nbytes}
     return {"matrices": count, "threads": threads, "seconds": seconds,
             "gb_per_s": {name: nbytes[name] / s / 1e9 for name, s in seconds.items()},

@@ -8,13 +8,12 @@ as 128 operations, the unit GEMM GOPS figures use.
 
 from __future__ import annotations
 
-import time
-
 import numba
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+from bench.timing import loop_rate
 from kernels import cpu
 from kernels.gemm.llvm_ir import I32, emit_loop, splat
 from kernels.gemm.vnni import V16I32, declare_vpdpbusd
@@ -54,12 +53,6 @@ def _spin(iterations: int) -> int:
     return _vpdpbusd_loop(iterations)
 
 
-def _seconds_for(iterations: int) -> float:
-    start = time.perf_counter()
-    _spin(iterations)
-    return time.perf_counter() - start
-
-
 def vnni_peak_gops(seconds: float = 0.3) -> float | None:
     """Single-thread ``vpdpbusd`` throughput in giga-ops/s, or None without AVX-512 VNNI.
 
@@ -70,10 +63,4 @@ def vnni_peak_gops(seconds: float = 0.3) -> float | None:
     """
     if not cpu.allows(cpu.AVX512_VNNI, cpu.active_level()):
         return None
-    _seconds_for(1)  # compile, or load from Numba's cache
-    iterations = 1 << 16
-    while (elapsed := _seconds_for(iterations)) < 0.01:
-        iterations *= 4
-    iterations = max(1, int(iterations * seconds / 3 / elapsed))
-    best = min(_seconds_for(iterations) for _ in range(3))
-    return iterations * OPS_PER_ITERATION / best / 1e9
+    return loop_rate(_spin, OPS_PER_ITERATION, seconds)

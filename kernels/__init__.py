@@ -11,9 +11,11 @@ import numba
 import numpy as np
 
 from kernels import cpu
+from kernels.gemm.binary import gemm_binary, gemm_binary_int8, gemm_binary_to_bits
 from kernels.gemm.int4 import gemm_int4
 from kernels.gemm.int8 import gemm_int8, linear_int8, max_k_int32
 from kernels.gemm.ternary import gemm_ternary
+from kernels.pack.bits import pack_bits, unpack_bits
 from kernels.pack.int4 import PackedInt4, pack_int4, pack_int4_codes
 from kernels.pack.panels import PackedInt8, pack_int8
 from kernels.pack.ternary import PackedTernary, pack_ternary, pack_ternary_codes
@@ -24,18 +26,23 @@ __all__ = [
     "PackedInt8",
     "PackedTernary",
     "cpu_info",
+    "gemm_binary",
+    "gemm_binary_int8",
+    "gemm_binary_to_bits",
     "gemm_int4",
     "gemm_int8",
     "gemm_ternary",
     "get_num_threads",
     "linear_int8",
     "max_k_int32",
+    "pack_bits",
     "pack_int4",
     "pack_int4_codes",
     "pack_int8",
     "pack_ternary",
     "pack_ternary_codes",
     "set_num_threads",
+    "unpack_bits",
 ]
 
 

@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 from kernels import cpu
+from kernels.gemm.binary_tiles import POPCOUNT_TILES, SIGN_TILES
 from kernels.gemm.grouped_microkernels import BASES
 from kernels.gemm.microkernels import TILES
 
 GEMV_MAX_ROWS = 8
+BINARY_GEMV_MAX_ROWS = 4  # up to here, prefetching the binary weights beats prefetching activations
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,13 @@ def _grouped(op: str) -> tuple[Variant, ...]:
     return tuple(Variant(op, kind, level, accepts, BASES[kind][0]) for kind, level, accepts in rows)
 
 
+def _binary(op: str, kind: str, level: cpu.Level, accepts=_any_shape) -> Variant:
+    tiles = POPCOUNT_TILES if op == "gemm_binary" else SIGN_TILES
+    return Variant(op, kind, level, accepts, tiles[kind].rows)
+
+
+# The AVX-512 binary tiles need avx512f + avx512bw (vpternlogq, vpshufb, vpsadbw, masked
+# loads) and, for binary x int8, avx512vnni: all in AVX512_VNNI.
 VARIANTS: tuple[Variant, ...] = (
     _int8("avx512-vnni-gemv", cpu.AVX512_VNNI, _gemv),
     _int8("avx512-vnni", cpu.AVX512_VNNI),
@@ -61,6 +70,11 @@ VARIANTS: tuple[Variant, ...] = (
     _int8("generic", cpu.GENERIC),
     *_grouped("gemm_int4"),
     *_grouped("gemm_ternary"),
+    _binary("gemm_binary", "avx512-vnni-gemv", cpu.AVX512_VNNI, lambda m, n, k: m <= BINARY_GEMV_MAX_ROWS),
+    _binary("gemm_binary", "avx512-vnni", cpu.AVX512_VNNI),
+    _binary("gemm_binary", "generic", cpu.GENERIC),
+    _binary("gemm_binary_int8", "avx512-vnni", cpu.AVX512_VNNI),
+    _binary("gemm_binary_int8", "generic", cpu.GENERIC),
 )
 
 

@@ -1,0 +1,92 @@
+"""Timing and table helpers shared by the comparison scripts.
+
+The machine may be shared, so contenders are interleaved: every round times each
+of them once (best of several calls), and each reports its best round. Ratios
+therefore compare measurements taken at nearly the same moments.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from bench.peers import Contender
+from bench.shapes import Shape
+
+OPENBLAS_VARS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+ROUND_SECONDS = 0.1  # time one contender gets in one round
+MIN_CALLS, MAX_CALLS = 3, 50  # calls per contender per round
+# OpenBLAS and ORT workers busy-wait after a parallel call (OpenBLAS for ~2**28
+# cycles); on a small machine they would steal cores from the next contender.
+SETTLE_SECONDS = 0.2
+
+
+def ratio(x: float | None, y: float | None) -> float | None:
+    return x / y if x and y else None
+
+
+def best_call(call: Callable[[], object], calls: int) -> float:
+    """The shortest of ``calls`` timed calls, in seconds."""
+    best = math.inf
+    for _ in range(calls):
+        start = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def warm_up(contender: Contender) -> tuple[np.ndarray, int]:
+    """Compile (or load) the contender; return its output and how many calls fill a round."""
+    with contender.pinned():
+        out = contender.call().copy()
+        seconds = best_call(contender.call, 1)
+    return out, max(MIN_CALLS, min(MAX_CALLS, int(ROUND_SECONDS / seconds)))
+
+
+def interleave(contenders: list[Contender], rounds: int, threads: int = 1) -> tuple[dict[str, float], dict]:
+    """Best-of-``rounds`` seconds per contender, timed round-robin, and each one's first output."""
+    calls, outputs = {}, {}
+    for contender in contenders:
+        outputs[contender.name], calls[contender.name] = warm_up(contender)
+    best = dict.fromkeys(calls, math.inf)
+    for _ in range(rounds):
+        for contender in contenders:
+            with contender.pinned():
+                best[contender.name] = min(best[contender.name], best_call(contender.call, calls[contender.name]))
+            if threads > 1:
+                time.sleep(SETTLE_SECONDS)
+    return best, outputs
+
+
+def loop_rate(run: Callable[[int], object], ops_per_iteration: int, seconds: float = 0.3) -> float:
+    """Giga-ops/s of ``run(iterations)``: sized to ``seconds / 3``, best of three after a warm-up."""
+    def timed(iterations: int) -> float:
+        start = time.perf_counter()
+        run(iterations)
+        return time.perf_counter() - start
+
+    timed(1)  # compile, or load from Numba's cache
+    iterations = 1 << 12
+    while (elapsed := timed(iterations)) < 0.01:
+        iterations *= 4
+    iterations = max(1, int(iterations * seconds / 3 / elapsed))
+    return iterations * ops_per_iteration / min(timed(iterations) for _ in range(3)) / 1e9
+
+
+def cell(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(text.rjust(width) for text, width in zip(row, widths)))
+
+
+def parse_shape(text: str) -> Shape:
+    """``"M,N,K"`` as a shape, for ``--shapes`` options."""
+    m, n, k = (int(v) for v in text.split(","))
+    return m, n, k

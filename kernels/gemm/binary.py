@@ -1,0 +1,225 @@
+"""Public binary products over sign bits packed by ``kernels.pack.bits`` (set bit = -1).
+
+* :func:`gemm_binary`: the exact dot products of ±1 vectors, ``k - 2 popcount(a ^ b)``
+  (int32), or fused with a per-channel multiplier and bias (float32);
+* :func:`gemm_binary_to_bits`: the same dot products thresholded per channel and
+  packed again as sign bits, the input of a following binary layer;
+* :func:`gemm_binary_int8`: binary weights times int8 activations (int32).
+
+Every function validates its arguments first, chooses a variant through
+``kernels.dispatch`` (AVX-512 or portable) and splits the output over ``kernels.threads``.
+
+Output transform (as larq compute engine's ``output_transform.h``): with ``x``,
+``y`` in {-1, +1}^k and bits ``x_i = 1`` for -1, ``x_i y_i = 1 - 2 (x_i xor y_i)``,
+so ``dot = sum_i x_i y_i = k - 2 popcount(x xor y)``. Padding bits are 0 in both
+operands and add nothing, so only the true ``k`` enters. A batch norm
+``gamma (dot - mu) / sigma + beta`` folds into ``multiplier = gamma / sigma`` and
+``bias = beta - gamma mu / sigma``; its sign for the next binary layer is
+``dot < mu - beta sigma / gamma`` when ``gamma > 0`` (flip the weight row's bits
+when ``gamma < 0``), which is the ``thresholds`` argument.
+
+Binary weights ``w = 1 - 2 bit`` times activations ``a``:
+``sum_k a w = sum_k a - 2 sum_{bit set} a``. The kernels sum unsigned bytes
+``u = a + 128``, so ``sum_{bit set} a = S - 128 popcount(w bits)`` with
+``S = sum_{bit set} u``, and ``out = sum_k a + 256 popcount(bits) - 2 S``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from kernels import _validate, dispatch, threads
+from kernels.gemm.binary_driver import BITS, INTEGER, POPCOUNT_DRIVERS, REAL, SIGN_DRIVERS, row_popcounts
+from kernels.gemm.binary_tiles import POPCOUNT_TILES, SIGN_TILES
+from kernels.pack.bits import WORD_BITS, word_count
+
+MAX_K = 2**31 - 1  # |dot| <= k must fit int32
+MAX_K_INT8 = (2**31 - 1) // 128  # |sum a w| <= 128 k
+L2_ROW_BYTES = 256 * 1024  # activation words of one row block (kept in L2)
+# single-thread rates for the thread-split estimate: binary GOPS (popcount), GOPS (binary x int8)
+RATE_OPS_PER_US = {"gemm_binary": 800e3, "gemm_binary_int8": 300e3}
+
+
+def _bits(name: str, x: object) -> np.ndarray:
+    return _validate.array(name, x, (np.uint64,), 2)
+
+
+def _k(k: object, words: int, b_name: str, limit: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        raise TypeError(f"k: expected an int, got {type(k).__name__}")
+    k = int(k)
+    if not 1 <= k <= limit:
+        raise ValueError(f"k: expected 1 <= k <= {limit}, got {k}")
+    if word_count(k) != words:
+        raise ValueError(f"k: {k} bits need {word_count(k)} words of 64, but {b_name} has {words} words per row")
+    return k
+
+
+def _operands(a_bits: object, b_bits: object, k: object) -> tuple[np.ndarray, np.ndarray, int]:
+    a = _bits("a_bits", a_bits)
+    b = _bits("b_bits", b_bits)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"a_bits: expected {b.shape[1]} words per row to match b_bits of shape {b.shape}, "
+                         f"got shape {a.shape}")
+    return a, b, _k(k, b.shape[1], "b_bits", MAX_K)
+
+
+def _per_channel(name: str, value: object, n: int, default: float) -> np.ndarray:
+    if value is None:
+        return np.full(n, default, np.float64)
+    return _validate.per_channel(name, value, n, np.float64)
+
+
+def _split(run: Callable[[int, int, int, int], None], op: str, m: int, n: int, k: int, rows: int,
+           col_align: int) -> None:
+    """Run ``run(i0, i1, j0, j1)`` over disjoint parts: column ranges (multiples of ``col_align``), else rows."""
+    units = -(-n // col_align)
+    threads.run_tiled(lambda u0, u1, i0, i1: run(i0, i1, u0 * col_align, min(n, u1 * col_align)),
+                      units, m, rows, 2 * m * n * k / RATE_OPS_PER_US[op])
+
+
+def _row_block(rows: int, row_bytes: int) -> int:
+    return max(rows, L2_ROW_BYTES // max(1, row_bytes) // rows * rows)
+
+
+def _popcount(a: np.ndarray, b: np.ndarray, k: int, mode: int, mult: np.ndarray, bias: np.ndarray,
+              thr: np.ndarray, out: np.ndarray) -> np.ndarray:
+    m, words = a.shape
+    n = b.shape[0]
+    variant = dispatch.choose("gemm_binary", m, n, k)
+    tile = POPCOUNT_TILES[variant.kind]
+    driver = POPCOUNT_DRIVERS[variant.kind, mode]
+    row_block = _row_block(tile.rows, 8 * words)
+
+    def run(i0: int, i1: int, j0: int, j1: int) -> None:
+        driver(a, b, k, words, i0, i1, j0, j1, row_block, mult, bias, thr, out)
+
+    align = WORD_BITS if mode == BITS else tile.cols
+    _split(run, "gemm_binary", m, n, k, tile.rows, align)
+    return out
+
+
+_NONE = np.zeros(1)
+_NO_THRESHOLDS = np.zeros(1, np.int64)
+
+
+def gemm_binary(a_bits: np.ndarray, b_bits: np.ndarray, k: int, *, multiplier=None, bias=None,
+                out_dtype=None, out: np.ndarray | None = None) -> np.ndarray:
+    """Dot products of ±1 vectors given as sign bits: ``out[m, n] = k - 2 popcount(a[m] xor b[n])``.
+
+    Parameters
+    ----------
+    a_bits : uint64 ndarray, shape (M, W), C-contiguous
+        Activations, ``kernels.pack_bits(x)`` of ``x [M, k]``.
+    b_bits : uint64 ndarray, shape (N, W), C-contiguous
+        Weights, one row per output channel, packed the same way.
+    k : int
+        Values per row, ``ceil(k / 64) == W``; the padding bits must be 0.
+    multiplier, bias : float scalar or array of shape (N,), optional
+        Per output channel: ``out = float32(dot * multiplier[n] + bias[n])``,
+        computed in float64 (defaults 1 and 0). Either one makes the output float32.
+    out_dtype : numpy.int32 or numpy.float32, optional
+        int32 (exact ``dot``, the default) or float32 (the fused transform).
+    out : ndarray of shape (M, N) and the output dtype, C-contiguous, optional
+
+    Returns
+    -------
+    int32 or float32 ndarray, shape (M, N)
+    """
+    a, b, k = _operands(a_bits, b_bits, k)
+    m, n = a.shape[0], b.shape[0]
+    fused = multiplier is not None or bias is not None
+    dtype = np.dtype(out_dtype if out_dtype is not None else (np.float32 if fused else np.int32))
+    if dtype not in (np.dtype(np.int32), np.dtype(np.float32)):
+        raise TypeError(f"out_dtype: expected int32 or float32, got {dtype}")
+    if fused and dtype != np.float32:
+        raise ValueError("out_dtype: multiplier and bias give float32 output, not int32")
+    shape = (m, n)
+    out = np.empty(shape, dtype) if out is None else _validate.out(out, shape, dtype)
+    if dtype == np.int32:
+        return _popcount(a, b, k, INTEGER, _NONE, _NONE, _NO_THRESHOLDS, out)
+    mult = _per_channel("multiplier", multiplier, n, 1.0)
+    shift = _per_channel("bias", bias, n, 0.0)
+    return _popcount(a, b, k, REAL, mult, shift, _NO_THRESHOLDS, out)
+
+
+def _thresholds(value: object, n: int, k: int) -> np.ndarray:
+    """Per-channel thresholds as int64: ``dot < t`` iff ``dot < ceil(t)`` for integer ``dot`` in [-k, k]."""
+    t = np.asarray(value)
+    if t.dtype.kind not in "iuf":
+        raise TypeError(f"thresholds: expected a real scalar or [{n}] array, got dtype {t.dtype}")
+    if t.dtype.kind == "f" and np.isnan(t).any():
+        raise ValueError("thresholds: NaN is not a threshold")
+    t = _validate.per_channel("thresholds", t, n, t.dtype)
+    if t.dtype.kind == "f":
+        t = np.ceil(t)
+    return np.clip(t, -k - 1, k + 1).astype(np.int64)
+
+
+def gemm_binary_to_bits(a_bits: np.ndarray, b_bits: np.ndarray, k: int, thresholds, *,
+                        out: np.ndarray | None = None) -> np.ndarray:
+    """Sign bits of ``dot - thresholds[n]`` for a following binary layer, packed as ``kernels.pack_bits`` does.
+
+    ``dot[m, n] = k - 2 popcount(a[m] xor b[n])``; bit ``n % 64`` of ``out[m, n // 64]``
+    is 1 (value -1) exactly when ``dot[m, n] < thresholds[n]``, and 0 (+1) when
+    ``dot >= thresholds[n]``: ``pack_bits(dot - thresholds)``, with the same zero
+    padding bits. Thresholds are per output channel (a scalar applies to all);
+    real values compare exactly (``dot < t`` iff ``dot < ceil(t)``).
+
+    Returns
+    -------
+    uint64 ndarray, shape (M, ceil(N / 64))
+    """
+    a, b, k = _operands(a_bits, b_bits, k)
+    m, n = a.shape[0], b.shape[0]
+    thr = _thresholds(thresholds, n, k)
+    shape = (m, word_count(n))
+    out = np.zeros(shape, np.uint64) if out is None else _validate.out(out, shape, np.dtype(np.uint64))
+    out[...] = 0
+    return _popcount(a, b, k, BITS, _NONE, _NONE, thr, out)
+
+
+def gemm_binary_int8(a: np.ndarray, b_bits: np.ndarray, k: int, *, out: np.ndarray | None = None) -> np.ndarray:
+    """Binary weights times int8 activations, exact: ``out[m, n] = sum_k a[m, k] * w[n, k]``.
+
+    ``w[n, k] = -1`` where bit ``k`` of ``b_bits[n]`` is set, else +1 (``kernels.pack_bits``).
+
+    Parameters
+    ----------
+    a : int8 ndarray, shape (M, k), C-contiguous
+    b_bits : uint64 ndarray, shape (N, ceil(k / 64)), C-contiguous, zero padding bits
+    k : int, the columns of ``a`` (at most 16777215, so that the int32 result cannot overflow)
+    out : int32 ndarray, shape (M, N), C-contiguous, optional
+
+    Returns
+    -------
+    int32 ndarray, shape (M, N)
+    """
+    a = _validate.array("a", a, (np.int8,), 2)
+    b = _bits("b_bits", b_bits)
+    words = b.shape[1]
+    k = _k(k, words, "b_bits", MAX_K_INT8)
+    if a.shape[1] != k:
+        raise ValueError(f"a: expected k = {k} columns, got shape {a.shape}")
+    m, n = a.shape[0], b.shape[0]
+    shape = (m, n)
+    out = np.empty(shape, np.int32) if out is None else _validate.out(out, shape, np.dtype(np.int32))
+    lda = WORD_BITS * words
+    padded = np.zeros((m, lda), np.uint8)
+    padded[:, :k] = a.view(np.uint8) ^ 0x80  # u = a + 128; the padding stays 0 and its bits are 0
+    row_term = a.sum(axis=1, dtype=np.int64)
+    col_term = 256 * row_popcounts(b)
+    variant = dispatch.choose("gemm_binary_int8", m, n, k)
+    tile = SIGN_TILES[variant.kind]
+    driver = SIGN_DRIVERS[variant.kind]
+    flat = padded.reshape(-1)
+    row_block = _row_block(tile.rows, lda)
+
+    def run(i0: int, i1: int, j0: int, j1: int) -> None:
+        driver(flat, lda, b, words, i0, i1, j0, j1, row_block, row_term, col_term, out)
+
+    _split(run, "gemm_binary_int8", m, n, k, tile.rows, tile.cols)
+    return out
+
