@@ -67,7 +67,7 @@ S4 = QType("s4", 4, -8, 7, np.dtype(np.int8), "signed 4-bit, two per byte (ONNX 
 U4 = QType("u4", 4, 0, 15, np.dtype(np.uint8), "unsigned 4-bit, two per byte (ONNX uint4); codebook indices")
 S2 = QType("s2", 2, -2, 1, np.dtype(np.int8), "signed 2-bit, four per byte (ONNX int2)")
 U2 = QType("u2", 2, 0, 3, np.dtype(np.uint8), "unsigned 2-bit, four per byte (ONNX uint2)")
-T2 = QType("t2", 2, -1, 1, np.dtype(np.int8), "ternary -1, 0, +1 in 2-bit fields")
+T2 = QType("t2", 2, -1, 1, np.dtype(np.int8), "ternary -1, 0, +1 in 2-bit two's complement fields (kernel panels hold t + 1)")
 B1 = QType("b1", 1, -1, 1, np.dtype(np.int8), "binary -1 / +1, one bit each, set for -1")
 
 QTYPES: dict[str, QType] = {q.name: q for q in (S8, U8, S4, U4, S2, U2, T2, B1)}
