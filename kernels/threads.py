@@ -8,6 +8,7 @@ tiles badly) and lets one process setting govern every kernel.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +22,9 @@ _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 
 
+@functools.cache
 def _available_cores() -> int:
+    """Cores this process may run on, read once (a later affinity change is not seen)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
