@@ -14,6 +14,9 @@ import kernels
 from kernels import dispatch
 
 
+INFO_SHAPES = ((1, 4096, 4096), (8, 4096, 4096), (1024, 1024, 1024))  # decode, small batch, large GEMM
+
+
 def _info(args: argparse.Namespace) -> int:
     info = kernels.cpu_info()
     if args.json:
@@ -23,9 +26,13 @@ def _info(args: argparse.Namespace) -> int:
     for key, value in info.items():
         shown = ", ".join(value) if isinstance(value, list) else value
         print(f"{key:<{width}}  {shown}")
-    print("\nkernels chosen for int8 GEMM (M x N x K):")
-    for m, n, k in [(1, 4096, 4096), (8, 4096, 4096), (1024, 1024, 1024)]:
-        print(f"  {m:>5} x {n} x {k}: {dispatch.choose('gemm_int8', m, n, k).kind}")
+    shapes = ", ".join("x".join(map(str, shape)) for shape in INFO_SHAPES)
+    print(f"\nkernels chosen for M x N x K = {shapes}:")
+    ops = sorted({variant.op for variant in dispatch.variants()})
+    width = max(map(len, ops))
+    for op in ops:
+        kinds = [dispatch.choose(op, *shape).kind for shape in INFO_SHAPES]
+        print(f"  {op:<{width}}  {', '.join(kinds)}")
     return 0
 
 
