@@ -10,10 +10,10 @@ round times each contender once (best of several calls) and each reports its bes
 round. Contenders: ``kernels.gemm_int4`` with groups of 32 and 128, ORT
 MatMulNBits (4 bits, block_size 32 and 128, accuracy_level 4, same codes and
 scales), NumPy float32 on the dequantized weights, ``kernels.gemm_ternary``
-(per-channel scales) and ``kernels.gemm_int8`` (uint8 activations already
-quantized). The DRAM case cycles several weight matrices, well beyond the L3, and
-reports effective GB/s (packed weight bytes per call / time) next to NumPy's copy
-bandwidth (bytes read + written).
+(per-channel scales), ``kernels.gemm_codebook`` (NF4 table, groups of 128) and
+``kernels.gemm_int8`` (uint8 activations already quantized). The DRAM case cycles
+several weight matrices, well beyond the L3, and reports effective GB/s (packed
+weight bytes per call / time) next to NumPy's copy bandwidth (bytes read + written).
 """
 
 from __future__ import annotations
@@ -31,10 +31,13 @@ import kernels
 from bench.contenders import lowbit_threads
 from bench.peers import Contender, numpy_float32, ort_matmul_nbits
 from bench.timing import OPENBLAS_VARS, best_call, cell, interleave, parse_shape, print_table
+from kernels.gemm.codebook import gemm_codebook
 from kernels.gemm.int4 import gemm_int4
 from kernels.gemm.ternary import gemm_ternary
+from kernels.pack.codebook import pack_codebook_weights
 from kernels.pack.int4 import pack_int4
 from kernels.pack.ternary import pack_ternary
+from lowbit.quantization.scheme import NF4
 
 SHAPES = ((1, 4096, 4096), (1, 11008, 4096), (256, 4096, 4096))
 BLOCKS = (32, 128)
@@ -69,6 +72,7 @@ def measure_shape(shape, threads: int, rounds: int) -> dict:
             contenders.append(ort)
     contenders.append(numpy_float32(x, packs[BLOCKS[-1]].dequantize(), threads))
     contenders.append(_lowbit("ternary", gemm_ternary, x, pack_ternary(w), n, threads))
+    contenders.append(_lowbit("nf4-g128", gemm_codebook, x, pack_codebook_weights(w, NF4, 128), n, threads))
     contenders.append(_int8(x, w, threads))
     seconds, outputs = interleave(contenders, rounds, threads)
     errors = {}

@@ -12,16 +12,19 @@ import numpy as np
 
 from kernels import cpu
 from kernels.gemm.binary import gemm_binary, gemm_binary_int8, gemm_binary_to_bits
+from kernels.gemm.codebook import gemm_codebook
 from kernels.gemm.int4 import gemm_int4
 from kernels.gemm.int8 import gemm_int8, linear_int8, max_k_int32
 from kernels.gemm.ternary import gemm_ternary
 from kernels.pack.bits import pack_bits, unpack_bits
+from kernels.pack.codebook import PackedCodebook, pack_codebook, pack_codebook_weights
 from kernels.pack.int4 import PackedInt4, pack_int4, pack_int4_codes
 from kernels.pack.panels import PackedInt8, pack_int8
 from kernels.pack.ternary import PackedTernary, pack_ternary, pack_ternary_codes
 from kernels.threads import get_num_threads, set_num_threads
 
 __all__ = [
+    "PackedCodebook",
     "PackedInt4",
     "PackedInt8",
     "PackedTernary",
@@ -29,6 +32,7 @@ __all__ = [
     "gemm_binary",
     "gemm_binary_int8",
     "gemm_binary_to_bits",
+    "gemm_codebook",
     "gemm_int4",
     "gemm_int8",
     "gemm_ternary",
@@ -36,6 +40,8 @@ __all__ = [
     "linear_int8",
     "max_k_int32",
     "pack_bits",
+    "pack_codebook",
+    "pack_codebook_weights",
     "pack_int4",
     "pack_int4_codes",
     "pack_int8",

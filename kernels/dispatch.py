@@ -48,7 +48,7 @@ def _int8(kind: str, level: cpu.Level, accepts=_any_shape) -> Variant:
 
 
 def _grouped(op: str) -> tuple[Variant, ...]:
-    """The int4 and ternary products share micro-kernels: one list serves both."""
+    """The int4, ternary and codebook products share micro-kernels: one list serves all."""
     rows = [("avx512-vnni-gemv1", cpu.AVX512_VNNI, lambda m, n, k: m == 1),
             ("avx512-vnni-gemv", cpu.AVX512_VNNI, _gemv),
             ("avx512-vnni", cpu.AVX512_VNNI, _any_shape),
@@ -70,6 +70,7 @@ VARIANTS: tuple[Variant, ...] = (
     _int8("generic", cpu.GENERIC),
     *_grouped("gemm_int4"),
     *_grouped("gemm_ternary"),
+    *_grouped("gemm_codebook"),
     _binary("gemm_binary", "avx512-vnni-gemv", cpu.AVX512_VNNI, lambda m, n, k: m <= BINARY_GEMV_MAX_ROWS),
     _binary("gemm_binary", "avx512-vnni", cpu.AVX512_VNNI),
     _binary("gemm_binary", "generic", cpu.GENERIC),

@@ -1,4 +1,4 @@
-"""Shared tail of the group-wise sub-byte products (``gemm_int4``, ``gemm_ternary``).
+"""Shared tail of the group-wise sub-byte products (``gemm_int4``, ``gemm_ternary``, ``gemm_codebook``).
 
 Validates the arguments, quantizes the activations (``kernels.gemm.grouped_driver``),
 chooses a variant and splits the output over ``kernels.threads`` as the int8 GEMM
@@ -38,11 +38,11 @@ def _run(op: str, x: np.ndarray, packed: PackedGrouped, out: np.ndarray) -> np.n
     if not finite:
         raise ValueError("x: values must be finite")
     variant = dispatch.choose(op, m, n, k)
-    driver = DRIVERS[kind_name(variant.kind, packed.bits, packed.symmetric)]
+    driver = DRIVERS[kind_name(variant.kind, packed.bits, packed.symmetric, packed.lookup)]
 
     def part(p0: int, p1: int, i0: int, i1: int) -> None:
         driver(xq, sx, sumx, packed.data, packed.panel_zeros, packed.panel_scales, packed.group_steps,
-               packed.steps, packed.zero, n, p0, p1, i0, i1, out)
+               packed.steps, packed.zero, packed.kernel_table, n, p0, p1, i0, i1, out)
 
     # single-thread time from compute (~250 GOPS with the unpacking) and weight streaming (~25 GB/s)
     threads.run_tiled(part, packed.n_panels, m, variant.rows, 2 * m * n * k / 250e3 + packed.data.nbytes / 25e3)

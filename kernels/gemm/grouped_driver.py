@@ -98,11 +98,12 @@ def _make_driver(kind: str):
     rows = TILES[kind].rows
 
     @kernel
-    def grouped_tiles(xq, sx, sumx, w, wz, ws, gsteps, nsteps, zc, n, p0, p1, i0, i1, out):
+    def grouped_tiles(xq, sx, sumx, w, wz, ws, gsteps, nsteps, zc, tab, n, p0, p1, i0, i1, out):
         """Output panels ``p0..p1``, rows ``i0..i1`` of ``out [M, n]`` (float32) with kernel ``kind``.
 
         xq, sx, sumx : from :func:`quantize_activations` (``xq`` row stride >= nsteps * k per step)
         w, wz, ws    : ``data``, ``panel_zeros``, ``panel_scales`` of a ``PackedGrouped``
+        tab          : its ``kernel_table`` (int8 [16]; read by codebook kinds only)
         """
         ldx = xq.shape[1]
         ng = sx.shape[1]
@@ -116,7 +117,7 @@ def _make_driver(kind: str):
             for i in range(i0, i1, rows):
                 m = min(rows, i1 - i)
                 grouped_microkernel(kind, xf, i * ldx, ldx, m, sxf, sumf, i * ng, w, p * nsteps * STEP_BYTES, wz, ws,
-                                    p * ng * PANEL, ng, gsteps, nsteps, zc, tile)
+                                    p * ng * PANEL, ng, gsteps, nsteps, zc, tab, tile)
                 for r in range(m):
                     out[i + r, col0 : col0 + cols] = tile[r * PANEL : r * PANEL + cols]
 

@@ -22,6 +22,15 @@ the last group may have fewer):
    operations, each rounded, in this order and without FMA contraction, so the
    NumPy oracle reproduces the result bit for bit.
 
+Codebook weights (``lookup``, 4-bit only): the masked nibbles index a 16-entry int8
+table ``T8`` (``vpshufb``, the table broadcast to every 128-bit lane) giving signed
+weights, so the roles swap: the activations become the unsigned operand as
+``xq + 128`` (``xq ^ 0x80`` per byte; |xq| <= 127) and the looked-up weights the
+signed one. Then ``dot = sum_k (xq + 128) T8[c] = e + 128 * sum_k T8[c]``, exactly in
+int32 (|dot| <= 256 * 255 * 127 per group), and step 2 subtracts the per-channel
+and group constant ``wz[c, g] = 128 * sum_{k in g} T8[c[n, k]]`` computed at pack
+time over the group's padded k range (padding: code 0, activation 0 -> byte 128).
+
 Nothing here is compiled until a driver calling it is, and the grouped kernels
 select it only on CPUs with avx512vnni.
 """
@@ -32,8 +41,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from kernels.gemm.llvm_ir import (I8, I32, I64, array_ptr, clamped_rows, emit_loop, is_array, load_vector,
-                                  prefetch, splat)
+from kernels.gemm.llvm_ir import (I8, I32, I64, array_ptr, clamped_rows, declare, emit_loop, is_array,
+                                  load_vector, prefetch, splat)
 from kernels.gemm.vnni import V16I32, V64I8, declare_vpdpbusd
 
 F32 = ir.FloatType()
@@ -41,31 +50,45 @@ V16F32 = ir.VectorType(F32, 16)
 VECTORS = 4  # 16-lane vectors per 64-channel panel
 STEP = 256  # bytes per step and panel
 SCALARS = ("x_off", "ldx", "m", "a_off", "w_off", "p_off", "ng", "gsteps", "nsteps", "zc")
+V16I8 = ir.VectorType(I8, 16)
+PSHUFB = "llvm.x86.avx512.pshuf.b.512"
 
 
 def _const(value: int, vtype: ir.VectorType) -> ir.Constant:
     return ir.Constant(vtype, [value] * vtype.count)
 
 
-def make_tile(rows: int, bits: int, uniform: bool, prefetch_distance: int = 0):
+def make_tile(rows: int, bits: int, uniform: bool, prefetch_distance: int = 0, lookup: bool = False):
     """A grouped tile intrinsic (``tile`` of ``kernels.gemm.grouped_microkernels``).
 
     ``tile(x, x_off, ldx, m, sx, sumx, a_off, w, w_off, wz, ws, p_off, ng, gsteps,
-    nsteps, zc, out)``: int8 ``x`` (row r at ``x_off + r * ldx``), float32 ``sx`` and
+    nsteps, zc, tab, out)``: int8 ``x`` (row r at ``x_off + r * ldx``), float32 ``sx`` and
     int32 ``sumx`` (row r, group g at ``a_off + r * ng + g``), uint8 panel data ``w``
     from ``w_off``, int32 zero points ``wz`` and float32 scales ``ws`` of the panel
     from ``p_off`` (group g, channel c at ``p_off + 64 g + c``), the shared zero
-    point ``zc`` when ``uniform``; writes float32 ``out[64 r + c]`` for every
-    ``r < rows`` (rows past ``m`` repeat row ``m - 1``).
+    point ``zc`` when ``uniform``, the int8 table ``tab[16]`` (read only with
+    ``lookup``: then ``wz`` holds the codebook correction, see the module
+    docstring); writes float32 ``out[64 r + c]`` for every ``r < rows`` (rows past
+    ``m`` repeat row ``m - 1``).
     """
     fields = 8 // bits
     mask = (1 << bits) - 1
     sets = 2 if rows <= 2 and fields > 1 else 1
     per_set = rows * VECTORS
 
-    def emit(builder, x_ptr, sx_ptr, sum_ptr, w_ptr, wz_ptr, ws_ptr, out_ptr, s):
+    if lookup and bits != 4:
+        raise ValueError("lookup: codebook tiles need 4-bit codes")
+    load_zeros = lookup or not uniform
+
+    def emit(builder, x_ptr, sx_ptr, sum_ptr, w_ptr, wz_ptr, ws_ptr, tab_ptr, out_ptr, s):
         dot = declare_vpdpbusd(builder)
         byte = dot.function_type.args[1]
+        if lookup:
+            shuffle = declare(builder, PSHUFB, ir.FunctionType(V64I8, [V64I8, V64I8]))
+            tab16 = builder.load(builder.bitcast(tab_ptr, V16I8.as_pointer()), align=1)
+            table = builder.shuffle_vector(tab16, ir.Constant(V16I8, ir.Undefined),
+                                           ir.Constant(ir.VectorType(I32, 64), [i % 16 for i in range(64)]))
+            flip = ir.Constant(I32, 0x80808080)  # xq + 128 as unsigned bytes
         x_rows = clamped_rows(builder, x_ptr, s["x_off"], s["ldx"], s["m"], rows)
         sx_rows = clamped_rows(builder, sx_ptr, s["a_off"], s["ng"], s["m"], rows)
         sum_rows = clamped_rows(builder, sum_ptr, s["a_off"], s["ng"], s["m"], rows)
@@ -96,36 +119,44 @@ def make_tile(rows: int, bits: int, uniform: bool, prefetch_distance: int = 0):
                         vecs = [builder.lshr(v, _const(bits * f, V64I8)) for v in vecs]
                     if f < fields - 1:
                         vecs = [builder.and_(v, _const(mask, V64I8)) for v in vecs]
+                    if lookup:  # nibble -> signed int8 table value
+                        vecs = [builder.call(shuffle, [table, v]) for v in vecs]
                     vecs = [builder.bitcast(v, byte) for v in vecs]
                     k = builder.add(k0, ir.Constant(I64, 4 * f))
                     base = (f % sets) * per_set
                     for r in range(rows):
                         word = builder.load(builder.bitcast(builder.gep(x_rows[r], [k]), I32.as_pointer()), align=1)
+                        if lookup:
+                            word = builder.xor(word, flip)
                         a_vec = builder.bitcast(splat(builder, word, V16I32), byte)
                         for j in range(VECTORS):
                             i = base + r * VECTORS + j
-                            new[i] = builder.call(dot, [new[i], vecs[j], a_vec])
+                            operands = [a_vec, vecs[j]] if lookup else [vecs[j], a_vec]  # (unsigned, signed)
+                            new[i] = builder.call(dot, [new[i], *operands])
                 return new
 
             dots = emit_loop(builder, count, V16I32, sets * per_set, step)
             g64 = builder.mul(g, ir.Constant(I64, 64))
             scales = [load_vector(builder, ws_base, builder.add(g64, ir.Constant(I64, 16 * j)), V16F32)
                       for j in range(VECTORS)]
-            if not uniform:
+            if load_zeros:
                 zeros = [load_vector(builder, wz_base, builder.add(g64, ir.Constant(I64, 16 * j)), V16I32)
                          for j in range(VECTORS)]
             updated = []
             for r in range(rows):
                 sx = splat(builder, builder.load(builder.gep(sx_rows[r], [g])), V16F32)
                 total = builder.load(builder.gep(sum_rows[r], [g]))
-                if uniform:
+                if uniform and not lookup:
                     correction = splat(builder, builder.mul(zc32, total), V16I32)
-                else:
+                elif not lookup:
                     sums = splat(builder, total, V16I32)
                 for j in range(VECTORS):
                     i = r * VECTORS + j
                     value = dots[i] if sets == 1 else builder.add(dots[i], dots[per_set + i])
-                    value = builder.sub(value, correction if uniform else builder.mul(zeros[j], sums))
+                    if lookup:
+                        value = builder.sub(value, zeros[j])
+                    else:
+                        value = builder.sub(value, correction if uniform else builder.mul(zeros[j], sums))
                     term = builder.fmul(builder.sitofp(value, V16F32), builder.fmul(sx, scales[j]))
                     updated.append(builder.fadd(accs[i], term))
             return updated
@@ -136,20 +167,22 @@ def make_tile(rows: int, bits: int, uniform: bool, prefetch_distance: int = 0):
             builder.store(result, builder.bitcast(dst, V16F32.as_pointer()), align=4)
 
     @intrinsic
-    def tile(typingctx, x, x_off, ldx, m, sx, sumx, a_off, w, w_off, wz, ws, p_off, ng, gsteps, nsteps, zc, out):
+    def tile(typingctx, x, x_off, ldx, m, sx, sumx, a_off, w, w_off, wz, ws, p_off, ng, gsteps, nsteps, zc, tab,
+             out):
         arrays = [(x, types.int8), (sx, types.float32), (sumx, types.int32), (w, types.uint8), (wz, types.int32),
-                  (ws, types.float32), (out, types.float32)]
+                  (ws, types.float32), (tab, types.int8), (out, types.float32)]
         scalars = (x_off, ldx, m, a_off, w_off, p_off, ng, gsteps, nsteps, zc)
         if not all(is_array(ty, dtype, 1) for ty, dtype in arrays):
             return None
         if not all(isinstance(ty, types.Integer) for ty in scalars):
             return None
-        sig = types.void(x, x_off, ldx, m, sx, sumx, a_off, w, w_off, wz, ws, p_off, ng, gsteps, nsteps, zc, out)
+        sig = types.void(x, x_off, ldx, m, sx, sumx, a_off, w, w_off, wz, ws, p_off, ng, gsteps, nsteps, zc, tab,
+                         out)
 
         def codegen(context, builder, signature, args):
             tys = signature.args
             named = dict(zip(("x", "x_off", "ldx", "m", "sx", "sumx", "a_off", "w", "w_off", "wz", "ws", "p_off",
-                              "ng", "gsteps", "nsteps", "zc", "out"), zip(args, tys)))
+                              "ng", "gsteps", "nsteps", "zc", "tab", "out"), zip(args, tys)))
             s = {name: context.cast(builder, *named[name], types.int64) for name in SCALARS}
 
             def ptr(name, elem):
@@ -157,7 +190,7 @@ def make_tile(rows: int, bits: int, uniform: bool, prefetch_distance: int = 0):
                 return array_ptr(context, builder, ty, value, elem)
 
             emit(builder, ptr("x", I8), ptr("sx", F32), ptr("sumx", I32), ptr("w", I8), ptr("wz", I32),
-                 ptr("ws", F32), ptr("out", F32), s)
+                 ptr("ws", F32), ptr("tab", I8), ptr("out", F32), s)
             return context.get_dummy_value()
 
         return sig, codegen

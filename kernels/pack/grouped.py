@@ -30,6 +30,7 @@ from kernels import _validate
 from kernels.pack.panels import PANEL, PanelWeights, aligned_empty
 
 STEP_BYTES = 256  # one step of one panel: 64 channels x 4 bytes
+NO_TABLE = np.zeros(16, np.int8)  # the kernels' ``tab`` argument for formats without a codebook
 
 
 class PackedGrouped(PanelWeights):
@@ -49,6 +50,8 @@ class PackedGrouped(PanelWeights):
 
     __slots__ = ("data", "n", "k", "bits", "group_size", "scales", "zero_points", "zero", "panel_scales",
                  "panel_zeros")
+    lookup = False  # codes index a table (kernels.pack.codebook)
+    kernel_table = NO_TABLE  # int8 [16] table the codebook kernels look codes up in
 
     def __init__(self, data, n, k, bits, group_size, scales, zero_points, zero):
         self.data, self.n, self.k, self.bits, self.group_size = data, n, k, bits, group_size
