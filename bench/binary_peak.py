@@ -19,9 +19,10 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+from bench.peak import first_lane_of_sum
 from bench.timing import loop_rate
 from kernels import cpu
-from kernels.gemm.llvm_ir import I32, I64, array_ptr, emit_loop, is_array
+from kernels.gemm.llvm_ir import I64, array_ptr, emit_loop, is_array
 from kernels.gemm.popcount import BLOCK, V8I64, WORDS_PER_VECTOR, emit_block
 
 COLS = 4
@@ -46,11 +47,7 @@ def _popcount_loop(typingctx, a, b, iterations):
             base = builder.mul(builder.and_(q, ir.Constant(I64, 1)), ir.Constant(I64, HALF))
             return emit_block(builder, [a_ptr], cols, base, state)
 
-        state = emit_loop(builder, count, V8I64, 4 * COLS, block)
-        total = state[0]
-        for value in state[1:]:  # every chain feeds the result: none is dead
-            total = builder.add(total, value)
-        return builder.extract_element(total, ir.Constant(I32, 0))
+        return first_lane_of_sum(builder, emit_loop(builder, count, V8I64, 4 * COLS, block))
 
     return sig, codegen
 

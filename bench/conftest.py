@@ -10,7 +10,7 @@ def pytest_benchmark_update_json(config, benchmarks, output_json: dict) -> None:
     the same run, so the ratio never mixes machines or moments; above 1 is faster.
     """
     entries = output_json["benchmarks"]
-    numpy_best = {e["group"]: e["stats"]["min"] for e in entries if e["params"]["contender"] == "numpy"}
+    numpy_best = {e["group"]: e["stats"]["min"] for e in entries if e["params"]["name"] == "numpy"}
     for entry in entries:
         if entry["group"] in numpy_best:
             entry["extra_info"]["ratio_vs_numpy"] = numpy_best[entry["group"]] / entry["stats"]["min"]

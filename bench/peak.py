@@ -23,6 +23,14 @@ OPS_PER_VPDPBUSD = 2 * 64
 OPS_PER_ITERATION = ACCUMULATORS * OPS_PER_VPDPBUSD
 
 
+def first_lane_of_sum(builder: ir.IRBuilder, vectors: list[ir.Value]) -> ir.Value:
+    """Lane 0 of the sum of ``vectors``: every accumulator chain feeds the result, so none is dead code."""
+    total = vectors[0]
+    for vector in vectors[1:]:
+        total = builder.add(total, vector)
+    return builder.extract_element(total, ir.Constant(I32, 0))
+
+
 @intrinsic
 def _vpdpbusd_loop(typingctx, iterations):
     """``iterations`` rounds of 16 independent ``vpdpbusd``; returns a lane of their sum."""
@@ -40,10 +48,7 @@ def _vpdpbusd_loop(typingctx, iterations):
         b_bytes = builder.bitcast(splat(builder, builder.add(seed, ir.Constant(I32, 0x01010101)), V16I32), byte)
         results = emit_loop(builder, count, V16I32, ACCUMULATORS,
                             lambda i, accs: [builder.call(dot, [acc, a_bytes, b_bytes]) for acc in accs])
-        total = results[0]
-        for result in results[1:]:  # every chain feeds the result: none is dead
-            total = builder.add(total, result)
-        return builder.extract_element(total, ir.Constant(I32, 0))
+        return first_lane_of_sum(builder, results)
 
     return sig, codegen
 

@@ -9,13 +9,12 @@ Not part of the default test run. Run from the repository root::
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from bench.binary import NAMES, SHAPES, contenders
 from bench.peers import Contender
 from bench.shapes import Shape, label, ops
+from bench.timing import benchmark_contender
 
 
 @pytest.fixture(scope="module", params=SHAPES, ids=label)
@@ -28,18 +27,7 @@ def built(shape: Shape) -> dict[str, Contender]:
     return {c.name: c for c in contenders(shape, threads=1)}
 
 
-@pytest.fixture(params=NAMES)
-def contender(request: pytest.FixtureRequest, built: dict[str, Contender]) -> Iterator[Contender]:
-    """A single-thread contender, called once (compiled, caches warm) before it is timed."""
-    chosen = built[request.param]
-    with chosen.pinned():
-        chosen.call()
-        yield chosen
-
-
-def test_binary_gemm(benchmark, shape: Shape, contender: Contender) -> None:
+@pytest.mark.parametrize("name", NAMES)
+def test_binary_gemm(benchmark, shape: Shape, built: dict[str, Contender], name: str) -> None:
     m, n, k = shape
-    benchmark.group = f"binary M={m} N={n} K={k}"
-    benchmark(contender.call)
-    if benchmark.stats is not None:  # None under --benchmark-disable
-        benchmark.extra_info["gops"] = ops(shape) / benchmark.stats.stats.min / 1e9
+    benchmark_contender(benchmark, f"binary M={m} N={n} K={k}", built[name], ops(shape))

@@ -8,14 +8,12 @@ repository root, with OpenBLAS free to choose its kernel::
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 
 from bench.contenders import NAMES, build
-from bench.peers import Contender
 from bench.shapes import SHAPES, Shape, label, operands, ops
+from bench.timing import benchmark_contender
 
 
 @pytest.fixture(scope="module", params=SHAPES, ids=label)
@@ -28,21 +26,10 @@ def arrays(shape: Shape) -> tuple[np.ndarray, np.ndarray]:
     return operands(shape)
 
 
-@pytest.fixture(params=NAMES)
-def contender(request: pytest.FixtureRequest, arrays: tuple[np.ndarray, np.ndarray]) -> Iterator[Contender]:
-    """A single-thread contender, called once (compiled, caches warm) before it is timed."""
-    if request.param == "onnxruntime":
+@pytest.mark.parametrize("name", NAMES)
+def test_gemm(benchmark, shape: Shape, arrays: tuple[np.ndarray, np.ndarray], name: str) -> None:
+    if name == "onnxruntime":
         pytest.importorskip("onnx")
         pytest.importorskip("onnxruntime")
-    built = build(request.param, *arrays, threads=1)
-    with built.pinned():
-        built.call()
-        yield built
-
-
-def test_gemm(benchmark, shape: Shape, contender: Contender) -> None:
     m, n, k = shape
-    benchmark.group = f"gemm M={m} N={n} K={k}"
-    benchmark(contender.call)
-    if benchmark.stats is not None:  # None under --benchmark-disable
-        benchmark.extra_info["gops"] = ops(shape) / benchmark.stats.stats.min / 1e9
+    benchmark_contender(benchmark, f"gemm M={m} N={n} K={k}", build(name, *arrays, threads=1), ops(shape))

@@ -76,6 +76,16 @@ def loop_rate(run: Callable[[int], object], ops_per_iteration: int, seconds: flo
     return iterations * ops_per_iteration / min(timed(iterations) for _ in range(3)) / 1e9
 
 
+def benchmark_contender(benchmark, group: str, contender: Contender, ops: int) -> None:
+    """Time ``contender`` with pytest-benchmark, warmed up first (compiled, caches hot), and record GOPS."""
+    benchmark.group = group
+    with contender.pinned():
+        contender.call()
+        benchmark(contender.call)
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        benchmark.extra_info["gops"] = ops / benchmark.stats.stats.min / 1e9
+
+
 def cell(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 

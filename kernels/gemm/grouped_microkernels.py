@@ -36,6 +36,7 @@ def make_portable(bits: int, uniform: bool, lookup: bool = False):
 
     @kernel
     def tile(x, x_off, ldx, m, sx, sumx, a_off, w, w_off, wz, ws, p_off, ng, gsteps, nsteps, zc, tab, out):
+        """The contract of ``kernels.gemm.grouped_vnni.make_tile`` for ``m`` rows, in plain loops."""
         dot = np.empty(64, np.int32)
         for r in range(m):
             acc = out[r * 64 : r * 64 + 64]
