@@ -18,15 +18,21 @@ def gemm_int8_ref(a: np.ndarray, b: np.ndarray, a_zero_point: int = 0, b_zero_po
 
 def linear_int8_ref(a, w, *, a_scale, a_zero_point, w_scale, w_zero_point=0, bias=None, activation=None,
                     out_dtype=np.float32, out_scale=None, out_zero_point=None) -> np.ndarray:
-    """The fused quantized linear layer of ``kernels.linear_int8``, step by step.
+    """The fused quantized linear layer of ``kernels.linear_int8``: :func:`finish_ref` of the exact product."""
+    return finish_ref(gemm_int8_ref(a, w, a_zero_point, w_zero_point), a_scale=a_scale, w_scale=w_scale, bias=bias,
+                      activation=activation, out_dtype=out_dtype, out_scale=out_scale, out_zero_point=out_zero_point)
 
-    ``acc = (a - za) @ (w - zw).T`` exactly; ``t = acc * m + shift`` in float64 where
-    ``m = a_scale * w_scale [/ out_scale]`` is formed in the scales' dtype and
-    ``shift = bias [/ out_scale]`` (a float bias; an int32 bias is added to ``acc``);
-    the activation clips ``t`` (relu: at 0; relu6: also at 6 [/ out_scale]); a float
-    output is ``float32(t)``, an integer one ``clip(rint(t + out_zero_point))``.
+
+def finish_ref(acc, *, a_scale, w_scale, bias=None, activation=None, out_dtype=np.float32, out_scale=None,
+               out_zero_point=None) -> np.ndarray:
+    """Rescale, bias, activation and requantization of exact accumulators ``acc [M, N]``, step by step.
+
+    ``t = acc * m + shift`` in float64 where ``m = a_scale * w_scale [/ out_scale]``
+    is formed in the scales' dtype and ``shift = bias [/ out_scale]`` (a float bias;
+    an int32 bias is added to ``acc``); the activation clips ``t`` (relu: at 0;
+    relu6: also at 6 [/ out_scale]); a float output is ``float32(t)``, an integer
+    one ``clip(rint(t + out_zero_point))``.
     """
-    acc = gemm_int8_ref(a, w, a_zero_point, w_zero_point)
     n = acc.shape[1]
     out_dtype = np.dtype(out_dtype)
     quantized = out_dtype.kind in "iu"
