@@ -23,12 +23,30 @@ The float part runs in float64 in the order written, with no contraction, so
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import numpy as np
 
 from kernels._jit import kernel
 
 INTEGER, REAL, QUANT = 0, 1, 2
 MODES = (INTEGER, REAL, QUANT)
+_UNUSED = np.zeros(1)
+
+
+class Epilogue(NamedTuple):
+    """How ``kernels.epilogue`` finishes the product (see the module docstring for the formulas)."""
+
+    mode: int
+    col_bias: np.ndarray | int = 0  # int64 [N] added to the corrected sums: an int32 bias
+    mult: np.ndarray = _UNUSED  # float64 [N]
+    shift: np.ndarray = _UNUSED  # float64 [N]
+    lo: float = -math.inf
+    hi: float = math.inf
+    zp: float = 0.0
+    qmin: float = 0.0
+    qmax: float = 0.0
 
 
 @kernel

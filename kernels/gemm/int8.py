@@ -9,11 +9,10 @@ by 128; K is zero-padded to a multiple of 4), choose a variant through
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
-
 import numpy as np
 
 from kernels import _validate, dispatch, epilogue, threads
+from kernels.epilogue import Epilogue
 from kernels.gemm.driver import DRIVERS, row_sums_u8
 from kernels.pack.panels import KGROUP, PANEL, PackedInt8, pack_int8
 from kernels.qtypes import QTYPES, qtype_of
@@ -22,21 +21,6 @@ INT32_MAX = 2**31 - 1
 MIN_K_LIMIT = INT32_MAX // (255 * 255)  # no zero points can make the int32 bound smaller
 ACTIVATIONS = {None: (-math.inf, math.inf), "relu": (0.0, math.inf), "relu6": (0.0, 6.0)}  # clamp, real units
 OUT_DTYPES = (np.dtype(np.float32), np.dtype(np.uint8), np.dtype(np.int8))
-_UNUSED = np.zeros(1)
-
-
-class _Epilogue(NamedTuple):
-    """How ``kernels.epilogue`` finishes the product (see its docstring for the formulas)."""
-
-    mode: int
-    col_bias: np.ndarray | int = 0  # int64 [N] added to the corrected sums: an int32 bias
-    mult: np.ndarray = _UNUSED  # float64 [N]
-    shift: np.ndarray = _UNUSED  # float64 [N]
-    lo: float = -math.inf
-    hi: float = math.inf
-    zp: float = 0.0
-    qmin: float = 0.0
-    qmax: float = 0.0
 
 
 def max_k_int32(a_dtype=np.uint8, a_zero_point: int = 0, b_zero_point=0) -> int:
@@ -85,7 +69,7 @@ def _zero_point(name: str, value: object, dtype: np.dtype, n: int | None = None)
     return v if n else int(v[0])
 
 
-def _run(a: np.ndarray, packed: PackedInt8, a_zero_point: int, w_zp: np.ndarray, epi: _Epilogue,
+def _run(a: np.ndarray, packed: PackedInt8, a_zero_point: int, w_zp: np.ndarray, epi: Epilogue,
          out: np.ndarray) -> np.ndarray:
     """Shared tail of both products: prepare activations, choose, split, run."""
     m, k = a.shape
@@ -164,7 +148,7 @@ def gemm_int8(a: np.ndarray, b: np.ndarray | PackedInt8, *, a_zero_point: int = 
         )
     shape = (m, packed.n)
     out = np.empty(shape, np.int32) if out is None else _validate.out(out, shape, np.dtype(np.int32))
-    return _run(a, packed, za, zb, _Epilogue(epilogue.INTEGER), out)
+    return _run(a, packed, za, zb, Epilogue(epilogue.INTEGER), out)
 
 
 def _positive(name: str, value: object, n: int) -> np.ndarray:
@@ -209,7 +193,7 @@ def linear_int8(a: np.ndarray, w: np.ndarray | PackedInt8, *, a_scale: float, a_
     w_zero_point : int or int array of shape (N,), in the range of ``w``'s dtype
     bias : float array of shape (N,) in real units, or int32 array of shape (N,)
         in accumulator units (``a_scale * w_scale`` per unit, as ONNX QLinearConv).
-    activation : None, "relu" or "relu6"
+    activation : None, "relu", "relu6" or ("clip", lo, hi) in real units
     out_dtype : numpy.float32, numpy.uint8 or numpy.int8
     out_scale, out_zero_point : required scale (and optional zero point, default 0)
         of an integer output; not allowed for float output.
@@ -235,8 +219,33 @@ def linear_int8(a: np.ndarray, w: np.ndarray | PackedInt8, *, a_scale: float, a_
     zw = _zero_point("w_zero_point", w_zero_point, w_dtype, n)
     if w_dtype == np.uint8:
         zw = zw - 128
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation: expected one of {list(ACTIVATIONS)}, got {activation!r}")
+    epi, out_dtype = fused_epilogue(n, a_scale, w_scale, bias, activation, out_dtype, out_scale, out_zero_point)
+    shape = (m, n)
+    out = np.empty(shape, out_dtype) if out is None else _validate.out(out, shape, out_dtype)
+    return _run(a, packed, za, zw, epi, out)
+
+
+def _activation_bounds(activation: object) -> tuple[float, float]:
+    """The clamp, in real units, of ``None``, ``"relu"``, ``"relu6"`` or ``("clip", lo, hi)``."""
+    if isinstance(activation, tuple) and len(activation) == 3 and activation[0] == "clip":
+        lo, hi = (float(v) for v in activation[1:])
+        if not lo < hi:
+            raise ValueError(f"activation: a clip needs lo < hi, got {activation!r}")
+        return lo, hi
+    if not isinstance(activation, (str, type(None))) or activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {list(ACTIVATIONS)} or ('clip', lo, hi), got {activation!r}")
+    return ACTIVATIONS[activation]
+
+
+def fused_epilogue(n: int, a_scale: object, w_scale: object, bias: object, activation: str | None, out_dtype: object,
+                   out_scale: object, out_zero_point: object) -> tuple[Epilogue, np.dtype]:
+    """Check the quantization arguments of a fused layer over ``n`` output channels; return its epilogue.
+
+    The arguments are those of :func:`linear_int8` (and ``kernels.qlinear_conv2d``);
+    the result says how ``kernels.epilogue`` turns the exact accumulators into
+    ``out_dtype`` values.
+    """
+    bounds = _activation_bounds(activation)
     out_dtype = np.dtype(out_dtype)
     if out_dtype not in OUT_DTYPES:
         raise TypeError(f"out_dtype: expected one of {', '.join(map(str, OUT_DTYPES))}, got {out_dtype}")
@@ -272,12 +281,10 @@ def linear_int8(a: np.ndarray, w: np.ndarray | PackedInt8, *, a_scale: float, a_
             shift = b.astype(np.float64) / unit
         else:
             raise TypeError(f"bias: expected float (real units) or int32 (accumulator units), got {b.dtype}")
-    lo, hi = (bound / unit for bound in ACTIVATIONS[activation])
+    lo, hi = (bound / unit for bound in bounds)
     if quantized:
         q = qtype_of(out_dtype)
-        epi = _Epilogue(epilogue.QUANT, col_bias, mult, shift, lo, hi, float(zp), float(q.qmin), float(q.qmax))
+        epi = Epilogue(epilogue.QUANT, col_bias, mult, shift, lo, hi, float(zp), float(q.qmin), float(q.qmax))
     else:
-        epi = _Epilogue(epilogue.REAL, col_bias, mult, shift, lo, hi)
-    shape = (m, n)
-    out = np.empty(shape, out_dtype) if out is None else _validate.out(out, shape, out_dtype)
-    return _run(a, packed, za, zw, epi, out)
+        epi = Epilogue(epilogue.REAL, col_bias, mult, shift, lo, hi)
+    return epi, out_dtype

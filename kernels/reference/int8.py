@@ -30,7 +30,7 @@ def finish_ref(acc, *, a_scale, w_scale, bias=None, activation=None, out_dtype=n
     ``t = acc * m + shift`` in float64 where ``m = a_scale * w_scale [/ out_scale]``
     is formed in the scales' dtype and ``shift = bias [/ out_scale]`` (a float bias;
     an int32 bias is added to ``acc``); the activation clips ``t`` (relu: at 0;
-    relu6: also at 6 [/ out_scale]); a float output is ``float32(t)``, an integer
+    relu6: also at 6; ("clip", lo, hi): to [lo, hi]; all [/ out_scale]); a float output is ``float32(t)``, an integer
     one ``clip(rint(t + out_zero_point))``.
     """
     n = acc.shape[1]
@@ -49,10 +49,9 @@ def finish_ref(acc, *, a_scale, w_scale, bias=None, activation=None, out_dtype=n
         else:
             shift = bias.astype(np.float64) / unit
     t = acc.astype(np.float64) * mult + shift
-    if activation in ("relu", "relu6"):
-        t = np.maximum(t, 0.0)
-    if activation == "relu6":
-        t = np.minimum(t, 6.0 / unit)
+    named = {None: (-np.inf, np.inf), "relu": (0.0, np.inf), "relu6": (0.0, 6.0)}
+    lo, hi = activation[1:] if isinstance(activation, tuple) else named[activation]
+    t = np.minimum(np.maximum(t, lo / unit), hi / unit)
     if not quantized:
         return t.astype(np.float32)
     info = np.iinfo(out_dtype)

@@ -73,7 +73,7 @@ def test_gemm_bound_shrinks_with_zero_points():
 
 
 @pytest.mark.parametrize("kw,error,match", [
-    (dict(activation="gelu"), ValueError, r"activation: expected one of \[None, 'relu', 'relu6'\], got 'gelu'"),
+    (dict(activation="gelu"), ValueError, r"activation: expected one of .* got 'gelu'"),
     (dict(out_dtype=np.int32), TypeError, "out_dtype: expected one of float32, uint8, int8, got int32"),
     (dict(out_dtype=np.uint8), ValueError, "out_scale: required for out_dtype uint8"),
     (dict(out_scale=0.5), ValueError, "out_scale, out_zero_point: only for integer out_dtype"),
