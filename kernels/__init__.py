@@ -11,12 +11,19 @@ import numba
 import numpy as np
 
 from kernels import cpu
+from kernels.conv.binary import conv2d_binary
+from kernels.conv.int4 import PackedConvInt4, conv2d_int4, pack_conv_int4
+from kernels.conv.int8 import (ConvPlan, PackedConvInt8, conv2d_int8, conv2d_int8_plan, pack_conv_int8,
+                               qlinear_conv2d, qlinear_conv2d_plan)
+from kernels.conv.layout import nchw_to_nhwc, nhwc_to_nchw
+from kernels.conv.pool import avg_pool2d, global_avg_pool2d, max_pool2d, max_pool2d_bits
 from kernels.gemm.binary import gemm_binary, gemm_binary_int8, gemm_binary_to_bits
 from kernels.gemm.codebook import gemm_codebook
 from kernels.gemm.int4 import gemm_int4
 from kernels.gemm.int8 import gemm_int8, linear_int8, max_k_int32
 from kernels.gemm.ternary import gemm_ternary
 from kernels.pack.bits import pack_bits, unpack_bits
+from kernels.pack.conv_binary import PackedConvBinary, pack_conv_binary
 from kernels.pack.codebook import PackedCodebook, pack_codebook, pack_codebook_weights
 from kernels.pack.int4 import PackedInt4, pack_int4, pack_int4_codes
 from kernels.pack.panels import PackedInt8, pack_int8
@@ -24,10 +31,19 @@ from kernels.pack.ternary import PackedTernary, pack_ternary, pack_ternary_codes
 from kernels.threads import get_num_threads, set_num_threads
 
 __all__ = [
+    "ConvPlan",
     "PackedCodebook",
+    "PackedConvBinary",
+    "PackedConvInt4",
+    "PackedConvInt8",
     "PackedInt4",
     "PackedInt8",
     "PackedTernary",
+    "avg_pool2d",
+    "conv2d_binary",
+    "conv2d_int4",
+    "conv2d_int8",
+    "conv2d_int8_plan",
     "cpu_info",
     "gemm_binary",
     "gemm_binary_int8",
@@ -37,16 +53,26 @@ __all__ = [
     "gemm_int8",
     "gemm_ternary",
     "get_num_threads",
+    "global_avg_pool2d",
     "linear_int8",
     "max_k_int32",
+    "max_pool2d",
+    "max_pool2d_bits",
+    "nchw_to_nhwc",
+    "nhwc_to_nchw",
     "pack_bits",
     "pack_codebook",
     "pack_codebook_weights",
+    "pack_conv_binary",
+    "pack_conv_int4",
+    "pack_conv_int8",
     "pack_int4",
     "pack_int4_codes",
     "pack_int8",
     "pack_ternary",
     "pack_ternary_codes",
+    "qlinear_conv2d",
+    "qlinear_conv2d_plan",
     "set_num_threads",
     "unpack_bits",
 ]

@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 from kernels import cpu
+from kernels.conv.int8_driver import INDIRECT_ROWS
 from kernels.gemm.binary_tiles import POPCOUNT_TILES, SIGN_TILES
 from kernels.gemm.grouped_microkernels import BASES
 from kernels.gemm.microkernels import TILES
+from kernels.gemm.popcount_lanes import LANES_TILES
 
 GEMV_MAX_ROWS = 8
 BINARY_GEMV_MAX_ROWS = 4  # up to here, prefetching the binary weights beats prefetching activations
@@ -56,8 +58,14 @@ def _grouped(op: str) -> tuple[Variant, ...]:
     return tuple(Variant(op, kind, level, accepts, BASES[kind][0]) for kind, level, accepts in rows)
 
 
+def _conv_int8(kind: str, level: cpu.Level, accepts=_any_shape) -> Variant:
+    """For "conv_int8", (M, N, K) are (output pixels, channels out per group, channels in per group)."""
+    rows = INDIRECT_ROWS if kind == "avx512-vnni-indirect" else 1
+    return Variant("conv_int8", kind, level, accepts, rows)
+
+
 def _binary(op: str, kind: str, level: cpu.Level, accepts=_any_shape) -> Variant:
-    tiles = POPCOUNT_TILES if op == "gemm_binary" else SIGN_TILES
+    tiles = {"gemm_binary": POPCOUNT_TILES, "gemm_binary_int8": SIGN_TILES, "conv_binary": LANES_TILES}[op]
     return Variant(op, kind, level, accepts, tiles[kind].rows)
 
 
@@ -68,6 +76,9 @@ VARIANTS: tuple[Variant, ...] = (
     _int8("avx512-vnni", cpu.AVX512_VNNI),
     _int8("avx2", cpu.AVX2),
     _int8("generic", cpu.GENERIC),
+    # the indirect kernel reads whole k groups of 4 channels from each tap; "im2col" runs gemm_int8's choice
+    _conv_int8("avx512-vnni-indirect", cpu.AVX512_VNNI, lambda m, n, k: k % 4 == 0),
+    _conv_int8("im2col", cpu.GENERIC),
     *_grouped("gemm_int4"),
     *_grouped("gemm_ternary"),
     *_grouped("gemm_codebook"),
@@ -76,6 +87,8 @@ VARIANTS: tuple[Variant, ...] = (
     _binary("gemm_binary", "generic", cpu.GENERIC),
     _binary("gemm_binary_int8", "avx512-vnni", cpu.AVX512_VNNI),
     _binary("gemm_binary_int8", "generic", cpu.GENERIC),
+    _binary("conv_binary", "avx512-vnni", cpu.AVX512_VNNI),
+    _binary("conv_binary", "generic", cpu.GENERIC),
 )
 
 

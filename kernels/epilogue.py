@@ -29,6 +29,7 @@ from typing import NamedTuple
 import numpy as np
 
 from kernels._jit import kernel
+from kernels.epilogue_row import finish_row, finish_row_plain
 
 INTEGER, REAL, QUANT = 0, 1, 2
 MODES = (INTEGER, REAL, QUANT)
@@ -36,7 +37,11 @@ _UNUSED = np.zeros(1)
 
 
 class Epilogue(NamedTuple):
-    """How ``kernels.epilogue`` finishes the product (see the module docstring for the formulas)."""
+    """How ``kernels.epilogue`` finishes the product (see the module docstring for the formulas).
+
+    For ``QUANT``, ``[lo, hi]`` lies within ``[qmin - zp, qmax - zp]`` (see
+    :func:`quantized_bounds`), which lets vector code skip the last clamp.
+    """
 
     mode: int
     col_bias: np.ndarray | int = 0  # int64 [N] added to the corrected sums: an int32 bias
@@ -49,14 +54,30 @@ class Epilogue(NamedTuple):
     qmax: float = 0.0
 
 
+def quantized_bounds(lo: float, hi: float, zp: float, qmin: float, qmax: float) -> tuple[float, float]:
+    """The activation clamp ``[lo, hi]`` narrowed to ``[qmin - zp, qmax - zp]``, without changing any output.
+
+    ``rint`` is monotonic and keeps integers, so ``clip(rint(clip(t, lo, hi) + zp),
+    qmin, qmax) == clip(rint(clip(t, lo2, hi2) + zp), qmin, qmax)`` with the
+    narrowed bounds; when the two ranges do not meet, every output is ``qmax``
+    (activation range above) or ``qmin`` (below), and both bounds pin to it.
+    """
+    if lo > qmax - zp:
+        return qmax - zp, qmax - zp
+    if hi < qmin - zp:
+        return qmin - zp, qmin - zp
+    return max(lo, qmin - zp), min(hi, qmax - zp)
+
+
 @kernel
 def finish_tile(v, i0, rows, c0, cols, col_term, w_zp, row_sums, row_term, mult, shift, lo, hi, zp, qmin, qmax, mode,
                 out):
     """Write ``out[i0:i0+rows, c0:c0+cols]`` from the tile ``v[:rows, :cols]`` (see module docstring).
 
-    ``mode`` is a compile-time constant in every caller, so only its loop is kept;
-    each loop is branch-free and vectorises. ``row_term`` is false when ``w_zp`` is
-    all zero, which spares the multiply.
+    ``mode`` is a compile-time constant in every caller, so only its branch is
+    kept: integer loops that vectorise, or ``kernels.epilogue_row.finish_row`` per
+    row for the float modes. ``row_term`` is false when ``w_zp`` is all zero,
+    which spares the multiply.
     """
     ct = col_term[c0 : c0 + cols]
     wz = w_zp[c0 : c0 + cols]
@@ -72,15 +93,9 @@ def finish_tile(v, i0, rows, c0, cols, col_term, w_zp, row_sums, row_term, mult,
                 for c in range(cols):
                     dst[c] = src[c] + ct[c]
             continue
-        mu = mult[c0 : c0 + cols]
-        sh = shift[c0 : c0 + cols]
-        for c in range(cols):
-            t = np.float64(src[c] + ct[c] - wz[c] * rs) * mu[c] + sh[c]
-            t = t if t > lo else lo
-            t = t if t < hi else hi
-            if mode == REAL:
-                dst[c] = t
-            else:
-                q = np.rint(t + zp)
-                q = q if q > qmin else qmin
-                dst[c] = q if q < qmax else qmax
+        if row_term:
+            finish_row(src, col_term, w_zp, np.float64(row_sums[i0 + r]), c0, cols, mult, shift, lo, hi, zp, qmin,
+                       qmax, out, i0 + r, c0)
+        else:
+            finish_row_plain(src, col_term, w_zp, 0.0, c0, cols, mult, shift, lo, hi, zp, qmin, qmax, out, i0 + r,
+                             c0)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kernels._jit import kernel
+from kernels.conv.layout import nchw_to_nhwc, nhwc_to_nchw
 
 LAYOUTS = ("NCHW", "NHWC")
 PAD_MODES = ("valid", "same", "same_upper", "same_lower")
@@ -101,7 +102,7 @@ class ConvGeometry:
                 self.dilation_h, self.dilation_w, self.pad_top, self.pad_left, self.out_h, self.out_w)
 
 
-def _pair(name: str, value: object, minimum: int) -> tuple[int, int]:
+def pair(name: str, value: object, minimum: int) -> tuple[int, int]:
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         value = (value, value)
     if (not isinstance(value, (tuple, list)) or len(value) != 2
@@ -138,7 +139,7 @@ def resolve_pads(pads: object, in_hw: tuple[int, int], kernel_hw: tuple[int, int
         if min(pads) < 0:
             raise ValueError(f"pads: expected values >= 0, got {tuple(pads)}")
         return tuple(int(p) for p in pads)
-    ph, pw = _pair("pads", pads, 0)
+    ph, pw = pair("pads", pads, 0)
     return (ph, pw, ph, pw)
 
 
@@ -175,8 +176,8 @@ def conv_geometry(x_shape_nhwc: tuple[int, ...], kernel_hw: tuple[int, int], in_
     if min(batch, in_h, in_w, channels, out_channels, kh, kw) < 1:
         raise ValueError(f"{x_name}, {w_name}: expected non-empty arrays, got activation shape (N, H, W, C) = "
                          f"{tuple(x_shape_nhwc)} and kernel {kh}x{kw} with {out_channels} filters")
-    sh, sw = _pair("strides", strides, 1)
-    dh, dw = _pair("dilations", dilations, 1)
+    sh, sw = pair("strides", strides, 1)
+    dh, dw = pair("dilations", dilations, 1)
     top, left, bottom, right = resolve_pads(pads, (in_h, in_w), (kh, kw), (sh, sw), (dh, dw))
     out_h = _out_size(in_h, top, bottom, kh, sh, dh, ceil_mode)
     out_w = _out_size(in_w, left, right, kw, sw, dw, ceil_mode)
@@ -202,12 +203,12 @@ def to_nhwc(name: str, x: object, dtypes: tuple, layout: str) -> np.ndarray:
         raise TypeError(f"{name}: expected dtype {' or '.join(str(np.dtype(d)) for d in dtypes)}, got {x.dtype}")
     if x.ndim != 4:
         raise ValueError(f"{name}: expected a 4-D {layout} array, got shape {x.shape}")
-    return np.ascontiguousarray(x.transpose(0, 2, 3, 1) if layout == "NCHW" else x)
+    return nchw_to_nhwc(x) if layout == "NCHW" else np.ascontiguousarray(x)
 
 
-def from_nhwc(y: np.ndarray, layout: str) -> np.ndarray:
-    """An NHWC result in the caller's layout (NCHW: one transposing copy)."""
-    return np.ascontiguousarray(y.transpose(0, 3, 1, 2)) if layout == "NCHW" else y
+def from_nhwc(y: np.ndarray, layout: str, out: np.ndarray | None = None) -> np.ndarray:
+    """An NHWC result in the caller's layout (NCHW: one transposing copy, into ``out`` if given)."""
+    return nhwc_to_nchw(y, out) if layout == "NCHW" else y
 
 
 @kernel

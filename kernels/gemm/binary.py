@@ -145,7 +145,7 @@ def gemm_binary(a_bits: np.ndarray, b_bits: np.ndarray, k: int, *, multiplier=No
     return _popcount(a, b, k, REAL, mult, shift, _NO_THRESHOLDS, out)
 
 
-def _thresholds(value: object, n: int, k: int) -> np.ndarray:
+def check_thresholds(value: object, n: int, k: int) -> np.ndarray:
     """Per-channel thresholds as int64: ``dot < t`` iff ``dot < ceil(t)`` for integer ``dot`` in [-k, k]."""
     t = np.asarray(value)
     if t.dtype.kind not in "iuf":
@@ -174,7 +174,7 @@ def gemm_binary_to_bits(a_bits: np.ndarray, b_bits: np.ndarray, k: int, threshol
     """
     a, b, k = _operands(a_bits, b_bits, k)
     m, n = a.shape[0], b.shape[0]
-    thr = _thresholds(thresholds, n, k)
+    thr = check_thresholds(thresholds, n, k)
     shape = (m, word_count(n))
     out = np.zeros(shape, np.uint64) if out is None else _validate.out(out, shape, np.dtype(np.uint64))
     out[...] = 0

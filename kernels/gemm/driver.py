@@ -20,7 +20,7 @@ import numpy as np
 
 from kernels._jit import kernel
 from kernels.epilogue import INTEGER, MODES, finish_tile
-from kernels.gemm.microkernels import TILES, microkernel, microkernel_store
+from kernels.gemm.microkernels import TILES, microkernel, microkernel_finish, microkernel_store
 from kernels.pack.panels import KGROUP, PANEL
 
 K_CHUNK = 65792  # largest multiple of KGROUP with K_CHUNK * 255 * 128 < 2**31
@@ -32,22 +32,25 @@ def _make_driver(kind: str, mode: int):
 
     @kernel
     def gemm_tiles(a, lda, n, b, kq, p0, p1, i0, i1,
-                   col_term, col_term32, w_zp, row_sums, row_term, mult, shift, lo, hi, zp, qmin, qmax, out):
+                   col_term, col_term32, w_zp, row_sums, row_term, fused, mult, shift, lo, hi, zp, qmin, qmax, out):
         """Compute output panels ``p0..p1``, rows ``i0..i1`` with micro-kernel ``kind``, epilogue ``mode``.
 
         a    : uint8 [M * lda] flattened activations, lda % 4 == 0, zero-padded past K
         b    : int8 panel data of ``kernels.pack.panels`` with ``kq`` k groups
         out  : [M, n] C-contiguous, int32, float32, uint8 or int8 (see ``kernels.epilogue``)
-        col_term32 : int32 [panels * 64], ``col_term`` wrapped to int32 and zero-padded;
-                     integer outputs without weight zero points are finished by the
-                     micro-kernel from it, straight from the registers
+        col_term32 : int32 [panels * 64], ``col_term`` wrapped to int32 and zero-padded
+        fused : whether the micro-kernel finishes each tile from its registers with
+                ``col_term32`` (``microkernel_store`` / ``microkernel_finish``): the
+                caller checked there is no row term and, for the float modes, that
+                every exact result fits int32; ``mult`` and ``shift`` are then padded
+                to ``panels * 64`` too
         Other arguments are those of ``kernels.epilogue.finish_tile``.
         """
         tile = np.empty((rows, PANEL), np.int32)
         chunk = K_CHUNK // KGROUP
         long_k = kq > chunk
         wide = np.empty((rows if long_k else 0, PANEL), np.int64)
-        fused = mode == INTEGER and not row_term and not long_k
+        fused = fused and not long_k
         flat_out = out.reshape(-1)
         for p in range(p0, p1):
             b_panel = p * kq * PANEL * KGROUP
@@ -56,8 +59,12 @@ def _make_driver(kind: str, mode: int):
             for i in range(i0, i1, rows):
                 m = min(rows, i1 - i)
                 if fused:
-                    microkernel_store(kind, a, i * lda, lda, m, b, b_panel, kq, col_term32, col0, cols,
-                                      flat_out, i * n + col0, n)
+                    if mode == INTEGER:  # a compile-time constant: each driver types one of the two
+                        microkernel_store(kind, a, i * lda, lda, m, b, b_panel, kq, col_term32, col0, cols,
+                                          flat_out, i * n + col0, n)
+                    else:
+                        microkernel_finish(kind, a, i * lda, lda, m, b, b_panel, kq, col_term32, mult, shift, lo, hi,
+                                           zp, qmin, qmax, col0, cols, flat_out, i * n + col0, n)
                     continue
                 if not long_k:
                     microkernel(kind, a, i * lda, lda, m, b, b_panel, kq, tile)

@@ -57,11 +57,11 @@ def _weights(w: object, name: str) -> PackedInt8:
     return pack_int8(_validate.array(name, w, (np.int8,), 2))
 
 
-def _zero_point(name: str, value: object, dtype: np.dtype, n: int | None = None):
+def check_zero_point(name: str, value: object, dtype: np.dtype, n: int | None = None):
     """A zero point in the range of ``dtype``: an int, or with ``n`` an int64 ``[n]`` per-channel array."""
     q = qtype_of(dtype)
-    if isinstance(value, int) and q.qmin <= value <= q.qmax:  # the common case, without NumPy
-        return np.full(n, value, np.int64) if n else value
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and q.qmin <= value <= q.qmax:
+        return np.full(n, value, np.int64) if n else int(value)  # the common case, without NumPy checks
     if n is None and np.size(value) != 1:
         raise ValueError(f"{name}: expected a scalar, got shape {np.shape(value)}")
     v = _validate.per_channel(name, value, n or 1, np.int64)
@@ -69,7 +69,13 @@ def _zero_point(name: str, value: object, dtype: np.dtype, n: int | None = None)
     return v if n else int(v[0])
 
 
-def _run(a: np.ndarray, packed: PackedInt8, a_zero_point: int, w_zp: np.ndarray, epi: Epilogue,
+def fits_int32(k: int, za: int, col_bias: np.ndarray | int) -> bool:
+    """Whether every exact result ``sum_k (a - za) w + col_bias`` of uint8 ``a`` and int8 ``w`` fits int32."""
+    bias = int(np.abs(col_bias).max()) if np.ndim(col_bias) else abs(col_bias)
+    return k * max(za, 255 - za) * 128 + bias <= INT32_MAX
+
+
+def run_product(a: np.ndarray, packed: PackedInt8, a_zero_point: int, w_zp: np.ndarray, epi: Epilogue,
          out: np.ndarray) -> np.ndarray:
     """Shared tail of both products: prepare activations, choose, split, run."""
     m, k = a.shape
@@ -85,13 +91,13 @@ def _run(a: np.ndarray, packed: PackedInt8, a_zero_point: int, w_zp: np.ndarray,
     variant = dispatch.choose("gemm_int8", m, n, k)
     driver = DRIVERS[variant.kind, epi.mode]
     panels = packed.n_panels
-    col_term32 = np.zeros(panels * PANEL if epi.mode == epilogue.INTEGER else 0, np.int32)
-    if epi.mode == epilogue.INTEGER:
-        col_term32[:n] = col_term  # wraps modulo 2**32, as the int32 sums do
+    fused = not row_term and (epi.mode == epilogue.INTEGER or fits_int32(k, za, epi.col_bias))
+    col_term32 = np.zeros(panels * PANEL, np.int32)
+    col_term32[:n] = col_term  # wraps modulo 2**32, as the int32 sums do
 
     def run(p0: int, p1: int, i0: int, i1: int) -> None:
         driver(a_u8, lda, n, packed.data, packed.k_groups, p0, p1, i0, i1,
-               col_term, col_term32, w_zp, row_sums, row_term, epi.mult, epi.shift, epi.lo, epi.hi, epi.zp,
+               col_term, col_term32, w_zp, row_sums, row_term, fused, epi.mult, epi.shift, epi.lo, epi.hi, epi.zp,
                epi.qmin, epi.qmax, out)
 
     # single-thread time from compute (~400 GOPS) and weight streaming (~20 GB/s), measured here
@@ -139,8 +145,8 @@ def gemm_int8(a: np.ndarray, b: np.ndarray | PackedInt8, *, a_zero_point: int = 
     m, k = a.shape
     if k != packed.k:
         raise ValueError(f"a: expected K = {packed.k} columns to match b of shape {packed.shape}, got shape {a.shape}")
-    za = _zero_point("a_zero_point", a_zero_point, a.dtype)
-    zb = _zero_point("b_zero_point", b_zero_point, np.dtype(np.int8), packed.n)
+    za = check_zero_point("a_zero_point", a_zero_point, a.dtype)
+    zb = check_zero_point("b_zero_point", b_zero_point, np.dtype(np.int8), packed.n)
     if k > MIN_K_LIMIT and k > (limit := max_k_int32(a.dtype, za, zb)):
         raise ValueError(
             f"a: K = {k} exceeds {limit}, the longest K for which the int32 result of {a.dtype} x int8 with "
@@ -148,10 +154,13 @@ def gemm_int8(a: np.ndarray, b: np.ndarray | PackedInt8, *, a_zero_point: int = 
         )
     shape = (m, packed.n)
     out = np.empty(shape, np.int32) if out is None else _validate.out(out, shape, np.dtype(np.int32))
-    return _run(a, packed, za, zb, Epilogue(epilogue.INTEGER), out)
+    return run_product(a, packed, za, zb, Epilogue(epilogue.INTEGER), out)
 
 
-def _positive(name: str, value: object, n: int) -> np.ndarray:
+def _positive(name: str, value: object, n: int) -> np.ndarray | float | np.floating:
+    """A positive finite scale: a float scalar (kept in its own dtype) or a ``[n]`` array."""
+    if isinstance(value, (float, np.floating)) and math.isfinite(value) and value > 0:
+        return value  # the common case, without NumPy calls
     v = np.asarray(value)
     if v.dtype.kind != "f" and v.dtype.kind not in "iu":
         raise TypeError(f"{name}: expected a float scalar or [{n}] array, got dtype {v.dtype}")
@@ -215,14 +224,14 @@ def linear_int8(a: np.ndarray, w: np.ndarray | PackedInt8, *, a_scale: float, a_
     n = packed.n
     if k != packed.k:
         raise ValueError(f"a: expected K = {packed.k} columns to match w of shape {packed.shape}, got shape {a.shape}")
-    za = _zero_point("a_zero_point", a_zero_point, a.dtype)
-    zw = _zero_point("w_zero_point", w_zero_point, w_dtype, n)
+    za = check_zero_point("a_zero_point", a_zero_point, a.dtype)
+    zw = check_zero_point("w_zero_point", w_zero_point, w_dtype, n)
     if w_dtype == np.uint8:
         zw = zw - 128
     epi, out_dtype = fused_epilogue(n, a_scale, w_scale, bias, activation, out_dtype, out_scale, out_zero_point)
     shape = (m, n)
     out = np.empty(shape, out_dtype) if out is None else _validate.out(out, shape, out_dtype)
-    return _run(a, packed, za, zw, epi, out)
+    return run_product(a, packed, za, zw, epi, out)
 
 
 def _activation_bounds(activation: object) -> tuple[float, float]:
@@ -238,39 +247,44 @@ def _activation_bounds(activation: object) -> tuple[float, float]:
 
 
 def fused_epilogue(n: int, a_scale: object, w_scale: object, bias: object, activation: str | None, out_dtype: object,
-                   out_scale: object, out_zero_point: object) -> tuple[Epilogue, np.dtype]:
+                   out_scale: object, out_zero_point: object,
+                   names: tuple[str, str, str] = ("a_scale", "out_scale", "out_zero_point")) -> tuple[Epilogue, np.dtype]:
     """Check the quantization arguments of a fused layer over ``n`` output channels; return its epilogue.
 
-    The arguments are those of :func:`linear_int8` (and ``kernels.qlinear_conv2d``);
-    the result says how ``kernels.epilogue`` turns the exact accumulators into
+    The arguments are those of :func:`linear_int8`; ``names`` are what the caller
+    calls ``a_scale``, ``out_scale`` and ``out_zero_point`` in its errors (for
+    ``kernels.qlinear_conv2d``: ``x_scale``, ``y_scale``, ``y_zero_point``). The
+    result says how ``kernels.epilogue`` turns the exact accumulators into
     ``out_dtype`` values.
     """
+    a_name, out_name, zp_name = names
     bounds = _activation_bounds(activation)
     out_dtype = np.dtype(out_dtype)
     if out_dtype not in OUT_DTYPES:
         raise TypeError(f"out_dtype: expected one of {', '.join(map(str, OUT_DTYPES))}, got {out_dtype}")
 
-    s_a = _positive("a_scale", a_scale, n)
+    s_a = _positive(a_name, a_scale, n)
     s_w = _positive("w_scale", w_scale, n)
-    if s_a.ndim:
-        raise ValueError(f"a_scale: expected a scalar, got shape {s_a.shape}")
+    if np.ndim(s_a):
+        raise ValueError(f"{a_name}: expected a scalar, got shape {s_a.shape}")
     quantized = out_dtype != np.float32
     if quantized:
         if out_scale is None:
-            raise ValueError(f"out_scale: required for out_dtype {out_dtype}")
-        s_out = _positive("out_scale", out_scale, n)
-        if s_out.ndim:
-            raise ValueError(f"out_scale: expected a scalar, got shape {s_out.shape}")
-        zp = _zero_point("out_zero_point", 0 if out_zero_point is None else out_zero_point, out_dtype)
+            raise ValueError(f"{out_name}: required for out_dtype {out_dtype}")
+        s_out = _positive(out_name, out_scale, n)
+        if np.ndim(s_out):
+            raise ValueError(f"{out_name}: expected a scalar, got shape {s_out.shape}")
+        zp = check_zero_point(zp_name, 0 if out_zero_point is None else out_zero_point, out_dtype)
         mult = s_a * s_w / s_out
         unit = float(s_out)
     else:
         if out_scale is not None or out_zero_point is not None:
-            raise ValueError("out_scale, out_zero_point: only for integer out_dtype (uint8 or int8)")
+            raise ValueError(f"{out_name}, {zp_name}: only for integer out_dtype (uint8 or int8)")
         zp, mult, unit = 0, s_a * s_w, 1.0
-    mult = np.ascontiguousarray(np.broadcast_to(np.asarray(mult, np.float64), (n,)))
+    padded = -(-n // PANEL) * PANEL  # the fused micro-kernels load whole panels
+    mult = np.concatenate([np.broadcast_to(np.asarray(mult, np.float64), (n,)), np.zeros(padded - n)])
 
-    col_bias, shift = 0, np.zeros(n, np.float64)
+    col_bias, shift = 0, np.zeros(padded, np.float64)
     if bias is not None:
         b = np.asarray(bias)
         if b.shape != (n,):
@@ -278,12 +292,13 @@ def fused_epilogue(n: int, a_scale: object, w_scale: object, bias: object, activ
         if b.dtype == np.int32:
             col_bias = b.astype(np.int64)
         elif b.dtype.kind == "f":
-            shift = b.astype(np.float64) / unit
+            shift[:n] = b.astype(np.float64) / unit
         else:
             raise TypeError(f"bias: expected float (real units) or int32 (accumulator units), got {b.dtype}")
     lo, hi = (bound / unit for bound in bounds)
     if quantized:
         q = qtype_of(out_dtype)
+        lo, hi = epilogue.quantized_bounds(lo, hi, float(zp), float(q.qmin), float(q.qmax))
         epi = Epilogue(epilogue.QUANT, col_bias, mult, shift, lo, hi, float(zp), float(q.qmin), float(q.qmax))
     else:
         epi = Epilogue(epilogue.REAL, col_bias, mult, shift, lo, hi)

@@ -15,6 +15,7 @@ from numba import types
 from numba.extending import intrinsic
 
 I1, I8, I16, I32, I64 = (ir.IntType(bits) for bits in (1, 8, 16, 32, 64))
+F32, F64 = ir.FloatType(), ir.DoubleType()
 
 
 def declare(builder: ir.IRBuilder, name: str, fnty: ir.FunctionType) -> ir.Function:
@@ -54,13 +55,14 @@ def prefetch(builder: ir.IRBuilder, address: ir.Value) -> None:
 
 
 def emit_loop(builder: ir.IRBuilder, count: ir.Value, vtype: ir.VectorType, accumulators: int,
-              body: Callable[[ir.Value, list[ir.Value]], list[ir.Value]]) -> list[ir.Value]:
+              body: Callable[[ir.Value, list[ir.Value]], list[ir.Value]],
+              init: list[ir.Value] | None = None) -> list[ir.Value]:
     """Emit ``for q in range(count)`` carrying ``accumulators`` values of ``vtype`` in registers.
 
-    They start at zero; ``body(q, accs)`` emits one iteration and returns their new
-    values. Returns the final values (still zero when ``count <= 0``).
+    They start at ``init`` (default zero); ``body(q, accs)`` emits one iteration and
+    returns their new values. Returns the final values (``init`` when ``count <= 0``).
     """
-    zero = ir.Constant(vtype, None)
+    starts = init or [ir.Constant(vtype, None)] * accumulators
     entry = builder.block
     loop = builder.append_basic_block("kernel.loop")
     done = builder.append_basic_block("kernel.done")
@@ -74,15 +76,15 @@ def emit_loop(builder: ir.IRBuilder, count: ir.Value, vtype: ir.VectorType, accu
     body_end = builder.block
     q.add_incoming(ir.Constant(I64, 0), entry)
     q.add_incoming(q_next, body_end)
-    for acc, new in zip(accs, updated):
-        acc.add_incoming(zero, entry)
+    for acc, start, new in zip(accs, starts, updated):
+        acc.add_incoming(start, entry)
         acc.add_incoming(new, body_end)
     builder.cbranch(builder.icmp_signed("<", q_next, count), loop, done)
 
     builder.position_at_end(done)
     results = [builder.phi(vtype) for _ in updated]  # phis must open the block
-    for result, new in zip(results, updated):
-        result.add_incoming(zero, entry)
+    for result, start, new in zip(results, starts, updated):
+        result.add_incoming(start, entry)
         result.add_incoming(new, body_end)
     return results
 
@@ -125,3 +127,15 @@ def tile_intrinsic(emit: Callable) -> Callable:
         return types.void(a, a_off, lda, m, b, b_off, kq, acc), codegen
 
     return tile
+
+
+def with_arity(typer: Callable, arity: int) -> Callable:
+    """``typer(typingctx, *args)`` as a function of exactly ``arity`` named arguments.
+
+    Numba's ``@intrinsic`` needs a fixed signature: this lets one typer serve
+    intrinsics whose argument lists are assembled from parts.
+    """
+    names = ", ".join(f"a{i}" for i in range(arity))
+    namespace = {"typer": typer}
+    exec(f"def fixed(typingctx, {names}):\n    return typer(typingctx, {names})", namespace)
+    return namespace["fixed"]

@@ -55,11 +55,12 @@ def tile_portable(a, a_off, lda, m, b, b_off, kq, acc):
 
 
 class Tile(NamedTuple):
-    """One micro-kernel: its height, its ``tile`` and, if it has one, its own ``tile_store``."""
+    """One micro-kernel: its height, its ``tile`` and, if it has them, its own ``tile_store`` and ``tile_finish``."""
 
     rows: int
     tile: Callable
     tile_store: Callable | None = None  # None: run ``tile``, then add and store in plain code
+    tile_finish: Callable | None = None  # None: run ``tile``, then rescale and store in plain code
 
 
 # kind -> Tile; drivers step rows by the height. Prefetch distances are the measured
@@ -69,8 +70,9 @@ class Tile(NamedTuple):
 TILES = {
     "generic": Tile(4, tile_portable),
     "avx2": Tile(2, avx2.make_tile(2)),
-    "avx512-vnni": Tile(6, vnni.make_tile(6, 1024), vnni.make_tile_store(6, 1024)),
-    "avx512-vnni-gemv": Tile(4, vnni.make_tile(4, 4096), vnni.make_tile_store(4, 4096)),
+    "avx512-vnni": Tile(6, vnni.make_tile(6, 1024), vnni.make_tile_store(6, 1024), vnni.make_tile_finish(6, 1024)),
+    "avx512-vnni-gemv": Tile(4, vnni.make_tile(4, 4096), vnni.make_tile_store(4, 4096),
+                             vnni.make_tile_finish(4, 4096)),
 }
 
 
@@ -119,3 +121,52 @@ def _select_store(kind, a, a_off, lda, m, b, b_off, kq, col_term, c0, cols, out,
                 out[base + c] = acc[r, c] + col_term[c0 + c]
 
     return run_then_store
+
+
+def microkernel_finish(kind, a, a_off, lda, m, b, b_off, kq, col_term, mult, shift, lo, hi, zp, qmin, qmax, c0, cols,
+                       out, o_off, ldo):
+    """Compute one tile and write it rescaled (float32 ``out``) or requantized (int8 / uint8 ``out``).
+
+    The ``REAL`` / ``QUANT`` epilogue of ``kernels.epilogue`` for outputs without a
+    row term whose exact value fits int32 (``col_term`` is int32); see
+    ``kernels.gemm.vnni.make_tile_finish`` for the formulas (jitted code only).
+    """
+    raise NotImplementedError("microkernel_finish() is only callable from compiled kernels")
+
+
+@overload(microkernel_finish)
+def _select_finish(kind, a, a_off, lda, m, b, b_off, kq, col_term, mult, shift, lo, hi, zp, qmin, qmax, c0, cols,
+                   out, o_off, ldo):
+    if not isinstance(kind, types.StringLiteral):
+        return None
+    spec = TILES[kind.literal_value]
+    if spec.tile_finish is not None:
+        tile_finish = spec.tile_finish
+
+        def run(kind, a, a_off, lda, m, b, b_off, kq, col_term, mult, shift, lo, hi, zp, qmin, qmax, c0, cols, out,
+                o_off, ldo):
+            tile_finish(a, a_off, lda, m, b, b_off, kq, col_term, mult, shift, lo, hi, zp, qmin, qmax, c0, cols, out,
+                        o_off, ldo)
+
+        return run
+    rows, tile = spec.rows, spec.tile
+    quantize = out.dtype != types.float32
+
+    def run_then_finish(kind, a, a_off, lda, m, b, b_off, kq, col_term, mult, shift, lo, hi, zp, qmin, qmax, c0, cols,
+                        out, o_off, ldo):
+        acc = np.empty((rows, 64), np.int32)
+        tile(a, a_off, lda, m, b, b_off, kq, acc)
+        for r in range(m):
+            base = o_off + r * ldo
+            for c in range(cols):
+                t = np.float64(acc[r, c] + col_term[c0 + c]) * mult[c0 + c] + shift[c0 + c]
+                t = t if t > lo else lo
+                t = t if t < hi else hi
+                if quantize:
+                    q = np.rint(t + zp)
+                    q = q if q > qmin else qmin
+                    out[base + c] = q if q < qmax else qmax
+                else:
+                    out[base + c] = t
+
+    return run_then_finish

@@ -17,16 +17,18 @@ without it aborts the process.
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import llvmlite.binding as llvm
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from kernels.gemm.llvm_ir import (I1, I8, I32, I64, array_ptr, clamped_rows, declare, emit_loop, is_array,
-                                  load_vector, prefetch, splat, tile_intrinsic)
+from kernels.gemm.llvm_ir import (F32, F64, I1, I8, I32, I64, array_ptr, clamped_rows, declare, emit_loop, is_array,
+                                  load_vector, prefetch, splat, with_arity)
 
 V16I32 = ir.VectorType(I32, 16)
+V8F64 = ir.VectorType(F64, 8)
 V64I8 = ir.VectorType(I8, 64)
 VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
 VECTORS = 4  # 512-bit vectors per row: one 64-channel panel
@@ -49,12 +51,11 @@ def declare_vpdpbusd(builder: ir.IRBuilder) -> ir.Function:
     return declare(builder, VPDPBUSD, ir.FunctionType(V16I32, [V16I32, byte, byte]))
 
 
-def _emit_dot(builder, a_ptr, a_off, lda, m, b_ptr, b_off, kq, rows: int, distance: int) -> list[ir.Value]:
-    """Emit the K loop of a tile; returns the ``rows * VECTORS`` accumulators, row-major."""
+def _k_loop(builder, row_ptrs: list[ir.Value], b_base: ir.Value, kq: ir.Value, distance: int,
+            init: list[ir.Value] | None = None) -> list[ir.Value]:
+    """Emit ``kq`` k groups of a tile over the given activation rows; returns the accumulators, row-major."""
     dot = declare_vpdpbusd(builder)
     byte = dot.function_type.args[1]
-    row_ptrs = clamped_rows(builder, a_ptr, a_off, lda, m, rows)
-    b_base = builder.gep(b_ptr, [b_off])
 
     def k_group(q, accs):
         group = builder.gep(b_base, [builder.mul(q, ir.Constant(I64, 64 * VECTORS))])
@@ -64,75 +65,228 @@ def _emit_dot(builder, a_ptr, a_off, lda, m, b_ptr, b_off, kq, rows: int, distan
                 prefetch(builder, builder.gep(group, [ir.Constant(I64, distance + 64 * line)]))
         a_step = builder.mul(q, ir.Constant(I64, 4))
         updated = []
-        for r in range(rows):
-            word = builder.load(builder.bitcast(builder.gep(row_ptrs[r], [a_step]), I32.as_pointer()), align=1)
+        for r, row in enumerate(row_ptrs):
+            word = builder.load(builder.bitcast(builder.gep(row, [a_step]), I32.as_pointer()), align=1)
             a_vec = builder.bitcast(splat(builder, word, V16I32), byte)
             updated += [builder.call(dot, [accs[r * VECTORS + j], a_vec, w_vecs[j]]) for j in range(VECTORS)]
         return updated
 
-    return emit_loop(builder, kq, V16I32, rows * VECTORS, k_group)
+    return emit_loop(builder, kq, V16I32, len(row_ptrs) * VECTORS, k_group, init)
 
 
-def make_tile(rows: int, prefetch_distance: int = 0):
-    """A ``rows x 64`` VNNI tile intrinsic: ``tile`` of ``kernels.gemm.microkernels``.
+class _Rows:
+    """Activations as rows of a matrix: ``(a, a_off, lda, m, b, b_off, kq)``, row r at ``a[a_off + r lda]``."""
 
-    ``tile(a, a_off, lda, m, b, b_off, kq, acc)``. Rows ``m..rows-1`` repeat row
-    ``m - 1`` and are stored to ``acc`` too; callers use only the first ``m``. With
-    ``prefetch_distance`` > 0 each k group also prefetches the weights that many
-    bytes ahead into L1: they stream from L2 (GEMM: a 64 x K panel is larger than
-    L1) or from L3 / DRAM (GEMV).
+    arity = 7
+
+    @staticmethod
+    def accepts(tys) -> bool:
+        return is_array(tys[0], types.uint8, 1) and is_array(tys[4], types.int8, 1)
+
+    @staticmethod
+    def emit(context, builder, tys, args, rows: int, distance: int) -> tuple[list[ir.Value], ir.Value]:
+        a, a_off, lda, m, b, b_off, kq = args
+        row_ptrs = clamped_rows(builder, array_ptr(context, builder, tys[0], a, I8), a_off, lda, m, rows)
+        b_base = builder.gep(array_ptr(context, builder, tys[4], b, I8), [b_off])
+        return _k_loop(builder, row_ptrs, b_base, kq, distance), m
+
+
+class _Indirect:
+    """Activations gathered through an indirection table: ``(a, pad, ind, ind_off, taps, m, b, b_off, cq)``.
+
+    The K dimension is ``taps`` runs of ``4 cq`` bytes: run ``t`` of row ``r``
+    starts at ``a[ind[ind_off + r taps + t]]``, or at ``pad`` when that entry is
+    negative (a convolution's border), and meets k groups ``t cq .. (t + 1) cq``
+    of the weights. No im2col matrix is ever written.
     """
 
-    def emit(builder, a_ptr, a_off, lda, m, b_ptr, b_off, kq, c_ptr):
-        results = _emit_dot(builder, a_ptr, a_off, lda, m, b_ptr, b_off, kq, rows, prefetch_distance)
+    arity = 9
+
+    @staticmethod
+    def accepts(tys) -> bool:
+        return (is_array(tys[0], types.uint8, 1) and is_array(tys[1], types.uint8, 1)
+                and is_array(tys[2], types.int64, 1) and is_array(tys[6], types.int8, 1))
+
+    @staticmethod
+    def emit(context, builder, tys, args, rows: int, distance: int) -> tuple[list[ir.Value], ir.Value]:
+        a, pad, ind, ind_off, taps, m, b, b_off, cq = args
+        a_ptr = array_ptr(context, builder, tys[0], a, I8)
+        pad_ptr = array_ptr(context, builder, tys[1], pad, I8)
+        entries = clamped_rows(builder, array_ptr(context, builder, tys[2], ind, I64), ind_off, taps, m, rows)
+        b_base = builder.gep(array_ptr(context, builder, tys[6], b, I8), [b_off])
+        run_bytes = builder.mul(cq, ir.Constant(I64, 64 * VECTORS))
+
+        def tap(t, accs):
+            row_ptrs = []
+            for entry in entries:
+                offset = builder.load(builder.gep(entry, [t]))
+                inside = builder.icmp_signed(">=", offset, ir.Constant(I64, 0))
+                row_ptrs.append(builder.select(inside, builder.gep(a_ptr, [offset]), pad_ptr))
+            return _k_loop(builder, row_ptrs, builder.gep(b_base, [builder.mul(t, run_bytes)]), cq, distance, accs)
+
+        return emit_loop(builder, taps, V16I32, rows * VECTORS, tap), m
+
+
+SOURCES = {"rows": _Rows, "indirect": _Indirect}
+
+
+def _tile_intrinsic(source, rows: int, distance: int, tail: Callable, finish: Callable):
+    """An intrinsic taking ``source``'s activation arguments, then ``tail.arity`` more.
+
+    ``tail(types)`` says whether the trailing argument types are acceptable;
+    ``finish(context, builder, tail_types, tail_args, results, m)`` consumes the
+    ``rows * VECTORS`` accumulators.
+    """
+
+    def typer(typingctx, *args):
+        head, rest = args[: source.arity], args[source.arity :]
+        if not source.accepts(head) or not tail(rest):
+            return None
+
+        def codegen(context, builder, signature, values):
+            tys = signature.args
+            results, m = source.emit(context, builder, tys[: source.arity], values[: source.arity], rows, distance)
+            finish(context, builder, tys[source.arity :], values[source.arity :], results, m)
+            return context.get_dummy_value()
+
+        return types.void(*args), codegen
+
+    return intrinsic(with_arity(typer, source.arity + tail.arity))
+
+
+def make_tile(rows: int, prefetch_distance: int = 0, source: str = "rows"):
+    """A ``rows x 64`` VNNI tile intrinsic: ``tile`` of ``kernels.gemm.microkernels``.
+
+    ``tile(<source arguments>, acc)`` (``source`` "rows": ``a, a_off, lda, m, b,
+    b_off, kq``; "indirect": see :class:`_Indirect`). Rows ``m..rows-1`` repeat row
+    ``m - 1`` and are stored to ``acc`` (int32 ``[rows, 64]``) too; callers use only
+    the first ``m``. With ``prefetch_distance`` > 0 each k group also prefetches
+    the weights that many bytes ahead into L1: they stream from L2 (GEMM: a 64 x K
+    panel is larger than L1) or from L3 / DRAM (GEMV).
+    """
+
+    def finish(context, builder, tys, args, results, m):
+        c_ptr = array_ptr(context, builder, tys[0], args[0], I32)
         for index, result in enumerate(results):  # row r, vector j at acc[r, 16 j]
             dst = builder.gep(c_ptr, [ir.Constant(I64, 16 * index)])
             builder.store(result, builder.bitcast(dst, V16I32.as_pointer()), align=4)
 
-    return tile_intrinsic(emit)
+    def accepts(tys) -> bool:
+        return is_array(tys[0], types.int32, 2)
+
+    accepts.arity = 1
+    return _tile_intrinsic(SOURCES[source], rows, prefetch_distance, accepts, finish)
 
 
-def make_tile_store(rows: int, prefetch_distance: int = 0):
+def _store_rows(builder, results: list[ir.Value], m, cols, out_ptr, o_off, ldo, elem: ir.Type,
+                transform: Callable[[ir.Value, int], ir.Value]) -> None:
+    """Masked stores of ``transform(sums, j)`` (16 ``elem`` values) for rows ``r < m``, columns ``c < cols``.
+
+    Row r, vector j goes to ``out_ptr[o_off + r * ldo + 16 j ...]``; rows past m
+    store nothing (their lane limit is 0), so a partial tile never writes past
+    the caller's array.
+    """
+    vec = ir.VectorType(elem, 16)
+    mask_ty = ir.VectorType(I1, 16)
+    suffix, size = {I32: ("i32", 4), I8: ("i8", 1), F32: ("f32", 4)}[elem]
+    store = declare(builder, f"llvm.masked.store.v16{suffix}.p0",
+                    ir.FunctionType(ir.VoidType(), [vec, vec.as_pointer(), I32, mask_ty]))
+    lanes = ir.Constant(V16I32, list(range(16)))
+    for r in range(len(results) // VECTORS):
+        limit = builder.select(builder.icmp_signed("<", ir.Constant(I64, r), m), builder.trunc(cols, I32),
+                               ir.Constant(I32, 0))
+        limit = splat(builder, limit, V16I32)
+        row = builder.gep(out_ptr, [builder.add(o_off, builder.mul(ir.Constant(I64, r), ldo))])
+        for j in range(VECTORS):
+            mask = builder.icmp_signed("<", builder.add(lanes, ir.Constant(V16I32, [16 * j] * 16)), limit)
+            dst = builder.bitcast(builder.gep(row, [ir.Constant(I64, 16 * j)]), vec.as_pointer())
+            builder.call(store, [transform(results[r * VECTORS + j], j), dst, ir.Constant(I32, size), mask])
+
+
+def make_tile_store(rows: int, prefetch_distance: int = 0, source: str = "rows"):
     """A tile intrinsic that finishes int32 output itself: ``tile_store`` of ``kernels.gemm.microkernels``.
 
-    ``tile_store(a, a_off, lda, m, b, b_off, kq, col_term, c0, cols, out, o_off, ldo)``
-    adds ``col_term[c0 + c]`` (int32, wrapping) to each sum and writes row ``r < m``,
+    ``tile_store(<source arguments>, col_term, c0, cols, out, o_off, ldo)`` adds
+    ``col_term[c0 + c]`` (int32, wrapping) to each sum and writes row ``r < m``,
     column ``c < cols`` to ``out[o_off + r * ldo + c]`` with masked stores, straight
     from the registers: no scratch tile, no second pass.
     """
 
-    @intrinsic
-    def tile_store(typingctx, a, a_off, lda, m, b, b_off, kq, col_term, c0, cols, out, o_off, ldo):
-        if not (is_array(a, types.uint8, 1) and is_array(b, types.int8, 1)
-                and is_array(col_term, types.int32, 1) and is_array(out, types.int32, 1)):
-            return None
-        sig = types.void(a, a_off, lda, m, b, b_off, kq, col_term, c0, cols, out, o_off, ldo)
+    def accepts(tys) -> bool:
+        return is_array(tys[0], types.int32, 1) and is_array(tys[3], types.int32, 1)
 
-        def codegen(context, builder, signature, args):
-            a, a_off, lda, m, b, b_off, kq, col_term, c0, cols, out, o_off, ldo = args
-            tys = signature.args
-            results = _emit_dot(builder, array_ptr(context, builder, tys[0], a, I8), a_off, lda, m,
-                                array_ptr(context, builder, tys[4], b, I8), b_off, kq, rows, prefetch_distance)
-            ct_ptr = builder.gep(array_ptr(context, builder, tys[7], col_term, I32), [c0])
-            out_ptr = array_ptr(context, builder, tys[10], out, I32)
-            mask_ty = ir.VectorType(I1, 16)
-            store = declare(builder, "llvm.masked.store.v16i32.p0",
-                            ir.FunctionType(ir.VoidType(), [V16I32, V16I32.as_pointer(), I32, mask_ty]))
-            lanes = ir.Constant(V16I32, list(range(16)))
-            col_terms = [load_vector(builder, ct_ptr, 16 * j, V16I32) for j in range(VECTORS)]
-            for r in range(rows):
-                # rows past m store nothing: their lane limit is 0
-                limit = builder.select(builder.icmp_signed("<", ir.Constant(I64, r), m), builder.trunc(cols, I32),
-                                       ir.Constant(I32, 0))
-                limit = splat(builder, limit, V16I32)
-                row = builder.gep(out_ptr, [builder.add(o_off, builder.mul(ir.Constant(I64, r), ldo))])
-                for j in range(VECTORS):
-                    mask = builder.icmp_signed("<", builder.add(lanes, ir.Constant(V16I32, [16 * j] * 16)), limit)
-                    value = builder.add(results[r * VECTORS + j], col_terms[j])
-                    dst = builder.bitcast(builder.gep(row, [ir.Constant(I64, 16 * j)]), V16I32.as_pointer())
-                    builder.call(store, [value, dst, ir.Constant(I32, 4), mask])
-            return context.get_dummy_value()
+    accepts.arity = 6
 
-        return sig, codegen
+    def finish(context, builder, tys, args, results, m):
+        col_term, c0, cols, out, o_off, ldo = args
+        ct_ptr = builder.gep(array_ptr(context, builder, tys[0], col_term, I32), [c0])
+        col_terms = [load_vector(builder, ct_ptr, 16 * j, V16I32) for j in range(VECTORS)]
+        _store_rows(builder, results, m, cols, array_ptr(context, builder, tys[3], out, I32), o_off, ldo, I32,
+                    lambda sums, j: builder.add(sums, col_terms[j]))
 
-    return tile_store
+    return _tile_intrinsic(SOURCES[source], rows, prefetch_distance, accepts, finish)
+
+
+def make_tile_finish(rows: int, prefetch_distance: int = 0, source: str = "rows"):
+    """A tile intrinsic that rescales and (re)quantizes its sums in registers: ``tile_finish``.
+
+    ``tile_finish(<source arguments>, col_term, mult, shift, lo, hi, zp, qmin, qmax, c0, cols, out, o_off, ldo)``
+    computes, per output ``(r, c)`` with ``j = c0 + c``, the ``REAL`` / ``QUANT``
+    epilogue of ``kernels.epilogue`` without a row term::
+
+        y = sums + col_term[j]                         int32, wrapping (exact when y fits int32)
+        t = clip(float64(y) * mult[j] + shift[j], lo, hi)
+        out = float32(t)                                          (float32 out)
+        out = rint(t + zp)                                        (int8 / uint8 out)
+
+    in float64, in that order, with no contraction, as ``finish_tile`` does. An
+    integer output relies on ``[lo, hi]`` lying within ``[qmin - zp, qmax - zp]``,
+    as ``kernels.epilogue.Epilogue`` guarantees, so no clamp to ``[qmin, qmax]`` is
+    needed (``qmin`` and ``qmax`` are accepted for the portable tiles' sake).
+    ``col_term`` (int32), ``mult`` and ``shift`` (float64) are padded to a whole
+    number of panels. Stores are masked to rows ``< m`` and columns ``< cols``.
+    """
+    half = [ir.Constant(ir.VectorType(I32, 8), list(range(8 * h, 8 * h + 8))) for h in (0, 1)]
+    whole = ir.Constant(V16I32, list(range(16)))
+
+    def accepts(tys) -> bool:
+        out = tys[10]
+        return (is_array(tys[0], types.int32, 1) and is_array(tys[1], types.float64, 1)
+                and is_array(tys[2], types.float64, 1) and all(t == types.float64 for t in tys[3:8])
+                and isinstance(out, types.Array) and out.ndim == 1 and out.layout == "C"
+                and out.dtype in (types.float32, types.uint8, types.int8))
+
+    accepts.arity = 13
+
+    def finish(context, builder, tys, args, results, m):
+        col_term, mult, shift, lo, hi, zp, _qmin, _qmax, c0, cols, out, o_off, ldo = args
+        quantize = tys[10].dtype != types.float32
+        ct_ptr = builder.gep(array_ptr(context, builder, tys[0], col_term, I32), [c0])
+        mu_ptr = builder.gep(array_ptr(context, builder, tys[1], mult, F64), [c0])
+        sh_ptr = builder.gep(array_ptr(context, builder, tys[2], shift, F64), [c0])
+        col_terms = [load_vector(builder, ct_ptr, 16 * j, V16I32) for j in range(VECTORS)]
+        lo, hi, zp = (splat(builder, v, V8F64) for v in (lo, hi, zp))
+        lrint = declare(builder, "llvm.lrint.v8i32.v8f64", ir.FunctionType(ir.VectorType(I32, 8), [V8F64]))
+
+        def transform(sums, j):
+            y = builder.add(sums, col_terms[j])
+            halves = []
+            for h in (0, 1):
+                part = builder.sitofp(builder.shuffle_vector(y, y, half[h]), V8F64)
+                # per-channel factors loaded where they are used: kept in registers they would spill
+                t = builder.fadd(builder.fmul(part, load_vector(builder, mu_ptr, 16 * j + 8 * h, V8F64)),
+                                 load_vector(builder, sh_ptr, 16 * j + 8 * h, V8F64))
+                t = builder.select(builder.fcmp_ordered(">", t, lo), t, lo)
+                t = builder.select(builder.fcmp_ordered("<", t, hi), t, hi)
+                if quantize:
+                    halves.append(builder.call(lrint, [builder.fadd(t, zp)]))  # half to even (vcvtpd2dq)
+                else:
+                    halves.append(builder.fptrunc(t, ir.VectorType(F32, 8)))
+            joined = builder.shuffle_vector(halves[0], halves[1], whole)
+            return builder.trunc(joined, ir.VectorType(I8, 16)) if quantize else joined
+
+        elem = I8 if quantize else F32
+        _store_rows(builder, results, m, cols, array_ptr(context, builder, tys[10], out, elem), o_off, ldo, elem,
+                    transform)
+
+    return _tile_intrinsic(SOURCES[source], rows, prefetch_distance, accepts, finish)

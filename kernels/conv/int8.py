@@ -1,0 +1,329 @@
+"""Public int8 convolutions: ``conv2d_int8`` (exact int32, ONNX ConvInteger) and ``qlinear_conv2d`` (fused layer).
+
+Both take NCHW activations by default (``layout="NHWC"`` too) and OIHW weights,
+raw or packed once by :func:`pack_conv_int8`; they work in NHWC, so an NCHW call
+pays one transposing copy each way. With ``g`` the group of output channel ``o``,
+``C' = C / group`` and the border padded with ``x_zero_point`` (ONNX)::
+
+    acc[n, o, oy, ox] = sum_{c < C', ky, kx} (x[n, g C' + c, oy sh + ky dh - pt, ox sw + kx dw - pl] - zx)
+                                              * (w[o, c, ky, kx] - zw[o])
+
+Depthwise convolutions (``group == C == O``) run ``kernels.conv.depthwise``;
+every other one runs the int8 GEMM micro-kernels and epilogues of
+``kernels.linear_int8`` over the output pixels (``kernels.conv.int8_driver``):
+reading the taps through an indirection table on AVX-512 VNNI when each group
+has a multiple of 4 channels, else from im2col rows built block by block.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from kernels import _validate, dispatch, epilogue, threads
+from kernels.conv.depthwise import depthwise_int8, pack_depthwise
+from kernels.conv.geometry import ConvGeometry, check_layout, conv_geometry, from_nhwc, to_nhwc
+from kernels.conv.int8_driver import DRIVERS, INDIRECT_DRIVERS, block_rows, indirection
+from kernels.epilogue import Epilogue
+from kernels.gemm.driver import K_CHUNK
+from kernels.gemm.int8 import check_zero_point, fits_int32, fused_epilogue, max_k_int32
+from kernels.pack.panels import KGROUP, PANEL, PackedInt8, pack_int8
+
+ACTIVATION_DTYPES = (np.uint8, np.int8)
+
+
+class PackedConvInt8:
+    """int8 convolution weights ``[O, C / group, KH, KW]``, packed once by :func:`pack_conv_int8`.
+
+    Attributes
+    ----------
+    groups : one ``PackedInt8`` per group, ``[O / group, KH * KW * C / group]`` with
+        columns in ``(ky, kx, c)`` order, the order of an NHWC im2col row
+    weights : the int8 OIHW weights (uint8 weights shifted by -128), which the
+        depthwise kernel packs with the zero point of each call
+    shifted : whether the weights came as uint8 (their zero points shift by -128 too)
+    """
+
+    __slots__ = ("groups", "weights", "shifted", "group")
+
+    def __init__(self, groups: tuple[PackedInt8, ...], weights: np.ndarray, shifted: bool, group: int):
+        self.groups, self.weights, self.shifted, self.group = groups, weights, shifted, group
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return self.weights.shape
+
+    @property
+    def out_channels(self) -> int:
+        return self.weights.shape[0]
+
+    def __repr__(self) -> str:
+        return f"PackedConvInt8(shape={self.shape}, group={self.group}, dtype={'uint8' if self.shifted else 'int8'})"
+
+
+def pack_conv_int8(w: np.ndarray, *, group: int = 1) -> PackedConvInt8:
+    """Pack int8 (or uint8) OIHW convolution weights once for :func:`conv2d_int8` / :func:`qlinear_conv2d`.
+
+    ``w`` is ``[O, C / group, KH, KW]``; uint8 weights are stored as ``w - 128``
+    with their zero point moved by -128 at each call, which changes no result.
+    """
+    w = _validate.array("w", w, (np.int8, np.uint8), 4)
+    o, cg, kh, kw = w.shape
+    if min(w.shape) < 1:
+        raise ValueError(f"w: expected a non-empty [O, C / group, KH, KW] array, got shape {w.shape}")
+    if isinstance(group, bool) or not isinstance(group, (int, np.integer)) or group < 1 or o % group:
+        raise ValueError(f"group: expected a positive divisor of the {o} output channels, got {group!r}")
+    shifted = w.dtype == np.uint8
+    weights = (w ^ 0x80).view(np.int8) if shifted else w
+    og = o // group
+    rows = weights.transpose(0, 2, 3, 1).reshape(o, kh * kw * cg)  # (ky, kx, c): an NHWC im2col row
+    groups = tuple(pack_int8(np.ascontiguousarray(rows[g * og : (g + 1) * og])) for g in range(group))
+    return PackedConvInt8(groups, np.ascontiguousarray(weights), shifted, int(group))
+
+
+def _packed(w: object, group: int) -> PackedConvInt8:
+    if isinstance(w, PackedConvInt8):
+        if w.group != group:
+            raise ValueError(f"group: the weights were packed for group={w.group}, got group={group}")
+        return w
+    return pack_conv_int8(w, group=group)
+
+
+class ConvPlan:
+    """An int8 convolution prepared for one input shape: call it with activations, as often as needed.
+
+    Everything but the activations is checked and derived once: geometry, kernel
+    choice, indirection table, per-channel correction terms and the epilogue.
+    ``plan(x, out=None)`` then only checks ``x`` (dtype, shape) and ``out`` and runs.
+    Made by :func:`conv2d_int8_plan` / :func:`qlinear_conv2d_plan`; the one-shot
+    functions :func:`conv2d_int8` and :func:`qlinear_conv2d` make one and call it.
+    """
+
+    def __init__(self, packed: PackedConvInt8, x_shape: tuple, x_dtype: np.dtype, layout: str, geo: ConvGeometry,
+                 za: int, zw: np.ndarray, epi: Epilogue, out_dtype: np.dtype):
+        self.layout, self.x_dtype, self.geo, self.epi, self.out_dtype = layout, x_dtype, geo, epi, out_dtype
+        self.x_shape = tuple(x_shape)
+        self.out_shape = geo.out_shape_nhwc if layout == "NHWC" else (geo.batch, geo.out_channels, geo.out_h,
+                                                                      geo.out_w)
+        if geo.group == geo.in_channels == geo.out_channels:
+            self.za = za
+            self.depthwise = pack_depthwise(packed.weights, zw)
+            return
+        self.depthwise = None
+        self.za = za + (128 if x_dtype == np.int8 else 0)  # int8 x runs as x + 128, as in the GEMM
+        og, cg, k = geo.group_out, geo.group_in, geo.depth
+        self.row_sums = np.zeros(geo.rows, np.int64)
+        self.terms = [_group_terms(g, packed, zw, self.za, k, epi, self.row_sums) for g, packed in
+                      enumerate(packed.groups)]
+        self.weights = [(packed.data, packed.k_groups) for packed in packed.groups]
+        variant = dispatch.choose("conv_int8", geo.rows, og, cg)
+        self.kind = variant.kind
+        if variant.kind == "im2col":
+            gemm = dispatch.choose("gemm_int8", geo.rows, og, k)
+            self.driver = DRIVERS[gemm.kind, epi.mode]
+            self.lda = -(-k // KGROUP) * KGROUP
+            self.step = block_rows(self.lda, gemm.rows)
+        else:
+            self.driver = INDIRECT_DRIVERS[epi.mode]
+            self.step = variant.rows
+            self.table = _indirection(geo)
+            self.pad = np.full(cg, self.za, np.uint8)
+        # ~400 GOPS per thread: split rows over threads only when that pays
+        self.estimate_us = 2 * geo.rows * og * k / 400e3
+
+    def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The convolution of ``x`` (dtype and shape as prepared, in the prepared layout)."""
+        if not (isinstance(x, np.ndarray) and x.dtype == self.x_dtype and x.shape == self.x_shape):
+            _validate.array("x", x, (self.x_dtype,), 4)
+            raise ValueError(f"x: expected shape {self.x_shape} ({self.layout}) as prepared, got {x.shape}")
+        if out is not None:
+            out = _validate.out(out, self.out_shape, self.out_dtype)
+        geo = self.geo
+        x = to_nhwc("x", x, ACTIVATION_DTYPES, self.layout)
+        if self.layout == "NHWC":
+            target = out if out is not None else np.empty(self.out_shape, self.out_dtype)
+            self._run(x, target.reshape(geo.rows, geo.out_channels))
+            return target
+        rows = np.empty((geo.rows, geo.out_channels), self.out_dtype)
+        self._run(x, rows)
+        return from_nhwc(rows.reshape(geo.out_shape_nhwc), self.layout, out)
+
+    def _run(self, x: np.ndarray, out2d: np.ndarray) -> None:
+        geo = self.geo
+        if self.depthwise is not None:
+            depthwise_int8(x, geo, self.depthwise, self.za, self.epi, out2d)
+            return
+        if x.dtype == np.int8:
+            x = x.view(np.uint8) ^ 0x80
+        og, cg = geo.group_out, geo.group_in
+        for g, ((data, kq), terms) in enumerate(zip(self.weights, self.terms)):
+            if self.kind == "im2col":
+                def part(p0, p1, i0, i1, g=g, data=data, kq=kq, terms=terms):
+                    self.driver(x, geo.window(), g * cg, cg, np.uint8(self.za), self.lda, self.step, data, kq, og,
+                                i0, i1, *terms, out2d, g * og)
+            else:
+                flat = x.reshape(-1)[g * cg :]
+
+                def part(p0, p1, i0, i1, data=data, flat=flat, terms=terms, g=g):
+                    self.driver(flat, self.pad, self.table, geo.taps, cg // KGROUP, data, og, i0, i1, *terms, out2d,
+                                g * og)
+
+            # rows in whole steps, so that threads never repeat each other's im2col
+            threads.run_tiled(part, 1, geo.rows, self.step, self.estimate_us)
+
+
+def _prepare(w: object, x_shape: tuple, x_dtype: object, x_zero_point: object, w_zero_point: object, strides: object,
+             pads: object, dilations: object, group: object, layout: str):
+    """Check what every int8 convolution shares: ``(packed, x dtype, geometry, za, zw)``."""
+    check_layout(layout)
+    x_dtype = np.dtype(x_dtype)
+    if x_dtype not in ACTIVATION_DTYPES:
+        raise TypeError(f"x: expected dtype uint8 or int8, got {x_dtype}")
+    if len(x_shape) != 4:
+        raise ValueError(f"x: expected a 4-D {layout} array, got shape {tuple(x_shape)}")
+    packed = _packed(w, group)
+    o, cg, kh, kw = packed.shape
+    n, a, b, c = x_shape
+    nhwc = (n, a, b, c) if layout == "NHWC" else (n, b, c, a)
+    geo = conv_geometry(nhwc, (kh, kw), cg, o, strides=strides, pads=pads, dilations=dilations, group=group)
+    za = check_zero_point("x_zero_point", x_zero_point, x_dtype)
+    w_dtype = np.dtype(np.uint8 if packed.shifted else np.int8)
+    zw = check_zero_point("w_zero_point", w_zero_point, w_dtype, o) - (128 if packed.shifted else 0)
+    if geo.depth > K_CHUNK:
+        raise ValueError(f"w: a filter of {geo.depth} values (KH * KW * C / group) exceeds the supported "
+                         f"{K_CHUNK}; split the input channels into groups or several convolutions")
+    return packed, x_dtype, geo, za, zw
+
+
+@functools.lru_cache(maxsize=64)
+def _indirection(geo: ConvGeometry) -> np.ndarray:
+    """The indirection table of a geometry: it depends on nothing else, so it is made once."""
+    table = indirection(geo.window(), geo.batch, geo.in_channels)
+    table.flags.writeable = False
+    return table
+
+
+def _group_terms(g: int, packed: PackedInt8, zw_all: np.ndarray, za: int, k: int, epi: Epilogue,
+                 row_sums: np.ndarray) -> tuple:
+    """The driver arguments ``col_term .. qmax`` of group ``g`` (see ``kernels.gemm.driver``)."""
+    og = packed.n
+    channels = slice(g * og, (g + 1) * og)
+    zw = zw_all[channels]
+    row_term = bool(zw.any())
+    bias = epi.col_bias[channels] if np.ndim(epi.col_bias) else epi.col_bias
+    col_term = -za * packed.col_sums + k * za * zw + bias
+    fused = not row_term and (epi.mode == epilogue.INTEGER or fits_int32(k, za, bias))
+    padded = packed.n_panels * PANEL  # the fused micro-kernels read whole panels
+    col_term32 = np.zeros(padded, np.int32)
+    col_term32[:og] = col_term  # wraps modulo 2**32, as the int32 sums do
+    mult, shift = _panel_slice(epi.mult, channels, padded), _panel_slice(epi.shift, channels, padded)
+    return (col_term, col_term32, zw, row_sums, row_term, fused, mult, shift, epi.lo, epi.hi, epi.zp, epi.qmin,
+            epi.qmax)
+
+
+def _panel_slice(values: np.ndarray, channels: slice, padded: int) -> np.ndarray:
+    """One group's per-channel factors, zero-padded to ``padded`` (whole panels); scalars stay as they are."""
+    if values.size <= 1 or (channels.start == 0 and values.size >= padded):
+        return values
+    part = np.zeros(padded, values.dtype)
+    chunk = values[channels]
+    part[: chunk.size] = chunk
+    return part
+
+
+def conv2d_int8_plan(w: np.ndarray | PackedConvInt8, x_shape: tuple[int, int, int, int], x_dtype=np.uint8, *,
+                     x_zero_point: int = 0, w_zero_point: int | np.ndarray = 0, strides=(1, 1), pads=(0, 0, 0, 0),
+                     dilations=(1, 1), group: int = 1, layout: str = "NCHW") -> ConvPlan:
+    """:func:`conv2d_int8` prepared for activations of ``x_shape`` and ``x_dtype``: ``plan(x, out=None)``."""
+    packed, x_dtype, geo, za, zw = _prepare(w, x_shape, x_dtype, x_zero_point, w_zero_point, strides, pads,
+                                            dilations, group, layout)
+    limit = max_k_int32(x_dtype, za, zw)
+    if geo.depth > limit:
+        raise ValueError(f"w: filters of {geo.depth} values (KH * KW * C / group) exceed {limit}, the longest "
+                         "for which an int32 result cannot overflow with these zero points; use qlinear_conv2d")
+    return ConvPlan(packed, x_shape, x_dtype, layout, geo, za, zw, Epilogue(epilogue.INTEGER), np.dtype(np.int32))
+
+
+def conv2d_int8(x: np.ndarray, w: np.ndarray | PackedConvInt8, *, x_zero_point: int = 0,
+                w_zero_point: int | np.ndarray = 0, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1),
+                group: int = 1, layout: str = "NCHW", out: np.ndarray | None = None) -> np.ndarray:
+    """Exact int32 convolution of int8 tensors: ONNX ConvInteger (formula in the module docstring).
+
+    Parameters
+    ----------
+    x : uint8 or int8 ndarray, [N, C, H, W] (``layout="NCHW"``) or [N, H, W, C] (``"NHWC"``)
+    w : int8 or uint8 ndarray [O, C / group, KH, KW], or ``pack_conv_int8(w, group=group)``
+    x_zero_point : int in the range of ``x``'s dtype; also the value of the padded border
+    w_zero_point : int or int array [O] in the range of ``w``'s dtype
+    strides, dilations : int or (h, w) pair, >= 1
+    pads : (top, left, bottom, right) as ONNX, (h, w), one int, or "same", "same_lower", "valid"
+    group : positive divisor of C and O
+    out : int32 ndarray shaped like the result (in ``layout``), optional
+
+    Returns
+    -------
+    int32 ndarray [N, O, OH, OW] (NCHW) or [N, OH, OW, O] (NHWC)
+
+    Raises ``ValueError`` when a filter holds more values than
+    :func:`kernels.max_k_int32` allows (the int32 result could overflow). To run
+    one layer many times, prepare it once with :func:`conv2d_int8_plan`.
+    """
+    x = _activations(x, layout)
+    plan = conv2d_int8_plan(w, x.shape, x.dtype, x_zero_point=x_zero_point, w_zero_point=w_zero_point,
+                            strides=strides, pads=pads, dilations=dilations, group=group, layout=layout)
+    return plan(x, out)
+
+
+def _activations(x: object, layout: str) -> np.ndarray:
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"x: expected a numpy.ndarray, got {type(x).__name__}")
+    if x.ndim != 4:
+        raise ValueError(f"x: expected a 4-D {layout} array, got shape {x.shape}")
+    return x
+
+
+def qlinear_conv2d_plan(w: np.ndarray | PackedConvInt8, x_shape: tuple[int, int, int, int], x_scale: float,
+                        x_zero_point: int, w_scale: float | np.ndarray, w_zero_point: int | np.ndarray,
+                        y_scale: float | None, y_zero_point: int | np.ndarray | None, bias: np.ndarray | None = None,
+                        *, x_dtype=np.uint8, strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group: int = 1,
+                        activation: str | tuple | None = None, layout: str = "NCHW",
+                        out_dtype: type | np.dtype | None = None) -> ConvPlan:
+    """:func:`qlinear_conv2d` prepared for activations of ``x_shape`` and ``x_dtype``: ``plan(x, out=None)``."""
+    packed, x_dtype, geo, za, zw = _prepare(w, x_shape, x_dtype, x_zero_point, w_zero_point, strides, pads,
+                                            dilations, group, layout)
+    if out_dtype is None:
+        out_dtype = y_zero_point.dtype if isinstance(y_zero_point, (np.ndarray, np.generic)) else x_dtype
+    epi, out_dtype = fused_epilogue(geo.out_channels, x_scale, w_scale, bias, activation, out_dtype, y_scale,
+                                    y_zero_point, names=("x_scale", "y_scale", "y_zero_point"))
+    return ConvPlan(packed, x_shape, x_dtype, layout, geo, za, zw, epi, out_dtype)
+
+
+def qlinear_conv2d(x: np.ndarray, x_scale: float, x_zero_point: int, w: np.ndarray | PackedConvInt8,
+                   w_scale: float | np.ndarray, w_zero_point: int | np.ndarray, y_scale: float | None,
+                   y_zero_point: int | np.ndarray | None, bias: np.ndarray | None = None, *, strides=(1, 1),
+                   pads=(0, 0, 0, 0), dilations=(1, 1), group: int = 1, activation: str | tuple | None = None,
+                   layout: str = "NCHW", out_dtype: type | np.dtype | None = None,
+                   out: np.ndarray | None = None) -> np.ndarray:
+    """Fused quantized convolution: ONNX QLinearConv, with an optional fused activation.
+
+    With ``acc`` the exact accumulators of :func:`conv2d_int8` and
+    ``s[o] = x_scale * w_scale[o]``::
+
+        real = act(acc * s + bias)                                            out_dtype float32
+        y    = saturate(rint(real / y_scale + y_zero_point))                  uint8 / int8
+
+    rounding half to even. ``bias`` is int32 in accumulator units (ONNX:
+    ``x_scale * w_scale`` per unit) or float in real units; ``activation`` is None,
+    "relu", "relu6" or ``("clip", lo, hi)`` in real units. The output dtype is
+    ``out_dtype`` if given, else that of ``y_zero_point`` when it is a NumPy value,
+    else that of ``x``; for ``out_dtype=numpy.float32`` pass ``y_scale`` and
+    ``y_zero_point`` as None. Other arguments as :func:`conv2d_int8`; ``w_scale``
+    is a positive float or float array [O]. Returns NCHW or NHWC like ``x``. To
+    run one layer many times, prepare it once with :func:`qlinear_conv2d_plan`.
+    """
+    x = _activations(x, layout)
+    plan = qlinear_conv2d_plan(w, x.shape, x_scale, x_zero_point, w_scale, w_zero_point, y_scale, y_zero_point, bias,
+                               x_dtype=x.dtype, strides=strides, pads=pads, dilations=dilations, group=group,
+                               activation=activation, layout=layout, out_dtype=out_dtype)
+    return plan(x, out)

@@ -1,0 +1,187 @@
+"""The int8 convolution drivers: the GEMM micro-kernels over output pixels, without or with im2col.
+
+A call covers output pixels (rows) ``i0..i1`` and all ``n`` output channels of one
+group.
+
+*Indirect* (AVX-512 VNNI, channels per group a multiple of 4): the micro-kernel
+reads each output pixel's taps straight from the NHWC input through an
+indirection table (``kernels.gemm.vnni``'s ``indirect`` source; built once per
+geometry by :func:`indirection`), so nothing is copied; taps in the border read a
+row of zero-point bytes.
+
+*im2col* (every other case): rows are taken ``block`` at a time: their im2col rows (``kernels.conv.geometry.im2col``,
+the border filled with the activation zero point) are written to a buffer that
+stays in L2, and every weight panel runs over that buffer in micro-kernel tiles
+(``kernels.gemm.microkernels``), each finished by ``kernels.epilogue.finish_tile``
+(or stored straight from the registers for int32 output) while it is in L1. Only
+``block`` rows of the im2col matrix ever exist, and threads take disjoint row
+ranges, so none repeats another's im2col.
+
+The raw sums are those of the int8 GEMM: unsigned activation bytes times signed
+weight bytes, corrected by the zero-point terms of ``kernels.epilogue``. ``K`` is
+at most ``kernels.gemm.driver.K_CHUNK`` (the caller checks), so int32 sums cannot wrap.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kernels._jit import kernel
+from kernels.conv.geometry import im2col
+from kernels.epilogue import INTEGER, MODES, finish_tile
+from kernels.gemm import vnni
+from kernels.gemm.microkernels import TILES, microkernel, microkernel_finish, microkernel_store
+from kernels.pack.panels import KGROUP, PANEL
+
+BLOCK_BYTES = 96 * 1024  # im2col rows per block: a third of L2 at most, the rest for weights
+
+
+def block_rows(lda: int, rows: int) -> int:
+    """Rows per im2col block: about ``BLOCK_BYTES`` of them, a whole number of micro-tiles."""
+    return max(rows, BLOCK_BYTES // lda // rows * rows)
+
+
+def _make_driver(kind: str, mode: int):
+    rows = TILES[kind].rows
+
+    @kernel
+    def conv_tiles(x, window, c0, cg, pad, lda, block, b, kq, n, i0, i1, col_term, col_term32, w_zp, row_sums,
+                   row_term, fused, mult, shift, lo, hi, zp, qmin, qmax, out, n0):
+        """Output rows ``i0..i1``, channels ``n0..n0 + n`` of ``out`` with micro-kernel ``kind``, epilogue ``mode``.
+
+        x     : uint8 NHWC [N, H, W, C]; the group reads channels ``c0..c0 + cg``
+        window: ``ConvGeometry.window()``; ``pad`` the byte of the padded border
+        lda   : im2col row stride, ``KH * KW * cg`` rounded up to a multiple of 4
+        b, kq : the group's weights in the panel layout of ``kernels.pack.panels``
+        out   : [M, O] C-contiguous; columns ``n0..n0 + n`` belong to this group
+        row_sums : int64 [M], filled here for rows i0..i1 when ``row_term``
+        Other arguments are those of ``kernels.gemm.driver``'s ``gemm_tiles``, for this group's channels.
+        """
+        cols = np.zeros((block, lda), np.uint8)  # the padding past K stays zero
+        flat_cols = cols.reshape(-1)
+        tile = np.empty((rows, PANEL), np.int32)
+        view = out[:, n0 : n0 + n]
+        flat_out = out.reshape(-1)
+        ldo = out.shape[1]
+        for start in range(i0, i1, block):
+            count = min(block, i1 - start)
+            im2col(x, window, c0, cg, pad, start, count, cols)
+            if row_term:
+                for r in range(count):
+                    row_sums[start + r] = np.sum(cols[r].astype(np.int64))
+            for p in range((n + PANEL - 1) // PANEL):
+                b_panel = p * kq * PANEL * KGROUP
+                col0 = p * PANEL
+                width = min(PANEL, n - col0)
+                for r0 in range(0, count, rows):
+                    m = min(rows, count - r0)
+                    if fused:
+                        o_off = (start + r0) * ldo + n0 + col0
+                        if mode == INTEGER:  # a compile-time constant: each driver types one of the two
+                            microkernel_store(kind, flat_cols, r0 * lda, lda, m, b, b_panel, kq, col_term32, col0,
+                                              width, flat_out, o_off, ldo)
+                        else:
+                            microkernel_finish(kind, flat_cols, r0 * lda, lda, m, b, b_panel, kq, col_term32, mult,
+                                               shift, lo, hi, zp, qmin, qmax, col0, width, flat_out, o_off, ldo)
+                    else:
+                        microkernel(kind, flat_cols, r0 * lda, lda, m, b, b_panel, kq, tile)
+                        finish_tile(tile, start + r0, m, col0, width, col_term, w_zp, row_sums, row_term, mult, shift,
+                                    lo, hi, zp, qmin, qmax, mode, view)
+
+    return conv_tiles
+
+
+# One driver per micro-kernel and epilogue mode (compile-time constants), as for the GEMM.
+DRIVERS = {(kind, mode): _make_driver(kind, mode) for kind in TILES for mode in MODES}
+
+
+@kernel
+def indirection(window, batch, channels):
+    """The indirection table of a convolution over NHWC input with ``channels`` per pixel.
+
+    ``table[m * KH * KW + ky * KW + kx]`` is the offset of ``x[n, iy, ix, 0]`` in the
+    flat input for output pixel ``m = (n * OH + oy) * OW + ox`` (``iy``, ``ix`` as in
+    ``kernels.conv.geometry.im2col``), or -1 where that tap lies in the border.
+    """
+    h, w, kh, kw, sh, sw, dh, dw, pt, pl, oh, ow = window
+    taps = kh * kw
+    table = np.empty(batch * oh * ow * taps, np.int64)
+    for m in range(batch * oh * ow):
+        n = m // (oh * ow)
+        oy = (m // ow) % oh
+        ox = m % ow
+        for ky in range(kh):
+            iy = oy * sh + ky * dh - pt
+            for kx in range(kw):
+                ix = ox * sw + kx * dw - pl
+                inside = 0 <= iy < h and 0 <= ix < w
+                table[m * taps + ky * kw + kx] = ((n * h + iy) * w + ix) * channels if inside else -1
+    return table
+
+
+@kernel
+def indirect_row_sums(x, pad, table, taps, cg, i0, i1, row_sums):
+    """``row_sums[m] = sum`` of the ``taps * cg`` activation bytes output pixel ``m`` reads, for ``m`` in i0..i1."""
+    pad_sum = np.int64(0)
+    for c in range(cg):
+        pad_sum += pad[c]
+    for m in range(i0, i1):
+        total = np.int64(0)
+        for t in range(taps):
+            offset = table[m * taps + t]
+            if offset < 0:
+                total += pad_sum
+            else:
+                for c in range(cg):
+                    total += x[offset + c]
+        row_sums[m] = total
+
+
+def _make_indirect_driver(rows: int, mode: int):
+    tile = vnni.make_tile(rows, 1024, "indirect")
+    tile_store = vnni.make_tile_store(rows, 1024, "indirect")
+    tile_finish = vnni.make_tile_finish(rows, 1024, "indirect")
+
+    @kernel
+    def indirect_tiles(x, pad, table, taps, cq, b, n, i0, i1, col_term, col_term32, w_zp, row_sums, row_term, fused,
+                       mult, shift, lo, hi, zp, qmin, qmax, out, n0):
+        """Output rows ``i0..i1``, channels ``n0..n0 + n`` of ``out`` through the indirection ``table``.
+
+        x     : uint8, the flat NHWC input starting at this group's first channel
+        pad   : uint8 [4 cq], the activation zero point (the border's value)
+        table : int64, :func:`indirection` of the convolution; ``taps`` entries per row
+        b     : the group's weights in the panel layout, ``taps * cq`` k groups
+        Other arguments as for the im2col driver.
+        """
+        tile_acc = np.empty((rows, PANEL), np.int32)
+        view = out[:, n0 : n0 + n]
+        flat_out = out.reshape(-1)
+        ldo = out.shape[1]
+        kq = taps * cq
+        if row_term:
+            indirect_row_sums(x, pad, table, taps, 4 * cq, i0, i1, row_sums)
+        for p in range((n + PANEL - 1) // PANEL):
+            b_panel = p * kq * PANEL * KGROUP
+            col0 = p * PANEL
+            width = min(PANEL, n - col0)
+            for i in range(i0, i1, rows):
+                m = min(rows, i1 - i)
+                if fused:
+                    o_off = i * ldo + n0 + col0
+                    if mode == INTEGER:  # a compile-time constant: each driver types one of the two
+                        tile_store(x, pad, table, i * taps, taps, m, b, b_panel, cq, col_term32, col0, width,
+                                   flat_out, o_off, ldo)
+                    else:
+                        tile_finish(x, pad, table, i * taps, taps, m, b, b_panel, cq, col_term32, mult, shift, lo,
+                                    hi, zp, qmin, qmax, col0, width, flat_out, o_off, ldo)
+                else:
+                    tile(x, pad, table, i * taps, taps, m, b, b_panel, cq, tile_acc)
+                    finish_tile(tile_acc, i, m, col0, width, col_term, w_zp, row_sums, row_term, mult, shift, lo, hi,
+                                zp, qmin, qmax, mode, view)
+
+    return indirect_tiles
+
+
+INDIRECT_ROWS = 6
+# Only compiled when first called, which kernels.dispatch allows on AVX-512 VNNI CPUs only.
+INDIRECT_DRIVERS = {mode: _make_indirect_driver(INDIRECT_ROWS, mode) for mode in MODES}

@@ -1,0 +1,221 @@
+"""int8 convolutions: ``conv2d_int8`` and ``qlinear_conv2d`` against the NumPy oracle, bit for bit.
+
+Every case runs at each CPU level of the int8 products (the VNNI indirect kernel,
+the im2col path over the AVX2 and portable micro-kernels), over odd sizes,
+asymmetric and 'same' padding, strides, dilations, groups, both layouts and
+every accepted dtype; ONNX's ConvInteger and QLinearConv node tests pin the
+semantics.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import kernels
+from kernels.reference import conv2d_ref, finish_ref
+from tests import conformance
+from tests.levels import level_fixture
+
+level = level_fixture("conv_int8", "gemm_int8")
+
+# (N, C, H, W, O, KH, KW, strides, pads, dilations, group)
+CASES = [
+    (1, 4, 5, 5, 8, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),
+    (2, 7, 9, 6, 5, 3, 2, (2, 1), (1, 0, 2, 1), (1, 2), 1),
+    (1, 16, 7, 7, 65, 3, 3, (1, 1), "same", (1, 1), 1),
+    (1, 64, 6, 5, 63, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1),
+    (3, 12, 4, 9, 12, 1, 1, (2, 2), (0, 0, 0, 0), (1, 1), 1),
+    (1, 8, 13, 11, 70, 5, 5, (2, 2), (2, 1, 2, 3), (1, 1), 1),
+    (1, 8, 10, 10, 6, 3, 3, (1, 1), (2, 2, 2, 2), (2, 2), 2),
+    (2, 12, 6, 7, 9, 3, 1, (1, 2), "same_lower", (1, 1), 3),
+    (1, 3, 8, 8, 16, 7, 7, (2, 2), (3, 3, 3, 3), (1, 1), 1),
+    (1, 1, 1, 1, 1, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1),
+    (1, 20, 3, 3, 130, 3, 3, (3, 3), (1, 1, 1, 1), (1, 1), 1),
+    (1, 16, 6, 6, 16, 3, 3, (1, 1), (0, 1, 1, 0), (1, 1), 4),
+]
+
+
+def _case_ids(case) -> str:
+    n, c, h, w, o, kh, kw, s, p, d, g = case
+    return f"n{n}c{c}h{h}w{w}o{o}k{kh}x{kw}s{s[0]}{s[1]}d{d[0]}{d[1]}g{g}p{p if isinstance(p, str) else ''.join(map(str, p))}"
+
+
+def _operands(rng, case, x_dtype=np.uint8, w_dtype=np.int8):
+    n, c, h, w, o, kh, kw, _, _, _, g = case
+    xi, wi = np.iinfo(x_dtype), np.iinfo(w_dtype)
+    x = rng.integers(xi.min, xi.max + 1, (n, c, h, w)).astype(x_dtype)
+    wt = rng.integers(wi.min, wi.max + 1, (o, c // g, kh, kw)).astype(w_dtype)
+    return x, wt
+
+
+def _attrs(case) -> dict:
+    *_, s, p, d, g = case
+    return dict(strides=s, pads=p, dilations=d, group=g)
+
+
+def _ref_pads(case) -> tuple:
+    n, c, h, w, o, kh, kw, s, p, d, g = case
+    geo = kernels.conv.geometry.conv_geometry((n, h, w, c), (kh, kw), c // g, o, strides=s, pads=p, dilations=d,
+                                              group=g)
+    return geo.pads
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_ids)
+@pytest.mark.parametrize("x_dtype", [np.uint8, np.int8])
+def test_conv2d_int8_matches_oracle(level, rng, case, x_dtype):
+    x, w = _operands(rng, case, x_dtype)
+    o = w.shape[0]
+    zx = int(rng.integers(np.iinfo(x_dtype).min, np.iinfo(x_dtype).max + 1))
+    zw = rng.integers(-3, 4, o) if case[1] % 2 else 0
+    attrs = _attrs(case)
+    got = kernels.conv2d_int8(x, w, x_zero_point=zx, w_zero_point=zw, **attrs)
+    want = conv2d_ref(x, w, x_zero_point=zx, w_zero_point=zw, strides=attrs["strides"], pads=_ref_pads(case),
+                      dilations=attrs["dilations"], group=attrs["group"])
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_ids)
+def test_qlinear_conv2d_matches_oracle(level, rng, case):
+    x, w = _operands(rng, case)
+    o = w.shape[0]
+    attrs = _attrs(case)
+    w_scale = rng.uniform(0.002, 0.02, o)
+    bias = rng.normal(0, 20, o).astype(np.float32)
+    acc = conv2d_ref(x, w, x_zero_point=131, strides=attrs["strides"], pads=_ref_pads(case),
+                     dilations=attrs["dilations"], group=attrs["group"])
+    rows = acc.transpose(0, 2, 3, 1).reshape(-1, o)
+    for activation, out_dtype, y_zp in [(None, np.uint8, 120), ("relu", np.int8, -5), ("relu6", np.float32, None),
+                                        (("clip", -1.5, 2.0), np.uint8, 3)]:
+        quantized = out_dtype != np.float32
+        y_scale = 0.05 if quantized else None
+        got = kernels.qlinear_conv2d(x, 0.03, 131, w, w_scale, 0, y_scale, y_zp, bias, activation=activation,
+                                     out_dtype=out_dtype, **attrs)
+        want = finish_ref(rows, a_scale=0.03, w_scale=w_scale, bias=bias, activation=activation, out_dtype=out_dtype,
+                          out_scale=y_scale, out_zero_point=y_zp)
+        np.testing.assert_array_equal(got, want.reshape(acc.shape[0], *acc.shape[2:], o).transpose(0, 3, 1, 2))
+
+
+def test_layouts_packed_weights_and_out(level, rng):
+    case = CASES[1]
+    x, w = _operands(rng, case)
+    attrs = _attrs(case)
+    packed = kernels.pack_conv_int8(w, group=attrs["group"])
+    nchw = kernels.qlinear_conv2d(x, 0.1, 3, packed, 0.01, 0, 0.2, 7, **attrs)
+    x_nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    out = np.empty((nchw.shape[0], nchw.shape[2], nchw.shape[3], nchw.shape[1]), np.uint8)
+    nhwc = kernels.qlinear_conv2d(x_nhwc, 0.1, 3, packed, 0.01, 0, 0.2, 7, layout="NHWC", out=out, **attrs)
+    assert nhwc is out
+    np.testing.assert_array_equal(nhwc.transpose(0, 3, 1, 2), nchw)
+    out_nchw = np.empty_like(nchw)
+    assert kernels.qlinear_conv2d(x, 0.1, 3, w, 0.01, 0, 0.2, 7, out=out_nchw, **attrs) is out_nchw
+    np.testing.assert_array_equal(out_nchw, nchw)
+
+
+def test_uint8_weights_int32_bias_and_large_bias(level, rng):
+    """uint8 weights shift to int8 with their zero point; a bias too large for int32 sums takes the exact int64 path."""
+    case = CASES[2]
+    x, _ = _operands(rng, case)
+    w = rng.integers(0, 256, (case[4], case[1], case[5], case[6])).astype(np.uint8)
+    o = w.shape[0]
+    zw = rng.integers(100, 156, o).astype(np.uint8)
+    attrs = _attrs(case)
+    acc = conv2d_ref(x, w, x_zero_point=9, w_zero_point=zw.astype(np.int64), pads=_ref_pads(case))
+    rows = acc.transpose(0, 2, 3, 1).reshape(-1, o)
+    np.testing.assert_array_equal(kernels.conv2d_int8(x, w, x_zero_point=9, w_zero_point=zw, **attrs), acc)
+    for bias in (rng.integers(-1000, 1000, o).astype(np.int32), np.full(o, 2**31 - 1000, np.int32)):
+        got = kernels.qlinear_conv2d(x, 0.5, 9, w, 0.25, zw, None, None, bias, out_dtype=np.float32, **attrs)
+        want = finish_ref(rows, a_scale=0.5, w_scale=0.25, bias=bias, out_dtype=np.float32)
+        np.testing.assert_array_equal(got, want.reshape(1, case[2], case[3], o).transpose(0, 3, 1, 2))
+
+
+def test_threads_agree(rng):
+    case = (1, 16, 30, 30, 96, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    x, w = _operands(rng, case)
+    results = []
+    for count in (1, 2):
+        kernels.set_num_threads(count)
+        try:
+            results.append(kernels.qlinear_conv2d(x, 0.1, 128, w, 0.01, 0, 0.5, 128, **_attrs(case)))
+        finally:
+            kernels.set_num_threads(kernels.threads._available_cores())
+    np.testing.assert_array_equal(results[0], results[1])
+
+
+def _scalar(value):
+    return None if value is None else (value.reshape(-1)[0] if value.size == 1 else value)
+
+
+@pytest.mark.parametrize("name", conformance.params("ConvInteger", "QLinearConv"))
+def test_onnx_conformance(name):
+    case = conformance.load_case(name)
+    attrs = case.attributes
+    kwargs = dict(strides=tuple(attrs.get("strides", (1, 1))), pads=tuple(attrs.get("pads", (0, 0, 0, 0))),
+                  dilations=tuple(attrs.get("dilations", (1, 1))), group=attrs.get("group", 1))
+    if case.op == "ConvInteger":
+        x, w, zx, zw = (case.inputs + [None, None])[:4]
+        got = kernels.conv2d_int8(x, w, x_zero_point=0 if zx is None else int(zx),
+                                  w_zero_point=0 if zw is None else _scalar(zw), **kwargs)
+    else:
+        x, xs, xz, w, ws, wz, ys, yz, *rest = case.inputs
+        got = kernels.qlinear_conv2d(x, xs.reshape(-1)[0], xz.reshape(()), w, _scalar(ws), _scalar(wz),
+                                     ys.reshape(-1)[0], yz.reshape(()), rest[0] if rest else None, **kwargs)
+    np.testing.assert_array_equal(got, case.outputs[0])
+
+
+BAD = [
+    (dict(x=np.zeros((1, 4, 5, 5), np.float32)), TypeError, "x: expected dtype uint8 or int8, got float32"),
+    (dict(x=np.zeros((4, 5, 5), np.uint8)), ValueError, "x: expected a 4-D NCHW array"),
+    (dict(w=np.zeros((8, 4, 3, 3), np.float32)), TypeError, "w: expected dtype int8 or uint8"),
+    (dict(w=np.zeros((8, 3, 3, 3), np.int8)), ValueError, "w: expected 4 input channels per filter"),
+    (dict(group=3), ValueError, "group: expected a positive divisor"),
+    (dict(strides=(0, 1)), ValueError, "strides: expected values >= 1"),
+    (dict(dilations=(1, 2, 3)), TypeError, "dilations: expected an int or a pair"),
+    (dict(pads=(1, -1, 0, 0)), ValueError, "pads: expected values >= 0"),
+    (dict(pads="middle"), ValueError, "pads: expected 4 ints"),
+    (dict(layout="CHWN"), ValueError, "layout: expected 'NCHW' or 'NHWC'"),
+    (dict(x=np.zeros((1, 4, 2, 2), np.uint8), dilations=(2, 2)), ValueError, "is smaller than the 3x3 kernel"),
+    (dict(x_zero_point=300), ValueError, "x_zero_point: values must lie in"),
+    (dict(w_zero_point=np.zeros(3, np.int64)), ValueError, r"w_zero_point: expected a scalar or shape \(8,\)"),
+    (dict(out=np.zeros((1, 8, 5, 5), np.int64)), TypeError, "out: expected dtype int32"),
+    (dict(out=np.zeros((1, 8, 4, 4), np.int32)), ValueError, r"out: expected shape \(1, 8, 5, 5\)"),
+]
+
+
+@pytest.mark.parametrize("change, error, message", BAD, ids=[b[2][:40] for b in BAD])
+def test_conv2d_int8_rejects_bad_arguments(change, error, message):
+    args = dict(x=np.zeros((1, 4, 5, 5), np.uint8), w=np.zeros((8, 4, 3, 3), np.int8), pads=(1, 1, 1, 1))
+    args.update(change)
+    x, w = args.pop("x"), args.pop("w")
+    with pytest.raises(error, match=message):
+        kernels.conv2d_int8(x, w, **args)
+
+
+def test_conv2d_int8_rejects_overflowing_filters_and_packed_group_mismatch():
+    x = np.zeros((1, 4000, 3, 3), np.uint8)
+    w = np.zeros((1, 4000, 3, 3), np.int8)
+    with pytest.raises(ValueError, match="filters of 36000 values .* exceed 33025"):
+        kernels.conv2d_int8(x, w, w_zero_point=127)
+    with pytest.raises(ValueError, match="a filter of 73800 values .* exceeds the supported 65792"):
+        kernels.conv2d_int8(np.zeros((1, 8200, 3, 3), np.uint8), np.zeros((1, 8200, 3, 3), np.int8))
+    packed = kernels.pack_conv_int8(np.zeros((4, 2, 1, 1), np.int8), group=2)
+    with pytest.raises(ValueError, match="group: the weights were packed for group=2, got group=1"):
+        kernels.conv2d_int8(np.zeros((1, 4, 2, 2), np.uint8), packed)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(x_scale=0.0), "x_scale: scales must be finite and positive"),
+    (dict(y_scale=None), "y_scale: required for out_dtype uint8"),
+    (dict(w_scale=np.ones(3)), r"w_scale: expected a scalar or shape \(8,\)"),
+    (dict(activation="gelu"), "activation: expected one of"),
+    (dict(bias=np.zeros(8, np.int64)), "bias: expected float"),
+    (dict(out_dtype=np.float32), "y_scale, y_zero_point: only for integer out_dtype"),
+])
+def test_qlinear_conv2d_rejects_bad_arguments(change, message):
+    args = dict(x_scale=0.1, w_scale=0.1, y_scale=0.1, bias=None, activation=None, out_dtype=None)
+    args.update(change)
+    x, w = np.zeros((1, 4, 5, 5), np.uint8), np.zeros((8, 4, 3, 3), np.int8)
+    with pytest.raises((ValueError, TypeError), match=message):
+        kernels.qlinear_conv2d(x, args["x_scale"], 0, w, args["w_scale"], 0, args["y_scale"], np.uint8(0),
+                               args["bias"], activation=args["activation"], out_dtype=args["out_dtype"])
