@@ -227,6 +227,33 @@ def make_tile_store(rows: int, prefetch_distance: int = 0, source: str = "rows")
     return _tile_intrinsic(SOURCES[source], rows, prefetch_distance, accepts, finish)
 
 
+def requantize(builder, y: ir.Value, factors: Callable[[int], tuple[ir.Value, ir.Value]], lo: ir.Value,
+               hi: ir.Value, zp: ir.Value, quantize: bool) -> ir.Value:
+    """The ``REAL`` / ``QUANT`` epilogue of 16 int32 sums ``y`` (already including ``col_term``), in registers.
+
+    ``factors(h)`` gives the ``<8 x double>`` ``mult`` and ``shift`` of lanes ``8 h .. 8 h + 7``;
+    ``lo``, ``hi`` and ``zp`` are splat ``<8 x double>``. Returns 16 float32
+    ``float32(clip(y mult + shift, lo, hi))`` or, with ``quantize``, 16 i8
+    ``rint(clip(y mult + shift, lo, hi) + zp)`` (half to even, ``[lo, hi]`` narrowed by
+    the caller so that no final clamp is needed), computed as ``finish_tile`` does.
+    """
+    lrint = declare(builder, "llvm.lrint.v8i32.v8f64", ir.FunctionType(ir.VectorType(I32, 8), [V8F64]))
+    halves = []
+    for h in (0, 1):
+        part = builder.sitofp(builder.shuffle_vector(y, y, ir.Constant(ir.VectorType(I32, 8),
+                                                                       list(range(8 * h, 8 * h + 8)))), V8F64)
+        mult, shift = factors(h)
+        t = builder.fadd(builder.fmul(part, mult), shift)
+        t = builder.select(builder.fcmp_ordered(">", t, lo), t, lo)
+        t = builder.select(builder.fcmp_ordered("<", t, hi), t, hi)
+        if quantize:
+            halves.append(builder.call(lrint, [builder.fadd(t, zp)]))  # half to even (vcvtpd2dq)
+        else:
+            halves.append(builder.fptrunc(t, ir.VectorType(F32, 8)))
+    joined = builder.shuffle_vector(halves[0], halves[1], ir.Constant(V16I32, list(range(16))))
+    return builder.trunc(joined, ir.VectorType(I8, 16)) if quantize else joined
+
+
 def make_tile_finish(rows: int, prefetch_distance: int = 0, source: str = "rows"):
     """A tile intrinsic that rescales and (re)quantizes its sums in registers: ``tile_finish``.
 
@@ -246,9 +273,6 @@ def make_tile_finish(rows: int, prefetch_distance: int = 0, source: str = "rows"
     ``col_term`` (int32), ``mult`` and ``shift`` (float64) are padded to a whole
     number of panels. Stores are masked to rows ``< m`` and columns ``< cols``.
     """
-    half = [ir.Constant(ir.VectorType(I32, 8), list(range(8 * h, 8 * h + 8))) for h in (0, 1)]
-    whole = ir.Constant(V16I32, list(range(16)))
-
     def accepts(tys) -> bool:
         out = tys[10]
         return (is_array(tys[0], types.int32, 1) and is_array(tys[1], types.float64, 1)
@@ -266,24 +290,13 @@ def make_tile_finish(rows: int, prefetch_distance: int = 0, source: str = "rows"
         sh_ptr = builder.gep(array_ptr(context, builder, tys[2], shift, F64), [c0])
         col_terms = [load_vector(builder, ct_ptr, 16 * j, V16I32) for j in range(VECTORS)]
         lo, hi, zp = (splat(builder, v, V8F64) for v in (lo, hi, zp))
-        lrint = declare(builder, "llvm.lrint.v8i32.v8f64", ir.FunctionType(ir.VectorType(I32, 8), [V8F64]))
 
         def transform(sums, j):
-            y = builder.add(sums, col_terms[j])
-            halves = []
-            for h in (0, 1):
-                part = builder.sitofp(builder.shuffle_vector(y, y, half[h]), V8F64)
-                # per-channel factors loaded where they are used: kept in registers they would spill
-                t = builder.fadd(builder.fmul(part, load_vector(builder, mu_ptr, 16 * j + 8 * h, V8F64)),
-                                 load_vector(builder, sh_ptr, 16 * j + 8 * h, V8F64))
-                t = builder.select(builder.fcmp_ordered(">", t, lo), t, lo)
-                t = builder.select(builder.fcmp_ordered("<", t, hi), t, hi)
-                if quantize:
-                    halves.append(builder.call(lrint, [builder.fadd(t, zp)]))  # half to even (vcvtpd2dq)
-                else:
-                    halves.append(builder.fptrunc(t, ir.VectorType(F32, 8)))
-            joined = builder.shuffle_vector(halves[0], halves[1], whole)
-            return builder.trunc(joined, ir.VectorType(I8, 16)) if quantize else joined
+            # per-channel factors loaded where they are used: kept in registers they would spill
+            return requantize(builder, builder.add(sums, col_terms[j]),
+                              lambda h: (load_vector(builder, mu_ptr, 16 * j + 8 * h, V8F64),
+                                         load_vector(builder, sh_ptr, 16 * j + 8 * h, V8F64)),
+                              lo, hi, zp, quantize)
 
         elem = I8 if quantize else F32
         _store_rows(builder, results, m, cols, array_ptr(context, builder, tys[10], out, elem), o_off, ldo, elem,

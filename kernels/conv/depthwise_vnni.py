@@ -1,0 +1,222 @@
+"""AVX-512 VNNI depthwise convolution (3x3 or 5x5, strides 1 or 2, dilation 1), requantized in registers.
+
+With ``u`` the activations as unsigned bytes (int8 ones plus 128, by ``x ^ 0x80``),
+``zu`` their zero point and ``w' = w - w_zp`` the centred weights, which must fit
+int8, the accumulator of ``kernels.conv.depthwise`` is::
+
+    acc[m, c] = sum_{ky, kx} u[.., iy, ix, c] * w'[c, ky, kx] - zu * sum_{ky, kx} w'[c, ky, kx]
+
+where the padding holds ``zu``: the correction is a per-channel constant, folded
+with an int32 bias into ``col_term`` as in the GEMM epilogue.
+
+One ``vpdpbusd`` lane does 4 multiply-adds of one channel. A *column quad* of
+input column ``ix`` and 16 channels holds, in lane ``c``, the bytes
+``u[y + 4g + b, ix, c]`` (``b < 4``) of kernel rows ``4g .. 4g + 3`` (``g < G =
+ceil(KH / 4)``; rows past KH read nothing, their weights are 0). Output pixel
+``ox`` of a 16-channel vector is then ``KW * G`` ``vpdpbusd`` of the quads of columns
+``ox SW - PL + kx`` against pre-interleaved weights (``pack_quads``). Walking
+``ox`` left to right, the quads of ``KW - SW`` columns carry over in registers to
+the next pixel, so each column is built once (``SW`` new ones per pixel), from
+``4 G`` byte loads widened and shifted into place. The sums then go through
+``kernels.gemm.vnni.requantize`` (the epilogue of ``make_tile_finish``) and are
+stored with masked stores; nothing goes through memory in between.
+
+Only compiled when ``kernels.dispatch`` picks "conv_depthwise" "avx512-vnni".
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+from kernels._jit import kernel
+from kernels.gemm.llvm_ir import F32, F64, I1, I8, I32, I64, array_ptr, declare, emit_loop, is_array, load_vector, splat
+from kernels.gemm.vnni import V8F64, V16I32, declare_vpdpbusd, requantize
+
+LANES = 16  # channels per vector
+KERNELS = ((3, 3), (5, 5))  # (KH, KW) with a VNNI kernel; strides 1 or 2 each way, dilation 1
+STRIDES = (1, 2)
+V16I8 = ir.VectorType(I8, LANES)
+V16I1 = ir.VectorType(I1, LANES)
+_OUT = {types.int32: I32, types.float32: F32, types.uint8: I8, types.int8: I8}
+
+
+def groups(kh: int) -> int:
+    """Column quads per column: kernel rows go 4 to a ``vpdpbusd`` lane."""
+    return -(-kh // 4)
+
+
+def pack_quads(centred: np.ndarray) -> np.ndarray:
+    """Weights ``w' [C, KH, KW]`` (int values in int8 range) as int8 ``[ceil(C / 16), KW G, 64]``.
+
+    ``quads[v, kx G + g, 4 l + b] = w'[16 v + l, 4 g + b, kx]``, 0 past KH and C: the
+    weight vector that meets the quad ``g`` of column ``kx`` for channels ``16 v ..``.
+    """
+    c, kh, kw = centred.shape
+    g = groups(kh)
+    vectors = -(-c // LANES)
+    full = np.zeros((vectors * LANES, 4 * g, kw), np.int8)
+    full[:c, :kh] = centred
+    # [v, l, g, b, kx] -> [v, kx, g, l, b]
+    return np.ascontiguousarray(full.reshape(vectors, LANES, g, 4, kw).transpose(0, 4, 2, 1, 3)
+                                .reshape(vectors, kw * g, 4 * LANES))
+
+
+def _masked(builder, kind: str, elem: ir.Type) -> ir.Function:
+    vec = ir.VectorType(elem, LANES)
+    name = {I8: "i8", I32: "i32", F32: "f32"}[elem]
+    if kind == "load":
+        return declare(builder, f"llvm.masked.load.v16{name}.p0",
+                       ir.FunctionType(vec, [vec.as_pointer(), I32, V16I1, vec]))
+    return declare(builder, f"llvm.masked.store.v16{name}.p0",
+                   ir.FunctionType(ir.VoidType(), [vec, vec.as_pointer(), I32, V16I1]))
+
+
+def _make_row(kh: int, kw: int, sw: int, signed: bool):
+    """The intrinsic computing one output row (module docstring) for a ``kh x kw`` kernel, stride ``sw``.
+
+    ``row(x, pad, offsets, zq, quads, col_term, mult, shift, lo, hi, zp, c, w_in, ow, pl, v0, v1, out, o_off)``:
+
+    x        : uint8 [N H W C] flat, NHWC (int8 data viewed as uint8 when ``signed``)
+    pad      : uint8 [>= W C], every byte the zero point (as stored in x): the padding rows
+    offsets  : int64 [KH], offset in x of input row ``ky`` of the window, or -1 for a padding row
+    zq       : int64, the zero-point byte times 0x01010101 (the quad of a padding column)
+    quads    : int8 flat ``pack_quads``
+    col_term : int32 [>= 16 v1]; mult, shift float64 [>= 16 v1] (unused for int32 out)
+    lo, hi, zp : float64 epilogue bounds and zero point (unused for int32 out)
+    c, w_in, ow, pl : channels, input width, output width, left padding
+    v0, v1   : channel vectors ``v0 .. v1`` (of 16 channels) to compute
+    out      : flat int32 / float32 / uint8 / int8; pixel ``ox`` channel ``k`` at ``out[o_off + ox c + k]``
+    """
+    g_count = groups(kh)
+    carried = kw - sw  # columns shared with the next output pixel
+
+    def typer(typingctx, x, pad, offsets, zq, quads, col_term, mult, shift, lo, hi, zp, c, w_in, ow, pl, v0, v1,
+              out, o_off):
+        if not (is_array(x, types.uint8, 1) and is_array(pad, types.uint8, 1) and is_array(offsets, types.int64, 1)
+                and is_array(quads, types.int8, 1) and is_array(col_term, types.int32, 1)
+                and is_array(mult, types.float64, 1) and is_array(shift, types.float64, 1)
+                and isinstance(out, types.Array) and out.ndim == 1 and out.layout == "C" and out.dtype in _OUT):
+            return None
+        ints = (types.int64,) * 6
+        sig = types.void(x, pad, offsets, types.int64, quads, col_term, mult, shift, types.float64, types.float64,
+                         types.float64, *ints, out, types.int64)
+        return sig, codegen
+
+    def codegen(context, builder, signature, args):
+        (x, pad, offsets, zq, quads, col_term, mult, shift, lo, hi, zp, c, w_in, ow, pl, v0, v1, out,
+         o_off) = args
+        tys = signature.args
+        out_ty = tys[17].dtype
+        elem = _OUT[out_ty]
+        x_ptr = array_ptr(context, builder, tys[0], x, I8)
+        pad_ptr = array_ptr(context, builder, tys[1], pad, I8)
+        off_ptr = array_ptr(context, builder, tys[2], offsets, I64)
+        w_ptr = array_ptr(context, builder, tys[4], quads, I8)
+        ct_ptr = array_ptr(context, builder, tys[5], col_term, I32)
+        mu_ptr = array_ptr(context, builder, tys[6], mult, F64)
+        sh_ptr = array_ptr(context, builder, tys[7], shift, F64)
+        out_ptr = builder.gep(array_ptr(context, builder, tys[17], out, elem), [o_off])
+        dot = declare_vpdpbusd(builder)
+        byte = dot.function_type.args[1]
+        zero64 = ir.Constant(I64, 0)
+        # row bases: the padding rows read the zero-point row
+        rows = []
+        for ky in range(kh):
+            off = builder.load(builder.gep(off_ptr, [ir.Constant(I64, ky)]))
+            inside = builder.icmp_signed(">=", off, zero64)
+            rows.append(builder.select(inside, builder.gep(x_ptr, [off]), pad_ptr))
+        zq_vec = splat(builder, builder.trunc(zq, I32), V16I32)
+        flip = ir.Constant(V16I32, [0x80808080 - 2**32] * LANES)
+        lanes = ir.Constant(V16I32, list(range(LANES)))
+        if out_ty != types.int32:
+            lo, hi, zp = (splat(builder, v, V8F64) for v in (lo, hi, zp))
+
+        def vector(v, state):
+            v = builder.add(v, v0)
+            c0 = builder.mul(v, ir.Constant(I64, LANES))
+            left = builder.trunc(builder.sub(c, c0), I32)
+            mask = builder.icmp_signed("<", lanes, splat(builder, left, V16I32))
+            w_base = builder.gep(w_ptr, [builder.mul(v, ir.Constant(I64, kw * g_count * 64))])
+            weights = [builder.bitcast(load_vector(builder, w_base, 64 * i, ir.VectorType(I8, 64)), byte)
+                       for i in range(kw * g_count)]
+            ct = load_vector(builder, builder.gep(ct_ptr, [c0]), 0, V16I32)
+            factors = [(load_vector(builder, builder.gep(mu_ptr, [c0]), 8 * h, V8F64),
+                        load_vector(builder, builder.gep(sh_ptr, [c0]), 8 * h, V8F64)) for h in (0, 1)]
+            bases = [builder.gep(row, [c0]) for row in rows]
+            load = _masked(builder, "load", I8)
+
+            def column(ix) -> list[ir.Value]:
+                """The G quads of input column ``ix`` (the zero point's outside the image)."""
+                inside = builder.and_(builder.icmp_signed(">=", ix, zero64), builder.icmp_signed("<", ix, w_in))
+                at = builder.mul(builder.select(inside, ix, zero64), c)
+                quads_ = []
+                for g in range(g_count):
+                    quad = None
+                    for b in range(min(4, kh - 4 * g)):
+                        src = builder.bitcast(builder.gep(bases[4 * g + b], [at]), V16I8.as_pointer())
+                        part = builder.zext(builder.call(load, [src, ir.Constant(I32, 1), mask,
+                                                                ir.Constant(V16I8, None)]), V16I32)
+                        if b:
+                            part = builder.shl(part, ir.Constant(V16I32, [8 * b] * LANES))
+                        quad = part if quad is None else builder.or_(quad, part)
+                    quad = builder.select(inside, quad, zq_vec)
+                    quads_.append(builder.xor(quad, flip) if signed else quad)
+                return quads_
+
+            def pixel(ox, carry):
+                first = builder.sub(builder.mul(ox, ir.Constant(I64, sw)), pl)
+                cols = [carry[g_count * i: g_count * (i + 1)] for i in range(carried)]
+                cols += [column(builder.add(first, ir.Constant(I64, kx))) for kx in range(carried, kw)]
+                acc = ct
+                for kx in range(kw):
+                    for g in range(g_count):
+                        acc = builder.call(dot, [acc, builder.bitcast(cols[kx][g], byte), weights[kx * g_count + g]])
+                if out_ty == types.int32:
+                    value = acc
+                else:
+                    value = requantize(builder, acc, lambda h: factors[h], lo, hi, zp, out_ty != types.float32)
+                dst = builder.gep(out_ptr, [builder.add(builder.mul(ox, c), c0)])
+                builder.call(_masked(builder, "store", elem),
+                             [value, builder.bitcast(dst, ir.VectorType(elem, LANES).as_pointer()),
+                              ir.Constant(I32, 1), mask])
+                return [q for col in cols[sw:] for q in col]
+
+            start = builder.neg(pl)
+            init = [q for kx in range(carried) for q in column(builder.add(start, ir.Constant(I64, kx)))]
+            emit_loop(builder, ow, V16I32, carried * g_count, pixel, init)
+            return state
+
+        emit_loop(builder, builder.sub(v1, v0), V16I32, 0, vector)
+        return context.get_dummy_value()
+
+    return intrinsic(typer)
+
+
+def _make_driver(kh: int, kw: int, sw: int, signed: bool):
+    row = _make_row(kh, kw, sw, signed)
+
+    @kernel
+    def depthwise_rows(x, pad, window, zq, quads, col_term, mult, shift, lo, hi, zp, c, v0, v1, r0, r1, out):
+        """Channel vectors ``v0 .. v1`` of output rows ``r0 .. r1`` (``r = n OH + oy``); see ``_make_row``.
+
+        x : flat NHWC uint8; out : flat [N OH OW C]; window : ``ConvGeometry.window()``
+        """
+        h, w_in, _, _, sh, _, _, _, pt, pl, oh, ow = window
+        offsets = np.empty(kh, np.int64)
+        for r in range(r0, r1):
+            n = r // oh
+            top = (r % oh) * sh - pt
+            for ky in range(kh):
+                iy = top + ky
+                offsets[ky] = (n * h + iy) * w_in * c if 0 <= iy < h else -1
+            row(x, pad, offsets, zq, quads, col_term, mult, shift, lo, hi, zp, c, w_in, ow, pl, v0, v1, out,
+                r * ow * c)
+
+    return depthwise_rows
+
+
+DRIVERS = {(kh, kw, sw, signed): _make_driver(kh, kw, sw, signed)
+           for kh, kw in KERNELS for sw in STRIDES for signed in (False, True)}
