@@ -1,4 +1,4 @@
-"""The ``lowbit`` command line: ``lowbit info`` and ``lowbit demo``."""
+"""The ``lowbit`` command line: info, bench, demo, warmup, quantize, run, report."""
 
 from __future__ import annotations
 
@@ -36,45 +36,92 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _best_seconds(fn, repeat: int) -> float:
-    fn()  # compile, or load from the cache
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+def _bench(args: argparse.Namespace) -> int:
+    from lowbit.benchmark import bench, table
+
+    print(f"{kernels.cpu_info()['cpu']}, level {kernels.cpu_info()['active_level']}, "
+          f"{args.threads or kernels.get_num_threads()} thread(s); ratio = NumPy float32 time / lowbit time")
+    print(table(bench(threads=args.threads)))
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """Quantize a float linear layer to int8, run it, and compare accuracy and speed with float32."""
+    from lowbit.demo.digits import main as digits
+
+    return digits(quick=args.quick, seed=args.seed)
+
+
+def _warmup(args: argparse.Namespace) -> int:
+    from lowbit.warmup import warmup
+
+    print(f"compiling every kernel for level {kernels.cpu_info()['active_level']} into the cache:")
+    print(f"done in {warmup():.1f} s")
+    return 0
+
+
+def _feeds(graph, path: str | None, batch: int) -> dict[str, np.ndarray]:
+    """The model's inputs: from an .npy / .npz file, else random data of the declared shapes (batch ``batch``)."""
+    if path:
+        if path.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as data:
+                return {name: data[name] for name in data.files}
+        (name,) = graph.inputs
+        return {name: np.load(path, allow_pickle=False)}
     rng = np.random.default_rng(0)
-    m, n, k = args.m, args.n, args.k
-    x = rng.normal(0, 1, (m, k)).astype(np.float32)
-    w = rng.normal(0, 0.05, (n, k)).astype(np.float32)
-    # per-tensor asymmetric uint8 activations, per-channel symmetric int8 weights
-    x_scale = float(x.max() - x.min()) / 255
-    x_zero = int(np.clip(np.rint(-x.min() / x_scale), 0, 255))
-    xq = np.clip(np.rint(x / x_scale) + x_zero, 0, 255).astype(np.uint8)
-    w_scale = np.abs(w).max(axis=1) / 127
-    wq = np.clip(np.rint(w / w_scale[:, None]), -127, 127).astype(np.int8)
-    packed = kernels.pack_int8(wq)
+    return {name: rng.standard_normal([batch if d is None else d for d in spec.shape]).astype(spec.dtype)
+            for name, spec in graph.inputs.items()}
 
-    y_int8 = kernels.linear_int8(xq, packed, a_scale=x_scale, a_zero_point=x_zero, w_scale=w_scale)
-    y_float = x @ w.T
-    err = np.abs(y_int8 - y_float).max() / np.abs(y_float).max()
 
-    t_int8 = _best_seconds(lambda: kernels.gemm_int8(xq, packed), args.repeat)
-    t_float = _best_seconds(lambda: x @ w.T, args.repeat)
-    ops = 2 * m * n * k
-    print(f"int8 linear layer, M={m} N={n} K={k}, {kernels.get_num_threads()} thread(s), "
-          f"level {kernels.cpu_info()['active_level']}")
-    print(f"  y[0, :4] int8  = {np.array2string(y_int8[0, :4], precision=4)}")
-    print(f"  y[0, :4] float = {np.array2string(y_float[0, :4], precision=4)}")
-    print(f"  max error relative to max |y|: {err:.2e}")
-    print(f"  lowbit gemm_int8     : {ops / t_int8 / 1e9:8.1f} GOPS  ({t_int8 * 1e3:.2f} ms)")
-    print(f"  numpy float32 matmul : {ops / t_float / 1e9:8.1f} GFLOP/s  ({t_float * 1e3:.2f} ms)")
-    print(f"  speed-up: {t_float / t_int8:.2f}x")
+def _quantize(args: argparse.Namespace) -> int:
+    import lowbit
+    from lowbit.io import model_size
+
+    graph = lowbit.load(args.model)
+    feeds = _feeds(graph, args.calibration, args.batch)
+    quantized = lowbit.quantize_model(graph, [feeds], {"precision": args.precision,
+                                                        "activations": args.activations})
+    lowbit.save(quantized, args.output)
+    print(f"{args.model} ({model_size(graph)} bytes) -> {args.output} ({model_size(quantized)} bytes, "
+          f"{args.precision})")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    import lowbit
+    from lowbit.runtime.session import Session
+
+    graph = lowbit.load(args.model)
+    session = Session(graph, threads=args.threads)
+    feeds = _feeds(graph, args.input, args.batch)
+    session.run(feeds)  # prepare and compile
+    start = time.perf_counter()
+    outputs = session.run(feeds)
+    elapsed = time.perf_counter() - start
+    for name, value in outputs.items():
+        print(f"{name}: shape {value.shape}, dtype {value.dtype}, first values {value.reshape(-1)[:5]}")
+        if args.output:
+            np.save(args.output, value)
+    print(f"ran in {elapsed * 1e3:.2f} ms")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    import lowbit
+    from lowbit.io import model_size
+    from lowbit.quantization.metrics import sqnr_db
+    from lowbit.runtime.session import Session
+
+    graph = lowbit.load(args.model)
+    feeds = _feeds(graph, args.input, args.batch)
+    session = Session(graph, threads=args.threads)
+    print(f"{args.model}: {len(graph.nodes)} nodes, {model_size(graph)} bytes of parameters")
+    if args.reference:
+        reference = Session(lowbit.load(args.reference), threads=args.threads)
+        names = [n for n in graph.outputs]
+        ours, theirs = session.run(feeds), reference.run(feeds)
+        for name in names:
+            print(f"output {name}: SQNR {sqnr_db(theirs[name], ours[name]):.1f} dB against {args.reference}")
+    print(session.profile(feeds))
     return 0
 
 
@@ -84,11 +131,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = sub.add_parser("info", help="CPU features, active kernel level, versions, threads")
     info.add_argument("--json", action="store_true", help="print machine-readable JSON")
     info.set_defaults(run=_info)
-    demo = sub.add_parser("demo", help="quantize a linear layer to int8, run it, compare with float32")
-    for dim, default in (("m", 512), ("n", 1024), ("k", 1024)):
-        demo.add_argument(f"-{dim}", type=int, default=default, help=f"{dim.upper()} (default {default})")
-    demo.add_argument("--repeat", type=int, default=10, help="timed repetitions (default 10)")
+    bench = sub.add_parser("bench", help="each kernel family against NumPy float32, one table")
+    bench.add_argument("--threads", type=int, help="threads for lowbit and NumPy (default: all cores)")
+    bench.set_defaults(run=_bench)
+    demo = sub.add_parser("demo", help="train, quantize and run digit classifiers (needs scikit-learn)")
+    demo.add_argument("--quick", action="store_true", help="fewer epochs (for a smoke test)")
+    demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
+    warm = sub.add_parser("warmup", help="compile every kernel ahead into the on-disk cache")
+    warm.set_defaults(run=_warmup)
+    for name, helptext, handler in (("quantize", "quantize a float .lowbit model", _quantize),
+                                    ("run", "run a .lowbit model on an input", _run),
+                                    ("report", "per-node profile (and error against a reference model)", _report)):
+        cmd = sub.add_parser(name, help=helptext)
+        cmd.add_argument("model", help="a .lowbit file (lowbit.save)")
+        cmd.add_argument("--batch", type=int, default=1, help="batch of the random input when no file is given")
+        cmd.set_defaults(run=handler)
+        if name == "quantize":
+            cmd.add_argument("-o", "--output", required=True, help="where to write the quantized model")
+            cmd.add_argument("--calibration", help=".npy / .npz calibration input (default: random)")
+            cmd.add_argument("--precision", default="int8", choices=("int8", "int4", "ternary", "binary"))
+            cmd.add_argument("--activations", default="static", choices=("static", "dynamic"))
+        else:
+            cmd.add_argument("--input", help=".npy (single input) or .npz (by name) input (default: random)")
+            cmd.add_argument("--threads", type=int, help="threads (default: all cores)")
+        if name == "run":
+            cmd.add_argument("--output", help="save the (first) output here as .npy")
+        if name == "report":
+            cmd.add_argument("--reference", help="a float .lowbit model to measure the output error against")
     args = parser.parse_args(argv)
     return args.run(args)
 

@@ -34,6 +34,7 @@ class Kernel:
     ops: int = 0  # arithmetic operations per call (a multiply-add counts 2), for the profile's GOPS
     precision: str = "float32"  # what it computes in: float32, int8, int4, ternary, binary
     note: str = ""  # shown in the profile (e.g. which kernel, or why it fell back to float)
+    fallback: Kernel | None = None  # the same outputs computed in float; a session keeps the faster of the two
 
     def __call__(self, inputs: list[np.ndarray], outs: list[np.ndarray]) -> list[np.ndarray]:
         result = self.run(inputs, outs)

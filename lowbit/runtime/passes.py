@@ -1,0 +1,140 @@
+"""Graph rewrites run before a graph is prepared: batch-norm folding and activation fusion.
+
+Both are pure: they return a new :class:`~lowbit.graph.ir.Graph` whose new
+parameters are new arrays under new names, and never modify the input graph or
+its parameter arrays. A node is rewritten only when the tensor between the two
+nodes has no other consumer and is not a graph output (so nothing else can
+observe it).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lowbit.graph.ir import Graph, Node
+
+#: Producers that apply attr ``activation`` ("relu" / "relu6") after their bias.
+FUSABLE = ("Conv", "Gemm", "QLinearConv", "lowbit.QGemm", "lowbit.DynamicQGemm", "lowbit.Int4Gemm",
+           "lowbit.Int4Conv", "lowbit.TernaryGemm", "lowbit.BinaryConv", "lowbit.BinaryGemm")
+#: Producers whose output may be quantized codes (y_zero_point at input 7).
+_QUANTIZED_OUT = ("QLinearConv", "lowbit.QGemm")
+
+
+def _private(graph: Graph, tensor: str) -> Node | None:
+    """The only consumer of ``tensor`` when it has exactly one and is not a graph output, else None."""
+    if tensor in graph.outputs:
+        return None
+    consumers = graph.consumers(tensor)
+    return consumers[0] if len(consumers) == 1 else None
+
+
+def _fresh(graph: Graph, stem: str) -> str:
+    name, k = stem, 0
+    taken = set(graph.params) | set(graph.inputs) | {t for n in graph.nodes for t in n.outputs}
+    while name in taken:
+        k += 1
+        name = f"{stem}_{k}"
+    return name
+
+
+def _drop_unused(graph: Graph, candidates: set[str]) -> None:
+    used = {t for n in graph.nodes for t in n.inputs} | set(graph.outputs)
+    for name in candidates - used:
+        graph.params.pop(name, None)
+
+
+def fold_batch_norm(graph: Graph) -> Graph:
+    """Fold each inference BatchNormalization that follows a Conv or Gemm into that node's weights and bias.
+
+    With ``s = scale / sqrt(var + epsilon)`` (per output channel ``o``)::
+
+        Conv:  w'[o, ...] = w[o, ...] s[o],            b'[o] = (b[o] - mean[o]) s[o] + bias[o]
+        Gemm:  B' = B s (scaling output column o),     C'[o] = (beta C[o] - mean[o]) s[o] + bias[o],  beta' = 1
+
+    (``b`` and ``C`` are 0 when absent), computed in float64 and stored as float32. A BN
+    is folded only when its input is the private output of the Conv / Gemm, its statistics
+    and the weights are parameters, and (Gemm) C is absent or one value per output.
+    """
+    out = graph.copy()
+    replaced: set[str] = set()
+    for bn in [n for n in out.nodes if n.op == "BatchNormalization"]:
+        producer = out.producer(bn.inputs[0])
+        if producer is None or producer.op not in ("Conv", "Gemm") or _private(out, bn.inputs[0]) is not bn:
+            continue
+        if "activation" in producer.attrs or len(bn.outputs) > 1:
+            continue
+        if not all(t in out.params for t in bn.inputs[1:5]) or producer.inputs[1] not in out.params:
+            continue
+        scale, bias, mean, var = (out.params[t].astype(np.float64) for t in bn.inputs[1:5])
+        s = scale / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
+        w = out.params[producer.inputs[1]].astype(np.float64)
+        bias_name = producer.inputs[2] if len(producer.inputs) > 2 else ""
+        if bias_name and bias_name not in out.params:
+            continue
+        b = out.params[bias_name].astype(np.float64) if bias_name else np.zeros(s.shape)
+        if producer.op == "Conv":
+            w = w * s.reshape((-1,) + (1,) * (w.ndim - 1))
+        else:
+            if b.size not in (1, s.size):
+                continue
+            trans_b = int(producer.attrs.get("transB", 0))
+            w = w * (s[:, None] if trans_b else s[None, :])
+            b = float(producer.attrs.get("beta", 1.0)) * b.reshape(-1)
+            producer.attrs["beta"] = 1.0
+        b = (b - mean) * s + bias
+        weight_name = _fresh(out, producer.inputs[1] + "_bn")
+        new_bias = _fresh(out, (bias_name or producer.outputs[0]) + "_bn")
+        out.params[weight_name] = w.astype(np.float32)
+        out.params[new_bias] = b.astype(np.float32)
+        replaced.update(t for t in producer.inputs[1:3] + bn.inputs[1:5] if t)
+        producer.inputs[1:] = [weight_name, new_bias]
+        producer.outputs[0] = bn.outputs[0]
+        out.nodes = [n for n in out.nodes if n is not bn]
+    _drop_unused(out, replaced)
+    return out
+
+
+def _activation_name(graph: Graph, node: Node) -> str | None:
+    """``"relu"`` for Relu, ``"relu6"`` for Clip to [0, 6] (attrs or parameter inputs), else None."""
+    if node.op == "Relu":
+        return "relu"
+    if node.op != "Clip":
+        return None
+    bounds = []
+    for index, key in ((1, "min"), (2, "max")):
+        name = node.inputs[index] if len(node.inputs) > index else ""
+        if name and name not in graph.params:
+            return None
+        bounds.append(float(graph.params[name].item()) if name else node.attrs.get(key))
+    return "relu6" if bounds == [0.0, 6.0] else None
+
+
+def _codes_out(graph: Graph, node: Node) -> np.ndarray | None:
+    """The output zero point of a producer writing quantized codes, else None (float output)."""
+    if node.op not in _QUANTIZED_OUT or len(node.inputs) < 8 or not node.inputs[7]:
+        return None
+    return graph.params.get(node.inputs[7], np.array([1]))
+
+
+def fuse_activations(graph: Graph) -> Graph:
+    """Drop each Relu / Clip(0, 6) that follows a :data:`FUSABLE` node, setting attr ``activation`` on it instead.
+
+    A producer that writes quantized codes (QLinearConv, lowbit.QGemm with y_scale / y_zero_point)
+    takes only a Relu, and only when its output zero point is 0: then Relu on the codes equals
+    Relu on the real values (a Clip(0, 6) on codes would clip at code 6, not at 6.0).
+    """
+    out = graph.copy()
+    for act in [n for n in out.nodes if n.op in ("Relu", "Clip")]:
+        producer = out.producer(act.inputs[0])
+        name = _activation_name(out, act)
+        if (name is None or producer is None or producer.op not in FUSABLE or "activation" in producer.attrs
+                or len(producer.outputs) != 1 or _private(out, act.inputs[0]) is not act):
+            continue
+        zero_point = _codes_out(out, producer)
+        if zero_point is not None and (name != "relu" or np.any(zero_point != 0)):
+            continue
+        producer.attrs["activation"] = name
+        producer.outputs[0] = act.outputs[0]
+        out.nodes = [n for n in out.nodes if n is not act]
+    _drop_unused(out, {t for n in graph.nodes if n.op == "Clip" for t in n.inputs[1:] if t})
+    return out

@@ -1,0 +1,47 @@
+"""Per-node timings of a session: :class:`Profile` rows and a fixed-width table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ProfileRow:
+    """One node: best-of-repeat time ``ms``, throughput ``gops = ops / (ms * 1e6)``, ``share`` of the total in %."""
+
+    name: str
+    op: str
+    precision: str
+    ms: float
+    gops: float
+    share: float
+    note: str
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Rows in execution order; ``total_ms`` is the sum of the rows' best times."""
+
+    rows: list[ProfileRow]
+    total_ms: float
+
+    @classmethod
+    def from_timings(cls, entries: list[tuple[str, str, str, float, int, str]]) -> Profile:
+        """Rows from ``(name, op, precision, seconds, ops, note)`` per node."""
+        total = sum(e[3] for e in entries)
+        rows = [ProfileRow(name, op, precision, 1e3 * sec, ops / sec / 1e9 if sec > 0 else 0.0,
+                           100.0 * sec / total if total > 0 else 0.0, note)
+                for name, op, precision, sec, ops, note in entries]
+        return cls(rows, 1e3 * total)
+
+    def __str__(self) -> str:
+        width = max([len(r.name) for r in self.rows] + [4])
+        ops = max([len(r.op) for r in self.rows] + [2])
+        head = f"{'node':<{width}}  {'op':<{ops}}  {'precision':<9}  {'ms':>9}  {'GOPS':>8}  {'share':>6}  note"
+        lines = [head, "-" * len(head)]
+        for r in self.rows:
+            lines.append(f"{r.name:<{width}}  {r.op:<{ops}}  {r.precision:<9}  {r.ms:>9.3f}  {r.gops:>8.2f}  "
+                         f"{r.share:>5.1f}%  {r.note}".rstrip())
+        lines.append("-" * len(head))
+        lines.append(f"{'total':<{width}}  {'':<{ops}}  {'':<9}  {self.total_ms:>9.3f}  {'':>8}  {100.0:>5.1f}%")
+        return "\n".join(lines)

@@ -1,0 +1,63 @@
+"""Compile every kernel ahead into Numba's on-disk cache, so that a model's first run does not pay for it.
+
+Each public kernel is called once on tiny inputs, in every output mode the
+runtime uses, at the active CPU level (``LOWBIT_ISA`` included). Compiled code
+is cached per CPU and per version of the ``kernels`` sources, so this runs once
+after an install or upgrade; later processes load from the cache.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import numpy as np
+
+import kernels
+
+
+def _calls() -> list[tuple[str, Callable[[], object]]]:
+    rng = np.random.default_rng(0)
+    x8 = rng.integers(0, 256, (1, 8, 6, 6), dtype=np.uint8)
+    w8 = rng.integers(-128, 128, (8, 8, 3, 3), dtype=np.int8)
+    dw = rng.integers(-128, 128, (8, 1, 3, 3), dtype=np.int8)
+    a = rng.integers(0, 256, (9, 64), dtype=np.uint8)
+    w = rng.integers(-128, 128, (64, 64), dtype=np.int8)
+    xf = rng.standard_normal((9, 64), dtype=np.float32)
+    wf = rng.standard_normal((64, 64), dtype=np.float32)
+    signs = kernels.pack_bits(rng.choice(np.array([-1, 1], np.int8), (1, 6, 6, 64)), axis=-1)
+    wb = kernels.pack_conv_binary(rng.choice(np.array([-1, 1], np.int8), (8, 64, 3, 3)))
+    calls = [
+        ("gemm_int8", lambda: kernels.gemm_int8(a, w)),
+        ("gemv_int8", lambda: kernels.gemm_int8(a[:1], w)),
+        ("conv2d_int8", lambda: kernels.conv2d_int8(x8, w8, pads="same")),
+        ("gemm_int4", lambda: kernels.gemm_int4(xf, kernels.pack_int4(wf, 32))),
+        ("gemm_ternary", lambda: kernels.gemm_ternary(xf, kernels.pack_ternary(wf))),
+        ("gemm_binary", lambda: kernels.gemm_binary(kernels.pack_bits(xf), kernels.pack_bits(wf), 64,
+                                                    multiplier=np.ones(64), bias=np.zeros(64))),
+        ("conv2d_binary", lambda: kernels.conv2d_binary(signs, wb, in_channels=64, pads="same",
+                                                        multiplier=np.ones(8), bias=np.zeros(8))),
+        ("conv2d_int4", lambda: kernels.conv2d_int4(x8.astype(np.float32),
+                                                    kernels.pack_conv_int4(w8.astype(np.float32), group_size=32))),
+        ("max_pool2d", lambda: kernels.max_pool2d(x8, 2, strides=2)),
+        ("global_avg_pool2d", lambda: kernels.global_avg_pool2d(x8, 0.1, 3, 0.1, 3)),
+        ("nchw_to_nhwc", lambda: kernels.nhwc_to_nchw(kernels.nchw_to_nhwc(x8))),
+    ]
+    for out_dtype, y_scale, y_zp in ((np.uint8, 0.5, 128), (np.int8, 0.5, 0), (np.float32, None, None)):
+        calls.append((f"linear_int8 -> {np.dtype(out_dtype)}", lambda o=out_dtype, s=y_scale, z=y_zp: kernels.linear_int8(
+            a, w, a_scale=0.1, a_zero_point=3, w_scale=0.01, out_dtype=o, out_scale=s, out_zero_point=z)))
+        calls.append((f"qlinear_conv2d -> {np.dtype(out_dtype)}", lambda o=out_dtype, s=y_scale, z=y_zp: kernels.qlinear_conv2d(
+            x8, 0.1, 3, w8, 0.01, 0, s, z, pads="same", activation="relu", out_dtype=o)))
+        calls.append((f"depthwise -> {np.dtype(out_dtype)}", lambda o=out_dtype, s=y_scale, z=y_zp: kernels.qlinear_conv2d(
+            x8, 0.1, 3, dw, 0.01, 0, s, z, pads="same", group=8, out_dtype=o)))
+    return calls
+
+
+def warmup(progress: Callable[[str], None] = print) -> float:
+    """Call every kernel once (compiling it or loading it from the cache); returns the seconds it took."""
+    start = time.perf_counter()
+    for name, call in _calls():
+        t0 = time.perf_counter()
+        call()
+        progress(f"  {name:<28} {time.perf_counter() - t0:6.2f} s")
+    return time.perf_counter() - start

@@ -1,0 +1,155 @@
+"""lowbit.save / lowbit.load: round trips, packed sub-byte storage, and refusal of bad files."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+
+import numpy as np
+import pytest
+
+from lowbit.graph import Graph, Node, Sequential, TensorSpec
+from lowbit.io import load, model_size, save
+from lowbit.runtime import Session
+
+
+@pytest.fixture
+def graph(rng) -> Graph:
+    return Sequential((None, 3, 8, 8), [("conv", rng.standard_normal((4, 3, 3, 3)), rng.standard_normal(4),
+                                         {"pads": (1, 1, 1, 1)}), ("relu",), ("max_pool", (2, 2)), ("flatten",),
+                                        ("gemm", rng.standard_normal((5, 64)), rng.standard_normal(5))]).graph
+
+
+def _coded(rng, op: str, codes: np.ndarray) -> Graph:
+    params = {"codes": codes, "scales": rng.random((codes.shape[0], 1)).astype(np.float32)}
+    return Graph([Node(op, ["x", "codes", "scales"], ["y"], {"group_size": 64})], {"x": TensorSpec((None, 64))},
+                 ["y"], params).validate()
+
+
+def test_round_trip_is_bit_identical(graph, rng, tmp_path):
+    path = tmp_path / "m.lowbit"
+    save(graph, path)
+    loaded = load(path)
+    assert [(n.op, n.name, n.inputs, n.outputs) for n in loaded.nodes] == \
+        [(n.op, n.name, n.inputs, n.outputs) for n in graph.nodes]
+    assert loaded.inputs == graph.inputs and loaded.outputs == graph.outputs
+    x = {"x": rng.standard_normal((2, 3, 8, 8)).astype(np.float32)}
+    (a,), (b,) = Session(graph).run(x).values(), Session(loaded).run(x).values()
+    np.testing.assert_array_equal(a, b)
+    assert model_size(graph) == graph.nbytes()
+
+
+@pytest.mark.parametrize("op, low, high, bits", [("lowbit.Int4Gemm", -8, 8, 4), ("lowbit.TernaryGemm", -1, 2, 2),
+                                                 ("lowbit.BinaryGemm", -1, 2, 1)])
+def test_codes_are_stored_packed(rng, tmp_path, op, low, high, bits):
+    codes = rng.integers(low, high, (32, 64)).astype(np.int8)
+    if bits == 1:
+        codes[codes == 0] = 1
+    g = _coded(rng, op, codes)
+    path = tmp_path / "m.lowbit"
+    save(g, path)
+    loaded = load(path)
+    np.testing.assert_array_equal(loaded.params["codes"], codes)
+    assert loaded.params["codes"].dtype == np.int8
+    assert model_size(g) == 32 * 64 * bits // 8 + 32 * 4
+    assert path.stat().st_size < model_size(g) + 2000  # headers and zip directory only
+    with zipfile.ZipFile(path) as z:
+        entry = json.loads(z.read("graph.json"))["params"]["codes"]
+    assert entry["storage"] == {4: "s4", 2: "t2", 1: "b1"}[bits] and entry["shape"] == [32, 64]
+
+
+def test_out_of_range_codes_stay_raw(rng, tmp_path):
+    codes = rng.integers(-8, 8, (4, 64)).astype(np.int8)
+    codes[0, 0] = 9
+    g = _coded(rng, "lowbit.Int4Gemm", codes)
+    assert model_size(g) == g.nbytes()
+    save(g, tmp_path / "m.lowbit")
+    np.testing.assert_array_equal(load(tmp_path / "m.lowbit").params["codes"], codes)
+
+
+def _rewrite(path, *, header=None, member=None, data=None):
+    """Copy the zip at ``path`` with graph.json replaced by ``header(old)`` and/or ``member`` replaced by ``data``."""
+    with zipfile.ZipFile(path) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    if header is not None:
+        members["graph.json"] = json.dumps(header(json.loads(members["graph.json"]))).encode()
+    if member is not None:
+        members[member] = data
+    with zipfile.ZipFile(path, "w") as z:
+        for n, d in members.items():
+            z.writestr(n, d)
+
+
+def test_truncated_and_corrupted_files_are_refused(graph, tmp_path):
+    path = tmp_path / "m.lowbit"
+    save(graph, path)
+    raw = path.read_bytes()
+    (tmp_path / "t.lowbit").write_bytes(raw[:len(raw) // 2])
+    with pytest.raises(ValueError, match="not a lowbit model file or truncated/corrupted"):
+        load(tmp_path / "t.lowbit")
+    flipped = bytearray(raw)
+    flipped[200] ^= 0xFF  # inside the first stored member: the CRC check fails
+    (tmp_path / "c.lowbit").write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="truncated/corrupted"):
+        load(tmp_path / "c.lowbit")
+    (tmp_path / "n.lowbit").write_text("hello")
+    with pytest.raises(ValueError, match="not a lowbit model file"):
+        load(tmp_path / "n.lowbit")
+
+
+def test_unknown_version_and_format_are_refused(graph, tmp_path):
+    path = tmp_path / "m.lowbit"
+    save(graph, path)
+    _rewrite(path, header=lambda h: {**h, "format_version": 7})
+    with pytest.raises(ValueError, match="format_version 7 is not supported .*version 1"):
+        load(path)
+    _rewrite(path, header=lambda h: {**h, "format_version": 1, "format": "other"})
+    with pytest.raises(ValueError, match="not a lowbit model file"):
+        load(path)
+
+
+def test_inconsistent_params_are_refused(graph, tmp_path):
+    path = tmp_path / "m.lowbit"
+    save(graph, path)
+    name = next(iter(graph.params))
+
+    def reshape(h):
+        h["params"][name]["shape"] = [1, 2]
+        return h
+    _rewrite(path, header=reshape)
+    with pytest.raises(ValueError, match=f"param {name!r}: stored as"):
+        load(path)
+    save(graph, path)
+    with zipfile.ZipFile(path) as z:
+        member = json.loads(z.read("graph.json"))["params"][name]["file"]
+    _rewrite(path, member=member, data=b"")
+    with pytest.raises(ValueError, match=f"param {name!r}"):
+        load(path)
+    save(graph, path)
+
+    def drop(h):
+        h["nodes"] = h["nodes"][1:]
+        return h
+    _rewrite(path, header=drop)
+    with pytest.raises(ValueError, match="not defined before it"):
+        load(path)
+
+
+def test_pickled_param_is_refused(graph, tmp_path):
+    path = tmp_path / "m.lowbit"
+    save(graph, path)
+    name = next(iter(graph.params))
+    with zipfile.ZipFile(path) as z:
+        member = json.loads(z.read("graph.json"))["params"][name]["file"]
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"evil": 1}], dtype=object), allow_pickle=True)
+    _rewrite(path, member=member, data=buffer.getvalue())
+    with pytest.raises(ValueError, match=f"param {name!r}: unreadable .*allow_pickle"):
+        load(path)
+
+
+def test_unsavable_attribute_is_named(graph, tmp_path):
+    graph.nodes[0].attrs["bad"] = object()
+    with pytest.raises(TypeError, match="attr 'bad'"):
+        save(graph, tmp_path / "m.lowbit")
