@@ -20,9 +20,10 @@ from kernels.conv.pool import avg_pool2d, global_avg_pool2d, max_pool2d, max_poo
 from kernels.gemm.binary import gemm_binary, gemm_binary_int8, gemm_binary_to_bits
 from kernels.gemm.codebook import gemm_codebook
 from kernels.gemm.int4 import gemm_int4
-from kernels.gemm.int8 import gemm_int8, linear_int8, max_k_int32
+from kernels.gemm.int8 import LinearPlan, gemm_int8, linear_int8, linear_int8_plan, max_k_int32
 from kernels.gemm.ternary import gemm_ternary
 from kernels.pack.bits import pack_bits, unpack_bits
+from kernels.quantize import dequantize_linear, quantize_linear
 from kernels.pack.conv_binary import PackedConvBinary, pack_conv_binary
 from kernels.pack.codebook import PackedCodebook, pack_codebook, pack_codebook_weights
 from kernels.pack.int4 import PackedInt4, pack_int4, pack_int4_codes
@@ -32,6 +33,7 @@ from kernels.threads import get_num_threads, set_num_threads
 
 __all__ = [
     "ConvPlan",
+    "LinearPlan",
     "PackedCodebook",
     "PackedConvBinary",
     "PackedConvInt4",
@@ -45,6 +47,7 @@ __all__ = [
     "conv2d_int8",
     "conv2d_int8_plan",
     "cpu_info",
+    "dequantize_linear",
     "gemm_binary",
     "gemm_binary_int8",
     "gemm_binary_to_bits",
@@ -55,6 +58,7 @@ __all__ = [
     "get_num_threads",
     "global_avg_pool2d",
     "linear_int8",
+    "linear_int8_plan",
     "max_k_int32",
     "max_pool2d",
     "max_pool2d_bits",
@@ -73,6 +77,7 @@ __all__ = [
     "pack_ternary_codes",
     "qlinear_conv2d",
     "qlinear_conv2d_plan",
+    "quantize_linear",
     "set_num_threads",
     "unpack_bits",
 ]

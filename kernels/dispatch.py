@@ -64,6 +64,13 @@ def _conv_int8(kind: str, level: cpu.Level, accepts=_any_shape) -> Variant:
     return Variant("conv_int8", kind, level, accepts, rows)
 
 
+def _depthwise_vnni(m: int, n: int, k: int) -> bool:
+    """For "conv_depthwise", (M, N, K) are (output pixels, channels, taps KH KW), with K = 0 when the
+    window is not 3x3 or 5x5 with strides 1 or 2 and dilation 1, or ``w - w_zero_point`` does not fit int8
+    (``kernels.conv.depthwise._vnni_taps``)."""
+    return k in (9, 25)
+
+
 def _binary(op: str, kind: str, level: cpu.Level, accepts=_any_shape) -> Variant:
     tiles = {"gemm_binary": POPCOUNT_TILES, "gemm_binary_int8": SIGN_TILES, "conv_binary": LANES_TILES}[op]
     return Variant(op, kind, level, accepts, tiles[kind].rows)
@@ -89,6 +96,8 @@ VARIANTS: tuple[Variant, ...] = (
     _binary("gemm_binary_int8", "generic", cpu.GENERIC),
     _binary("conv_binary", "avx512-vnni", cpu.AVX512_VNNI),
     _binary("conv_binary", "generic", cpu.GENERIC),
+    Variant("conv_depthwise", "avx512-vnni", cpu.AVX512_VNNI, _depthwise_vnni, 1),
+    Variant("conv_depthwise", "generic", cpu.GENERIC, _any_shape, 1),
 )
 
 

@@ -22,16 +22,20 @@ test. Channels go in blocks of ``CB``: a block's ring and weights stay in L2.
 Exactness: ``|x'|, |w'| <= 255``, so one tap is at most ``65025`` in magnitude
 and ``int32`` sums are exact up to ``MAX_TAPS_INT32 = 33025`` taps; longer
 kernels accumulate in ``int64``.
+
+This portable kernel is the "generic" variant of the op "conv_depthwise";
+``kernels.dispatch`` prefers ``kernels.conv.depthwise_vnni`` where it applies.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from kernels import _validate, threads
+from kernels import _validate, dispatch, threads
 from kernels._jit import kernel
+from kernels.conv import depthwise_vnni
 from kernels.conv.geometry import ConvGeometry
-from kernels.epilogue import INTEGER, MODES, QUANT, REAL, Epilogue, finish_tile
+from kernels.epilogue import INTEGER, MODES, QUANT, REAL, Epilogue, finish_tile, quantized_bounds
 
 MAX_TAP = 255 * 255  # largest |x'| * |w'|
 PAIR_MAX = 2 * MAX_TAP  # largest |sum of one tap pair|
@@ -52,12 +56,16 @@ class PackedDepthwise:
         ``pairs[b, ky ceil(KW / 2) + j, 2k + e] = w[b CB + k, 0, ky, 2j + e] - zw[b CB + k]`` (0 past KW and C)
     channels : C
     kernel_hw : (KH, KW)
+    quads : int8 ``kernels.conv.depthwise_vnni.pack_quads`` of the same weights, or None
+        unless the kernel is one of ``depthwise_vnni.KERNELS`` and every ``w - zw`` fits int8
+    sums : int64 [C], ``sum_{ky, kx} (w[c, 0, ky, kx] - zw[c])``
     """
 
-    __slots__ = ("pairs", "channels", "kernel_hw")
+    __slots__ = ("pairs", "channels", "kernel_hw", "quads", "sums")
 
-    def __init__(self, pairs: np.ndarray, channels: int, kernel_hw: tuple[int, int]):
-        self.pairs, self.channels, self.kernel_hw = pairs, channels, kernel_hw
+    def __init__(self, pairs: np.ndarray, channels: int, kernel_hw: tuple[int, int], quads: np.ndarray | None,
+                 sums: np.ndarray):
+        self.pairs, self.channels, self.kernel_hw, self.quads, self.sums = pairs, channels, kernel_hw, quads, sums
 
     @property
     def weights(self) -> np.ndarray:
@@ -85,7 +93,11 @@ def pack_depthwise(w: np.ndarray, w_zero_point: int | np.ndarray = 0) -> PackedD
     _validate.integer_in("w_zero_point", zw, -128, 127)
     pairs = np.zeros((-(-c // CB), kh * -(-kw // 2), 2 * CB), np.int16)
     _pack_pairs(w, zw, pairs)
-    return PackedDepthwise(pairs, c, (kh, kw))
+    centred = w[:, 0].astype(np.int16) - zw.astype(np.int16)[:, None, None]
+    quads = None
+    if (kh, kw) in depthwise_vnni.KERNELS and -128 <= centred.min() and centred.max() <= 127:
+        quads = depthwise_vnni.pack_quads(centred)
+    return PackedDepthwise(pairs, c, (kh, kw), quads, centred.reshape(c, -1).sum(1, dtype=np.int64))
 
 
 @kernel
@@ -311,6 +323,55 @@ def depthwise_int8(x: np.ndarray, geo: ConvGeometry, packed: PackedDepthwise, x_
     caller checks. Returns ``out``.
     """
     _check(x, geo, packed, x_zero_point, epi, out)
+    variant = dispatch.choose("conv_depthwise", geo.rows, packed.channels, _vnni_taps(geo, packed, epi))
+    run = _run_vnni if variant.kind == "avx512-vnni" else _run_generic
+    run(x, geo, packed, int(x_zero_point), epi, out)
+    return out
+
+
+def _vnni_taps(geo: ConvGeometry, packed: PackedDepthwise, epi: Epilogue) -> int:
+    """The K of "conv_depthwise" for ``kernels.dispatch``: ``KH KW``, or 0 where the VNNI kernel does not apply.
+
+    It applies to the kernels of ``depthwise_vnni.KERNELS`` with strides in
+    ``depthwise_vnni.STRIDES`` and dilation 1, when ``w - w_zp`` fits int8 (``packed.quads``)
+    and, for a float epilogue, ``acc + col_bias`` surely fits int32 (its int32 sums wrap).
+    """
+    if (packed.quads is None or geo.dilation_h != 1 or geo.dilation_w != 1
+            or geo.stride_h not in depthwise_vnni.STRIDES or geo.stride_w not in depthwise_vnni.STRIDES):
+        return 0
+    if epi.mode != INTEGER and isinstance(epi.col_bias, np.ndarray) and packed.channels:
+        if int(np.abs(epi.col_bias).max()) + geo.taps * MAX_TAP > 2**31 - 1:
+            return 0
+    return geo.taps
+
+
+def _run_vnni(x: np.ndarray, geo: ConvGeometry, packed: PackedDepthwise, zx: int, epi: Epilogue,
+              out: np.ndarray) -> None:
+    """``depthwise_int8`` by ``kernels.conv.depthwise_vnni`` (arguments checked, ``_vnni_taps`` > 0)."""
+    c = packed.channels
+    vectors = -(-c // depthwise_vnni.LANES)
+    mult, shift, lo, hi = epi.mult, epi.shift, epi.lo, epi.hi
+    if epi.mode != INTEGER and min(mult.shape[0], shift.shape[0]) < vectors * depthwise_vnni.LANES:
+        # the kernel loads whole vectors of them
+        mult, shift = (np.concatenate([v[:c], np.zeros(vectors * depthwise_vnni.LANES - c)]) for v in (mult, shift))
+    if epi.mode == QUANT:  # the vector epilogue skips the clamp to [qmin, qmax]
+        lo, hi = quantized_bounds(lo, hi, epi.zp, epi.qmin, epi.qmax)
+    driver = depthwise_vnni.DRIVERS[geo.kernel_h, geo.kernel_w, geo.stride_w, x.dtype == np.int8]
+    bias = epi.col_bias if isinstance(epi.col_bias, np.ndarray) else int(epi.col_bias)
+    window = geo.window()
+
+    def part(v0: int, v1: int, r0: int, r1: int) -> None:
+        driver(x, window, zx, packed.quads, packed.sums, bias, mult, shift, float(lo), float(hi), float(epi.zp), v0,
+               v1, r0, r1, out)
+
+    # single-thread time measured here: ~0.1 ns per output and kernel row
+    estimate_us = geo.rows * c * geo.kernel_h * 1e-4
+    threads.run_tiled(part, vectors, geo.batch * geo.out_h, 1, estimate_us)
+
+
+def _run_generic(x: np.ndarray, geo: ConvGeometry, packed: PackedDepthwise, x_zero_point: int, epi: Epilogue,
+                 out: np.ndarray) -> None:
+    """``depthwise_int8`` by the portable kernel of this module (arguments checked)."""
     c = packed.channels
     spec = (geo.kernel_h, geo.kernel_w, geo.stride_h, geo.stride_w)
     specialised = spec in SPECIALISED and geo.dilation_h == geo.dilation_w == 1
@@ -329,4 +390,3 @@ def depthwise_int8(x: np.ndarray, geo: ConvGeometry, packed: PackedDepthwise, x_
     outputs = geo.rows * c
     estimate_us = outputs * (geo.taps * 1e-4 + (1.5e-3 if epi.mode != INTEGER else 0.0))
     threads.run_tiled(part, -(-c // CB), geo.batch * geo.out_h, 1, estimate_us)
-    return out

@@ -40,7 +40,12 @@ KERNELS = ((3, 3), (5, 5))  # (KH, KW) with a VNNI kernel; strides 1 or 2 each w
 STRIDES = (1, 2)
 V16I8 = ir.VectorType(I8, LANES)
 V16I1 = ir.VectorType(I1, LANES)
+V64I8 = ir.VectorType(I8, 64)
 _OUT = {types.int32: I32, types.float32: F32, types.uint8: I8, types.int8: I8}
+# vpshufb control taking byte l of each 128-bit lane to byte 4 l + b (l = 4 lane + i), and the bytes it fills
+_CONTROLS = [ir.Constant(V64I8, [4 * (k // 16) + (k % 16) // 4 if k % 4 == b else 0x80 - 256 for k in range(64)])
+             for b in range(4)]
+_BYTES = [ir.Constant(ir.VectorType(I1, 64), [k % 4 == b for k in range(64)]) for b in range(4)]
 
 
 def groups(kh: int) -> int:
@@ -134,35 +139,46 @@ def _make_row(kh: int, kw: int, sw: int, signed: bool):
         if out_ty != types.int32:
             lo, hi, zp = (splat(builder, v, V8F64) for v in (lo, hi, zp))
 
-        def vector(v, state):
-            v = builder.add(v, v0)
+        shuffle = declare(builder, "llvm.x86.avx512.pshuf.b.512", ir.FunctionType(V64I8, [V64I8, V64I8]))
+        everywhere = ir.Constant(ir.VectorType(I32, 64), list(range(LANES)) * 4)
+
+        def vector(v, masked: bool):
+            """Channel vector ``v``: whole (plain loads and stores) or the ragged last one (masked)."""
             c0 = builder.mul(v, ir.Constant(I64, LANES))
             left = builder.trunc(builder.sub(c, c0), I32)
             mask = builder.icmp_signed("<", lanes, splat(builder, left, V16I32))
             w_base = builder.gep(w_ptr, [builder.mul(v, ir.Constant(I64, kw * g_count * 64))])
-            weights = [builder.bitcast(load_vector(builder, w_base, 64 * i, ir.VectorType(I8, 64)), byte)
-                       for i in range(kw * g_count)]
+            weights = [builder.bitcast(load_vector(builder, w_base, 64 * i, V64I8), byte) for i in range(kw * g_count)]
             ct = load_vector(builder, builder.gep(ct_ptr, [c0]), 0, V16I32)
-            factors = [(load_vector(builder, builder.gep(mu_ptr, [c0]), 8 * h, V8F64),
-                        load_vector(builder, builder.gep(sh_ptr, [c0]), 8 * h, V8F64)) for h in (0, 1)]
+            if out_ty != types.int32:
+                factors = [(load_vector(builder, builder.gep(mu_ptr, [c0]), 8 * h, V8F64),
+                            load_vector(builder, builder.gep(sh_ptr, [c0]), 8 * h, V8F64)) for h in (0, 1)]
             bases = [builder.gep(row, [c0]) for row in rows]
-            load = _masked(builder, "load", I8)
+
+            def load16(address):
+                address = builder.bitcast(address, V16I8.as_pointer())
+                if masked:
+                    return builder.call(_masked(builder, "load", I8), [address, ir.Constant(I32, 1), mask,
+                                                                      ir.Constant(V16I8, None)])
+                return builder.load(address, align=1)
 
             def column(ix) -> list[ir.Value]:
-                """The G quads of input column ``ix`` (the zero point's outside the image)."""
+                """The G quads of input column ``ix`` (the zero point's outside the image).
+
+                Row ``b`` of a quad: its 16 bytes broadcast to the four 128-bit lanes
+                (``vbroadcasti32x4``), byte ``l`` moved to byte ``4 l + b`` (``vpshufb``), merged.
+                """
                 inside = builder.and_(builder.icmp_signed(">=", ix, zero64), builder.icmp_signed("<", ix, w_in))
                 at = builder.mul(builder.select(inside, ix, zero64), c)
                 quads_ = []
                 for g in range(g_count):
                     quad = None
                     for b in range(min(4, kh - 4 * g)):
-                        src = builder.bitcast(builder.gep(bases[4 * g + b], [at]), V16I8.as_pointer())
-                        part = builder.zext(builder.call(load, [src, ir.Constant(I32, 1), mask,
-                                                                ir.Constant(V16I8, None)]), V16I32)
-                        if b:
-                            part = builder.shl(part, ir.Constant(V16I32, [8 * b] * LANES))
-                        quad = part if quad is None else builder.or_(quad, part)
-                    quad = builder.select(inside, quad, zq_vec)
+                        row = load16(builder.gep(bases[4 * g + b], [at]))
+                        wide = builder.shuffle_vector(row, ir.Constant(V16I8, None), everywhere)
+                        part = builder.call(shuffle, [wide, _CONTROLS[b]])
+                        quad = part if quad is None else builder.select(_BYTES[b], part, quad)
+                    quad = builder.select(inside, builder.bitcast(quad, V16I32), zq_vec)
                     quads_.append(builder.xor(quad, flip) if signed else quad)
                 return quads_
 
@@ -178,18 +194,27 @@ def _make_row(kh: int, kw: int, sw: int, signed: bool):
                     value = acc
                 else:
                     value = requantize(builder, acc, lambda h: factors[h], lo, hi, zp, out_ty != types.float32)
-                dst = builder.gep(out_ptr, [builder.add(builder.mul(ox, c), c0)])
-                builder.call(_masked(builder, "store", elem),
-                             [value, builder.bitcast(dst, ir.VectorType(elem, LANES).as_pointer()),
-                              ir.Constant(I32, 1), mask])
+                dst = builder.bitcast(builder.gep(out_ptr, [builder.add(builder.mul(ox, c), c0)]),
+                                      ir.VectorType(elem, LANES).as_pointer())
+                if masked:
+                    builder.call(_masked(builder, "store", elem), [value, dst, ir.Constant(I32, 1), mask])
+                else:
+                    builder.store(value, dst, align=1)
                 return [q for col in cols[sw:] for q in col]
 
             start = builder.neg(pl)
             init = [q for kx in range(carried) for q in column(builder.add(start, ir.Constant(I64, kx)))]
             emit_loop(builder, ow, V16I32, carried * g_count, pixel, init)
-            return state
 
-        emit_loop(builder, builder.sub(v1, v0), V16I32, 0, vector)
+        # whole vectors v0 .. whole, then the ragged one if it is in range
+        whole = builder.sdiv(c, ir.Constant(I64, LANES))
+        whole = builder.select(builder.icmp_signed("<", v1, whole), v1, whole)
+        emit_loop(builder, builder.sub(whole, v0), V16I32, 0,
+                  lambda v, state: vector(builder.add(v, v0), False) or state)
+        ragged = builder.and_(builder.icmp_signed("<", whole, v1),
+                              builder.icmp_signed("<", builder.mul(whole, ir.Constant(I64, LANES)), c))
+        with builder.if_then(builder.and_(ragged, builder.icmp_signed(">=", whole, v0))):
+            vector(whole, True)
         return context.get_dummy_value()
 
     return intrinsic(typer)
@@ -199,12 +224,25 @@ def _make_driver(kh: int, kw: int, sw: int, signed: bool):
     row = _make_row(kh, kw, sw, signed)
 
     @kernel
-    def depthwise_rows(x, pad, window, zq, quads, col_term, mult, shift, lo, hi, zp, c, v0, v1, r0, r1, out):
-        """Channel vectors ``v0 .. v1`` of output rows ``r0 .. r1`` (``r = n OH + oy``); see ``_make_row``.
+    def depthwise_rows(x, window, zx, quads, sums, col_bias, mult, shift, lo, hi, zp, v0, v1, r0, r1, out):
+        """Channel vectors ``v0 .. v1`` (16 channels each) of output rows ``r0 .. r1`` (``r = n OH + oy``).
 
-        x : flat NHWC uint8; out : flat [N OH OW C]; window : ``ConvGeometry.window()``
+        x      : uint8 (int8 when ``signed``) [N, H, W, C] C-contiguous NHWC; zx its zero point
+        window : ``ConvGeometry.window()``; quads: ``pack_quads``; sums: int64 [C] ``sum_t w'``
+        col_bias : int64 scalar or [C]; mult, shift: float64 [>= 16 ceil(C / 16)] (unused for int32 out)
+        out    : [N OH OW, C] C-contiguous, int32 / float32 / uint8 / int8
+        Writes ``acc + col_bias`` finished as in ``kernels.gemm.vnni.requantize`` (module docstring).
         """
         h, w_in, _, _, sh, _, _, _, pt, pl, oh, ow = window
+        c = x.shape[3]
+        byte = zx & 0xFF  # the zero point as stored in x
+        zu = zx + 128 if signed else zx  # and as the unsigned value the kernel multiplies
+        col_term = np.zeros(-(-c // LANES) * LANES, np.int32)
+        col_term[:c] = (col_bias - zu * sums).astype(np.int32)  # wrapping: exact where the result fits
+        pad = np.full(w_in * c, np.uint8(byte), np.uint8)
+        xf = x.reshape(-1).view(np.uint8)
+        of = out.reshape(-1)
+        flat = quads.reshape(-1)
         offsets = np.empty(kh, np.int64)
         for r in range(r0, r1):
             n = r // oh
@@ -212,8 +250,8 @@ def _make_driver(kh: int, kw: int, sw: int, signed: bool):
             for ky in range(kh):
                 iy = top + ky
                 offsets[ky] = (n * h + iy) * w_in * c if 0 <= iy < h else -1
-            row(x, pad, offsets, zq, quads, col_term, mult, shift, lo, hi, zp, c, w_in, ow, pl, v0, v1, out,
-                r * ow * c)
+            row(xf, pad, offsets, byte * 0x01010101, flat, col_term, mult, shift, lo, hi, zp, c, w_in, ow, pl, v0,
+                v1, of, r * ow * c)
 
     return depthwise_rows
 

@@ -17,6 +17,7 @@ has a multiple of 4 channels, else from im2col rows built block by block.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -104,6 +105,7 @@ class ConvPlan:
                  za: int, zw: np.ndarray, epi: Epilogue, out_dtype: np.dtype):
         self.layout, self.x_dtype, self.geo, self.epi, self.out_dtype = layout, x_dtype, geo, epi, out_dtype
         self.x_shape = tuple(x_shape)
+        self.channels = geo.in_channels
         self.out_shape = geo.out_shape_nhwc if layout == "NHWC" else (geo.batch, geo.out_channels, geo.out_h,
                                                                       geo.out_w)
         if geo.group == geo.in_channels == geo.out_channels:
@@ -112,6 +114,16 @@ class ConvPlan:
             return
         self.depthwise = None
         self.za = za + (128 if x_dtype == np.int8 else 0)  # int8 x runs as x + 128, as in the GEMM
+        wide = -(-geo.in_channels // KGROUP) * KGROUP
+        if geo.group == 1 and wide != geo.in_channels and dispatch.choose(
+                "conv_int8", geo.rows, geo.out_channels, wide).kind != "im2col":
+            # few channels (an image's 1 or 3): pad them to whole k groups of 4 so the indirect kernel
+            # applies; the padded channels hold the zero point and meet zero weights, adding nothing
+            weights = np.zeros((geo.out_channels, wide, geo.kernel_h, geo.kernel_w), np.int8)
+            weights[:, : geo.in_channels] = packed.weights
+            packed = pack_conv_int8(weights)
+            geo = dataclasses.replace(geo, in_channels=wide)
+            self.geo = geo
         og, cg, k = geo.group_out, geo.group_in, geo.depth
         self.row_sums = np.zeros(geo.rows, np.int64)
         self.terms = [_group_terms(g, packed, zw, self.za, k, epi, self.row_sums) for g, packed in
@@ -151,6 +163,10 @@ class ConvPlan:
 
     def _run(self, x: np.ndarray, out2d: np.ndarray) -> None:
         geo = self.geo
+        if self.channels != geo.in_channels:
+            wide = np.full((*x.shape[:3], geo.in_channels), self.za - (128 if x.dtype == np.int8 else 0), x.dtype)
+            wide[..., : self.channels] = x
+            x = wide
         if self.depthwise is not None:
             depthwise_int8(x, geo, self.depthwise, self.za, self.epi, out2d)
             return

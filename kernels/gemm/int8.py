@@ -75,34 +75,52 @@ def fits_int32(k: int, za: int, col_bias: np.ndarray | int) -> bool:
     return k * max(za, 255 - za) * 128 + bias <= INT32_MAX
 
 
-def run_product(a: np.ndarray, packed: PackedInt8, a_zero_point: int, w_zp: np.ndarray, epi: Epilogue,
-         out: np.ndarray) -> np.ndarray:
-    """Shared tail of both products: prepare activations, choose, split, run."""
-    m, k = a.shape
-    n = packed.n
-    a_u8, lda, a_shift = _activations(a)
-    za = int(a_zero_point) + a_shift
-    row_term = bool(w_zp.any())
-    if za == 0 and not row_term and np.ndim(epi.col_bias) == 0 and epi.col_bias == 0:
-        col_term = np.zeros(n, np.int64)  # uint8 activations without zero points: nothing to correct
-    else:
-        col_term = -za * packed.col_sums + k * za * w_zp + epi.col_bias
-    row_sums = row_sums_u8(a_u8, m, lda) if row_term else np.zeros(m, np.int64)
-    variant = dispatch.choose("gemm_int8", m, n, k)
-    driver = DRIVERS[variant.kind, epi.mode]
-    panels = packed.n_panels
-    fused = not row_term and (epi.mode == epilogue.INTEGER or fits_int32(k, za, epi.col_bias))
-    col_term32 = np.zeros(panels * PANEL, np.int32)
-    col_term32[:n] = col_term  # wraps modulo 2**32, as the int32 sums do
+class LinearPlan:
+    """An int8 product prepared once: weights packed, zero-point and bias terms, epilogue; ``plan(a, out=None)``.
 
-    def run(p0: int, p1: int, i0: int, i1: int) -> None:
-        driver(a_u8, lda, n, packed.data, packed.k_groups, p0, p1, i0, i1,
-               col_term, col_term32, w_zp, row_sums, row_term, fused, epi.mult, epi.shift, epi.lo, epi.hi, epi.zp,
-               epi.qmin, epi.qmax, out)
+    Made by :func:`linear_int8_plan` (and, for one call, by :func:`gemm_int8` and
+    :func:`linear_int8`). Everything that does not depend on the activations is
+    derived here, so a call only checks ``a`` (dtype, K) and ``out`` and runs; M
+    (the batch) may differ from call to call.
+    """
 
-    # single-thread time from compute (~400 GOPS) and weight streaming (~20 GB/s), measured here
-    threads.run_tiled(run, panels, m, variant.rows, 2 * m * n * k / 400e3 + n * k / 20e3)
-    return out
+    def __init__(self, packed: PackedInt8, a_dtype: np.dtype, a_zero_point: int, w_zp: np.ndarray, epi: Epilogue,
+                 out_dtype: np.dtype):
+        n, k = packed.n, packed.k
+        self.packed, self.a_dtype, self.epi, self.out_dtype, self.w_zp = packed, np.dtype(a_dtype), epi, out_dtype, w_zp
+        za = int(a_zero_point) + (128 if self.a_dtype == np.int8 else 0)  # int8 a runs as a + 128
+        self.row_term = bool(w_zp.any())
+        if za == 0 and not self.row_term and np.ndim(epi.col_bias) == 0 and epi.col_bias == 0:
+            self.col_term = np.zeros(n, np.int64)  # uint8 activations without zero points: nothing to correct
+        else:
+            self.col_term = -za * packed.col_sums + k * za * w_zp + epi.col_bias
+        self.fused = not self.row_term and (epi.mode == epilogue.INTEGER or fits_int32(k, za, epi.col_bias))
+        self.col_term32 = np.zeros(packed.n_panels * PANEL, np.int32)
+        self.col_term32[:n] = self.col_term  # wraps modulo 2**32, as the int32 sums do
+
+    def __call__(self, a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """``linear(a)`` for activations ``a [M, K]`` of the prepared dtype; ``out [M, N]`` optional."""
+        packed, epi = self.packed, self.epi
+        a = _validate.array("a", a, (self.a_dtype,), 2)
+        m, k = a.shape
+        n = packed.n
+        if k != packed.k:
+            raise ValueError(f"a: expected K = {packed.k} columns to match w of shape {packed.shape}, got shape "
+                             f"{a.shape}")
+        out = np.empty((m, n), self.out_dtype) if out is None else _validate.out(out, (m, n), self.out_dtype)
+        a_u8, lda, _ = _activations(a)
+        row_sums = row_sums_u8(a_u8, m, lda) if self.row_term else np.zeros(m, np.int64)
+        variant = dispatch.choose("gemm_int8", m, n, k)
+        driver = DRIVERS[variant.kind, epi.mode]
+
+        def run(p0: int, p1: int, i0: int, i1: int) -> None:
+            driver(a_u8, lda, n, packed.data, packed.k_groups, p0, p1, i0, i1, self.col_term, self.col_term32,
+                   self.w_zp, row_sums, self.row_term, self.fused, epi.mult, epi.shift, epi.lo, epi.hi, epi.zp,
+                   epi.qmin, epi.qmax, out)
+
+        # single-thread time from compute (~400 GOPS) and weight streaming (~20 GB/s), measured here
+        threads.run_tiled(run, packed.n_panels, m, variant.rows, 2 * m * n * k / 400e3 + n * k / 20e3)
+        return out
 
 
 def gemm_int8(a: np.ndarray, b: np.ndarray | PackedInt8, *, a_zero_point: int = 0,
@@ -152,9 +170,7 @@ def gemm_int8(a: np.ndarray, b: np.ndarray | PackedInt8, *, a_zero_point: int = 
             f"a: K = {k} exceeds {limit}, the longest K for which the int32 result of {a.dtype} x int8 with "
             "these zero points cannot overflow; split K and add the parts in int64, or use linear_int8"
         )
-    shape = (m, packed.n)
-    out = np.empty(shape, np.int32) if out is None else _validate.out(out, shape, np.dtype(np.int32))
-    return run_product(a, packed, za, zb, Epilogue(epilogue.INTEGER), out)
+    return LinearPlan(packed, a.dtype, za, zb, Epilogue(epilogue.INTEGER), np.dtype(np.int32))(a, out)
 
 
 def _positive(name: str, value: object, n: int) -> np.ndarray | float | np.floating:
@@ -213,6 +229,24 @@ def linear_int8(a: np.ndarray, w: np.ndarray | PackedInt8, *, a_scale: float, a_
     ndarray, shape (M, N), dtype ``out_dtype``
     """
     a = _validate.array("a", a, (np.uint8, np.int8), 2)
+    plan = linear_int8_plan(w, a_dtype=a.dtype, a_scale=a_scale, a_zero_point=a_zero_point, w_scale=w_scale,
+                            w_zero_point=w_zero_point, bias=bias, activation=activation, out_dtype=out_dtype,
+                            out_scale=out_scale, out_zero_point=out_zero_point)
+    return plan(a, out)
+
+
+def linear_int8_plan(w: np.ndarray | PackedInt8, *, a_dtype=np.uint8, a_scale: float, a_zero_point: int,
+                     w_scale: float | np.ndarray, w_zero_point: int | np.ndarray = 0,
+                     bias: np.ndarray | None = None, activation: str | tuple | None = None,
+                     out_dtype: type | np.dtype = np.float32, out_scale: float | None = None,
+                     out_zero_point: int | None = None) -> LinearPlan:
+    """:func:`linear_int8` prepared once for activations of ``a_dtype``: ``plan(a, out=None)`` for any M.
+
+    All arguments are checked here, once; a call then costs only the product.
+    """
+    a_dtype = np.dtype(a_dtype)
+    if a_dtype not in (np.dtype(np.uint8), np.dtype(np.int8)):
+        raise TypeError(f"a_dtype: expected uint8 or int8, got {a_dtype}")
     if isinstance(w, np.ndarray) and w.dtype == np.uint8:
         w = _validate.array("w", w, (np.uint8,), 2)
         w_dtype = np.dtype(np.uint8)
@@ -220,18 +254,13 @@ def linear_int8(a: np.ndarray, w: np.ndarray | PackedInt8, *, a_scale: float, a_
     else:
         w_dtype = np.dtype(np.int8)
         packed = _weights(w, "w")
-    m, k = a.shape
     n = packed.n
-    if k != packed.k:
-        raise ValueError(f"a: expected K = {packed.k} columns to match w of shape {packed.shape}, got shape {a.shape}")
-    za = check_zero_point("a_zero_point", a_zero_point, a.dtype)
+    za = check_zero_point("a_zero_point", a_zero_point, a_dtype)
     zw = check_zero_point("w_zero_point", w_zero_point, w_dtype, n)
     if w_dtype == np.uint8:
         zw = zw - 128
     epi, out_dtype = fused_epilogue(n, a_scale, w_scale, bias, activation, out_dtype, out_scale, out_zero_point)
-    shape = (m, n)
-    out = np.empty(shape, out_dtype) if out is None else _validate.out(out, shape, out_dtype)
-    return run_product(a, packed, za, zw, epi, out)
+    return LinearPlan(packed, a_dtype, za, zw, epi, out_dtype)
 
 
 def _activation_bounds(activation: object) -> tuple[float, float]:

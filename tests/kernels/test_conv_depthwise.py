@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kernels
-from kernels.conv.depthwise import MAX_TAPS_INT32, SPECIALISED, PackedDepthwise, depthwise_int8, pack_depthwise
+from kernels import cpu, dispatch
+from kernels.conv.depthwise import (MAX_TAPS_INT32, SPECIALISED, PackedDepthwise, _vnni_taps, depthwise_int8,
+                                    pack_depthwise)
 from kernels.conv.geometry import conv_geometry
-from kernels.epilogue import INTEGER, Epilogue
+from kernels.epilogue import INTEGER, QUANT, Epilogue
 from kernels.gemm.int8 import fused_epilogue
 from kernels.reference.conv import conv2d_ref
 from kernels.reference.int8 import finish_ref
+from tests.levels import level_fixture
 
 ACT_DTYPES = (np.uint8, np.int8)
+level = level_fixture("conv_depthwise")
 
 
 def _random(rng, dtype, shape):
@@ -48,7 +52,7 @@ def _check(x, w, zx=0, zw=0, *, strides=1, pads=0, dilations=1, epi=None, out_dt
 @pytest.mark.parametrize("strides", [1, 2, (2, 1)], ids=str)
 @pytest.mark.parametrize("dilations", [1, 2], ids=str)
 @pytest.mark.parametrize("pads", [0, 1, 2, (0, 1, 2, 1), "same"], ids=str)
-def test_attributes(rng, kernel_hw, strides, dilations, pads):
+def test_attributes(level, rng, kernel_hw, strides, dilations, pads):
     c = 65 if kernel_hw == (3, 3) else 7
     x = _random(rng, np.uint8, (1, 13, 13, c))
     w = _random(rng, np.int8, (c, 1) + kernel_hw)
@@ -57,7 +61,7 @@ def test_attributes(rng, kernel_hw, strides, dilations, pads):
 
 @pytest.mark.parametrize("c", [1, 7, 16, 63, 65, 256, 300])
 @pytest.mark.parametrize("hw", [1, 5, 13, 28])
-def test_channels_and_sizes(rng, c, hw):
+def test_channels_and_sizes(level, rng, c, hw):
     """Every specialised kernel, padded so that even a 1x1 input has an output; 300 channels need two blocks."""
     x = _random(rng, np.uint8, (1, hw, hw, c))
     for k, _, s, _ in SPECIALISED:
@@ -68,7 +72,7 @@ def test_channels_and_sizes(rng, c, hw):
 @pytest.mark.parametrize("dtype", ACT_DTYPES, ids=str)
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_dtypes_and_zero_points(rng, dtype, per_channel, batch):
+def test_dtypes_and_zero_points(level, rng, dtype, per_channel, batch):
     c = 63
     x = _random(rng, dtype, (batch, 13, 5, c))
     w = _random(rng, np.int8, (c, 1, 3, 3))
@@ -97,7 +101,7 @@ def _epilogue_case(rng, c, kind):
 @pytest.mark.parametrize("kind", ["real", "quant_u8", "quant_s8"])
 @pytest.mark.parametrize("spec", [(3, 1), (3, 2), (5, 1), (4, 1)], ids=str)  # (kernel, stride); 4x4 is general
 @pytest.mark.parametrize("c", [7, 65, 300])
-def test_epilogues(rng, kind, spec, c):
+def test_epilogues(level, rng, kind, spec, c):
     k, s = spec
     x = _random(rng, np.uint8, (2, 11, 9, c))
     w = _random(rng, np.int8, (c, 1, k, k))
@@ -109,7 +113,7 @@ def test_epilogues(rng, kind, spec, c):
 
 
 @pytest.mark.parametrize("spec", [(3, 1), (3, 2), (5, 2), (2, 1)], ids=str)
-def test_integer_bias(rng, spec):
+def test_integer_bias(level, rng, spec):
     """An int32 bias goes through finish_tile; without it the sums are stored directly."""
     k, s = spec
     c = 65
@@ -120,11 +124,59 @@ def test_integer_bias(rng, spec):
            finish=lambda acc: (acc + bias).astype(np.int32))
 
 
+def test_variant_choice(level, rng):
+    """The VNNI kernel takes 3x3 / 5x5 windows, strides 1 or 2, dilation 1, w - w_zp in int8, int32-safe bias."""
+    c = 20
+    w = _random(rng, np.int8, (c, 1, 3, 3))
+    epi = fused_epilogue(c, 0.1, 0.1, None, None, np.uint8, 0.5, 0)[0]
+
+    def kind(packed, epi=epi, **attrs):
+        geo = conv_geometry((1, 9, 9, c), packed.kernel_hw, 1, c, pads=1, group=c, **attrs)
+        return dispatch.choose("conv_depthwise", geo.rows, c, _vnni_taps(geo, packed, epi)).kind
+
+    fast = "avx512-vnni" if level == cpu.AVX512_VNNI else "generic"
+    assert kind(pack_depthwise(w), strides=(2, 1)) == fast
+    assert kind(pack_depthwise(w.clip(-100, 100), 27)) == fast
+    assert kind(pack_depthwise(w, 1)) == "generic"  # w - zw reaches -129
+    assert kind(pack_depthwise(w), dilations=2) == "generic"
+    assert kind(pack_depthwise(w), strides=3) == "generic"
+    assert kind(pack_depthwise(_random(rng, np.int8, (c, 1, 3, 5)))) == "generic"
+    big = epi._replace(col_bias=np.full(c, 2**31 - 2, np.int64))
+    assert kind(pack_depthwise(w), big) == "generic"  # the VNNI int32 sums could wrap
+    assert kind(pack_depthwise(w), Epilogue(INTEGER, big.col_bias)) == fast  # int32 out wraps either way
+
+
+@pytest.mark.parametrize("out_dtype", [np.uint8, np.float32])
+def test_large_bias(level, rng, out_dtype):
+    """An int32 bias near the int32 limits: exact float sums, whichever kernel runs."""
+    c = 17
+    x = _random(rng, np.uint8, (1, 6, 6, c))
+    w = _random(rng, np.int8, (c, 1, 3, 3))
+    bias = rng.choice([2**31 - 1, -(2**31), 2**31 - 10**6, -(2**31) + 10**6], c).astype(np.int32)
+    quant = out_dtype == np.uint8
+    args = dict(a_scale=1e-9, w_scale=1.0, bias=bias, out_dtype=out_dtype, out_scale=0.05 if quant else None,
+                out_zero_point=100 if quant else None)
+    epi, _ = fused_epilogue(c, args["a_scale"], args["w_scale"], bias, None, out_dtype, args["out_scale"],
+                            args["out_zero_point"])
+    _check(x, w, 9, 0, pads=1, epi=epi, out_dtype=out_dtype, finish=lambda acc: finish_ref(acc, **args))
+
+
+def test_unnarrowed_epilogue(level, rng):
+    """A hand-made QUANT epilogue with just C factors and [lo, hi] wider than the output range."""
+    c = 21
+    x = _random(rng, np.int8, (2, 7, 8, c))
+    w = _random(rng, np.int8, (c, 1, 5, 5)) // 2
+    mult = rng.uniform(0.001, 0.01, c)
+    epi = Epilogue(QUANT, 0, mult, np.zeros(c), -np.inf, np.inf, 10.0, -128.0, 127.0)
+    _check(x, w, -5, 3, strides=2, pads="same", epi=epi, out_dtype=np.int8,
+           finish=lambda acc: np.clip(np.rint(acc * mult + 10.0), -128, 127).astype(np.int8))
+
+
 @pytest.mark.parametrize("dtype", ACT_DTYPES, ids=str)
 @pytest.mark.parametrize("x_end", ["min", "max"])
 @pytest.mark.parametrize("w_end", [-128, 127])
 @pytest.mark.parametrize("k", [3, 5, 4])
-def test_extremes(dtype, x_end, w_end, k):
+def test_extremes(level, dtype, x_end, w_end, k):
     """|x - zx| = |w - zw| = 255 in every tap, the largest products the int32 sums take."""
     info = np.iinfo(dtype)
     xv, zx = (info.min, info.max) if x_end == "min" else (info.max, info.min)
@@ -135,7 +187,7 @@ def test_extremes(dtype, x_end, w_end, k):
     _check(x, w, int(zx), zw, pads="same")
 
 
-def test_wide_accumulators():
+def test_wide_accumulators(level):
     """Past MAX_TAPS_INT32 taps the sums are int64: 182 x 182 = 33124 taps of 255 * -255 exceed int32."""
     k = 182
     assert k * k > MAX_TAPS_INT32
@@ -158,17 +210,17 @@ def two_threads():
 
 
 @pytest.mark.parametrize("n, hw, c", [(2, 60, 64), (1, 30, 600)])  # rows / channel blocks over threads
-def test_threads(rng, two_threads, n, hw, c):
+def test_threads(level, rng, two_threads, n, hw, c):
     x = _random(rng, np.uint8, (n, hw, hw, c))
     w = _random(rng, np.int8, (c, 1, 3, 3))
     _check(x, w, 7, 1, pads=1)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(c=st.integers(1, 70), h=st.integers(1, 12), w=st.integers(1, 12), kh=st.integers(1, 5), kw=st.integers(1, 5),
        sh=st.integers(1, 3), sw=st.integers(1, 3), dh=st.integers(1, 2), dw=st.integers(1, 2),
        pads=st.tuples(*[st.integers(0, 3)] * 4), signed=st.booleans(), seed=st.integers(0, 2**32 - 1))
-def test_property(c, h, w, kh, kw, sh, sw, dh, dw, pads, signed, seed):
+def test_property(level, c, h, w, kh, kw, sh, sw, dh, dw, pads, signed, seed):
     rng = np.random.default_rng(seed)
     if h + pads[0] + pads[2] < dh * (kh - 1) + 1 or w + pads[1] + pads[3] < dw * (kw - 1) + 1:
         return  # no output
