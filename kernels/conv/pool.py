@@ -60,6 +60,38 @@ def _fewest_taps(outs, s, d, p, size, k):
     return fewest
 
 
+MAX, AND, ADD = 0, 1, 2  # how _fold_taps combines a tap into the outputs
+
+
+@kernel
+def _fold_taps(x, n, oy, window, op, row):
+    """Fold every tap inside ``x`` of output row ``(n, oy)`` into ``row`` ([OW * C]) with ``op``: max, and, sum.
+
+    A row is reduced one tap at a time over all the outputs that tap reaches: with
+    stride 1 their inputs are one contiguous run, otherwise one run of C per output.
+    """
+    h, w, kh, kw, sh, sw, dh, dw, pt, pl, oh, ow = window
+    channels = x.shape[3]
+    ky0, ky1 = _inside(oy, sh, dh, pt, h, kh)
+    for ky in range(ky0, ky1):
+        src_row = x[n, oy * sh + ky * dh - pt].reshape(w * channels)
+        for kx in range(kw):
+            o0, o1 = _inside(kx, dw, sw, pl, w, ow)
+            runs, length = (min(1, o1 - o0), (o1 - o0) * channels) if sw == 1 else (o1 - o0, channels)
+            for o in range(o0, o0 + runs):
+                dst = row[o * channels : o * channels + length]
+                src = src_row[(o * sw + kx * dw - pl) * channels :]
+                if op == AND:
+                    for c in range(length):
+                        dst[c] &= src[c]
+                elif op == MAX:
+                    for c in range(length):
+                        dst[c] = max(dst[c], src[c])
+                else:
+                    for c in range(length):
+                        dst[c] += src[c]
+
+
 @kernel
 def _max_rows(x, window, lowest, bitwise, r0, r1, out):
     """Output rows ``r = n * OH + oy`` for ``r0 <= r < r1`` of a max pool (``bitwise``: AND pool).
@@ -71,31 +103,15 @@ def _max_rows(x, window, lowest, bitwise, r0, r1, out):
         iy = oy * SH + ky * DH - PT,  ix = ox * SW + kx * DW - PL
 
     starting from ``lowest`` (the identity: dtype minimum, or all bits set). Every
-    window must hold a tap inside ``x`` (the caller checks). A row is reduced one
-    tap at a time over all the outputs that tap reaches: with stride 1 their inputs
-    are one contiguous run, otherwise one run of C per output.
+    window must hold a tap inside ``x`` (the caller checks).
     """
     h, w, kh, kw, sh, sw, dh, dw, pt, pl, oh, ow = window
     channels = x.shape[3]
     for r in range(r0, r1):
         n, oy = r // oh, r % oh
-        ky0, ky1 = _inside(oy, sh, dh, pt, h, kh)
         row = out[n, oy].reshape(ow * channels)
         row[:] = lowest
-        for ky in range(ky0, ky1):
-            src_row = x[n, oy * sh + ky * dh - pt].reshape(w * channels)
-            for kx in range(kw):
-                o0, o1 = _inside(kx, dw, sw, pl, w, ow)
-                runs, length = (min(1, o1 - o0), (o1 - o0) * channels) if sw == 1 else (o1 - o0, channels)
-                for o in range(o0, o0 + runs):
-                    dst = row[o * channels : o * channels + length]
-                    src = src_row[(o * sw + kx * dw - pl) * channels :]
-                    if bitwise:
-                        for c in range(length):
-                            dst[c] &= src[c]
-                    else:
-                        for c in range(length):
-                            dst[c] = max(dst[c], src[c])
+        _fold_taps(x, n, oy, window, AND if bitwise else MAX, row)
 
 
 @kernel
@@ -110,7 +126,7 @@ def _avg_rows(x, window, x_zp, padded_hw, x_scale, y_scale, zp, qmin, qmax, r0, 
         out[n, oy, ox, c] = clip(rint(S * (x_scale / (y_scale * count)) + zp), qmin, qmax)
 
     the second line being :func:`kernels.epilogue.finish_tile` in ``QUANT`` mode, once
-    per run of outputs with the same count. The sums follow :func:`_max_rows`' order.
+    per run of outputs with the same count.
     """
     h, w, kh, kw, sh, sw, dh, dw, pt, pl, oh, ow = window
     ph, pw = padded_hw
@@ -137,16 +153,7 @@ def _avg_rows(x, window, x_zp, padded_hw, x_scale, y_scale, zp, qmin, qmax, r0, 
             count_h = k1 - k0
         for ox in range(ow):
             sums[ox, :] = -x_zp * (ky1 - ky0) * inside_w[ox]
-        for ky in range(ky0, ky1):
-            src_row = x[n, oy * sh + ky * dh - pt].reshape(w * channels)
-            for kx in range(kw):
-                o0, o1 = _inside(kx, dw, sw, pl, w, ow)
-                runs, length = (min(1, o1 - o0), (o1 - o0) * channels) if sw == 1 else (o1 - o0, channels)
-                for o in range(o0, o0 + runs):
-                    dst = flat[o * channels : o * channels + length]
-                    src = src_row[(o * sw + kx * dw - pl) * channels :]
-                    for c in range(length):
-                        dst[c] += src[c]
+        _fold_taps(x, n, oy, window, ADD, flat)
         o0 = 0
         while o0 < ow:
             o1 = o0 + 1
