@@ -23,7 +23,9 @@ Steps, on a copy of the graph:
 
    A ternary Conv (no ternary convolution kernel) and a grouped binary Conv become int8.
    Consecutive int8 layers pass uint8 codes to each other: a QuantizeLinear where a run
-   starts, a DequantizeLinear only before a consumer that needs floats. Conv layers are
+   starts, a DequantizeLinear only before a consumer that needs floats. MaxPool, Flatten and
+   Reshape of codes run on the codes (:data:`CODE_OPS`: max commutes with the monotone
+   dequantization, the others only move values), keeping the chain unbroken. Conv layers are
    always static; ``activations="dynamic"`` applies to Gemm layers, which then need no data.
 
 With ``bias_correction`` each quantized (non-binary) layer's bias becomes
@@ -44,6 +46,9 @@ from lowbit.quantization.calibration import OBSERVERS, Observer, get_observer
 from lowbit.quantization.scheme import binary, int4, int8, ternary
 from lowbit.quantization.weights import apply_smoothing, bias_correction, smoothquant_scales
 from lowbit.runtime.passes import fold_batch_norm, fuse_activations
+
+#: Float ops that run unchanged on uint8 codes, whose output keeps the input's scale and zero point.
+CODE_OPS = ("MaxPool", "Flatten", "Reshape")
 from lowbit.runtime.session import Session
 
 PRECISIONS = ("int8", "int4", "ternary", "binary", "float")
@@ -334,6 +339,8 @@ class _Rewriter:
         for node in source.nodes:
             layer = layers.get(node.name)
             precision = precisions[node.name] if layer is not None else "float"
+            if precision == "float" and self._on_codes(node):
+                continue
             if precision == "float":
                 for t in node.inputs:
                     self._float(t)
@@ -371,6 +378,17 @@ class _Rewriter:
             self.nodes.append(Node("DequantizeLinear", [codes, scale, zero], [tensor], {},
                                    self._fresh(f"{tensor}_dequantize")))
             self.floats.add(tensor)
+
+    def _on_codes(self, node: Node) -> bool:
+        """Emit a :data:`CODE_OPS` node on the codes of its input when that exists only as codes; whether it did."""
+        x = node.inputs[0] if node.inputs else ""
+        if node.op not in CODE_OPS or len(node.outputs) != 1 or x not in self.codes or x in self.floats:
+            return False
+        codes, scale, zero = self.codes[x]
+        out = self._fresh(f"{node.outputs[0]}_quantized")
+        self.nodes.append(Node(node.op, [codes, *node.inputs[1:]], [out], dict(node.attrs), node.name))
+        self.codes[node.outputs[0]] = (out, scale, zero)
+        return True
 
     def _codes(self, tensor: str) -> tuple[str, str, str]:
         """``tensor`` as uint8 codes (a QuantizeLinear of the floats when needed)."""

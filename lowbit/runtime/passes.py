@@ -138,3 +138,72 @@ def fuse_activations(graph: Graph) -> Graph:
         out.nodes = [n for n in out.nodes if n is not act]
     _drop_unused(out, {t for n in graph.nodes if n.op == "Clip" for t in n.inputs[1:] if t})
     return out
+
+
+def _dequantized(graph: Graph, node: Node) -> tuple[np.ndarray, np.ndarray | None]:
+    """The float weights ``(w - w_zp) w_scale`` (per output channel) and float bias of a QLinearConv / QGemm."""
+    p = graph.params
+    w = p[node.inputs[3]].astype(np.float64)
+    lead = (-1,) + (1,) * (w.ndim - 1)
+    w_scale = np.broadcast_to(p[node.inputs[4]].astype(np.float64).reshape(-1), (w.shape[0],)).reshape(lead)
+    w_zero = p[node.inputs[5]].astype(np.float64).reshape(-1) if node.inputs[5] else np.zeros(1)
+    w_float = (w - np.broadcast_to(w_zero, (w.shape[0],)).reshape(lead)) * w_scale
+    bias_name = node.inputs[8] if len(node.inputs) > 8 else ""
+    if not bias_name:
+        return w_float.astype(np.float32), None
+    bias = p[bias_name].astype(np.float64).reshape(-1)
+    if p[bias_name].dtype == np.int32:  # in units of x_scale * w_scale
+        bias = bias * p[node.inputs[1]].astype(np.float64).reshape(()) * w_scale.reshape(-1)
+    return w_float.astype(np.float32), np.broadcast_to(bias, (w.shape[0],)).astype(np.float32)
+
+
+def float_twin(graph: Graph) -> Graph | None:
+    """The graph with its static int8 chains computed in float32, or None when it has none (or no twin exists).
+
+    QuantizeLinear and DequantizeLinear become identities (their tensors merged); QLinearConv and
+    lowbit.QGemm become Conv and Gemm (``transB=1``) on the dequantized weights and bias, keeping
+    attr ``activation``; MaxPool / Flatten / Reshape of codes run on the floats. Every other node is
+    kept. The twin computes what the quantized graph approximates, without the rounding of the
+    activations: a :class:`~lowbit.runtime.session.Session` runs it instead when it is faster.
+    """
+    if not any(n.op == "QuantizeLinear" for n in graph.nodes):
+        return None
+    same: dict[str, str] = {}  # tensor -> the float tensor it stands for
+
+    def find(t: str) -> str:
+        while t in same:
+            t = same[t]
+        return t
+
+    for node in graph.nodes:
+        if node.op in ("QuantizeLinear", "DequantizeLinear"):
+            a, b = find(node.inputs[0]), find(node.outputs[0])
+            keep_b = b in graph.outputs  # the graph's own names must survive
+            if a == b or (keep_b and (a in graph.outputs or a in graph.inputs)):
+                return None
+            if keep_b:
+                same[a] = b
+            else:
+                same[b] = a
+    out = Graph([], dict(graph.inputs), list(graph.outputs), dict(graph.params))
+    for node in graph.nodes:
+        if node.op in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        inputs, outputs = [find(t) if t else t for t in node.inputs], [find(t) for t in node.outputs]
+        attrs = dict(node.attrs)
+        if node.op in ("QLinearConv", "lowbit.QGemm"):
+            w, bias = _dequantized(graph, node)
+            names = [_fresh(out, f"{node.name}_w_float")]
+            out.params[names[0]] = w
+            if bias is not None:
+                names.append(_fresh(out, f"{node.name}_b_float"))
+                out.params[names[1]] = bias
+            if node.op == "lowbit.QGemm":
+                attrs = {"transB": 1, **({"activation": attrs["activation"]} if "activation" in attrs else {})}
+            node = Node("Conv" if node.op == "QLinearConv" else "Gemm", [inputs[0], *names], outputs, attrs,
+                        node.name)
+        else:
+            node = Node(node.op, inputs, outputs, attrs, node.name)
+        out.nodes.append(node)
+    _drop_unused(out, set(out.params))
+    return out.validate()

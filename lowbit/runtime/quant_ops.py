@@ -30,6 +30,7 @@ import numpy as np
 
 import kernels
 from kernels.conv.int4 import PackedConvInt4
+from kernels.quantize import dequantize_linear, quantize_linear
 from lowbit.graph.ir import Graph, Node
 from lowbit.quantization.qdq import dynamic_quantize_linear
 from lowbit.runtime.float_ops import prepare_conv
@@ -72,9 +73,10 @@ def _activation(node: Node) -> str | None:
 
 def _clamp(y: np.ndarray, act: str | None) -> None:
     """Apply ``act`` to ``y`` in place."""
-    lo, hi = ACTIVATIONS[act]
-    if lo is not None:
-        np.clip(y, lo, hi, out=y)
+    if act == "relu":
+        np.maximum(y, 0, out=y)  # several times cheaper than np.clip on small arrays
+    elif act is not None:
+        np.clip(y, *ACTIVATIONS[act], out=y)
 
 
 def _input(node: Node, inputs: Inputs, rank: int, dtypes: tuple) -> Shape:
@@ -129,13 +131,19 @@ def _vector(node: Node, value: np.ndarray | None, length: int, what: str, dtype=
     return np.ascontiguousarray(np.broadcast_to(value.reshape(-1), (length,)), dtype=dtype)
 
 
-def _float_kernel(compute: Callable[[np.ndarray], np.ndarray], out: tuple[Shape, np.dtype], ops: int,
-                  requant: tuple[np.ndarray, np.ndarray] | None = None) -> Kernel:
-    """A fallback computing ``compute(x)`` in float32, requantized to ``out``'s dtype if ``requant = (s, z)``."""
+def _float_kernel(compute: Callable[[np.ndarray, np.ndarray | None], np.ndarray], out: tuple[Shape, np.dtype],
+                  ops: int, requant: tuple[np.ndarray, np.ndarray] | None = None) -> Kernel:
+    """A fallback computing ``compute(x, y)`` in float32 (into ``y`` when given), requantized to ``out``'s dtype
+    by ``requant = (s, z)``."""
+    if requant is None:
+        def run(inputs: list[np.ndarray], outs: list[np.ndarray]) -> None:
+            compute(inputs[0], outs[0])
+    else:
+        scale, zero = float(requant[0]), int(requant[1])
+        y = np.empty(out[0], np.float32)
 
-    def run(inputs: list[np.ndarray], outs: list[np.ndarray]) -> None:
-        y = compute(inputs[0])
-        outs[0][...] = y if requant is None else _quantize(y, *requant)
+        def run(inputs: list[np.ndarray], outs: list[np.ndarray]) -> None:
+            quantize_linear(compute(inputs[0], y), scale, zero, dtype=out[1], out=outs[0])
 
     return Kernel(run, [out], ops, "float32", "float fallback on dequantized weights")
 
@@ -148,19 +156,15 @@ def _conv_fallback(node: Node, x_shape: Shape, w_float: np.ndarray, bias: np.nda
     conv = Node("Conv", ["x", *params], ["y"], {**attrs, "kernel_shape": list(w_float.shape[2:]), "activation": act},
                 f"{node.name} (float fallback)")
     kernel = prepare_conv(conv, Graph([], {}, [], params), [(x_shape, np.dtype(np.float32))])
-    y = np.empty(kernel.outputs[0][0], np.float32)
-    return _float_kernel(lambda x: kernel([x if prequant is None else prequant(x)], [y])[0], out, ops, requant)
+    return _float_kernel(lambda x, y: kernel([x if prequant is None else prequant(x)], [y])[0], out, ops, requant)
 
 
 # ----------------------------------------------------------------------------- QuantizeLinear / DequantizeLinear
 
-def _quantize(x: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
-    """ONNX QuantizeLinear per tensor: ``saturate(rint(x / scale) + zero)`` in the zero point's dtype."""
-    info = np.iinfo(zero.dtype)
-    q = np.rint(x / scale)
-    q += zero.astype(np.float32)
-    np.clip(q, info.min, info.max, out=q)
-    return q.astype(zero.dtype)
+def _dequantizer(shape: Shape, scale: np.ndarray, zero: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """``q -> (q - zero) * scale`` in float32 (ONNX DequantizeLinear), into one buffer reused by every call."""
+    buffer, s, z = np.empty(shape, np.float32), float(scale), int(zero)
+    return lambda q: dequantize_linear(q, s, z, out=buffer)
 
 
 def _zero_point(node: Node, graph: Graph, index: int) -> np.ndarray:
@@ -184,9 +188,10 @@ def prepare_quantize_linear(node: Node, graph: Graph, inputs: Inputs) -> Kernel:
     if np.dtype(inputs[0][1]) != np.float32:
         raise ValueError(f"node {node.name!r} (QuantizeLinear): input x must be float32, got {inputs[0][1]}")
     scale, zero = _scale(node, graph, 1), _zero_point(node, graph, 2)
+    s, z, dtype = float(scale), int(zero), zero.dtype
 
     def run(ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
-        outs[0][...] = _quantize(ins[0], scale, zero)
+        quantize_linear(ins[0], s, z, dtype=dtype, out=outs[0])
 
     return Kernel(run, [(shape, zero.dtype)], int(np.prod(shape)), "int8", f"to {zero.dtype}")
 
@@ -198,10 +203,10 @@ def prepare_dequantize_linear(node: Node, graph: Graph, inputs: Inputs) -> Kerne
     if dtype != zero.dtype:
         raise ValueError(f"node {node.name!r} (DequantizeLinear): input x is {dtype} but the zero point is "
                          f"{zero.dtype}")
-    zero32 = np.int32(zero)
+    s, z = float(scale), int(zero)
 
     def run(ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
-        np.multiply(np.subtract(ins[0], zero32, dtype=np.int32), scale, out=outs[0], casting="unsafe")
+        dequantize_linear(ins[0], s, z, out=outs[0])
 
     return Kernel(run, [(shape, np.dtype(np.float32))], int(np.prod(shape)), "int8", f"from {dtype}")
 
@@ -252,8 +257,8 @@ def prepare_qlinear_conv(node: Node, graph: Graph, inputs: Inputs) -> Kernel:
 
     w_float = ((w.astype(np.int32) - w_zero.reshape(-1, 1, 1, 1)) * w_scale.reshape(-1, 1, 1, 1)).astype(np.float32)
     real_bias = _float_bias(bias, x_scale, w_scale)
-    fallback = _conv_fallback(node, x_shape, w_float, _float_bias(bias, x_scale, w_scale), attrs, act, out, ops,
-                              lambda x: (x.astype(np.float32) - np.float32(x_zero)) * x_scale, (y_scale, y_zero))
+    fallback = _conv_fallback(node, x_shape, w_float, real_bias, attrs, act, out, ops,
+                              _dequantizer(x_shape, x_scale, x_zero), (y_scale, y_zero))
     return Kernel(run, [out], ops, "int8", f"qlinear_conv2d {plan.kind if plan.depthwise is None else 'depthwise'}",
                   fallback=fallback)
 
@@ -264,12 +269,13 @@ def _gemm_kernel(node: Node, x_shape: Shape, w: np.ndarray, precision: str, note
     """A Gemm-like kernel ``compute_q(x, out)`` and its float fallback ``act(prequant(x) @ w_float.T + bias)``."""
     out = (_gemm_shape(node, x_shape, w), np.dtype(out_dtype))
     ops = 2 * int(np.prod(out[0])) * w.shape[1]
+    w_t = np.ascontiguousarray(w_float.T)  # BLAS is fast on a contiguous [in, out]; a transposed view is 1000x slower
 
     def run(ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
         compute_q(ins[0], outs[0])
 
-    def compute_float(x: np.ndarray) -> np.ndarray:
-        y = (x if prequant is None else prequant(x)) @ w_float.T
+    def compute_float(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        np.matmul(x if prequant is None else prequant(x), w_t, out=y)
         _add_bias_act(y, bias, act)
         return y
 
@@ -297,18 +303,15 @@ def prepare_qgemm(node: Node, graph: Graph, inputs: Inputs) -> Kernel:
     bias = None if bias is None else _vector(node, bias, w.shape[0], "the bias",
                                              np.int32 if bias.dtype == np.int32 else np.float32)
     act = _activation(node)
-    packed = kernels.pack_int8(w)
-    options = dict(a_scale=float(x_scale), a_zero_point=int(x_zero), w_scale=w_scale, w_zero_point=w_zero, bias=bias,
-                   activation=act)
-    if quantized_out:
-        options.update(out_dtype=y_zero.dtype, out_scale=float(y_scale), out_zero_point=int(y_zero))
-
-    def compute(x: np.ndarray, out: np.ndarray) -> None:
-        kernels.linear_int8(x, packed, out=out, **options)
+    options = {"out_dtype": y_zero.dtype, "out_scale": float(y_scale), "out_zero_point": int(y_zero)} \
+        if quantized_out else {}
+    plan = kernels.linear_int8_plan(kernels.pack_int8(w), a_dtype=x_zero.dtype, a_scale=float(x_scale),
+                                    a_zero_point=int(x_zero), w_scale=w_scale, w_zero_point=w_zero, bias=bias,
+                                    activation=act, **options)
 
     w_float = ((w.astype(np.int32) - w_zero[:, None]) * w_scale[:, None]).astype(np.float32)
-    return _gemm_kernel(node, x_shape, w, "int8", "linear_int8", compute, w_float, _float_bias(bias, x_scale, w_scale),
-                        act, lambda x: (x.astype(np.float32) - np.float32(x_zero)) * x_scale,
+    return _gemm_kernel(node, x_shape, w, "int8", "linear_int8", lambda x, out: plan(x, out=out), w_float,
+                        _float_bias(bias, x_scale, w_scale), act, _dequantizer(x_shape, x_scale, x_zero),
                         y_zero.dtype if quantized_out else np.float32, (y_scale, y_zero) if quantized_out else None)
 
 

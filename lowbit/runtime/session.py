@@ -11,7 +11,12 @@ Preparing for new input shapes (cached per shape tuple):
    intermediate's buffer returns to a pool (keyed by element count and dtype)
    once the last reader of it, or of any view of it, has run, and a later tensor
    of the same size and dtype takes it. Fetched tensors (by default the graph's
-   outputs) are never reused.
+   outputs) are never reused;
+4. a graph with static int8 chains (QuantizeLinear ... DequantizeLinear) also gets
+   a float twin (:func:`~lowbit.runtime.passes.float_twin`: the chains in float32,
+   Q/DQ dropped, so their boundary cost counts too); both are timed on the feeds
+   (best of 7, interleaved) and the faster one runs, so a quantized graph is never
+   slower than float. The profile's notes say which ran and why.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import kernels
 from lowbit.blas import blas_limit
 from lowbit.graph.ir import Graph
 from lowbit.runtime import float_ops, quant_ops
-from lowbit.runtime.passes import fold_batch_norm, fuse_activations
+from lowbit.runtime.passes import float_twin, fold_batch_norm, fuse_activations
 from lowbit.runtime.profile import Profile
 from lowbit.runtime.registry import Kernel, Shape, prepare
 
@@ -92,6 +97,9 @@ class Session:
         self.fallback = bool(fallback)
         self._tensors = set(self.graph.inputs) | set(self.graph.params) | {t for n in self.graph.nodes
                                                                             for t in n.outputs}
+        twin = float_twin(self.graph) if self.fallback else None
+        self._twin = None if twin is None else Session(twin, threads=threads, fallback=fallback, optimize=False)
+        self._twin_chosen: dict[tuple, str | None] = {}  # input shapes -> the note when the twin runs, else None
         self._prepared: dict[tuple, _Prepared] = {}
         self._plans: dict[tuple, _Plan] = {}
         self.notes: dict[str, str] = {}  # node name -> note of the kernel chosen at the last preparation
@@ -235,27 +243,54 @@ class Session:
         feeds = self._check_feeds(feeds)
         fetch = self._check_fetch(fetch)
         key = tuple((n, x.shape) for n, x in feeds.items())
-        with self._limit():
-            prepared = self._prepare(feeds)
-        plan = self._plan(key, prepared, fetch)
+        prepared = self._prepared.get(key)
+        if prepared is None:
+            with self._limit():
+                prepared = self._prepare(feeds)
+        plan = self._plans.get((key, tuple(sorted(fetch)))) or self._plan(key, prepared, fetch)
         values: dict[str, np.ndarray] = dict(self.graph.params)
         values.update(feeds)
         clock = time.perf_counter
         with self._limit():
             for i, (node, kernel, outs) in enumerate(zip(self.graph.nodes, prepared.kernels, plan.outs)):
                 ins = [values[t] if t else None for t in node.inputs]
-                start = clock()
-                results = kernel(ins, outs)
-                if timings is not None:
+                if timings is None:
+                    results = kernel.run(ins, outs)
+                else:
+                    start = clock()
+                    results = kernel.run(ins, outs)
                     timings[i] = min(timings[i], clock() - start)
-                values.update(zip(node.outputs, results))
+                values.update(zip(node.outputs, outs if results is None else results))
         return {t: np.array(values[t], copy=True) for t in fetch}, prepared
+
+    def _twin_for(self, feeds: dict[str, np.ndarray], fetch: list[str] | None) -> str | None:
+        """The note saying why the float twin runs for these feeds (deciding once per input shapes), else None."""
+        if self._twin is None or not isinstance(feeds, dict):
+            return None
+        key = tuple((n, getattr(x, "shape", None)) for n, x in feeds.items())
+        if key not in self._twin_chosen:
+            own, twin = self._execute, self._twin._execute
+            own(feeds, None), twin(feeds, None)  # prepare both
+            best = [np.inf, np.inf]
+            for _ in range(7):
+                for i, fn in enumerate((own, twin)):
+                    start = time.perf_counter()
+                    fn(feeds, None)
+                    best[i] = min(best[i], time.perf_counter() - start)
+            self._twin_chosen[key] = (f"fell back to float: the int8 graph {1e3 * best[0]:.2f} ms > its float twin "
+                                      f"{1e3 * best[1]:.2f} ms (Q/DQ dropped)") if best[1] < best[0] else None
+        chosen = self._twin_chosen[key]
+        if chosen is None or not set(fetch or ()) <= self._twin._tensors:
+            return None
+        return chosen
 
     def run(self, feeds: dict[str, np.ndarray], fetch: list[str] | None = None) -> dict[str, np.ndarray]:
         """Compute ``fetch`` (tensor names; default the graph's outputs) from ``feeds`` (input name -> ndarray).
 
         Returns name -> a copy of the tensor, which the caller may keep and modify.
         """
+        if self._twin_for(feeds, fetch) is not None:
+            return self._twin._execute(feeds, fetch)[0]
         return self._execute(feeds, fetch)[0]
 
     def profile(self, feeds: dict[str, np.ndarray], repeat: int = 5) -> Profile:
@@ -263,8 +298,11 @@ class Session:
         if not isinstance(repeat, (int, np.integer)) or isinstance(repeat, bool) or repeat < 1:
             raise ValueError(f"repeat: expected an int >= 1, got {repeat!r}")
         self.run(feeds)
-        timings = [np.inf] * len(self.graph.nodes)
+        twin_note = self._twin_for(feeds, None)
+        session = self if twin_note is None else self._twin
+        timings = [np.inf] * len(session.graph.nodes)
         for _ in range(repeat):
-            prepared = self._execute(feeds, None, timings)[1]
-        return Profile.from_timings([(node.name, node.op, kernel.precision, sec, kernel.ops, kernel.note)
-                                     for node, kernel, sec in zip(self.graph.nodes, prepared.kernels, timings)])
+            prepared = session._execute(feeds, None, timings)[1]
+        return Profile.from_timings([(node.name, node.op, kernel.precision, sec, kernel.ops,
+                                      kernel.note if twin_note is None else f"{twin_note}; {kernel.note}".rstrip("; "))
+                                     for node, kernel, sec in zip(session.graph.nodes, prepared.kernels, timings)])

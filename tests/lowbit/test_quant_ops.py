@@ -5,14 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import kernels
 from kernels.reference.conv import conv2d_ref
 from kernels.reference.int4 import gemm_int4_ref
 from kernels.reference.int8 import finish_ref, linear_int8_ref
 from kernels.reference.ternary import gemm_ternary_ref
 from lowbit.graph.ir import Graph, Node
 from lowbit.quantization.qdq import dequantize_linear, dynamic_quantize_linear, quantize_linear
-from lowbit.runtime import quant_ops  # noqa: F401  (registers the preparers)
 from lowbit.runtime.registry import prepare
 
 CONV = {"strides": [2, 1], "pads": [1, 0, 1, 1], "dilations": [1, 1], "group": 1}

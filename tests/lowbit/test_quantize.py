@@ -48,7 +48,7 @@ def mlp(rng):
 
 
 def outputs(graph, x):
-    return Session(graph).run({"x": x})[graph.outputs[0]]
+    return Session(graph, fallback=False).run({"x": x})[graph.outputs[0]]
 
 
 def sqnr(graph, quantized, x):
@@ -138,7 +138,7 @@ def test_bias_correction_removes_the_mean_shift(mlp, rng):
     fetch = plain.node("fc0").outputs[0]
 
     def shift(q):
-        return np.abs(np.mean(Session(q).run({"x": data[0]}, [fetch])[fetch] - np.maximum(ref, 0), axis=0)).mean()
+        return np.abs(np.mean(Session(q, fallback=False).run({"x": data[0]}, [fetch])[fetch] - np.maximum(ref, 0), axis=0)).mean()
 
     assert shift(corrected) < 0.5 * shift(plain)
     assert not np.array_equal(plain.params[plain.node("fc0").inputs[3]], corrected.params[corrected.node("fc0").inputs[3]])

@@ -394,3 +394,14 @@ def test_unsupported_op_names_the_node():
     graph = Graph([Node("Frobnicate", ["x"], ["y"], name="f")], {"x": TensorSpec((1,))}, ["y"]).validate()
     with pytest.raises(NotImplementedError, match="node 'f': op 'Frobnicate'"):
         Session(graph).run({"x": np.zeros(1, np.float32)})
+
+
+def test_int_max_pool_and_float_twin(rng):
+    from lowbit.graph.ir import Graph, Node, TensorSpec
+    from lowbit.runtime.passes import float_twin
+    x = (rng.random((2, 3, 6, 6)) * 250).astype(np.uint8)
+    node = Node("MaxPool", ["x"], ["y"], {"kernel_shape": [2, 2], "strides": [2, 2]}, "mp")
+    graph = Graph([node], {"x": TensorSpec((None, 3, 6, 6), "uint8")}, ["y"], {})
+    want = x.reshape(2, 3, 3, 2, 3, 2).max(axis=(3, 5))
+    np.testing.assert_array_equal(Session(graph).run({"x": x})["y"], want)
+    assert float_twin(graph) is None  # no int8 chain: nothing to twin
