@@ -18,7 +18,9 @@ INFO_SHAPES = ((1, 4096, 4096), (8, 4096, 4096), (1024, 1024, 1024))  # decode, 
 
 
 def _info(args: argparse.Namespace) -> int:
-    info = kernels.cpu_info()
+    from lowbit import __version__
+
+    info = {"lowbit": __version__, **kernels.cpu_info()}
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
