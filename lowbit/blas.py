@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 
 def blas_limit(threads: int | None) -> contextlib.AbstractContextManager:
@@ -11,10 +12,15 @@ def blas_limit(threads: int | None) -> contextlib.AbstractContextManager:
     An unlimited OpenBLAS busy-waits on every core after each call, which starves the Numba
     kernels (and other processes) on a small machine.
     """
-    if threads is None:
-        return contextlib.nullcontext()
+    controller = _controller() if threads is not None else None
+    return contextlib.nullcontext() if controller is None else controller.limit(limits=threads, user_api="blas")
+
+
+@functools.cache
+def _controller():
+    """The process's threadpoolctl controller (finding the loaded libraries is slow: done once), or None."""
     try:
         from threadpoolctl import ThreadpoolController
     except ImportError:
-        return contextlib.nullcontext()
-    return ThreadpoolController().limit(limits=threads, user_api="blas")
+        return None
+    return ThreadpoolController()

@@ -157,16 +157,60 @@ def _dequantized(graph: Graph, node: Node) -> tuple[np.ndarray, np.ndarray | Non
     return w_float.astype(np.float32), np.broadcast_to(bias, (w.shape[0],)).astype(np.float32)
 
 
-def float_twin(graph: Graph) -> Graph | None:
-    """The graph with its static int8 chains computed in float32, or None when it has none (or no twin exists).
+#: Weight-only quantized ops (float activations) and the float op their twin runs.
+WEIGHT_ONLY = {"lowbit.Int4Gemm": "Gemm", "lowbit.Int4Conv": "Conv", "lowbit.TernaryGemm": "Gemm",
+               "lowbit.DynamicQGemm": "Gemm"}
+_CONV_ATTRS = ("kernel_shape", "strides", "pads", "dilations", "group", "auto_pad", "activation")
 
-    QuantizeLinear and DequantizeLinear become identities (their tensors merged); QLinearConv and
-    lowbit.QGemm become Conv and Gemm (``transB=1``) on the dequantized weights and bias, keeping
-    attr ``activation``; MaxPool / Flatten / Reshape of codes run on the floats. Every other node is
-    kept. The twin computes what the quantized graph approximates, without the rounding of the
-    activations: a :class:`~lowbit.runtime.session.Session` runs it instead when it is faster.
+
+def _weight_only_float(graph: Graph, node: Node) -> tuple[np.ndarray, np.ndarray | None]:
+    """The float weights (``[out, in]``, or OIHW for Int4Conv) and bias of a :data:`WEIGHT_ONLY` node.
+
+    Int4: ``w[o, k] = codes[o, k] scales[o, k // group_size]`` (Int4Conv columns in (ky, kx, c) order,
+    reordered to OIHW); ternary: ``w = codes[o, k] scales[o]``; DynamicQGemm: ``w = (w - w_zp[o]) w_scale[o]``.
     """
-    if not any(n.op == "QuantizeLinear" for n in graph.nodes):
+    p, op = graph.params, node.op
+    codes = p[node.inputs[1]].astype(np.float64)
+    if op == "lowbit.DynamicQGemm":
+        zero_name = node.inputs[3] if len(node.inputs) > 3 else ""
+        zero = p[zero_name].astype(np.float64).reshape(-1, 1) if zero_name else 0.0
+        w = (codes - zero) * p[node.inputs[2]].astype(np.float64).reshape(-1, 1)
+        bias_index = 4
+    elif op == "lowbit.TernaryGemm":
+        w, bias_index = codes * p[node.inputs[2]].astype(np.float64).reshape(-1, 1), 3
+    else:
+        g = int(node.attrs["group_size"])
+        w = codes * np.repeat(p[node.inputs[2]].astype(np.float64), g, axis=1)[:, :codes.shape[1]]
+        bias_index = 3
+        if op == "lowbit.Int4Conv":
+            kh, kw = node.attrs["kernel_shape"]
+            w = w.reshape(w.shape[0], kh, kw, -1).transpose(0, 3, 1, 2)
+    bias_name = node.inputs[bias_index] if len(node.inputs) > bias_index else ""
+    bias = np.broadcast_to(p[bias_name].astype(np.float32).reshape(-1), (w.shape[0],)) if bias_name else None
+    return np.ascontiguousarray(w, np.float32), bias
+
+
+def _twinnable(graph: Graph) -> bool:
+    """Whether the graph has something to twin: a QuantizeLinear (an int8 chain) or a weight-only quantized
+    node whose weights are all parameters."""
+    weight_only = [n for n in graph.nodes if n.op in WEIGHT_ONLY]
+    if not weight_only and not any(n.op == "QuantizeLinear" for n in graph.nodes):
+        return False
+    return all(t in graph.params for n in weight_only for t in n.inputs[1:] if t)
+
+
+def float_twin(graph: Graph) -> Graph | None:
+    """The graph with its quantized parts computed in float32, or None when it has none (or no twin exists).
+
+    Static int8 chains: QuantizeLinear and DequantizeLinear become identities (their tensors merged);
+    QLinearConv and lowbit.QGemm become Conv and Gemm (``transB=1``) on the dequantized weights and bias,
+    keeping attr ``activation``; MaxPool / Flatten / Reshape of codes run on the floats. Weight-only
+    quantized nodes (:data:`WEIGHT_ONLY`: int4, ternary, dynamic int8) become Gemm / Conv on their
+    dequantized weights. Every other node is kept. The twin computes what the quantized graph
+    approximates, without the rounding of the activations: a :class:`~lowbit.runtime.session.Session`
+    runs it instead when it is faster.
+    """
+    if not _twinnable(graph):
         return None
     same: dict[str, str] = {}  # tensor -> the float tensor it stands for
 
@@ -191,17 +235,18 @@ def float_twin(graph: Graph) -> Graph | None:
             continue
         inputs, outputs = [find(t) if t else t for t in node.inputs], [find(t) for t in node.outputs]
         attrs = dict(node.attrs)
-        if node.op in ("QLinearConv", "lowbit.QGemm"):
-            w, bias = _dequantized(graph, node)
+        quantized = node.op in ("QLinearConv", "lowbit.QGemm")
+        if quantized or node.op in WEIGHT_ONLY:
+            w, bias = _dequantized(graph, node) if quantized else _weight_only_float(graph, node)
             names = [_fresh(out, f"{node.name}_w_float")]
             out.params[names[0]] = w
             if bias is not None:
                 names.append(_fresh(out, f"{node.name}_b_float"))
                 out.params[names[1]] = bias
-            if node.op == "lowbit.QGemm":
-                attrs = {"transB": 1, **({"activation": attrs["activation"]} if "activation" in attrs else {})}
-            node = Node("Conv" if node.op == "QLinearConv" else "Gemm", [inputs[0], *names], outputs, attrs,
-                        node.name)
+            conv = node.op in ("QLinearConv", "lowbit.Int4Conv")
+            keep = _CONV_ATTRS if conv else ("activation",)
+            attrs = {**({} if conv else {"transB": 1}), **{k: v for k, v in attrs.items() if k in keep}}
+            node = Node("Conv" if conv else "Gemm", [inputs[0], *names], outputs, attrs, node.name)
         else:
             node = Node(node.op, inputs, outputs, attrs, node.name)
         out.nodes.append(node)

@@ -6,17 +6,21 @@ Preparing for new input shapes (cached per shape tuple):
    :class:`~lowbit.runtime.registry.Kernel` says what it outputs);
 2. one dry run on zero-filled inputs records which outputs are views of an
    input (Reshape, Flatten), and, for a kernel carrying a float ``fallback``,
-   times both (best of 3 after a warm-up) and keeps the faster;
+   races both (:func:`_race`: interleaved, best of up to :data:`RACE_ROUNDS`) and keeps the faster;
 3. per set of fetched tensors, buffers are planned by liveness: an
    intermediate's buffer returns to a pool (keyed by element count and dtype)
    once the last reader of it, or of any view of it, has run, and a later tensor
    of the same size and dtype takes it. Fetched tensors (by default the graph's
-   outputs) are never reused;
-4. a graph with static int8 chains (QuantizeLinear ... DequantizeLinear) also gets
-   a float twin (:func:`~lowbit.runtime.passes.float_twin`: the chains in float32,
-   Q/DQ dropped, so their boundary cost counts too); both are timed on the feeds
-   (best of 7, interleaved) and the faster one runs, so a quantized graph is never
-   slower than float. The profile's notes say which ran and why.
+   outputs) are never reused. The plan is flat (one step per node, inputs
+   resolved to slots) so a run is one loop, after a check of the feeds' shapes
+   and dtypes against those already seen;
+4. a graph with quantized parts (static int8 chains QuantizeLinear ... DequantizeLinear,
+   or weight-only int4 / ternary / dynamic int8 layers) also gets a float twin
+   (:func:`~lowbit.runtime.passes.float_twin`: the same layers in float32 on the dequantized
+   weights, Q/DQ dropped, so their boundary cost counts too); both whole graphs are raced on
+   the feeds and the faster one runs, so a quantized graph is never slower than its float
+   version. The profile's notes say which ran and why. With ``fallback=False`` nothing is
+   raced: the quantized kernels always run.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -38,16 +43,27 @@ from lowbit.runtime.registry import Kernel, Shape, prepare
 OP_MODULES = (float_ops, quant_ops)  # importing them registers their preparers
 
 Spec = tuple[Shape, np.dtype]
+#: Timed rounds when racing candidates (a kernel and its fallback, a graph and its twin): enough for the best
+#: of them to be stable on sub-0.1 ms graphs, fewer when one round would exceed :data:`RACE_BUDGET` seconds.
+RACE_ROUNDS = 21
+RACE_BUDGET = 0.5
 
 
-def _best_seconds(kernel: Kernel, inputs: list, outs: list[np.ndarray], repeat: int = 3) -> float:
-    """Best of ``repeat`` timed calls after one warm-up call."""
-    kernel(inputs, outs)
-    best = np.inf
-    for _ in range(repeat):
-        start = time.perf_counter()
-        kernel(inputs, outs)
-        best = min(best, time.perf_counter() - start)
+def _race(candidates: list[Callable[[], object]]) -> list[float]:
+    """Best seconds per candidate over interleaved rounds (after one warm-up call each), so noise hits all."""
+    clock, first = time.perf_counter, []
+    for fn in candidates:
+        fn()
+        start = clock()
+        fn()
+        first.append(clock() - start)
+    rounds = int(np.clip(RACE_BUDGET / max(sum(first), 1e-9), 3, RACE_ROUNDS))
+    best = first
+    for _ in range(rounds - 1):
+        for i, fn in enumerate(candidates):
+            start = clock()
+            fn()
+            best[i] = min(best[i], clock() - start)
     return best
 
 
@@ -60,14 +76,22 @@ class _Prepared:
     root: dict[str, str]  # tensor -> the tensor whose memory it views (itself if none)
 
 
+Step = tuple[Callable, list, tuple[tuple[int, int], ...], list[np.ndarray], tuple[int, ...]]
+
+
 @dataclass
 class _Plan:
-    """Output buffers per node for one (input shapes, fetch) pair."""
+    """One (input shapes, fetch) pair made flat: a run copies ``slots`` (parameters and planned output buffers by
+    tensor slot), puts the feeds in, and runs ``steps``: ``(kernel.run, ins, patch, outs, out_slots)``, where
+    ``ins`` holds the node's constant inputs and ``patch`` says which ``(position, slot)`` to refresh before the
+    call (a kernel may return views instead of writing ``outs``: they go to ``out_slots``)."""
 
-    outs: list[list[np.ndarray]] = field(repr=False)
+    slots: list = field(repr=False)
+    steps: list[Step] = field(repr=False)
+    feeds: tuple[tuple[int, str], ...]
+    fetch: tuple[tuple[str, int], ...]
     buffers: int = 0
     nbytes: int = 0
-    fetch: list[str] = field(default_factory=list)
 
 
 class Session:
@@ -78,7 +102,8 @@ class Session:
     graph : Graph, copied (the caller's graph is not modified)
     threads : int >= 1, optional; the kernels' thread count (``kernels.set_num_threads``) for each run, and
         NumPy's BLAS threads too when threadpoolctl is installed
-    fallback : bool, default True; let a kernel with a float ``fallback`` be replaced by it when that is faster
+    fallback : bool, default True; let a kernel with a float ``fallback``, and a quantized graph with a float
+        twin, be replaced by the float version when that is faster (False: always the quantized kernels)
     optimize : bool, default True; fold batch norms and fuse activations first (their intermediate tensors
         then no longer exist and cannot be fetched)
     """
@@ -95,13 +120,16 @@ class Session:
         self.graph.validate()
         self.threads = None if threads is None else int(threads)
         self.fallback = bool(fallback)
-        self._tensors = set(self.graph.inputs) | set(self.graph.params) | {t for n in self.graph.nodes
-                                                                            for t in n.outputs}
+        self._inputs = tuple(self.graph.inputs)
+        names = [*self._inputs, *self.graph.params, *(t for n in self.graph.nodes for t in n.outputs)]
+        self._slot = {t: i for i, t in enumerate(dict.fromkeys(names))}
+        self._tensors = set(self._slot)
         twin = float_twin(self.graph) if self.fallback else None
         self._twin = None if twin is None else Session(twin, threads=threads, fallback=fallback, optimize=False)
-        self._twin_chosen: dict[tuple, str | None] = {}  # input shapes -> the note when the twin runs, else None
+        self._whole: dict[tuple, tuple[bool, str]] = {}  # input shapes -> (the twin runs, the race's note)
         self._prepared: dict[tuple, _Prepared] = {}
         self._plans: dict[tuple, _Plan] = {}
+        self._routes: dict[tuple, dict] = {}  # feed signature -> fetch (None: default) -> (session, plan)
         self.notes: dict[str, str] = {}  # node name -> note of the kernel chosen at the last preparation
 
     def _limit(self) -> contextlib.AbstractContextManager:
@@ -187,7 +215,7 @@ class Session:
         specs = [[(tuple(s), np.dtype(d)) for s, d in k.outputs] for k in (kernel, fallback)]
         if specs[0] != specs[1]:
             raise ValueError(f"kernel fallback declares outputs {fallback.outputs}, the kernel {kernel.outputs}")
-        own, other = _best_seconds(kernel, ins, outs), _best_seconds(fallback, ins, outs)
+        own, other = _race([lambda: kernel.run(ins, outs), lambda: fallback.run(ins, outs)])
         if other < own:
             note = f"fell back to float: {kernel.precision} {1e3 * own:.2f} ms > float {1e3 * other:.2f} ms"
             return Kernel(fallback.run, fallback.outputs, fallback.ops, fallback.precision, note)
@@ -196,10 +224,10 @@ class Session:
                       f"{note}{kernel.precision} {1e3 * own:.2f} ms < float {1e3 * other:.2f} ms")
 
     def _plan(self, key: tuple, prepared: _Prepared, fetch: list[str]) -> _Plan:
-        plan_key = (key, tuple(sorted(fetch)))
+        plan_key = (key, tuple(fetch))
         if plan_key in self._plans:
             return self._plans[plan_key]
-        nodes, root = self.graph.nodes, prepared.root
+        nodes, root, slot = self.graph.nodes, prepared.root, self._slot
         last = {}  # root tensor -> index of the last node reading it or a view of it
         for i, node in enumerate(nodes):
             for t in node.inputs:
@@ -208,13 +236,16 @@ class Session:
         pinned = {root[t] for t in fetch if t in root}
         pool: dict[tuple[int, np.dtype], list[np.ndarray]] = {}
         flat_of: dict[str, np.ndarray] = {}
-        plan = _Plan([], fetch=fetch)
+        slots = [None] * len(slot)
+        for name, value in self.graph.params.items():
+            slots[slot[name]] = value
+        plan = _Plan(slots, [], tuple((slot[n], n) for n in self._inputs), tuple((t, slot[t]) for t in fetch))
 
         def release(t: str) -> None:
             flat = flat_of.pop(t)
             pool.setdefault((flat.size, flat.dtype), []).append(flat)
 
-        for i, node in enumerate(nodes):
+        for i, (node, kernel) in enumerate(zip(nodes, prepared.kernels)):
             outs = []
             for t in node.outputs:
                 shape, dtype = prepared.specs[t]
@@ -226,7 +257,10 @@ class Session:
                     plan.nbytes += free[0].nbytes
                 flat_of[t] = free.pop()
                 outs.append(flat_of[t].reshape(shape))
-            plan.outs.append(outs)
+                slots[slot[t]] = outs[-1]
+            ins = [self.graph.params.get(t) if t else None for t in node.inputs]
+            patch = tuple((k, slot[t]) for k, t in enumerate(node.inputs) if t and t not in self.graph.params)
+            plan.steps.append((kernel.run, ins, patch, outs, tuple(slot[t] for t in node.outputs)))
             for t in node.outputs:  # a view of an input leaves its own buffer unused; an unread output is dead
                 if root[t] != t or (t not in last and t not in pinned):
                     release(t)
@@ -238,71 +272,101 @@ class Session:
 
     # ---- execution -------------------------------------------------------------------------------------------------
 
-    def _execute(self, feeds: dict[str, np.ndarray], fetch: list[str] | None, timings: list[float] | None = None
-                 ) -> tuple[dict[str, np.ndarray], _Prepared]:
-        feeds = self._check_feeds(feeds)
-        fetch = self._check_fetch(fetch)
-        key = tuple((n, x.shape) for n, x in feeds.items())
+    @staticmethod
+    def _execute(plan: _Plan, feeds: dict[str, np.ndarray], timings: list[float] | None = None
+                 ) -> dict[str, np.ndarray]:
+        """Run ``plan`` on checked ``feeds``; with ``timings``, keep each step's best seconds there."""
+        slots = plan.slots.copy()
+        for i, name in plan.feeds:
+            slots[i] = np.ascontiguousarray(feeds[name])
+        clock = time.perf_counter
+        for i, (run, ins, patch, outs, out_slots) in enumerate(plan.steps):
+            for k, j in patch:
+                ins[k] = slots[j]
+            if timings is None:
+                results = run(ins, outs)
+            else:
+                start = clock()
+                results = run(ins, outs)
+                timings[i] = min(timings[i], clock() - start)
+            if results is not None:
+                for j, r in zip(out_slots, results):
+                    slots[j] = r
+        return {t: slots[j].copy() for t, j in plan.fetch}
+
+    def _ready(self, feeds: dict[str, np.ndarray], fetch: list[str] | None) -> tuple[Session, _Plan]:
+        """Check ``feeds`` and ``fetch`` fully, prepare (racing the twin once per input shapes), plan; the
+        session that runs (this one or its float twin) and its plan, remembered for the next run."""
+        checked, names = self._check_feeds(feeds), self._check_fetch(fetch)
+        key = tuple((n, x.shape) for n, x in checked.items())
+        twin_runs, _ = self._race_twin(checked, key)
+        use_twin = twin_runs and set(names) <= self._twin._tensors
+        session = self._twin if use_twin else self
+        route = (session, session._plan_for(checked, key, names))
+        signature = tuple((x.shape, x.dtype) for x in checked.values())
+        self._routes.setdefault(signature, {})[None if fetch is None else tuple(fetch)] = route
+        return route
+
+    def _plan_for(self, feeds: dict[str, np.ndarray], key: tuple, fetch: list[str]) -> _Plan:
         prepared = self._prepared.get(key)
         if prepared is None:
             with self._limit():
                 prepared = self._prepare(feeds)
-        plan = self._plans.get((key, tuple(sorted(fetch)))) or self._plan(key, prepared, fetch)
-        values: dict[str, np.ndarray] = dict(self.graph.params)
-        values.update(feeds)
-        clock = time.perf_counter
-        with self._limit():
-            for i, (node, kernel, outs) in enumerate(zip(self.graph.nodes, prepared.kernels, plan.outs)):
-                ins = [values[t] if t else None for t in node.inputs]
-                if timings is None:
-                    results = kernel.run(ins, outs)
-                else:
-                    start = clock()
-                    results = kernel.run(ins, outs)
-                    timings[i] = min(timings[i], clock() - start)
-                values.update(zip(node.outputs, outs if results is None else results))
-        return {t: np.array(values[t], copy=True) for t in fetch}, prepared
+        return self._plan(key, prepared, fetch)
 
-    def _twin_for(self, feeds: dict[str, np.ndarray], fetch: list[str] | None) -> str | None:
-        """The note saying why the float twin runs for these feeds (deciding once per input shapes), else None."""
-        if self._twin is None or not isinstance(feeds, dict):
-            return None
-        key = tuple((n, getattr(x, "shape", None)) for n, x in feeds.items())
-        if key not in self._twin_chosen:
-            own, twin = self._execute, self._twin._execute
-            own(feeds, None), twin(feeds, None)  # prepare both
-            best = [np.inf, np.inf]
-            for _ in range(7):
-                for i, fn in enumerate((own, twin)):
-                    start = time.perf_counter()
-                    fn(feeds, None)
-                    best[i] = min(best[i], time.perf_counter() - start)
-            self._twin_chosen[key] = (f"fell back to float: the int8 graph {1e3 * best[0]:.2f} ms > its float twin "
-                                      f"{1e3 * best[1]:.2f} ms (Q/DQ dropped)") if best[1] < best[0] else None
-        chosen = self._twin_chosen[key]
-        if chosen is None or not set(fetch or ()) <= self._twin._tensors:
-            return None
-        return chosen
+    def _race_twin(self, feeds: dict[str, np.ndarray], key: tuple) -> tuple[bool, str]:
+        """Whether the float twin runs for these input shapes, and the note saying why (decided once per shapes:
+        both graphs timed on ``feeds``, interleaved, best of :data:`RACE_ROUNDS`)."""
+        if self._twin is None:
+            return False, ""
+        if key not in self._whole:
+            fetch = list(self.graph.outputs)
+            own, twin = self._plan_for(feeds, key, fetch), self._twin._plan_for(feeds, key, fetch)
+            with self._limit():
+                best = _race([lambda: self._execute(own, feeds), lambda: self._execute(twin, feeds)])
+            quantized, float_ = f"{1e3 * best[0]:.3f} ms", f"{1e3 * best[1]:.3f} ms"
+            self._whole[key] = (True, f"fell back to float: the quantized graph {quantized} > its float twin "
+                                      f"{float_} (weights dequantized, Q/DQ dropped)") if best[1] < best[0] else \
+                (False, f"quantized graph {quantized} < its float twin {float_}")
+        return self._whole[key]
 
     def run(self, feeds: dict[str, np.ndarray], fetch: list[str] | None = None) -> dict[str, np.ndarray]:
         """Compute ``fetch`` (tensor names; default the graph's outputs) from ``feeds`` (input name -> ndarray).
 
-        Returns name -> a copy of the tensor, which the caller may keep and modify.
+        Returns name -> a copy of the tensor, which the caller may keep and modify. Feeds of shapes and dtypes
+        seen before, with a fetch seen before, skip the checks and run the remembered plan directly.
         """
-        if self._twin_for(feeds, fetch) is not None:
-            return self._twin._execute(feeds, fetch)[0]
-        return self._execute(feeds, fetch)[0]
+        route = None
+        if isinstance(feeds, dict) and len(feeds) == len(self._inputs) and not isinstance(fetch, str):
+            xs = [feeds.get(n) for n in self._inputs]
+            if all(isinstance(x, np.ndarray) for x in xs):
+                routes = self._routes.get(tuple([(x.shape, x.dtype) for x in xs]))
+                with contextlib.suppress(TypeError):  # unhashable fetch entries: checked below
+                    route = routes and routes.get(None if fetch is None else tuple(fetch))
+        session, plan = route or self._ready(feeds, fetch)
+        if self.threads is None:
+            return self._execute(plan, feeds)
+        with self._limit():
+            return self._execute(plan, feeds)
 
     def profile(self, feeds: dict[str, np.ndarray], repeat: int = 5) -> Profile:
-        """Time every node: the best of ``repeat`` runs (after one warm-up run) per node."""
+        """Time every node: the best of ``repeat`` runs (after one warm-up run) per node.
+
+        A graph with a float twin says on its rows which of the two runs and the whole-graph times behind the
+        choice (on every row when the twin runs, on the first otherwise).
+        """
         if not isinstance(repeat, (int, np.integer)) or isinstance(repeat, bool) or repeat < 1:
             raise ValueError(f"repeat: expected an int >= 1, got {repeat!r}")
+        session, plan = self._ready(feeds, None)
         self.run(feeds)
-        twin_note = self._twin_for(feeds, None)
-        session = self if twin_note is None else self._twin
+        key = tuple((n, feeds[n].shape) for n in self._inputs)
+        twin_runs, whole = self._race_twin(feeds, key)
         timings = [np.inf] * len(session.graph.nodes)
-        for _ in range(repeat):
-            prepared = session._execute(feeds, None, timings)[1]
-        return Profile.from_timings([(node.name, node.op, kernel.precision, sec, kernel.ops,
-                                      kernel.note if twin_note is None else f"{twin_note}; {kernel.note}".rstrip("; "))
-                                     for node, kernel, sec in zip(session.graph.nodes, prepared.kernels, timings)])
+        with self._limit():
+            for _ in range(repeat):
+                self._execute(plan, feeds, timings)
+        rows = []
+        for i, (node, kernel, sec) in enumerate(zip(session.graph.nodes, session._prepared[key].kernels, timings)):
+            note = f"{whole}; {kernel.note}" if whole and (twin_runs or i == 0) else kernel.note
+            rows.append((node.name, node.op, kernel.precision, sec, kernel.ops, note.rstrip("; ")))
+        return Profile.from_timings(rows)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import pytest
@@ -405,3 +406,64 @@ def test_int_max_pool_and_float_twin(rng):
     want = x.reshape(2, 3, 3, 2, 3, 2).max(axis=(3, 5))
     np.testing.assert_array_equal(Session(graph).run({"x": x})["y"], want)
     assert float_twin(graph) is None  # no int8 chain: nothing to twin
+
+
+def _int4_mlp(rng):
+    """x [N, 64] -> Int4Gemm (relu) -> TernaryGemm: weight-only layers, no QuantizeLinear."""
+    codes = rng.integers(-8, 8, (16, 64)).astype(np.int8)
+    scales = (rng.random((16, 2)) * 0.1 + 0.01).astype(np.float32)
+    bias = rng.standard_normal(16).astype(np.float32)
+    t_codes = rng.integers(-1, 2, (4, 16)).astype(np.int8)
+    t_scales = (rng.random(4) + 0.5).astype(np.float32)
+    params = {"c": codes, "s": scales, "b": bias, "tc": t_codes, "ts": t_scales}
+    nodes = [Node("lowbit.Int4Gemm", ["x", "c", "s", "b"], ["h"], {"group_size": 32, "activation": "relu"}, "q4"),
+             Node("lowbit.TernaryGemm", ["h", "tc", "ts"], ["y"], {}, "t")]
+    graph = Graph(nodes, {"x": TensorSpec((None, 64))}, ["y"], params).validate()
+    w4 = codes.astype(np.float64) * np.repeat(scales, 32, axis=1)
+    expected = lambda x: np.maximum(x @ w4.T + bias, 0) @ (t_codes * t_scales[:, None]).T  # noqa: E731
+    return graph, expected
+
+
+def test_float_twin_of_weight_only_layers(rng):
+    from lowbit.runtime.passes import float_twin
+    graph, expected = _int4_mlp(rng)
+    twin = float_twin(graph)
+    assert [n.op for n in twin.nodes] == ["Gemm", "Gemm"] and twin.nodes[0].attrs["activation"] == "relu"
+    x = rng.standard_normal((8, 64)).astype(np.float32)
+    np.testing.assert_allclose(Session(twin).run({"x": x})["y"], expected(x), rtol=1e-4, atol=1e-4)
+    # an int4 convolution's (ky, kx, c) columns become OIHW filters
+    codes = rng.integers(-8, 8, (6, 3 * 3 * 4)).astype(np.int8)
+    scales = (rng.random((6, 2)) + 0.1).astype(np.float32)
+    node = Node("lowbit.Int4Conv", ["x", "c", "s"], ["y"], {"kernel_shape": [3, 3], "pads": [1, 1, 1, 1],
+                                                            "group_size": 32}, "c4")
+    conv = Graph([node], {"x": TensorSpec((None, 4, 5, 5))}, ["y"], {"c": codes, "s": scales}).validate()
+    w = (codes * np.repeat(scales, 32, axis=1)[:, :36]).reshape(6, 3, 3, 4).transpose(0, 3, 1, 2)
+    xc = rng.standard_normal((2, 4, 5, 5)).astype(np.float32)
+    got = Session(float_twin(conv)).run({"x": xc})["y"]
+    np.testing.assert_allclose(got, _conv_ref(xc, w, None, (1, 1), (1, 1, 1, 1), (1, 1), 1), rtol=1e-4, atol=1e-4)
+    quantized = Session(conv, fallback=False).run({"x": xc})["y"]  # activations rounded to int8 per group
+    assert np.abs(quantized - got).max() < 0.05 * np.abs(got).max()
+
+
+def test_session_runs_the_twin_when_the_quantized_graph_is_slower(rng, monkeypatch):
+    import lowbit.runtime.quant_ops as quant_ops
+    graph, expected = _int4_mlp(rng)
+    x = {"x": rng.standard_normal((8, 64)).astype(np.float32)}
+    real = quant_ops.kernels.gemm_int4
+
+    def slow_gemm_int4(*args, **kwargs):
+        time.sleep(2e-3)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(quant_ops.kernels, "gemm_int4", slow_gemm_int4)
+    monkeypatch.setattr("lowbit.runtime.session.RACE_ROUNDS", 3)
+    monkeypatch.setattr(Session, "_faster", staticmethod(lambda kernel, ins, outs: kernel))  # no per-node escape
+    session = Session(graph)
+    rows = session.profile(x, repeat=1).rows
+    assert [r.op for r in rows] == ["Gemm", "Gemm"] and all(r.precision == "float32" for r in rows)
+    assert all(r.note.startswith("fell back to float: the quantized graph ") and " > its float twin " in r.note
+               for r in rows)
+    np.testing.assert_allclose(session.run(x)["y"], expected(x["x"]), rtol=1e-4, atol=1e-4)
+    fixed = Session(graph, fallback=False).profile(x, repeat=1).rows  # never switches
+    assert [r.precision for r in fixed] == ["int4", "ternary"]
+    assert "fell back" not in fixed[0].note and "twin" not in fixed[0].note
