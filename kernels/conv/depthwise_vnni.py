@@ -20,10 +20,9 @@ the next pixel, so each column is built once (``SW`` new ones per pixel), from
 ``4 G`` byte loads widened and shifted into place. Only the pixels at the left
 and right borders test whether their columns lie inside the image; the interior
 ones go ``UNROLL`` per iteration, their sums first, so that their epilogues
-overlap. The sums of a float32 output then go through ``kernels.gemm.vnni.requantize``
-(the epilogue of ``make_tile_finish``), those of an int8 / uint8 output through
-``_quantize`` (the same results with fewer shuffles), and are stored with masked
-stores; nothing goes through memory in between.
+overlap. The sums of a float32 or int8 / uint8 output then go through
+``kernels.gemm.vnni.requantize`` (the epilogue of ``make_tile_finish``) and are
+stored with masked stores; nothing goes through memory in between.
 
 Only compiled when ``kernels.dispatch`` picks "conv_depthwise" "avx512-vnni".
 """
@@ -72,34 +71,6 @@ def pack_quads(centred: np.ndarray) -> np.ndarray:
     # [v, l, g, b, kx] -> [v, kx, g, l, b]
     return np.ascontiguousarray(full.reshape(vectors, LANES, g, 4, kw).transpose(0, 4, 2, 1, 3)
                                 .reshape(vectors, kw * g, 4 * LANES))
-
-
-def _quantize(builder, biased: ir.Value, factors: list[tuple[ir.Value, ir.Value]], lo: ir.Value, hi: ir.Value,
-              zp: ir.Value) -> ir.Value:
-    """The QUANT epilogue of ``kernels.gemm.vnni.requantize`` with fewer port-5 instructions, same results.
-
-    ``biased`` holds ``y + 2**31`` (wrapping): as the low word of a double whose high
-    word is that of ``2**52`` it reads ``2**52 + 2**31 + y``, and one exact subtraction
-    gives ``float64(y)``. Rounding adds ``1.5 * 2**52``: a double of magnitude below
-    ``2**51`` then rounds half to even to an integer, held in its low word.
-    """
-    high = ir.Constant(V16I32, [0x43300000] * LANES)
-    minimum = declare(builder, "llvm.x86.avx512.min.pd.512", ir.FunctionType(V8F64, [V8F64, V8F64, I32]))
-    maximum = declare(builder, "llvm.x86.avx512.max.pd.512", ir.FunctionType(V8F64, [V8F64, V8F64, I32]))
-    exact = ir.Constant(I32, 4)  # current rounding direction: no embedded rounding
-    offset = ir.Constant(V8F64, [2.0**52 + 2.0**31] * 8)
-    magic = ir.Constant(V8F64, [1.5 * 2.0**52] * 8)
-    halves = []
-    for h in (0, 1):
-        pairs = builder.shuffle_vector(biased, high, ir.Constant(V16I32, [i // 2 + 8 * h if i % 2 == 0 else LANES
-                                                                          for i in range(LANES)]))
-        y = builder.fsub(builder.bitcast(pairs, V8F64), offset)
-        mult, shift = factors[h]
-        t = builder.fadd(builder.fmul(y, mult), shift)
-        t = builder.call(minimum, [builder.call(maximum, [t, lo, exact]), hi, exact])
-        halves.append(builder.bitcast(builder.fadd(builder.fadd(t, zp), magic), V16I32))
-    low = builder.shuffle_vector(halves[0], halves[1], ir.Constant(V16I32, list(range(0, 2 * LANES, 2))))
-    return builder.trunc(low, V16I8)
 
 
 def _masked(builder, kind: str, elem: ir.Type) -> ir.Function:
@@ -191,7 +162,7 @@ def _make_row(kh: int, kw: int, sw: int, signed: bool):
             w_base = builder.gep(w_ptr, [builder.mul(v, ir.Constant(I64, kw * g_count * 64))])
             weights = [builder.bitcast(load_vector(builder, w_base, 64 * i, V64I8), byte) for i in range(kw * g_count)]
             ct = load_vector(builder, builder.gep(ct_ptr, [c0]), 0, V16I32)
-            if quantize:  # the sums come out biased by 2**31, as _quantize takes them
+            if quantize:  # the sums come out biased by 2**31, as requantize can take them
                 ct = builder.xor(ct, ir.Constant(V16I32, [-2**31] * LANES))
             if out_ty != types.int32:
                 factors = [(load_vector(builder, builder.gep(mu_ptr, [c0]), 8 * h, V8F64),
@@ -244,10 +215,8 @@ def _make_row(kh: int, kw: int, sw: int, signed: bool):
             def store(ox, acc):
                 if out_ty == types.int32:
                     value = acc
-                elif quantize:
-                    value = _quantize(builder, acc, factors, lo, hi, zp)
                 else:
-                    value = requantize(builder, acc, lambda h: factors[h], lo, hi, zp, False)
+                    value = requantize(builder, acc, lambda h: factors[h], lo, hi, zp, quantize, biased=quantize)
                 dst = builder.bitcast(builder.gep(out_ptr, [builder.add(builder.mul(ox, c), c0)]),
                                       ir.VectorType(elem, LANES).as_pointer())
                 if masked:

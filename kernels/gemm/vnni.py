@@ -228,7 +228,7 @@ def make_tile_store(rows: int, prefetch_distance: int = 0, source: str = "rows")
 
 
 def requantize(builder, y: ir.Value, factors: Callable[[int], tuple[ir.Value, ir.Value]], lo: ir.Value,
-               hi: ir.Value, zp: ir.Value, quantize: bool) -> ir.Value:
+               hi: ir.Value, zp: ir.Value, quantize: bool, biased: bool = False) -> ir.Value:
     """The ``REAL`` / ``QUANT`` epilogue of 16 int32 sums ``y`` (already including ``col_term``), in registers.
 
     ``factors(h)`` gives the ``<8 x double>`` ``mult`` and ``shift`` of lanes ``8 h .. 8 h + 7``;
@@ -236,22 +236,36 @@ def requantize(builder, y: ir.Value, factors: Callable[[int], tuple[ir.Value, ir
     ``float32(clip(y mult + shift, lo, hi))`` or, with ``quantize``, 16 i8
     ``rint(clip(y mult + shift, lo, hi) + zp)`` (half to even, ``[lo, hi]`` narrowed by
     the caller so that no final clamp is needed), computed as ``finish_tile`` does.
+
+    Fewer shuffles than the obvious code: ``y + 2**31`` (pass ``biased=True`` if the
+    sums already carry that offset) read as the low word of a double whose high word
+    is that of ``2**52`` is ``2**52 + 2**31 + y``, so one exact subtraction gives
+    ``float64(y)``; rounding adds ``1.5 * 2**52`` (a double below ``2**51`` in
+    magnitude then rounds half to even to an integer, held in its low word).
     """
-    lrint = declare(builder, "llvm.lrint.v8i32.v8f64", ir.FunctionType(ir.VectorType(I32, 8), [V8F64]))
+    if not biased:
+        y = builder.xor(y, ir.Constant(V16I32, [-(2**31)] * 16))
+    minimum = declare(builder, "llvm.x86.avx512.min.pd.512", ir.FunctionType(V8F64, [V8F64, V8F64, I32]))
+    maximum = declare(builder, "llvm.x86.avx512.max.pd.512", ir.FunctionType(V8F64, [V8F64, V8F64, I32]))
+    current = ir.Constant(I32, 4)  # the current rounding direction: no embedded rounding
+    high = ir.Constant(V16I32, [0x43300000] * 16)
+    offset = ir.Constant(V8F64, [2.0**52 + 2.0**31] * 8)
+    magic = ir.Constant(V8F64, [1.5 * 2.0**52] * 8)
     halves = []
     for h in (0, 1):
-        part = builder.sitofp(builder.shuffle_vector(y, y, ir.Constant(ir.VectorType(I32, 8),
-                                                                       list(range(8 * h, 8 * h + 8)))), V8F64)
+        pairs = builder.shuffle_vector(y, high, ir.Constant(V16I32, [i // 2 + 8 * h if i % 2 == 0 else 16
+                                                                     for i in range(16)]))
         mult, shift = factors(h)
-        t = builder.fadd(builder.fmul(part, mult), shift)
-        t = builder.select(builder.fcmp_ordered(">", t, lo), t, lo)
-        t = builder.select(builder.fcmp_ordered("<", t, hi), t, hi)
+        t = builder.fadd(builder.fmul(builder.fsub(builder.bitcast(pairs, V8F64), offset), mult), shift)
+        t = builder.call(minimum, [builder.call(maximum, [t, lo, current]), hi, current])
         if quantize:
-            halves.append(builder.call(lrint, [builder.fadd(t, zp)]))  # half to even (vcvtpd2dq)
+            halves.append(builder.bitcast(builder.fadd(builder.fadd(t, zp), magic), V16I32))
         else:
             halves.append(builder.fptrunc(t, ir.VectorType(F32, 8)))
-    joined = builder.shuffle_vector(halves[0], halves[1], ir.Constant(V16I32, list(range(16))))
-    return builder.trunc(joined, ir.VectorType(I8, 16)) if quantize else joined
+    if quantize:
+        low = builder.shuffle_vector(halves[0], halves[1], ir.Constant(V16I32, list(range(0, 32, 2))))
+        return builder.trunc(low, ir.VectorType(I8, 16))
+    return builder.shuffle_vector(halves[0], halves[1], ir.Constant(V16I32, list(range(16))))
 
 
 def make_tile_finish(rows: int, prefetch_distance: int = 0, source: str = "rows"):
