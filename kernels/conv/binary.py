@@ -34,7 +34,7 @@ from kernels import _validate, dispatch, epilogue, threads
 from kernels.conv.binary_driver import BITS, DRIVERS, SLOT_WORDS, block_pixels, border_corrections, padded_slots
 from kernels.conv.geometry import conv_geometry
 from kernels.gemm.binary import check_thresholds
-from kernels.pack.bits import word_count
+from kernels.pack.bits import check_padding_bits, word_count
 from kernels.pack.conv_binary import PackedConvBinary, pack_conv_binary
 
 MAX_K = 2**31 - 1  # |y| <= KH * KW * C must fit int32
@@ -158,6 +158,7 @@ def conv2d_binary(x_bits: np.ndarray, w: np.ndarray | PackedConvBinary, *, in_ch
     if x.shape[3] != word_count(channels):
         raise ValueError(f"x_bits: in_channels={channels} needs {word_count(channels)} words per pixel, "
                          f"got shape {x.shape}")
+    check_padding_bits("x_bits", x, channels)
     packed = _packed(w, channels)
     fill = _pad_value(pad_value)
     o = packed.out_channels

@@ -285,13 +285,14 @@ def conv2d_int8(x: np.ndarray, w: np.ndarray | PackedConvInt8, *, x_zero_point: 
     :func:`kernels.max_k_int32` allows (the int32 result could overflow). To run
     one layer many times, prepare it once with :func:`conv2d_int8_plan`.
     """
-    x = _activations(x, layout)
+    x = _activation_array(x, layout)
     plan = conv2d_int8_plan(w, x.shape, x.dtype, x_zero_point=x_zero_point, w_zero_point=w_zero_point,
                             strides=strides, pads=pads, dilations=dilations, group=group, layout=layout)
     return plan(x, out)
 
 
-def _activations(x: object, layout: str) -> np.ndarray:
+def _activation_array(x: object, layout: str) -> np.ndarray:
+    """``x`` once it is known to be a 4-D ndarray: its shape and dtype then prepare the plan, which checks them."""
     if not isinstance(x, np.ndarray):
         raise TypeError(f"x: expected a numpy.ndarray, got {type(x).__name__}")
     if x.ndim != 4:
@@ -338,7 +339,7 @@ def qlinear_conv2d(x: np.ndarray, x_scale: float, x_zero_point: int, w: np.ndarr
     is a positive float or float array [O]. Returns NCHW or NHWC like ``x``. To
     run one layer many times, prepare it once with :func:`qlinear_conv2d_plan`.
     """
-    x = _activations(x, layout)
+    x = _activation_array(x, layout)
     plan = qlinear_conv2d_plan(w, x.shape, x_scale, x_zero_point, w_scale, w_zero_point, y_scale, y_zero_point, bias,
                                x_dtype=x.dtype, strides=strides, pads=pads, dilations=dilations, group=group,
                                activation=activation, layout=layout, out_dtype=out_dtype)

@@ -33,7 +33,7 @@ import numpy as np
 from kernels import _validate, dispatch, threads
 from kernels.gemm.binary_driver import BITS, INTEGER, POPCOUNT_DRIVERS, REAL, SIGN_DRIVERS, row_popcounts
 from kernels.gemm.binary_tiles import POPCOUNT_TILES, SIGN_TILES
-from kernels.pack.bits import WORD_BITS, word_count
+from kernels.pack.bits import WORD_BITS, check_padding_bits, word_count
 
 MAX_K = 2**31 - 1  # |dot| <= k must fit int32
 MAX_K_INT8 = (2**31 - 1) // 128  # |sum a w| <= 128 k
@@ -63,7 +63,10 @@ def _operands(a_bits: object, b_bits: object, k: object) -> tuple[np.ndarray, np
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"a_bits: expected {b.shape[1]} words per row to match b_bits of shape {b.shape}, "
                          f"got shape {a.shape}")
-    return a, b, _k(k, b.shape[1], "b_bits", MAX_K)
+    k = _k(k, b.shape[1], "b_bits", MAX_K)
+    check_padding_bits("a_bits", a, k)
+    check_padding_bits("b_bits", b, k)
+    return a, b, k
 
 
 def _per_channel(name: str, value: object, n: int, default: float) -> np.ndarray:

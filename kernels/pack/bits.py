@@ -37,6 +37,18 @@ def word_count(count: int) -> int:
     return -(-count // WORD_BITS)
 
 
+def check_padding_bits(name: str, words: np.ndarray, count: int) -> None:
+    """Raise ``ValueError`` unless the bits past ``count`` in the last word (last axis) are 0.
+
+    The popcount kernels count them as agreeing signs, so a set padding bit would
+    silently shift every dot product; ``pack_bits`` always leaves them 0.
+    """
+    used = count % WORD_BITS
+    if used and np.any(words[..., -1] >> np.uint64(used)):
+        raise ValueError(f"{name}: bits past the {count} signs of each row must be 0; pack the signs with "
+                         "kernels.pack_bits")
+
+
 def _axis(name: str, axis: int, ndim: int) -> int:
     if not -ndim <= axis < ndim:
         raise ValueError(f"{name}: axis {axis} is out of range for a {ndim}-D array")

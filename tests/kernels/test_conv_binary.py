@@ -193,3 +193,13 @@ def test_bad_inputs(x_bits, w, kw, error, match):
     kw = {"in_channels": 70, **kw}
     with pytest.raises(error, match=match):
         conv2d_binary(x_bits, w, **kw)
+
+
+def test_set_padding_bits_are_refused():
+    x_bits = kernels.pack_bits(np.ones((1, 3, 3, 65), np.int8), axis=-1)
+    x_bits[0, 1, 1, 1] |= np.uint64(1) << np.uint64(5)  # a sign past channel 65
+    w = np.ones((2, 65, 1, 1), np.int8)
+    with pytest.raises(ValueError, match="x_bits: bits past the 65 signs of each row must be 0"):
+        kernels.conv2d_binary(x_bits, w, in_channels=65)
+    with pytest.raises(ValueError, match="a_bits: bits past the 65 signs"):
+        kernels.gemm_binary(x_bits.reshape(9, 2), kernels.pack_bits(np.ones((2, 65), np.int8)), 65)
