@@ -34,7 +34,8 @@ import numpy as np
 from kernels import _validate, dispatch, threads
 from kernels._jit import kernel
 from kernels.conv import depthwise_vnni
-from kernels.conv.geometry import ConvGeometry
+from kernels.conv.geometry import ConvGeometry, check_layout
+from kernels.conv.layout import nchw_to_nhwc, nhwc_to_nchw
 from kernels.epilogue import INTEGER, MODES, QUANT, REAL, Epilogue, finish_tile, quantized_bounds
 
 MAX_TAP = 255 * 255  # largest |x'| * |w'|
@@ -275,9 +276,108 @@ DRIVERS = {(spec, mode, wide): _make_driver(spec, mode, wide)
 X_RANGES = {np.dtype(np.uint8): (0, 255), np.dtype(np.int8): (-128, 127)}
 
 
-def _check(x: object, geo: ConvGeometry, packed: PackedDepthwise, x_zero_point: object, epi: Epilogue,
-           out: object) -> None:
-    x = _validate.array("x", x, (np.uint8, np.int8), 4)
+class DepthwisePlan:
+    """A depthwise convolution prepared once: geometry, weights, zero point, epilogue, layout and kernel.
+
+    ``plan(x, out)`` then checks only ``x`` and ``out`` and runs. ``layout`` "NHWC":
+    ``x [N, H, W, C]`` and ``out [N OH OW, C]``; "NCHW": ``x [N, C, H, W]`` and
+    ``out [N, C, OH, OW]``, through one NHWC copy each way. Both compute ``acc`` of the module docstring (the padding contributes 0, as if it
+    held ``x_zero_point``) and write what ``kernels.epilogue.finish_tile`` makes of
+    ``acc + epi.col_bias``. An int32 output wraps if that sum exceeds int32: the
+    caller checks.
+    """
+
+    def __init__(self, geo: ConvGeometry, packed: PackedDepthwise, x_dtype: object, x_zero_point: int,
+                 epi: Epilogue, layout: str = "NHWC"):
+        _check_setup(geo, packed, x_dtype, x_zero_point, epi)
+        check_layout(layout)
+        self.geo, self.packed, self.x_dtype, self.zx, self.epi, self.layout = (
+            geo, packed, np.dtype(x_dtype), int(x_zero_point), epi, layout)
+        c = packed.channels
+        self.out_dtypes = OUT_DTYPES[epi.mode]
+        nchw = layout == "NCHW"
+        self.x_shape = (geo.batch, c, geo.in_h, geo.in_w) if nchw else (geo.batch, geo.in_h, geo.in_w, c)
+        self.out_shape = (geo.batch, c, geo.out_h, geo.out_w) if nchw else (geo.rows, c)
+        self.kind = dispatch.choose("conv_depthwise", geo.rows, c, _vnni_taps(geo, packed, epi)).kind
+        run = self._vnni() if self.kind == "avx512-vnni" else self._generic()
+        self._run = _through_nhwc(run, geo) if nchw else run
+
+    def __call__(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """The convolution of ``x`` (dtype and shape as prepared) into ``out``; returns ``out``."""
+        x = _validate.array("x", x, (self.x_dtype,), 4)
+        if x.shape != self.x_shape:
+            raise ValueError(f"x: expected {self.layout} shape {self.x_shape}, got {x.shape}")
+        out = _validate.array("out", out, self.out_dtypes, len(self.out_shape))
+        _validate.out(out, self.out_shape, out.dtype)
+        self._run(x, out)
+        return out
+
+    def _factors(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """``mult`` and ``shift`` as float64 arrays of ``size`` values (zeros past C; the kernels load whole vectors)."""
+        c, epi = self.packed.channels, self.epi
+        if epi.mode == INTEGER:
+            return np.zeros(size), np.zeros(size)
+        return tuple(np.concatenate([v[:c], np.zeros(size - c)]) for v in (epi.mult, epi.shift))
+
+    def _bounds(self) -> tuple[float, float]:
+        epi = self.epi
+        if epi.mode == QUANT:  # the vector epilogues skip the clamp to [qmin, qmax]
+            return quantized_bounds(epi.lo, epi.hi, epi.zp, epi.qmin, epi.qmax)
+        return epi.lo, epi.hi
+
+    def _vnni(self):
+        """The NHWC run by ``kernels.conv.depthwise_vnni`` (``_vnni_taps`` > 0)."""
+        geo, packed, epi = self.geo, self.packed, self.epi
+        c = packed.channels
+        vectors = -(-c // depthwise_vnni.LANES)
+        mult, shift = self._factors(vectors * depthwise_vnni.LANES)
+        lo, hi = self._bounds()
+        driver = depthwise_vnni.DRIVERS[geo.kernel_h, geo.kernel_w, geo.stride_w, self.x_dtype == np.int8]
+        bias = epi.col_bias if isinstance(epi.col_bias, np.ndarray) else int(epi.col_bias)
+        window, zx, zp = geo.window(), self.zx, float(epi.zp)
+        # single-thread time measured here: ~0.1 ns per output and kernel row
+        estimate_us = geo.rows * c * geo.kernel_h * 1e-4
+
+        def run(x: np.ndarray, out: np.ndarray) -> None:
+            def part(v0: int, v1: int, r0: int, r1: int) -> None:
+                driver(x, window, zx, packed.quads, packed.sums, bias, mult, shift, lo, hi, zp, v0, v1, r0, r1, out)
+
+            threads.run_tiled(part, vectors, geo.batch * geo.out_h, 1, estimate_us)
+        return run
+
+    def _generic(self):
+        """The NHWC run by the portable kernel of this module."""
+        geo, packed, epi = self.geo, self.packed, self.epi
+        c = packed.channels
+        spec = (geo.kernel_h, geo.kernel_w, geo.stride_h, geo.stride_w)
+        specialised = spec in SPECIALISED and geo.dilation_h == geo.dilation_w == 1
+        driver = DRIVERS[spec if specialised else None, epi.mode, geo.taps > MAX_TAPS_INT32]
+        col_term = np.zeros(c, np.int64) + epi.col_bias
+        w_zp = np.zeros(c, np.int64)  # the weights are already centred
+        row_sums = np.zeros(1, np.int64)
+        window, zx = geo.window(), self.zx
+        # single-thread time measured here: ~20 GOPS of multiply-adds, ~1.5 ns per output of float epilogue
+        estimate_us = geo.rows * c * (geo.taps * 1e-4 + (1.5e-3 if epi.mode != INTEGER else 0.0))
+
+        def run(x: np.ndarray, out: np.ndarray) -> None:
+            def part(b0: int, b1: int, r0: int, r1: int) -> None:
+                driver(x, window, zx, packed.pairs, b0, b1, r0, r1, col_term, w_zp, row_sums, epi.mult, epi.shift,
+                       epi.lo, epi.hi, epi.zp, epi.qmin, epi.qmax, out)
+
+            threads.run_tiled(part, -(-c // CB), geo.batch * geo.out_h, 1, estimate_us)
+        return run
+
+
+def _through_nhwc(run, geo: ConvGeometry):
+    """``run`` (NHWC in, ``[N OH OW, C]`` out) as a run on NCHW arrays, through layout copies."""
+    def nchw(x: np.ndarray, out: np.ndarray) -> None:
+        rows = np.empty((geo.rows, geo.out_channels), out.dtype)
+        run(nchw_to_nhwc(x), rows)
+        nhwc_to_nchw(rows.reshape(geo.out_shape_nhwc), out)
+    return nchw
+
+
+def _check_setup(geo: object, packed: object, x_dtype: object, x_zero_point: object, epi: object) -> None:
     if not isinstance(geo, ConvGeometry):
         raise TypeError(f"geo: expected a kernels.conv.geometry.ConvGeometry, got {type(geo).__name__}")
     if not isinstance(packed, PackedDepthwise):
@@ -288,16 +388,14 @@ def _check(x: object, geo: ConvGeometry, packed: PackedDepthwise, x_zero_point: 
                          f"group={geo.group}, C={geo.in_channels}, O={geo.out_channels}")
     if (geo.kernel_h, geo.kernel_w) != packed.kernel_hw:
         raise ValueError(f"geo: expected kernel {packed.kernel_hw}, got {(geo.kernel_h, geo.kernel_w)}")
-    if x.shape != (geo.batch, geo.in_h, geo.in_w, c):
-        raise ValueError(f"x: expected NHWC shape {(geo.batch, geo.in_h, geo.in_w, c)}, got {x.shape}")
-    lo, hi = X_RANGES[x.dtype]
+    if np.dtype(x_dtype) not in X_RANGES:
+        raise TypeError(f"x: expected dtype uint8 or int8, got {np.dtype(x_dtype)}")
+    lo, hi = X_RANGES[np.dtype(x_dtype)]
     if (isinstance(x_zero_point, bool) or not isinstance(x_zero_point, (int, np.integer))
             or not lo <= x_zero_point <= hi):
         raise ValueError(f"x_zero_point: expected an int in [{lo}, {hi}], got {x_zero_point!r}")
     if not isinstance(epi, Epilogue) or epi.mode not in OUT_DTYPES:
         raise TypeError(f"epi: expected a kernels.epilogue.Epilogue, got {epi!r:.80}")
-    out = _validate.array("out", out, OUT_DTYPES[epi.mode], 2)
-    _validate.out(out, (geo.rows, c), out.dtype)
     if isinstance(epi.col_bias, np.ndarray) and (epi.col_bias.dtype != np.int64 or epi.col_bias.shape != (c,)):
         raise ValueError(f"epi.col_bias: expected an int64 array of shape ({c},), got {epi.col_bias.dtype} "
                          f"{epi.col_bias.shape}")
@@ -310,23 +408,16 @@ def _check(x: object, geo: ConvGeometry, packed: PackedDepthwise, x_zero_point: 
 
 def depthwise_int8(x: np.ndarray, geo: ConvGeometry, packed: PackedDepthwise, x_zero_point: int, epi: Epilogue,
                    out: np.ndarray) -> np.ndarray:
-    """Depthwise convolution of NHWC ``x`` with ``packed``, finished by ``epi`` into ``out``.
+    """Depthwise convolution of NHWC ``x`` with ``packed``, finished by ``epi`` into ``out``: one-shot :class:`DepthwisePlan`.
 
     x   : uint8 or int8 [N, H, W, C] C-contiguous, NHWC
     geo : ``kernels.conv.geometry.conv_geometry`` of the convolution, ``group == C == O``
     out : [N * OH * OW, C] C-contiguous: int32 (``epi.mode`` INTEGER), float32 (REAL),
           uint8 or int8 (QUANT)
-
-    Computes ``acc`` of the module docstring (the padding contributes 0, as if it
-    held ``x_zero_point``) and writes what ``kernels.epilogue.finish_tile`` makes of
-    ``acc + epi.col_bias``. An int32 output wraps if that sum exceeds int32: the
-    caller checks. Returns ``out``.
     """
-    _check(x, geo, packed, x_zero_point, epi, out)
-    variant = dispatch.choose("conv_depthwise", geo.rows, packed.channels, _vnni_taps(geo, packed, epi))
-    run = _run_vnni if variant.kind == "avx512-vnni" else _run_generic
-    run(x, geo, packed, int(x_zero_point), epi, out)
-    return out
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"x: expected a numpy.ndarray, got {type(x).__name__}")
+    return DepthwisePlan(geo, packed, x.dtype, x_zero_point, epi)(x, out)
 
 
 def _vnni_taps(geo: ConvGeometry, packed: PackedDepthwise, epi: Epilogue) -> int:
@@ -343,50 +434,3 @@ def _vnni_taps(geo: ConvGeometry, packed: PackedDepthwise, epi: Epilogue) -> int
         if int(np.abs(epi.col_bias).max()) + geo.taps * MAX_TAP > 2**31 - 1:
             return 0
     return geo.taps
-
-
-def _run_vnni(x: np.ndarray, geo: ConvGeometry, packed: PackedDepthwise, zx: int, epi: Epilogue,
-              out: np.ndarray) -> None:
-    """``depthwise_int8`` by ``kernels.conv.depthwise_vnni`` (arguments checked, ``_vnni_taps`` > 0)."""
-    c = packed.channels
-    vectors = -(-c // depthwise_vnni.LANES)
-    mult, shift, lo, hi = epi.mult, epi.shift, epi.lo, epi.hi
-    if epi.mode != INTEGER and min(mult.shape[0], shift.shape[0]) < vectors * depthwise_vnni.LANES:
-        # the kernel loads whole vectors of them
-        mult, shift = (np.concatenate([v[:c], np.zeros(vectors * depthwise_vnni.LANES - c)]) for v in (mult, shift))
-    if epi.mode == QUANT:  # the vector epilogue skips the clamp to [qmin, qmax]
-        lo, hi = quantized_bounds(lo, hi, epi.zp, epi.qmin, epi.qmax)
-    driver = depthwise_vnni.DRIVERS[geo.kernel_h, geo.kernel_w, geo.stride_w, x.dtype == np.int8]
-    bias = epi.col_bias if isinstance(epi.col_bias, np.ndarray) else int(epi.col_bias)
-    window = geo.window()
-
-    def part(v0: int, v1: int, r0: int, r1: int) -> None:
-        driver(x, window, zx, packed.quads, packed.sums, bias, mult, shift, float(lo), float(hi), float(epi.zp), v0,
-               v1, r0, r1, out)
-
-    # single-thread time measured here: ~0.1 ns per output and kernel row
-    estimate_us = geo.rows * c * geo.kernel_h * 1e-4
-    threads.run_tiled(part, vectors, geo.batch * geo.out_h, 1, estimate_us)
-
-
-def _run_generic(x: np.ndarray, geo: ConvGeometry, packed: PackedDepthwise, x_zero_point: int, epi: Epilogue,
-                 out: np.ndarray) -> None:
-    """``depthwise_int8`` by the portable kernel of this module (arguments checked)."""
-    c = packed.channels
-    spec = (geo.kernel_h, geo.kernel_w, geo.stride_h, geo.stride_w)
-    specialised = spec in SPECIALISED and geo.dilation_h == geo.dilation_w == 1
-    wide = geo.taps > MAX_TAPS_INT32
-    driver = DRIVERS[spec if specialised else None, epi.mode, wide]
-    col_term = np.zeros(c, np.int64) + epi.col_bias
-    w_zp = np.zeros(c, np.int64)  # the weights are already centred
-    row_sums = np.zeros(1, np.int64)
-    window = geo.window()
-
-    def part(b0: int, b1: int, r0: int, r1: int) -> None:
-        driver(x, window, int(x_zero_point), packed.pairs, b0, b1, r0, r1, col_term, w_zp, row_sums, epi.mult,
-               epi.shift, epi.lo, epi.hi, epi.zp, epi.qmin, epi.qmax, out)
-
-    # single-thread time measured here: ~20 GOPS of multiply-adds, ~1.5 ns per output of float epilogue
-    outputs = geo.rows * c
-    estimate_us = outputs * (geo.taps * 1e-4 + (1.5e-3 if epi.mode != INTEGER else 0.0))
-    threads.run_tiled(part, -(-c // CB), geo.batch * geo.out_h, 1, estimate_us)

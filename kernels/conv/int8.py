@@ -23,7 +23,7 @@ import functools
 import numpy as np
 
 from kernels import _validate, dispatch, epilogue, threads
-from kernels.conv.depthwise import depthwise_int8, pack_depthwise
+from kernels.conv.depthwise import DepthwisePlan, pack_depthwise
 from kernels.conv.geometry import ConvGeometry, check_layout, conv_geometry, from_nhwc, to_nhwc
 from kernels.conv.int8_driver import DRIVERS, INDIRECT_DRIVERS, block_rows, indirection
 from kernels.epilogue import Epilogue
@@ -109,8 +109,8 @@ class ConvPlan:
         self.out_shape = geo.out_shape_nhwc if layout == "NHWC" else (geo.batch, geo.out_channels, geo.out_h,
                                                                       geo.out_w)
         if geo.group == geo.in_channels == geo.out_channels:
-            self.za = za
-            self.depthwise = pack_depthwise(packed.weights, zw)
+            # it takes both layouts itself (NCHW planes directly where it can)
+            self.depthwise = DepthwisePlan(geo, pack_depthwise(packed.weights, zw), x_dtype, za, epi, layout)
             return
         self.depthwise = None
         self.za = za + (128 if x_dtype == np.int8 else 0)  # int8 x runs as x + 128, as in the GEMM
@@ -152,6 +152,10 @@ class ConvPlan:
         if out is not None:
             out = _validate.out(out, self.out_shape, self.out_dtype)
         geo = self.geo
+        if self.depthwise is not None:
+            target = out if out is not None else np.empty(self.out_shape, self.out_dtype)
+            self.depthwise(x, target if self.layout == "NCHW" else target.reshape(geo.rows, geo.out_channels))
+            return target
         x = to_nhwc("x", x, ACTIVATION_DTYPES, self.layout)
         if self.layout == "NHWC":
             target = out if out is not None else np.empty(self.out_shape, self.out_dtype)
@@ -167,9 +171,6 @@ class ConvPlan:
             wide = np.full((*x.shape[:3], geo.in_channels), self.za - (128 if x.dtype == np.int8 else 0), x.dtype)
             wide[..., : self.channels] = x
             x = wide
-        if self.depthwise is not None:
-            depthwise_int8(x, geo, self.depthwise, self.za, self.epi, out2d)
-            return
         if x.dtype == np.int8:
             x = x.view(np.uint8) ^ 0x80
         og, cg = geo.group_out, geo.group_in

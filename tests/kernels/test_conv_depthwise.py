@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 import kernels
 from kernels import cpu, dispatch
-from kernels.conv.depthwise import (MAX_TAPS_INT32, SPECIALISED, PackedDepthwise, _vnni_taps, depthwise_int8,
-                                    pack_depthwise)
+from kernels.conv.depthwise import (MAX_TAPS_INT32, SPECIALISED, DepthwisePlan, PackedDepthwise, _vnni_taps,
+                                    depthwise_int8, pack_depthwise)
 from kernels.conv.geometry import conv_geometry
 from kernels.epilogue import INTEGER, QUANT, Epilogue
 from kernels.gemm.int8 import fused_epilogue
@@ -307,3 +307,50 @@ def test_bad_calls(rng):
     with pytest.raises(ValueError, match="epi.mult: expected a float64 array of at least 8 values"):
         call(epi=epi, out=np.zeros((25, 8), np.uint8))
 
+
+
+@pytest.mark.parametrize("kind", ["integer", "real", "quant_u8", "quant_s8"])
+@pytest.mark.parametrize("spec", [(3, 1), (5, 2), (4, 1)], ids=str)  # (kernel, stride); 4x4 is general
+def test_plan_nchw(level, rng, kind, spec):
+    """A plan in NCHW gives the NHWC results in NCHW order, call after call, whatever it is given."""
+    k, s = spec
+    c, n = 37, 2
+    x = _random(rng, np.int8, (n, c, 12, 9))
+    w = _random(rng, np.int8, (c, 1, k, k))
+    geo = conv_geometry((n, 12, 9, c), (k, k), 1, c, strides=s, pads="same", group=c)
+    args = None if kind == "integer" else _epilogue_case(rng, c, kind)
+    if args is None:
+        epi, out_dtype = Epilogue(INTEGER), np.int32
+    else:
+        epi, out_dtype = fused_epilogue(c, args["a_scale"], args["w_scale"], args["bias"], args["activation"],
+                                        args["out_dtype"], args["out_scale"], args["out_zero_point"])
+
+    def finish(acc):
+        return acc.astype(np.int32) if args is None else finish_ref(acc, **args)
+
+    plan = DepthwisePlan(geo, pack_depthwise(w, 2), np.int8, -5, epi, "NCHW")
+    for _ in range(2):
+        x = _random(rng, np.int8, x.shape)
+        out = np.full((n, c, geo.out_h, geo.out_w), 9, out_dtype)
+        assert plan(x, out) is out
+        expected = finish(_acc_ref(x.transpose(0, 2, 3, 1), w, -5, 2, geo))
+        np.testing.assert_array_equal(out, expected.reshape(n, geo.out_h, geo.out_w, c).transpose(0, 3, 1, 2))
+
+
+def test_plan_errors(rng):
+    c = 8
+    geo = conv_geometry((1, 5, 5, c), (3, 3), 1, c, pads=1, group=c)
+    packed = pack_depthwise(_random(rng, np.int8, (c, 1, 3, 3)))
+    plan = DepthwisePlan(geo, packed, np.uint8, 0, Epilogue(INTEGER), "NCHW")
+    x = _random(rng, np.uint8, (1, c, 5, 5))
+    out = np.zeros((1, c, 5, 5), np.int32)
+    with pytest.raises(ValueError, match=r"x: expected NCHW shape \(1, 8, 5, 5\), got \(1, 5, 5, 8\)"):
+        plan(x.transpose(0, 2, 3, 1).copy(), out)
+    with pytest.raises(TypeError, match="x: expected dtype uint8, got int8"):
+        plan(x.view(np.int8), out)
+    with pytest.raises(ValueError, match=r"out: expected shape \(1, 8, 5, 5\), got \(1, 8, 25, 1\)"):
+        plan(x, np.zeros((1, c, 25, 1), np.int32))
+    with pytest.raises(ValueError, match="layout: expected 'NCHW' or 'NHWC', got 'NWHC'"):
+        DepthwisePlan(geo, packed, np.uint8, 0, Epilogue(INTEGER), "NWHC")
+    with pytest.raises(TypeError, match="x: expected dtype uint8 or int8, got float32"):
+        DepthwisePlan(geo, packed, np.float32, 0, Epilogue(INTEGER))
