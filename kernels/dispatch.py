@@ -98,6 +98,10 @@ VARIANTS: tuple[Variant, ...] = (
     _binary("conv_binary", "generic", cpu.GENERIC),
     Variant("conv_depthwise", "avx512-vnni", cpu.AVX512_VNNI, _depthwise_vnni, 1),
     Variant("conv_depthwise", "generic", cpu.GENERIC, _any_shape, 1),
+    # (M, N, K) = (output pixels, output channels, input channels) of a 1x1 NCHW convolution that
+    # kernels.conv.pointwise.applies to; "nhwc" is the general path, through layout copies
+    Variant("conv_pointwise_nchw", "avx512-vnni", cpu.AVX512_VNNI, _any_shape, 1),
+    Variant("conv_pointwise_nchw", "nhwc", cpu.GENERIC, _any_shape, 1),
 )
 
 

@@ -23,6 +23,7 @@ import functools
 import numpy as np
 
 from kernels import _validate, dispatch, epilogue, threads
+from kernels.conv import pointwise
 from kernels.conv.depthwise import DepthwisePlan, pack_depthwise
 from kernels.conv.geometry import ConvGeometry, check_layout, conv_geometry, from_nhwc, to_nhwc
 from kernels.conv.int8_driver import DRIVERS, INDIRECT_DRIVERS, block_rows, indirection
@@ -108,12 +109,19 @@ class ConvPlan:
         self.channels = geo.in_channels
         self.out_shape = geo.out_shape_nhwc if layout == "NHWC" else (geo.batch, geo.out_channels, geo.out_h,
                                                                       geo.out_w)
+        # a direct plan takes the caller's layout itself: depthwise (either layout) or pointwise (NCHW)
         if geo.group == geo.in_channels == geo.out_channels:
-            # it takes both layouts itself (NCHW planes directly where it can)
-            self.depthwise = DepthwisePlan(geo, pack_depthwise(packed.weights, zw), x_dtype, za, epi, layout)
+            self.direct = DepthwisePlan(geo, pack_depthwise(packed.weights, zw), x_dtype, za, epi, layout)
+            self.kind = f"depthwise {self.direct.kind}"
             return
-        self.depthwise = None
         self.za = za + (128 if x_dtype == np.int8 else 0)  # int8 x runs as x + 128, as in the GEMM
+        if (layout == "NCHW" and pointwise.applies(geo, zw, epi, self.za)
+                and dispatch.choose("conv_pointwise_nchw", geo.rows, geo.out_channels, geo.in_channels).kind
+                == "avx512-vnni"):
+            self.direct = pointwise.PointwisePlan(packed.weights, geo, x_dtype, self.za, epi)
+            self.kind = self.direct.kind
+            return
+        self.direct = None
         wide = -(-geo.in_channels // KGROUP) * KGROUP
         if geo.group == 1 and wide != geo.in_channels and dispatch.choose(
                 "conv_int8", geo.rows, geo.out_channels, wide).kind != "im2col":
@@ -152,9 +160,9 @@ class ConvPlan:
         if out is not None:
             out = _validate.out(out, self.out_shape, self.out_dtype)
         geo = self.geo
-        if self.depthwise is not None:
+        if self.direct is not None:
             target = out if out is not None else np.empty(self.out_shape, self.out_dtype)
-            self.depthwise(x, target if self.layout == "NCHW" else target.reshape(geo.rows, geo.out_channels))
+            self.direct(x, target if self.layout == "NCHW" else target.reshape(geo.rows, geo.out_channels))
             return target
         x = to_nhwc("x", x, ACTIVATION_DTYPES, self.layout)
         if self.layout == "NHWC":

@@ -52,8 +52,12 @@ def declare_vpdpbusd(builder: ir.IRBuilder) -> ir.Function:
 
 
 def _k_loop(builder, row_ptrs: list[ir.Value], b_base: ir.Value, kq: ir.Value, distance: int,
-            init: list[ir.Value] | None = None) -> list[ir.Value]:
-    """Emit ``kq`` k groups of a tile over the given activation rows; returns the accumulators, row-major."""
+            init: list[ir.Value] | None = None, swap: bool = False) -> list[ir.Value]:
+    """Emit ``kq`` k groups of a tile over the given rows; returns the accumulators, row-major.
+
+    The rows are broadcast and the panels loaded as vectors; ``vpdpbusd`` takes the
+    unsigned bytes first: the rows' (activations), or with ``swap`` the panels'.
+    """
     dot = declare_vpdpbusd(builder)
     byte = dot.function_type.args[1]
 
@@ -68,7 +72,8 @@ def _k_loop(builder, row_ptrs: list[ir.Value], b_base: ir.Value, kq: ir.Value, d
         for r, row in enumerate(row_ptrs):
             word = builder.load(builder.bitcast(builder.gep(row, [a_step]), I32.as_pointer()), align=1)
             a_vec = builder.bitcast(splat(builder, word, V16I32), byte)
-            updated += [builder.call(dot, [accs[r * VECTORS + j], a_vec, w_vecs[j]]) for j in range(VECTORS)]
+            updated += [builder.call(dot, [accs[r * VECTORS + j], *((w_vecs[j], a_vec) if swap else (a_vec, w_vecs[j]))])
+                        for j in range(VECTORS)]
         return updated
 
     return emit_loop(builder, kq, V16I32, len(row_ptrs) * VECTORS, k_group, init)
@@ -127,7 +132,29 @@ class _Indirect:
         return emit_loop(builder, taps, V16I32, rows * VECTORS, tap), m
 
 
-SOURCES = {"rows": _Rows, "indirect": _Indirect}
+class _Weights:
+    """Weight rows against activation panels: ``(w, w_off, ldw, m, a, a_off, kq)``, the product transposed.
+
+    Row r is the int8 ``w[w_off + r ldw ..]`` (an output channel), broadcast; the
+    uint8 panel at ``a[a_off]`` holds 64 columns (output pixels) in the layout of
+    ``kernels.pack.panels``, so a tile is 64 pixels of ``rows`` output channels.
+    """
+
+    arity = 7
+
+    @staticmethod
+    def accepts(tys) -> bool:
+        return is_array(tys[0], types.int8, 1) and is_array(tys[4], types.uint8, 1)
+
+    @staticmethod
+    def emit(context, builder, tys, args, rows: int, distance: int) -> tuple[list[ir.Value], ir.Value]:
+        w, w_off, ldw, m, a, a_off, kq = args
+        row_ptrs = clamped_rows(builder, array_ptr(context, builder, tys[0], w, I8), w_off, ldw, m, rows)
+        a_base = builder.gep(array_ptr(context, builder, tys[4], a, I8), [a_off])
+        return _k_loop(builder, row_ptrs, a_base, kq, distance, swap=True), m
+
+
+SOURCES = {"rows": _Rows, "indirect": _Indirect, "weights": _Weights}
 
 
 def _tile_intrinsic(source, rows: int, distance: int, tail: Callable, finish: Callable):
@@ -179,8 +206,8 @@ def make_tile(rows: int, prefetch_distance: int = 0, source: str = "rows"):
 
 
 def _store_rows(builder, results: list[ir.Value], m, cols, out_ptr, o_off, ldo, elem: ir.Type,
-                transform: Callable[[ir.Value, int], ir.Value]) -> None:
-    """Masked stores of ``transform(sums, j)`` (16 ``elem`` values) for rows ``r < m``, columns ``c < cols``.
+                transform: Callable[[ir.Value, int, int], ir.Value]) -> None:
+    """Masked stores of ``transform(sums, r, j)`` (16 ``elem`` values) for rows ``r < m``, columns ``c < cols``.
 
     Row r, vector j goes to ``out_ptr[o_off + r * ldo + 16 j ...]``; rows past m
     store nothing (their lane limit is 0), so a partial tile never writes past
@@ -200,7 +227,27 @@ def _store_rows(builder, results: list[ir.Value], m, cols, out_ptr, o_off, ldo, 
         for j in range(VECTORS):
             mask = builder.icmp_signed("<", builder.add(lanes, ir.Constant(V16I32, [16 * j] * 16)), limit)
             dst = builder.bitcast(builder.gep(row, [ir.Constant(I64, 16 * j)]), vec.as_pointer())
-            builder.call(store, [transform(results[r * VECTORS + j], j), dst, ir.Constant(I32, size), mask])
+            builder.call(store, [transform(results[r * VECTORS + j], r, j), dst, ir.Constant(I32, size), mask])
+
+
+def _row_index(builder, r: int, m: ir.Value) -> ir.Value:
+    """Row ``r`` of a tile, or its last valid row ``m - 1``: the rows past ``m`` read in bounds and store nothing."""
+    return builder.select(builder.icmp_signed("<", ir.Constant(I64, r), m), ir.Constant(I64, r),
+                          builder.sub(m, ir.Constant(I64, 1)))
+
+
+def _channel_terms(builder, ct_ptr: ir.Value, m: ir.Value, rows: int, source: str) -> Callable[[int, int], ir.Value]:
+    """``terms(r, j)``: the int32 ``col_term`` of row r, vector j, from ``ct_ptr`` (at the tile's first channel).
+
+    Output channels are the columns of a tile, or its rows with the "weights"
+    source (one term per row, in every lane).
+    """
+    if source == "weights":
+        rows_ = [splat(builder, builder.load(builder.gep(ct_ptr, [_row_index(builder, r, m)])), V16I32)
+                 for r in range(rows)]
+        return lambda r, j: rows_[r]
+    columns = [load_vector(builder, ct_ptr, 16 * j, V16I32) for j in range(VECTORS)]
+    return lambda r, j: columns[j]
 
 
 def make_tile_store(rows: int, prefetch_distance: int = 0, source: str = "rows"):
@@ -209,7 +256,8 @@ def make_tile_store(rows: int, prefetch_distance: int = 0, source: str = "rows")
     ``tile_store(<source arguments>, col_term, c0, cols, out, o_off, ldo)`` adds
     ``col_term[c0 + c]`` (int32, wrapping) to each sum and writes row ``r < m``,
     column ``c < cols`` to ``out[o_off + r * ldo + c]`` with masked stores, straight
-    from the registers: no scratch tile, no second pass.
+    from the registers: no scratch tile, no second pass. With the "weights" source
+    the output channels are the rows: ``col_term[c0 + r]`` (and ``c0`` the first row's channel).
     """
 
     def accepts(tys) -> bool:
@@ -220,9 +268,9 @@ def make_tile_store(rows: int, prefetch_distance: int = 0, source: str = "rows")
     def finish(context, builder, tys, args, results, m):
         col_term, c0, cols, out, o_off, ldo = args
         ct_ptr = builder.gep(array_ptr(context, builder, tys[0], col_term, I32), [c0])
-        col_terms = [load_vector(builder, ct_ptr, 16 * j, V16I32) for j in range(VECTORS)]
+        terms = _channel_terms(builder, ct_ptr, m, rows, source)
         _store_rows(builder, results, m, cols, array_ptr(context, builder, tys[3], out, I32), o_off, ldo, I32,
-                    lambda sums, j: builder.add(sums, col_terms[j]))
+                    lambda sums, r, j: builder.add(sums, terms(r, j)))
 
     return _tile_intrinsic(SOURCES[source], rows, prefetch_distance, accepts, finish)
 
@@ -286,6 +334,7 @@ def make_tile_finish(rows: int, prefetch_distance: int = 0, source: str = "rows"
     needed (``qmin`` and ``qmax`` are accepted for the portable tiles' sake).
     ``col_term`` (int32), ``mult`` and ``shift`` (float64) are padded to a whole
     number of panels. Stores are masked to rows ``< m`` and columns ``< cols``.
+    With the "weights" source the output channels are the rows: ``j = c0 + r``.
     """
     def accepts(tys) -> bool:
         out = tys[10]
@@ -302,15 +351,20 @@ def make_tile_finish(rows: int, prefetch_distance: int = 0, source: str = "rows"
         ct_ptr = builder.gep(array_ptr(context, builder, tys[0], col_term, I32), [c0])
         mu_ptr = builder.gep(array_ptr(context, builder, tys[1], mult, F64), [c0])
         sh_ptr = builder.gep(array_ptr(context, builder, tys[2], shift, F64), [c0])
-        col_terms = [load_vector(builder, ct_ptr, 16 * j, V16I32) for j in range(VECTORS)]
+        terms = _channel_terms(builder, ct_ptr, m, rows, source)
         lo, hi, zp = (splat(builder, v, V8F64) for v in (lo, hi, zp))
 
-        def transform(sums, j):
+        def factors(r: int, j: int, h: int) -> tuple[ir.Value, ir.Value]:
             # per-channel factors loaded where they are used: kept in registers they would spill
-            return requantize(builder, builder.add(sums, col_terms[j]),
-                              lambda h: (load_vector(builder, mu_ptr, 16 * j + 8 * h, V8F64),
-                                         load_vector(builder, sh_ptr, 16 * j + 8 * h, V8F64)),
-                              lo, hi, zp, quantize)
+            if source == "weights":
+                at = _row_index(builder, r, m)
+                return tuple(splat(builder, builder.load(builder.gep(ptr, [at])), V8F64) for ptr in (mu_ptr, sh_ptr))
+            return (load_vector(builder, mu_ptr, 16 * j + 8 * h, V8F64),
+                    load_vector(builder, sh_ptr, 16 * j + 8 * h, V8F64))
+
+        def transform(sums, r, j):
+            return requantize(builder, builder.add(sums, terms(r, j)), lambda h: factors(r, j, h), lo, hi, zp,
+                              quantize)
 
         elem = I8 if quantize else F32
         _store_rows(builder, results, m, cols, array_ptr(context, builder, tys[10], out, elem), o_off, ldo, elem,

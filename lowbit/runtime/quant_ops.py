@@ -259,7 +259,7 @@ def prepare_qlinear_conv(node: Node, graph: Graph, inputs: Inputs) -> Kernel:
     real_bias = _float_bias(bias, x_scale, w_scale)
     fallback = _conv_fallback(node, x_shape, w_float, real_bias, attrs, act, out, ops,
                               _dequantizer(x_shape, x_scale, x_zero), (y_scale, y_zero))
-    return Kernel(run, [out], ops, "int8", f"qlinear_conv2d {plan.kind if plan.depthwise is None else 'depthwise'}",
+    return Kernel(run, [out], ops, "int8", f"qlinear_conv2d {plan.kind}",
                   fallback=fallback)
 
 

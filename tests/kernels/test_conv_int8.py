@@ -143,6 +143,58 @@ def test_threads_agree(rng):
     np.testing.assert_array_equal(results[0], results[1])
 
 
+POINTWISE_SHAPES = [(1, 1, 1, 1, 1), (2, 3, 5, 9, 7), (1, 64, 8, 8, 6), (1, 65, 1, 63, 13), (3, 130, 5, 13, 65),
+                    (1, 16, 15, 15, 128)]  # (N, C, H, W, O): every tail of 4 channels, 64 pixels and 6 rows
+
+
+@pytest.mark.parametrize("shape", POINTWISE_SHAPES, ids=str)
+@pytest.mark.parametrize("x_dtype", [np.uint8, np.int8])
+def test_pointwise_nchw(level, rng, shape, x_dtype):
+    """1x1 NCHW convolutions: the transposed product of kernels.conv.pointwise on VNNI, the NHWC path elsewhere."""
+    n, c, h, w, o = shape
+    x, wt = _operands(rng, (n, c, h, w, o, 1, 1, (1, 1), 0, (1, 1), 1), x_dtype)
+    zx = int(rng.integers(np.iinfo(x_dtype).min, np.iinfo(x_dtype).max + 1))
+    plan = kernels.conv2d_int8_plan(wt, x.shape, x_dtype, x_zero_point=zx)
+    fast = c != o and level == kernels.cpu.AVX512_VNNI  # c == o == 1 is a depthwise convolution
+    assert (plan.kind == "avx512-vnni-pointwise") == fast
+    acc = conv2d_ref(x, wt, x_zero_point=zx)
+    np.testing.assert_array_equal(plan(x), acc)
+    rows = acc.transpose(0, 2, 3, 1).reshape(-1, o)
+    w_scale = rng.uniform(0.002, 0.02, o)
+    bias = rng.integers(-3000, 3000, o).astype(np.int32)
+    for activation, out_dtype, y_zp in [(None, np.uint8, 120), ("relu6", np.int8, -5), ("relu", np.float32, None)]:
+        y_scale = None if y_zp is None else 0.07
+        layer = kernels.qlinear_conv2d_plan(wt, x.shape, 0.03, zx, w_scale, 0, y_scale, y_zp, bias, x_dtype=x_dtype,
+                                            activation=activation, out_dtype=out_dtype)
+        assert layer.kind == plan.kind
+        want = finish_ref(rows, a_scale=0.03, w_scale=w_scale, bias=bias, activation=activation, out_dtype=out_dtype,
+                          out_scale=y_scale, out_zero_point=y_zp)
+        out = np.full(layer.out_shape, 99, out_dtype)
+        assert layer(x, out) is out
+        np.testing.assert_array_equal(out, want.reshape(n, h, w, o).transpose(0, 3, 1, 2))
+
+
+def test_pointwise_applies_only_where_exact(rng):
+    """Weight zero points, strides, padding and int32-overflowing biases keep the general path."""
+    x, w = _operands(rng, (1, 8, 6, 6, 16, 1, 1, (1, 1), 0, (1, 1), 1))
+    kinds = {kernels.qlinear_conv2d_plan(w, x.shape, 0.1, 3, 0.1, zw, 0.5, 0, bias, **attrs).kind
+             for zw, bias, attrs in [(1, None, {}), (0, None, dict(strides=2)), (0, None, dict(pads=1)),
+                                     (0, np.full(16, 2**31 - 1, np.int32), {})]}
+    assert "avx512-vnni-pointwise" not in kinds
+
+
+def test_pointwise_threads_agree(rng):
+    x, w = _operands(rng, (2, 64, 56, 56, 128, 1, 1, (1, 1), 0, (1, 1), 1))  # enough work for two threads
+    results = []
+    for count in (1, 2):
+        kernels.set_num_threads(count)
+        try:
+            results.append(kernels.qlinear_conv2d(x, 0.1, 128, w, 0.01, 0, 0.5, 128))
+        finally:
+            kernels.set_num_threads(kernels.threads._available_cores())
+    np.testing.assert_array_equal(results[0], results[1])
+
+
 def _scalar(value):
     return None if value is None else (value.reshape(-1)[0] if value.size == 1 else value)
 
