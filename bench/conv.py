@@ -12,6 +12,8 @@ compare measurements taken at nearly the same moments):
   on float32, by the layer's kind;
 * ``lowbit NHWC``: the int8 convolution on NHWC arrays, without the layout copies;
 * ``ORT int8``: ONNX Runtime ``QLinearConv`` (u8 x s8, NCHW), the same scales;
+* ``ORT NHWC``: the same in NHWC (ORT's ``com.microsoft`` QLinearConv, ``channels_last``),
+  to compare with ``lowbit NHWC``;
 * ``ORT float``: ONNX Runtime float32 ``Conv`` at the same shape.
 
 GOPS count a multiply-add as two operations (binary: an xor and a popcount per
@@ -75,7 +77,7 @@ LAYERS = (
     Layer("binary 3x3 256@14", 256, 14, 256, 3, kind="binary"),
     Layer("int4 3x3 256@14", 256, 14, 256, 3, kind="int4"),
 )
-NAMES = ("lowbit", "lowbit NHWC", "ORT int8", "ORT float")
+NAMES = ("lowbit", "lowbit NHWC", "ORT int8", "ORT NHWC", "ORT float")
 
 
 def _int8(layer: Layer, x: np.ndarray, w: np.ndarray, pinned) -> list[Contender]:
@@ -127,7 +129,10 @@ def contenders(layer: Layer, threads: int) -> list[Contender]:
     out_shape = (1, layer.filters, layer.out_size, layer.out_size)
     peers = [onnxruntime_conv_float(x, w, out_shape, layer.onnx_attributes, threads)]
     if layer.kind == "int8":
-        peers.insert(0, onnxruntime_qlinear_conv(x, w, out_shape, layer.onnx_attributes, threads, SCALES))
+        x_nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+        nhwc_shape = (out_shape[0], *out_shape[2:], out_shape[1])
+        peers[:0] = [onnxruntime_qlinear_conv(x, w, out_shape, layer.onnx_attributes, threads, SCALES),
+                     onnxruntime_qlinear_conv(x_nhwc, w, nhwc_shape, layer.onnx_attributes, threads, SCALES, nhwc=True)]
     return ours + [p for p in peers if p is not None]
 
 
@@ -135,10 +140,11 @@ def measure(layer: Layer, threads: int, rounds: int) -> dict[str, float]:
     """Interleaved best-of-``rounds`` seconds per contender, after checking lowbit against ONNX Runtime."""
     best, outputs = interleave(contenders(layer, threads), rounds, threads)
     ours = outputs["lowbit"]
-    if layer.kind == "int8" and "ORT int8" in outputs:
-        # ORT requantizes in float32, lowbit in float64: a rounding tie may land one step apart
-        if np.abs(ours.astype(np.int32) - outputs["ORT int8"]).max() > 1:
-            raise RuntimeError(f"{layer.name}: lowbit and ONNX Runtime QLinearConv disagree")
+    # ORT requantizes in float32, lowbit in float64: a rounding tie may land one step apart
+    for mine, theirs in (("lowbit", "ORT int8"), ("lowbit NHWC", "ORT NHWC")):
+        if layer.kind == "int8" and theirs in outputs:
+            if np.abs(outputs[mine].astype(np.int32) - outputs[theirs]).max() > 1:
+                raise RuntimeError(f"{layer.name}: {mine} and ONNX Runtime QLinearConv ({theirs}) disagree")
     if layer.kind == "binary" and "ORT float" in outputs:
         if not np.array_equal(ours.transpose(0, 3, 1, 2), outputs["ORT float"]):
             raise RuntimeError(f"{layer.name}: conv2d_binary and ONNX Runtime Conv disagree")
@@ -153,6 +159,7 @@ def rows_of(results: list[dict]) -> list[list[str]]:
         rows.append([r["layer"]["name"], str(r["threads"]), *(cell(g.get(n), ".0f") for n in NAMES),
                      cell(ours and g.get("ORT int8") and ours / g["ORT int8"], ".2f"),
                      cell(g.get("lowbit NHWC") and g.get("ORT int8") and g["lowbit NHWC"] / g["ORT int8"], ".2f"),
+                     cell(g.get("lowbit NHWC") and g.get("ORT NHWC") and g["lowbit NHWC"] / g["ORT NHWC"], ".2f"),
                      cell(ours and g.get("ORT float") and ours / g["ORT float"], ".1f")])
     return rows
 
@@ -178,7 +185,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"measured {layer.name} on {threads} thread(s)", file=sys.stderr)
 
     print("\nConvolutions (GOPS = 2 * OH * OW * O * KH * KW * C / group / s; ORT float in GFLOP/s)")
-    print_table(["layer", "thr", *NAMES, "lowbit/ORT int8", "NHWC/ORT int8", "lowbit/ORT float"], rows_of(results))
+    print_table(["layer", "thr", *NAMES, "lowbit/ORT int8", "NHWC/ORT int8", "NHWC/ORT NHWC", "lowbit/ORT float"],
+                rows_of(results))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"cpu_info": info, "repeat": args.repeat, "results": results}, f, indent=2)

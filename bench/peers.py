@@ -140,7 +140,8 @@ def ort_matmul_nbits(x: np.ndarray, packed, threads: int, accuracy_level: int = 
 
 
 def _conv_model(node_inputs: list[str], initializers: list, x: np.ndarray, out_type: int, **attributes):
-    """A one-node ONNX model ``Y = op(X, ...)`` with the given initializers (op from ``attributes["op"]``)."""
+    """A one-node ONNX model ``Y = op(X, ...)`` with the given initializers (op from ``attributes["op"]``,
+    in the ONNX Runtime domain ``com.microsoft`` when ``attributes["domain"]`` says so)."""
     from onnx import helper
 
     op = attributes.pop("op")
@@ -148,18 +149,21 @@ def _conv_model(node_inputs: list[str], initializers: list, x: np.ndarray, out_t
     elem = helper.np_dtype_to_tensor_dtype(x.dtype)
     graph = helper.make_graph([node], op.lower(), [helper.make_tensor_value_info("X", elem, list(x.shape))],
                               [helper.make_tensor_value_info("Y", out_type, None)], initializer=initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    opsets = [helper.make_opsetid("", OPSET)] + [helper.make_opsetid(d, 1) for d in {node.domain} - {""}]
+    model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = IR_VERSION
     return model
 
 
 def onnxruntime_qlinear_conv(x: np.ndarray, w: np.ndarray, out_shape: tuple, attributes: dict, threads: int,
-                             scales: tuple[float, int, float, float, int]) -> Contender | None:
+                             scales: tuple[float, int, float, float, int], nhwc: bool = False) -> Contender | None:
     """ONNX Runtime ``QLinearConv`` (uint8 NCHW ``x``, int8 OIHW ``w`` initializer, uint8 output).
 
     ``scales`` is ``(x_scale, x_zero_point, w_scale, y_scale, y_zero_point)``; the
     weight zero point is 0. ``attributes``: ``pads``, ``strides``, ``group`` (ONNX).
-    Input and output are bound once. None when onnx or onnxruntime is missing.
+    With ``nhwc``, ``x`` and the output are NHWC, through ORT's own ``com.microsoft``
+    QLinearConv with ``channels_last=1``. Input and output are bound once. None when
+    onnx or onnxruntime is missing.
     """
     if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
         return None
@@ -168,10 +172,12 @@ def onnxruntime_qlinear_conv(x: np.ndarray, w: np.ndarray, out_shape: tuple, att
     values = {"xs": np.float32(xs), "xz": np.uint8(xz), "w": w, "ws": np.float32(ws), "wz": np.int8(0),
               "ys": np.float32(ys), "yz": np.uint8(yz)}
     inits = [numpy_helper.from_array(np.asarray(v), name) for name, v in values.items()]
+    if nhwc:
+        attributes = dict(attributes, domain="com.microsoft", channels_last=1)
     model = _conv_model(["X", "xs", "xz", "w", "ws", "wz", "ys", "yz"], inits, x, TensorProto.UINT8,
                         op="QLinearConv", **attributes)
     call = _bound_session(model, threads, "X", x, np.empty(out_shape, np.uint8))
-    return Contender("ORT int8", call, contextlib.nullcontext)
+    return Contender("ORT NHWC" if nhwc else "ORT int8", call, contextlib.nullcontext)
 
 
 def onnxruntime_conv_float(x: np.ndarray, w: np.ndarray, out_shape: tuple, attributes: dict,

@@ -274,6 +274,7 @@ DRIVERS = {(spec, mode, wide): _make_driver(spec, mode, wide)
 
 
 X_RANGES = {np.dtype(np.uint8): (0, 255), np.dtype(np.int8): (-128, 127)}
+CODES_LIMIT = 2.0**30  # below 2**31 with room for the float64 rounding of the bound itself
 
 
 class DepthwisePlan:
@@ -332,15 +333,19 @@ class DepthwisePlan:
         vectors = -(-c // depthwise_vnni.LANES)
         mult, shift = self._factors(vectors * depthwise_vnni.LANES)
         lo, hi = self._bounds()
-        driver = depthwise_vnni.DRIVERS[geo.kernel_h, geo.kernel_w, geo.stride_w, self.x_dtype == np.int8]
+        zp = float(epi.zp)
+        qlo, qhi = (int(np.rint(np.float64(v) + zp)) for v in (lo, hi)) if epi.mode == QUANT else (0, 0)
+        driver = depthwise_vnni.DRIVERS[geo.kernel_h, geo.kernel_w, geo.stride_w, self.x_dtype == np.int8,
+                                        bool(shift.any())]
         bias = epi.col_bias if isinstance(epi.col_bias, np.ndarray) else int(epi.col_bias)
-        window, zx, zp = geo.window(), self.zx, float(epi.zp)
+        window, zx = geo.window(), self.zx
         # single-thread time measured here: ~0.1 ns per output and kernel row
         estimate_us = geo.rows * c * geo.kernel_h * 1e-4
 
         def run(x: np.ndarray, out: np.ndarray) -> None:
             def part(v0: int, v1: int, r0: int, r1: int) -> None:
-                driver(x, window, zx, packed.quads, packed.sums, bias, mult, shift, lo, hi, zp, v0, v1, r0, r1, out)
+                driver(x, window, zx, packed.quads, packed.sums, bias, mult, shift, lo, hi, zp, qlo, qhi, v0, v1, r0,
+                       r1, out)
 
             threads.run_tiled(part, vectors, geo.batch * geo.out_h, 1, estimate_us)
         return run
@@ -424,13 +429,23 @@ def _vnni_taps(geo: ConvGeometry, packed: PackedDepthwise, epi: Epilogue) -> int
     """The K of "conv_depthwise" for ``kernels.dispatch``: ``KH KW``, or 0 where the VNNI kernel does not apply.
 
     It applies to the kernels of ``depthwise_vnni.KERNELS`` with strides in
-    ``depthwise_vnni.STRIDES`` and dilation 1, when ``w - w_zp`` fits int8 (``packed.quads``)
-    and, for a float epilogue, ``acc + col_bias`` surely fits int32 (its int32 sums wrap).
+    ``depthwise_vnni.STRIDES`` and dilation 1, when ``w - w_zp`` fits int8 (``packed.quads``),
+    for a float epilogue when ``acc + col_bias`` surely fits int32 (its int32 sums wrap),
+    and for an int8 / uint8 output when ``|y mult + shift + zp| < CODES_LIMIT`` for every
+    such sum ``y`` (it clamps the rounded codes as int32).
     """
     if (packed.quads is None or geo.dilation_h != 1 or geo.dilation_w != 1
             or geo.stride_h not in depthwise_vnni.STRIDES or geo.stride_w not in depthwise_vnni.STRIDES):
         return 0
-    if epi.mode != INTEGER and isinstance(epi.col_bias, np.ndarray) and packed.channels:
-        if int(np.abs(epi.col_bias).max()) + geo.taps * MAX_TAP > 2**31 - 1:
+    if epi.mode == INTEGER:
+        return geo.taps
+    c = packed.channels
+    bias = int(np.abs(epi.col_bias).max()) if isinstance(epi.col_bias, np.ndarray) and c else abs(int(epi.col_bias))
+    largest = bias + geo.taps * MAX_TAP
+    if largest > 2**31 - 1:
+        return 0
+    if epi.mode == QUANT and c:
+        mult, shift = (float(np.abs(v[:c]).max()) for v in (epi.mult, epi.shift))
+        if largest * mult + shift + abs(epi.zp) >= CODES_LIMIT:
             return 0
     return geo.taps

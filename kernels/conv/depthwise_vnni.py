@@ -21,7 +21,9 @@ the next pixel, so each column is built once (``SW`` new ones per pixel), from
 and right borders test whether their columns lie inside the image; the interior
 ones go ``UNROLL`` per iteration, their sums first, so that their epilogues
 overlap. The sums of a float32 or int8 / uint8 output then go through
-``kernels.gemm.vnni.requantize`` (the epilogue of ``make_tile_finish``) and are
+``kernels.gemm.vnni.requantize`` (the epilogue of ``make_tile_finish``; with only
+9 or 25 multiply-adds per output it is most of the work, so a zero ``shift`` is
+skipped at compile time and int8 / uint8 codes are clamped as integers) and are
 stored with masked stores; nothing goes through memory in between.
 
 Only compiled when ``kernels.dispatch`` picks "conv_depthwise" "avx512-vnni".
@@ -83,10 +85,11 @@ def _masked(builder, kind: str, elem: ir.Type) -> ir.Function:
                    ir.FunctionType(ir.VoidType(), [vec, vec.as_pointer(), I32, V16I1]))
 
 
-def _make_row(kh: int, kw: int, sw: int, signed: bool):
+def _make_row(kh: int, kw: int, sw: int, signed: bool, shifted: bool):
     """The intrinsic computing one output row (module docstring) for a ``kh x kw`` kernel, stride ``sw``.
 
-    ``row(x, pad, offsets, zq, quads, col_term, mult, shift, lo, hi, zp, c, w_in, ow, pl, v0, v1, out, o_off)``:
+    ``row(x, pad, offsets, zq, quads, col_term, mult, shift, lo, hi, zp, qlo, qhi, c, w_in, ow, pl, v0, v1, out,
+    o_off)``:
 
     x        : uint8 [N H W C] flat, NHWC (int8 data viewed as uint8 when ``signed``)
     pad      : uint8 [>= W C], every byte the zero point (as stored in x): the padding rows
@@ -94,7 +97,10 @@ def _make_row(kh: int, kw: int, sw: int, signed: bool):
     zq       : int64, the zero-point byte times 0x01010101 (the quad of a padding column)
     quads    : int8 flat ``pack_quads``
     col_term : int32 [>= 16 v1]; mult, shift float64 [>= 16 v1] (unused for int32 out)
-    lo, hi, zp : float64 epilogue bounds and zero point (unused for int32 out)
+    lo, hi, zp : float64 epilogue bounds and zero point (unused for int32 out); ``shift`` is added only
+               when ``shifted`` (else it is all zero)
+    qlo, qhi : int64 ``rint(lo + zp)``, ``rint(hi + zp)``: the codes of an int8 / uint8 output are clamped to
+               them (``requantize``'s ``codes``; the caller checks that ``|y mult + shift + zp| < 2**31``)
     c, w_in, ow, pl : channels, input width, output width, left padding
     v0, v1   : channel vectors ``v0 .. v1`` (of 16 channels) to compute
     out      : flat int32 / float32 / uint8 / int8; pixel ``ox`` channel ``k`` at ``out[o_off + ox c + k]``
@@ -102,23 +108,23 @@ def _make_row(kh: int, kw: int, sw: int, signed: bool):
     g_count = groups(kh)
     carried = kw - sw  # columns shared with the next output pixel
 
-    def typer(typingctx, x, pad, offsets, zq, quads, col_term, mult, shift, lo, hi, zp, c, w_in, ow, pl, v0, v1,
-              out, o_off):
+    def typer(typingctx, x, pad, offsets, zq, quads, col_term, mult, shift, lo, hi, zp, qlo, qhi, c, w_in, ow, pl, v0,
+              v1, out, o_off):
         if not (is_array(x, types.uint8, 1) and is_array(pad, types.uint8, 1) and is_array(offsets, types.int64, 1)
                 and is_array(quads, types.int8, 1) and is_array(col_term, types.int32, 1)
                 and is_array(mult, types.float64, 1) and is_array(shift, types.float64, 1)
                 and isinstance(out, types.Array) and out.ndim == 1 and out.layout == "C" and out.dtype in _OUT):
             return None
-        ints = (types.int64,) * 6
+        ints = (types.int64,) * 8
         sig = types.void(x, pad, offsets, types.int64, quads, col_term, mult, shift, types.float64, types.float64,
                          types.float64, *ints, out, types.int64)
         return sig, codegen
 
     def codegen(context, builder, signature, args):
-        (x, pad, offsets, zq, quads, col_term, mult, shift, lo, hi, zp, c, w_in, ow, pl, v0, v1, out,
+        (x, pad, offsets, zq, quads, col_term, mult, shift, lo, hi, zp, qlo, qhi, c, w_in, ow, pl, v0, v1, out,
          o_off) = args
         tys = signature.args
-        out_ty = tys[17].dtype
+        out_ty = tys[19].dtype
         elem = _OUT[out_ty]
         quantize = out_ty in (types.uint8, types.int8)
         x_ptr = array_ptr(context, builder, tys[0], x, I8)
@@ -128,7 +134,7 @@ def _make_row(kh: int, kw: int, sw: int, signed: bool):
         ct_ptr = array_ptr(context, builder, tys[5], col_term, I32)
         mu_ptr = array_ptr(context, builder, tys[6], mult, F64)
         sh_ptr = array_ptr(context, builder, tys[7], shift, F64)
-        out_ptr = builder.gep(array_ptr(context, builder, tys[17], out, elem), [o_off])
+        out_ptr = builder.gep(array_ptr(context, builder, tys[19], out, elem), [o_off])
         dot = declare_vpdpbusd(builder)
         byte = dot.function_type.args[1]
         zero64 = ir.Constant(I64, 0)
@@ -150,6 +156,7 @@ def _make_row(kh: int, kw: int, sw: int, signed: bool):
         lanes = ir.Constant(V16I32, list(range(LANES)))
         if out_ty != types.int32:
             lo, hi, zp = (splat(builder, v, V8F64) for v in (lo, hi, zp))
+            codes = tuple(splat(builder, builder.trunc(v, I32), V16I32) for v in (qlo, qhi)) if quantize else None
 
         shuffle = declare(builder, "llvm.x86.avx512.pshuf.b.512", ir.FunctionType(V64I8, [V64I8, V64I8]))
         everywhere = ir.Constant(ir.VectorType(I32, 64), list(range(LANES)) * 4)
@@ -216,7 +223,8 @@ def _make_row(kh: int, kw: int, sw: int, signed: bool):
                 if out_ty == types.int32:
                     value = acc
                 else:
-                    value = requantize(builder, acc, lambda h: factors[h], lo, hi, zp, quantize, biased=quantize)
+                    value = requantize(builder, acc, lambda h: factors[h], lo, hi, zp, quantize, biased=quantize,
+                                       shifted=shifted, codes=codes)
                 dst = builder.bitcast(builder.gep(out_ptr, [builder.add(builder.mul(ox, c), c0)]),
                                       ir.VectorType(elem, LANES).as_pointer())
                 if masked:
@@ -271,16 +279,17 @@ def _make_row(kh: int, kw: int, sw: int, signed: bool):
     return intrinsic(typer)
 
 
-def _make_driver(kh: int, kw: int, sw: int, signed: bool):
-    row = _make_row(kh, kw, sw, signed)
+def _make_driver(kh: int, kw: int, sw: int, signed: bool, shifted: bool):
+    row = _make_row(kh, kw, sw, signed, shifted)
 
     @kernel
-    def depthwise_rows(x, window, zx, quads, sums, col_bias, mult, shift, lo, hi, zp, v0, v1, r0, r1, out):
+    def depthwise_rows(x, window, zx, quads, sums, col_bias, mult, shift, lo, hi, zp, qlo, qhi, v0, v1, r0, r1, out):
         """Channel vectors ``v0 .. v1`` (16 channels each) of output rows ``r0 .. r1`` (``r = n OH + oy``).
 
         x      : uint8 (int8 when ``signed``) [N, H, W, C] C-contiguous NHWC; zx its zero point
         window : ``ConvGeometry.window()``; quads: ``pack_quads``; sums: int64 [C] ``sum_t w'``
         col_bias : int64 scalar or [C]; mult, shift: float64 [>= 16 ceil(C / 16)] (unused for int32 out)
+        qlo, qhi : the code bounds of an int8 / uint8 output (``_make_row``)
         out    : [N OH OW, C] C-contiguous, int32 / float32 / uint8 / int8
         Writes ``acc + col_bias`` finished as in ``kernels.gemm.vnni.requantize`` (module docstring).
         """
@@ -301,11 +310,12 @@ def _make_driver(kh: int, kw: int, sw: int, signed: bool):
             for ky in range(kh):
                 iy = top + ky
                 offsets[ky] = (n * h + iy) * w_in * c if 0 <= iy < h else -1
-            row(xf, pad, offsets, byte * 0x01010101, flat, col_term, mult, shift, lo, hi, zp, c, w_in, ow, pl, v0,
-                v1, of, r * ow * c)
+            row(xf, pad, offsets, byte * 0x01010101, flat, col_term, mult, shift, lo, hi, zp, qlo, qhi, c, w_in, ow,
+                pl, v0, v1, of, r * ow * c)
 
     return depthwise_rows
 
 
-DRIVERS = {(kh, kw, sw, signed): _make_driver(kh, kw, sw, signed)
-           for kh, kw in KERNELS for sw in STRIDES for signed in (False, True)}
+# keyed by (KH, KW, SW, int8 activations, a nonzero shift)
+DRIVERS = {(kh, kw, sw, signed, shifted): _make_driver(kh, kw, sw, signed, shifted)
+           for kh, kw in KERNELS for sw in STRIDES for signed in (False, True) for shifted in (False, True)}

@@ -2,7 +2,9 @@
 
 Both take NCHW activations by default (``layout="NHWC"`` too) and OIHW weights,
 raw or packed once by :func:`pack_conv_int8`; they work in NHWC, so an NCHW call
-pays one transposing copy each way. With ``g`` the group of output channel ``o``,
+pays one transposing copy each way, except a 1x1 convolution on AVX-512 VNNI
+(stride 1, no padding, one group, weight zero points 0), which
+``kernels.conv.pointwise`` computes on the NCHW planes as they are. With ``g`` the group of output channel ``o``,
 ``C' = C / group`` and the border padded with ``x_zero_point`` (ONNX)::
 
     acc[n, o, oy, ox] = sum_{c < C', ky, kx} (x[n, g C' + c, oy sh + ky dh - pt, ox sw + kx dw - pl] - zx)

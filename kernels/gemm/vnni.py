@@ -276,7 +276,8 @@ def make_tile_store(rows: int, prefetch_distance: int = 0, source: str = "rows")
 
 
 def requantize(builder, y: ir.Value, factors: Callable[[int], tuple[ir.Value, ir.Value]], lo: ir.Value,
-               hi: ir.Value, zp: ir.Value, quantize: bool, biased: bool = False) -> ir.Value:
+               hi: ir.Value, zp: ir.Value, quantize: bool, biased: bool = False, shifted: bool = True,
+               codes: tuple[ir.Value, ir.Value] | None = None) -> ir.Value:
     """The ``REAL`` / ``QUANT`` epilogue of 16 int32 sums ``y`` (already including ``col_term``), in registers.
 
     ``factors(h)`` gives the ``<8 x double>`` ``mult`` and ``shift`` of lanes ``8 h .. 8 h + 7``;
@@ -290,6 +291,13 @@ def requantize(builder, y: ir.Value, factors: Callable[[int], tuple[ir.Value, ir
     is that of ``2**52`` is ``2**52 + 2**31 + y``, so one exact subtraction gives
     ``float64(y)``; rounding adds ``1.5 * 2**52`` (a double below ``2**51`` in
     magnitude then rounds half to even to an integer, held in its low word).
+
+    Two shortcuts, for callers that know they apply: ``shifted=False`` when every
+    ``shift`` is 0 (adding it changes nothing), and ``codes = (qlo, qhi)`` (splat
+    ``<16 x i32>`` of ``rint(lo + zp)`` and ``rint(hi + zp)``) to clamp the rounded
+    integers instead of ``t``: ``t -> rint(t + zp)`` is monotonic, so that gives the
+    same codes, with two integer operations in place of four on doubles. ``codes``
+    needs ``|y mult + shift + zp| < 2**31`` for every sum.
     """
     if not biased:
         y = builder.xor(y, ir.Constant(V16I32, [-(2**31)] * 16))
@@ -304,14 +312,21 @@ def requantize(builder, y: ir.Value, factors: Callable[[int], tuple[ir.Value, ir
         pairs = builder.shuffle_vector(y, high, ir.Constant(V16I32, [i // 2 + 8 * h if i % 2 == 0 else 16
                                                                      for i in range(16)]))
         mult, shift = factors(h)
-        t = builder.fadd(builder.fmul(builder.fsub(builder.bitcast(pairs, V8F64), offset), mult), shift)
-        t = builder.call(minimum, [builder.call(maximum, [t, lo, current]), hi, current])
+        t = builder.fmul(builder.fsub(builder.bitcast(pairs, V8F64), offset), mult)
+        if shifted:
+            t = builder.fadd(t, shift)
+        if codes is None:
+            t = builder.call(minimum, [builder.call(maximum, [t, lo, current]), hi, current])
         if quantize:
             halves.append(builder.bitcast(builder.fadd(builder.fadd(t, zp), magic), V16I32))
         else:
             halves.append(builder.fptrunc(t, ir.VectorType(F32, 8)))
     if quantize:
         low = builder.shuffle_vector(halves[0], halves[1], ir.Constant(V16I32, list(range(0, 32, 2))))
+        if codes is not None:
+            qlo, qhi = codes
+            low = builder.select(builder.icmp_signed("<", low, qlo), qlo, low)
+            low = builder.select(builder.icmp_signed(">", low, qhi), qhi, low)
         return builder.trunc(low, ir.VectorType(I8, 16))
     return builder.shuffle_vector(halves[0], halves[1], ir.Constant(V16I32, list(range(16))))
 

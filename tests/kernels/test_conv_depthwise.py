@@ -91,6 +91,9 @@ def _epilogue_case(rng, c, kind):
     if kind == "quant_u8":
         return dict(a_scale=np.float32(0.02), w_scale=w_scale, bias=None, activation=None, out_dtype=np.uint8,
                     out_scale=np.float32(0.3), out_zero_point=128)
+    if kind == "quant_bias":  # a float bias: the quantized epilogue adds a shift
+        return dict(a_scale=np.float32(0.02), w_scale=w_scale, bias=rng.normal(0, 5, c).astype(np.float32),
+                    activation="relu", out_dtype=np.uint8, out_scale=np.float32(0.2), out_zero_point=7)
     if kind == "quant_s8":
         return dict(a_scale=np.float32(0.05), w_scale=np.float32(0.01),
                     bias=rng.integers(-5000, 5000, c).astype(np.int32), activation="relu6", out_dtype=np.int8,
@@ -98,7 +101,7 @@ def _epilogue_case(rng, c, kind):
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind", ["real", "quant_u8", "quant_s8"])
+@pytest.mark.parametrize("kind", ["real", "quant_u8", "quant_bias", "quant_s8"])
 @pytest.mark.parametrize("spec", [(3, 1), (3, 2), (5, 1), (4, 1)], ids=str)  # (kernel, stride); 4x4 is general
 @pytest.mark.parametrize("c", [7, 65, 300])
 def test_epilogues(level, rng, kind, spec, c):
@@ -144,6 +147,8 @@ def test_variant_choice(level, rng):
     big = epi._replace(col_bias=np.full(c, 2**31 - 2, np.int64))
     assert kind(pack_depthwise(w), big) == "generic"  # the VNNI int32 sums could wrap
     assert kind(pack_depthwise(w), Epilogue(INTEGER, big.col_bias)) == fast  # int32 out wraps either way
+    huge = fused_epilogue(c, 100.0, 100.0, None, None, np.uint8, 0.001, 0)[0]
+    assert kind(pack_depthwise(w), huge) == "generic"  # sums times 1e7: the rounded codes could pass int32
 
 
 @pytest.mark.parametrize("out_dtype", [np.uint8, np.float32])
