@@ -39,8 +39,10 @@ _UNUSED = np.zeros(1)
 class Epilogue(NamedTuple):
     """How ``kernels.epilogue`` finishes the product (see the module docstring for the formulas).
 
-    For ``QUANT``, ``[lo, hi]`` lies within ``[qmin - zp, qmax - zp]`` (see
-    :func:`quantized_bounds`), which lets vector code skip the last clamp.
+    For ``QUANT``, ``rint(clip(t, lo, hi) + zp)`` never leaves ``[qmin, qmax]`` (see
+    :func:`quantized_bounds`), which lets vector code skip the last clamp. Integer
+    ``qmin`` and ``qmax`` (made by :func:`with_codes`) also promise that every shift
+    is 0 and that the codes fit int32, so vector code may clamp those instead.
     """
 
     mode: int
@@ -67,6 +69,28 @@ def quantized_bounds(lo: float, hi: float, zp: float, qmin: float, qmax: float) 
     if hi < qmin - zp:
         return qmin - zp, qmin - zp
     return max(lo, qmin - zp), min(hi, qmax - zp)
+
+
+CODES_LIMIT = 2.0**30  # under 2**31, with room for the float64 rounding of the bound itself
+
+
+def with_codes(epi: Epilogue, largest: int) -> Epilogue:
+    """``epi`` with integer ``qmin = rint(lo + zp)`` and ``qmax = rint(hi + zp)`` where that is safe.
+
+    ``t -> rint(t + zp)`` is monotonic, so clamping ``t`` to ``[lo, hi]`` and clamping
+    the rounded code to those two integers give the same outputs; vector epilogues
+    (``kernels.gemm.vnni.requantize``'s ``codes``) do the latter, on integers, and
+    skip adding the shift. Safe for a ``QUANT`` epilogue whose shifts are all 0 when
+    ``largest`` bounds every ``|y|``, so that ``|y mult + zp| < CODES_LIMIT``: other
+    epilogues come back unchanged. The outputs are the same either way.
+    """
+    if epi.mode != QUANT or epi.shift.any():
+        return epi
+    if largest * float(np.abs(epi.mult).max()) + abs(epi.zp) >= CODES_LIMIT:
+        return epi
+    lo, hi = quantized_bounds(epi.lo, epi.hi, epi.zp, epi.qmin, epi.qmax)
+    return epi._replace(lo=lo, hi=hi, qmin=int(np.rint(np.float64(lo) + epi.zp)),
+                        qmax=int(np.rint(np.float64(hi) + epi.zp)))
 
 
 @kernel

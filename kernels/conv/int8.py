@@ -31,7 +31,7 @@ from kernels.conv.geometry import ConvGeometry, check_layout, conv_geometry, fro
 from kernels.conv.int8_driver import DRIVERS, INDIRECT_DRIVERS, block_rows, indirection
 from kernels.epilogue import Epilogue
 from kernels.gemm.driver import K_CHUNK
-from kernels.gemm.int8 import check_zero_point, fits_int32, fused_epilogue, max_k_int32
+from kernels.gemm.int8 import check_zero_point, fits_int32, fused_epilogue, max_k_int32, sum_bound
 from kernels.pack.panels import KGROUP, PANEL, PackedInt8, pack_int8
 
 ACTIVATION_DTYPES = (np.uint8, np.int8)
@@ -241,6 +241,8 @@ def _group_terms(g: int, packed: PackedInt8, zw_all: np.ndarray, za: int, k: int
     bias = epi.col_bias[channels] if np.ndim(epi.col_bias) else epi.col_bias
     col_term = -za * packed.col_sums + k * za * zw + bias
     fused = not row_term and (epi.mode == epilogue.INTEGER or fits_int32(k, za, bias))
+    if fused:
+        epi = epilogue.with_codes(epi, sum_bound(k, za, bias))
     padded = packed.n_panels * PANEL  # the fused micro-kernels read whole panels
     col_term32 = np.zeros(padded, np.int32)
     col_term32[:og] = col_term  # wraps modulo 2**32, as the int32 sums do

@@ -26,9 +26,9 @@ from numba.extending import intrinsic
 
 from kernels import threads
 from kernels._jit import kernel
-from kernels.epilogue import INTEGER, MODES
+from kernels.epilogue import INTEGER, MODES, with_codes
 from kernels.gemm import vnni
-from kernels.gemm.int8 import fits_int32
+from kernels.gemm.int8 import fits_int32, sum_bound
 from kernels.gemm.llvm_ir import I1, I8, I32, I64, array_ptr, declare, is_array, splat
 from kernels.pack.panels import KGROUP, PANEL
 
@@ -176,8 +176,9 @@ class PointwisePlan:
         self.w_rows[:, :c] = weights[:, :, 0, 0]
         # int32 sums wrap, as the terms do: exact wherever the result fits (``applies``)
         col_term = (epi.col_bias - za * self.w_rows.sum(1, dtype=np.int64)).astype(np.int32)
+        epi = with_codes(epi, sum_bound(c, za, epi.col_bias))
         self.args = (x_dtype == np.int8) * 0x80, self.w_rows.reshape(-1), ldw, o, col_term, epi.mult, epi.shift, \
-            float(epi.lo), float(epi.hi), float(epi.zp), float(epi.qmin), float(epi.qmax)
+            float(epi.lo), float(epi.hi), float(epi.zp), epi.qmin, epi.qmax
         self.driver = DRIVERS[epi.mode]
         self.images, self.channels, self.pixels = geo.batch, c, geo.in_h * geo.in_w
         self.estimate_us = 2 * geo.rows * o * c / 400e3  # ~400 GOPS per thread

@@ -69,10 +69,15 @@ def check_zero_point(name: str, value: object, dtype: np.dtype, n: int | None = 
     return v if n else int(v[0])
 
 
+def sum_bound(k: int, za: int, col_bias: np.ndarray | int) -> int:
+    """A bound on every exact ``|sum_k (a - za) w + col_bias|`` of uint8 ``a`` and int8 ``w``."""
+    bias = int(np.abs(col_bias).max()) if np.ndim(col_bias) else abs(int(col_bias))
+    return k * max(za, 255 - za) * 128 + bias
+
+
 def fits_int32(k: int, za: int, col_bias: np.ndarray | int) -> bool:
     """Whether every exact result ``sum_k (a - za) w + col_bias`` of uint8 ``a`` and int8 ``w`` fits int32."""
-    bias = int(np.abs(col_bias).max()) if np.ndim(col_bias) else abs(col_bias)
-    return k * max(za, 255 - za) * 128 + bias <= INT32_MAX
+    return sum_bound(k, za, col_bias) <= INT32_MAX
 
 
 class LinearPlan:
@@ -95,6 +100,8 @@ class LinearPlan:
         else:
             self.col_term = -za * packed.col_sums + k * za * w_zp + epi.col_bias
         self.fused = not self.row_term and (epi.mode == epilogue.INTEGER or fits_int32(k, za, epi.col_bias))
+        if self.fused:
+            self.epi = epilogue.with_codes(epi, sum_bound(k, za, epi.col_bias))
         self.col_term32 = np.zeros(packed.n_panels * PANEL, np.int32)
         self.col_term32[:n] = self.col_term  # wraps modulo 2**32, as the int32 sums do
 

@@ -345,8 +345,9 @@ def make_tile_finish(rows: int, prefetch_distance: int = 0, source: str = "rows"
 
     in float64, in that order, with no contraction, as ``finish_tile`` does. An
     integer output relies on ``[lo, hi]`` lying within ``[qmin - zp, qmax - zp]``,
-    as ``kernels.epilogue.Epilogue`` guarantees, so no clamp to ``[qmin, qmax]`` is
-    needed (``qmin`` and ``qmax`` are accepted for the portable tiles' sake).
+    as ``kernels.epilogue.Epilogue`` guarantees, so no clamp to float ``qmin`` and
+    ``qmax`` is needed; integer ones (``kernels.epilogue.with_codes``) are the codes
+    it clamps instead of ``t``, and say that ``shift`` is 0 (``requantize``).
     ``col_term`` (int32), ``mult`` and ``shift`` (float64) are padded to a whole
     number of panels. Stores are masked to rows ``< m`` and columns ``< cols``.
     With the "weights" source the output channels are the rows: ``j = c0 + r``.
@@ -354,15 +355,19 @@ def make_tile_finish(rows: int, prefetch_distance: int = 0, source: str = "rows"
     def accepts(tys) -> bool:
         out = tys[10]
         return (is_array(tys[0], types.int32, 1) and is_array(tys[1], types.float64, 1)
-                and is_array(tys[2], types.float64, 1) and all(t == types.float64 for t in tys[3:8])
+                and is_array(tys[2], types.float64, 1) and all(t == types.float64 for t in tys[3:6])
+                and (all(t == types.float64 for t in tys[6:8]) or all(t == types.int64 for t in tys[6:8]))
                 and isinstance(out, types.Array) and out.ndim == 1 and out.layout == "C"
                 and out.dtype in (types.float32, types.uint8, types.int8))
 
     accepts.arity = 13
 
     def finish(context, builder, tys, args, results, m):
-        col_term, mult, shift, lo, hi, zp, _qmin, _qmax, c0, cols, out, o_off, ldo = args
+        col_term, mult, shift, lo, hi, zp, qmin, qmax, c0, cols, out, o_off, ldo = args
         quantize = tys[10].dtype != types.float32
+        codes = None
+        if quantize and tys[6] == types.int64:
+            codes = tuple(splat(builder, builder.trunc(v, I32), V16I32) for v in (qmin, qmax))
         ct_ptr = builder.gep(array_ptr(context, builder, tys[0], col_term, I32), [c0])
         mu_ptr = builder.gep(array_ptr(context, builder, tys[1], mult, F64), [c0])
         sh_ptr = builder.gep(array_ptr(context, builder, tys[2], shift, F64), [c0])
@@ -379,7 +384,7 @@ def make_tile_finish(rows: int, prefetch_distance: int = 0, source: str = "rows"
 
         def transform(sums, r, j):
             return requantize(builder, builder.add(sums, terms(r, j)), lambda h: factors(r, j, h), lo, hi, zp,
-                              quantize)
+                              quantize, shifted=codes is None, codes=codes)
 
         elem = I8 if quantize else F32
         _store_rows(builder, results, m, cols, array_ptr(context, builder, tys[10], out, elem), o_off, ldo, elem,

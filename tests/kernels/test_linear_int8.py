@@ -134,3 +134,34 @@ def test_all_modes_compile_for_each_level(level, rng):
         if packed:
             args["w"] = kernels.pack_int8(args["w"])
         np.testing.assert_array_equal(kernels.linear_int8(**args), reference.linear_int8_ref(**dict(layer, **output)))
+
+
+def test_with_codes_only_where_safe():
+    """Integer code bounds for a shift-free quantized epilogue whose codes fit int32; anything else unchanged."""
+    from kernels.epilogue import CODES_LIMIT, with_codes
+    from kernels.gemm.int8 import fused_epilogue
+
+    epi, _ = fused_epilogue(3, 0.02, 0.01, None, "relu6", np.uint8, 0.05, 100)
+    codes = with_codes(epi, 10**6)
+    assert (codes.qmin, codes.qmax) == (100, 220)  # rint(0 + 100), rint(6 / 0.05 + 100)
+    assert isinstance(codes.qmin, int) and codes.mult is epi.mult
+    largest = int(CODES_LIMIT / epi.mult[0]) + 1
+    assert with_codes(epi, largest) is epi  # the rounded codes could leave int32
+    float_bias = fused_epilogue(3, 0.02, 0.01, np.ones(3, np.float32), None, np.uint8, 0.05, 100)[0]
+    assert with_codes(float_bias, 10) is float_bias  # a shift to add
+    real = fused_epilogue(3, 0.02, 0.01, None, None, np.float32, None, None)[0]
+    assert with_codes(real, 10) is real
+
+
+@pytest.mark.parametrize("out_dtype", [np.uint8, np.int8], ids=str)
+@pytest.mark.parametrize("scales", [(0.02, 0.05), (50.0, 1e-4)], ids=["codes", "huge-multiplier"])
+def test_linear_quantized_epilogues(level, rng, out_dtype, scales):
+    """Both vector epilogues of a quantized output (integer-clamped codes, or clamps on doubles when a
+    multiplier of 5e4 could push the codes past int32) match the oracle, relu6 and a zero point included."""
+    a_scale, out_scale = scales
+    layer = _layer(rng, 13, 70, 300)
+    layer["a_scale"] = np.float32(a_scale)
+    zp = 3 if out_dtype == np.uint8 else -3
+    got, want = _both(**layer, bias=rng.integers(-10**4, 10**4, 70).astype(np.int32), activation="relu6",
+                      out_dtype=out_dtype, out_scale=out_scale, out_zero_point=zp)
+    np.testing.assert_array_equal(got, want)
