@@ -83,17 +83,18 @@ class _Rows:
     """Activations as rows of a matrix: ``(a, a_off, lda, m, b, b_off, kq)``, row r at ``a[a_off + r lda]``."""
 
     arity = 7
+    row_type, panel_type, swap = types.uint8, types.int8, False
 
-    @staticmethod
-    def accepts(tys) -> bool:
-        return is_array(tys[0], types.uint8, 1) and is_array(tys[4], types.int8, 1)
+    @classmethod
+    def accepts(cls, tys) -> bool:
+        return is_array(tys[0], cls.row_type, 1) and is_array(tys[4], cls.panel_type, 1)
 
-    @staticmethod
-    def emit(context, builder, tys, args, rows: int, distance: int) -> tuple[list[ir.Value], ir.Value]:
+    @classmethod
+    def emit(cls, context, builder, tys, args, rows: int, distance: int) -> tuple[list[ir.Value], ir.Value]:
         a, a_off, lda, m, b, b_off, kq = args
         row_ptrs = clamped_rows(builder, array_ptr(context, builder, tys[0], a, I8), a_off, lda, m, rows)
         b_base = builder.gep(array_ptr(context, builder, tys[4], b, I8), [b_off])
-        return _k_loop(builder, row_ptrs, b_base, kq, distance), m
+        return _k_loop(builder, row_ptrs, b_base, kq, distance, swap=cls.swap), m
 
 
 class _Indirect:
@@ -132,7 +133,7 @@ class _Indirect:
         return emit_loop(builder, taps, V16I32, rows * VECTORS, tap), m
 
 
-class _Weights:
+class _Weights(_Rows):
     """Weight rows against activation panels: ``(w, w_off, ldw, m, a, a_off, kq)``, the product transposed.
 
     Row r is the int8 ``w[w_off + r ldw ..]`` (an output channel), broadcast; the
@@ -140,18 +141,7 @@ class _Weights:
     ``kernels.pack.panels``, so a tile is 64 pixels of ``rows`` output channels.
     """
 
-    arity = 7
-
-    @staticmethod
-    def accepts(tys) -> bool:
-        return is_array(tys[0], types.int8, 1) and is_array(tys[4], types.uint8, 1)
-
-    @staticmethod
-    def emit(context, builder, tys, args, rows: int, distance: int) -> tuple[list[ir.Value], ir.Value]:
-        w, w_off, ldw, m, a, a_off, kq = args
-        row_ptrs = clamped_rows(builder, array_ptr(context, builder, tys[0], w, I8), w_off, ldw, m, rows)
-        a_base = builder.gep(array_ptr(context, builder, tys[4], a, I8), [a_off])
-        return _k_loop(builder, row_ptrs, a_base, kq, distance, swap=True), m
+    row_type, panel_type, swap = types.int8, types.uint8, True
 
 
 SOURCES = {"rows": _Rows, "indirect": _Indirect, "weights": _Weights}
