@@ -301,7 +301,7 @@ class DepthwisePlan:
         self.out_shape = (geo.batch, c, geo.out_h, geo.out_w) if nchw else (geo.rows, c)
         self.kind = dispatch.choose("conv_depthwise", geo.rows, c, _vnni_taps(geo, packed, epi)).kind
         run = self._vnni() if self.kind == "avx512-vnni" else self._generic()
-        self._run = _through_nhwc(run, geo) if nchw else run
+        self.run = _through_nhwc(run, geo) if nchw else run  # unchecked: for callers that checked x and out
 
     def __call__(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
         """The convolution of ``x`` (dtype and shape as prepared) into ``out``; returns ``out``."""
@@ -310,7 +310,7 @@ class DepthwisePlan:
             raise ValueError(f"x: expected {self.layout} shape {self.x_shape}, got {x.shape}")
         out = _validate.array("out", out, self.out_dtypes, len(self.out_shape))
         _validate.out(out, self.out_shape, out.dtype)
-        self._run(x, out)
+        self.run(x, out)
         return out
 
     def _factors(self, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -335,17 +335,18 @@ class DepthwisePlan:
         lo, hi = self._bounds()
         zp = float(epi.zp)
         qlo, qhi = (int(np.rint(np.float64(v) + zp)) for v in (lo, hi)) if epi.mode == QUANT else (0, 0)
-        driver = depthwise_vnni.DRIVERS[geo.kernel_h, geo.kernel_w, geo.stride_w, self.x_dtype == np.int8,
-                                        bool(shift.any())]
-        bias = epi.col_bias if isinstance(epi.col_bias, np.ndarray) else int(epi.col_bias)
+        signed = self.x_dtype == np.int8
+        driver = depthwise_vnni.DRIVERS[geo.kernel_h, geo.kernel_w, geo.stride_w, signed, bool(shift.any())]
+        col_term = depthwise_vnni.col_terms(packed.sums, epi.col_bias, self.zx, signed)
+        pad = np.full(geo.in_w * c, self.zx & 0xFF, np.uint8)
         window, zx = geo.window(), self.zx
         # single-thread time measured here: ~0.1 ns per output and kernel row
         estimate_us = geo.rows * c * geo.kernel_h * 1e-4
 
         def run(x: np.ndarray, out: np.ndarray) -> None:
             def part(v0: int, v1: int, r0: int, r1: int) -> None:
-                driver(x, window, zx, packed.quads, packed.sums, bias, mult, shift, lo, hi, zp, qlo, qhi, v0, v1, r0,
-                       r1, out)
+                driver(x, window, zx, packed.quads, col_term, pad, mult, shift, lo, hi, zp, qlo, qhi, v0, v1, r0, r1,
+                       out)
 
             threads.run_tiled(part, vectors, geo.batch * geo.out_h, 1, estimate_us)
         return run

@@ -283,12 +283,14 @@ def _make_driver(kh: int, kw: int, sw: int, signed: bool, shifted: bool):
     row = _make_row(kh, kw, sw, signed, shifted)
 
     @kernel
-    def depthwise_rows(x, window, zx, quads, sums, col_bias, mult, shift, lo, hi, zp, qlo, qhi, v0, v1, r0, r1, out):
+    def depthwise_rows(x, window, zx, quads, col_term, pad, mult, shift, lo, hi, zp, qlo, qhi, v0, v1, r0, r1, out):
         """Channel vectors ``v0 .. v1`` (16 channels each) of output rows ``r0 .. r1`` (``r = n OH + oy``).
 
         x      : uint8 (int8 when ``signed``) [N, H, W, C] C-contiguous NHWC; zx its zero point
-        window : ``ConvGeometry.window()``; quads: ``pack_quads``; sums: int64 [C] ``sum_t w'``
-        col_bias : int64 scalar or [C]; mult, shift: float64 [>= 16 ceil(C / 16)] (unused for int32 out)
+        window : ``ConvGeometry.window()``; quads: ``pack_quads``
+        col_term : int32 [16 ceil(C / 16)], ``col_terms`` of the weights and bias
+        pad    : uint8 [W C], the zero point as stored in x (``x_zero_point & 0xFF``): the padding rows
+        mult, shift : float64 [>= 16 ceil(C / 16)] (unused for int32 out)
         qlo, qhi : the code bounds of an int8 / uint8 output (``_make_row``)
         out    : [N OH OW, C] C-contiguous, int32 / float32 / uint8 / int8
         Writes ``acc + col_bias`` finished as in ``kernels.gemm.vnni.requantize`` (module docstring).
@@ -296,10 +298,6 @@ def _make_driver(kh: int, kw: int, sw: int, signed: bool, shifted: bool):
         h, w_in, _, _, sh, _, _, _, pt, pl, oh, ow = window
         c = x.shape[3]
         byte = zx & 0xFF  # the zero point as stored in x
-        zu = zx + 128 if signed else zx  # and as the unsigned value the kernel multiplies
-        col_term = np.zeros(-(-c // LANES) * LANES, np.int32)
-        col_term[:c] = (col_bias - zu * sums).astype(np.int32)  # wrapping: exact where the result fits
-        pad = np.full(w_in * c, np.uint8(byte), np.uint8)
         xf = x.reshape(-1).view(np.uint8)
         of = out.reshape(-1)
         flat = quads.reshape(-1)
@@ -314,6 +312,18 @@ def _make_driver(kh: int, kw: int, sw: int, signed: bool, shifted: bool):
                 pl, v0, v1, of, r * ow * c)
 
     return depthwise_rows
+
+
+def col_terms(sums: np.ndarray, col_bias: np.ndarray | int, zx: int, signed: bool) -> np.ndarray:
+    """int32 ``[16 ceil(C / 16)]``: ``col_bias - zu sum_t w'`` (wrapping: exact where the result fits), 0 past C.
+
+    ``zu`` is the activation zero point as the unsigned value the kernel multiplies.
+    """
+    c = sums.shape[0]
+    zu = zx + 128 if signed else zx
+    terms = np.zeros(-(-c // LANES) * LANES, np.int32)
+    terms[:c] = (col_bias - zu * sums).astype(np.int32)
+    return terms
 
 
 # keyed by (KH, KW, SW, int8 activations, a nonzero shift)

@@ -164,7 +164,8 @@ class ConvPlan:
         geo = self.geo
         if self.direct is not None:
             target = out if out is not None else np.empty(self.out_shape, self.out_dtype)
-            self.direct(x, target if self.layout == "NCHW" else target.reshape(geo.rows, geo.out_channels))
+            self.direct.run(np.ascontiguousarray(x),
+                            target if self.layout == "NCHW" else target.reshape(geo.rows, geo.out_channels))
             return target
         x = to_nhwc("x", x, ACTIVATION_DTYPES, self.layout)
         if self.layout == "NHWC":

@@ -165,7 +165,7 @@ def applies(geo, zw: np.ndarray, epi, za: int) -> bool:
 
 class PointwisePlan:
     """A 1x1 convolution of NCHW uint8 / int8 images prepared by ``kernels.conv.int8.ConvPlan`` (which checks
-    everything, and that :func:`applies`): ``plan(x, out)`` with NCHW ``x`` and ``out``."""
+    everything, and that :func:`applies`): ``plan.run(x, out)`` with NCHW ``x`` and ``out``."""
 
     kind = "avx512-vnni-pointwise"
 
@@ -183,7 +183,7 @@ class PointwisePlan:
         self.images, self.channels, self.pixels = geo.batch, c, geo.in_h * geo.in_w
         self.estimate_us = 2 * geo.rows * o * c / 400e3  # ~400 GOPS per thread
 
-    def __call__(self, x: np.ndarray, out: np.ndarray) -> None:
+    def run(self, x: np.ndarray, out: np.ndarray) -> None:
         xf, of = x.reshape(-1).view(np.uint8), out.reshape(-1)
 
         def part(p0: int, p1: int, _i0: int, _i1: int) -> None:
