@@ -100,6 +100,8 @@ class ConvPlan:
     Everything but the activations is checked and derived once: geometry, kernel
     choice, indirection table, per-channel correction terms and the epilogue.
     ``plan(x, out=None)`` then only checks ``x`` (dtype, shape) and ``out`` and runs.
+    ``kind`` names the kernel; ``direct`` is the prepared depthwise or NCHW 1x1 kernel
+    that takes the caller's layout itself (None on the general path).
     Made by :func:`conv2d_int8_plan` / :func:`qlinear_conv2d_plan`; the one-shot
     functions :func:`conv2d_int8` and :func:`qlinear_conv2d` make one and call it.
     """
