@@ -271,3 +271,15 @@ def test_qlinear_conv2d_rejects_bad_arguments(change, message):
     with pytest.raises((ValueError, TypeError), match=message):
         kernels.qlinear_conv2d(x, args["x_scale"], 0, w, args["w_scale"], 0, args["y_scale"], np.uint8(0),
                                args["bias"], activation=args["activation"], out_dtype=args["out_dtype"])
+
+
+@pytest.mark.parametrize("group, o, k", [(1, 24, 1), (16, 16, 3)], ids=["pointwise", "depthwise"])
+def test_direct_kernels_take_strided_views(rng, group, o, k):
+    """The plans that take the caller's NCHW array directly copy a strided view first."""
+    x, w = _operands(rng, (1, 16, 9, 12, o, k, k, (1, 1), 0, (1, 1), group))
+    wide = np.zeros((1, 16, 9, 15), np.uint8)
+    wide[..., :12] = x
+    view = wide[..., :12]
+    assert not view.flags.c_contiguous
+    plan = kernels.qlinear_conv2d_plan(w, x.shape, 0.1, 128, 0.01, 0, 0.5, 128, pads=k // 2, group=group)
+    np.testing.assert_array_equal(plan(view), plan(x))
