@@ -6,6 +6,8 @@ import itertools
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import kernels
 from kernels import reference
@@ -164,4 +166,19 @@ def test_linear_quantized_epilogues(level, rng, out_dtype, scales):
     zp = 3 if out_dtype == np.uint8 else -3
     got, want = _both(**layer, bias=rng.integers(-10**4, 10**4, 70).astype(np.int32), activation="relu6",
                       out_dtype=out_dtype, out_scale=out_scale, out_zero_point=zp)
+    np.testing.assert_array_equal(got, want)
+
+
+@settings(max_examples=40, deadline=None)
+@given(scale_exp=st.integers(-6, 3), out_zp=st.integers(-128, 127), activation=st.sampled_from([None, "relu", "relu6"]),
+       m=st.integers(1, 9), n=st.integers(1, 70), k=st.integers(1, 40), seed=st.integers(0, 2**32 - 1))
+def test_linear_codes_property(scale_exp, out_zp, activation, m, n, k, seed):
+    """Power-of-two scales put many results exactly halfway between codes: the integer-clamped epilogue
+    rounds and clamps them as the oracle does, for int8 outputs of every zero point and activation."""
+    rng = np.random.default_rng(seed)
+    layer = _layer(rng, m, n, k)
+    layer["a_scale"] = np.float32(2.0**scale_exp)
+    layer["w_scale"] = np.float32(0.5)
+    got, want = _both(**layer, activation=activation, out_dtype=np.int8, out_scale=np.float32(4.0),
+                      out_zero_point=out_zp)
     np.testing.assert_array_equal(got, want)
