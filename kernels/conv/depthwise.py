@@ -280,11 +280,12 @@ CODES_LIMIT = 2.0**30  # below 2**31 with room for the float64 rounding of the b
 class DepthwisePlan:
     """A depthwise convolution prepared once: geometry, weights, zero point, epilogue, layout and kernel.
 
-    ``plan(x, out)`` then checks only ``x`` and ``out`` and runs. ``layout`` "NHWC":
-    ``x [N, H, W, C]`` and ``out [N OH OW, C]``; "NCHW": ``x [N, C, H, W]`` and
-    ``out [N, C, OH, OW]``, through one NHWC copy each way. Both compute ``acc`` of the module docstring (the padding contributes 0, as if it
-    held ``x_zero_point``) and write what ``kernels.epilogue.finish_tile`` makes of
-    ``acc + epi.col_bias``. An int32 output wraps if that sum exceeds int32: the
+    ``plan(x, out)`` then checks only ``x`` and ``out`` and runs (``plan.run(x, out)``
+    does not check). ``layout`` "NHWC": ``x [N, H, W, C]`` and ``out [N OH OW, C]``;
+    "NCHW": ``x [N, C, H, W]`` and ``out [N, C, OH, OW]``, through one NHWC copy each
+    way. Both compute ``acc`` of the module docstring (the padding contributes 0, as
+    if it held ``x_zero_point``) and write what ``kernels.epilogue.finish_tile`` makes
+    of ``acc + epi.col_bias``. An int32 output wraps if that sum exceeds int32: the
     caller checks.
     """
 
@@ -301,7 +302,7 @@ class DepthwisePlan:
         self.out_shape = (geo.batch, c, geo.out_h, geo.out_w) if nchw else (geo.rows, c)
         self.kind = dispatch.choose("conv_depthwise", geo.rows, c, _vnni_taps(geo, packed, epi)).kind
         run = self._vnni() if self.kind == "avx512-vnni" else self._generic()
-        self.run = _through_nhwc(run, geo) if nchw else run  # unchecked: for callers that checked x and out
+        self.run = _through_nhwc(run, geo) if nchw else run
 
     def __call__(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
         """The convolution of ``x`` (dtype and shape as prepared) into ``out``; returns ``out``."""
@@ -314,7 +315,7 @@ class DepthwisePlan:
         return out
 
     def _factors(self, size: int) -> tuple[np.ndarray, np.ndarray]:
-        """``mult`` and ``shift`` as float64 arrays of ``size`` values (zeros past C; the kernels load whole vectors)."""
+        """``mult`` and ``shift`` as float64 arrays of ``size`` values, zeros past C (kernels load whole vectors)."""
         c, epi = self.packed.channels, self.epi
         if epi.mode == INTEGER:
             return np.zeros(size), np.zeros(size)
@@ -414,7 +415,7 @@ def _check_setup(geo: object, packed: object, x_dtype: object, x_zero_point: obj
 
 def depthwise_int8(x: np.ndarray, geo: ConvGeometry, packed: PackedDepthwise, x_zero_point: int, epi: Epilogue,
                    out: np.ndarray) -> np.ndarray:
-    """Depthwise convolution of NHWC ``x`` with ``packed``, finished by ``epi`` into ``out``: one-shot :class:`DepthwisePlan`.
+    """Depthwise convolution of NHWC ``x`` with ``packed``, finished by ``epi`` into ``out`` (a one-shot plan).
 
     x   : uint8 or int8 [N, H, W, C] C-contiguous, NHWC
     geo : ``kernels.conv.geometry.conv_geometry`` of the convolution, ``group == C == O``

@@ -29,11 +29,13 @@ from kernels._jit import kernel
 from kernels.epilogue import INTEGER, MODES, with_codes
 from kernels.gemm import vnni
 from kernels.gemm.int8 import fits_int32, sum_bound
-from kernels.gemm.llvm_ir import I1, I8, I32, I64, array_ptr, declare, is_array, splat
+from kernels.gemm.llvm_ir import I1, I8, I16, I32, I64, array_ptr, declare, is_array, splat
 from kernels.pack.panels import KGROUP, PANEL
 
 ROWS = 6  # output channels per tile
 V16I32, V64I8 = vnni.V16I32, vnni.V64I8
+
+
 def _interleave_rows(builder, rows: list[ir.Value]) -> list[ir.Value]:
     """Four rows of 64 bytes as the 64 dwords ``(rows[0][i], rows[1][i], rows[2][i], rows[3][i])``, 16 a vector.
 
@@ -41,18 +43,18 @@ def _interleave_rows(builder, rows: list[ir.Value]) -> list[ir.Value]:
     in the order of lane then unpack; a 4 x 4 transpose of the lanes (``vshufi64x2``)
     puts the pixels in order.
     """
-    v64, v32 = ir.VectorType(I8, 64), ir.VectorType(ir.IntType(16), 32)
+    v32 = ir.VectorType(I16, 32)
 
     def unpack(a, b, ty, size: int, high: bool):
-        """``punpckl*`` / ``punpckh*`` of ``size``-byte elements: per 128-bit lane, a's and b's low or high half alternate."""
+        """``punpckl*`` / ``punpckh*`` of ``size``-byte elements: per 128-bit lane, halves of a and b alternate."""
         n, half = 64 // size, 8 // size
         index = [e * n + lane * 2 * half + (half if high else 0) + i
                  for lane in range(4) for i in range(half) for e in (0, 1)]
         return builder.shuffle_vector(builder.bitcast(a, ty), builder.bitcast(b, ty),
                                       ir.Constant(ir.VectorType(I32, n), index))
 
-    t01 = [unpack(rows[0], rows[1], v64, 1, high) for high in (False, True)]
-    t23 = [unpack(rows[2], rows[3], v64, 1, high) for high in (False, True)]
+    t01 = [unpack(rows[0], rows[1], V64I8, 1, high) for high in (False, True)]
+    t23 = [unpack(rows[2], rows[3], V64I8, 1, high) for high in (False, True)]
     quads = [builder.bitcast(unpack(t01[k // 2], t23[k // 2], v32, 2, bool(k % 2)), ir.VectorType(I64, 8))
              for k in range(4)]  # quads[k], lane L: pixels 16 L + 4 k .. 16 L + 4 k + 3
 

@@ -72,8 +72,9 @@ def _k_loop(builder, row_ptrs: list[ir.Value], b_base: ir.Value, kq: ir.Value, d
         for r, row in enumerate(row_ptrs):
             word = builder.load(builder.bitcast(builder.gep(row, [a_step]), I32.as_pointer()), align=1)
             a_vec = builder.bitcast(splat(builder, word, V16I32), byte)
-            updated += [builder.call(dot, [accs[r * VECTORS + j], *((w_vecs[j], a_vec) if swap else (a_vec, w_vecs[j]))])
-                        for j in range(VECTORS)]
+            for j in range(VECTORS):
+                pair = (w_vecs[j], a_vec) if swap else (a_vec, w_vecs[j])
+                updated.append(builder.call(dot, [accs[r * VECTORS + j], *pair]))
         return updated
 
     return emit_loop(builder, kq, V16I32, len(row_ptrs) * VECTORS, k_group, init)
