@@ -1,10 +1,10 @@
 """Turning exact int32 dot products into the caller's output, one tile at a time.
 
 The GEMM driver hands every finished tile to :func:`finish_tile` while it is still
-in L1 (int32 outputs without weight zero points skip it: the VNNI micro-kernel
-adds ``col_term`` and stores them from its registers). With ``v`` the tile's raw sums of unsigned activation bytes ``a`` times
-signed weights ``w``, the zero-point corrected accumulator is (derivation:
-expand ``sum_k (a - za)(w - zw)``)::
+in L1 (the VNNI micro-kernels finish outputs without weight zero points from their
+registers instead). With ``v`` the tile's raw sums of unsigned activation bytes
+``a`` times signed weights ``w``, the zero-point corrected accumulator is
+(derivation: expand ``sum_k (a - za)(w - zw)``)::
 
     y[m, n] = v[m, n] + col_term[n] - w_zp[n] * row_sums[m]
     col_term[n] = -za * sum_k w[n, k] + K * za * w_zp[n] (+ an int32 bias, if any)
@@ -74,23 +74,38 @@ def quantized_bounds(lo: float, hi: float, zp: float, qmin: float, qmax: float) 
 CODES_LIMIT = 2.0**30  # under 2**31, with room for the float64 rounding of the bound itself
 
 
-def with_codes(epi: Epilogue, largest: int) -> Epilogue:
-    """``epi`` with integer ``qmin = rint(lo + zp)`` and ``qmax = rint(hi + zp)`` where that is safe.
+def bias_bound(col_bias: np.ndarray | int) -> int:
+    """``max |col_bias|`` of a scalar or per-channel int bias."""
+    return int(np.abs(col_bias).max()) if np.ndim(col_bias) else abs(int(col_bias))
 
-    ``t -> rint(t + zp)`` is monotonic, so clamping ``t`` to ``[lo, hi]`` and clamping
-    the rounded code to those two integers give the same outputs; vector epilogues
-    (``kernels.gemm.vnni.requantize``'s ``codes``) do the latter, on integers, and
-    skip adding the shift. Safe for a ``QUANT`` epilogue whose shifts are all 0 when
-    ``largest`` bounds every ``|y|``, so that ``|y mult + zp| < CODES_LIMIT``: other
-    epilogues come back unchanged. The outputs are the same either way.
+
+def codes_fit(epi: Epilogue, largest: int) -> bool:
+    """Whether ``|y mult + shift + zp| < CODES_LIMIT`` for every sum with ``|y| <= largest``: the rounded
+    codes then fit int32, so vector epilogues may clamp them as integers (see :func:`with_codes`)."""
+    return largest * float(np.abs(epi.mult).max()) + float(np.abs(epi.shift).max()) + abs(epi.zp) < CODES_LIMIT
+
+
+def code_bounds(lo: float, hi: float, zp: float) -> tuple[int, int]:
+    """``rint(lo + zp)`` and ``rint(hi + zp)`` in float64, as ``finish_tile`` rounds: the codes that clamping
+    ``t`` to ``[lo, hi]`` allows (``t -> rint(t + zp)`` is monotonic)."""
+    return int(np.rint(np.float64(lo) + zp)), int(np.rint(np.float64(hi) + zp))
+
+
+def with_codes(epi: Epilogue, largest: int) -> Epilogue:
+    """``epi`` with integer ``qmin, qmax = code_bounds(lo, hi, zp)`` where that is safe.
+
+    Clamping ``t`` to ``[lo, hi]`` and clamping the rounded code to those two integers
+    give the same outputs; vector epilogues (``kernels.gemm.vnni.requantize``'s
+    ``codes``) do the latter, on integers, and skip adding the shift. Safe for a
+    ``QUANT`` epilogue whose shifts are all 0 and whose codes fit int32 for every
+    ``|y| <= largest`` (:func:`codes_fit`); other epilogues come back unchanged.
+    The outputs are the same either way.
     """
-    if epi.mode != QUANT or epi.shift.any():
-        return epi
-    if largest * float(np.abs(epi.mult).max()) + abs(epi.zp) >= CODES_LIMIT:
+    if epi.mode != QUANT or epi.shift.any() or not codes_fit(epi, largest):
         return epi
     lo, hi = quantized_bounds(epi.lo, epi.hi, epi.zp, epi.qmin, epi.qmax)
-    return epi._replace(lo=lo, hi=hi, qmin=int(np.rint(np.float64(lo) + epi.zp)),
-                        qmax=int(np.rint(np.float64(hi) + epi.zp)))
+    qmin, qmax = code_bounds(lo, hi, epi.zp)
+    return epi._replace(lo=lo, hi=hi, qmin=qmin, qmax=qmax)
 
 
 @kernel

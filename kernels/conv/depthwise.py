@@ -36,7 +36,8 @@ from kernels._jit import kernel
 from kernels.conv import depthwise_vnni
 from kernels.conv.geometry import ConvGeometry, check_layout
 from kernels.conv.layout import nchw_to_nhwc, nhwc_to_nchw
-from kernels.epilogue import INTEGER, MODES, QUANT, REAL, Epilogue, finish_tile, quantized_bounds
+from kernels.epilogue import (INTEGER, MODES, QUANT, REAL, Epilogue, bias_bound, code_bounds, codes_fit, finish_tile,
+                              quantized_bounds)
 
 MAX_TAP = 255 * 255  # largest |x'| * |w'|
 PAIR_MAX = 2 * MAX_TAP  # largest |sum of one tap pair|
@@ -274,7 +275,6 @@ DRIVERS = {(spec, mode, wide): _make_driver(spec, mode, wide)
 
 
 X_RANGES = {np.dtype(np.uint8): (0, 255), np.dtype(np.int8): (-128, 127)}
-CODES_LIMIT = 2.0**30  # below 2**31 with room for the float64 rounding of the bound itself
 
 
 class DepthwisePlan:
@@ -335,7 +335,7 @@ class DepthwisePlan:
         mult, shift = self._factors(vectors * depthwise_vnni.LANES)
         lo, hi = self._bounds()
         zp = float(epi.zp)
-        qlo, qhi = (int(np.rint(np.float64(v) + zp)) for v in (lo, hi)) if epi.mode == QUANT else (0, 0)
+        qlo, qhi = code_bounds(lo, hi, zp) if epi.mode == QUANT else (0, 0)
         signed = self.x_dtype == np.int8
         driver = depthwise_vnni.DRIVERS[geo.kernel_h, geo.kernel_w, geo.stride_w, signed, bool(shift.any())]
         col_term = depthwise_vnni.col_terms(packed.sums, epi.col_bias, self.zx, signed)
@@ -433,21 +433,15 @@ def _vnni_taps(geo: ConvGeometry, packed: PackedDepthwise, epi: Epilogue) -> int
     It applies to the kernels of ``depthwise_vnni.KERNELS`` with strides in
     ``depthwise_vnni.STRIDES`` and dilation 1, when ``w - w_zp`` fits int8 (``packed.quads``),
     for a float epilogue when ``acc + col_bias`` surely fits int32 (its int32 sums wrap),
-    and for an int8 / uint8 output when ``|y mult + shift + zp| < CODES_LIMIT`` for every
-    such sum ``y`` (it clamps the rounded codes as int32).
+    and for an int8 / uint8 output when the rounded codes surely fit int32
+    (``kernels.epilogue.codes_fit``: it clamps them as integers).
     """
     if (packed.quads is None or geo.dilation_h != 1 or geo.dilation_w != 1
             or geo.stride_h not in depthwise_vnni.STRIDES or geo.stride_w not in depthwise_vnni.STRIDES):
         return 0
     if epi.mode == INTEGER:
         return geo.taps
-    c = packed.channels
-    bias = int(np.abs(epi.col_bias).max()) if isinstance(epi.col_bias, np.ndarray) and c else abs(int(epi.col_bias))
-    largest = bias + geo.taps * MAX_TAP
-    if largest > 2**31 - 1:
+    largest = bias_bound(epi.col_bias) + geo.taps * MAX_TAP
+    if largest > 2**31 - 1 or (epi.mode == QUANT and not codes_fit(epi, largest)):
         return 0
-    if epi.mode == QUANT and c:
-        mult, shift = (float(np.abs(v[:c]).max()) for v in (epi.mult, epi.shift))
-        if largest * mult + shift + abs(epi.zp) >= CODES_LIMIT:
-            return 0
     return geo.taps

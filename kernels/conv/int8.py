@@ -4,8 +4,9 @@ Both take NCHW activations by default (``layout="NHWC"`` too) and OIHW weights,
 raw or packed once by :func:`pack_conv_int8`; they work in NHWC, so an NCHW call
 pays one transposing copy each way, except a 1x1 convolution on AVX-512 VNNI
 (stride 1, no padding, one group, weight zero points 0), which
-``kernels.conv.pointwise`` computes on the NCHW planes as they are. With ``g`` the group of output channel ``o``,
-``C' = C / group`` and the border padded with ``x_zero_point`` (ONNX)::
+``kernels.conv.pointwise`` computes on the NCHW planes as they are. With ``g``
+the group of output channel ``o``, ``C' = C / group`` and the border padded with
+``x_zero_point`` (ONNX)::
 
     acc[n, o, oy, ox] = sum_{c < C', ky, kx} (x[n, g C' + c, oy sh + ky dh - pt, ox sw + kx dw - pl] - zx)
                                               * (w[o, c, ky, kx] - zw[o])
@@ -31,7 +32,7 @@ from kernels.conv.geometry import ConvGeometry, check_layout, conv_geometry, fro
 from kernels.conv.int8_driver import DRIVERS, INDIRECT_DRIVERS, block_rows, indirection
 from kernels.epilogue import Epilogue
 from kernels.gemm.driver import K_CHUNK
-from kernels.gemm.int8 import check_zero_point, fits_int32, fused_epilogue, max_k_int32, sum_bound
+from kernels.gemm.int8 import check_zero_point, fused_epilogue, max_k_int32, register_epilogue
 from kernels.pack.panels import KGROUP, PANEL, PackedInt8, pack_int8
 
 ACTIVATION_DTYPES = (np.uint8, np.int8)
@@ -119,10 +120,10 @@ class ConvPlan:
             self.kind = f"depthwise {self.direct.kind}"
             return
         self.za = za + (128 if x_dtype == np.int8 else 0)  # int8 x runs as x + 128, as in the GEMM
-        if (layout == "NCHW" and pointwise.applies(geo, zw, epi, self.za)
-                and dispatch.choose("conv_pointwise_nchw", geo.rows, geo.out_channels, geo.in_channels).kind
-                == "avx512-vnni"):
-            self.direct = pointwise.PointwisePlan(packed.weights, geo, x_dtype, self.za, epi)
+        fused = pointwise.applicable_epilogue(geo, zw, epi, self.za) if layout == "NCHW" else None
+        if fused is not None and dispatch.choose("conv_pointwise_nchw", geo.rows, geo.out_channels,
+                                                 geo.in_channels).kind == "avx512-vnni":
+            self.direct = pointwise.PointwisePlan(packed.weights, geo, x_dtype, self.za, fused)
             self.kind = self.direct.kind
             return
         self.direct = None
@@ -243,9 +244,8 @@ def _group_terms(g: int, packed: PackedInt8, zw_all: np.ndarray, za: int, k: int
     row_term = bool(zw.any())
     bias = epi.col_bias[channels] if np.ndim(epi.col_bias) else epi.col_bias
     col_term = -za * packed.col_sums + k * za * zw + bias
-    fused = not row_term and (epi.mode == epilogue.INTEGER or fits_int32(k, za, bias))
-    if fused:
-        epi = epilogue.with_codes(epi, sum_bound(k, za, bias))
+    fused_epi = register_epilogue(epi, k, za, bias, row_term)
+    fused, epi = fused_epi is not None, fused_epi or epi
     padded = packed.n_panels * PANEL  # the fused micro-kernels read whole panels
     col_term32 = np.zeros(padded, np.int32)
     col_term32[:og] = col_term  # wraps modulo 2**32, as the int32 sums do

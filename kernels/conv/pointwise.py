@@ -26,9 +26,9 @@ from numba.extending import intrinsic
 
 from kernels import threads
 from kernels._jit import kernel
-from kernels.epilogue import INTEGER, MODES, with_codes
+from kernels.epilogue import INTEGER, MODES
 from kernels.gemm import vnni
-from kernels.gemm.int8 import fits_int32, sum_bound
+from kernels.gemm.int8 import register_epilogue
 from kernels.gemm.llvm_ir import I1, I8, I16, I32, I64, array_ptr, declare, is_array, splat
 from kernels.pack.panels import KGROUP, PANEL
 
@@ -157,28 +157,30 @@ def _make_driver(mode: int):
 DRIVERS = {mode: _make_driver(mode) for mode in MODES}
 
 
-def applies(geo, zw: np.ndarray, epi, za: int) -> bool:
-    """Whether a convolution is one this module computes: 1x1, stride 1, no padding, one group, weight zero
-    points 0 and, for a float or quantized output, int32 sums that cannot wrap (``za`` as unsigned)."""
-    return (geo.group == 1 and (geo.kernel_h, geo.kernel_w) == (1, 1) and (geo.stride_h, geo.stride_w) == (1, 1)
-            and not any(geo.pads) and not zw.any()
-            and (epi.mode == INTEGER or fits_int32(geo.in_channels, za, epi.col_bias)))
+def applicable_epilogue(geo, zw: np.ndarray, epi, za: int):
+    """The epilogue of a convolution this module computes (``za`` as unsigned), or None when it does not
+    apply: it needs 1x1, stride 1, no padding, one group, and an epilogue the VNNI tiles finish themselves
+    (``kernels.gemm.int8.register_epilogue``: weight zero points 0, int32 sums that cannot overflow)."""
+    if (geo.group != 1 or (geo.kernel_h, geo.kernel_w) != (1, 1) or (geo.stride_h, geo.stride_w) != (1, 1)
+            or any(geo.pads)):
+        return None
+    return register_epilogue(epi, geo.in_channels, za, epi.col_bias, bool(zw.any()))
 
 
 class PointwisePlan:
     """A 1x1 convolution of NCHW uint8 / int8 images prepared by ``kernels.conv.int8.ConvPlan`` (which checks
-    everything, and that :func:`applies`): ``plan.run(x, out)`` with NCHW ``x`` and ``out``."""
+    everything, and gets ``epi`` from :func:`applicable_epilogue`): ``plan.run(x, out)`` with NCHW ``x`` and ``out``."""
 
     kind = "avx512-vnni-pointwise"
 
     def __init__(self, weights: np.ndarray, geo, x_dtype: np.dtype, za: int, epi):
+        """``epi`` as :func:`applicable_epilogue` gives it."""
         o, c = weights.shape[:2]
         ldw = -(-c // KGROUP) * KGROUP
         self.w_rows = np.zeros((o, ldw), np.int8)
         self.w_rows[:, :c] = weights[:, :, 0, 0]
         # int32 sums wrap, as the terms do: exact wherever the result fits (``applies``)
         col_term = (epi.col_bias - za * self.w_rows.sum(1, dtype=np.int64)).astype(np.int32)
-        epi = with_codes(epi, sum_bound(c, za, epi.col_bias))
         self.args = (x_dtype == np.int8) * 0x80, self.w_rows.reshape(-1), ldw, o, col_term, epi.mult, epi.shift, \
             float(epi.lo), float(epi.hi), float(epi.zp), epi.qmin, epi.qmax
         self.driver = DRIVERS[epi.mode]

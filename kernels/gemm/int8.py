@@ -71,13 +71,25 @@ def check_zero_point(name: str, value: object, dtype: np.dtype, n: int | None = 
 
 def sum_bound(k: int, za: int, col_bias: np.ndarray | int) -> int:
     """A bound on every exact ``|sum_k (a - za) w + col_bias|`` of uint8 ``a`` and int8 ``w``."""
-    bias = int(np.abs(col_bias).max()) if np.ndim(col_bias) else abs(int(col_bias))
-    return k * max(za, 255 - za) * 128 + bias
+    return k * max(za, 255 - za) * 128 + epilogue.bias_bound(col_bias)
 
 
 def fits_int32(k: int, za: int, col_bias: np.ndarray | int) -> bool:
     """Whether every exact result ``sum_k (a - za) w + col_bias`` of uint8 ``a`` and int8 ``w`` fits int32."""
     return sum_bound(k, za, col_bias) <= INT32_MAX
+
+
+def register_epilogue(epi: Epilogue, k: int, za: int, col_bias: np.ndarray | int,
+                      row_term: bool) -> Epilogue | None:
+    """The epilogue that the VNNI tiles finish from their registers, or None when they cannot.
+
+    They cannot with a row term (weight zero points), nor for a float or quantized
+    output whose exact sums could overflow int32 (an int32 output wraps either way).
+    Otherwise ``epi``, with integer codes where :func:`kernels.epilogue.with_codes` allows.
+    """
+    if row_term or (epi.mode != epilogue.INTEGER and not fits_int32(k, za, col_bias)):
+        return None
+    return epilogue.with_codes(epi, sum_bound(k, za, col_bias))
 
 
 class LinearPlan:
@@ -99,9 +111,9 @@ class LinearPlan:
             self.col_term = np.zeros(n, np.int64)  # uint8 activations without zero points: nothing to correct
         else:
             self.col_term = -za * packed.col_sums + k * za * w_zp + epi.col_bias
-        self.fused = not self.row_term and (epi.mode == epilogue.INTEGER or fits_int32(k, za, epi.col_bias))
-        if self.fused:
-            self.epi = epilogue.with_codes(epi, sum_bound(k, za, epi.col_bias))
+        fused = register_epilogue(epi, k, za, epi.col_bias, self.row_term)
+        self.fused = fused is not None
+        self.epi = fused or epi
         self.col_term32 = np.zeros(packed.n_panels * PANEL, np.int32)
         self.col_term32[:n] = self.col_term  # wraps modulo 2**32, as the int32 sums do
 
@@ -284,7 +296,8 @@ def _activation_bounds(activation: object) -> tuple[float, float]:
 
 def fused_epilogue(n: int, a_scale: object, w_scale: object, bias: object, activation: str | None, out_dtype: object,
                    out_scale: object, out_zero_point: object,
-                   names: tuple[str, str, str] = ("a_scale", "out_scale", "out_zero_point")) -> tuple[Epilogue, np.dtype]:
+                   names: tuple[str, str, str] = ("a_scale", "out_scale", "out_zero_point"),
+                   ) -> tuple[Epilogue, np.dtype]:
     """Check the quantization arguments of a fused layer over ``n`` output channels; return its epilogue.
 
     The arguments are those of :func:`linear_int8`; ``names`` are what the caller

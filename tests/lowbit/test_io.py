@@ -68,6 +68,12 @@ def test_out_of_range_codes_stay_raw(rng, tmp_path):
     np.testing.assert_array_equal(load(tmp_path / "m.lowbit").params["codes"], codes)
 
 
+def _param_file(path, name: str) -> str:
+    """The zip member that holds param ``name`` of the model file at ``path``."""
+    with zipfile.ZipFile(path) as z:
+        return json.loads(z.read("graph.json"))["params"][name]["file"]
+
+
 def _rewrite(path, *, header=None, member=None, data=None):
     """Copy the zip at ``path`` with graph.json replaced by ``header(old)`` and/or ``member`` replaced by ``data``."""
     with zipfile.ZipFile(path) as z:
@@ -121,8 +127,7 @@ def test_inconsistent_params_are_refused(graph, tmp_path):
     with pytest.raises(ValueError, match=f"param {name!r}: stored as"):
         load(path)
     save(graph, path)
-    with zipfile.ZipFile(path) as z:
-        member = json.loads(z.read("graph.json"))["params"][name]["file"]
+    member = _param_file(path, name)
     _rewrite(path, member=member, data=b"")
     with pytest.raises(ValueError, match=f"param {name!r}"):
         load(path)
@@ -140,8 +145,7 @@ def test_pickled_param_is_refused(graph, tmp_path):
     path = tmp_path / "m.lowbit"
     save(graph, path)
     name = next(iter(graph.params))
-    with zipfile.ZipFile(path) as z:
-        member = json.loads(z.read("graph.json"))["params"][name]["file"]
+    member = _param_file(path, name)
     buffer = io.BytesIO()
     np.save(buffer, np.array([{"evil": 1}], dtype=object), allow_pickle=True)
     _rewrite(path, member=member, data=buffer.getvalue())
