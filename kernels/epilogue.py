@@ -91,6 +91,38 @@ def code_bounds(lo: float, hi: float, zp: float) -> tuple[int, int]:
     return int(np.rint(np.float64(lo) + zp)), int(np.rint(np.float64(hi) + zp))
 
 
+SINGLE_MARGIN_UNIT = 2.0**-22  # the error bound of a single-precision code, per unit of magnitude
+
+
+def single_precision_codes(mult: np.ndarray, shift: np.ndarray, zp: float, largest: int) -> np.ndarray:
+    """What rounding ``QUANT`` codes in float32 needs, per channel, to give exactly the float64 ones.
+
+    The code of an exact sum ``y`` (``|y| <= largest``) is ``rint(y mult + shift + zp)``
+    in float64, in ``finish_tile``'s order, before any clamp. ``b = fma(float32(y), m32,
+    c32)``, with ``m32 = float32(mult)`` and ``c32 = float32(shift + zp)``, is within ``eps``
+    of the float64 value before rounding, where::
+
+        eps = 2**-22 (largest |mult| + |shift| + |zp| + 1)
+
+    bounds the roundings of ``y``, ``mult``, ``c32``, the fma and ``b - rint(b)``
+    (``2**-24`` of each magnitude) and of the float64 reference, with room to spare.
+    So wherever ``|b - rint(b)| < 0.5 - eps``, no tie lies within ``eps`` of ``b`` and
+    ``rint(b)`` is the float64 code; elsewhere (about ``2 eps`` of the sums) the caller
+    computes it in float64. Returns float32 ``[C, 3]`` rows ``(m32, c32, limit)``, with
+    ``limit = 0.5 - eps`` rounded down, or all 0 (float64 always) where ``eps > 1/4``.
+    """
+    mult = np.asarray(mult, np.float64)
+    shift = np.broadcast_to(np.asarray(shift, np.float64), mult.shape)
+    with np.errstate(over="ignore", invalid="ignore"):
+        eps = SINGLE_MARGIN_UNIT * (largest * np.abs(mult) + np.abs(shift) + abs(zp) + 1.0)
+        usable = np.isfinite(eps) & (eps <= 0.25)
+        factors = np.zeros((mult.shape[0], 3), np.float32)
+        factors[usable, 0] = mult[usable]
+        factors[usable, 1] = shift[usable] + zp
+    factors[usable, 2] = np.nextafter((0.5 - eps[usable]).astype(np.float32), np.float32(0))
+    return factors
+
+
 def with_codes(epi: Epilogue, largest: int) -> Epilogue:
     """``epi`` with integer ``qmin, qmax = code_bounds(lo, hi, zp)`` where that is safe.
 

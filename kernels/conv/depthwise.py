@@ -33,11 +33,11 @@ import numpy as np
 
 from kernels import _validate, dispatch, threads
 from kernels._jit import kernel
-from kernels.conv import depthwise_vnni
+from kernels.conv import depthwise_planes, depthwise_vnni
 from kernels.conv.geometry import ConvGeometry, check_layout
 from kernels.conv.layout import nchw_to_nhwc, nhwc_to_nchw
 from kernels.epilogue import (INTEGER, MODES, QUANT, REAL, Epilogue, bias_bound, code_bounds, codes_fit, finish_tile,
-                              quantized_bounds)
+                              quantized_bounds, single_precision_codes)
 
 MAX_TAP = 255 * 255  # largest |x'| * |w'|
 PAIR_MAX = 2 * MAX_TAP  # largest |sum of one tap pair|
@@ -282,8 +282,9 @@ class DepthwisePlan:
 
     ``plan(x, out)`` then checks only ``x`` and ``out`` and runs (``plan.run(x, out)``
     does not check). ``layout`` "NHWC": ``x [N, H, W, C]`` and ``out [N OH OW, C]``;
-    "NCHW": ``x [N, C, H, W]`` and ``out [N, C, OH, OW]``, through one NHWC copy each
-    way. Both compute ``acc`` of the module docstring (the padding contributes 0, as
+    "NCHW": ``x [N, C, H, W]`` and ``out [N, C, OH, OW]``, convolved plane by plane by
+    ``kernels.conv.depthwise_planes`` where that applies (``kind`` "avx512-vnni-planes"),
+    else through one NHWC copy each way. All compute ``acc`` of the module docstring (the padding contributes 0, as
     if it held ``x_zero_point``) and write what ``kernels.epilogue.finish_tile`` makes
     of ``acc + epi.col_bias``. An int32 output wraps if that sum exceeds int32: the
     caller checks.
@@ -300,6 +301,11 @@ class DepthwisePlan:
         nchw = layout == "NCHW"
         self.x_shape = (geo.batch, c, geo.in_h, geo.in_w) if nchw else (geo.batch, geo.in_h, geo.in_w, c)
         self.out_shape = (geo.batch, c, geo.out_h, geo.out_w) if nchw else (geo.rows, c)
+        if nchw and dispatch.choose("conv_depthwise_nchw", geo.rows, c,
+                                    _planes_taps(geo, packed, epi)).kind == "avx512-vnni":
+            self.kind = "avx512-vnni-planes"
+            self.run = self._planes()
+            return
         self.kind = dispatch.choose("conv_depthwise", geo.rows, c, _vnni_taps(geo, packed, epi)).kind
         run = self._vnni() if self.kind == "avx512-vnni" else self._generic()
         self.run = _through_nhwc(run, geo) if nchw else run
@@ -336,6 +342,7 @@ class DepthwisePlan:
         lo, hi = self._bounds()
         zp = float(epi.zp)
         qlo, qhi = code_bounds(lo, hi, zp) if epi.mode == QUANT else (0, 0)
+        single = depthwise_vnni.single_rows(single_precision_codes(mult[:c], shift[:c], zp, _largest(geo, epi)))
         signed = self.x_dtype == np.int8
         driver = depthwise_vnni.DRIVERS[geo.kernel_h, geo.kernel_w, geo.stride_w, signed, bool(shift.any())]
         col_term = depthwise_vnni.col_terms(packed.sums, epi.col_bias, self.zx, signed)
@@ -346,10 +353,35 @@ class DepthwisePlan:
 
         def run(x: np.ndarray, out: np.ndarray) -> None:
             def part(v0: int, v1: int, r0: int, r1: int) -> None:
-                driver(x, window, zx, packed.quads, col_term, pad, mult, shift, lo, hi, zp, qlo, qhi, v0, v1, r0, r1,
-                       out)
+                driver(x, window, zx, packed.quads, col_term, pad, mult, shift, lo, hi, zp, qlo, qhi, single, v0, v1, r0,
+                       r1, out)
 
             threads.run_tiled(part, vectors, geo.batch * geo.out_h, 1, estimate_us)
+        return run
+
+    def _planes(self):
+        """The NCHW run by ``kernels.conv.depthwise_planes`` (``_planes_taps`` > 0): no layout copy."""
+        geo, packed, epi = self.geo, self.packed, self.epi
+        c = packed.channels
+        kh, kw = packed.kernel_hw
+        taps = depthwise_planes.pack_taps(packed.weights.T.reshape(c, kh, kw))
+        signed = self.x_dtype == np.int8
+        flip = 0x80 if signed else 0
+        col_term = depthwise_vnni.col_terms(packed.sums, epi.col_bias, self.zx, signed)[:c].astype(np.int64)
+        mult, shift = self._factors(c)
+        zp = float(epi.zp)
+        qlo, qhi = code_bounds(*self._bounds(), zp)
+        single = single_precision_codes(mult, shift, zp, _largest(geo, epi))
+        driver = depthwise_planes.DRIVERS[kh, kw, bool(shift.any())]
+        pads, pad_byte = np.array(geo.pads, np.int64), (self.zx & 0xFF) ^ flip
+        # single-thread time measured here: ~0.3 ns per output
+        estimate_us = geo.rows * c * 3e-4
+
+        def run(x: np.ndarray, out: np.ndarray) -> None:
+            def part(p0: int, p1: int, _r0: int, _r1: int) -> None:
+                driver(x, pads, pad_byte, flip, taps, col_term, mult, shift, zp, qlo, qhi, single, p0, p1, out)
+
+            threads.run_tiled(part, geo.batch * c, 1, 1, estimate_us)
         return run
 
     def _generic(self):
@@ -427,6 +459,23 @@ def depthwise_int8(x: np.ndarray, geo: ConvGeometry, packed: PackedDepthwise, x_
     return DepthwisePlan(geo, packed, x.dtype, x_zero_point, epi)(x, out)
 
 
+def _largest(geo: ConvGeometry, epi: Epilogue) -> int:
+    """A bound on ``|acc + col_bias|``."""
+    return bias_bound(epi.col_bias) + geo.taps * MAX_TAP
+
+
+def _planes_taps(geo: ConvGeometry, packed: PackedDepthwise, epi: Epilogue) -> int:
+    """The K of "conv_depthwise_nchw": ``KH KW``, or 0 where ``kernels.conv.depthwise_planes`` does not apply.
+
+    It applies where the NHWC VNNI kernel does (:func:`_vnni_taps`), to an int8 / uint8
+    output of a kernel of ``depthwise_planes.KERNELS`` with stride 1.
+    """
+    if (epi.mode != QUANT or (geo.kernel_h, geo.kernel_w) not in depthwise_planes.KERNELS
+            or geo.stride_h != 1 or geo.stride_w != 1):
+        return 0
+    return _vnni_taps(geo, packed, epi)
+
+
 def _vnni_taps(geo: ConvGeometry, packed: PackedDepthwise, epi: Epilogue) -> int:
     """The K of "conv_depthwise" for ``kernels.dispatch``: ``KH KW``, or 0 where the VNNI kernel does not apply.
 
@@ -441,7 +490,7 @@ def _vnni_taps(geo: ConvGeometry, packed: PackedDepthwise, epi: Epilogue) -> int
         return 0
     if epi.mode == INTEGER:
         return geo.taps
-    largest = bias_bound(epi.col_bias) + geo.taps * MAX_TAP
+    largest = _largest(geo, epi)
     if largest > 2**31 - 1 or (epi.mode == QUANT and not codes_fit(epi, largest)):
         return 0
     return geo.taps

@@ -20,11 +20,12 @@ the next pixel, so each column is built once (``SW`` new ones per pixel), from
 ``4 G`` byte loads widened and shifted into place. Only the pixels at the left
 and right borders test whether their columns lie inside the image; the interior
 ones go ``UNROLL`` per iteration, their sums first, so that their epilogues
-overlap. The sums of a float32 or int8 / uint8 output then go through
-``kernels.gemm.vnni.requantize`` (the epilogue of ``make_tile_finish``; with only
-9 or 25 multiply-adds per output it is most of the work, so a zero ``shift`` is
-skipped at compile time and int8 / uint8 codes are clamped as integers) and are
-stored with masked stores; nothing goes through memory in between.
+overlap. With only 9 or 25 multiply-adds per output the epilogue is most of the
+work: the sums of a float32 output go through ``kernels.gemm.vnni.requantize`` (the
+epilogue of ``make_tile_finish``), those of an int8 / uint8 output through
+``kernels.gemm.vnni.single_codes`` (float32 where that is exact, float64 where not)
+and an integer clamp; a zero ``shift`` is skipped at compile time. Masked stores
+write them; nothing goes through memory in between.
 
 Only compiled when ``kernels.dispatch`` picks "conv_depthwise" "avx512-vnni".
 """
@@ -38,7 +39,7 @@ from numba.extending import intrinsic
 
 from kernels._jit import kernel
 from kernels.gemm.llvm_ir import F32, F64, I1, I8, I32, I64, array_ptr, declare, emit_loop, is_array, load_vector, splat
-from kernels.gemm.vnni import V8F64, V16I32, declare_vpdpbusd, requantize
+from kernels.gemm.vnni import V8F64, V16F32, V16I32, declare_vpdpbusd, requantize, rounded_codes, single_codes
 
 LANES = 16  # channels per vector
 KERNELS = ((3, 3), (5, 5))  # (KH, KW) with a VNNI kernel; strides 1 or 2 each way, dilation 1
@@ -88,8 +89,8 @@ def _masked(builder, kind: str, elem: ir.Type) -> ir.Function:
 def _make_row(kh: int, kw: int, sw: int, signed: bool, shifted: bool):
     """The intrinsic computing one output row (module docstring) for a ``kh x kw`` kernel, stride ``sw``.
 
-    ``row(x, pad, offsets, zq, quads, col_term, mult, shift, lo, hi, zp, qlo, qhi, c, w_in, ow, pl, v0, v1, out,
-    o_off)``:
+    ``row(x, pad, offsets, zq, quads, col_term, mult, shift, lo, hi, zp, qlo, qhi, single, c, w_in, ow, pl, v0, v1,
+    out, o_off)``:
 
     x        : uint8 [N H W C] flat, NHWC (int8 data viewed as uint8 when ``signed``)
     pad      : uint8 [>= W C], every byte the zero point (as stored in x): the padding rows
@@ -101,6 +102,9 @@ def _make_row(kh: int, kw: int, sw: int, signed: bool, shifted: bool):
                when ``shifted`` (else it is all zero)
     qlo, qhi : int64 ``rint(lo + zp)``, ``rint(hi + zp)``: the codes of an int8 / uint8 output are clamped to
                them (``requantize``'s ``codes``; the caller checks that ``|y mult + shift + zp| < 2**31``)
+    single   : float32 [16 v1, 3] flat, per 16 channels the rows ``m32``, ``c32``, ``limit`` of
+               ``kernels.epilogue.single_precision_codes`` (``limit`` 0.5 past C): an int8 / uint8 output's
+               codes are rounded in float32 where that is exact (``kernels.gemm.vnni.single_codes``)
     c, w_in, ow, pl : channels, input width, output width, left padding
     v0, v1   : channel vectors ``v0 .. v1`` (of 16 channels) to compute
     out      : flat int32 / float32 / uint8 / int8; pixel ``ox`` channel ``k`` at ``out[o_off + ox c + k]``
@@ -108,23 +112,23 @@ def _make_row(kh: int, kw: int, sw: int, signed: bool, shifted: bool):
     g_count = groups(kh)
     carried = kw - sw  # columns shared with the next output pixel
 
-    def typer(typingctx, x, pad, offsets, zq, quads, col_term, mult, shift, lo, hi, zp, qlo, qhi, c, w_in, ow, pl, v0,
-              v1, out, o_off):
+    def typer(typingctx, x, pad, offsets, zq, quads, col_term, mult, shift, lo, hi, zp, qlo, qhi, single, c, w_in, ow,
+              pl, v0, v1, out, o_off):
         if not (is_array(x, types.uint8, 1) and is_array(pad, types.uint8, 1) and is_array(offsets, types.int64, 1)
                 and is_array(quads, types.int8, 1) and is_array(col_term, types.int32, 1)
                 and is_array(mult, types.float64, 1) and is_array(shift, types.float64, 1)
+                and is_array(single, types.float32, 1)
                 and isinstance(out, types.Array) and out.ndim == 1 and out.layout == "C" and out.dtype in _OUT):
             return None
-        ints = (types.int64,) * 8
         sig = types.void(x, pad, offsets, types.int64, quads, col_term, mult, shift, types.float64, types.float64,
-                         types.float64, *ints, out, types.int64)
+                         types.float64, types.int64, types.int64, single, *(types.int64,) * 6, out, types.int64)
         return sig, codegen
 
     def codegen(context, builder, signature, args):
-        (x, pad, offsets, zq, quads, col_term, mult, shift, lo, hi, zp, qlo, qhi, c, w_in, ow, pl, v0, v1, out,
-         o_off) = args
+        (x, pad, offsets, zq, quads, col_term, mult, shift, lo, hi, zp, qlo, qhi, single, c, w_in, ow, pl, v0, v1,
+         out, o_off) = args
         tys = signature.args
-        out_ty = tys[19].dtype
+        out_ty = tys[20].dtype
         elem = _OUT[out_ty]
         quantize = out_ty in (types.uint8, types.int8)
         x_ptr = array_ptr(context, builder, tys[0], x, I8)
@@ -134,7 +138,8 @@ def _make_row(kh: int, kw: int, sw: int, signed: bool, shifted: bool):
         ct_ptr = array_ptr(context, builder, tys[5], col_term, I32)
         mu_ptr = array_ptr(context, builder, tys[6], mult, F64)
         sh_ptr = array_ptr(context, builder, tys[7], shift, F64)
-        out_ptr = builder.gep(array_ptr(context, builder, tys[19], out, elem), [o_off])
+        s_ptr = array_ptr(context, builder, tys[13], single, F32)
+        out_ptr = builder.gep(array_ptr(context, builder, tys[20], out, elem), [o_off])
         dot = declare_vpdpbusd(builder)
         byte = dot.function_type.args[1]
         zero64 = ir.Constant(I64, 0)
@@ -169,11 +174,12 @@ def _make_row(kh: int, kw: int, sw: int, signed: bool, shifted: bool):
             w_base = builder.gep(w_ptr, [builder.mul(v, ir.Constant(I64, kw * g_count * 64))])
             weights = [builder.bitcast(load_vector(builder, w_base, 64 * i, V64I8), byte) for i in range(kw * g_count)]
             ct = load_vector(builder, builder.gep(ct_ptr, [c0]), 0, V16I32)
-            if quantize:  # the sums come out biased by 2**31, as requantize can take them
-                ct = builder.xor(ct, ir.Constant(V16I32, [-2**31] * LANES))
             if out_ty != types.int32:
                 factors = [(load_vector(builder, builder.gep(mu_ptr, [c0]), 8 * h, V8F64),
                             load_vector(builder, builder.gep(sh_ptr, [c0]), 8 * h, V8F64)) for h in (0, 1)]
+            if quantize:
+                factors32 = [load_vector(builder, builder.gep(s_ptr, [builder.mul(c0, ir.Constant(I64, 3))]), 16 * i,
+                                         V16F32) for i in range(3)]
             bases = [builder.gep(row, [c0]) for row in rows]
 
             def load16(address):
@@ -219,12 +225,7 @@ def _make_row(kh: int, kw: int, sw: int, signed: bool, shifted: bool):
                 acc = chains[0] if len(chains) == 1 else builder.add(chains[0], chains[1])
                 return acc, [q for col in cols[sw:] for q in col]
 
-            def store(ox, acc):
-                if out_ty == types.int32:
-                    value = acc
-                else:
-                    value = requantize(builder, acc, lambda h: factors[h], lo, hi, zp, quantize, biased=quantize,
-                                       shifted=shifted, codes=codes)
+            def store(ox, value):
                 dst = builder.bitcast(builder.gep(out_ptr, [builder.add(builder.mul(ox, c), c0)]),
                                       ir.VectorType(elem, LANES).as_pointer())
                 if masked:
@@ -239,8 +240,18 @@ def _make_row(kh: int, kw: int, sw: int, signed: bool, shifted: bool):
                     ox = builder.add(ox0, ir.Constant(I64, i))
                     acc, carry = accumulate(ox, carry, checked)
                     sums.append((ox, acc))
+                if quantize:
+                    qlo_, qhi_ = codes
+                    rounded = single_codes(builder, [acc for _, acc in sums], factors32, lambda y: rounded_codes(
+                        builder, y, lambda h: factors[h], zp, shifted=shifted))
+                    for (ox, _), code in zip(sums, rounded):
+                        code = builder.select(builder.icmp_signed("<", code, qlo_), qlo_, code)
+                        code = builder.select(builder.icmp_signed(">", code, qhi_), qhi_, code)
+                        store(ox, builder.trunc(code, V16I8))
+                    return carry
                 for ox, acc in sums:
-                    store(ox, acc)
+                    store(ox, acc if out_ty == types.int32 else requantize(
+                        builder, acc, lambda h: factors[h], lo, hi, zp, False, shifted=shifted))
                 return carry
 
             def run(ox0, ox1, carry, unroll: int, checked: bool):
@@ -283,7 +294,8 @@ def _make_driver(kh: int, kw: int, sw: int, signed: bool, shifted: bool):
     row = _make_row(kh, kw, sw, signed, shifted)
 
     @kernel
-    def depthwise_rows(x, window, zx, quads, col_term, pad, mult, shift, lo, hi, zp, qlo, qhi, v0, v1, r0, r1, out):
+    def depthwise_rows(x, window, zx, quads, col_term, pad, mult, shift, lo, hi, zp, qlo, qhi, single, v0, v1, r0, r1,
+                       out):
         """Channel vectors ``v0 .. v1`` (16 channels each) of output rows ``r0 .. r1`` (``r = n OH + oy``).
 
         x      : uint8 (int8 when ``signed``) [N, H, W, C] C-contiguous NHWC; zx its zero point
@@ -291,7 +303,7 @@ def _make_driver(kh: int, kw: int, sw: int, signed: bool, shifted: bool):
         col_term : int32 [16 ceil(C / 16)], ``col_terms`` of the weights and bias
         pad    : uint8 [W C], the zero point as stored in x (``x_zero_point & 0xFF``): the padding rows
         mult, shift : float64 [>= 16 ceil(C / 16)] (unused for int32 out)
-        qlo, qhi : the code bounds of an int8 / uint8 output (``_make_row``)
+        qlo, qhi : the code bounds of an int8 / uint8 output (``_make_row``); single: ``single_rows``
         out    : [N OH OW, C] C-contiguous, int32 / float32 / uint8 / int8
         Writes ``acc + col_bias`` finished as in ``kernels.gemm.vnni.requantize`` (module docstring).
         """
@@ -308,8 +320,8 @@ def _make_driver(kh: int, kw: int, sw: int, signed: bool, shifted: bool):
             for ky in range(kh):
                 iy = top + ky
                 offsets[ky] = (n * h + iy) * w_in * c if 0 <= iy < h else -1
-            row(xf, pad, offsets, byte * 0x01010101, flat, col_term, mult, shift, lo, hi, zp, qlo, qhi, c, w_in, ow,
-                pl, v0, v1, of, r * ow * c)
+            row(xf, pad, offsets, byte * 0x01010101, flat, col_term, mult, shift, lo, hi, zp, qlo, qhi, single, c,
+                w_in, ow, pl, v0, v1, of, r * ow * c)
 
     return depthwise_rows
 
@@ -324,6 +336,18 @@ def col_terms(sums: np.ndarray, col_bias: np.ndarray | int, zx: int, signed: boo
     terms = np.zeros(-(-c // LANES) * LANES, np.int32)
     terms[:c] = (col_bias - zu * sums).astype(np.int32)
     return terms
+
+
+def single_rows(factors: np.ndarray) -> np.ndarray:
+    """``kernels.epilogue.single_precision_codes`` rows ``[C, 3]`` as the kernel reads them: float32 ``[16 V, 3]``
+    flat, per vector of 16 channels the 16 ``m32``, then the ``c32``, then the ``limit`` (0.5 past C: never
+    too near a tie, as their codes are 0)."""
+    c = factors.shape[0]
+    vectors = -(-c // LANES)
+    rows = np.zeros((vectors * LANES, 3), np.float32)
+    rows[:, 2] = 0.5
+    rows[:c] = factors
+    return np.ascontiguousarray(rows.reshape(vectors, LANES, 3).transpose(0, 2, 1)).reshape(-1)
 
 
 # keyed by (KH, KW, SW, int8 activations, a nonzero shift)

@@ -24,11 +24,12 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from kernels.gemm.llvm_ir import (F32, F64, I1, I8, I32, I64, array_ptr, clamped_rows, declare, emit_loop, is_array,
+from kernels.gemm.llvm_ir import (F32, F64, I1, I8, I16, I32, I64, array_ptr, clamped_rows, declare, emit_loop, is_array,
                                   load_vector, prefetch, splat, with_arity)
 
 V16I32 = ir.VectorType(I32, 16)
 V8F64 = ir.VectorType(F64, 8)
+V16F32 = ir.VectorType(F32, 16)
 V64I8 = ir.VectorType(I8, 64)
 VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
 VECTORS = 4  # 512-bit vectors per row: one 64-channel panel
@@ -266,6 +267,78 @@ def make_tile_store(rows: int, prefetch_distance: int = 0, source: str = "rows")
     return _tile_intrinsic(SOURCES[source], rows, prefetch_distance, accepts, finish)
 
 
+def _scaled(builder, y: ir.Value, factors: Callable[[int], tuple[ir.Value, ir.Value]], biased: bool,
+            shifted: bool) -> list[ir.Value]:
+    """The two ``<8 x double>`` halves of ``y mult + shift`` (``requantize``), computed exactly as there."""
+    if not biased:
+        y = builder.xor(y, ir.Constant(V16I32, [-(2**31)] * 16))
+    high = ir.Constant(V16I32, [0x43300000] * 16)
+    offset = ir.Constant(V8F64, [2.0**52 + 2.0**31] * 8)
+    halves = []
+    for h in (0, 1):
+        pairs = builder.shuffle_vector(y, high, ir.Constant(V16I32, [i // 2 + 8 * h if i % 2 == 0 else 16
+                                                                     for i in range(16)]))
+        mult, shift = factors(h)
+        t = builder.fmul(builder.fsub(builder.bitcast(pairs, V8F64), offset), mult)
+        halves.append(builder.fadd(t, shift) if shifted else t)
+    return halves
+
+
+def _rounded(builder, halves: list[ir.Value], zp: ir.Value) -> ir.Value:
+    """``rint(t + zp)`` of both halves as 16 int32 lanes (each ``|t + zp| < 2**31``)."""
+    magic = ir.Constant(V8F64, [1.5 * 2.0**52] * 8)
+    words = [builder.bitcast(builder.fadd(builder.fadd(t, zp), magic), V16I32) for t in halves]
+    return builder.shuffle_vector(words[0], words[1], ir.Constant(V16I32, list(range(0, 32, 2))))
+
+
+def rounded_codes(builder, y: ir.Value, factors: Callable[[int], tuple[ir.Value, ir.Value]], zp: ir.Value,
+                  biased: bool = False, shifted: bool = True) -> ir.Value:
+    """16 int32 ``rint(y mult + shift + zp)``, unclamped: ``requantize``'s codes before the clamp.
+
+    Needs ``|y mult + shift + zp| < 2**31`` for every sum (``kernels.epilogue.codes_fit``).
+    """
+    return _rounded(builder, _scaled(builder, y, factors, biased, shifted), zp)
+
+
+def single_codes(builder, sums: list[ir.Value], single: tuple[ir.Value, ir.Value, ir.Value],
+                 exact: Callable[[ir.Value], ir.Value]) -> list[ir.Value]:
+    """The unclamped int32 codes of each vector of 16 sums in ``sums``, in float32 where that is exact.
+
+    ``single = (m32, c32, limit)`` are ``<16 x float>`` lanes of
+    ``kernels.epilogue.single_precision_codes``: a code is ``rint(b)``,
+    ``b = fma(float32(y), m32, c32)``. If any lane of any vector has
+    ``|b - rint(b)| >= limit`` (too near a tie to trust), every code is made by
+    ``exact(y)`` instead (``rounded_codes``), on a branch taken rarely.
+    """
+    m32, c32, limit = single
+    sig = [V16F32, I32, V16F32, I16, I32]
+    fma = declare(builder, "llvm.fma.v16f32", ir.FunctionType(V16F32, [V16F32] * 3))
+    # b - rint(b) (vreduceps), and the larger magnitude of two vectors, made positive (vrangeps)
+    reduce = declare(builder, "llvm.x86.avx512.mask.reduce.ps.512", ir.FunctionType(V16F32, sig))
+    larger = declare(builder, "llvm.x86.avx512.mask.range.ps.512", ir.FunctionType(V16F32, [V16F32] + sig))
+    nearest = declare(builder, "llvm.x86.avx512.mask.cvtps2dq.512", ir.FunctionType(V16I32, [V16F32, V16I32, I16,
+                                                                                            I32]))
+    undef, every, current = ir.Constant(V16F32, None), ir.Constant(I16, -1), ir.Constant(I32, 4)
+    codes, worst = [], ir.Constant(V16F32, None)
+    for y in sums:
+        b = builder.call(fma, [builder.sitofp(y, V16F32), m32, c32])
+        off = builder.call(reduce, [b, ir.Constant(I32, 8), undef, every, current])  # imm 8: to nearest
+        worst = builder.call(larger, [worst, off, ir.Constant(I32, 0b1011), undef, every, current])
+        codes.append(builder.call(nearest, [b, ir.Constant(V16I32, None), every, current]))
+    near = builder.bitcast(builder.fcmp_ordered(">=", worst, limit), I16)
+    fast = builder.block
+    with builder.if_then(builder.icmp_unsigned("!=", near, ir.Constant(I16, 0)), likely=False):
+        redone = [exact(y) for y in sums]
+        slow = builder.block
+    merged = []
+    for code, again in zip(codes, redone):
+        phi = builder.phi(V16I32)
+        phi.add_incoming(code, fast)
+        phi.add_incoming(again, slow)
+        merged.append(phi)
+    return merged
+
+
 def requantize(builder, y: ir.Value, factors: Callable[[int], tuple[ir.Value, ir.Value]], lo: ir.Value,
                hi: ir.Value, zp: ir.Value, quantize: bool, biased: bool = False, shifted: bool = True,
                codes: tuple[ir.Value, ir.Value] | None = None) -> ir.Value:
@@ -290,36 +363,21 @@ def requantize(builder, y: ir.Value, factors: Callable[[int], tuple[ir.Value, ir
     same codes, with two integer operations in place of four on doubles. ``codes``
     needs ``|y mult + shift + zp| < 2**31`` for every sum.
     """
-    if not biased:
-        y = builder.xor(y, ir.Constant(V16I32, [-(2**31)] * 16))
+    halves = _scaled(builder, y, factors, biased, shifted)
+    if quantize and codes is not None:
+        qlo, qhi = codes
+        low = _rounded(builder, halves, zp)
+        low = builder.select(builder.icmp_signed("<", low, qlo), qlo, low)
+        low = builder.select(builder.icmp_signed(">", low, qhi), qhi, low)
+        return builder.trunc(low, ir.VectorType(I8, 16))
     minimum = declare(builder, "llvm.x86.avx512.min.pd.512", ir.FunctionType(V8F64, [V8F64, V8F64, I32]))
     maximum = declare(builder, "llvm.x86.avx512.max.pd.512", ir.FunctionType(V8F64, [V8F64, V8F64, I32]))
     current = ir.Constant(I32, 4)  # the current rounding direction: no embedded rounding
-    high = ir.Constant(V16I32, [0x43300000] * 16)
-    offset = ir.Constant(V8F64, [2.0**52 + 2.0**31] * 8)
-    magic = ir.Constant(V8F64, [1.5 * 2.0**52] * 8)
-    halves = []
-    for h in (0, 1):
-        pairs = builder.shuffle_vector(y, high, ir.Constant(V16I32, [i // 2 + 8 * h if i % 2 == 0 else 16
-                                                                     for i in range(16)]))
-        mult, shift = factors(h)
-        t = builder.fmul(builder.fsub(builder.bitcast(pairs, V8F64), offset), mult)
-        if shifted:
-            t = builder.fadd(t, shift)
-        if codes is None:
-            t = builder.call(minimum, [builder.call(maximum, [t, lo, current]), hi, current])
-        if quantize:
-            halves.append(builder.bitcast(builder.fadd(builder.fadd(t, zp), magic), V16I32))
-        else:
-            halves.append(builder.fptrunc(t, ir.VectorType(F32, 8)))
+    halves = [builder.call(minimum, [builder.call(maximum, [t, lo, current]), hi, current]) for t in halves]
     if quantize:
-        low = builder.shuffle_vector(halves[0], halves[1], ir.Constant(V16I32, list(range(0, 32, 2))))
-        if codes is not None:
-            qlo, qhi = codes
-            low = builder.select(builder.icmp_signed("<", low, qlo), qlo, low)
-            low = builder.select(builder.icmp_signed(">", low, qhi), qhi, low)
-        return builder.trunc(low, ir.VectorType(I8, 16))
-    return builder.shuffle_vector(halves[0], halves[1], ir.Constant(V16I32, list(range(16))))
+        return builder.trunc(_rounded(builder, halves, zp), ir.VectorType(I8, 16))
+    return builder.shuffle_vector(*(builder.fptrunc(t, ir.VectorType(F32, 8)) for t in halves),
+                                  ir.Constant(V16I32, list(range(16))))
 
 
 def make_tile_finish(rows: int, prefetch_distance: int = 0, source: str = "rows"):

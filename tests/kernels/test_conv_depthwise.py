@@ -115,6 +115,28 @@ def test_epilogues(level, rng, kind, spec, c):
            finish=lambda acc: finish_ref(acc, **args))
 
 
+@pytest.mark.parametrize("scales", ["ties", "float64"])
+@pytest.mark.parametrize("spec", [(3, 1), (5, 2)], ids=str)  # (kernel, stride)
+@pytest.mark.parametrize("out_dtype", [np.uint8, np.int8], ids=str)
+def test_codes_near_ties(level, rng, scales, spec, out_dtype):
+    """Codes float32 cannot settle: exact ties of power-of-two scales, and a multiplier too large for float32
+    anywhere; float64 makes them (``kernels.gemm.vnni.single_codes``)."""
+    k, s = spec
+    c = 37
+    x = _random(rng, np.uint8, (2, 15, 15, c))
+    w = _random(rng, np.int8, (c, 1, k, k)) // 4
+    zp = 0 if out_dtype == np.int8 else 128
+    if scales == "ties":  # mult 2**-8: a tie wherever acc = 128 mod 256
+        args = dict(a_scale=2.0**-4, w_scale=np.float32(2.0**-3), out_scale=2.0, out_zero_point=zp)
+    else:  # mult 64
+        args = dict(a_scale=8.0, w_scale=np.float32(8.0), out_scale=1.0, out_zero_point=zp)
+        x[:, 5:10, 5:10] = 128  # outputs near the zero point, not all saturated
+    args.update(bias=None, activation=None, out_dtype=out_dtype)
+    epi, _ = fused_epilogue(c, args["a_scale"], args["w_scale"], None, None, out_dtype, args["out_scale"], zp)
+    _check(x, w, 128, 0, strides=s, pads="same", epi=epi, out_dtype=out_dtype,
+           finish=lambda acc: finish_ref(acc, **args))
+
+
 @pytest.mark.parametrize("spec", [(3, 1), (3, 2), (5, 2), (2, 1)], ids=str)
 def test_integer_bias(level, rng, spec):
     """An int32 bias goes through finish_tile; without it the sums are stored directly."""
