@@ -18,7 +18,9 @@ computed in int64, so it is exact. Then, by ``mode``:
   rounding half to even as ONNX QLinearMatMul does.
 
 The float part runs in float64 in the order written, with no contraction, so
-``kernels.reference`` reproduces it bit for bit.
+``kernels.reference`` reproduces it bit for bit. Vector epilogues may round
+``QUANT`` codes in float32 instead, where :func:`single_precision_codes` proves
+them the same, and in float64 wherever it cannot.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from kernels.epilogue_row import finish_row, finish_row_plain
 INTEGER, REAL, QUANT = 0, 1, 2
 MODES = (INTEGER, REAL, QUANT)
 _UNUSED = np.zeros(1)
+_UNUSED32 = np.zeros(1, np.float32)
 
 
 class Epilogue(NamedTuple):
@@ -92,35 +95,73 @@ def code_bounds(lo: float, hi: float, zp: float) -> tuple[int, int]:
 
 
 SINGLE_MARGIN_UNIT = 2.0**-22  # the error bound of a single-precision code, per unit of magnitude
+CODE_REACH = 256  # no int8 / uint8 code bound lies outside [-256, 256]
 
 
-def single_precision_codes(mult: np.ndarray, shift: np.ndarray, zp: float, largest: int) -> np.ndarray:
+def single_precision_codes(mult: np.ndarray, shift: np.ndarray, zp: float, largest: int | None = None) -> np.ndarray:
     """What rounding ``QUANT`` codes in float32 needs, per channel, to give exactly the float64 ones.
 
-    The code of an exact sum ``y`` (``|y| <= largest``) is ``rint(y mult + shift + zp)``
-    in float64, in ``finish_tile``'s order, before any clamp. ``b = fma(float32(y), m32,
-    c32)``, with ``m32 = float32(mult)`` and ``c32 = float32(shift + zp)``, is within ``eps``
-    of the float64 value before rounding, where::
+    The code of an exact sum ``y`` is ``rint(y mult + shift + zp)`` in float64, in
+    ``finish_tile``'s order, then clamped to the code bounds ``[qlo, qhi]``.
+    ``b = fma(float32(y), m32, c32)``, with ``m32 = float32(mult)`` and
+    ``c32 = float32(shift + zp)``, is within ``eps`` of the float64 value before
+    rounding wherever ``|y mult| <= T``::
 
-        eps = 2**-22 (largest |mult| + |shift| + |zp| + 1)
+        eps = 2**-22 (T + |shift| + |zp| + 1)
 
     bounds the roundings of ``y``, ``mult``, ``c32``, the fma and ``b - rint(b)``
     (``2**-24`` of each magnitude) and of the float64 reference, with room to spare.
     So wherever ``|b - rint(b)| < 0.5 - eps``, no tie lies within ``eps`` of ``b`` and
     ``rint(b)`` is the float64 code; elsewhere (about ``2 eps`` of the sums) the caller
-    computes it in float64. Returns float32 ``[C, 3]`` rows ``(m32, c32, limit)``, with
-    ``limit = 0.5 - eps`` rounded down, or all 0 (float64 always) where ``eps > 1/4``.
+    computes it in float64. ``T`` comes from one of two uses:
+
+    * ``largest`` given (every ``|y| <= largest``): ``T = largest |mult|``, and the
+      caller rounds ``b`` as it is;
+    * ``largest`` None: the caller first clamps ``b`` to ``[qlo, qhi]``, so lanes that
+      round there have ``|b| <= CODE_REACH``, hence ``T = CODE_REACH + |shift| + |zp|``.
+      A lane it clamps is clamped in float64 too: ``b`` is within ``eps`` (here at
+      most ``2**-5``) of the exact value, relative to it, plus ``2**-22`` of it.
+
+    Returns float32 ``[C, 3]`` rows ``(m32, c32, limit)``, with ``limit = 0.5 - eps``
+    rounded down, or all 0 (float64 always) where ``eps > 2**-5`` or ``|mult| > 2**64``.
     """
     mult = np.asarray(mult, np.float64)
     shift = np.broadcast_to(np.asarray(shift, np.float64), mult.shape)
     with np.errstate(over="ignore", invalid="ignore"):
-        eps = SINGLE_MARGIN_UNIT * (largest * np.abs(mult) + np.abs(shift) + abs(zp) + 1.0)
-        usable = np.isfinite(eps) & (eps <= 0.25)
+        reach = CODE_REACH + np.abs(shift) + abs(zp) if largest is None else largest * np.abs(mult)
+        eps = SINGLE_MARGIN_UNIT * (reach + np.abs(shift) + abs(zp) + 1.0)
+        usable = np.isfinite(eps) & (eps <= 2.0**-5) & (np.abs(mult) <= 2.0**64)
         factors = np.zeros((mult.shape[0], 3), np.float32)
         factors[usable, 0] = mult[usable]
         factors[usable, 1] = shift[usable] + zp
     factors[usable, 2] = np.nextafter((0.5 - eps[usable]).astype(np.float32), np.float32(0))
     return factors
+
+
+def single_precision_table(factors: np.ndarray, size: int) -> np.ndarray:
+    """``single_precision_codes`` rows ``[C, 3]`` as vector kernels read them: float32 ``[size / 16, 3, 16]`` flat.
+
+    Per 16 channels the 16 ``m32``, then the ``c32``, then the ``limit``; past C, 0
+    with a limit of 0.5 (never too near a tie: their codes are 0). ``size`` is a
+    multiple of 16, at least C.
+    """
+    c = factors.shape[0]
+    rows = np.zeros((size, 3), np.float32)
+    rows[:, 2] = 0.5
+    rows[:c] = factors
+    return np.ascontiguousarray(rows.reshape(size // 16, 16, 3).transpose(0, 2, 1)).reshape(-1)
+
+
+def single_table(epi: Epilogue, mult: np.ndarray) -> np.ndarray:
+    """The float32 factors with which vector epilogues round ``epi``'s codes, for channels with ``mult``.
+
+    :func:`single_precision_table` of the clamped use of :func:`single_precision_codes`
+    (``len(mult)`` a multiple of 16) for an epilogue with integer codes
+    (:func:`with_codes`, whose shifts are 0); a placeholder, never read, for any other.
+    """
+    if not isinstance(epi.qmin, (int, np.integer)):
+        return _UNUSED32
+    return single_precision_table(single_precision_codes(mult, 0.0, epi.zp), mult.shape[0])
 
 
 def with_codes(epi: Epilogue, largest: int) -> Epilogue:

@@ -37,7 +37,7 @@ from kernels.conv import depthwise_planes, depthwise_vnni
 from kernels.conv.geometry import ConvGeometry, check_layout
 from kernels.conv.layout import nchw_to_nhwc, nhwc_to_nchw
 from kernels.epilogue import (INTEGER, MODES, QUANT, REAL, Epilogue, bias_bound, code_bounds, codes_fit, finish_tile,
-                              quantized_bounds, single_precision_codes)
+                              quantized_bounds, single_precision_codes, single_precision_table)
 
 MAX_TAP = 255 * 255  # largest |x'| * |w'|
 PAIR_MAX = 2 * MAX_TAP  # largest |sum of one tap pair|
@@ -342,7 +342,8 @@ class DepthwisePlan:
         lo, hi = self._bounds()
         zp = float(epi.zp)
         qlo, qhi = code_bounds(lo, hi, zp) if epi.mode == QUANT else (0, 0)
-        single = depthwise_vnni.single_rows(single_precision_codes(mult[:c], shift[:c], zp, _largest(geo, epi)))
+        single = single_precision_table(single_precision_codes(mult[:c], shift[:c], zp, _largest(geo, epi)),
+                                        vectors * depthwise_vnni.LANES)
         signed = self.x_dtype == np.int8
         driver = depthwise_vnni.DRIVERS[geo.kernel_h, geo.kernel_w, geo.stride_w, signed, bool(shift.any())]
         col_term = depthwise_vnni.col_terms(packed.sums, epi.col_bias, self.zx, signed)
@@ -353,8 +354,8 @@ class DepthwisePlan:
 
         def run(x: np.ndarray, out: np.ndarray) -> None:
             def part(v0: int, v1: int, r0: int, r1: int) -> None:
-                driver(x, window, zx, packed.quads, col_term, pad, mult, shift, lo, hi, zp, qlo, qhi, single, v0, v1, r0,
-                       r1, out)
+                driver(x, window, zx, packed.quads, col_term, pad, mult, shift, lo, hi, zp, qlo, qhi, single, v0, v1,
+                       r0, r1, out)
 
             threads.run_tiled(part, vectors, geo.batch * geo.out_h, 1, estimate_us)
         return run

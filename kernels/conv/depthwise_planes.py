@@ -205,8 +205,8 @@ def _make_convolve(kh: int, kw: int, shifted: bool):
                         data = builder.load(builder.bitcast(at, byte.as_pointer()), align=1)
                         acc = builder.call(dot, [acc, data, weights[ky * g_count + g]])
                 sums.append(acc)
-            codes = single_codes(builder, sums, factors32,
-                                 lambda y: rounded_codes(builder, y, lambda h: factor, zp_vec, shifted=shifted))
+            codes = single_codes(builder, sums, lambda i: factors32,
+                                 lambda i: rounded_codes(builder, sums[i], lambda h: factor, zp_vec, shifted=shifted))
             words = [builder.call(pack_words, codes[i: i + 2]) for i in (0, 2)]
             ordered = builder.call(order, [builder.call(pack_bytes, words), _ORDER])
             ordered = builder.select(compare("<", ordered, q_lo), q_lo, ordered)

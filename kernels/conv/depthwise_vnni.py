@@ -102,9 +102,8 @@ def _make_row(kh: int, kw: int, sw: int, signed: bool, shifted: bool):
                when ``shifted`` (else it is all zero)
     qlo, qhi : int64 ``rint(lo + zp)``, ``rint(hi + zp)``: the codes of an int8 / uint8 output are clamped to
                them (``requantize``'s ``codes``; the caller checks that ``|y mult + shift + zp| < 2**31``)
-    single   : float32 [16 v1, 3] flat, per 16 channels the rows ``m32``, ``c32``, ``limit`` of
-               ``kernels.epilogue.single_precision_codes`` (``limit`` 0.5 past C): an int8 / uint8 output's
-               codes are rounded in float32 where that is exact (``kernels.gemm.vnni.single_codes``)
+    single   : float32 ``kernels.epilogue.single_precision_table`` [>= 48 v1] of the unclamped codes: an int8 /
+               uint8 output's codes are rounded in float32 where that is exact (``kernels.gemm.vnni.single_codes``)
     c, w_in, ow, pl : channels, input width, output width, left padding
     v0, v1   : channel vectors ``v0 .. v1`` (of 16 channels) to compute
     out      : flat int32 / float32 / uint8 / int8; pixel ``ox`` channel ``k`` at ``out[o_off + ox c + k]``
@@ -242,8 +241,9 @@ def _make_row(kh: int, kw: int, sw: int, signed: bool, shifted: bool):
                     sums.append((ox, acc))
                 if quantize:
                     qlo_, qhi_ = codes
-                    rounded = single_codes(builder, [acc for _, acc in sums], factors32, lambda y: rounded_codes(
-                        builder, y, lambda h: factors[h], zp, shifted=shifted))
+                    rounded = single_codes(builder, [acc for _, acc in sums], lambda i: factors32,
+                                           lambda i: rounded_codes(builder, sums[i][1], lambda h: factors[h], zp,
+                                                                   shifted=shifted))
                     for (ox, _), code in zip(sums, rounded):
                         code = builder.select(builder.icmp_signed("<", code, qlo_), qlo_, code)
                         code = builder.select(builder.icmp_signed(">", code, qhi_), qhi_, code)
@@ -303,7 +303,7 @@ def _make_driver(kh: int, kw: int, sw: int, signed: bool, shifted: bool):
         col_term : int32 [16 ceil(C / 16)], ``col_terms`` of the weights and bias
         pad    : uint8 [W C], the zero point as stored in x (``x_zero_point & 0xFF``): the padding rows
         mult, shift : float64 [>= 16 ceil(C / 16)] (unused for int32 out)
-        qlo, qhi : the code bounds of an int8 / uint8 output (``_make_row``); single: ``single_rows``
+        qlo, qhi, single : the code bounds and float32 factors of an int8 / uint8 output (``_make_row``)
         out    : [N OH OW, C] C-contiguous, int32 / float32 / uint8 / int8
         Writes ``acc + col_bias`` finished as in ``kernels.gemm.vnni.requantize`` (module docstring).
         """
@@ -336,18 +336,6 @@ def col_terms(sums: np.ndarray, col_bias: np.ndarray | int, zx: int, signed: boo
     terms = np.zeros(-(-c // LANES) * LANES, np.int32)
     terms[:c] = (col_bias - zu * sums).astype(np.int32)
     return terms
-
-
-def single_rows(factors: np.ndarray) -> np.ndarray:
-    """``kernels.epilogue.single_precision_codes`` rows ``[C, 3]`` as the kernel reads them: float32 ``[16 V, 3]``
-    flat, per vector of 16 channels the 16 ``m32``, then the ``c32``, then the ``limit`` (0.5 past C: never
-    too near a tie, as their codes are 0)."""
-    c = factors.shape[0]
-    vectors = -(-c // LANES)
-    rows = np.zeros((vectors * LANES, 3), np.float32)
-    rows[:, 2] = 0.5
-    rows[:c] = factors
-    return np.ascontiguousarray(rows.reshape(vectors, LANES, 3).transpose(0, 2, 1)).reshape(-1)
 
 
 # keyed by (KH, KW, SW, int8 activations, a nonzero shift)

@@ -250,8 +250,8 @@ def _group_terms(g: int, packed: PackedInt8, zw_all: np.ndarray, za: int, k: int
     col_term32 = np.zeros(padded, np.int32)
     col_term32[:og] = col_term  # wraps modulo 2**32, as the int32 sums do
     mult, shift = _panel_slice(epi.mult, channels, padded), _panel_slice(epi.shift, channels, padded)
-    return (col_term, col_term32, zw, row_sums, row_term, fused, mult, shift, epi.lo, epi.hi, epi.zp, epi.qmin,
-            epi.qmax)
+    return (col_term, col_term32, zw, row_sums, row_term, fused, mult, shift, epilogue.single_table(epi, mult), epi.lo,
+            epi.hi, epi.zp, epi.qmin, epi.qmax)
 
 
 def _panel_slice(values: np.ndarray, channels: slice, padded: int) -> np.ndarray:

@@ -46,7 +46,7 @@ def _make_driver(kind: str, mode: int):
 
     @kernel
     def conv_tiles(x, window, c0, cg, pad, lda, block, b, kq, n, i0, i1, col_term, col_term32, w_zp, row_sums,
-                   row_term, fused, mult, shift, lo, hi, zp, qmin, qmax, out, n0):
+                   row_term, fused, mult, shift, single, lo, hi, zp, qmin, qmax, out, n0):
         """Output rows ``i0..i1``, channels ``n0..n0 + n`` of ``out`` with micro-kernel ``kind``, epilogue ``mode``.
 
         x     : uint8 NHWC [N, H, W, C]; the group reads channels ``c0..c0 + cg``
@@ -82,7 +82,8 @@ def _make_driver(kind: str, mode: int):
                                               width, flat_out, o_off, ldo)
                         else:
                             microkernel_finish(kind, flat_cols, r0 * lda, lda, m, b, b_panel, kq, col_term32, mult,
-                                               shift, lo, hi, zp, qmin, qmax, col0, width, flat_out, o_off, ldo)
+                                               shift, single, lo, hi, zp, qmin, qmax, col0, width, flat_out, o_off,
+                                               ldo)
                     else:
                         microkernel(kind, flat_cols, r0 * lda, lda, m, b, b_panel, kq, tile)
                         finish_tile(tile, start + r0, m, col0, width, col_term, w_zp, row_sums, row_term, mult, shift,
@@ -144,7 +145,7 @@ def _make_indirect_driver(rows: int, mode: int):
 
     @kernel
     def indirect_tiles(x, pad, table, taps, cq, b, n, i0, i1, col_term, col_term32, w_zp, row_sums, row_term, fused,
-                       mult, shift, lo, hi, zp, qmin, qmax, out, n0):
+                       mult, shift, single, lo, hi, zp, qmin, qmax, out, n0):
         """Output rows ``i0..i1``, channels ``n0..n0 + n`` of ``out`` through the indirection ``table``.
 
         x     : uint8, the flat NHWC input starting at this group's first channel
@@ -172,8 +173,8 @@ def _make_indirect_driver(rows: int, mode: int):
                         tile_store(x, pad, table, i * taps, taps, m, b, b_panel, cq, col_term32, col0, width,
                                    flat_out, o_off, ldo)
                     else:
-                        tile_finish(x, pad, table, i * taps, taps, m, b, b_panel, cq, col_term32, mult, shift, lo,
-                                    hi, zp, qmin, qmax, col0, width, flat_out, o_off, ldo)
+                        tile_finish(x, pad, table, i * taps, taps, m, b, b_panel, cq, col_term32, mult, shift, single,
+                                    lo, hi, zp, qmin, qmax, col0, width, flat_out, o_off, ldo)
                 else:
                     tile(x, pad, table, i * taps, taps, m, b, b_panel, cq, tile_acc)
                     finish_tile(tile_acc, i, m, col0, width, col_term, w_zp, row_sums, row_term, mult, shift, lo, hi,

@@ -26,7 +26,7 @@ from numba.extending import intrinsic
 
 from kernels import threads
 from kernels._jit import kernel
-from kernels.epilogue import INTEGER, MODES
+from kernels.epilogue import INTEGER, MODES, single_table
 from kernels.gemm import vnni
 from kernels.gemm.int8 import register_epilogue
 from kernels.gemm.llvm_ir import I1, I8, I16, I32, I64, array_ptr, declare, is_array, splat
@@ -126,13 +126,14 @@ def _make_driver(mode: int):
     tile_finish = vnni.make_tile_finish(ROWS, 0, "weights")
 
     @kernel
-    def pointwise_tiles(x, images, channels, pixels, flip, w_rows, ldw, o, col_term, mult, shift, lo, hi, zp, qmin,
-                        qmax, p0, p1, out):
+    def pointwise_tiles(x, images, channels, pixels, flip, w_rows, ldw, o, col_term, mult, shift, single, lo, hi, zp,
+                        qmin, qmax, p0, p1, out):
         """Pixel panels ``p0 .. p1`` of every image: ``out[n, o, p]`` of the module docstring.
 
         x      : uint8 flat NCHW (int8 data viewed as uint8, ``flip`` 0x80)
         w_rows : int8 flat ``[O, ldw]``, the weights with their channels padded to ``ldw`` (a multiple of 4) by zeros
-        col_term : int32 [>= O]; mult, shift: float64 [>= O]; lo .. qmax: the epilogue (unused for int32 out)
+        col_term : int32 [>= O]; mult, shift: float64 [>= O]; single, lo .. qmax: the epilogue (unused for int32
+                 out; ``single`` is ``kernels.epilogue.single_table``)
         out    : flat NCHW, int32 / float32 / uint8 / int8
         """
         kq = ldw // KGROUP
@@ -148,8 +149,8 @@ def _make_driver(mode: int):
                     if mode == INTEGER:  # a compile-time constant: each driver types one of the two
                         tile_store(w_rows, r * ldw, ldw, m, panels, a_off, kq, col_term, r, cols, out, o_off, pixels)
                     else:
-                        tile_finish(w_rows, r * ldw, ldw, m, panels, a_off, kq, col_term, mult, shift, lo, hi, zp,
-                                    qmin, qmax, r, cols, out, o_off, pixels)
+                        tile_finish(w_rows, r * ldw, ldw, m, panels, a_off, kq, col_term, mult, shift, single, lo, hi,
+                                    zp, qmin, qmax, r, cols, out, o_off, pixels)
 
     return pointwise_tiles
 
@@ -182,7 +183,7 @@ class PointwisePlan:
         # int32 sums wrap, as the terms do: exact wherever the result fits (``applies``)
         col_term = (epi.col_bias - za * self.w_rows.sum(1, dtype=np.int64)).astype(np.int32)
         self.args = (x_dtype == np.int8) * 0x80, self.w_rows.reshape(-1), ldw, o, col_term, epi.mult, epi.shift, \
-            float(epi.lo), float(epi.hi), float(epi.zp), epi.qmin, epi.qmax
+            single_table(epi, epi.mult), float(epi.lo), float(epi.hi), float(epi.zp), epi.qmin, epi.qmax
         self.driver = DRIVERS[epi.mode]
         self.images, self.channels, self.pixels = geo.batch, c, geo.in_h * geo.in_w
         self.estimate_us = 2 * geo.rows * o * c / 400e3  # ~400 GOPS per thread

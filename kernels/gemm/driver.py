@@ -32,7 +32,8 @@ def _make_driver(kind: str, mode: int):
 
     @kernel
     def gemm_tiles(a, lda, n, b, kq, p0, p1, i0, i1,
-                   col_term, col_term32, w_zp, row_sums, row_term, fused, mult, shift, lo, hi, zp, qmin, qmax, out):
+                   col_term, col_term32, w_zp, row_sums, row_term, fused, mult, shift, single, lo, hi, zp, qmin, qmax,
+                   out):
         """Compute output panels ``p0..p1``, rows ``i0..i1`` with micro-kernel ``kind``, epilogue ``mode``.
 
         a    : uint8 [M * lda] flattened activations, lda % 4 == 0, zero-padded past K
@@ -43,7 +44,7 @@ def _make_driver(kind: str, mode: int):
                 ``col_term32`` (``microkernel_store`` / ``microkernel_finish``): the
                 caller checked there is no row term and, for the float modes, that
                 every exact result fits int32; ``mult`` and ``shift`` are then padded
-                to ``panels * 64`` too
+                to ``panels * 64`` too, and ``single`` is ``kernels.epilogue.single_table``
         Other arguments are those of ``kernels.epilogue.finish_tile``.
         """
         tile = np.empty((rows, PANEL), np.int32)
@@ -63,8 +64,8 @@ def _make_driver(kind: str, mode: int):
                         microkernel_store(kind, a, i * lda, lda, m, b, b_panel, kq, col_term32, col0, cols,
                                           flat_out, i * n + col0, n)
                     else:
-                        microkernel_finish(kind, a, i * lda, lda, m, b, b_panel, kq, col_term32, mult, shift, lo, hi,
-                                           zp, qmin, qmax, col0, cols, flat_out, i * n + col0, n)
+                        microkernel_finish(kind, a, i * lda, lda, m, b, b_panel, kq, col_term32, mult, shift, single,
+                                           lo, hi, zp, qmin, qmax, col0, cols, flat_out, i * n + col0, n)
                     continue
                 if not long_k:
                     microkernel(kind, a, i * lda, lda, m, b, b_panel, kq, tile)

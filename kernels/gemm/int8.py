@@ -114,6 +114,7 @@ class LinearPlan:
         fused = register_epilogue(epi, k, za, epi.col_bias, self.row_term)
         self.fused = fused is not None
         self.epi = fused or epi
+        self.single = epilogue.single_table(self.epi, self.epi.mult)
         self.col_term32 = np.zeros(packed.n_panels * PANEL, np.int32)
         self.col_term32[:n] = self.col_term  # wraps modulo 2**32, as the int32 sums do
 
@@ -134,8 +135,8 @@ class LinearPlan:
 
         def run(p0: int, p1: int, i0: int, i1: int) -> None:
             driver(a_u8, lda, n, packed.data, packed.k_groups, p0, p1, i0, i1, self.col_term, self.col_term32,
-                   self.w_zp, row_sums, self.row_term, self.fused, epi.mult, epi.shift, epi.lo, epi.hi, epi.zp,
-                   epi.qmin, epi.qmax, out)
+                   self.w_zp, row_sums, self.row_term, self.fused, epi.mult, epi.shift, self.single, epi.lo, epi.hi,
+                   epi.zp, epi.qmin, epi.qmax, out)
 
         # single-thread time from compute (~400 GOPS) and weight streaming (~20 GB/s), measured here
         threads.run_tiled(run, packed.n_panels, m, variant.rows, 2 * m * n * k / 400e3 + n * k / 20e3)

@@ -123,37 +123,38 @@ def _select_store(kind, a, a_off, lda, m, b, b_off, kq, col_term, c0, cols, out,
     return run_then_store
 
 
-def microkernel_finish(kind, a, a_off, lda, m, b, b_off, kq, col_term, mult, shift, lo, hi, zp, qmin, qmax, c0, cols,
-                       out, o_off, ldo):
+def microkernel_finish(kind, a, a_off, lda, m, b, b_off, kq, col_term, mult, shift, single, lo, hi, zp, qmin, qmax,
+                       c0, cols, out, o_off, ldo):
     """Compute one tile and write it rescaled (float32 ``out``) or requantized (int8 / uint8 ``out``).
 
     The ``REAL`` / ``QUANT`` epilogue of ``kernels.epilogue`` for outputs without a
     row term whose exact value fits int32 (``col_term`` is int32); see
-    ``kernels.gemm.vnni.make_tile_finish`` for the formulas (jitted code only).
+    ``kernels.gemm.vnni.make_tile_finish`` for the formulas and ``single`` (which only
+    that tile reads; jitted code only).
     """
     raise NotImplementedError("microkernel_finish() is only callable from compiled kernels")
 
 
 @overload(microkernel_finish)
-def _select_finish(kind, a, a_off, lda, m, b, b_off, kq, col_term, mult, shift, lo, hi, zp, qmin, qmax, c0, cols,
-                   out, o_off, ldo):
+def _select_finish(kind, a, a_off, lda, m, b, b_off, kq, col_term, mult, shift, single, lo, hi, zp, qmin, qmax, c0,
+                   cols, out, o_off, ldo):
     if not isinstance(kind, types.StringLiteral):
         return None
     spec = TILES[kind.literal_value]
     if spec.tile_finish is not None:
         tile_finish = spec.tile_finish
 
-        def run(kind, a, a_off, lda, m, b, b_off, kq, col_term, mult, shift, lo, hi, zp, qmin, qmax, c0, cols, out,
-                o_off, ldo):
-            tile_finish(a, a_off, lda, m, b, b_off, kq, col_term, mult, shift, lo, hi, zp, qmin, qmax, c0, cols, out,
-                        o_off, ldo)
+        def run(kind, a, a_off, lda, m, b, b_off, kq, col_term, mult, shift, single, lo, hi, zp, qmin, qmax, c0, cols,
+                out, o_off, ldo):
+            tile_finish(a, a_off, lda, m, b, b_off, kq, col_term, mult, shift, single, lo, hi, zp, qmin, qmax, c0,
+                        cols, out, o_off, ldo)
 
         return run
     rows, tile = spec.rows, spec.tile
     quantize = out.dtype != types.float32
 
-    def run_then_finish(kind, a, a_off, lda, m, b, b_off, kq, col_term, mult, shift, lo, hi, zp, qmin, qmax, c0, cols,
-                        out, o_off, ldo):
+    def run_then_finish(kind, a, a_off, lda, m, b, b_off, kq, col_term, mult, shift, single, lo, hi, zp, qmin, qmax,
+                        c0, cols, out, o_off, ldo):
         acc = np.empty((rows, 64), np.int32)
         tile(a, a_off, lda, m, b, b_off, kq, acc)
         for r in range(m):

@@ -24,8 +24,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from kernels.gemm.llvm_ir import (F32, F64, I1, I8, I16, I32, I64, array_ptr, clamped_rows, declare, emit_loop, is_array,
-                                  load_vector, prefetch, splat, with_arity)
+from kernels.gemm.llvm_ir import (F32, F64, I1, I8, I16, I32, I64, array_ptr, clamped_rows, declare, emit_loop,
+                                  is_array, load_vector, prefetch, splat, with_arity)
 
 V16I32 = ir.VectorType(I32, 16)
 V8F64 = ir.VectorType(F64, 8)
@@ -300,17 +300,18 @@ def rounded_codes(builder, y: ir.Value, factors: Callable[[int], tuple[ir.Value,
     return _rounded(builder, _scaled(builder, y, factors, biased, shifted), zp)
 
 
-def single_codes(builder, sums: list[ir.Value], single: tuple[ir.Value, ir.Value, ir.Value],
-                 exact: Callable[[ir.Value], ir.Value]) -> list[ir.Value]:
-    """The unclamped int32 codes of each vector of 16 sums in ``sums``, in float32 where that is exact.
+def single_codes(builder, sums: list[ir.Value], single: Callable[[int], tuple[ir.Value, ir.Value, ir.Value]],
+                 exact: Callable[[int], ir.Value], bounds: tuple[ir.Value, ir.Value] | None = None) -> list[ir.Value]:
+    """Int32 codes of each vector of 16 sums in ``sums``, rounded in float32 where that is exact.
 
-    ``single = (m32, c32, limit)`` are ``<16 x float>`` lanes of
-    ``kernels.epilogue.single_precision_codes``: a code is ``rint(b)``,
-    ``b = fma(float32(y), m32, c32)``. If any lane of any vector has
-    ``|b - rint(b)| >= limit`` (too near a tie to trust), every code is made by
-    ``exact(y)`` instead (``rounded_codes``), on a branch taken rarely.
+    ``single(i)`` gives the ``<16 x float>`` ``(m32, c32, limit)`` of ``sums[i]``'s lanes
+    (``kernels.epilogue.single_precision_codes``): a code is ``rint(b)``,
+    ``b = fma(float32(y), m32, c32)``, first clamped to ``bounds`` (splat float
+    ``qlo``, ``qhi``) if given. If any lane of any vector has ``|b - rint(b)| >= limit``
+    (too near a tie to trust), every code is ``exact(i)`` instead (``rounded_codes``,
+    clamped likewise), on a branch taken rarely. Consecutive vectors whose ``limit`` is
+    the same IR value share one comparison.
     """
-    m32, c32, limit = single
     sig = [V16F32, I32, V16F32, I16, I32]
     fma = declare(builder, "llvm.fma.v16f32", ir.FunctionType(V16F32, [V16F32] * 3))
     # b - rint(b) (vreduceps), and the larger magnitude of two vectors, made positive (vrangeps)
@@ -318,17 +319,25 @@ def single_codes(builder, sums: list[ir.Value], single: tuple[ir.Value, ir.Value
     larger = declare(builder, "llvm.x86.avx512.mask.range.ps.512", ir.FunctionType(V16F32, [V16F32] + sig))
     nearest = declare(builder, "llvm.x86.avx512.mask.cvtps2dq.512", ir.FunctionType(V16I32, [V16F32, V16I32, I16,
                                                                                             I32]))
-    undef, every, current = ir.Constant(V16F32, None), ir.Constant(I16, -1), ir.Constant(I32, 4)
-    codes, worst = [], ir.Constant(V16F32, None)
-    for y in sums:
+    zero, every, current = ir.Constant(V16F32, None), ir.Constant(I16, -1), ir.Constant(I32, 4)
+    codes, runs = [], []  # runs: [limit, largest |b - rint(b)|] of consecutive vectors sharing one limit
+    for i, y in enumerate(sums):
+        m32, c32, limit = single(i)
         b = builder.call(fma, [builder.sitofp(y, V16F32), m32, c32])
-        off = builder.call(reduce, [b, ir.Constant(I32, 8), undef, every, current])  # imm 8: to nearest
-        worst = builder.call(larger, [worst, off, ir.Constant(I32, 0b1011), undef, every, current])
+        if bounds is not None:
+            b = builder.select(builder.fcmp_ordered("<", b, bounds[0]), bounds[0], b)
+            b = builder.select(builder.fcmp_ordered(">", b, bounds[1]), bounds[1], b)
+        off = builder.call(reduce, [b, ir.Constant(I32, 8), zero, every, current])  # imm 8: to nearest
         codes.append(builder.call(nearest, [b, ir.Constant(V16I32, None), every, current]))
-    near = builder.bitcast(builder.fcmp_ordered(">=", worst, limit), I16)
+        if not runs or runs[-1][0] is not limit:
+            runs.append([limit, zero])
+        runs[-1][1] = builder.call(larger, [runs[-1][1], off, ir.Constant(I32, 0b1011), zero, every, current])
+    near = ir.Constant(I16, 0)
+    for limit, worst in runs:
+        near = builder.or_(near, builder.bitcast(builder.fcmp_ordered(">=", worst, limit), I16))
     fast = builder.block
     with builder.if_then(builder.icmp_unsigned("!=", near, ir.Constant(I16, 0)), likely=False):
-        redone = [exact(y) for y in sums]
+        redone = [exact(i) for i in range(len(sums))]
         slow = builder.block
     merged = []
     for code, again in zip(codes, redone):
@@ -383,7 +392,8 @@ def requantize(builder, y: ir.Value, factors: Callable[[int], tuple[ir.Value, ir
 def make_tile_finish(rows: int, prefetch_distance: int = 0, source: str = "rows"):
     """A tile intrinsic that rescales and (re)quantizes its sums in registers: ``tile_finish``.
 
-    ``tile_finish(<source arguments>, col_term, mult, shift, lo, hi, zp, qmin, qmax, c0, cols, out, o_off, ldo)``
+    ``tile_finish(<source arguments>, col_term, mult, shift, single, lo, hi, zp, qmin, qmax, c0, cols, out, o_off,
+    ldo)``
     computes, per output ``(r, c)`` with ``j = c0 + c``, the ``REAL`` / ``QUANT``
     epilogue of ``kernels.epilogue`` without a row term::
 
@@ -395,27 +405,30 @@ def make_tile_finish(rows: int, prefetch_distance: int = 0, source: str = "rows"
     in float64, in that order, with no contraction, as ``finish_tile`` does. An
     integer output relies on ``[lo, hi]`` lying within ``[qmin - zp, qmax - zp]``,
     as ``kernels.epilogue.Epilogue`` guarantees, so no clamp to float ``qmin`` and
-    ``qmax`` is needed; integer ones (``kernels.epilogue.with_codes``) are the codes
-    it clamps instead of ``t``, and say that ``shift`` is 0 (``requantize``).
-    ``col_term`` (int32), ``mult`` and ``shift`` (float64) are padded to a whole
-    number of panels. Stores are masked to rows ``< m`` and columns ``< cols``.
+    ``qmax`` is needed. Integer ones (``kernels.epilogue.with_codes``) are the codes
+    it clamps instead of ``t``, and say that ``shift`` is 0; those codes are rounded
+    in float32 where that is exact (``single_codes``, with ``single`` the float32
+    ``kernels.epilogue.single_table``, clamped use), else as ``requantize`` does.
+    ``col_term`` (int32), ``mult`` and ``shift`` (float64) and ``single`` are padded to
+    a whole number of panels. Stores are masked to rows ``< m`` and columns ``< cols``.
     With the "weights" source the output channels are the rows: ``j = c0 + r``.
     """
     def accepts(tys) -> bool:
-        out = tys[10]
+        out = tys[11]
         return (is_array(tys[0], types.int32, 1) and is_array(tys[1], types.float64, 1)
-                and is_array(tys[2], types.float64, 1) and all(t == types.float64 for t in tys[3:6])
-                and (all(t == types.float64 for t in tys[6:8]) or all(t == types.int64 for t in tys[6:8]))
+                and is_array(tys[2], types.float64, 1) and is_array(tys[3], types.float32, 1)
+                and all(t == types.float64 for t in tys[4:7])
+                and (all(t == types.float64 for t in tys[7:9]) or all(t == types.int64 for t in tys[7:9]))
                 and isinstance(out, types.Array) and out.ndim == 1 and out.layout == "C"
                 and out.dtype in (types.float32, types.uint8, types.int8))
 
-    accepts.arity = 13
+    accepts.arity = 14
 
     def finish(context, builder, tys, args, results, m):
-        col_term, mult, shift, lo, hi, zp, qmin, qmax, c0, cols, out, o_off, ldo = args
-        quantize = tys[10].dtype != types.float32
+        col_term, mult, shift, single, lo, hi, zp, qmin, qmax, c0, cols, out, o_off, ldo = args
+        quantize = tys[11].dtype != types.float32
         codes = None
-        if quantize and tys[6] == types.int64:
+        if quantize and tys[7] == types.int64:
             codes = tuple(splat(builder, builder.trunc(v, I32), V16I32) for v in (qmin, qmax))
         ct_ptr = builder.gep(array_ptr(context, builder, tys[0], col_term, I32), [c0])
         mu_ptr = builder.gep(array_ptr(context, builder, tys[1], mult, F64), [c0])
@@ -436,7 +449,43 @@ def make_tile_finish(rows: int, prefetch_distance: int = 0, source: str = "rows"
                               quantize, shifted=codes is None, codes=codes)
 
         elem = I8 if quantize else F32
-        _store_rows(builder, results, m, cols, array_ptr(context, builder, tys[10], out, elem), o_off, ldo, elem,
-                    transform)
+        out_ptr = array_ptr(context, builder, tys[11], out, elem)
+        if codes is None:
+            _store_rows(builder, results, m, cols, out_ptr, o_off, ldo, elem, transform)
+            return
+        table = array_ptr(context, builder, tys[3], single, F32)
+        qlo, qhi = codes
+        bounds = tuple(splat(builder, builder.sitofp(v, F32), V16F32) for v in (qmin, qmax))
+        # vectors sharing their channels' factors go together: a column's down the rows, a row's across
+        order = [(r, j) for j in range(VECTORS) for r in range(rows)]
+        if source == "weights":
+            order = [(r, j) for r in range(rows) for j in range(VECTORS)]
+        loaded = {}
+
+        def factors32(r: int, j: int) -> tuple[ir.Value, ir.Value, ir.Value]:
+            key = r if source == "weights" else j
+            if key not in loaded:
+                if source == "weights":  # channel c0 + r in every lane
+                    ch = builder.add(c0, _row_index(builder, r, m))
+                    at = builder.add(builder.mul(builder.ashr(ch, ir.Constant(I64, 4)), ir.Constant(I64, 48)),
+                                     builder.and_(ch, ir.Constant(I64, 15)))
+                    loaded[key] = tuple(splat(builder, builder.load(builder.gep(table, [builder.add(
+                        at, ir.Constant(I64, 16 * i))])), V16F32) for i in range(3))
+                else:  # channels c0 + 16 j .. (c0 is a whole number of vectors)
+                    base = builder.gep(table, [builder.mul(c0, ir.Constant(I64, 3))])
+                    loaded[key] = tuple(load_vector(builder, base, 48 * j + 16 * i, V16F32) for i in range(3))
+            return loaded[key]
+
+        sums = [builder.add(results[r * VECTORS + j], terms(r, j)) for r, j in order]
+
+        def exact(i: int) -> ir.Value:
+            r, j = order[i]
+            low = rounded_codes(builder, sums[i], lambda h: factors(r, j, h), zp, shifted=False)
+            low = builder.select(builder.icmp_signed("<", low, qlo), qlo, low)
+            return builder.select(builder.icmp_signed(">", low, qhi), qhi, low)
+
+        rounded = single_codes(builder, sums, lambda i: factors32(*order[i]), exact, bounds)
+        by_place = {place: builder.trunc(code, ir.VectorType(I8, 16)) for place, code in zip(order, rounded)}
+        _store_rows(builder, results, m, cols, out_ptr, o_off, ldo, elem, lambda sums_, r, j: by_place[r, j])
 
     return _tile_intrinsic(SOURCES[source], rows, prefetch_distance, accepts, finish)

@@ -97,6 +97,31 @@ def test_qlinear_conv2d_matches_oracle(level, rng, case):
         np.testing.assert_array_equal(got, want.reshape(acc.shape[0], *acc.shape[2:], o).transpose(0, 3, 1, 2))
 
 
+@pytest.mark.parametrize("shape", [(3, 16, 96, 1, "NHWC"), (3, 3, 20, 1, "NHWC"), (1, 64, 70, 1, "NCHW"),
+                                   (3, 12, 40, 2, "NHWC")], ids=str)  # (k, C, O, group, layout)
+@pytest.mark.parametrize("out_dtype", [np.uint8, np.int8], ids=str)
+def test_codes_near_ties(level, rng, shape, out_dtype):
+    """Power-of-two scales: sums at exact ties, which the tiles' float32 codes leave to float64
+    (``kernels.gemm.vnni.single_codes``); through the indirect, im2col, 1x1 NCHW and grouped paths."""
+    k, c, o, group, layout = shape
+    x = rng.integers(0, 256, (2, c, 13, 11), dtype=np.uint8)
+    w = rng.integers(-128, 128, (o, c // group, k, k), dtype=np.int8)
+    bias = rng.integers(-3000, 3000, o).astype(np.int32)  # an int32 bias keeps the shift 0: integer codes
+    pads = (k // 2,) * 4
+    acc = conv2d_ref(x, w, x_zero_point=128, pads=pads, group=group) + bias[:, None, None]
+    assert np.count_nonzero(acc % 256 == 128) > 10  # ties of y / 256
+    zp = -3 if out_dtype == np.int8 else 128
+    args = dict(a_scale=np.float32(2.0**-4), w_scale=np.float32(2.0**-3), out_dtype=out_dtype,
+                out_scale=np.float32(2.0), out_zero_point=zp)
+    rows = acc.transpose(0, 2, 3, 1).reshape(-1, o)
+    for activation in (None, "relu"):
+        want = finish_ref(rows - bias, bias=bias, activation=activation, **args).reshape(2, 13, 11, o)
+        xx = x if layout == "NCHW" else np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+        got = kernels.qlinear_conv2d(xx, args["a_scale"], 128, w, args["w_scale"], 0, args["out_scale"],
+                                     out_dtype(zp), bias, pads=pads, group=group, activation=activation, layout=layout)
+        np.testing.assert_array_equal(got if layout == "NHWC" else got.transpose(0, 2, 3, 1), want)
+
+
 def test_layouts_packed_weights_and_out(level, rng):
     case = CASES[1]
     x, w = _operands(rng, case)
