@@ -118,9 +118,10 @@ def single_precision_codes(mult: np.ndarray, shift: np.ndarray, zp: float, large
     * ``largest`` given (every ``|y| <= largest``): ``T = largest |mult|``, and the
       caller rounds ``b`` as it is;
     * ``largest`` None: the caller first clamps ``b`` to ``[qlo, qhi]``, so lanes that
-      round there have ``|b| <= CODE_REACH``, hence ``T = CODE_REACH + |shift| + |zp|``.
-      A lane it clamps is clamped in float64 too: ``b`` is within ``eps`` (here at
-      most ``2**-5``) of the exact value, relative to it, plus ``2**-22`` of it.
+      round there have ``|b| <= CODE_REACH``, hence ``T = CODE_REACH + |shift| + |zp|``;
+      a lane it clamps is clamped in float64 too, as ``b`` is within ``2**-22`` of the
+      exact value, relative to it, plus ``eps <= 2**-5``: short of the half it would
+      take to round across a code bound.
 
     Returns float32 ``[C, 3]`` rows ``(m32, c32, limit)``, with ``limit = 0.5 - eps``
     rounded down, or all 0 (float64 always) where ``eps > 2**-5`` or ``|mult| > 2**64``.
@@ -142,7 +143,7 @@ def single_precision_table(factors: np.ndarray, size: int) -> np.ndarray:
     """``single_precision_codes`` rows ``[C, 3]`` as vector kernels read them: float32 ``[size / 16, 3, 16]`` flat.
 
     Per 16 channels the 16 ``m32``, then the ``c32``, then the ``limit``; past C, 0
-    with a limit of 0.5 (never too near a tie: their codes are 0). ``size`` is a
+    with a limit of 0.5 (their ``b`` is an integer, never near a tie). ``size`` is a
     multiple of 16, at least C.
     """
     c = factors.shape[0]
@@ -168,8 +169,8 @@ def with_codes(epi: Epilogue, largest: int) -> Epilogue:
     """``epi`` with integer ``qmin, qmax = code_bounds(lo, hi, zp)`` where that is safe.
 
     Clamping ``t`` to ``[lo, hi]`` and clamping the rounded code to those two integers
-    give the same outputs; vector epilogues (``kernels.gemm.vnni.requantize``'s
-    ``codes``) do the latter, on integers, and skip adding the shift. Safe for a
+    give the same outputs; vector epilogues (``kernels.gemm.vnni.rounded_codes`` and
+    ``single_codes``) do the latter, on integers, and skip adding the shift. Safe for a
     ``QUANT`` epilogue whose shifts are all 0 and whose codes fit int32 for every
     ``|y| <= largest`` (:func:`codes_fit`); other epilogues come back unchanged.
     The outputs are the same either way.

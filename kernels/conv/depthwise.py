@@ -284,9 +284,9 @@ class DepthwisePlan:
     does not check). ``layout`` "NHWC": ``x [N, H, W, C]`` and ``out [N OH OW, C]``;
     "NCHW": ``x [N, C, H, W]`` and ``out [N, C, OH, OW]``, convolved plane by plane by
     ``kernels.conv.depthwise_planes`` where that applies (``kind`` "avx512-vnni-planes"),
-    else through one NHWC copy each way. All compute ``acc`` of the module docstring (the padding contributes 0, as
-    if it held ``x_zero_point``) and write what ``kernels.epilogue.finish_tile`` makes
-    of ``acc + epi.col_bias``. An int32 output wraps if that sum exceeds int32: the
+    else through one NHWC copy each way. All compute ``acc`` of the module docstring
+    (the padding contributes 0, as if it held ``x_zero_point``) and write what
+    ``kernels.epilogue.finish_tile`` makes of ``acc + epi.col_bias``. An int32 output wraps if that sum exceeds int32: the
     caller checks.
     """
 

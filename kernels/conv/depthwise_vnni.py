@@ -101,7 +101,7 @@ def _make_row(kh: int, kw: int, sw: int, signed: bool, shifted: bool):
     lo, hi, zp : float64 epilogue bounds and zero point (unused for int32 out); ``shift`` is added only
                when ``shifted`` (else it is all zero)
     qlo, qhi : int64 ``rint(lo + zp)``, ``rint(hi + zp)``: the codes of an int8 / uint8 output are clamped to
-               them (``requantize``'s ``codes``; the caller checks that ``|y mult + shift + zp| < 2**31``)
+               them (``kernels.gemm.vnni.rounded_codes``; the caller checks that ``|y mult + shift + zp| < 2**31``)
     single   : float32 ``kernels.epilogue.single_precision_table`` [>= 48 v1] of the unclamped codes: an int8 /
                uint8 output's codes are rounded in float32 where that is exact (``kernels.gemm.vnni.single_codes``)
     c, w_in, ow, pl : channels, input width, output width, left padding

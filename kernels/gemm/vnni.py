@@ -267,11 +267,10 @@ def make_tile_store(rows: int, prefetch_distance: int = 0, source: str = "rows")
     return _tile_intrinsic(SOURCES[source], rows, prefetch_distance, accepts, finish)
 
 
-def _scaled(builder, y: ir.Value, factors: Callable[[int], tuple[ir.Value, ir.Value]], biased: bool,
+def _scaled(builder, y: ir.Value, factors: Callable[[int], tuple[ir.Value, ir.Value]],
             shifted: bool) -> list[ir.Value]:
     """The two ``<8 x double>`` halves of ``y mult + shift`` (``requantize``), computed exactly as there."""
-    if not biased:
-        y = builder.xor(y, ir.Constant(V16I32, [-(2**31)] * 16))
+    y = builder.xor(y, ir.Constant(V16I32, [-(2**31)] * 16))
     high = ir.Constant(V16I32, [0x43300000] * 16)
     offset = ir.Constant(V8F64, [2.0**52 + 2.0**31] * 8)
     halves = []
@@ -292,12 +291,14 @@ def _rounded(builder, halves: list[ir.Value], zp: ir.Value) -> ir.Value:
 
 
 def rounded_codes(builder, y: ir.Value, factors: Callable[[int], tuple[ir.Value, ir.Value]], zp: ir.Value,
-                  biased: bool = False, shifted: bool = True) -> ir.Value:
-    """16 int32 ``rint(y mult + shift + zp)``, unclamped: ``requantize``'s codes before the clamp.
+                  shifted: bool = True) -> ir.Value:
+    """16 int32 ``rint(y mult + shift + zp)`` in float64 (``requantize`` without the clamp to ``[lo, hi]``).
 
-    Needs ``|y mult + shift + zp| < 2**31`` for every sum (``kernels.epilogue.codes_fit``).
+    Clamping these codes to ``rint(lo + zp)``, ``rint(hi + zp)`` gives ``requantize``'s
+    (``t -> rint(t + zp)`` is monotonic). Needs ``|y mult + shift + zp| < 2**31`` for
+    every sum (``kernels.epilogue.codes_fit``); ``shifted=False`` skips a ``shift`` of 0.
     """
-    return _rounded(builder, _scaled(builder, y, factors, biased, shifted), zp)
+    return _rounded(builder, _scaled(builder, y, factors, shifted), zp)
 
 
 def single_codes(builder, sums: list[ir.Value], single: Callable[[int], tuple[ir.Value, ir.Value, ir.Value]],
@@ -349,8 +350,7 @@ def single_codes(builder, sums: list[ir.Value], single: Callable[[int], tuple[ir
 
 
 def requantize(builder, y: ir.Value, factors: Callable[[int], tuple[ir.Value, ir.Value]], lo: ir.Value,
-               hi: ir.Value, zp: ir.Value, quantize: bool, biased: bool = False, shifted: bool = True,
-               codes: tuple[ir.Value, ir.Value] | None = None) -> ir.Value:
+               hi: ir.Value, zp: ir.Value, quantize: bool, shifted: bool = True) -> ir.Value:
     """The ``REAL`` / ``QUANT`` epilogue of 16 int32 sums ``y`` (already including ``col_term``), in registers.
 
     ``factors(h)`` gives the ``<8 x double>`` ``mult`` and ``shift`` of lanes ``8 h .. 8 h + 7``;
@@ -359,26 +359,13 @@ def requantize(builder, y: ir.Value, factors: Callable[[int], tuple[ir.Value, ir
     ``rint(clip(y mult + shift, lo, hi) + zp)`` (half to even, ``[lo, hi]`` narrowed by
     the caller so that no final clamp is needed), computed as ``finish_tile`` does.
 
-    Fewer shuffles than the obvious code: ``y + 2**31`` (pass ``biased=True`` if the
-    sums already carry that offset) read as the low word of a double whose high word
-    is that of ``2**52`` is ``2**52 + 2**31 + y``, so one exact subtraction gives
-    ``float64(y)``; rounding adds ``1.5 * 2**52`` (a double below ``2**51`` in
-    magnitude then rounds half to even to an integer, held in its low word).
-
-    Two shortcuts, for callers that know they apply: ``shifted=False`` when every
-    ``shift`` is 0 (adding it changes nothing), and ``codes = (qlo, qhi)`` (splat
-    ``<16 x i32>`` of ``rint(lo + zp)`` and ``rint(hi + zp)``) to clamp the rounded
-    integers instead of ``t``: ``t -> rint(t + zp)`` is monotonic, so that gives the
-    same codes, with two integer operations in place of four on doubles. ``codes``
-    needs ``|y mult + shift + zp| < 2**31`` for every sum.
+    Fewer shuffles than the obvious code: ``y + 2**31`` read as the low word of a
+    double whose high word is that of ``2**52`` is ``2**52 + 2**31 + y``, so one exact
+    subtraction gives ``float64(y)``; rounding adds ``1.5 * 2**52`` (a double below
+    ``2**51`` in magnitude then rounds half to even to an integer, held in its low
+    word). ``shifted=False``, for callers that know every ``shift`` is 0, skips adding it.
     """
-    halves = _scaled(builder, y, factors, biased, shifted)
-    if quantize and codes is not None:
-        qlo, qhi = codes
-        low = _rounded(builder, halves, zp)
-        low = builder.select(builder.icmp_signed("<", low, qlo), qlo, low)
-        low = builder.select(builder.icmp_signed(">", low, qhi), qhi, low)
-        return builder.trunc(low, ir.VectorType(I8, 16))
+    halves = _scaled(builder, y, factors, shifted)
     minimum = declare(builder, "llvm.x86.avx512.min.pd.512", ir.FunctionType(V8F64, [V8F64, V8F64, I32]))
     maximum = declare(builder, "llvm.x86.avx512.max.pd.512", ir.FunctionType(V8F64, [V8F64, V8F64, I32]))
     current = ir.Constant(I32, 4)  # the current rounding direction: no embedded rounding
@@ -446,7 +433,7 @@ def make_tile_finish(rows: int, prefetch_distance: int = 0, source: str = "rows"
 
         def transform(sums, r, j):
             return requantize(builder, builder.add(sums, terms(r, j)), lambda h: factors(r, j, h), lo, hi, zp,
-                              quantize, shifted=codes is None, codes=codes)
+                              quantize)
 
         elem = I8 if quantize else F32
         out_ptr = array_ptr(context, builder, tys[11], out, elem)
