@@ -193,3 +193,27 @@ def test_single_precision_codes(rng):
     reference = (y * mult[:200, None] + shift[:200, None]) + zp
     # the roundings it neglects make at most 3/4 of eps
     assert (np.abs(b - reference) <= 0.75 * eps[:, None]).all()
+
+
+def test_bad_calls(rng):
+    """A planes plan checks x and out before any compiled code runs."""
+    c = 8
+    geo = conv_geometry((1, 6, 6, c), (3, 3), 1, c, pads=1, group=c)
+    epi = fused_epilogue(c, 0.02, 0.01, None, None, np.uint8, 0.3, 7)[0]
+    plan = DepthwisePlan(geo, pack_depthwise(_random(rng, np.int8, (c, 1, 3, 3)).clip(-120, 120)), np.uint8, 3, epi,
+                         "NCHW")
+    x = _random(rng, np.uint8, (1, c, 6, 6))
+    out = np.zeros((1, c, 6, 6), np.uint8)
+    cases = [
+        (dict(x=x.view(np.int8)), TypeError, "x: expected dtype uint8, got int8"),
+        (dict(x=np.ascontiguousarray(x[:, :, :5])), ValueError, r"x: expected NCHW shape \(1, 8, 6, 6\), got \(1, 8, 5, 6\)"),
+        (dict(x=x.transpose(0, 1, 3, 2)), ValueError, "x: expected a C-contiguous array"),
+        (dict(out=out.astype(np.int32)), TypeError, "out: expected dtype uint8 or int8, got int32"),
+        (dict(out=np.zeros((1, c, 6, 5), np.uint8)), ValueError, r"out: expected shape \(1, 8, 6, 6\), got \(1, 8, 6, 5\)"),
+        (dict(out=out[:, :, :, ::-1]), ValueError, "out: expected a C-contiguous array"),
+    ]
+    for change, error, match in cases:
+        args = {"x": x, "out": out, **change}
+        with pytest.raises(error, match=match):
+            plan(args["x"], args["out"])
+    assert plan(x, out) is out
