@@ -102,9 +102,9 @@ VARIANTS: tuple[Variant, ...] = (
     # kernels.conv.pointwise.applies to; "nhwc" is the general path, through layout copies
     Variant("conv_pointwise_nchw", "avx512-vnni", cpu.AVX512_VNNI, _any_shape, 1),
     Variant("conv_pointwise_nchw", "nhwc", cpu.GENERIC, _any_shape, 1),
-    # (M, N, K) = (output pixels, channels, taps KH KW) of a depthwise NCHW convolution, with K = 0 where
-    # kernels.conv.depthwise_planes does not apply; "nhwc" is the general path, through layout copies
-    Variant("conv_depthwise_nchw", "avx512-vnni", cpu.AVX512_VNNI, lambda m, n, k: k > 0, 1),
+    # (M, N, K) as for "conv_depthwise", with K = 0 where kernels.conv.depthwise_planes does not apply
+    # (kernels.conv.depthwise._planes_taps); "nhwc" is the general path, through layout copies
+    Variant("conv_depthwise_nchw", "avx512-vnni", cpu.AVX512_VNNI, _depthwise_vnni, 1),
     Variant("conv_depthwise_nchw", "nhwc", cpu.GENERIC, _any_shape, 1),
 )
 
