@@ -76,6 +76,7 @@ def _low_bits(builder, n: ir.Value) -> ir.Value:
 
 
 def _masked_op(builder, kind: str, vec: ir.VectorType) -> ir.Function:
+    """LLVM's masked byte ``load`` or ``store`` of ``vec`` (masked-off bytes are neither read nor written)."""
     mask = ir.VectorType(I1, vec.count)
     if kind == "load":
         return declare(builder, f"llvm.masked.load.v{vec.count}i8.p0",
