@@ -25,7 +25,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from kernels.gemm.llvm_ir import F32, F64, I1, I8, I32, I64, array_ptr, declare, emit_loop, splat
+from kernels.gemm.llvm_ir import F32, F64, I1, I8, I32, I64, array_ptr, declare, emit_loop, masked, splat
 
 LANES = 8
 V8F64 = ir.VectorType(F64, LANES)
@@ -36,16 +36,6 @@ _OUT_TYPES = {types.float32: F32, types.uint8: I8, types.int8: I8, types.int32: 
 
 def _is_vector(ty, dtypes) -> bool:
     return isinstance(ty, types.Array) and ty.ndim == 1 and ty.layout == "C" and ty.dtype in dtypes
-
-
-def _masked(builder, kind: str, elem: ir.Type):
-    vec = ir.VectorType(elem, LANES)
-    name = {F64: "f64", F32: "f32", I64: "i64", I32: "i32", I8: "i8"}[elem]
-    if kind == "load":
-        return declare(builder, f"llvm.masked.load.v{LANES}{name}.p0",
-                       ir.FunctionType(vec, [vec.as_pointer(), I32, V8I1, vec]))
-    return declare(builder, f"llvm.masked.store.v{LANES}{name}.p0",
-                   ir.FunctionType(ir.VoidType(), [vec, vec.as_pointer(), I32, V8I1]))
 
 
 def _make(row_term: bool):
@@ -94,8 +84,8 @@ def _emit(context, builder, signature, args, row_term: bool):
         if mask is None:
             value = builder.load(address, align=1)
         else:
-            value = builder.call(_masked(builder, "load", elem), [address, ir.Constant(I32, 1), mask,
-                                                                  ir.Constant(vec, None)])
+            value = builder.call(masked(builder, "load", vec), [address, ir.Constant(I32, 1), mask,
+                                                                ir.Constant(vec, None)])
         return value if elem == F64 else builder.sitofp(value, V8F64)
 
     def clip(value, low, high):
@@ -119,7 +109,8 @@ def _emit(context, builder, signature, args, row_term: bool):
         if mask is None:
             builder.store(value, address, align=1)
         else:
-            builder.call(_masked(builder, "store", out_elem), [value, address, ir.Constant(I32, 1), mask])
+            builder.call(masked(builder, "store", ir.VectorType(out_elem, LANES)),
+                         [value, address, ir.Constant(I32, 1), mask])
 
     full = builder.udiv(cols, ir.Constant(I64, LANES))
 

@@ -286,8 +286,8 @@ class DepthwisePlan:
     ``kernels.conv.depthwise_planes`` where that applies (``kind`` "avx512-vnni-planes"),
     else through one NHWC copy each way. All compute ``acc`` of the module docstring
     (the padding contributes 0, as if it held ``x_zero_point``) and write what
-    ``kernels.epilogue.finish_tile`` makes of ``acc + epi.col_bias``. An int32 output wraps if that sum exceeds int32: the
-    caller checks.
+    ``kernels.epilogue.finish_tile`` makes of ``acc + epi.col_bias``. An int32 output
+    wraps if that sum exceeds int32: the caller checks.
     """
 
     def __init__(self, geo: ConvGeometry, packed: PackedDepthwise, x_dtype: object, x_zero_point: int,

@@ -27,7 +27,9 @@ order and a byte min / max clamps them to the code bounds. The codes go to a
 second scratch plane, whose rows (the valid ``OW`` of each) are then copied out.
 Scratch planes alternate, so that no load waits for a store just made.
 
-Only int8 / uint8 outputs whose codes fit int32 (``kernels.epilogue.codes_fit``).
+Only int8 / uint8 outputs, where ``|acc + col_bias|`` cannot pass int32 (the int32
+sums would wrap) and the codes fit int32 (``kernels.epilogue.codes_fit``), as
+``kernels.conv.depthwise._planes_taps`` checks.
 Only compiled when ``kernels.dispatch`` picks "conv_depthwise_nchw" "avx512-vnni".
 """
 
@@ -39,13 +41,13 @@ from numba import types
 from numba.extending import intrinsic
 
 from kernels._jit import kernel
-from kernels.gemm.llvm_ir import F32, I1, I8, I16, I32, I64, array_ptr, declare, emit_loop, is_array, splat
+from kernels.gemm.llvm_ir import (F32, I1, I8, I16, I32, I64, array_ptr, declare, emit_loop, is_array, low_bits,
+                                  masked, splat)
 from kernels.gemm.vnni import V8F64, V16F32, V16I32, declare_vpdpbusd, rounded_codes, single_codes
 
 KERNELS = ((3, 3), (5, 5))  # (KH, KW) with a kernel here; stride 1 and dilation 1
 CHUNK = 64  # outputs per step: 4 phases of 16 lanes
 V64I8 = ir.VectorType(I8, 64)
-V64I1 = ir.VectorType(I1, 64)
 V32I16 = ir.VectorType(I16, 32)
 # after the packs, 128-bit lane L holds the codes of phase f, lane 4 L + i at byte 4 f + i: back to q order
 _ORDER = ir.Constant(V64I8, [16 * (k // 16) + 4 * (k % 4) + (k % 16) // 4 for k in range(64)])
@@ -65,24 +67,6 @@ def pack_taps(centred: np.ndarray) -> np.ndarray:
     full = np.zeros((c, kh, 4 * groups(kw)), np.int8)
     full[:, :, :kw] = centred
     return np.ascontiguousarray(full).view(np.int32).reshape(c, -1)
-
-
-def _low_bits(builder, n: ir.Value) -> ir.Value:
-    """The ``<64 x i1>`` mask of bits ``0 .. n - 1``, ``0 <= n <= 64``."""
-    full = builder.icmp_signed("<", n, ir.Constant(I64, 64))
-    bits = builder.shl(ir.Constant(I64, 1), builder.select(full, n, ir.Constant(I64, 0)))
-    bits = builder.select(full, builder.sub(bits, ir.Constant(I64, 1)), ir.Constant(I64, -1))
-    return builder.bitcast(bits, V64I1)
-
-
-def _masked_op(builder, kind: str, vec: ir.VectorType) -> ir.Function:
-    """LLVM's masked byte ``load`` or ``store`` of ``vec`` (masked-off bytes are neither read nor written)."""
-    mask = ir.VectorType(I1, vec.count)
-    if kind == "load":
-        return declare(builder, f"llvm.masked.load.v{vec.count}i8.p0",
-                       ir.FunctionType(vec, [vec.as_pointer(), I32, mask, vec]))
-    return declare(builder, f"llvm.masked.store.v{vec.count}i8.p0",
-                   ir.FunctionType(ir.VoidType(), [vec, vec.as_pointer(), I32, mask]))
 
 
 @intrinsic
@@ -109,16 +93,16 @@ def copy_rows(typingctx, src, s_off, s_stride, dst, d_off, d_stride, rows, width
         def copy(size: int) -> None:
             """Every row in segments of ``size`` bytes; the mask is made once per segment."""
             vec = ir.VectorType(I8, size)
-            load, store = _masked_op(builder, "load", vec), _masked_op(builder, "store", vec)
+            load, store = masked(builder, "load", vec), masked(builder, "store", vec)
             flip_bytes = splat(builder, builder.trunc(flip, I8), vec)
             step = ir.Constant(I64, size)
 
             def segment(k, state):
                 at = builder.mul(k, step)
                 left = builder.sub(width, at)
-                mask = _low_bits(builder, builder.select(builder.icmp_signed("<", left, step), left, step))
-                if size < 64:
-                    mask = builder.shuffle_vector(mask, mask, ir.Constant(ir.VectorType(I32, size), list(range(size))))
+                bits = low_bits(builder, builder.select(builder.icmp_signed("<", left, step), left, step))
+                mask = builder.trunc(bits, ir.IntType(size)) if size < 64 else bits
+                mask = builder.bitcast(mask, ir.VectorType(I1, size))
                 s_seg, d_seg = builder.gep(s_ptr, [at]), builder.gep(d_ptr, [at])
 
                 def row(r, state_):
@@ -150,7 +134,7 @@ def _make_convolve(kh: int, kw: int, shifted: bool):
 
     ``convolve(u, taps, t_off, col_term, mult, shift, zp, qlo, qhi, single, wp, count, v)``:
 
-    u        : uint8 [>= count + (kh - 1) wp + 4 G], the padded plane (past it: anything)
+    u        : uint8 [>= 64 count + (kh - 1) wp + 4 G], the padded plane (past it: anything)
     taps     : int32 flat ``pack_taps``, the channel's at ``taps[t_off : t_off + kh G]``
     col_term : int64 (wrapping to int32); mult, shift, zp: float64 (``shift`` only when ``shifted``)
     qlo, qhi : int64 code bounds, within the output dtype's range

@@ -38,7 +38,8 @@ from numba import types
 from numba.extending import intrinsic
 
 from kernels._jit import kernel
-from kernels.gemm.llvm_ir import F32, F64, I1, I8, I32, I64, array_ptr, declare, emit_loop, is_array, load_vector, splat
+from kernels.gemm.llvm_ir import (F32, F64, I1, I8, I32, I64, array_ptr, declare, emit_loop, is_array, load_vector,
+                                  masked, splat)
 from kernels.gemm.vnni import V8F64, V16F32, V16I32, declare_vpdpbusd, requantize, rounded_codes, single_codes
 
 LANES = 16  # channels per vector
@@ -46,7 +47,6 @@ KERNELS = ((3, 3), (5, 5))  # (KH, KW) with a VNNI kernel; strides 1 or 2 each w
 STRIDES = (1, 2)
 UNROLL = 2  # interior pixels per iteration, 3x3 kernels with an epilogue (5x5: short of registers)
 V16I8 = ir.VectorType(I8, LANES)
-V16I1 = ir.VectorType(I1, LANES)
 V64I8 = ir.VectorType(I8, 64)
 _OUT = {types.int32: I32, types.float32: F32, types.uint8: I8, types.int8: I8}
 # vpshufb control taking byte l of each 128-bit lane to byte 4 l + b (l = 4 lane + i), and the bytes it fills
@@ -74,16 +74,6 @@ def pack_quads(centred: np.ndarray) -> np.ndarray:
     # [v, l, g, b, kx] -> [v, kx, g, l, b]
     return np.ascontiguousarray(full.reshape(vectors, LANES, g, 4, kw).transpose(0, 4, 2, 1, 3)
                                 .reshape(vectors, kw * g, 4 * LANES))
-
-
-def _masked(builder, kind: str, elem: ir.Type) -> ir.Function:
-    vec = ir.VectorType(elem, LANES)
-    name = {I8: "i8", I32: "i32", F32: "f32"}[elem]
-    if kind == "load":
-        return declare(builder, f"llvm.masked.load.v16{name}.p0",
-                       ir.FunctionType(vec, [vec.as_pointer(), I32, V16I1, vec]))
-    return declare(builder, f"llvm.masked.store.v16{name}.p0",
-                   ir.FunctionType(ir.VoidType(), [vec, vec.as_pointer(), I32, V16I1]))
 
 
 def _make_row(kh: int, kw: int, sw: int, signed: bool, shifted: bool):
@@ -165,8 +155,8 @@ def _make_row(kh: int, kw: int, sw: int, signed: bool, shifted: bool):
         shuffle = declare(builder, "llvm.x86.avx512.pshuf.b.512", ir.FunctionType(V64I8, [V64I8, V64I8]))
         everywhere = ir.Constant(ir.VectorType(I32, 64), list(range(LANES)) * 4)
 
-        def vector(v, masked: bool):
-            """Channel vector ``v``: whole (plain loads and stores) or the ragged last one (masked)."""
+        def vector(v, ragged: bool):
+            """Channel vector ``v``: whole (plain loads and stores) or the ragged last one (masked ones)."""
             c0 = builder.mul(v, ir.Constant(I64, LANES))
             left = builder.trunc(builder.sub(c, c0), I32)
             mask = builder.icmp_signed("<", lanes, splat(builder, left, V16I32))
@@ -183,9 +173,9 @@ def _make_row(kh: int, kw: int, sw: int, signed: bool, shifted: bool):
 
             def load16(address):
                 address = builder.bitcast(address, V16I8.as_pointer())
-                if masked:
-                    return builder.call(_masked(builder, "load", I8), [address, ir.Constant(I32, 1), mask,
-                                                                      ir.Constant(V16I8, None)])
+                if ragged:
+                    return builder.call(masked(builder, "load", V16I8), [address, ir.Constant(I32, 1), mask,
+                                                                        ir.Constant(V16I8, None)])
                 return builder.load(address, align=1)
 
             def column(ix, checked: bool) -> list[ir.Value]:
@@ -227,8 +217,9 @@ def _make_row(kh: int, kw: int, sw: int, signed: bool, shifted: bool):
             def store(ox, value):
                 dst = builder.bitcast(builder.gep(out_ptr, [builder.add(builder.mul(ox, c), c0)]),
                                       ir.VectorType(elem, LANES).as_pointer())
-                if masked:
-                    builder.call(_masked(builder, "store", elem), [value, dst, ir.Constant(I32, 1), mask])
+                if ragged:
+                    builder.call(masked(builder, "store", ir.VectorType(elem, LANES)),
+                                 [value, dst, ir.Constant(I32, 1), mask])
                 else:
                     builder.store(value, dst, align=1)
 

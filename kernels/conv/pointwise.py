@@ -29,7 +29,7 @@ from kernels._jit import kernel
 from kernels.epilogue import INTEGER, MODES, single_table
 from kernels.gemm import vnni
 from kernels.gemm.int8 import register_epilogue
-from kernels.gemm.llvm_ir import I1, I8, I16, I32, I64, array_ptr, declare, is_array, splat
+from kernels.gemm.llvm_ir import I1, I8, I16, I32, I64, array_ptr, is_array, low_bits, masked, splat
 from kernels.pack.panels import KGROUP, PANEL
 
 ROWS = 6  # output channels per tile
@@ -80,12 +80,9 @@ def _interleave(typingctx, x, r0, r1, r2, r3, first, count, flip, dst, d_off):
         tys = signature.args
         x_ptr = array_ptr(context, builder, tys[0], x, I8)
         d_ptr = builder.gep(array_ptr(context, builder, tys[8], dst, I8), [d_off])
-        load = declare(builder, "llvm.masked.load.v64i8.p0",
-                       ir.FunctionType(V64I8, [V64I8.as_pointer(), I32, ir.VectorType(I1, 64), V64I8]))
+        load = masked(builder, "load", V64I8)
         zero = ir.Constant(I64, 0)
-        # pixels first .. first + count: the low count bits (count <= 64)
-        inside = builder.lshr(ir.Constant(I64, -1), builder.sub(ir.Constant(I64, 64), count))
-        inside = builder.select(builder.icmp_signed(">", count, zero), inside, zero)
+        inside = low_bits(builder, count)  # pixels first .. first + count (count <= 64)
         rows = []
         for start in starts:
             bits = builder.select(builder.icmp_signed(">=", start, zero), inside, zero)

@@ -42,6 +42,28 @@ def load_vector(builder: ir.IRBuilder, base: ir.Value, offset: int | ir.Value, v
     return builder.load(builder.bitcast(builder.gep(base, [offset]), vtype.as_pointer()), align=1)
 
 
+def masked(builder: ir.IRBuilder, kind: str, vtype: ir.VectorType) -> ir.Function:
+    """LLVM's masked ``"load"`` or ``"store"`` of a ``vtype`` (lanes off the mask are neither read nor written).
+
+    ``load(ptr, align, mask, passthru)`` / ``store(value, ptr, align, mask)`` with a ``<n x i1>`` mask.
+    """
+    elem = vtype.element
+    name = f"i{elem.width}" if isinstance(elem, ir.IntType) else {F32: "f32", F64: "f64"}[elem]
+    mask = ir.VectorType(I1, vtype.count)
+    if kind == "load":
+        return declare(builder, f"llvm.masked.load.v{vtype.count}{name}.p0",
+                       ir.FunctionType(vtype, [vtype.as_pointer(), I32, mask, vtype]))
+    return declare(builder, f"llvm.masked.store.v{vtype.count}{name}.p0",
+                   ir.FunctionType(ir.VoidType(), [vtype, vtype.as_pointer(), I32, mask]))
+
+
+def low_bits(builder: ir.IRBuilder, n: ir.Value) -> ir.Value:
+    """The i64 with bits ``0 .. n - 1`` set, ``0 <= n <= 64`` (a mask of the first n bytes of 64)."""
+    full = builder.icmp_signed("<", n, ir.Constant(I64, 64))
+    bits = builder.shl(ir.Constant(I64, 1), builder.select(full, n, ir.Constant(I64, 0)))
+    return builder.select(full, builder.sub(bits, ir.Constant(I64, 1)), ir.Constant(I64, -1))
+
+
 def splat(builder: ir.IRBuilder, value: ir.Value, vtype: ir.VectorType) -> ir.Value:
     """``value`` in every lane of a ``vtype``."""
     vec = builder.insert_element(ir.Constant(vtype, ir.Undefined), value, ir.Constant(I32, 0))

@@ -38,7 +38,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from kernels.gemm.llvm_ir import I1, I8, I32, I64, array_ptr, clamped_rows, declare, emit_loop, is_array, prefetch
+from kernels.gemm.llvm_ir import (I1, I8, I32, I64, array_ptr, clamped_rows, declare, emit_loop, is_array, masked,
+                                  prefetch)
 
 V8I64 = ir.VectorType(I64, 8)
 V64I8 = ir.VectorType(I8, 64)
@@ -102,9 +103,7 @@ def _load(builder, base, offset, mask=None):
     ptr = builder.bitcast(builder.gep(base, [offset]), V8I64.as_pointer())
     if mask is None:
         return builder.load(ptr, align=8)
-    masked_load = declare(builder, "llvm.masked.load.v8i64.p0",
-                          ir.FunctionType(V8I64, [V8I64.as_pointer(), I32, ir.VectorType(I1, 8), V8I64]))
-    return builder.call(masked_load, [ptr, ir.Constant(I32, 8), mask, ir.Constant(V8I64, None)])
+    return builder.call(masked(builder, "load", V8I64), [ptr, ir.Constant(I32, 8), mask, ir.Constant(V8I64, None)])
 
 
 def ternlog(builder, a, b, c, table: int):

@@ -52,7 +52,7 @@ from numba.extending import intrinsic, overload
 
 from kernels._jit import kernel
 from kernels.gemm.binary_tiles import Tile
-from kernels.gemm.llvm_ir import I1, I32, I64, array_ptr, declare, emit_loop, is_array, splat
+from kernels.gemm.llvm_ir import I32, I64, array_ptr, emit_loop, is_array, masked, splat
 from kernels.gemm.popcount import CARRY_FROM_SUM, V8I64, V64I8, XOR3, bytes_popcount, csa, popcount64, ternlog
 
 LANES = 64  # columns per vector: 64 byte lanes
@@ -203,8 +203,7 @@ def make_lanes_tile(rows: int, vectors: int):
         ones, twos, fours = (state[i : 3 * len(pairs) : 3] for i in range(3))
         sum8 = state[3 * len(pairs):]
 
-        store = declare(builder, "llvm.masked.store.v16i32.p0",
-                        ir.FunctionType(ir.VoidType(), [V16I32, V16I32.as_pointer(), I32, ir.VectorType(I1, 16)]))
+        store = masked(builder, "store", V16I32)
         k_lanes = splat(builder, builder.trunc(k, I32), V16I32)
         for index, (r, v) in enumerate(pairs):
             low = bytes_popcount(builder, fours[index])

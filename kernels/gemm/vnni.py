@@ -24,8 +24,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from kernels.gemm.llvm_ir import (F32, F64, I1, I8, I16, I32, I64, array_ptr, clamped_rows, declare, emit_loop,
-                                  is_array, load_vector, prefetch, splat, with_arity)
+from kernels.gemm.llvm_ir import (F32, F64, I8, I16, I32, I64, array_ptr, clamped_rows, declare, emit_loop,
+                                  is_array, load_vector, masked, prefetch, splat, with_arity)
 
 V16I32 = ir.VectorType(I32, 16)
 V8F64 = ir.VectorType(F64, 8)
@@ -206,10 +206,8 @@ def _store_rows(builder, results: list[ir.Value], m, cols, out_ptr, o_off, ldo, 
     the caller's array.
     """
     vec = ir.VectorType(elem, 16)
-    mask_ty = ir.VectorType(I1, 16)
-    suffix, size = {I32: ("i32", 4), I8: ("i8", 1), F32: ("f32", 4)}[elem]
-    store = declare(builder, f"llvm.masked.store.v16{suffix}.p0",
-                    ir.FunctionType(ir.VoidType(), [vec, vec.as_pointer(), I32, mask_ty]))
+    size = 1 if elem == I8 else 4
+    store = masked(builder, "store", vec)
     lanes = ir.Constant(V16I32, list(range(16)))
     for r in range(len(results) // VECTORS):
         limit = builder.select(builder.icmp_signed("<", ir.Constant(I64, r), m), builder.trunc(cols, I32),

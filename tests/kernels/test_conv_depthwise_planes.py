@@ -206,10 +206,12 @@ def test_bad_calls(rng):
     out = np.zeros((1, c, 6, 6), np.uint8)
     cases = [
         (dict(x=x.view(np.int8)), TypeError, "x: expected dtype uint8, got int8"),
-        (dict(x=np.ascontiguousarray(x[:, :, :5])), ValueError, r"x: expected NCHW shape \(1, 8, 6, 6\), got \(1, 8, 5, 6\)"),
+        (dict(x=np.ascontiguousarray(x[:, :, :5])), ValueError,
+         r"x: expected NCHW shape \(1, 8, 6, 6\), got \(1, 8, 5, 6\)"),
         (dict(x=x.transpose(0, 1, 3, 2)), ValueError, "x: expected a C-contiguous array"),
         (dict(out=out.astype(np.int32)), TypeError, "out: expected dtype uint8 or int8, got int32"),
-        (dict(out=np.zeros((1, c, 6, 5), np.uint8)), ValueError, r"out: expected shape \(1, 8, 6, 6\), got \(1, 8, 6, 5\)"),
+        (dict(out=np.zeros((1, c, 6, 5), np.uint8)), ValueError,
+         r"out: expected shape \(1, 8, 6, 6\), got \(1, 8, 6, 5\)"),
         (dict(out=out[:, :, :, ::-1]), ValueError, "out: expected a C-contiguous array"),
     ]
     for change, error, match in cases:
