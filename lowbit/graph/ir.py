@@ -11,10 +11,14 @@ quantized ops carry the prefix ``lowbit.`` (see ``lowbit.runtime``). Activations
 are NCHW, as in ONNX; ``Gemm`` follows ONNX (``Y = alpha A B' + beta C`` with
 ``transB``), and ``lowbit`` always stores weights ``[out, in]`` with ``transB=1``.
 
-A graph is plain data: ``inputs`` (name -> :class:`TensorSpec`, the batch
-dimension ``None``), ``outputs`` (names), ``params`` (name -> ndarray: weights,
-biases, scales, codes) and ``nodes``. :meth:`Graph.validate` checks that every
-tensor is defined once before it is used.
+A graph is plain data: ``inputs`` (name -> :class:`TensorSpec`, whose free
+dimensions are ``None`` or a symbol such as ``"batch"``), ``outputs`` (names),
+``params`` (name -> ndarray: weights, biases, scales, codes), ``nodes`` and
+``opset`` (ONNX domain -> version; ``""`` is the default domain). Ops of another
+domain than ONNX's default are named ``"<domain>.<op_type>"``
+(``"com.microsoft.QLinearAdd"``). :meth:`Graph.validate` checks that every tensor
+is defined once before it is used; :meth:`Graph.index` maps each tensor to its
+producer and consumers in one pass.
 """
 
 from __future__ import annotations
@@ -26,16 +30,51 @@ from typing import Any
 import numpy as np
 
 
+#: The ONNX opset a graph without one is read at (lowbit's own graphs use no op whose meaning changed since).
+DEFAULT_OPSET = 21
+
+Dim = int | str | None
+
+
 @dataclass(frozen=True)
 class TensorSpec:
-    """Shape (``None`` for a free dimension, usually the batch) and dtype name of a graph input."""
+    """Shape and dtype name of a graph input. A dimension is an int, ``None`` (free) or a symbol such as
+    ``"batch"``: free too, but every dimension named by the same symbol takes the same size in one run."""
 
-    shape: tuple[int | None, ...]
+    shape: tuple[Dim, ...]
     dtype: str = "float32"
 
     def matches(self, array: np.ndarray) -> bool:
         return (array.dtype == np.dtype(self.dtype) and array.ndim == len(self.shape)
-                and all(s is None or s == a for s, a in zip(self.shape, array.shape)))
+                and all(not isinstance(s, int) or s == a for s, a in zip(self.shape, array.shape)))
+
+    def bind(self, shape: tuple[int, ...], symbols: dict[str, int]) -> str | None:
+        """Record in ``symbols`` the size each symbolic dimension takes in ``shape``; the first conflict, if any,
+        as a message (``symbols`` holds the sizes bound so far, by earlier inputs of the same run)."""
+        for axis, (dim, size) in enumerate(zip(self.shape, shape)):
+            if isinstance(dim, str):
+                if symbols.setdefault(dim, size) != size:
+                    return f"dimension {axis} is {dim!r} = {symbols[dim]} elsewhere in this run, got {size}"
+        return None
+
+
+@dataclass(frozen=True)
+class GraphIndex:
+    """Who writes and who reads each tensor, built in one pass over the nodes."""
+
+    producer: dict[str, Node]
+    consumers: dict[str, list[Node]]
+
+    @classmethod
+    def of(cls, nodes: list[Node]) -> GraphIndex:
+        producer, consumers = {}, {}
+        for node in nodes:
+            for t in node.outputs:
+                producer[t] = node
+            for t in dict.fromkeys(node.inputs):
+                if t:
+                    consumers.setdefault(t, []).append(node)
+        return cls(producer, consumers)
 
 
 @dataclass
@@ -57,6 +96,12 @@ class Graph:
     inputs: dict[str, TensorSpec]
     outputs: list[str]
     params: dict[str, np.ndarray] = field(default_factory=dict)
+    opset: dict[str, int] = field(default_factory=lambda: {"": DEFAULT_OPSET})
+
+    def opset_of(self, op: str) -> int:
+        """The opset version of ``op``'s domain (``"com.microsoft.QGemm"``: com.microsoft; ``"Conv"``: ONNX's)."""
+        domain = op.rpartition(".")[0]
+        return self.opset.get(domain, DEFAULT_OPSET if not domain else 1)
 
     def validate(self) -> Graph:
         """Raise ``ValueError`` unless every tensor is defined exactly once before it is read."""
@@ -82,23 +127,27 @@ class Graph:
             raise ValueError(f"graph: outputs {absent} are never computed")
         return self
 
+    def index(self) -> GraphIndex:
+        """Producers and consumers of every tensor (a snapshot: rebuild it after changing the nodes)."""
+        return GraphIndex.of(self.nodes)
+
     def producer(self, tensor: str) -> Node | None:
-        return next((node for node in self.nodes if tensor in node.outputs), None)
+        return self.index().producer.get(tensor)
 
     def consumers(self, tensor: str) -> list[Node]:
-        return [node for node in self.nodes if tensor in node.inputs]
+        return self.index().consumers.get(tensor, [])
 
     def node(self, name: str) -> Node:
         found = next((node for node in self.nodes if node.name == name), None)
         if found is None:
-            raise KeyError(f"no node named {name!r}; nodes: {[n.name for n in self.nodes]}")
+            raise KeyError(f"no node named {name!r}; nodes: {[n.name for n in self.nodes][:20]}...")
         return found
 
     def copy(self) -> Graph:
         """A deep copy of the structure; parameter arrays are shared (treat them as read-only)."""
         nodes = [dataclasses.replace(n, inputs=list(n.inputs), outputs=list(n.outputs), attrs=dict(n.attrs))
                  for n in self.nodes]
-        return Graph(nodes, dict(self.inputs), list(self.outputs), dict(self.params))
+        return Graph(nodes, dict(self.inputs), list(self.outputs), dict(self.params), dict(self.opset))
 
     def nbytes(self) -> int:
         """Bytes of all parameters: the model's size."""

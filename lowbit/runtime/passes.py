@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lowbit.graph.ir import Graph, Node
+from lowbit.graph.ir import Graph, GraphIndex, Node
 
 #: Producers that apply attr ``activation`` ("relu" / "relu6") after their bias.
 FUSABLE = ("Conv", "Gemm", "QLinearConv", "lowbit.QGemm", "lowbit.DynamicQGemm", "lowbit.Int4Gemm",
@@ -20,11 +20,11 @@ FUSABLE = ("Conv", "Gemm", "QLinearConv", "lowbit.QGemm", "lowbit.DynamicQGemm",
 _QUANTIZED_OUT = ("QLinearConv", "lowbit.QGemm")
 
 
-def _private(graph: Graph, tensor: str) -> Node | None:
+def _private(graph: Graph, index: GraphIndex, tensor: str) -> Node | None:
     """The only consumer of ``tensor`` when it has exactly one and is not a graph output, else None."""
     if tensor in graph.outputs:
         return None
-    consumers = graph.consumers(tensor)
+    consumers = index.consumers.get(tensor, [])
     return consumers[0] if len(consumers) == 1 else None
 
 
@@ -43,6 +43,28 @@ def _drop_unused(graph: Graph, candidates: set[str]) -> None:
         graph.params.pop(name, None)
 
 
+def fold_constants(graph: Graph) -> Graph:
+    """Evaluate once every node whose inputs are all parameters; its outputs become parameters.
+
+    What an exporter leaves to be computed from constants (weights transposed or cast, dequantized
+    weight-only constants, shape arithmetic on fixed shapes) then costs nothing per run. Shape arithmetic
+    that depends on the inputs' shapes is folded by the session once those are known.
+    """
+    from lowbit.runtime.evaluators import EVALUATORS, evaluate  # evaluators import the op modules
+
+    out = graph.copy()
+    kept = []
+    for node in out.nodes:
+        if node.op in EVALUATORS and node.inputs and all(not t or t in out.params for t in node.inputs):
+            values = evaluate(node, [out.params[t] if t else None for t in node.inputs], out.opset_of(node.op))
+            out.params.update(zip(node.outputs, values))
+        else:
+            kept.append(node)
+    out.nodes = kept
+    _drop_unused(out, set(out.params))
+    return out
+
+
 def fold_batch_norm(graph: Graph) -> Graph:
     """Fold each inference BatchNormalization that follows a Conv or Gemm into that node's weights and bias.
 
@@ -57,9 +79,10 @@ def fold_batch_norm(graph: Graph) -> Graph:
     """
     out = graph.copy()
     replaced: set[str] = set()
+    index, removed = out.index(), set()
     for bn in [n for n in out.nodes if n.op == "BatchNormalization"]:
-        producer = out.producer(bn.inputs[0])
-        if producer is None or producer.op not in ("Conv", "Gemm") or _private(out, bn.inputs[0]) is not bn:
+        producer = index.producer.get(bn.inputs[0])
+        if producer is None or producer.op not in ("Conv", "Gemm") or _private(out, index, bn.inputs[0]) is not bn:
             continue
         if "activation" in producer.attrs or len(bn.outputs) > 1:
             continue
@@ -89,7 +112,9 @@ def fold_batch_norm(graph: Graph) -> Graph:
         replaced.update(t for t in producer.inputs[1:3] + bn.inputs[1:5] if t)
         producer.inputs[1:] = [weight_name, new_bias]
         producer.outputs[0] = bn.outputs[0]
-        out.nodes = [n for n in out.nodes if n is not bn]
+        index.producer[bn.outputs[0]] = producer
+        removed.add(id(bn))
+    out.nodes = [n for n in out.nodes if id(n) not in removed]
     _drop_unused(out, replaced)
     return out
 
@@ -124,18 +149,21 @@ def fuse_activations(graph: Graph) -> Graph:
     Relu on the real values (a Clip(0, 6) on codes would clip at code 6, not at 6.0).
     """
     out = graph.copy()
+    index, removed = out.index(), set()
     for act in [n for n in out.nodes if n.op in ("Relu", "Clip")]:
-        producer = out.producer(act.inputs[0])
+        producer = index.producer.get(act.inputs[0])
         name = _activation_name(out, act)
         if (name is None or producer is None or producer.op not in FUSABLE or "activation" in producer.attrs
-                or len(producer.outputs) != 1 or _private(out, act.inputs[0]) is not act):
+                or len(producer.outputs) != 1 or _private(out, index, act.inputs[0]) is not act):
             continue
         zero_point = _codes_out(out, producer)
         if zero_point is not None and (name != "relu" or np.any(zero_point != 0)):
             continue
         producer.attrs["activation"] = name
         producer.outputs[0] = act.outputs[0]
-        out.nodes = [n for n in out.nodes if n is not act]
+        index.producer[act.outputs[0]] = producer
+        removed.add(id(act))
+    out.nodes = [n for n in out.nodes if id(n) not in removed]
     _drop_unused(out, {t for n in graph.nodes if n.op == "Clip" for t in n.inputs[1:] if t})
     return out
 

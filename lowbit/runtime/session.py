@@ -1,9 +1,13 @@
 """Running a graph: :class:`Session` prepares every node once per set of input shapes, plans buffers, executes.
 
-Preparing for new input shapes (cached per shape tuple):
+Preparing for new input shapes (cached per shape tuple, for at most :data:`MAX_SHAPES` shape tuples):
 
 1. shapes and dtypes flow node by node through the preparers (each
-   :class:`~lowbit.runtime.registry.Kernel` says what it outputs);
+   :class:`~lowbit.runtime.registry.Kernel` says what it outputs); a node whose inputs are all
+   constants for these shapes (parameters, earlier folded values, or the input of a ``Shape`` / ``Size``)
+   is evaluated once (:mod:`lowbit.runtime.evaluators`) and its outputs join the parameters that later
+   preparers read, so the shape arithmetic exporters emit (Shape, Gather, Concat, Reshape ...) costs nothing
+   per run;
 2. one dry run on zero-filled inputs records which outputs are views of an
    input (Reshape, Flatten), and, for a kernel carrying a float ``fallback``,
    races both (:func:`_race`: interleaved, best of up to :data:`RACE_ROUNDS`) and keeps the faster;
@@ -34,13 +38,17 @@ import numpy as np
 
 import kernels
 from lowbit.blas import blas_limit
-from lowbit.graph.ir import Graph
-from lowbit.runtime import float_ops, quant_ops
+from lowbit.graph.ir import Graph, Node
+from lowbit.runtime import evaluators, float_ops, quant_ops
 from lowbit.runtime.passes import float_twin, fold_batch_norm, fuse_activations
 from lowbit.runtime.profile import Profile
 from lowbit.runtime.registry import Kernel, Shape, prepare
 
-OP_MODULES = (float_ops, quant_ops)  # importing them registers their preparers
+OP_MODULES = (float_ops, quant_ops, evaluators)  # importing them registers their preparers
+#: Ops whose outputs depend only on their input's shape, so they fold once shapes are known.
+SHAPE_OPS = ("Shape", "Size")
+#: Input-shape tuples a session keeps prepared; a new one beyond this evicts the oldest.
+MAX_SHAPES = 16
 
 Spec = tuple[Shape, np.dtype]
 #: Timed rounds when racing candidates (a kernel and its fallback, a graph and its twin): enough for the best
@@ -65,6 +73,18 @@ def _race(candidates: list[Callable[[], object]]) -> list[float]:
             fn()
             best[i] = min(best[i], clock() - start)
     return best
+
+
+def _foldable(node: Node, constants: dict[str, np.ndarray]) -> bool:
+    """Whether ``node`` can be evaluated ahead of every run: it has an evaluator, and its inputs are constants
+    (or it reads only its input's shape)."""
+    return node.op in evaluators.EVALUATORS and (node.op in SHAPE_OPS or all(not t or t in constants
+                                                                            for t in node.inputs))
+
+
+def _folded(results: list[np.ndarray]) -> Kernel:
+    """The kernel of a node folded at preparation: it hands out the values computed then."""
+    return Kernel(lambda ins, outs: results, [(r.shape, r.dtype) for r in results], note="folded")
 
 
 @dataclass
@@ -109,6 +129,10 @@ class Session:
     """
 
     def __init__(self, graph: Graph, *, threads: int | None = None, fallback: bool = True, optimize: bool = True):
+        if type(graph).__name__ == "ModelProto":  # an onnx model: import it (onnx is an optional extra)
+            from lowbit.onnx import load
+
+            graph = load(graph)
         if not isinstance(graph, Graph):
             raise TypeError(f"graph: expected a lowbit.graph.Graph, got {type(graph).__name__}")
         if threads is not None and (not isinstance(threads, (int, np.integer)) or isinstance(threads, bool)
@@ -148,7 +172,7 @@ class Session:
         if missing or unknown:
             raise ValueError(f"feeds: missing inputs {missing}, unknown names {unknown}; the graph's inputs are "
                              f"{list(self.graph.inputs)}")
-        checked = {}
+        checked, symbols = {}, {}
         for name, spec in self.graph.inputs.items():
             x = feeds[name]
             if not isinstance(x, np.ndarray):
@@ -157,6 +181,9 @@ class Session:
                 raise TypeError(f"feeds[{name!r}]: expected dtype {spec.dtype}, got {x.dtype}")
             if not spec.matches(x):
                 raise ValueError(f"feeds[{name!r}]: expected shape {spec.shape} (None: any), got {x.shape}")
+            conflict = spec.bind(x.shape, symbols)
+            if conflict:
+                raise ValueError(f"feeds[{name!r}]: {conflict} (shape {x.shape}, expected {spec.shape})")
             checked[name] = np.ascontiguousarray(x)
         return checked
 
@@ -178,7 +205,11 @@ class Session:
         key = tuple((n, x.shape) for n, x in feeds.items())
         if key in self._prepared:
             return self._prepared[key]
-        graph = self.graph
+        if len(self._prepared) >= MAX_SHAPES:
+            self._evict(next(iter(self._prepared)))
+        # Preparers read constants from graph.params: a view of the graph whose params grow by the folded values.
+        constants = dict(self.graph.params)
+        graph = Graph(self.graph.nodes, self.graph.inputs, self.graph.outputs, constants, self.graph.opset)
         specs: dict[str, Spec] = {n: (p.shape, p.dtype) for n, p in graph.params.items()}
         specs.update((n, (x.shape, x.dtype)) for n, x in feeds.items())
         values: dict[str, np.ndarray] = {n: np.zeros(x.shape, x.dtype) for n, x in feeds.items()}
@@ -186,7 +217,13 @@ class Session:
         root = {n: n for n in feeds}
         chosen, self.notes = [], {}
         for node in graph.nodes:
-            kernel = prepare(node, graph, [specs[t] if t else None for t in node.inputs])
+            if _foldable(node, constants):
+                results = evaluators.evaluate(node, [values[t] if t else None for t in node.inputs],
+                                              graph.opset_of(node.op))
+                constants.update(zip(node.outputs, results))
+                kernel = _folded(results)
+            else:
+                kernel = prepare(node, graph, [specs[t] if t else None for t in node.inputs])
             if len(kernel.outputs) != len(node.outputs):
                 raise ValueError(f"node {node.name!r} ({node.op}): the kernel declares {len(kernel.outputs)} outputs, "
                                  f"the node has {len(node.outputs)}")
@@ -207,6 +244,16 @@ class Session:
             self.notes[node.name] = kernel.note
         prepared = self._prepared[key] = _Prepared(chosen, specs, root)
         return prepared
+
+    def _evict(self, key: tuple) -> None:
+        """Forget everything prepared for input shapes ``key``."""
+        del self._prepared[key]
+        self._whole.pop(key, None)
+        for plan_key in [k for k in self._plans if k[0] == key]:
+            del self._plans[plan_key]
+        shapes = tuple(shape for _, shape in key)
+        for signature in [s for s in self._routes if tuple(shape for shape, _ in s) == shapes]:
+            del self._routes[signature]
 
     @staticmethod
     def _faster(kernel: Kernel, ins: list, outs: list[np.ndarray]) -> Kernel:

@@ -1,0 +1,238 @@
+"""ONNX Runtime's Python API over lowbit: ``import lowbit.onnx as ort`` and keep the rest of the code.
+
+:class:`InferenceSession` takes what ``onnxruntime.InferenceSession`` takes (a path or the model's
+bytes, ``sess_options``, ``providers``) and answers the same calls: ``run(output_names, input_feed)``
+returning a list of arrays, ``get_inputs()`` / ``get_outputs()`` (``name``, ``shape`` with symbols as
+str, ``type`` as ``"tensor(float)"``), ``get_modelmeta()``, ``get_providers()``. Underneath, a
+:class:`lowbit.Session` runs the imported graph with the quantized kernels always on (no race against a
+float twin: quantized models give the quantized results, as in ONNX Runtime), prepared once per set of
+input shapes (at most :data:`lowbit.runtime.session.MAX_SHAPES` kept).
+
+Differences: 4-bit tensors are fed and returned as int8 / uint8 codes (one per byte); ``run_options``
+is accepted and ignored; ``output_names`` may also name intermediate tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from lowbit.onnx.importer import ValueInfo, import_model
+from lowbit.runtime.profile import Profile
+from lowbit.runtime.session import Session
+
+PROVIDERS = ["CPUExecutionProvider"]
+
+
+class GraphOptimizationLevel:
+    """ONNX Runtime's levels: lowbit folds batch norms and fuses activations unless ``ORT_DISABLE_ALL``."""
+
+    ORT_DISABLE_ALL = 0
+    ORT_ENABLE_BASIC = 1
+    ORT_ENABLE_EXTENDED = 2
+    ORT_ENABLE_ALL = 99
+
+
+class ExecutionMode:
+    ORT_SEQUENTIAL = 0
+    ORT_PARALLEL = 1
+
+
+@dataclass
+class SessionOptions:
+    """The options of ``onnxruntime.SessionOptions`` that lowbit reads (the rest are accepted and kept).
+
+    ``intra_op_num_threads``: threads of the kernels (0: all cores); ``graph_optimization_level``;
+    ``enable_profiling``: record lowbit's per-node profile, written by
+    :meth:`InferenceSession.end_profiling` to ``<profile_file_prefix>_<time>.json``.
+    """
+
+    intra_op_num_threads: int = 0
+    inter_op_num_threads: int = 0
+    graph_optimization_level: int = GraphOptimizationLevel.ORT_ENABLE_ALL
+    execution_mode: int = ExecutionMode.ORT_SEQUENTIAL
+    enable_profiling: bool = False
+    profile_file_prefix: str = "lowbit_profile"
+    log_severity_level: int = 2
+    log_verbosity_level: int = 0
+    optimized_model_filepath: str = ""
+    enable_cpu_mem_arena: bool = True
+    enable_mem_pattern: bool = True
+    use_deterministic_compute: bool = False
+    config_entries: dict[str, str] = field(default_factory=dict)
+
+    def add_session_config_entry(self, key: str, value: str) -> None:
+        self.config_entries[str(key)] = str(value)
+
+    def get_session_config_entry(self, key: str) -> str:
+        return self.config_entries[key]
+
+
+class RunOptions:
+    """Accepted for compatibility; lowbit has nothing to set per run."""
+
+    log_severity_level: int = 2
+    terminate: bool = False
+
+
+@dataclass(frozen=True)
+class NodeArg:
+    """A graph input or output: ``name``, ``shape`` (ints, symbol names, None for unknown) and ``type``."""
+
+    name: str
+    shape: list[int | str | None]
+    type: str
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    producer_name: str
+    graph_name: str
+    graph_description: str
+    domain: str
+    description: str
+    version: int
+    custom_metadata_map: dict[str, str]
+
+
+def get_available_providers() -> list[str]:
+    return list(PROVIDERS)
+
+
+def get_device() -> str:
+    return "CPU"
+
+
+def _node_arg(info: ValueInfo) -> NodeArg:
+    return NodeArg(info.name, list(info.shape) if info.shape is not None else None, info.type)
+
+
+class InferenceSession:
+    """Run an ONNX model (path, or the file's bytes) with lowbit's kernels, through ONNX Runtime's API."""
+
+    def __init__(self, path_or_bytes: str | os.PathLike | bytes, sess_options: SessionOptions | None = None,
+                 providers: Sequence[Any] | None = None, provider_options: Sequence[dict] | None = None,
+                 **kwargs: Any):
+        options = sess_options if sess_options is not None else SessionOptions()
+        if not isinstance(options, SessionOptions):
+            raise TypeError(f"sess_options: expected a lowbit.onnx.SessionOptions, got {type(options).__name__}")
+        threads = int(options.intra_op_num_threads)
+        if threads < 0:
+            raise ValueError(f"sess_options.intra_op_num_threads: expected >= 0 (0: all cores), got {threads}")
+        names = [p[0] if isinstance(p, (tuple, list)) else p for p in (providers or [])]
+        if names and "CPUExecutionProvider" not in names:
+            warnings.warn(f"providers {names} are not available in lowbit; running on CPUExecutionProvider",
+                          stacklevel=2)
+        self._model_path = str(path_or_bytes) if isinstance(path_or_bytes, (str, os.PathLike)) else None
+        imported = import_model(path_or_bytes)
+        self._inputs = [_node_arg(i) for i in imported.inputs]
+        self._outputs = [_node_arg(o) for o in imported.outputs]
+        self._meta = ModelMetadata(**{k: imported.metadata[k] for k in ModelMetadata.__dataclass_fields__})
+        self._options = options
+        optimize = options.graph_optimization_level != GraphOptimizationLevel.ORT_DISABLE_ALL
+        self._session = Session(imported.graph, threads=threads or None, fallback=False, optimize=optimize)
+        self._specs = dict(imported.graph.inputs)
+        self._profiled_feeds: dict[str, np.ndarray] | None = None
+
+    # ---- ONNX Runtime's API ------------------------------------------------------------------------------------------
+
+    def get_inputs(self) -> list[NodeArg]:
+        return list(self._inputs)
+
+    def get_outputs(self) -> list[NodeArg]:
+        return list(self._outputs)
+
+    def get_overridable_initializers(self) -> list[NodeArg]:
+        return []
+
+    def get_modelmeta(self) -> ModelMetadata:
+        return self._meta
+
+    def get_providers(self) -> list[str]:
+        return list(PROVIDERS)
+
+    def get_provider_options(self) -> dict[str, dict]:
+        return {p: {} for p in PROVIDERS}
+
+    def get_session_options(self) -> SessionOptions:
+        return self._options
+
+    def set_providers(self, providers: Sequence[Any] | None = None, provider_options: Any = None) -> None:
+        """Accepted for compatibility: lowbit runs on the CPU."""
+
+    def run(self, output_names: Sequence[str] | None, input_feed: dict[str, Any],
+            run_options: RunOptions | None = None) -> list[np.ndarray]:
+        """The outputs named by ``output_names`` (None or empty: all graph outputs), in that order, computed
+        from ``input_feed`` (input name -> array)."""
+        names = [o.name for o in self._outputs] if not output_names else list(output_names)
+        if isinstance(output_names, str):
+            raise TypeError(f"output_names: expected a list of names or None, got the string {output_names!r}")
+        feeds = self._feeds(input_feed)
+        results = self._session.run(feeds, names)
+        if self._options.enable_profiling:
+            self._profiled_feeds = feeds
+        return [results[n] for n in names]
+
+    def run_with_ort_values(self, *args: Any, **kwargs: Any):
+        raise NotImplementedError("lowbit.onnx has no OrtValue; call run() with NumPy arrays")
+
+    def end_profiling(self) -> str:
+        """Write the per-node profile of the last run's inputs to ``<profile_file_prefix>_<time>.json``; its path."""
+        if not self._options.enable_profiling:
+            return ""
+        if self._profiled_feeds is None:
+            raise RuntimeError("end_profiling: no run was made since the session started")
+        profile = self.profile(self._profiled_feeds)
+        path = f"{self._options.profile_file_prefix}_{time.strftime('%Y-%m-%d_%H-%M-%S')}.json"
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"total_ms": profile.total_ms, "nodes": [row.__dict__ for row in profile.rows]}, f, indent=1)
+        return path
+
+    # ---- lowbit's additions ----------------------------------------------------------------------------------------
+
+    @property
+    def graph(self):
+        """The lowbit graph that runs (after Q/DQ fusion, constant folding and lowbit's own rewrites)."""
+        return self._session.graph
+
+    def profile(self, input_feed: dict[str, Any], repeat: int = 5) -> Profile:
+        """Per-node times (best of ``repeat``) for these inputs: which kernel ran each node, in what precision."""
+        return self._session.profile(self._feeds(input_feed), repeat)
+
+    def _feeds(self, input_feed: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Check ``input_feed`` against the inputs' types and shapes, with errors naming the input."""
+        if not isinstance(input_feed, dict):
+            raise TypeError(f"input_feed: expected a dict of input name -> array, got {type(input_feed).__name__}")
+        unknown = [n for n in input_feed if n not in self._specs]
+        if unknown:
+            raise ValueError(f"input_feed: unknown inputs {unknown}; the model's inputs are "
+                             f"{[i.name for i in self._inputs]}")
+        feeds = {}
+        for arg in self._inputs:
+            spec = self._specs[arg.name]
+            if arg.name not in input_feed:
+                raise ValueError(f"input_feed: missing input {arg.name!r} ({arg.type}, shape {arg.shape})")
+            value = input_feed[arg.name]
+            array = value if isinstance(value, np.ndarray) else np.asarray(value)
+            if array.dtype.name in ("int4", "uint4") and arg.type == f"tensor({array.dtype.name})":
+                array = array.astype(spec.dtype)  # ml_dtypes 4-bit -> one code per byte
+            if array.dtype != np.dtype(spec.dtype):
+                raise TypeError(f"input {arg.name!r}: expected {arg.type} (numpy {spec.dtype}), got "
+                                f"{array.dtype} ({type(value).__name__})")
+            if array.ndim != len(spec.shape):
+                raise ValueError(f"input {arg.name!r}: expected rank {len(spec.shape)} (shape {arg.shape}), got "
+                                 f"shape {array.shape}")
+            wrong = [(axis, d, s) for axis, (d, s) in enumerate(zip(spec.shape, array.shape))
+                     if isinstance(d, int) and d != s]
+            if wrong:
+                axis, d, s = wrong[0]
+                raise ValueError(f"input {arg.name!r}: dimension {axis} must be {d} (shape {arg.shape}), got "
+                                 f"shape {array.shape}")
+            feeds[arg.name] = array
+        return feeds
