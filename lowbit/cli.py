@@ -1,4 +1,6 @@
-"""The ``lowbit`` command line: info, bench, demo, warmup, quantize, run, report."""
+"""The ``lowbit`` command line: info, bench, demo, warmup, quantize, run, report, inspect.
+
+``run``, ``bench`` and ``inspect`` take ONNX files (``MODEL.onnx``) as well as ``.lowbit`` ones."""
 
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.model:
+        return _bench_model(args)
     from lowbit.benchmark import bench, table
 
     print(f"{kernels.cpu_info()['cpu']}, level {kernels.cpu_info()['active_level']}, "
@@ -58,6 +62,81 @@ def _warmup(args: argparse.Namespace) -> int:
 
     print(f"compiling every kernel for level {kernels.cpu_info()['active_level']} into the cache:")
     print(f"done in {warmup():.1f} s")
+    return 0
+
+
+def _dims(pairs: list[str] | None) -> dict[str, int]:
+    """``--dim seq=128`` options as {symbol: size}."""
+    dims = {}
+    for pair in pairs or []:
+        name, _, size = pair.partition("=")
+        if not name or not size.isdigit():
+            raise SystemExit(f"--dim: expected NAME=SIZE (a symbolic dimension and its size), got {pair!r}")
+        dims[name] = int(size)
+    return dims
+
+
+def _onnx_feeds(session, inputs: list[str] | None, batch: int, dims: dict[str, int]) -> dict[str, np.ndarray]:
+    """``--input NAME=file.npy`` (repeatable), one ``.npy`` for a single-input model or an ``.npz`` by name;
+    example inputs for the rest."""
+    from lowbit.onnx.tools import example_feeds
+
+    feeds = example_feeds(session.get_inputs(), batch, dims)
+    names = [i.name for i in session.get_inputs()]
+    for item in inputs or []:
+        name, sep, path = item.rpartition("=")
+        if path.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as data:
+                feeds.update({n: data[n] for n in data.files})
+            continue
+        if not sep:
+            if len(names) != 1:
+                raise SystemExit(f"--input: the model has inputs {names}: give NAME=file.npy for each")
+            name = names[0]
+        feeds[name] = np.load(path, allow_pickle=False)
+    return feeds
+
+
+def _run_onnx(args: argparse.Namespace) -> int:
+    from lowbit.onnx import InferenceSession, SessionOptions
+
+    options = SessionOptions()
+    options.intra_op_num_threads = args.threads or 0
+    session = InferenceSession(args.model, options)
+    feeds = _onnx_feeds(session, args.input, args.batch, _dims(args.dim))
+    session.run(None, feeds)  # prepare
+    start = time.perf_counter()
+    outputs = session.run(None, feeds)
+    elapsed = time.perf_counter() - start
+    for arg, value in zip(session.get_outputs(), outputs):
+        print(f"{arg.name}: shape {value.shape}, dtype {value.dtype}, first values {value.reshape(-1)[:5]}")
+    if args.output:
+        np.savez(args.output, **{arg.name: value for arg, value in zip(session.get_outputs(), outputs)})
+    print(f"ran in {elapsed * 1e3:.2f} ms")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from lowbit.onnx.tools import inspect
+
+    report, runs = inspect(args.model, args.batch, _dims(args.dim))
+    print(report)
+    return 0 if runs else 1
+
+
+def _bench_model(args: argparse.Namespace) -> int:
+    from lowbit.onnx.tools import bench
+
+    threads = args.threads or 1
+    info = kernels.cpu_info()
+    print(f"{args.model}: batch {args.batch}, {threads} thread(s); {info['cpu']}, level {info['active_level']}")
+    best = bench(args.model, args.batch, _dims(args.dim), threads, args.rounds)
+    ours = best["lowbit"]
+    line = f"lowbit {1e3 * ours:.3f} ms"
+    if "onnxruntime" in best:
+        line += f", onnxruntime {1e3 * best['onnxruntime']:.3f} ms: lowbit takes {ours / best['onnxruntime']:.2f}x " \
+                f"ONNX Runtime's time"
+    print(line)
     return 0
 
 
@@ -89,12 +168,14 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.model.lower().endswith(".onnx"):
+        return _run_onnx(args)
     import lowbit
     from lowbit.runtime.session import Session
 
     graph = lowbit.load(args.model)
     session = Session(graph, threads=args.threads)
-    feeds = _feeds(graph, args.input, args.batch)
+    feeds = _feeds(graph, args.input[-1] if args.input else None, args.batch)
     session.run(feeds)  # prepare and compile
     start = time.perf_counter()
     outputs = session.run(feeds)
@@ -133,9 +214,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     info = sub.add_parser("info", help="CPU features, active kernel level, versions, threads")
     info.add_argument("--json", action="store_true", help="print machine-readable JSON")
     info.set_defaults(run=_info)
-    bench = sub.add_parser("bench", help="each kernel family against NumPy float32, one table")
-    bench.add_argument("--threads", type=int, help="threads for lowbit and NumPy (default: all cores)")
+    bench = sub.add_parser("bench", help="each kernel family against NumPy float32, one table; or, given an "
+                                         "ONNX model, its latency against ONNX Runtime's")
+    bench.add_argument("model", nargs="?", help="an .onnx file to time end to end (default: the kernels)")
+    bench.add_argument("--threads", type=int, help="threads (default: all cores; 1 for a model)")
+    bench.add_argument("--batch", type=int, default=1, help="batch of the model's example input")
+    bench.add_argument("--dim", action="append", help="NAME=SIZE for a symbolic input dimension (repeatable)")
+    bench.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     bench.set_defaults(run=_bench)
+    inspect = sub.add_parser("inspect", help="an ONNX model's inputs, outputs, ops and the kernel of each node")
+    inspect.add_argument("model", help="an .onnx file")
+    inspect.add_argument("--batch", type=int, default=1, help="batch to prepare the nodes for")
+    inspect.add_argument("--dim", action="append", help="NAME=SIZE for a symbolic input dimension (repeatable)")
+    inspect.set_defaults(run=_inspect)
     demo = sub.add_parser("demo", help="train, quantize and run digit classifiers (needs scikit-learn)")
     demo.add_argument("--quick", action="store_true", help="fewer epochs (for a smoke test)")
     demo.add_argument("--seed", type=int, default=0)
@@ -146,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     ("run", "run a .lowbit model on an input", _run),
                                     ("report", "per-node profile (and error against a reference model)", _report)):
         cmd = sub.add_parser(name, help=helptext)
-        cmd.add_argument("model", help="a .lowbit file (lowbit.save)")
+        cmd.add_argument("model", help="a .lowbit file (lowbit.save)" + (" or an .onnx file" if name == "run" else ""))
         cmd.add_argument("--batch", type=int, default=1, help="batch of the random input when no file is given")
         cmd.set_defaults(run=handler)
         if name == "quantize":
@@ -155,10 +246,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd.add_argument("--precision", default="int8", choices=("int8", "int4", "ternary", "binary"))
             cmd.add_argument("--activations", default="static", choices=("static", "dynamic"))
         else:
-            cmd.add_argument("--input", help=".npy (single input) or .npz (by name) input (default: random)")
+            cmd.add_argument("--input", action="append" if name == "run" else "store",
+                             help=".npy (single input) or .npz (by name) input (default: random); ONNX: "
+                                  "NAME=file.npy, repeatable")
             cmd.add_argument("--threads", type=int, help="threads (default: all cores)")
         if name == "run":
-            cmd.add_argument("--output", help="save the (first) output here as .npy")
+            cmd.add_argument("--output", help="save the (first) output here as .npy (ONNX: all outputs, .npz)")
+            cmd.add_argument("--dim", action="append", help="ONNX: NAME=SIZE for a symbolic dimension (repeatable)")
         if name == "report":
             cmd.add_argument("--reference", help="a float .lowbit model to measure the output error against")
     args = parser.parse_args(argv)

@@ -1,7 +1,7 @@
 """Saving and loading graphs: one zip file (suffix ``.lowbit``) of ``graph.json`` and one ``.npy`` per parameter.
 
 ``graph.json`` holds ``{"format": "lowbit", "format_version": 1, "inputs", "outputs",
-"nodes", "params"}``; each param entry names its file, dtype, shape and storage:
+"nodes", "params", "opset"}`` (``opset`` is optional: files without it read at the default opset); each param entry names its file, dtype, shape and storage:
 
 - ``"raw"``: the array itself;
 - ``"s4"`` / ``"t2"`` / ``"b1"``: int8 codes that feed a lowbit.Int4* / TernaryGemm /
@@ -94,6 +94,7 @@ def save(graph: Graph, path: str | os.PathLike) -> None:
                    "attrs": {k: _json_value(v, f"node {n.name!r} attr {k!r}") for k, v in n.attrs.items()}}
                   for n in graph.nodes],
         "params": params,
+        "opset": dict(graph.opset),
     }
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
         archive.writestr("graph.json", json.dumps(header, indent=1))
@@ -126,8 +127,23 @@ def _read_param(archive: zipfile.ZipFile, name: str, entry: Any) -> np.ndarray:
     return value
 
 
+def _opset(header: dict) -> dict:
+    """``{"opset": ...}`` for the Graph when the file records one, checked to be domain -> int."""
+    opset = header.get("opset")
+    if opset is None:
+        return {}
+    if not isinstance(opset, dict) or not all(isinstance(k, str) and type(v) is int for k, v in opset.items()):
+        raise TypeError(f"opset must map domain names to ints, got {opset!r}")
+    return {"opset": opset}
+
+
 def load(path: str | os.PathLike) -> Graph:
-    """The graph saved at ``path`` by :func:`save`; ``ValueError`` when the file is not one, or is inconsistent."""
+    """The graph saved at ``path`` by :func:`save`, or imported from an ONNX file (suffix ``.onnx``, needs the
+    onnx package: :func:`lowbit.onnx.load`); ``ValueError`` when the file is neither, or is inconsistent."""
+    if os.fspath(path).lower().endswith(".onnx"):
+        from lowbit.onnx import load as load_onnx
+
+        return load_onnx(path)
     try:
         with zipfile.ZipFile(path) as archive:
             if archive.testzip() is not None:
@@ -147,7 +163,7 @@ def load(path: str | os.PathLike) -> Graph:
         nodes = [Node(n["op"], list(n["inputs"]), list(n["outputs"]), dict(n["attrs"]), n["name"])
                  for n in header["nodes"]]
         inputs = {name: TensorSpec(tuple(s["shape"]), s["dtype"]) for name, s in header["inputs"].items()}
-        graph = Graph(nodes, inputs, list(header["outputs"]), params)
+        graph = Graph(nodes, inputs, list(header["outputs"]), params, **_opset(header))
     except (KeyError, TypeError) as error:
         raise ValueError(f"{os.fspath(path)}: malformed graph.json ({error!r})") from None
     return graph.validate()
