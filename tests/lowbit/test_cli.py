@@ -60,3 +60,42 @@ def test_demo_quick(capsys):
     pytest.importorskip("sklearn")
     assert main(["demo", "--quick"]) == 0
     assert "int8" in capsys.readouterr().out
+
+
+def _onnx_model(tmp_path, rng):
+    """A float Conv + Relu ONNX file with a symbolic batch, and one with an op lowbit cannot run."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])]
+    good = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [w]), opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(good, str(tmp_path / "conv.onnx"))
+    nodes.append(helper.make_node("Unique", ["y"], ["u"]))
+    u = helper.make_tensor_value_info("u", TensorProto.FLOAT, None)
+    bad = helper.make_model(helper.make_graph(nodes, "g", [x], [u], [w]), opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save(bad, str(tmp_path / "unique.onnx"))
+    return tmp_path / "conv.onnx", tmp_path / "unique.onnx", good
+
+
+def test_onnx_run_inspect_bench(tmp_path, capsys, rng):
+    from onnx.reference import ReferenceEvaluator
+
+    path, unsupported, model = _onnx_model(tmp_path, rng)
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    assert main(["run", str(path), "--input", f"x={tmp_path / 'x.npy'}", "--output", str(tmp_path / "y.npz")]) == 0
+    with np.load(tmp_path / "y.npz") as saved:
+        np.testing.assert_allclose(saved["y"], ReferenceEvaluator(model).run(None, {"x": x})[0], rtol=1e-4,
+                                   atol=1e-5)
+    assert main(["inspect", str(path), "--batch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "input x: tensor(float) ['N', 3, 8, 8]" in out and "Conv x1, Relu x1" in out and "im2col" in out
+    assert main(["inspect", str(unsupported)]) == 1
+    assert "Unique (opset 17): 1 node(s)" in capsys.readouterr().out
+    assert main(["bench", str(path), "--batch", "2", "--rounds", "1"]) == 0
+    assert "lowbit" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="NAME=SIZE"):
+        main(["run", str(path), "--dim", "N"])
