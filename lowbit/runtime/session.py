@@ -7,7 +7,8 @@ Preparing for new input shapes (cached per shape tuple, for at most :data:`MAX_S
    constants for these shapes (parameters, earlier folded values, or the input of a ``Shape`` / ``Size``)
    is evaluated once (:mod:`lowbit.runtime.evaluators`) and its outputs join the parameters that later
    preparers read, so the shape arithmetic exporters emit (Shape, Gather, Concat, Reshape ...) costs nothing
-   per run;
+   per run. An input whose values decide a shape (a Reshape target fed at run time) is a constant too: its
+   values join the shape tuple as the cache key;
 2. one dry run on zero-filled inputs records which outputs are views of an
    input (Reshape, Flatten), and, for a kernel carrying a float ``fallback``,
    races both (:func:`_race`: interleaved, best of up to :data:`RACE_ROUNDS`) and keeps the faster;
@@ -150,11 +151,37 @@ class Session:
         self._tensors = set(self._slot)
         twin = float_twin(self.graph) if self.fallback else None
         self._twin = None if twin is None else Session(twin, threads=threads, fallback=fallback, optimize=False)
+        self._valued = self._shape_valued()
         self._whole: dict[tuple, tuple[bool, str]] = {}  # input shapes -> (the twin runs, the race's note)
         self._prepared: dict[tuple, _Prepared] = {}
         self._plans: dict[tuple, _Plan] = {}
         self._routes: dict[tuple, dict] = {}  # feed signature -> fetch (None: default) -> (session, plan)
         self.notes: dict[str, str] = {}  # node name -> note of the kernel chosen at the last preparation
+
+    def _shape_valued(self) -> frozenset[str]:
+        """Inputs whose values reach an input that decides a shape (:data:`evaluators.SHAPE_INPUTS`), other than
+        through ``Shape`` / ``Size`` (which read only shapes)."""
+        index, found = self.graph.index(), set()
+        for name in self.graph.inputs:
+            seen, stack = {name}, [name]
+            while stack and name not in found:
+                tensor = stack.pop()
+                for node in index.consumers.get(tensor, []):
+                    if node.op in SHAPE_OPS:
+                        continue
+                    positions = evaluators.SHAPE_INPUTS.get(node.op, ())
+                    if any(p < len(node.inputs) and node.inputs[p] == tensor for p in positions):
+                        found.add(name)
+                        break
+                    fresh = [t for t in node.outputs if t not in seen]
+                    seen.update(fresh)
+                    stack.extend(fresh)
+        return frozenset(found)
+
+    def _key(self, feeds: dict[str, np.ndarray]) -> tuple:
+        """The preparation key of checked ``feeds``: each input's shape, and the values of :meth:`_shape_valued`
+        inputs."""
+        return tuple((n, feeds[n].shape, feeds[n].tobytes() if n in self._valued else None) for n in self._inputs)
 
     def _limit(self) -> contextlib.AbstractContextManager:
         """Hold the kernels (and BLAS, see :func:`_blas_limit`) to ``threads`` when it was given."""
@@ -202,7 +229,7 @@ class Session:
     # ---- preparation -----------------------------------------------------------------------------------------------
 
     def _prepare(self, feeds: dict[str, np.ndarray]) -> _Prepared:
-        key = tuple((n, x.shape) for n, x in feeds.items())
+        key = self._key(feeds)
         if key in self._prepared:
             return self._prepared[key]
         if len(self._prepared) >= MAX_SHAPES:
@@ -213,6 +240,7 @@ class Session:
         specs: dict[str, Spec] = {n: (p.shape, p.dtype) for n, p in graph.params.items()}
         specs.update((n, (x.shape, x.dtype)) for n, x in feeds.items())
         values: dict[str, np.ndarray] = {n: np.zeros(x.shape, x.dtype) for n, x in feeds.items()}
+        constants.update((n, feeds[n].copy()) for n in self._valued)
         values.update(graph.params)
         root = {n: n for n in feeds}
         chosen, self.notes = [], {}
@@ -251,9 +279,7 @@ class Session:
         self._whole.pop(key, None)
         for plan_key in [k for k in self._plans if k[0] == key]:
             del self._plans[plan_key]
-        shapes = tuple(shape for _, shape in key)
-        for signature in [s for s in self._routes if tuple(shape for shape, _ in s) == shapes]:
-            del self._routes[signature]
+        self._routes.clear()  # rebuilt on the next runs from what stays prepared
 
     @staticmethod
     def _faster(kernel: Kernel, ins: list, outs: list[np.ndarray]) -> Kernel:
@@ -345,12 +371,12 @@ class Session:
         """Check ``feeds`` and ``fetch`` fully, prepare (racing the twin once per input shapes), plan; the
         session that runs (this one or its float twin) and its plan, remembered for the next run."""
         checked, names = self._check_feeds(feeds), self._check_fetch(fetch)
-        key = tuple((n, x.shape) for n, x in checked.items())
+        key = self._key(checked)
         twin_runs, _ = self._race_twin(checked, key)
         use_twin = twin_runs and set(names) <= self._twin._tensors
         session = self._twin if use_twin else self
         route = (session, session._plan_for(checked, key, names))
-        signature = tuple((x.shape, x.dtype) for x in checked.values())
+        signature = self._signature([checked[n] for n in self._inputs])
         self._routes.setdefault(signature, {})[None if fetch is None else tuple(fetch)] = route
         return route
 
@@ -377,6 +403,12 @@ class Session:
                 (False, f"quantized graph {quantized} < its float twin {float_}")
         return self._whole[key]
 
+    def _signature(self, xs: list[np.ndarray]) -> tuple:
+        """What picks a remembered route for feeds ``xs`` (in input order): shapes, dtypes, shape-deciding values."""
+        if not self._valued:
+            return tuple([(x.shape, x.dtype) for x in xs])
+        return tuple([(x.shape, x.dtype, x.tobytes() if n in self._valued else None) for n, x in zip(self._inputs, xs)])
+
     def run(self, feeds: dict[str, np.ndarray], fetch: list[str] | None = None) -> dict[str, np.ndarray]:
         """Compute ``fetch`` (tensor names; default the graph's outputs) from ``feeds`` (input name -> ndarray).
 
@@ -387,7 +419,7 @@ class Session:
         if isinstance(feeds, dict) and len(feeds) == len(self._inputs) and not isinstance(fetch, str):
             xs = [feeds.get(n) for n in self._inputs]
             if all(isinstance(x, np.ndarray) for x in xs):
-                routes = self._routes.get(tuple([(x.shape, x.dtype) for x in xs]))
+                routes = self._routes.get(self._signature(xs))
                 with contextlib.suppress(TypeError):  # unhashable fetch entries: checked below
                     route = routes and routes.get(None if fetch is None else tuple(fetch))
         session, plan = route or self._ready(feeds, fetch)
@@ -406,7 +438,7 @@ class Session:
             raise ValueError(f"repeat: expected an int >= 1, got {repeat!r}")
         session, plan = self._ready(feeds, None)
         self.run(feeds)
-        key = tuple((n, feeds[n].shape) for n in self._inputs)
+        key = self._key(self._check_feeds(feeds))
         twin_runs, whole = self._race_twin(feeds, key)
         timings = [np.inf] * len(session.graph.nodes)
         with self._limit():
