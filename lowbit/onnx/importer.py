@@ -147,7 +147,7 @@ def tensor_array(tensor, folder: Path | None = None, where: str = "") -> np.ndar
     except Exception as error:  # the protobuf's sizes disagree with its dims, or its data is corrupt
         raise ValueError(f"{where}: its data does not match its shape {list(tensor.dims)} and type "
                          f"{elem_name(tensor.data_type)} ({error})") from None
-    return np.ascontiguousarray(array.astype(dtype, copy=False))
+    return np.asarray(array, dtype, order="C")  # keeps 0-d scalars 0-d, unlike ascontiguousarray
 
 
 # ---- attributes, value infos, constants ----------------------------------------------------------------------------

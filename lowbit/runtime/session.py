@@ -211,7 +211,7 @@ class Session:
             conflict = spec.bind(x.shape, symbols)
             if conflict:
                 raise ValueError(f"feeds[{name!r}]: {conflict} (shape {x.shape}, expected {spec.shape})")
-            checked[name] = np.ascontiguousarray(x)
+            checked[name] = np.asarray(x, order="C")  # 0-d stays 0-d
         return checked
 
     def _check_fetch(self, fetch: list[str] | None) -> list[str]:
@@ -351,7 +351,7 @@ class Session:
         """Run ``plan`` on checked ``feeds``; with ``timings``, keep each step's best seconds there."""
         slots = plan.slots.copy()
         for i, name in plan.feeds:
-            slots[i] = np.ascontiguousarray(feeds[name])
+            slots[i] = np.asarray(feeds[name], order="C")
         clock = time.perf_counter
         for i, (run, ins, patch, outs, out_slots) in enumerate(plan.steps):
             for k, j in patch:
