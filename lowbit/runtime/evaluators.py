@@ -39,7 +39,7 @@ import numpy as np
 import lowbit.runtime.float_ops  # noqa: F401
 import lowbit.runtime.quant_ops  # noqa: F401
 from lowbit.graph.ir import Graph, Node
-from lowbit.runtime.float_ops import _axis, _fail, _product, attr
+from lowbit.runtime.float_ops import ERF_CLAMP, ERF_P, ERF_Q, _axis, _fail, _product, attr
 from lowbit.runtime.float_ops import _sigmoid as _sigmoid_into
 from lowbit.runtime.registry import PREPARERS, Kernel, Shape, preparer
 
@@ -159,16 +159,7 @@ def _float_type(x: np.ndarray) -> np.dtype:
 
 # ---- erf -------------------------------------------------------------------------------------------------------------
 
-#: ``erf(x) = x P(x^2) / Q(x^2)`` for ``|x| <= ERF_CLAMP`` (past it erf is 1 to float32 precision). The
-#: coefficients (ascending powers of ``u = x^2``) were fitted for lowbit by Lawson-reweighted linear least squares
-#: on 8000 Chebyshev points of [0, 3.92] against ``math.erf``: the rational is within 1.9e-9 relative of erf there.
-#: Evaluated in float64 and rounded once, a float32 result is within 0.54 ulp of the true erf (|error| <= 3.2e-8
-#: over 4e6 points in [1e-30, 4.5]); float64 inputs get the same absolute bound, not float64 precision.
-ERF_P = (1.1283791691460208, 0.1851352766883202, 0.054244002671555075, 0.0038386246091286244,
-         0.0003767598215663367, 4.6092573704617916e-06, -1.279991779691585e-08)
-ERF_Q = (1.0, 0.4974052733382146, 0.11387377362787732, 0.015430055158578038, 0.0013015264416001697,
-         6.239939761289734e-05)
-ERF_CLAMP = 3.92
+# One rational for erf in lowbit: float_ops' coefficients (see ERF_P there), evaluated here in float64.
 ERF_EXACT_UP_TO = 64  # elements: smaller arrays call math.erf per element, cheaper than 25 whole-array passes
 _math_erf = np.frompyfunc(math.erf, 1, 1)
 

@@ -383,7 +383,7 @@ class Session:
     def _plan_for(self, feeds: dict[str, np.ndarray], key: tuple, fetch: list[str]) -> _Plan:
         prepared = self._prepared.get(key)
         if prepared is None:
-            with self._limit():
+            with self._limit(), np.errstate(all="ignore"):  # the dry run's zeros may divide by zero, log of 0
                 prepared = self._prepare(feeds)
         return self._plan(key, prepared, fetch)
 
