@@ -295,9 +295,10 @@ def _convert(proto, folder: Path | None) -> Imported:
         elif node.op == "QuantizeLinear" and "output_dtype" in node.attrs:
             node.attrs["output_dtype_name"] = elem_name(int(node.attrs["output_dtype"]))
 
+    if unsupported:  # nodes are missing: report them with every node that has no kernel either
+        _check_supported(Graph(nodes, inputs, [], params, opset), unsupported)
     graph = Graph(_topological(nodes, set(inputs) | set(params)), inputs, [o.name for o in output_infos], params,
                   opset)
-    _check_supported(graph, unsupported)
     graph.validate()
     metadata = {"producer_name": proto.producer_name, "producer_version": proto.producer_version,
                 "domain": proto.domain, "description": proto.doc_string, "version": proto.model_version,
@@ -329,8 +330,9 @@ def import_model(model: Any, *, optimize: bool = True) -> Imported:
 
     proto, folder = read_model(model)
     imported = _convert(proto, folder)
-    if optimize:
+    if optimize:  # fused Q/DQ patterns and folded constants need no kernel of their own
         imported.graph = fold_constants(fuse_qdq(imported.graph))
+    _check_supported(imported.graph, {})
     return imported
 
 
