@@ -465,14 +465,21 @@ def _largest(geo: ConvGeometry, epi: Epilogue) -> int:
     return bias_bound(epi.col_bias) + geo.taps * MAX_TAP
 
 
+#: Output pixels per plane below which the NCHW planes kernel loses to the NHWC one (see :func:`_planes_taps`).
+PLANES_MIN_PIXELS = 128
+
+
 def _planes_taps(geo: ConvGeometry, packed: PackedDepthwise, epi: Epilogue) -> int:
     """The K of "conv_depthwise_nchw": ``KH KW``, or 0 where ``kernels.conv.depthwise_planes`` does not apply.
 
     It applies where the NHWC VNNI kernel does (:func:`_vnni_taps`), to an int8 / uint8
-    output of a kernel of ``depthwise_planes.KERNELS`` with stride 1.
+    output of a kernel of ``depthwise_planes.KERNELS`` with stride 1, on planes of at least
+    :data:`PLANES_MIN_PIXELS` outputs: smaller ones fill too little of its 64-output blocks (measured,
+    batch 32, one thread: the NHWC kernel takes 0.35x its time on 4x4 planes, 0.7x on 8x8; 0.35x the
+    NHWC kernel's time is the planes kernel's on 16x16).
     """
     if (epi.mode != QUANT or (geo.kernel_h, geo.kernel_w) not in depthwise_planes.KERNELS
-            or geo.stride_h != 1 or geo.stride_w != 1):
+            or geo.stride_h != 1 or geo.stride_w != 1 or geo.out_h * geo.out_w < PLANES_MIN_PIXELS):
         return 0
     return _vnni_taps(geo, packed, epi)
 

@@ -20,6 +20,12 @@ from tests.levels import level_fixture
 level = level_fixture("conv_depthwise", "conv_depthwise_nchw")
 
 
+@pytest.fixture(autouse=True)
+def planes_on_small_planes(monkeypatch):
+    """The planes kernel on every plane size, even those its dispatch leaves to the NHWC kernel for speed."""
+    monkeypatch.setattr("kernels.conv.depthwise.PLANES_MIN_PIXELS", 0)
+
+
 def _random(rng, dtype, shape):
     info = np.iinfo(dtype)
     return rng.integers(info.min, info.max, size=shape, endpoint=True, dtype=dtype)
