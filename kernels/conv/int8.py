@@ -121,8 +121,8 @@ class ConvPlan:
             return
         self.za = za + (128 if x_dtype == np.int8 else 0)  # int8 x runs as x + 128, as in the GEMM
         fused = pointwise.applicable_epilogue(geo, zw, epi, self.za) if layout == "NCHW" else None
-        if fused is not None and dispatch.choose("conv_pointwise_nchw", geo.rows, geo.out_channels,
-                                                 geo.in_channels).kind == "avx512-vnni":
+        if fused is not None and geo.out_h * geo.out_w >= pointwise.MIN_PIXELS and dispatch.choose(
+                "conv_pointwise_nchw", geo.rows, geo.out_channels, geo.in_channels).kind == "avx512-vnni":
             self.direct = pointwise.PointwisePlan(packed.weights, geo, x_dtype, self.za, fused)
             self.kind = self.direct.kind
             return

@@ -155,6 +155,12 @@ def _make_driver(mode: int):
 DRIVERS = {mode: _make_driver(mode) for mode in MODES}
 
 
+#: Output pixels per plane below which the NHWC path (layout copies + the GEMM tiles) is faster: a plane shorter
+#: than one 64-pixel panel wastes most of it (measured, batch 32, one thread: the NHWC path takes 0.4-0.6x this
+#: kernel's time on 4x4 and 5x5 planes, 0.8-1.1x on 6x6, 1.1-1.9x on 7x7 and 8x8).
+MIN_PIXELS = 36
+
+
 def applicable_epilogue(geo, zw: np.ndarray, epi, za: int):
     """The epilogue of a convolution this module computes (``za`` as unsigned), or None when it does not
     apply: it needs 1x1, stride 1, no padding, one group, and an epilogue the VNNI tiles finish themselves

@@ -174,8 +174,10 @@ POINTWISE_SHAPES = [(1, 1, 1, 1, 1), (2, 3, 5, 9, 7), (1, 64, 8, 8, 6), (1, 65, 
 
 @pytest.mark.parametrize("shape", POINTWISE_SHAPES, ids=str)
 @pytest.mark.parametrize("x_dtype", [np.uint8, np.int8])
-def test_pointwise_nchw(level, rng, shape, x_dtype):
-    """1x1 NCHW convolutions: the transposed product of kernels.conv.pointwise on VNNI, the NHWC path elsewhere."""
+def test_pointwise_nchw(level, rng, shape, x_dtype, monkeypatch):
+    """1x1 NCHW convolutions: the transposed product of kernels.conv.pointwise on VNNI (on every plane size, even
+    those its dispatch leaves to the NHWC path for speed), the NHWC path elsewhere."""
+    monkeypatch.setattr("kernels.conv.pointwise.MIN_PIXELS", 0)
     n, c, h, w, o = shape
     x, wt = _operands(rng, (n, c, h, w, o, 1, 1, (1, 1), 0, (1, 1), 1), x_dtype)
     zx = int(rng.integers(np.iinfo(x_dtype).min, np.iinfo(x_dtype).max + 1))
