@@ -12,11 +12,13 @@ import numpy as np
 
 from kernels import cpu
 from kernels.conv.binary import conv2d_binary
+from kernels.conv.float32 import Conv2dFloat32Plan, conv2d_float32, conv2d_float32_plan
 from kernels.conv.int4 import PackedConvInt4, conv2d_int4, pack_conv_int4
 from kernels.conv.int8 import (ConvPlan, PackedConvInt8, conv2d_int8, conv2d_int8_plan, pack_conv_int8,
                                qlinear_conv2d, qlinear_conv2d_plan)
 from kernels.conv.layout import nchw_to_nhwc, nhwc_to_nchw
 from kernels.conv.pool import avg_pool2d, global_avg_pool2d, max_pool2d, max_pool2d_bits
+from kernels.elementwise import lookup_table, qlinear_add, qlinear_lookup, qlinear_mul
 from kernels.gemm.binary import gemm_binary, gemm_binary_int8, gemm_binary_to_bits
 from kernels.gemm.codebook import gemm_codebook
 from kernels.gemm.int4 import gemm_int4
@@ -32,6 +34,7 @@ from kernels.pack.ternary import PackedTernary, pack_ternary, pack_ternary_codes
 from kernels.threads import get_num_threads, set_num_threads
 
 __all__ = [
+    "Conv2dFloat32Plan",
     "ConvPlan",
     "LinearPlan",
     "PackedCodebook",
@@ -43,6 +46,8 @@ __all__ = [
     "PackedTernary",
     "avg_pool2d",
     "conv2d_binary",
+    "conv2d_float32",
+    "conv2d_float32_plan",
     "conv2d_int4",
     "conv2d_int8",
     "conv2d_int8_plan",
@@ -59,6 +64,7 @@ __all__ = [
     "global_avg_pool2d",
     "linear_int8",
     "linear_int8_plan",
+    "lookup_table",
     "max_k_int32",
     "max_pool2d",
     "max_pool2d_bits",
@@ -75,8 +81,11 @@ __all__ = [
     "pack_int8",
     "pack_ternary",
     "pack_ternary_codes",
+    "qlinear_add",
     "qlinear_conv2d",
     "qlinear_conv2d_plan",
+    "qlinear_lookup",
+    "qlinear_mul",
     "quantize_linear",
     "set_num_threads",
     "unpack_bits",

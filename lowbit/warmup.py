@@ -42,7 +42,14 @@ def _calls() -> list[tuple[str, Callable[[], object]]]:
         ("max_pool2d", lambda: kernels.max_pool2d(x8, 2, strides=2)),
         ("global_avg_pool2d", lambda: kernels.global_avg_pool2d(x8, 0.1, 3, 0.1, 3)),
         ("nchw_to_nhwc", lambda: kernels.nhwc_to_nchw(kernels.nchw_to_nhwc(x8))),
+        ("qlinear_lookup", lambda: kernels.qlinear_lookup(x8, np.arange(256, dtype=np.uint8))),
     ]
+    for x_dtype in (np.uint8, np.int8):  # both code types in, as ONNX Runtime's quantizer writes either
+        xs = x8.astype(x_dtype)
+        calls.append((f"qlinear_add {np.dtype(x_dtype)}", lambda xs=xs: kernels.qlinear_add(
+            xs, 0.1, 3, xs, 0.2, 3, 0.3, np.uint8(3))))
+        calls.append((f"qlinear_mul {np.dtype(x_dtype)}", lambda xs=xs: kernels.qlinear_mul(
+            xs, 0.1, 3, xs[:, :, :1, :1], 0.2, 3, 0.3, np.int8(3))))
     for out_dtype, y_scale, y_zp in ((np.uint8, 0.5, 128), (np.int8, 0.5, 0), (np.float32, None, None)):
         calls.append((f"linear_int8 -> {np.dtype(out_dtype)}", lambda o=out_dtype, s=y_scale, z=y_zp: kernels.linear_int8(
             a, w, a_scale=0.1, a_zero_point=3, w_scale=0.01, out_dtype=o, out_scale=s, out_zero_point=z)))

@@ -1,0 +1,834 @@
+"""Float32 2-D convolutions (ONNX Conv) on NCHW arrays, with bias and a clamp (relu, relu6) fused.
+
+With ``C' = C / group`` channels per group, ``g = o // (O / group)`` and the border
+padded with zeros (ONNX)::
+
+    y[n, o, oy, ox] = clamp(bias[o] + sum_{c < C', ky, kx} w[o, c, ky, kx]
+                                      * x[n, g C' + c, oy SH + ky DH - PT, ox SW + kx DW - PL], lo, hi)
+
+``clamp`` keeps NaN, as ONNX Relu and Clip do. Float sums are not associative:
+results match a float64 evaluation to float32 rounding, not bit for bit.
+
+Three kernels, chosen by shape. The first two compute, per image and group, the
+product ``W @ cols`` with ``W [O / group, K]``, ``K = C' KH KW`` in ``(c, ky, kx)`` order, and
+``cols [K, pixels]`` the im2col matrix, which is never built whole; the weights are packed
+once per plan, a block of filters interleaved per k. NumPy's BLAS (OpenBLAS 0.3.31,
+SkylakeX kernels) is not used: at one thread it reached 70-115 GFLOPS on these products
+here (150 on 512-cubes), the register tiles below 140-175.
+
+* **Pixel tiles** (``O / group`` a multiple of 32, ``K >= 64``: most 3x3 layers): the
+  transposed product, 64 (or 32) output channels along 4 (2) vectors by 6 (8) pixels
+  (:func:`_pixel_tile`); per tap, each pixel's input value is broadcast from where it
+  lies in the (zero-padded copy of the) image, through a table of pixel offsets: no
+  im2col copy, no wasted column. The pixel-major result of an image is transposed into
+  the NCHW output with ``kernels.conv.layout``'s block transposes.
+* **Channel-major panels** (the other non-depthwise ones): pixels go in panels of
+  ``NR = 32``; a register tile of ``MR = 8`` output channels by the ``NR`` pixels
+  (:func:`_tile`: 16 vectors of 16 lanes held over all of K, one multiply-add per
+  broadcast weight and panel vector) adds the bias, clamps and stores into the NCHW
+  output. A panel's K rows are found through a row table, so three modes share the tile:
+
+  - ``pointwise`` (1x1, stride 1, unpadded): the rows lie in ``x``, one plane apart;
+  - ``wide`` (stride 1, when the padding columns waste at most 1/8): the panels run
+    over the pixels ``oy WB + ox`` of a zero-padded copy of the image (row length ``WB``),
+    where tap ``(c, ky, kx)`` of every pixel is at a fixed distance: the rows lie in the
+    copy, nothing else is copied, and the ``ox < OW`` columns of the tile go out;
+  - ``im2col`` (the rest): each panel's ``[K, NR]`` rows are copied from the padded image,
+    one output row's run of pixels per masked vector copy, and stay in cache for the tile.
+
+* **Depthwise** (``group == C == O``): plane by plane, each plane copied into a
+  zero-bordered buffer (:func:`_depthwise_geo`) whose rows are ``WB`` long, a multiple of
+  ``s = SW``: output ``(oy, ox)`` then reads ``s (oy WB / s + ox) + kx DW`` from the rows of
+  tap row ``ky``, with no bounds tests. 3x3 and 5x5 kernels with stride 1 or 2 along W
+  and dilation 1 run explicit vectors (:func:`_depthwise_rows`: 16 outputs of a row per
+  step, stored masked into ``y``; stride-2 tap pairs split into even and odd lanes where
+  LLVM would gather); the others one loop over the *wide* rows (``WB / s`` columns each,
+  vectorised by LLVM) whose ``OW`` valid columns are then copied into ``y``. Copies are
+  masked vector runs: rows of 8 or 16 values are common, and a slice assignment or an
+  auto-vectorised loop costs far more on them.
+
+Everything is plain LLVM IR or Numba code, no target intrinsics: it compiles for any
+CPU. The tiles are sized for 32 vector registers (AVX-512); with 16 they spill.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+from kernels import _validate, threads
+from kernels._jit import kernel
+from kernels.conv.geometry import ConvGeometry, conv_geometry
+from kernels.conv.layout import BLOCKS, _transpose
+from kernels.gemm.int8 import _activation_bounds
+from kernels.gemm.llvm_ir import F32, I32, I64, array_ptr, declare, emit_loop, is_array, masked, splat
+
+MR = 8  # output channels per register tile
+VECTORS = 2  # 16-lane vectors per tile row
+LANES = 16
+NR = LANES * VECTORS  # output pixels per panel
+V16F32 = ir.VectorType(F32, LANES)
+UNROLLED = ((3, 3, 1), (3, 3, 2), (5, 5, 1), (5, 5, 2))  # depthwise (KH, KW, stride) with taps unrolled
+F32_DTYPE = np.dtype(np.float32)
+GEMM_GFLOPS = 140.0  # single-thread rate measured here, for the thread split
+DEPTHWISE_GFLOPS = 15.0
+
+
+def _f32(builder: ir.IRBuilder, value: ir.Value) -> ir.Value:
+    return builder.fptrunc(value, F32) if value.type != F32 else value
+
+
+def _lane_mask(builder: ir.IRBuilder, count: ir.Value, first: int) -> ir.Value:
+    """``<16 x i1>``: lane ``l`` set when ``first + l < count``."""
+    lanes = ir.Constant(ir.VectorType(I64, LANES), list(range(first, first + LANES)))
+    return builder.icmp_signed("<", lanes, splat(builder, count, ir.VectorType(I64, LANES)))
+
+
+def _vector_at(builder: ir.IRBuilder, base: ir.Value, offset: ir.Value | int) -> ir.Value:
+    offset = ir.Constant(I64, offset) if isinstance(offset, int) else offset
+    return builder.bitcast(builder.gep(base, [offset]), V16F32.as_pointer())
+
+
+@intrinsic
+def _tile(typingctx, a, a_off, b, b_off, rows, k, bias, o0, out, out_off, ldo, m, n, lo, hi):
+    """``out[out_off + r ldo + j] = clamp(bias[o0 + r] + sum_q a[a_off + q MR + r] b[b_off + rows[q] + j], lo, hi)``
+
+    for ``r < min(m, MR)``, ``j < min(n, NR)`` (the other rows and lanes are computed, not
+    stored). ``a``, ``b``, ``bias`` and ``out`` are 1-D float32, ``rows`` int64 ``[>= k]``:
+    where each row of the panel starts. ``b`` rows are read whole (``NR`` values each)
+    and ``bias`` at ``o0 .. o0 + MR``. The ``MR x NR`` sums stay in
+    registers over the K loop; each k loads ``VECTORS`` vectors of ``b`` and broadcasts ``MR``
+    weights (memory operands of the multiply-adds once compiled).
+    """
+    if not (all(is_array(t, types.float32, 1) for t in (a, b, bias, out)) and is_array(rows, types.int64, 1)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        a, a_off, b, b_off, rows, k, bias, o0, out, out_off, ldo, m, n, lo, hi = args
+        tys = signature.args
+        a_ptr = builder.gep(array_ptr(context, builder, tys[0], a, F32), [a_off])
+        b_ptr = builder.gep(array_ptr(context, builder, tys[2], b, F32), [b_off])
+        bias_ptr = builder.gep(array_ptr(context, builder, tys[6], bias, F32), [o0])
+        out_ptr = builder.gep(array_ptr(context, builder, tys[8], out, F32), [out_off])
+        rows_ptr = array_ptr(context, builder, tys[4], rows, I64)
+        fma = declare(builder, "llvm.fmuladd.v16f32", ir.FunctionType(V16F32, [V16F32] * 3))
+        init = [splat(builder, builder.load(builder.gep(bias_ptr, [ir.Constant(I64, r)])), V16F32)
+                for r in range(MR) for _ in range(VECTORS)]
+
+        def step(q, accs):
+            row = builder.gep(b_ptr, [builder.load(builder.gep(rows_ptr, [q]))])
+            panel = [builder.load(_vector_at(builder, row, LANES * j), align=4) for j in range(VECTORS)]
+            weights = builder.gep(a_ptr, [builder.mul(q, ir.Constant(I64, MR))])
+            new = []
+            for r in range(MR):
+                w = splat(builder, builder.load(builder.gep(weights, [ir.Constant(I64, r)])), V16F32)
+                new += [builder.call(fma, [w, panel[j], accs[r * VECTORS + j]]) for j in range(VECTORS)]
+            return new
+
+        sums = emit_loop(builder, k, V16F32, MR * VECTORS, step, init)
+        low, high = splat(builder, _f32(builder, lo), V16F32), splat(builder, _f32(builder, hi), V16F32)
+        store = masked(builder, "store", V16F32)
+        masks = [_lane_mask(builder, n, LANES * j) for j in range(VECTORS)]
+        for r in range(MR):
+            with builder.if_then(builder.icmp_signed("<", ir.Constant(I64, r), m)):
+                row = builder.gep(out_ptr, [builder.mul(ir.Constant(I64, r), ldo)])
+                for j in range(VECTORS):
+                    y = sums[r * VECTORS + j]
+                    # selects, not min / max: a NaN sum stays NaN
+                    y = builder.select(builder.fcmp_ordered("<", y, low), low, y)
+                    y = builder.select(builder.fcmp_ordered(">", y, high), high, y)
+                    builder.call(store, [y, _vector_at(builder, row, LANES * j), ir.Constant(I32, 4), masks[j]])
+        return context.get_dummy_value()
+
+    return types.void(a, a_off, b, b_off, rows, k, bias, o0, out, out_off, ldo, m, n, lo, hi), codegen
+
+
+def _emit_copy(builder, d_ptr: ir.Value, s_ptr: ir.Value, n: ir.Value, stride: int, vectors: int) -> None:
+    """Store ``d_ptr[t] = s_ptr[stride t]`` for ``t < n <= LANES vectors``: masked, nothing past ``n`` values is
+    read or written. Stride 2 loads twice the lanes and keeps the even ones."""
+    load, store = masked(builder, "load", V16F32), masked(builder, "store", V16F32)
+    span = builder.sub(builder.mul(n, ir.Constant(I64, stride)), ir.Constant(I64, stride - 1))
+    align, zero = ir.Constant(I32, 4), ir.Constant(V16F32, None)
+    evens = ir.Constant(ir.VectorType(I32, LANES), list(range(0, 2 * LANES, 2)))
+    for j in range(vectors):
+        loaded = [builder.call(load, [_vector_at(builder, s_ptr, LANES * v), align,
+                                      _lane_mask(builder, span, LANES * v), zero])
+                  for v in range(stride * j, stride * (j + 1))]
+        value = loaded[0] if stride == 1 else builder.shuffle_vector(loaded[0], loaded[1], evens)
+        builder.call(store, [value, _vector_at(builder, d_ptr, LANES * j), align, _lane_mask(builder, n, LANES * j)])
+
+
+def _by_width(builder, n: ir.Value, emit) -> None:
+    """``emit(VECTORS)``, or ``emit(1)`` when ``n <= LANES``: short runs (rows of 8 pixels) are common."""
+    with builder.if_else(builder.icmp_signed(">", n, ir.Constant(I64, LANES))) as (wide, narrow):
+        with wide:
+            emit(VECTORS)
+        with narrow:
+            emit(1)
+
+
+@functools.cache
+def _rows_intrinsic(stride: int):
+    """Intrinsic ``copy(dst, d, dp, src, s, sp, n, rows)``: ``dst[d + r dp + t] = src[s + r sp + stride t]``
+
+    for ``r < rows``, ``t < n <= NR``: masked vector copies (nothing past ``n`` values of a
+    row is read or written), the masks made once for all rows.
+    """
+    @intrinsic
+    def copy(typingctx, dst, d, dp, src, s, sp, n, rows):
+        if not (is_array(dst, types.float32, 1) and is_array(src, types.float32, 1)):
+            return None
+
+        def codegen(context, builder, signature, args):
+            dst, d, dp, src, s, sp, n, rows = args
+            tys = signature.args
+            d_ptr = builder.gep(array_ptr(context, builder, tys[0], dst, F32), [d])
+            s_ptr = builder.gep(array_ptr(context, builder, tys[3], src, F32), [s])
+
+            def emit(vectors: int) -> None:
+                def body(r, _):
+                    target, source = builder.gep(d_ptr, [builder.mul(r, dp)]), builder.gep(s_ptr, [builder.mul(r, sp)])
+                    _emit_copy(builder, target, source, n, stride, vectors)
+                    return []
+                emit_loop(builder, rows, V16F32, 0, body)
+
+            _by_width(builder, n, emit)
+            return context.get_dummy_value()
+
+        return types.void(dst, d, dp, src, s, sp, n, rows), codegen
+
+    return copy
+
+
+_rows1 = _rows_intrinsic(1)
+
+
+@functools.cache
+def _copy_taps(stride: int):
+    """Intrinsic ``copy(cols, d, src, s, taps, n)``: ``cols[d + q NR + t] = src[s + taps[q] + stride t]``
+
+    for every tap ``q`` and ``t < n <= NR``: one run of an im2col panel, all taps in one
+    loop (the masks are made once).
+    """
+    @intrinsic
+    def copy(typingctx, cols, d, src, s, taps, n):
+        if not (is_array(cols, types.float32, 1) and is_array(src, types.float32, 1)
+                and is_array(taps, types.int64, 1)):
+            return None
+
+        def codegen(context, builder, signature, args):
+            cols, d, src, s, taps, n = args
+            tys = signature.args
+            d_ptr = builder.gep(array_ptr(context, builder, tys[0], cols, F32), [d])
+            s_ptr = builder.gep(array_ptr(context, builder, tys[2], src, F32), [s])
+            taps_ptr = array_ptr(context, builder, tys[4], taps, I64)
+            count = context.make_array(tys[4])(context, builder, taps).nitems
+
+            def emit(vectors: int) -> None:
+                def body(q, _):
+                    source = builder.gep(s_ptr, [builder.load(builder.gep(taps_ptr, [q]))])
+                    _emit_copy(builder, builder.gep(d_ptr, [builder.mul(q, ir.Constant(I64, NR))]), source, n,
+                               stride, vectors)
+                    return []
+                emit_loop(builder, count, V16F32, 0, body)
+
+            _by_width(builder, n, emit)
+            return context.get_dummy_value()
+
+        return types.void(cols, d, src, s, taps, n), codegen
+
+    return copy
+
+
+_taps1, _taps2 = _copy_taps(1), _copy_taps(2)
+
+
+@kernel(inline="always")
+def _copy_rows(dst, d, dp, src, s, sp, n, rows):
+    """``dst[d + r dp + t] = src[s + r sp + t]`` for ``r < rows``, ``t < n``, in masked runs of ``NR`` (a slice
+    assignment costs far more on short rows)."""
+    for j in range(0, n, NR):
+        _rows1(dst, d + j, dp, src, s + j, sp, min(NR, n - j), rows)
+
+
+@kernel
+def _fill_padded(x, n, c, h, w, pt, pl, wb, hb, img):
+    """The interior of ``img`` [C, HB, WB] (borders stay as they are) = ``x[n]`` [C, H, W]."""
+    for ch in range(c):
+        _copy_rows(img, ch * hb * wb + pt * wb + pl, wb, x, (n * c + ch) * h * w, w, w, h)
+
+
+PIXEL_ROWS = {4: 6, 2: 8}  # pixel tile: vectors of 16 output channels -> pixels per tile (24 or 16 sums)
+# Shorter filters (1x1 on few channels) run faster as channel-major panels: the pixel tile's fixed costs and the
+# final transpose weigh more there (measured: 1x1 stride-2 16->32 and 32->64 lost 10-30 %, 3x3 ones gained 0-40 %)
+PIXEL_MIN_DEPTH = 64
+
+
+@functools.cache
+def _pixel_tile(vectors: int):
+    """Intrinsic ``tile(wt, w_off, img, i_off, pix, p_off, taps, bias, o0, out, out_off, ldo, lo, hi)``::
+
+        out[out_off + r ldo + j] = clamp(bias[o0 + j] + sum_q img[i_off + pix[p_off + r] + taps[q]]
+                                                            * wt[w_off + q 16 vectors + j], lo, hi)
+
+    for the ``PIXEL_ROWS[vectors]`` pixels ``r`` and ``j < 16 vectors`` output channels:
+    the transposed product, channels along the vectors, one broadcast per pixel and tap
+    read where it lies in the image (no im2col copy), ``taps`` int64 ``[K]``. The rows are
+    stored whole (``ldo`` apart), pixel-major.
+    """
+    rows = PIXEL_ROWS[vectors]
+    width = LANES * vectors
+
+    @intrinsic
+    def tile(typingctx, wt, w_off, img, i_off, pix, p_off, taps, bias, o0, out, out_off, ldo, lo, hi):
+        if not (all(is_array(t, types.float32, 1) for t in (wt, img, bias, out))
+                and is_array(pix, types.int64, 1) and is_array(taps, types.int64, 1)):
+            return None
+
+        def codegen(context, builder, signature, args):
+            wt, w_off, img, i_off, pix, p_off, taps, bias, o0, out, out_off, ldo, lo, hi = args
+            tys = signature.args
+            w_ptr = builder.gep(array_ptr(context, builder, tys[0], wt, F32), [w_off])
+            img_ptr = builder.gep(array_ptr(context, builder, tys[2], img, F32), [i_off])
+            pix_ptr = builder.gep(array_ptr(context, builder, tys[4], pix, I64), [p_off])
+            taps_ptr = array_ptr(context, builder, tys[6], taps, I64)
+            bias_ptr = builder.gep(array_ptr(context, builder, tys[7], bias, F32), [o0])
+            out_ptr = builder.gep(array_ptr(context, builder, tys[9], out, F32), [out_off])
+            k = context.make_array(tys[6])(context, builder, taps).nitems
+            bases = [builder.gep(img_ptr, [builder.load(builder.gep(pix_ptr, [ir.Constant(I64, r)]))])
+                     for r in range(rows)]
+            fma = declare(builder, "llvm.fmuladd.v16f32", ir.FunctionType(V16F32, [V16F32] * 3))
+            init = [builder.load(_vector_at(builder, bias_ptr, LANES * v), align=4) for v in range(vectors)] * rows
+
+            def step(q, accs):
+                tap = builder.load(builder.gep(taps_ptr, [q]))
+                w_row = builder.gep(w_ptr, [builder.mul(q, ir.Constant(I64, width))])
+                w_vecs = [builder.load(_vector_at(builder, w_row, LANES * v), align=4) for v in range(vectors)]
+                new = []
+                for r in range(rows):
+                    a = splat(builder, builder.load(builder.gep(bases[r], [tap])), V16F32)
+                    new += [builder.call(fma, [a, w_vecs[v], accs[r * vectors + v]]) for v in range(vectors)]
+                return new
+
+            sums = emit_loop(builder, k, V16F32, rows * vectors, step, init)
+            low, high = splat(builder, _f32(builder, lo), V16F32), splat(builder, _f32(builder, hi), V16F32)
+            for r in range(rows):
+                row = builder.gep(out_ptr, [builder.mul(ir.Constant(I64, r), ldo)])
+                for v in range(vectors):
+                    y = sums[r * vectors + v]
+                    y = builder.select(builder.fcmp_ordered("<", y, low), low, y)  # NaN stays NaN
+                    y = builder.select(builder.fcmp_ordered(">", y, high), high, y)
+                    builder.store(y, _vector_at(builder, row, LANES * v), align=4)
+            return context.get_dummy_value()
+
+        return types.void(wt, w_off, img, i_off, pix, p_off, taps, bias, o0, out, out_off, ldo, lo, hi), codegen
+
+    return tile
+
+
+def _make_pixel_driver(vectors: int):
+    """The driver of the pixel tiles with ``vectors`` vectors of output channels."""
+    tile = _pixel_tile(vectors)
+    rows, width = PIXEL_ROWS[vectors], LANES * vectors
+    side, panel = BLOCKS[4].side, BLOCKS[4].panel
+
+    @kernel
+    def pixel_items(x, wt, bias, lo, hi, geo, taps, pix, i0, i1, img, nhwc, out):
+        """Images ``i0 .. i1`` of a convolution by pixel tiles: ``nhwc`` [>= pixels rounded up to tiles, O] gets
+        one image's output pixel-major, then is transposed into ``out`` [N O OH OW].
+
+        geo : (C, H, W, O, group, OH, OW, PT, PL, HB, WB); ``pix`` int64 [pixels rounded up]: pixel
+        ``oy OW + ox`` at ``oy SH WB + ox SW`` in the (padded) image, 0 past the last; ``taps`` as
+        :func:`_gemm_items`; ``img`` the padded image's scratch (empty: no padding), zero when first used.
+        """
+        x, out = x.reshape(-1), out.reshape(-1)  # C-contiguous arrays of any shape, read flat
+        c, h, w, o, group, oh, ow, pt, pl, hb, wb = geo
+        k = taps.shape[0]
+        cg, og = c // group, o // group
+        pixels = oh * ow
+        blocks = og // width
+        units = -(-o // panel) if pixels >= side and o >= side else 1  # _transpose's column panels
+        for n in range(i0, i1):
+            if img.shape[0]:
+                _fill_padded(x, n, c, h, w, pt, pl, wb, hb, img)
+                src, base = img, 0
+            else:
+                src, base = x, n * c * h * w
+            for g in range(group):
+                for p0 in range(0, pixels, rows):
+                    for blk in range(blocks):
+                        o0 = g * og + blk * width
+                        tile(wt, (g * blocks + blk) * k * width, src, base + g * cg * hb * wb, pix, p0, taps, bias, o0,
+                             nhwc, p0 * o + o0, o, lo, hi)
+            _transpose(nhwc.view(np.uint32), out[n * o * pixels : (n + 1) * o * pixels].view(np.uint32), pixels, o,
+                       units, 0, units)
+
+    return pixel_items
+
+
+PIXEL_DRIVERS = {vectors: _make_pixel_driver(vectors) for vectors in PIXEL_ROWS}
+
+
+POINTWISE, WIDE, IM2COL = 0, 1, 2  # how a panel's rows are found (see _gemm_items)
+
+
+def _gemm_scratch(geo: tuple[int, ...], k: int) -> tuple[int, int, int]:
+    """Scratch floats of one :func:`_gemm_items` call: (im2col panel, wide output panel, padded image)."""
+    c, h, w, o, group, oh, ow, sh, sw, pt, pl, hb, wb, mode = geo
+    padded = mode == WIDE or (mode == IM2COL and (hb != h or wb != w))
+    # WIDE reads whole vectors up to one panel and (KW - 1) DW values past the last tap row
+    image = c * hb * wb + (NR + wb if mode == WIDE else 0) if padded else 0
+    return (k * NR if mode == IM2COL or mode == POINTWISE else 0,
+            -(-(o // group) // MR) * MR * NR if mode == WIDE else 0, image)
+
+
+@kernel
+def _gemm_items(x, wp, bias, lo, hi, geo, taps, cols_rows, i0, i1, cols, panel, img, out):
+    """Items ``i0 .. i1`` of a convolution: item ``i`` is image ``i // panels``, panel ``i % panels`` of it.
+
+    x         : float32 [N C H W], NCHW;  out : float32 [N O OH OW]
+    wp        : the packed weights of :class:`Conv2dFloat32Plan`
+    geo       : (C, H, W, O, group, OH, OW, SH, SW, PT, PL, HB, WB, mode)
+    taps      : int64 [K], tap ``(c, ky, kx)`` at ``c HB WB + ky DH WB + kx DW`` in a (padded) image
+    cols_rows : int64 [K], ``q NR``: the rows of an im2col panel
+    cols, panel, img : float32 scratch of :func:`_gemm_scratch` floats, zero when first used (the image's
+                padding borders are never written)
+
+    Panels of ``NR`` pixels run over the output pixels ``oy OW + ox``, except in ``WIDE``
+    mode (stride 1), where they run over the *wide* pixels ``oy WB + ox`` of the padded
+    image, ``ox < WB``: tap ``q`` of wide pixel ``m`` is then ``img[taps[q] + m]``, so every
+    panel row is a run of the padded image and nothing is copied; the tile's rows go to a
+    scratch panel and only the columns ``ox < OW`` are copied out. ``POINTWISE`` (1x1,
+    stride 1, no padding) reads full panels from ``x`` likewise; ``IM2COL`` copies each panel.
+    """
+    x, out = x.reshape(-1), out.reshape(-1)  # C-contiguous arrays of any shape, read flat
+    c, h, w, o, group, oh, ow, sh, sw, pt, pl, hb, wb, mode = geo
+    k = taps.shape[0]
+    cg, og = c // group, o // group
+    pixels = oh * ow
+    grid = oh * wb if mode == WIDE else pixels
+    panels = -(-grid // NR)
+    blocks = -(-og // MR)
+    padded = img.shape[0] > 0
+    held = -1
+    for item in range(i0, i1):
+        n, p0 = item // panels, item % panels * NR
+        nv = min(NR, grid - p0)
+        if padded and n != held:
+            _fill_padded(x, n, c, h, w, pt, pl, wb, hb, img)
+            held = n
+        src, base = (img, 0) if padded else (x, n * c * h * w)
+        for g in range(group):
+            gbase = base + g * cg * hb * wb
+            if mode == WIDE or (mode == POINTWISE and nv == NR):
+                b, b_off, rows = src, gbase + p0, taps
+            else:
+                _panel(src, gbase, taps, p0, nv, ow, sh, sw, wb, cols)
+                b, b_off, rows = cols, 0, cols_rows
+            for blk in range(blocks):
+                o0 = g * og + blk * MR
+                if mode == WIDE:
+                    _tile(wp, (g * blocks + blk) * k * MR, b, b_off, rows, k, bias, o0, panel, blk * MR * NR, NR, MR,
+                          nv, lo, hi)
+                else:
+                    _tile(wp, (g * blocks + blk) * k * MR, b, b_off, rows, k, bias, o0, out,
+                          (n * o + o0) * pixels + p0, pixels, og - blk * MR, nv, lo, hi)
+            if mode == WIDE:
+                _unwiden(panel, p0, nv, wb, ow, og, out, ((n * o + g * og) * oh) * ow, pixels)
+
+
+@kernel
+def _unwiden(panel, p0, nv, wb, ow, og, out, out_off, pixels):
+    """``out[out_off + r pixels + oy OW + ox] = panel[r NR + j]`` for wide pixels ``p0 + j = oy WB + ox``,
+    ``j < nv``, ``ox < OW``, ``r < og``."""
+    j = 0
+    while j < nv:
+        oy, ox = divmod(p0 + j, wb)
+        if ox >= ow:  # padding columns
+            j += min(wb - ox, nv - j)
+            continue
+        run = min(ow - ox, nv - j)
+        _copy_rows(out, out_off + oy * ow + ox, pixels, panel, j, NR, run, og)
+        j += run
+
+
+@kernel
+def _panel(src, base, taps, p0, nv, ow, sh, sw, wb, cols):
+    """``cols[q NR + j] = src[base + taps[q] + oy SH WB + ox SW]`` for pixels ``p0 + j = oy OW + ox``, ``j < nv``.
+
+    The panel's pixels split into runs along output rows; each run is copied for every
+    tap, a masked vector copy each.
+    """
+    j = 0
+    while j < nv:
+        oy, ox = divmod(p0 + j, ow)
+        run, start = min(ow - ox, nv - j), base + oy * sh * wb + ox * sw
+        if sw == 1:
+            _taps1(cols, j, src, start, taps, run)
+        elif sw == 2:
+            _taps2(cols, j, src, start, taps, run)
+        else:
+            for q in range(taps.shape[0]):
+                for t in range(run):
+                    cols[q * NR + j + t] = src[start + taps[q] + t * sw]
+        j += run
+
+
+@kernel(inline="always")
+def _clamp(v, lo, hi):
+    """``v`` clamped to ``[lo, hi]`` by comparisons, not min / max: NaN stays NaN."""
+    if v < lo:
+        v = lo
+    if v > hi:
+        v = hi
+    return v
+
+
+@functools.cache
+def _depthwise_rows(kh: int, kw: int, stride: int):
+    """Intrinsic ``rows(buf, taps, b, lo, hi, step, wm, oh, ow, out, out_off)``: one depthwise plane::
+
+        out[out_off + oy OW + ox] = clamp(b + sum_{ky, kx} taps[ky KW + kx]
+                                              * buf[ky step + stride (oy WM + ox) + kx], lo, hi)
+
+    16 outputs of one row per step, stored masked straight into ``out``; the lanes past
+    ``OW`` read up to ``4 LANES`` values past the buffer's last row. No scalar remainder
+    loop runs on short rows (LLVM's own vector loop takes 64 outputs a step), each kernel
+    row sums into its own register (shorter dependency chains), and stride 2 splits each
+    pair of taps ``(2p, 2p + 1)`` into the even and odd lanes of two loads, where LLVM
+    would gather.
+    """
+    @intrinsic
+    def rows(typingctx, buf, taps, b, lo, hi, step, wm, oh, ow, out, out_off):
+        if not all(is_array(t, types.float32, 1) for t in (buf, taps, out)):
+            return None
+
+        def codegen(context, builder, signature, args):
+            buf, taps, b, lo, hi, step, wm, oh, ow, out, out_off = args
+            tys = signature.args
+            buf_ptr = array_ptr(context, builder, tys[0], buf, F32)
+            taps_ptr = array_ptr(context, builder, tys[1], taps, F32)
+            out_ptr = builder.gep(array_ptr(context, builder, tys[9], out, F32), [out_off])
+            fma = declare(builder, "llvm.fmuladd.v16f32", ir.FunctionType(V16F32, [V16F32] * 3))
+            weights = [splat(builder, builder.load(builder.gep(taps_ptr, [ir.Constant(I64, t)])), V16F32)
+                       for t in range(kh * kw)]
+            start = splat(builder, _f32(builder, b), V16F32)
+            low, high = splat(builder, _f32(builder, lo), V16F32), splat(builder, _f32(builder, hi), V16F32)
+            lanes = [ir.Constant(ir.VectorType(I32, LANES), list(range(e, 2 * LANES, 2))) for e in (0, 1)]
+            per_row = builder.sdiv(builder.add(ow, ir.Constant(I64, LANES - 1)), ir.Constant(I64, LANES))
+            store = masked(builder, "store", V16F32)
+
+            def chunk(q, _):
+                oy, ox = builder.sdiv(q, per_row), builder.mul(builder.srem(q, per_row), ir.Constant(I64, LANES))
+                m = builder.add(builder.mul(oy, wm), ox)
+                sums = []
+                for ky in range(kh):
+                    row = builder.gep(buf_ptr, [builder.add(builder.mul(ir.Constant(I64, ky), step),
+                                                            builder.mul(m, ir.Constant(I64, stride)))])
+                    acc = ir.Constant(V16F32, None)
+                    if stride == 1:
+                        for kx in range(kw):
+                            x = builder.load(_vector_at(builder, row, kx), align=4)
+                            acc = builder.call(fma, [weights[ky * kw + kx], x, acc])
+                    else:
+                        for pair in range(0, kw, 2):
+                            v0 = builder.load(_vector_at(builder, row, pair), align=4)
+                            v1 = builder.load(_vector_at(builder, row, pair + LANES), align=4)
+                            for e in range(min(2, kw - pair)):
+                                x = builder.shuffle_vector(v0, v1, lanes[e])
+                                acc = builder.call(fma, [weights[ky * kw + pair + e], x, acc])
+                    sums.append(acc)
+                y = start
+                for acc in sums:
+                    y = builder.fadd(y, acc)
+                y = builder.select(builder.fcmp_ordered("<", y, low), low, y)  # NaN stays NaN
+                y = builder.select(builder.fcmp_ordered(">", y, high), high, y)
+                target = _vector_at(builder, out_ptr, builder.add(builder.mul(oy, ow), ox))
+                builder.call(store, [y, target, ir.Constant(I32, 4), _lane_mask(builder, builder.sub(ow, ox), 0)])
+                return []
+
+            emit_loop(builder, builder.mul(oh, per_row), V16F32, 0, chunk)
+            return context.get_dummy_value()
+
+        return types.void(buf, taps, b, lo, hi, step, wm, oh, ow, out, out_off), codegen
+
+    return rows
+
+
+def _make_depthwise(spec: tuple[int, int, int] | None):
+    """The depthwise driver for ``spec = (KH, KW, SW)`` with dilation 1 (:func:`_depthwise_rows`), or any (None)."""
+    general = spec is None
+    KH, KW, S = (1, 1, 1) if general else spec
+    unrolled = _depthwise_rows(KH, KW, S)
+
+    @kernel
+    def planes(x, w, bias, lo, hi, geo, i0, i1, buf, wide, out):
+        """Planes ``i0 .. i1`` (plane ``i``: image ``i // C``, channel ``i % C``); see :func:`_depthwise_geo`.
+
+        x : float32 [N C H W];  w : float32 [C, KH KW];  out : float32 [N C OH OW]
+        buf, wide : float32 scratch [size] and (general driver) [OH WM], ``buf`` zero when first used (padding
+                    is never written); separate arrays, as LLVM vectorises less when they may overlap
+        """
+        x, out = x.reshape(-1), out.reshape(-1)  # C-contiguous arrays of any shape, read flat
+        c, h, wd, kh, kw, sh, s, dh, dw, pt, pl, oh, ow, wb, wm, step, size, shared = geo
+        if not general:
+            kh, kw, s, dh, dw = KH, KW, S, 1, 1
+        span = oh * wm
+        for item in range(i0, i1):
+            src = item * h * wd
+            if shared:  # one padded copy of the plane serves every ky
+                _copy_rows(buf, pt * wb + pl, wb, x, src, wd, wd, h)
+            else:
+                for ky in range(kh):  # the rows oy SH + ky DH - PT inside the plane; the others stay zero
+                    first = max(0, -(-(pt - ky * dh) // sh))
+                    last = min(oh, (h - 1 + pt - ky * dh) // sh + 1)
+                    if last > first:
+                        _copy_rows(buf, ky * step + first * wb + pl, wb, x, src + (first * sh + ky * dh - pt) * wd,
+                                   sh * wd, wd, last - first)
+            taps = w[item % c]
+            b = bias[item % c]
+            if not general:
+                unrolled(buf, taps, b, lo, hi, step, wm, oh, ow, out, item * oh * ow)
+                continue
+            wide[:] = b
+            for ky in range(kh):
+                for kx in range(kw):
+                    tap = taps[ky * kw + kx]
+                    off = ky * step + kx * dw
+                    for m in range(span):
+                        wide[m] += tap * buf[np.uint64(s * m + off)]
+            for m in range(span):
+                wide[m] = _clamp(wide[m], lo, hi)
+            _copy_rows(out, item * oh * ow, ow, wide, 0, wm, ow, oh)
+
+    return planes
+
+
+DEPTHWISE = {spec: _make_depthwise(spec) for spec in UNROLLED + (None,)}
+
+
+def _depthwise_geo(geo: ConvGeometry) -> tuple[tuple[int, ...], tuple[int, int, int] | None]:
+    """The ``geo`` tuple of a depthwise driver and its ``spec`` (None: the general driver).
+
+    Wide output ``m = oy WM + ox`` (``ox < WM``, of which ``ox < OW`` are kept) reads tap
+    ``(ky, kx)`` at ``s m + ky step + kx DW`` of the plane buffer, ``s = SW``, rows ``WB`` long:
+
+    * stride 1, or equal strides with an unrolled ``spec`` (``shared``): one zero-padded
+      copy of the plane, ``WM = WB``, ``step = DH WB`` (output row ``oy`` starts at input row
+      ``s oy``; :func:`_depthwise_rows` computes only the ``OW`` columns of each row);
+    * otherwise each ``ky`` has ``OH`` rows of its own, row ``oy`` holding input row
+      ``oy SH + ky DH - PT``, ``step = OH WB``, ``WB`` a multiple of ``s`` and ``WM = WB / s``
+      (the general driver computes every wide column, so one copy read at ``s m`` with
+      ``WM = WB`` would cost it ``s`` times the columns it keeps).
+
+    ``size`` leaves slack for the whole vectors read past the last row.
+    """
+    kh, kw, sh, sw = geo.kernel_h, geo.kernel_w, geo.stride_h, geo.stride_w
+    spec = (kh, kw, sw) if (kh, kw, sw) in UNROLLED and geo.dilation_h == geo.dilation_w == 1 else None
+    width = max(geo.pad_left + geo.in_w, (geo.out_w - 1) * sw + (kw - 1) * geo.dilation_w + 1)
+    shared = sh == sw == 1 or (spec is not None and sh == sw)
+    wb = -(-width // sw) * sw
+    if shared:
+        rows = max(geo.pad_top + geo.in_h, sh * (geo.out_h - 1) + (kh - 1) * geo.dilation_h + 1)
+        wm, step = wb, geo.dilation_h * wb
+    else:
+        wm, step, rows = wb // sw, geo.out_h * wb, kh * geo.out_h
+    size = rows * wb + (kw - 1) * geo.dilation_w + 1 + 4 * LANES  # the unrolled rows read up to 64 past
+    return ((geo.in_channels, geo.in_h, geo.in_w, kh, kw, sh, sw, geo.dilation_h, geo.dilation_w, geo.pad_top,
+             geo.pad_left, geo.out_h, geo.out_w, wb, wm, step, size, int(shared)), spec)
+
+
+class Conv2dFloat32Plan:
+    """A float32 convolution prepared once for one input shape: ``plan(x, out=None)`` then only runs.
+
+    Prepared: geometry, kernel choice (``kind``: "depthwise", "pixels", "pointwise", "wide" or "im2col"),
+    packed weights, padded bias and clamp. A call checks ``x`` (float32, the prepared
+    NCHW shape; a non-C-contiguous ``x`` is copied once) and ``out`` (float32, C-contiguous,
+    ``out_shape``; made when None) and returns ``out``, which must not overlap ``x``.
+    ``plan.run(x, out)`` skips the checks. Work is split over ``kernels.set_num_threads``
+    threads (by images, pixel panels or planes) when it pays; each thread's scratch
+    (padded image, panel) is made on first use and kept, so later calls allocate nothing.
+    A plan must not run on two threads at once.
+    """
+
+    def __init__(self, w: object, x_shape: tuple, bias: object = None, *, strides=(1, 1), pads=(0, 0, 0, 0),
+                 dilations=(1, 1), group: int = 1, activation: str | tuple | None = None):
+        w = _real("w", w, 4)
+        o, cg, kh, kw = w.shape
+        if not (isinstance(x_shape, (tuple, list)) and len(x_shape) == 4
+                and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in x_shape)):
+            raise ValueError(f"x_shape: expected 4 ints (N, C, H, W), got {x_shape!r}")
+        n, c, h, wd = (int(v) for v in x_shape)
+        geo = conv_geometry((n, h, wd, c), (kh, kw), cg, o, strides=strides, pads=pads, dilations=dilations,
+                            group=group)
+        self.geo, self.x_shape = geo, (n, c, h, wd)
+        self.out_shape = (n, o, geo.out_h, geo.out_w)
+        self.lo, self.hi = (np.float32(v) for v in _activation_bounds(activation))
+        b = np.zeros(o, np.float32) if bias is None else _real("bias", bias, 1)
+        if b.shape != (o,):
+            raise ValueError(f"bias: expected shape ({o},), one value per filter, got {b.shape}")
+        if geo.group == c == o:
+            self._depthwise(w.reshape(o, kh * kw), b)
+        elif geo.group_out % (2 * LANES) == 0 and geo.depth >= PIXEL_MIN_DEPTH:
+            self._pixels(w, b)
+        else:
+            self._panels(w, b)
+        self.scratch: list[tuple[np.ndarray, ...]] = []  # per thread of a call, kept: calls allocate nothing
+
+    def _depthwise(self, w: np.ndarray, b: np.ndarray) -> None:
+        geo = self.geo
+        self.kind = "depthwise"
+        geo_args, spec = _depthwise_geo(geo)
+        self.driver, self.args = DEPTHWISE[spec], (np.ascontiguousarray(w), b, self.lo, self.hi, geo_args)
+        self.items = geo.batch * geo.in_channels
+        self.estimate_us = geo.ops() / DEPTHWISE_GFLOPS / 1e3
+        wm, size = geo_args[14], geo_args[16]
+        self.scratch_sizes = (size, 0 if spec else geo.out_h * wm)  # the unrolled rows store straight into y
+
+    def _taps(self) -> tuple[int, int, np.ndarray]:
+        """``(HB, WB, taps)``: the padded image's size and tap ``(c, ky, kx)``'s offset in one group of it."""
+        geo = self.geo
+        hb, wb = geo.in_h + geo.pad_top + geo.pad_bottom, geo.in_w + geo.pad_left + geo.pad_right
+        taps = np.arange(geo.kernel_h)[:, None] * geo.dilation_h * wb + np.arange(geo.kernel_w) * geo.dilation_w
+        return hb, wb, (np.arange(geo.group_in)[:, None, None] * (hb * wb) + taps).reshape(-1).astype(np.int64)
+
+    def _pixels(self, w: np.ndarray, b: np.ndarray) -> None:
+        """Pixel tiles: 64 (or 32) channels by 6 (8) pixels, taps read in place (measured here: 155-175 GFLOPS
+        for 32-64 channels, where the channel-major tile loses a quarter to im2col copies or wide columns)."""
+        geo = self.geo
+        self.kind = "pixels"
+        vectors = 4 if geo.group_out % (4 * LANES) == 0 else 2
+        rows = PIXEL_ROWS[vectors]
+        hb, wb, taps = self._taps()
+        pixels = geo.out_h * geo.out_w
+        p = np.arange(-(-pixels // rows) * rows)
+        pix = np.where(p < pixels, p // geo.out_w * geo.stride_h * wb + p % geo.out_w * geo.stride_w, 0)
+        geo_args = (geo.in_channels, geo.in_h, geo.in_w, geo.out_channels, geo.group, geo.out_h, geo.out_w,
+                    geo.pad_top, geo.pad_left, hb, wb)
+        self.driver = PIXEL_DRIVERS[vectors]
+        self.args = (_pack_weights(w, geo.group, LANES * vectors), b, self.lo, self.hi, geo_args,
+                     taps, pix.astype(np.int64))
+        self.items = geo.batch
+        self.estimate_us = geo.ops() / GEMM_GFLOPS / 1e3
+        padded = any(geo.pads)
+        self.scratch_sizes = (geo.in_channels * hb * wb if padded else 0, p.size * geo.out_channels)
+
+    def _panels(self, w: np.ndarray, b: np.ndarray) -> None:
+        """Channel-major tiles over panels of pixels: pointwise, wide or im2col (see the module docstring)."""
+        geo = self.geo
+        # stride 1: wide panels when their padding columns waste at most 1/8 of the work (measured: im2col copies
+        # cost more on rows of 16 pixels and up, less on rows of 8 with a 3x3 kernel)
+        wide = geo.stride_h == geo.stride_w == 1 and 8 * (geo.kernel_w - 1) * geo.dilation_w <= geo.out_w
+        self.kind = "pointwise" if geo.is_pointwise else "wide" if wide else "im2col"
+        hb, wb, taps = self._taps()
+        mode = {"pointwise": POINTWISE, "wide": WIDE, "im2col": IM2COL}[self.kind]
+        geo_args = (geo.in_channels, geo.in_h, geo.in_w, geo.out_channels, geo.group, geo.out_h, geo.out_w,
+                    geo.stride_h, geo.stride_w, geo.pad_top, geo.pad_left, hb, wb, mode)
+        bias = np.concatenate([b, np.zeros(MR, np.float32)])  # a tile reads MR values
+        self.driver = _gemm_items
+        self.args = (_pack_weights(w, geo.group, MR), bias, self.lo, self.hi, geo_args, taps,
+                     np.arange(geo.depth, dtype=np.int64) * NR)
+        grid = geo.out_h * (wb if mode == WIDE else geo.out_w)
+        self.items = geo.batch * -(-grid // NR)
+        self.estimate_us = geo.ops() / GEMM_GFLOPS / 1e3
+        self.scratch_sizes = _gemm_scratch(geo_args, geo.depth)
+
+    def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The convolution of NCHW float32 ``x`` (shape as prepared), into ``out`` if given; returns it."""
+        if not (isinstance(x, np.ndarray) and x.dtype == F32_DTYPE and x.shape == self.x_shape):
+            if not isinstance(x, np.ndarray):
+                raise TypeError(f"x: expected a numpy.ndarray of float32, got {type(x).__name__}")
+            if x.dtype != F32_DTYPE:
+                raise TypeError(f"x: expected dtype float32, got {x.dtype}")
+            raise ValueError(f"x: expected NCHW shape {self.x_shape} as prepared, got {x.shape}")
+        if not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x)
+        out = np.empty(self.out_shape, F32_DTYPE) if out is None else _validate.out(out, self.out_shape, F32_DTYPE)
+        self.run(x, out)
+        return out
+
+    def run(self, x: np.ndarray, out: np.ndarray) -> None:
+        """The convolution of C-contiguous ``x`` into C-contiguous ``out``, unchecked."""
+        parts = min(threads.get_num_threads(), int(self.estimate_us // threads.MIN_US_PER_THREAD))
+        if parts <= 1 and self.scratch:  # the common case, with the least Python (batch 1 layers take ~10 us)
+            self.driver(x, *self.args, 0, self.items, *self.scratch[0], out)
+            return
+        ranges = threads.split(self.items, max(1, parts))
+        while len(self.scratch) < len(ranges):  # zeros: the padding borders in them are never written
+            self.scratch.append(tuple(np.zeros(size, np.float32) for size in self.scratch_sizes))
+
+        def part(i0: int, i1: int) -> None:
+            self.driver(x, *self.args, i0, i1, *self.scratch[ranges.index((i0, i1))], out)
+
+        threads.run_ranges(part, ranges)
+
+    def __repr__(self) -> str:
+        g = self.geo
+        return (f"Conv2dFloat32Plan(kind={self.kind!r}, x_shape={self.x_shape}, out_shape={self.out_shape}, "
+                f"kernel={g.kernel_h}x{g.kernel_w}, strides={(g.stride_h, g.stride_w)}, group={g.group})")
+
+
+def _real(name: str, v: object, ndim: int) -> np.ndarray:
+    """A float array of rank ``ndim`` (weights, bias) as C-contiguous float32."""
+    if not isinstance(v, np.ndarray):
+        raise TypeError(f"{name}: expected a numpy.ndarray of floats, got {type(v).__name__}")
+    if v.dtype.kind != "f":
+        raise TypeError(f"{name}: expected a float dtype, got {v.dtype}")
+    if v.ndim != ndim:
+        raise ValueError(f"{name}: expected a {ndim}-D array, got shape {v.shape}")
+    return np.ascontiguousarray(v, np.float32)
+
+
+def _pack_weights(w: np.ndarray, group: int, block: int) -> np.ndarray:
+    """OIHW ``w`` in tiles: group ``g``, block ``b`` of ``block`` filters, then ``k`` (``(c, ky, kx)``), then filter.
+
+    ``packed[((g blocks + b) K + k) block + r] = w[g O' + b block + r, k]`` (0 past ``O' = O / group``):
+    ``block`` filters interleaved per k, as both tiles read them (the channel-major one
+    broadcasts them one at a time, the pixel tile loads them as vectors).
+    """
+    o = w.shape[0]
+    og, k = o // group, w[0].size
+    blocks = -(-og // block)
+    padded = np.zeros((group, blocks * block, k), np.float32)
+    padded[:, :og] = w.reshape(group, og, k)
+    return np.ascontiguousarray(padded.reshape(group, blocks, block, k).transpose(0, 1, 3, 2)).reshape(-1)
+
+
+def conv2d_float32_plan(w: np.ndarray, x_shape: tuple[int, int, int, int], bias: np.ndarray | None = None, *,
+                        strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group: int = 1,
+                        activation: str | tuple | None = None) -> Conv2dFloat32Plan:
+    """:func:`conv2d_float32` prepared for NCHW float32 activations of ``x_shape``: ``plan(x, out=None)``."""
+    return Conv2dFloat32Plan(w, x_shape, bias, strides=strides, pads=pads, dilations=dilations, group=group,
+                             activation=activation)
+
+
+def conv2d_float32(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None, *, strides=(1, 1),
+                   pads=(0, 0, 0, 0), dilations=(1, 1), group: int = 1, activation: str | tuple | None = None,
+                   out: np.ndarray | None = None) -> np.ndarray:
+    """Float32 convolution, ONNX Conv on NCHW, with a fused clamp (formula in the module docstring).
+
+    Parameters
+    ----------
+    x : float32 ndarray [N, C, H, W] (copied once if not C-contiguous)
+    w : float ndarray [O, C / group, KH, KW] (used as float32)
+    bias : float ndarray [O], optional
+    strides, dilations : int or (h, w) pair, >= 1
+    pads : (top, left, bottom, right) as ONNX, (h, w), one int, or "same", "same_lower", "valid"
+    group : positive divisor of C and O
+    activation : None, "relu", "relu6" or ("clip", lo, hi)
+    out : float32 C-contiguous ndarray [N, O, OH, OW], optional
+
+    Returns float32 [N, O, OH, OW]. To run one layer many times, prepare it once with
+    :func:`conv2d_float32_plan`.
+    """
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"x: expected a numpy.ndarray of float32, got {type(x).__name__}")
+    if x.ndim != 4:
+        raise ValueError(f"x: expected a 4-D NCHW array, got shape {x.shape}")
+    plan = Conv2dFloat32Plan(w, x.shape, bias, strides=strides, pads=pads, dilations=dilations, group=group,
+                             activation=activation)
+    return plan(x, out)
