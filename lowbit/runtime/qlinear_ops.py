@@ -11,7 +11,7 @@ Default domain, ONNX's semantics bit for bit (its reference evaluator computes t
 fused formulas; lowbit follows the exact rule each docstring states, and lands within one code of ONNX Runtime
 (within float rounding for float outputs):
 
-``QLinearAdd``, ``QLinearMul``            Dequantize -> Add / Mul -> Quantize, each step in float32
+``QLinearAdd``, ``QLinearMul``            ONNX Runtime's float32 formula (``kernels.qlinear_add`` / ``mul``)
 ``QLinearSigmoid``, ``QLinearLeakyRelu``  Dequantize -> f -> Quantize, tabulated over the 256 codes
 ``QLinearConcat``                         each input requantized (Dequantize -> Quantize), then concatenated
 ``QLinearAveragePool``                    exact window sums, the rescale in float64 (``kernels.avg_pool2d``)
@@ -495,19 +495,15 @@ def _binary_shape(node: Node, a: Spec, b: Spec) -> Shape:
         raise _fail(node, f"shapes {list(a[0])} and {list(b[0])} do not broadcast") from None
 
 
-BINARY = {"com.microsoft.QLinearAdd": np.add, "com.microsoft.QLinearMul": np.multiply}
+BINARY = {"com.microsoft.QLinearAdd": kernels.qlinear_add, "com.microsoft.QLinearMul": kernels.qlinear_mul}
 
 
 @preparer(*BINARY)
 def prepare_qlinear_binary(node: Node, graph: Graph, inputs: Inputs) -> Kernel:
     """ONNX Runtime's QLinearAdd / QLinearMul(A, A_scale, A_zero_point?, B, B_scale, B_zero_point?, C_scale,
-    C_zero_point?), NumPy broadcasting, by the ONNX rule Dequantize -> Add / Mul -> Quantize::
-
-        C = saturate(rint(float32(DQ(A) op DQ(B)) / C_scale) + C_zero_point),    DQ(q) = float32(q - zp) * scale
-
-    every step rounded to float32, half to even (``kernels.dequantize_linear`` / ``quantize_linear``). ONNX
-    Runtime rounds its own fused float32 formula (``A_scale / C_scale`` ratios, a multiply-add), so a value within
-    float32 rounding of a half may round the other way there: its codes are within one of these.
+    C_zero_point?), NumPy broadcasting, ``C = saturate(rint(DQ(A) op DQ(B) / C_scale) + C_zero_point)`` with
+    ``DQ(q) = (q - zp) * scale``, by ``kernels.qlinear_add`` / ``qlinear_mul``: ONNX Runtime's own float32
+    formula, so its codes (within one of the exact value; the kernels' docstrings bound it).
     """
     a, b = _codes(node, graph, inputs, 0, "A"), _codes(node, graph, inputs, 3, "B")
     shape = _binary_shape(node, a, b)
@@ -515,14 +511,12 @@ def prepare_qlinear_binary(node: Node, graph: Graph, inputs: Inputs) -> Kernel:
         _quantization(node, graph, inputs, scale, scale + 1, a[1], what)
     (sa, za), (sb, zb), (sc, zc) = ((_per_tensor(node, graph, i, float), _per_tensor(node, graph, i + 1, int, 0))
                                     for i in (1, 4, 6))
-    a_real, b_real, c_real = np.empty(a[0], F32), np.empty(b[0], F32), np.empty(shape, F32)
-    ufunc, dtype = BINARY[node.op], a[1]
+    kernel, dtype = BINARY[node.op], a[1]
 
     def run(ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
-        ufunc(_dequantize(ins[0], sa(ins), za(ins), a_real), _dequantize(ins[3], sb(ins), zb(ins), b_real), out=c_real)
-        _quantize(c_real, sc(ins), zc(ins), dtype, outs[0])
+        kernel(ins[0], sa(ins), za(ins), ins[3], sb(ins), zb(ins), sc(ins), dtype.type(zc(ins)), out=outs[0])
 
-    return Kernel(run, [(shape, dtype)], math.prod(shape), "int8", "dequantize, float32, quantize")
+    return Kernel(run, [(shape, dtype)], math.prod(shape), "int8", kernel.__name__)
 
 
 def _sigmoid(node: Node) -> Callable[[np.ndarray], np.ndarray]:
@@ -579,9 +573,9 @@ def prepare_qlinear_lookup(node: Node, graph: Graph, inputs: Inputs) -> Kernel:
     table = _table_of(node, graph, LOOKUP[node.op](node), x[1], 0, 3, x[1])
 
     def run(ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
-        np.take(table(ins), ins[0].view(np.uint8), out=outs[0])
+        kernels.qlinear_lookup(ins[0], table(ins), out=outs[0])
 
-    return Kernel(run, [(tuple(x[0]), x[1])], math.prod(x[0]), "int8", "table of 256 codes")
+    return Kernel(run, [(tuple(x[0]), x[1])], math.prod(x[0]), "int8", "qlinear_lookup, a table of 256 codes")
 
 
 @preparer("com.microsoft.QLinearConcat")
