@@ -17,9 +17,9 @@ import math
 
 import numpy as np
 
-#: The IR version written: the newest that onnxruntime 1.18 and later read (onnx writes a newer one by default).
+#: The IR version written: one every onnxruntime from 1.18 on reads (onnx writes a newer one by default).
 IR_VERSION = 9
-BERT_OPSETS = range(13, 22)  # LayerNormalization from 17, ReduceMean's axes as an input from 18
+BERT_OPSETS = range(13, 22)  # LayerNormalization from 17
 
 
 class _Builder:
@@ -41,14 +41,22 @@ class _Builder:
         self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
         return name
 
-    def op(self, op_type: str, inputs: list[str], stem: str | None = None, outputs: int = 1, **attrs) -> str | list[str]:
-        """Append one node; its output name (a list of names when ``outputs`` > 1)."""
+    def constant(self, stem: str, value) -> str:
+        """A Constant node holding ``value``: how torch.onnx writes scalars and shape arguments."""
+        from onnx import helper, numpy_helper
+
+        node = self.name(stem)
+        self.nodes.append(helper.make_node("Constant", [], [node], name=node,
+                                           value=numpy_helper.from_array(np.asarray(value), node)))
+        return node
+
+    def op(self, op_type: str, inputs: list[str], stem: str | None = None, **attrs) -> str:
+        """Append one node; the name of its output."""
         from onnx import helper
 
         node = self.name(stem or op_type)
-        names = [f"{node}_out{i}" if outputs > 1 else f"{node}_out" for i in range(outputs)]
-        self.nodes.append(helper.make_node(op_type, inputs, names, name=node, **attrs))
-        return names if outputs > 1 else names[0]
+        self.nodes.append(helper.make_node(op_type, inputs, [f"{node}_out"], name=node, **attrs))
+        return f"{node}_out"
 
     def rename(self, tensor: str, name: str) -> None:
         """Give the output ``tensor`` of the last node the name ``name`` (a graph output's name)."""
@@ -85,13 +93,14 @@ def _positive(**values: int) -> None:
 # ---- convolutional networks ----------------------------------------------------------------------------------------
 
 def _conv_bn(b: _Builder, x: str, cin: int, cout: int, kernel: int, stride: int = 1, group: int = 1,
-             stem: str = "conv") -> str:
-    """Conv (no bias, 'same' padding) followed by BatchNormalization: ``(conv(x) - mean) / sqrt(var + eps) * g + b``."""
+             stem: str = "conv", gamma: tuple[float, float] = (0.5, 1.5)) -> str:
+    """Conv (no bias, 'same' padding) followed by BatchNormalization: ``(conv(x) - mean) / sqrt(var + eps) * g + b``,
+    ``g`` uniform in ``gamma``."""
     w = b.normal((cout, cin // group, kernel, kernel), math.sqrt(2.0 / (cin // group * kernel * kernel)))
     pad = kernel // 2
     y = b.op("Conv", [x, b.const(f"{stem}.weight", w)], stem, kernel_shape=[kernel, kernel],
              pads=[pad] * 4, strides=[stride, stride], group=group)
-    gamma = b.rng.uniform(0.5, 1.5, cout).astype(np.float32)
+    gamma = b.rng.uniform(*gamma, cout).astype(np.float32)
     beta, mean = b.normal(cout, 0.1), b.normal(cout, 0.1)
     var = b.rng.uniform(0.5, 1.5, cout).astype(np.float32)
     params = [b.const(f"{stem}.bn.{n}", v) for n, v in (("weight", gamma), ("bias", beta), ("mean", mean),
@@ -99,20 +108,18 @@ def _conv_bn(b: _Builder, x: str, cin: int, cout: int, kernel: int, stride: int 
     return b.op("BatchNormalization", [y, *params], f"{stem}.bn", epsilon=1e-5)
 
 
-def _classifier(b: _Builder, x: str, features: int, classes: int) -> str:
-    """GlobalAveragePool, Flatten and a Gemm ``y = x W' + c`` (``transB=1``, as torch exports a Linear)."""
-    pooled = b.op("Flatten", [b.op("GlobalAveragePool", [x], "pool")], "flatten", axis=1)
-    w = b.normal((classes, features), math.sqrt(1.0 / features))
-    return b.op("Gemm", [pooled, b.const("fc.weight", w), b.const("fc.bias", b.normal(classes, 0.01))], "fc",
-                alpha=1.0, beta=1.0, transB=1)
-
-
-def _image_model(b: _Builder, batch, image: int, logits: str, classes: int, name: str, opset: int = 13):
+def _image_model(b: _Builder, x: str, features: int, batch, image: int, classes: int, name: str):
+    """The model ending in GlobalAveragePool, Flatten and a Gemm ``logits = x W' + c`` (``transB=1``, as torch
+    exports a Linear), opset 13."""
     from onnx import TensorProto, helper
 
-    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, image, image])
-    y = helper.make_tensor_value_info(logits, TensorProto.FLOAT, [batch, classes])
-    return b.model([x], [y], opset, name)
+    pooled = b.op("Flatten", [b.op("GlobalAveragePool", [x], "pool")], "flatten", axis=1)
+    w = b.normal((classes, features), math.sqrt(1.0 / features))
+    b.rename(b.op("Gemm", [pooled, b.const("fc.weight", w), b.const("fc.bias", b.normal(classes, 0.01))], "fc",
+                  alpha=1.0, beta=1.0, transB=1), "logits")
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, image, image])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, classes])]
+    return b.model(inputs, outputs, 13, name)
 
 
 def resnet(batch: int | str = "batch", image: int = 32, width: int = 16, blocks: int = 2, classes: int = 10,
@@ -140,16 +147,19 @@ def resnet(batch: int | str = "batch", image: int = 32, width: int = 16, blocks:
             stride = 2 if s and not k else 1
             stem = f"layer{s + 1}.{k}"
             y = b.op("Relu", [_conv_bn(b, x, channels, out, 3, stride, stem=f"{stem}.conv1")], f"{stem}.relu1")
-            y = _conv_bn(b, y, out, out, 3, stem=f"{stem}.conv2")
+            # small scales on the branch's last BN, as trained ResNets have, so activations do not double per block
+            y = _conv_bn(b, y, out, out, 3, stem=f"{stem}.conv2", gamma=(0.1, 0.5))
             shortcut = x if stride == 1 and channels == out else \
                 _conv_bn(b, x, channels, out, 1, stride, stem=f"{stem}.downsample")
             x = b.op("Relu", [b.op("Add", [y, shortcut], f"{stem}.add")], f"{stem}.relu2")
             channels = out
-    return _image_model(b, batch, image, _classifier(b, x, channels, classes), classes, "resnet")
+    return _image_model(b, x, channels, batch, image, classes, "resnet")
 
 
-#: MobileNetV2's inverted residual stages as (expansion, channels, repeats, stride), torchvision's first five rows.
-MOBILENET_V2_STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1))
+#: MobileNetV2's inverted residual stages as (expansion, channels, repeats, stride), as in the paper and torchvision
+#: (whose full network also ends in a 1x1 Conv to 1280 channels).
+MOBILENET_V2_STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                       (6, 320, 1, 1))
 
 
 def _multiple_of_8(channels: float) -> int:
@@ -195,17 +205,17 @@ def mobilenet_v2(batch: int | str = "batch", image: int = 32, width: float = 1.0
                 y = b.op("Add", [x, y], f"{stem}.add")
             x, channels, index = y, out, index + 1
     x = _relu6(b, _conv_bn(b, x, channels, last, 1, stem="head"), "head.relu6")
-    return _image_model(b, batch, image, _classifier(b, x, last, classes), classes, "mobilenet_v2")
+    return _image_model(b, x, last, batch, image, classes, "mobilenet_v2")
 
 
 # ---- BERT encoder --------------------------------------------------------------------------------------------------
 
 def _scalar(b: _Builder, stem: str, value: float) -> str:
-    return b.const(stem, np.float32(value))
+    return b.constant(stem, np.float32(value))
 
 
 def _ints(b: _Builder, stem: str, values) -> str:
-    return b.const(stem, np.asarray(values, np.int64))
+    return b.constant(stem, np.asarray(values, np.int64))
 
 
 def _layer_norm(b: _Builder, x: str, hidden: int, opset: int, stem: str) -> str:
@@ -216,13 +226,9 @@ def _layer_norm(b: _Builder, x: str, hidden: int, opset: int, stem: str) -> str:
     if opset >= 17:
         return b.op("LayerNormalization", [x, gamma, beta], stem, axis=-1, epsilon=1e-12)
 
-    def mean(t: str, name: str) -> str:
-        if opset >= 18:
-            return b.op("ReduceMean", [t, _ints(b, f"{stem}.axes", [-1])], name, keepdims=1)
-        return b.op("ReduceMean", [t], name, axes=[-1], keepdims=1)
-
-    centred = b.op("Sub", [x, mean(x, f"{stem}.mean")], f"{stem}.sub")
-    var = mean(b.op("Pow", [centred, _scalar(b, f"{stem}.two", 2.0)], f"{stem}.pow"), f"{stem}.var")
+    centred = b.op("Sub", [x, b.op("ReduceMean", [x], f"{stem}.mean", axes=[-1])], f"{stem}.sub")
+    var = b.op("ReduceMean", [b.op("Pow", [centred, _scalar(b, f"{stem}.two", 2.0)], f"{stem}.pow")], f"{stem}.var",
+               axes=[-1])
     std = b.op("Sqrt", [b.op("Add", [var, _scalar(b, f"{stem}.eps", 1e-12)], f"{stem}.add_eps")], f"{stem}.sqrt")
     normed = b.op("Div", [centred, std], f"{stem}.div")
     return b.op("Add", [b.op("Mul", [normed, gamma], f"{stem}.mul"), beta], f"{stem}.add")
@@ -254,9 +260,9 @@ def _attention(b: _Builder, x: str, mask: str, hidden: int, heads: int, stem: st
     """Multi-head self-attention: ``softmax(Q K' / sqrt(dh) + mask) V``, heads merged, output projection."""
     dh = hidden // heads
     q = _split_heads(b, _linear(b, x, hidden, hidden, f"{stem}.query"), heads, dh, f"{stem}.q", [0, 2, 1, 3])
-    k = _split_heads(b, _linear(b, x, hidden, hidden, f"{stem}.key"), heads, dh, f"{stem}.k", [0, 2, 1, 3])
+    # the key's permute(0, 2, 1, 3) and transpose(-1, -2) as one Transpose, as torch.onnx merges them
+    k_t = _split_heads(b, _linear(b, x, hidden, hidden, f"{stem}.key"), heads, dh, f"{stem}.k", [0, 2, 3, 1])
     v = _split_heads(b, _linear(b, x, hidden, hidden, f"{stem}.value"), heads, dh, f"{stem}.v", [0, 2, 1, 3])
-    k_t = b.op("Transpose", [k], f"{stem}.k.transpose_t", perm=[0, 1, 3, 2])  # key.transpose(-1, -2)
     scores = b.op("MatMul", [q, k_t], f"{stem}.scores")
     scores = b.op("Div", [scores, _scalar(b, f"{stem}.sqrt_dh", math.sqrt(dh))], f"{stem}.scale")
     probs = b.op("Softmax", [b.op("Add", [scores, mask], f"{stem}.mask")], f"{stem}.softmax", axis=-1)
@@ -275,18 +281,27 @@ def _gelu(b: _Builder, x: str, stem: str) -> str:
 
 
 def _embeddings(b: _Builder, vocab: int, hidden: int, positions: int, opset: int) -> str:
-    """Word embedding of ``input_ids`` + position embedding of ``arange(seq)`` + the token-type-0 row, LayerNorm."""
-    words = b.op("Gather", [b.const("embeddings.word", b.normal((vocab, hidden), 0.02)), "input_ids"],
-                 "embeddings.word_gather", axis=0)
+    """Word embedding of ``input_ids`` + token-type embedding of a zero buffer ``[1, positions]`` sliced to ``seq`` +
+    position embedding of ``arange(seq)``, then LayerNorm; ``seq`` from Shape -> Gather (-> Cast, as exported)."""
+    from onnx import TensorProto
+
     seq = b.op("Gather", [b.op("Shape", ["input_ids"], "embeddings.shape"), _ints(b, "embeddings.seq_axis", 1)],
                "embeddings.seq", axis=0)
-    ids = b.op("Range", [_ints(b, "embeddings.start", 0), seq, _ints(b, "embeddings.step", 1)], "embeddings.range")
+    end = b.op("Cast", [seq], "embeddings.seq_cast", to=TensorProto.INT64)
+    ids = b.op("Range", [_ints(b, "embeddings.start", 0), end, _ints(b, "embeddings.step", 1)], "embeddings.range")
     ids = b.op("Unsqueeze", [ids, _ints(b, "embeddings.position_axes", [0])], "embeddings.position_ids")
+    words = b.op("Gather", [b.const("embeddings.word", b.normal((vocab, hidden), 0.02)), "input_ids"],
+                 "embeddings.word_gather", axis=0)
+    end = b.op("Unsqueeze", [seq, _ints(b, "embeddings.end_axes", [0])], "embeddings.end")
+    types = b.op("Slice", [b.const("embeddings.token_type_ids", np.zeros((1, positions), np.int64)),
+                           _ints(b, "embeddings.slice_start", [0]), end, _ints(b, "embeddings.slice_axes", [1]),
+                           _ints(b, "embeddings.slice_step", [1])], "embeddings.token_type_slice")
+    types = b.op("Gather", [b.const("embeddings.token_type", b.normal((2, hidden), 0.02)), types],
+                 "embeddings.token_type_gather", axis=0)
+    x = b.op("Add", [words, types], "embeddings.add")
     where = b.op("Gather", [b.const("embeddings.position", b.normal((positions, hidden), 0.02)), ids],
                  "embeddings.position_gather", axis=0)
-    x = b.op("Add", [words, where], "embeddings.add")
-    x = b.op("Add", [x, b.const("embeddings.token_type", b.normal(hidden, 0.02))], "embeddings.add_token_type")
-    return _layer_norm(b, x, hidden, opset, "embeddings.norm")
+    return _layer_norm(b, b.op("Add", [x, where], "embeddings.add_position"), hidden, opset, "embeddings.norm")
 
 
 def _extended_mask(b: _Builder, opset: int) -> str:
@@ -309,10 +324,13 @@ def bert_encoder(batch: int | str = "batch", seq: int | str = "seq", vocab: int 
 
     Inputs ``input_ids`` and ``attention_mask`` int64 ``[batch, seq]`` (mask 1 = attend, 0 = padding); outputs
     ``last_hidden_state`` float32 ``[batch, seq, hidden]`` and, with ``pooled``, ``pooler_output``
-    ``tanh(h[:, 0] W' + c)`` ``[batch, hidden]``. Embeddings: Gather of the word table, plus the position table
-    gathered at ``Range(0, seq)`` (seq from Shape -> Gather), plus the token-type-0 row, then LayerNorm. Each layer:
-    ``x = LN(x + attention(x))``, ``x = LN(x + W2 gelu(W1 x + b1) + b2)`` with exact (erf) GELU. ``seq`` may not
-    exceed ``positions``.
+    ``tanh(h[:, 0] W' + c)`` ``[batch, hidden]``. Embeddings: Gather of the word table, plus the token-type table
+    gathered at a zero buffer sliced to ``seq``, plus the position table gathered at ``Range(0, seq)`` (``seq``
+    from Shape -> Gather), then LayerNorm. Each layer: ``x = LN(x + attention(x))``,
+    ``x = LN(x + W2 gelu(W1 x + b1) + b2)`` with exact (erf) GELU. ``seq`` may not exceed ``positions``.
+
+    Compared with torch.onnx (torch 2.13, TorchScript exporter) on a module written like BertModel, at opsets 13
+    and 17, the op counts are the same but for the Identity nodes torch adds where parameters are shared.
     """
     _positive(vocab=vocab, hidden=hidden, heads=heads, ffn=ffn, layers=layers, positions=positions)
     if opset not in BERT_OPSETS:
@@ -341,7 +359,8 @@ def bert_encoder(batch: int | str = "batch", seq: int | str = "seq", vocab: int 
                               b.const("pooler.bias", b.normal(hidden, 0.02))], "pooler.dense", transB=1)
         b.rename(b.op("Tanh", [dense], "pooler.tanh"), "pooler_output")
         outputs.append(helper.make_tensor_value_info("pooler_output", TensorProto.FLOAT, [batch, hidden]))
-    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, [batch, seq]) for n in ("input_ids", "attention_mask")]
+    inputs = [helper.make_tensor_value_info(name, TensorProto.INT64, [batch, seq])
+              for name in ("input_ids", "attention_mask")]
     return b.model(inputs, outputs, opset, "bert_encoder")
 
 

@@ -1,0 +1,173 @@
+"""kernels.conv2d_float32 / conv2d_float32_plan against the float64 NumPy oracle of kernels.reference.conv."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import kernels
+from kernels.reference.conv import conv2d_float32_ref
+
+RTOL = 1e-5
+BOUNDS = {None: (-np.inf, np.inf), "relu": (0.0, np.inf), "relu6": (0.0, 6.0)}
+
+
+def operands(n, c, h, w, o, cg, kh, kw, seed=0, bias=True):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, c, h, w), dtype=np.float32)
+    wt = rng.standard_normal((o, cg, kh, kw), dtype=np.float32)
+    b = rng.standard_normal(o, dtype=np.float32) if bias else None
+    return x, wt, b
+
+
+def check(y, x, w, bias, activation=None, **attrs):
+    """``y`` equals the float64 oracle within float32 rounding: ``RTOL`` of the sum of the magnitudes it adds."""
+    lo, hi = BOUNDS[activation] if not isinstance(activation, tuple) else activation[1:]
+    want = conv2d_float32_ref(x, w, bias, lo=lo, hi=hi, **attrs)
+    scale = conv2d_float32_ref(np.abs(x), np.abs(w), None if bias is None else np.abs(bias), **attrs)
+    assert y.dtype == np.float32 and y.shape == want.shape
+    err = np.abs(y.astype(np.float64) - want)
+    ok = (err <= RTOL * scale + 1e-30) | (np.isnan(y) & np.isnan(want))
+    assert ok.all(), f"max error {err.max():.3g} vs scale {scale.max():.3g}"
+
+
+# (N, C, H, W, O, KH, KW, strides, pads, dilations, group): every kernel kind and its edges
+CASES = [
+    (1, 16, 8, 8, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),         # im2col, stride 1, rows of 8
+    (3, 9, 9, 11, 64, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),         # pixel tiles of 64 channels
+    (1, 65, 7, 5, 96, 3, 3, (2, 2), (0, 1, 2, 0), (1, 1), 1),         # pixel tiles of 32, stride 2, asymmetric
+    (1, 16, 12, 13, 64, 3, 3, (1, 2), (0, 0, 0, 0), (2, 1), 2),       # pixel tiles, groups, unpadded, dilation
+    (3, 64, 1, 1, 128, 1, 1, (1, 1), (1, 1, 1, 1), (1, 1), 1),        # pixel tiles, all padding but one pixel
+    (3, 7, 33, 17, 5, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),         # wide panels, O < MR
+    (1, 63, 9, 65, 65, 3, 3, (1, 1), (0, 2, 1, 0), (1, 1), 1),        # wide, asymmetric pads, O > 64
+    (3, 7, 9, 11, 5, 3, 3, (2, 2), (1, 0, 2, 1), (1, 1), 1),          # im2col stride 2, asymmetric
+    (1, 65, 7, 7, 63, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1),         # pointwise, partial panel
+    (3, 64, 8, 8, 7, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1),          # pointwise, full panels
+    (1, 65, 5, 5, 63, 1, 1, (2, 2), (0, 0, 0, 0), (1, 1), 1),         # strided 1x1
+    (1, 3, 33, 35, 17, 7, 7, (2, 2), (3, 3, 3, 3), (1, 1), 1),        # a stem
+    (3, 6, 7, 7, 9, 3, 3, (1, 1), (1, 1, 1, 1), (2, 2), 3),           # groups, dilation
+    (1, 6, 13, 12, 4, 3, 2, (3, 1), (2, 1, 0, 2), (1, 2), 2),         # stride 3: the scalar copy
+    (1, 1, 1, 1, 1, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1),           # one value
+    (1, 1, 7, 7, 3, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),           # one input channel
+    (3, 12, 9, 9, 12, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 12),        # depthwise 3x3 s1 (unrolled)
+    (1, 63, 16, 16, 63, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), 63),      # depthwise 3x3 s2 (unrolled)
+    (1, 7, 11, 10, 7, 5, 5, (2, 2), (2, 2, 2, 2), (1, 1), 7),         # depthwise 5x5 s2
+    (3, 5, 8, 9, 5, 5, 5, (1, 1), (2, 1, 2, 3), (1, 1), 5),           # depthwise 5x5 s1, asymmetric
+    (1, 6, 10, 10, 6, 3, 3, (2, 1), (1, 1, 1, 1), (1, 2), 6),         # depthwise general: strides, dilation
+    (1, 65, 8, 8, 65, 3, 3, (1, 1), (0, 0, 0, 0), (1, 1), 65),        # depthwise unpadded
+    (2, 5, 9, 12, 5, 3, 3, (1, 2), (1, 1, 1, 1), (1, 1), 5),          # depthwise 3x3 unrolled, strides (1, 2)
+    (1, 5, 12, 9, 5, 3, 3, (2, 1), (0, 1, 1, 0), (1, 1), 5),          # depthwise 3x3 unrolled, strides (2, 1)
+    (2, 9, 11, 12, 9, 3, 3, (1, 1), (2, 0, 1, 2), (2, 3), 9),         # depthwise general: equal strides, dilation
+    (1, 4, 9, 13, 4, 2, 3, (3, 3), (1, 1, 0, 0), (1, 1), 4),          # depthwise general: stride 3
+    (1, 7, 6, 6, 7, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 7),           # depthwise 1x1
+    (3, 4, 7, 7, 8, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 4),           # depthwise with 2 filters per channel
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:7])) + f"-s{c[7][0]}{c[7][1]}-g{c[10]}")
+@pytest.mark.parametrize("bias, activation", [(True, "relu"), (False, None), (True, "relu6")])
+def test_matches_oracle(case, bias, activation):
+    n, c, h, w, o, kh, kw, strides, pads, dilations, group = case
+    x, wt, b = operands(n, c, h, w, o, c // group, kh, kw, bias=bias)
+    attrs = dict(strides=strides, pads=pads, dilations=dilations, group=group)
+    y = kernels.conv2d_float32(x, wt, b, activation=activation, **attrs)
+    check(y, x, wt, b, activation, **attrs)
+
+
+def test_plan_kinds_and_reuse():
+    x, w, b = operands(2, 32, 16, 16, 24, 32, 3, 3)
+    w64 = np.concatenate([w] * 3)[:64]
+    expected = {"wide": (x, w), "im2col": (x[:, :, :8, :8].copy(), w), "pointwise": (x, w[:, :, :1, :1].copy()),
+                "pixels": (x, w64)}
+    for kind, (xs, ws) in expected.items():
+        pads = (0, 0, 0, 0) if kind == "pointwise" else (1, 1, 1, 1)
+        bs = np.resize(b, ws.shape[0])
+        plan = kernels.conv2d_float32_plan(ws, xs.shape, bs, pads=pads, activation="relu")
+        assert plan.kind == kind, plan
+        out = np.full(plan.out_shape, np.nan, np.float32)
+        for scale in (1.0, -2.0):  # a second call on other values
+            assert plan(xs * scale, out) is out
+            check(out, xs * scale, ws, bs, "relu", pads=pads)
+    dw = kernels.conv2d_float32_plan(w[:, :1].repeat(2, axis=0)[:32], x.shape, group=32, pads="same")
+    assert dw.kind == "depthwise" and dw.out_shape == (2, 32, 16, 16)
+
+
+def test_string_pads_and_clip():
+    x, w, b = operands(1, 5, 9, 8, 6, 5, 3, 3)
+    for pads, resolved in (("same", (1, 1, 1, 1)), ("valid", (0, 0, 0, 0)), ("same_lower", (1, 1, 1, 0))):
+        strides = 2 if pads == "same_lower" else 1
+        y = kernels.conv2d_float32(x, w, b, pads=pads, strides=strides, activation=("clip", -0.5, 0.25))
+        check(y, x, w, b, ("clip", -0.5, 0.25), pads=resolved, strides=(strides, strides))
+
+
+@pytest.mark.parametrize("group", [1, 8])
+def test_nan_propagates_through_relu(group):
+    x, w, b = operands(1, 8, 6, 6, 8, 8 // group, 3, 3)
+    x[0, 3, 2, 2] = np.nan
+    y = kernels.conv2d_float32(x, w, b, pads=1, group=group, activation="relu")
+    check(y, x, w, b, "relu", pads=(1, 1, 1, 1), group=group)
+    assert np.isnan(y).any() and not np.isnan(y[:, :, 5, 5]).any()
+
+
+@pytest.mark.parametrize("n, c, size, o, group, kind", [(2, 64, 24, 48, 1, "wide"), (2, 64, 24, 64, 1, "pixels"),
+                                                      (4, 128, 32, 128, 128, "depthwise")])
+def test_threads_split(n, c, size, o, group, kind):
+    x, w, b = operands(n, c, size, size, o, c // group, 3, 3)
+    plan = kernels.conv2d_float32_plan(w, x.shape, b, pads=1, group=group)
+    previous = kernels.get_num_threads()
+    kernels.set_num_threads(2)
+    try:
+        y = plan(x)
+    finally:
+        kernels.set_num_threads(previous)
+    assert plan.kind == kind and len(plan.scratch) == 2  # two threads, each with its scratch
+    check(y, x, w, b, pads=(1, 1, 1, 1), group=group)
+    check(plan(x), x, w, b, pads=(1, 1, 1, 1), group=group)  # again, on the scratch kept
+
+
+def test_non_contiguous_input_is_copied():
+    x, w, b = operands(2, 9, 10, 12, 4, 9, 3, 3)
+    view = x[:, :, :, ::2]
+    y = kernels.conv2d_float32(view, w, b, pads=1)
+    check(y, np.ascontiguousarray(view), w, b, pads=(1, 1, 1, 1))
+    nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    check(kernels.conv2d_float32(nhwc, w, b, pads=1), x, w, b, pads=(1, 1, 1, 1))
+
+
+def test_float64_weights_are_used_as_float32():
+    x, w, b = operands(1, 4, 6, 6, 3, 4, 3, 3)
+    y = kernels.conv2d_float32(x, w.astype(np.float64), b.astype(np.float64))
+    check(y, x, w, b)
+
+
+def test_bad_input():
+    x, w, b = operands(1, 4, 6, 6, 3, 4, 3, 3)
+    plan = kernels.conv2d_float32_plan(w, x.shape, b)
+    with pytest.raises(TypeError, match="x: expected dtype float32, got float64"):
+        plan(x.astype(np.float64))
+    with pytest.raises(TypeError, match="x: expected a numpy.ndarray of float32, got list"):
+        plan(x.tolist())
+    with pytest.raises(ValueError, match=r"x: expected NCHW shape \(1, 4, 6, 6\) as prepared, got \(1, 4, 6, 7\)"):
+        plan(np.zeros((1, 4, 6, 7), np.float32))
+    with pytest.raises(ValueError, match=r"out: expected shape \(1, 3, 4, 4\)"):
+        plan(x, np.empty((1, 3, 4, 5), np.float32))
+    with pytest.raises(TypeError, match="out: expected dtype float32, got float64"):
+        plan(x, np.empty((1, 3, 4, 4), np.float64))
+    with pytest.raises(ValueError, match="out: expected a C-contiguous array"):
+        plan(x, np.empty((1, 3, 4, 8), np.float32)[..., ::2])
+    with pytest.raises(ValueError, match="x: expected a 4-D NCHW array, got shape"):
+        kernels.conv2d_float32(x[0], w)
+    with pytest.raises(TypeError, match="w: expected a float dtype, got int8"):
+        kernels.conv2d_float32(x, w.astype(np.int8))
+    with pytest.raises(ValueError, match=r"bias: expected shape \(3,\), one value per filter, got \(4,\)"):
+        kernels.conv2d_float32(x, w, np.zeros(4, np.float32))
+    with pytest.raises(ValueError, match="group: expected a positive divisor of both the input channels"):
+        kernels.conv2d_float32(x, w, group=2)
+    with pytest.raises(ValueError, match="w: expected 2 input channels per filter"):
+        kernels.conv2d_float32(x, np.zeros((4, 4, 3, 3), np.float32), group=2)
+    with pytest.raises(ValueError, match="activation: expected one of"):
+        kernels.conv2d_float32(x, w, activation="gelu")
+    with pytest.raises(ValueError, match="x_shape: expected 4 ints"):
+        kernels.conv2d_float32_plan(w, (1, 4, 6))
+    with pytest.raises(ValueError, match="smaller than the 3x3 kernel"):
+        kernels.conv2d_float32(x[:, :, :2], w)
