@@ -106,6 +106,10 @@ VARIANTS: tuple[Variant, ...] = (
     # (kernels.conv.depthwise._planes_taps); "nhwc" is the general path, through layout copies
     Variant("conv_depthwise_nchw", "avx512-vnni", cpu.AVX512_VNNI, _depthwise_vnni, 1),
     Variant("conv_depthwise_nchw", "nhwc", cpu.GENERIC, _any_shape, 1),
+    # (M, N, K) = (output pixels, output channels, filter length) of a float32 convolution:
+    # kernels.conv.float32's register tiles need AVX-512's 32 vector registers; elsewhere im2col + BLAS
+    Variant("conv_float32", "avx512", cpu.AVX512_VNNI, _any_shape, 1),
+    Variant("conv_float32", "blas", cpu.GENERIC, _any_shape, 1),
 )
 
 

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import numpy as np
 
 import kernels
+from kernels import dispatch
 from lowbit.graph.ir import Graph, Node
 from lowbit.runtime.registry import Kernel, Shape, preparer
 from lowbit.runtime.windows import (Window, conv_transpose_window, conv_window, kernel_shape, window_geometry,
@@ -201,6 +202,34 @@ def _prepared(constants: dict[int, np.ndarray], index: int, prepare: Callable[[n
     return lambda ins: prepare(ins[index])
 
 
+def _conv_tiles(node: Node, x_shape: Shape, w_shape: Shape, group: int, window: Window, dtype: np.dtype,
+                constants: dict[int, np.ndarray]) -> Kernel | None:
+    """A float32 1-D / 2-D convolution with constant weights and bias on ``kernels.conv2d_float32_plan`` (register
+    tiles reading the padded image directly, bias and activation fused) where ``kernels.dispatch`` picks it; None
+    elsewhere (then im2col + BLAS). A 1-D convolution runs as a 2-D one of height 1 (views, no copy)."""
+    k = len(w_shape) - 2
+    if dtype != F32 or k not in (1, 2) or 1 not in constants or (_given(node, 2) and 2 not in constants):
+        return None
+    o, filter_length = w_shape[0], _product(w_shape[1:])
+    if dispatch.choose("conv_float32", _product((x_shape[0],) + window.out), o, filter_length).kind != "avx512":
+        return None
+    lift = (lambda t: t) if k == 2 else (lambda t: t[:-1] + (1,) + t[-1:])  # [..., L] -> [..., 1, L]
+    pads = window.pads if k == 2 else (0, window.pads[0], 0, window.pads[1])
+    strides, dilations = (tuple(window.strides), tuple(window.dilations)) if k == 2 else (
+        (1, window.strides[0]), (1, window.dilations[0]))
+    x4 = lift(tuple(x_shape))
+    plan = kernels.conv2d_float32_plan(constants[1].reshape(lift(tuple(w_shape))), x4, constants.get(2),
+                                       strides=strides, pads=pads, dilations=dilations, group=group,
+                                       activation=attr(node, "activation", None))
+    out_shape = tuple(x_shape[:1]) + (o,) + tuple(window.out)
+
+    def run(ins, outs):
+        plan(ins[0].reshape(x4), outs[0].reshape(plan.out_shape))
+
+    return Kernel(run, [(out_shape, F32)], ops=2 * _product(out_shape) * filter_length,
+                  note=f"conv2d_float32 {plan.kind}")
+
+
 @preparer("Conv")
 def prepare_conv(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
     """ONNX Conv over any number of spatial axes (2-D shown), NCHW::
@@ -220,6 +249,9 @@ def prepare_conv(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
     (x_shape, _), (w_shape, _) = inputs[:2]
     group, window = conv_window(node, x_shape, w_shape)
     dtype, constants = _conv_operands(node, graph, inputs)
+    tiles = _conv_tiles(node, x_shape, w_shape, group, window, dtype, constants)
+    if tiles is not None:
+        return tiles
     n, c, spatial = x_shape[0], x_shape[1], tuple(x_shape[2:])
     o, cg, kernel = w_shape[0], w_shape[1], tuple(w_shape[2:])
     k, taps, out, og = len(kernel), _product(kernel), window.out, o // group
@@ -893,7 +925,8 @@ BINARY = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divid
 @preparer(*BINARY)
 def prepare_binary(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
     """Add ``a + b``, Sub ``a - b``, Mul ``a b``, Div ``a / b`` (integers: rounded toward zero), Pow ``a^b``, with
-    NumPy (= ONNX multidirectional) broadcasting, into the output with ``out=``.
+    NumPy (= ONNX multidirectional) broadcasting, into the output with ``out=``; then the lowbit attribute
+    ``activation`` ("relu" / "relu6"), which :func:`~lowbit.runtime.passes.fuse_activations` sets on an Add.
 
     Types are ONNX's: both operands of one dtype (a constant is cast to the other's), except Pow, whose result has
     the base's dtype whatever the exponent's."""
@@ -910,10 +943,12 @@ def prepare_binary(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
         dtype, constants = _operands(node, graph, inputs, (0, 1))
         ufunc = _truncating_divide if node.op == "Div" and dtype.kind in "iu" else BINARY[node.op]
     operands = _bind(constants)
+    act = activation_of(node)  # Add + Relu: a residual block's end, fused by passes.fuse_activations
 
     def run(ins, outs):
         x, e = operands(ins)
         ufunc(x, e, out=outs[0])
+        act(outs[0])
 
     return Kernel(run, [(shape, dtype)], ops=_product(shape))
 

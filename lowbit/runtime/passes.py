@@ -14,7 +14,7 @@ import numpy as np
 from lowbit.graph.ir import Graph, GraphIndex, Node
 
 #: Producers that apply attr ``activation`` ("relu" / "relu6") after their bias.
-FUSABLE = ("Conv", "Gemm", "QLinearConv", "lowbit.QGemm", "lowbit.DynamicQGemm", "lowbit.Int4Gemm",
+FUSABLE = ("Conv", "Gemm", "Add", "QLinearConv", "lowbit.QGemm", "lowbit.DynamicQGemm", "lowbit.Int4Gemm",
            "lowbit.Int4Conv", "lowbit.TernaryGemm", "lowbit.BinaryConv", "lowbit.BinaryGemm")
 #: Producers whose output may be quantized codes (y_zero_point at input 7).
 _QUANTIZED_OUT = ("QLinearConv", "lowbit.QGemm")

@@ -79,8 +79,8 @@ def _race(candidates: list[Callable[[], object]]) -> list[float]:
 def _foldable(node: Node, constants: dict[str, np.ndarray]) -> bool:
     """Whether ``node`` can be evaluated ahead of every run: it has an evaluator, and its inputs are constants
     (or it reads only its input's shape)."""
-    return node.op in evaluators.EVALUATORS and (node.op in SHAPE_OPS or all(not t or t in constants
-                                                                            for t in node.inputs))
+    return (node.op in evaluators.EVALUATORS and "activation" not in node.attrs  # lowbit's fused epilogue
+            and (node.op in SHAPE_OPS or all(not t or t in constants for t in node.inputs)))
 
 
 def _folded(results: list[np.ndarray]) -> Kernel:
