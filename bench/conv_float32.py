@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import sys
 from dataclasses import asdict, dataclass
 
@@ -35,7 +34,7 @@ from threadpoolctl import threadpool_limits
 import kernels
 from bench.contenders import lowbit_threads
 from bench.peers import Contender, blas_libraries, onnxruntime_conv_float
-from bench.timing import cell, interleave, print_table
+from bench.timing import cell, interleave, print_table, save_json
 
 
 @dataclass(frozen=True)
@@ -169,10 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\nFloat32 convolutions (GFLOPS = 2 N OH OW O C' KH KW / s)")
     print_table(["layer", "N", "thr", *(f"{name} GFLOPS" for name in NAMES), "lowbit us", "ORT us", "time/ORT"],
                 rows_of(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"cpu_info": info, "repeat": args.repeat, "results": results}, f, indent=2)
-        print(f"wrote {args.json}")
+    save_json(args.json, {"cpu_info": info, "repeat": args.repeat, "results": results})
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import functools
 import importlib.util
-import json
 import sys
 from dataclasses import asdict, dataclass
 
@@ -34,7 +33,7 @@ import numpy as np
 import kernels
 from bench.contenders import lowbit_threads
 from bench.peers import Contender, _bound_session, _conv_model
-from bench.timing import cell, interleave, print_table
+from bench.timing import cell, interleave, print_table, save_json
 
 SHAPE = (32, 64, 32, 32)
 # (a_scale, a_zero_point, b_scale, b_zero_point, c_scale, c_zero_point); the lookup reads only a's and c's
@@ -192,11 +191,8 @@ def main(argv: list[str] | None = None) -> None:
           f"/ lowbit's time; % copy = copy time / lowbit's; xORT, xnumpy = their time / lowbit's)")
     print_table(["case", "thr", *(f"{n} ms" for n in NAMES), "GB/s", "% copy", "xORT", "xnumpy", "codes != ORT"],
                 rows_of(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"cpu_info": info, "shape": SHAPE, "scales": SCALES, "repeat": args.repeat,
-                       "results": results}, f, indent=2)
-        print(f"wrote {args.json}")
+    save_json(args.json, {"cpu_info": info, "shape": SHAPE, "scales": SCALES, "repeat": args.repeat,
+                       "results": results})
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -44,7 +43,7 @@ import numpy as np
 
 import kernels
 from bench.peers import Contender
-from bench.timing import cell, interleave, print_table
+from bench.timing import cell, interleave, print_table, save_json
 
 CALIBRATION_BATCHES = 4
 FORMATS = ("fp32", "qdq", "qop", "dynamic")
@@ -202,10 +201,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print("\nWhole models, best of interleaved rounds (ms); ORT/lowbit > 1: lowbit is faster")
     print_table(["model", "format", "thr", "lowbit ms", "ORT ms", "ORT/lowbit", "diff", "note"], rows_of(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"cpu_info": info, "repeat": args.repeat, "results": results}, f, indent=2)
-        print(f"wrote {args.json}")
+    save_json(args.json, {"cpu_info": info, "repeat": args.repeat, "results": results})
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ therefore compare measurements taken at nearly the same moments.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -94,6 +95,14 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         print("  ".join(text.rjust(width) for text, width in zip(row, widths)))
+
+
+def save_json(path: str | None, record: dict) -> None:
+    """Write ``record`` (every number of a run, with the CPU) to ``path`` as JSON, when a path was given."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(record, f, indent=2)
+        print(f"wrote {path}")
 
 
 def parse_shape(text: str) -> Shape:
