@@ -1,7 +1,8 @@
 """Saving and loading graphs: one zip file (suffix ``.lowbit``) of ``graph.json`` and one ``.npy`` per parameter.
 
 ``graph.json`` holds ``{"format": "lowbit", "format_version": 1, "inputs", "outputs",
-"nodes", "params", "opset"}`` (``opset`` is optional: files without it read at the default opset); each param entry names its file, dtype, shape and storage:
+"nodes", "params", "opset"}`` (``opset`` is optional: files without it read at the default
+opset); each param entry names its file, dtype, shape and storage:
 
 - ``"raw"``: the array itself;
 - ``"s4"`` / ``"t2"`` / ``"b1"``: int8 codes that feed a lowbit.Int4* / TernaryGemm /

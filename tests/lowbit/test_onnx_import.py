@@ -1,4 +1,4 @@
-"""lowbit.onnx: loading ONNX files (paths, bytes, protos, external data), ONNX Runtime's session API, and hostile files."""
+"""lowbit.onnx: loading ONNX files (paths, bytes, protos, external data), ONNX Runtime's session API, hostile files."""
 
 from __future__ import annotations
 
