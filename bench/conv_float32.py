@@ -81,6 +81,10 @@ LAYERS = (
     Layer("dw3x3 144@16", 144, 16, 144, 3, group=144),
     Layer("dw3x3 192@8", 192, 8, 192, 3, group=192),
     Layer("dw3x3/2 192@16", 192, 16, 192, 3, stride=2, group=192),
+    Layer("dw3x3 384@6", 384, 6, 384, 3, group=384),  # MobileNetV2 at 96x96: the small planes
+    Layer("dw3x3 576@6", 576, 6, 576, 3, group=576),
+    Layer("dw3x3/2 576@6", 576, 6, 576, 3, stride=2, group=576),
+    Layer("dw3x3 960@3", 960, 3, 960, 3, group=960),
 )
 NAMES = ("lowbit", "ORT", "sgemm")
 

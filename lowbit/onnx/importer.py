@@ -4,7 +4,8 @@ Node by node, the ONNX graph maps onto lowbit's IR, which is ONNX-shaped already
 names (``"<domain>.<op_type>"`` outside the default domain), attributes become Python values,
 initializers and ``Constant`` nodes become ``params``, symbolic dimensions (``"batch"``) stay symbols
 until a run binds them. Then the graph is rewritten once: Q/DQ patterns fused into integer ops
-(:func:`lowbit.runtime.qdq_fusion.fuse_qdq`) and constant subgraphs folded
+(:func:`lowbit.runtime.qdq_fusion.fuse_qdq`), dynamic quantization chains fused into one op
+(:func:`lowbit.runtime.dynamic_fusion.fuse_dynamic_matmul`) and constant subgraphs folded
 (:func:`lowbit.runtime.passes.fold_constants`). A model lowbit cannot run fails here, with every
 unsupported op listed, never halfway through a run.
 
@@ -325,13 +326,14 @@ def _check_supported(graph: Graph, unsupported: dict[str, list[str]]) -> None:
 
 def import_model(model: Any, *, optimize: bool = True) -> Imported:
     """Read and convert ``model`` (path, bytes or ModelProto); with ``optimize``, fuse Q/DQ and fold constants."""
+    from lowbit.runtime.dynamic_fusion import fuse_dynamic_matmul
     from lowbit.runtime.passes import fold_constants
     from lowbit.runtime.qdq_fusion import fuse_qdq
 
     proto, folder = read_model(model)
     imported = _convert(proto, folder)
     if optimize:  # fused Q/DQ patterns and folded constants need no kernel of their own
-        imported.graph = fold_constants(fuse_qdq(imported.graph))
+        imported.graph = fold_constants(fuse_dynamic_matmul(fuse_qdq(imported.graph)))
     _check_supported(imported.graph, {})
     return imported
 

@@ -13,6 +13,7 @@ fused formulas; lowbit follows the exact rule each docstring states, and lands w
 
 ``QLinearAdd``, ``QLinearMul``            ONNX Runtime's float32 formula (``kernels.qlinear_add`` / ``mul``)
 ``QLinearSigmoid``, ``QLinearLeakyRelu``  Dequantize -> f -> Quantize, tabulated over the 256 codes
+``QLinearSoftmax``                        ONNX Runtime's exp table and float32 formula (same codes)
 ``QLinearConcat``                         each input requantized (Dequantize -> Quantize), then concatenated
 ``QLinearAveragePool``                    exact window sums, the rescale in float64 (``kernels.avg_pool2d``)
 ``QLinearGlobalAveragePool``              likewise over all spatial axes (``kernels.global_avg_pool2d``)
@@ -166,9 +167,10 @@ def prepare_matmul_integer(node: Node, graph: Graph, inputs: Inputs) -> Kernel:
     """ONNX MatMulInteger: ``y = (a - a_zero_point) @ (b - b_zero_point)`` in int32 (numpy.matmul shapes),
     ``a_zero_point`` per tensor, ``b_zero_point`` per tensor or per column.
 
-    A 2-D ``b`` parameter (its zero point too) runs ``kernels.gemm_int8`` on weights packed once, while K is within
-    ``kernels.max_k_int32`` (no int32 overflow is possible); anything else exact NumPy, cast to int32 (wrapping
-    as ONNX's int32 accumulation would).
+    A 2-D ``b`` parameter (its zero point too) runs ``kernels.gemm_int8`` on ``a``'s rows ``[-1, K]`` and weights
+    packed once, while K is within ``kernels.max_k_int32`` (no int32 overflow is possible; for an ``a_zero_point``
+    computed at run time, such as DynamicQuantizeLinear's, for every zero point of ``a``'s type); anything else
+    exact NumPy, cast to int32 (wrapping as ONNX's int32 accumulation would).
     """
     a, b, shape = _matmul_specs(node, graph, inputs, 0, 1)
     columns = b[0][-1] if len(b[0]) > 1 else None
@@ -180,16 +182,19 @@ def prepare_matmul_integer(node: Node, graph: Graph, inputs: Inputs) -> Kernel:
                               f"got shape {list(zero[0])}")
     out = (shape, np.dtype(np.int32))
     k, ops = a[0][-1], 2 * math.prod(shape) * a[0][-1]
-    if len(b[0]) == 2 and _all_parameters(node, graph, (1, 2, 3)):
-        a_zero = int(_value(node, graph, 2))
+    if len(b[0]) == 2 and _all_parameters(node, graph, (1, 3)):
+        a_zero = _per_tensor(node, graph, 2, int, 0)
+        info = np.iinfo(a[1])
+        zeros = (a_zero([]),) if _all_parameters(node, graph, (2,)) else (info.min, info.max)
         w, w_zero = _int8_columns(_constant(node, graph, 1), _value(node, graph, 3))
-        if k <= kernels.max_k_int32(a[1], a_zero, w_zero):
-            packed = kernels.pack_int8(w)
+        if k <= min(kernels.max_k_int32(a[1], zero, w_zero) for zero in zeros):
+            packed, n = kernels.pack_int8(w), w.shape[0]
 
-            def product(x: np.ndarray, y: np.ndarray) -> None:
-                kernels.gemm_int8(x, packed, a_zero_point=a_zero, b_zero_point=w_zero, out=y)
+            def run(ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
+                kernels.gemm_int8(ins[0].reshape(-1, k), packed, a_zero_point=a_zero(ins), b_zero_point=w_zero,
+                                  out=outs[0].reshape(-1, n))
 
-            return Kernel(_by_rows(product, k, w.shape[0]), [out], ops, "int8", "gemm_int8")
+            return Kernel(run, [out], ops, "int8", "gemm_int8")
 
     def run(ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
         a, b, a_zero, b_zero = (ins + [None] * 4)[:4]
@@ -578,6 +583,78 @@ def prepare_qlinear_lookup(node: Node, graph: Graph, inputs: Inputs) -> Kernel:
     return Kernel(run, [(tuple(x[0]), x[1])], math.prod(x[0]), "int8", "qlinear_lookup, a table of 256 codes")
 
 
+def _softmax_table(x_scale: float, reduce_len: int) -> np.ndarray:
+    """ONNX Runtime's float32 ``e[d + 255] = exp((d + shift) * x_scale)`` for code differences ``d = x - max(x)``
+    in ``[-255, 0]``, ``shift = max(0, log(FLT_MAX / reduce_len) - 5) / x_scale``: the largest exponent whose
+    row sum stays below ``FLT_MAX / e^5`` (the exponent in float64, rounded once to float32, as ONNX Runtime)."""
+    headroom = max(0.0, math.log(float(np.float32(np.finfo(F32).max) / np.float32(reduce_len))) - 5.0)
+    scale = np.float64(np.float32(x_scale))
+    with np.errstate(all="ignore"):  # a zero scale computed at run time: undefined in ONNX Runtime too
+        return np.exp((np.arange(-255, 1, dtype=np.float64) + headroom / scale) * scale).astype(F32)
+
+
+def _softmax_rows(x: np.ndarray, table: np.ndarray, y_scale: float, y_zero: int, out: np.ndarray) -> None:
+    """Softmax codes of the rows of 2-D ``x`` into ``out``: a row's exps ``e = table[x - max + 255]``, their sum
+    accumulated left to right in float32 (``np.add.accumulate``: ONNX Runtime's order, so the same float sum)."""
+    signed = x.astype(np.int16)
+    exps = table[signed - signed.max(axis=1, keepdims=True) + 255]
+    sums = np.add.accumulate(exps, axis=1)[:, -1:]
+    with np.errstate(all="ignore"):  # as in _softmax_table
+        y_range = np.floor(np.float32(1.0) / np.float32(y_scale))
+        scaled = exps * y_range
+        codes = np.rint(scaled / sums) + y_zero
+        # e * floor(1 / Y_scale) passes FLT_MAX only in very short rows (D e^5 < floor(1 / Y_scale)), where
+        # ONNX Runtime's codes are those of the exact ratio: take it in float64 there
+        overflow = np.isinf(scaled)
+        if overflow.any():
+            codes[overflow] = np.rint((exps / sums.astype(np.float64) * float(y_range))[overflow]) + y_zero
+        info = np.iinfo(out.dtype)
+        np.copyto(out, np.clip(codes, info.min, info.max), casting="unsafe")
+
+
+@preparer("com.microsoft.QLinearSoftmax")
+def prepare_qlinear_softmax(node: Node, graph: Graph, inputs: Inputs) -> Kernel:
+    """ONNX Runtime's QLinearSoftmax(X, X_scale, X_zero_point?, Y_scale, Y_zero_point?), attrs ``axis`` (default
+    -1) and ``opset`` (the ONNX Softmax whose axis rule applies: below 13 the input is seen as 2-D ``[N, D]``
+    split at ``axis``; from 13 along ``axis`` alone). Over each softmax row of codes ``x``::
+
+        e = float32(exp((x - max(x) + shift) * X_scale))      tabulated for the 256 differences (shift: headroom)
+        y = saturate(rint(float32(e * floor(1 / Y_scale)) / sum(e)) + Y_zero_point)       float32, sum in order
+
+    ONNX Runtime's formula and float32 order of operations, so the same codes; X's zero point cancels in
+    ``x - max(x)``.
+    """
+    x = _codes(node, graph, inputs, 0, "X")
+    _quantization(node, graph, inputs, 1, 2, x[1], "X")
+    _quantization(node, graph, inputs, 3, 4, x[1], "Y")
+    shape, rank = tuple(x[0]), len(x[0])
+    opset = int(node.attrs.get("opset", 13))
+    axis = int(node.attrs.get("axis", -1))
+    if not -rank <= axis < rank:
+        raise _fail(node, f"axis {axis} is out of range for a {rank}-D input")
+    axis %= rank
+    reduce_len = math.prod(shape[axis:]) if opset < 13 else shape[axis]
+    x_scale, y_scale, y_zero = (_per_tensor(node, graph, i, convert, 0) for i, convert in ((1, float), (3, float),
+                                                                                           (4, int)))
+    fixed = _softmax_table(x_scale([]), reduce_len) if _constant(node, graph, 1) is not None else None
+    last = opset < 13 or axis == rank - 1
+
+    def run(ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
+        if outs[0].size == 0:
+            return
+        table = _softmax_table(x_scale(ins), reduce_len) if fixed is None else fixed
+        if last:
+            _softmax_rows(ins[0].reshape(-1, reduce_len), table, y_scale(ins), y_zero(ins),
+                          outs[0].reshape(-1, reduce_len))
+            return
+        rows = np.moveaxis(ins[0], axis, -1)
+        y = np.empty(rows.shape, outs[0].dtype)
+        _softmax_rows(rows.reshape(-1, reduce_len), table, y_scale(ins), y_zero(ins), y.reshape(-1, reduce_len))
+        np.copyto(outs[0], np.moveaxis(y, -1, axis))
+
+    return Kernel(run, [(shape, x[1])], 4 * math.prod(shape), "int8", "exp table of 256 differences, NumPy rows")
+
+
 @preparer("com.microsoft.QLinearConcat")
 def prepare_qlinear_concat(node: Node, graph: Graph, inputs: Inputs) -> Kernel:
     """ONNX Runtime's QLinearConcat(Y_scale, Y_zero_point, (X, X_scale, X_zero_point)...) along ``axis``: each
@@ -743,14 +820,16 @@ def prepare_qlinear_average_pool(node: Node, graph: Graph, inputs: Inputs) -> Ke
 def prepare_dynamic_quantize_linear(node: Node, graph: Graph, inputs: Inputs) -> Kernel:
     """ONNX DynamicQuantizeLinear: uint8 ``y = saturate(rint(x / y_scale) + y_zero_point)`` with
     ``y_scale = (max(x, 0) - min(x, 0)) / 255`` (1 / 255 for a constant ``x``) and
-    ``y_zero_point = rint(clip(-min(x, 0) / y_scale, 0, 255))``, in float32 (``lowbit.quantization.qdq``)."""
+    ``y_zero_point = rint(clip(-min(x, 0) / y_scale, 0, 255))``, in float32 (``lowbit.quantization.qdq``), the
+    codes from ``kernels.quantize_linear``."""
     x = _spec(node, graph, inputs, 0)
     if x is None or x[1] != F32:
         raise _fail(node, f"input x must be float32, got {'none' if x is None else x[1]}")
     outs_spec = [(tuple(x[0]), np.dtype(np.uint8)), ((), F32), ((), np.dtype(np.uint8))]
 
     def run(ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
-        for out, value in zip(outs, dynamic_quantize_linear(ins[0])):
+        _, scale, zero = dynamic_quantize_linear(ins[0], outs[0])
+        for out, value in zip(outs[1:], (scale, zero)):
             out[...] = value
 
-    return Kernel(run, outs_spec[:len(node.outputs)], 3 * math.prod(x[0]), "int8", "min / max, quantize")
+    return Kernel(run, outs_spec[:len(node.outputs)], 3 * math.prod(x[0]), "int8", "min / max, quantize_linear")

@@ -74,6 +74,39 @@ def test_matches_oracle(case, bias, activation):
     check(y, x, wt, b, activation, **attrs)
 
 
+# Depthwise on small planes, channels along the vectors (N, C, H, W, K, strides, pads): channels around the block of
+# 64 and its vectors of 16, planes down to one value, padding taps everywhere
+SMALL_DEPTHWISE = [
+    (2, 1, 1, 1, 3, (1, 1), (1, 1, 1, 1)),
+    (1, 15, 2, 3, 3, (1, 1), (1, 1, 1, 1)),
+    (3, 16, 3, 3, 3, (2, 2), (1, 1, 1, 1)),
+    (1, 17, 5, 5, 3, (2, 1), (0, 1, 2, 0)),
+    (2, 63, 6, 6, 3, (1, 1), (1, 1, 1, 1)),
+    (1, 960, 3, 3, 3, (1, 1), (1, 1, 1, 1)),
+    (2, 65, 6, 6, 3, (2, 2), (0, 0, 1, 1)),
+    (1, 16, 7, 7, 5, (1, 1), (2, 2, 2, 2)),
+    (1, 17, 7, 7, 3, (1, 2), (1, 0, 0, 2)),
+    (2, 63, 5, 5, 3, (1, 1), (0, 0, 0, 0)),
+    (1, 15, 2, 3, 3, (2, 2), (0, 1, 2, 1)),
+    (1, 64, 6, 6, 3, (1, 1), (3, 3, 3, 3)),  # outputs with no tap inside the plane: the clamped bias
+]
+
+
+@pytest.mark.parametrize("case", SMALL_DEPTHWISE,
+                         ids=lambda c: "x".join(map(str, c[:5])) + f"-s{c[5][0]}{c[5][1]}-p{''.join(map(str, c[6]))}")
+@pytest.mark.parametrize("bias, activation", [(True, "relu"), (False, None), (True, "relu6")])
+def test_small_plane_depthwise(case, bias, activation):
+    n, c, h, w, k, strides, pads = case
+    x, wt, b = operands(n, c, h, w, c, 1, k, k, bias=bias)
+    attrs = dict(strides=strides, pads=pads, group=c)
+    plan = kernels.conv2d_float32_plan(wt, x.shape, b, activation=activation, **attrs)
+    assert plan.kind == "depthwise" and plan.scratch_sizes == (64 * h * w, 64 * plan.out_shape[2] * plan.out_shape[3])
+    out = np.full(plan.out_shape, np.nan, np.float32)
+    for scale in (1.0, -3.0):  # a second call on the scratch kept
+        assert plan(x * scale, out) is out
+        check(out, x * scale, wt, b, activation, **attrs)
+
+
 def test_plan_kinds_and_reuse():
     x, w, b = operands(2, 32, 16, 16, 24, 32, 3, 3)
     w64 = np.concatenate([w] * 3)[:64]
@@ -110,7 +143,8 @@ def test_nan_propagates_through_relu(group):
 
 
 @pytest.mark.parametrize("n, c, size, o, group, kind", [(2, 64, 24, 48, 1, "wide"), (2, 64, 24, 64, 1, "pixels"),
-                                                      (4, 128, 32, 128, 128, "depthwise")])
+                                                      (4, 128, 32, 128, 128, "depthwise"),
+                                                      (8, 960, 8, 960, 960, "depthwise")])
 def test_threads_split(n, c, size, o, group, kind):
     x, w, b = operands(n, c, size, size, o, c // group, 3, 3)
     plan = kernels.conv2d_float32_plan(w, x.shape, b, pads=1, group=group)

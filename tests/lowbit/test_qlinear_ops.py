@@ -681,3 +681,55 @@ def test_matmul_nbits_errors(rng):
     model.graph.node[0].input[4] = "g_idx"
     with pytest.raises(ValueError, match="g_idx other than the identity"):
         run_lowbit(model, feeds)
+
+
+# ----------------------------------------------------------------------------- QLinearSoftmax
+
+def _softmax_model(x, dtype, attrs, *, x_scale=0.07, y_scale=1 / 256, y_zero=None, constant=("xs", "xz", "ys", "yz")):
+    y_zero = (0 if dtype == U8 else -128) if y_zero is None else y_zero
+    inputs = {"x": x, "xs": scalar(x_scale), "xz": scalar(3, dtype), "ys": scalar(y_scale), "yz": scalar(y_zero, dtype)}
+    return one_node("QLinearSoftmax", inputs, {"y": dtype}, attrs, constant=constant, domain=MS)
+
+
+@pytest.mark.parametrize("dtype", [U8, I8])
+@pytest.mark.parametrize("shape, opset, axis", [((2, 3, 5, 128), 13, -1), ((3, 4, 33), 13, 1), ((2, 3, 4, 5), 13, 0),
+                                                ((6, 3, 17), 11, 1), ((2, 3, 4, 5), 12, 2), ((5, 1), 13, 1)])
+@pytest.mark.parametrize("x_scale, y_scale", [(0.07, 1 / 256), (0.004, 1 / 255), (0.6, 0.0039)])
+def test_qlinear_softmax_matches_ort(rng, dtype, shape, opset, axis, x_scale, y_scale):
+    """ONNX Runtime's exp table, float32 formula and summation order: the very same codes."""
+    x = codes(rng, dtype, shape)
+    x.reshape(-1)[:3] = np.iinfo(dtype).max  # ties for the row maximum
+    model, feeds = _softmax_model(x, dtype, {"axis": axis, "opset": opset}, x_scale=x_scale, y_scale=y_scale)
+    got = run_lowbit(model, feeds)[0]
+    np.testing.assert_array_equal(got, run_ort(model, feeds)[0])
+
+
+def test_qlinear_softmax_defaults_and_run_time_scales(rng):
+    x = codes(rng, U8, (3, 4, 9))
+    for opset in (11, 13):  # default axis -1 at every opset (ONNX Runtime's schema)
+        model, feeds = _softmax_model(x, U8, {"opset": opset})
+        np.testing.assert_array_equal(run_lowbit(model, feeds)[0], run_ort(model, feeds)[0])
+    model, feeds = _softmax_model(x, U8, {"opset": 13}, constant=())  # scales fed: the table made per call
+    np.testing.assert_array_equal(run_lowbit(model, feeds)[0], run_ort(model, feeds)[0])
+    model, feeds = _softmax_model(np.zeros((2, 0, 5), U8), U8, {"opset": 13})
+    assert run_lowbit(model, feeds)[0].shape == (2, 0, 5)
+
+
+def test_qlinear_softmax_saturates():
+    """A row holding all the mass is code 256 - 128 = 128 in int8: saturated to 127, as ONNX Runtime does."""
+    x = np.array([[5], [-7]], I8)
+    model, feeds = _softmax_model(x, I8, {"opset": 13}, x_scale=0.5)
+    got = run_lowbit(model, feeds)[0]
+    np.testing.assert_array_equal(got, [[127], [127]])
+    np.testing.assert_array_equal(got, run_ort(model, feeds)[0])
+
+
+def test_qlinear_softmax_errors(rng):
+    model, feeds = _softmax_model(codes(rng, U8, (2, 3)), U8, {"opset": 13, "axis": 2})
+    with pytest.raises(ValueError, match="axis 2 is out of range for a 2-D input"):
+        run_lowbit(model, feeds)
+    model, feeds = _softmax_model(codes(rng, U8, (2, 3)), U8, {"opset": 13})
+    feeds["x"] = feeds["x"].astype(np.int32)
+    model.graph.input[0].type.tensor_type.elem_type = elem(np.int32)
+    with pytest.raises(ValueError, match="input 0 \\(X\\) must be uint8 or int8, got int32"):
+        run_lowbit(model, feeds)
