@@ -31,7 +31,8 @@ PROVIDERS = ["CPUExecutionProvider"]
 
 
 class GraphOptimizationLevel:
-    """ONNX Runtime's levels: lowbit folds batch norms and fuses activations unless ``ORT_DISABLE_ALL``."""
+    """ONNX Runtime's levels: lowbit fuses Q/DQ patterns, folds constants and batch norms and fuses activations
+    unless ``ORT_DISABLE_ALL``."""
 
     ORT_DISABLE_ALL = 0
     ORT_ENABLE_BASIC = 1
@@ -129,13 +130,13 @@ class InferenceSession:
         if names and "CPUExecutionProvider" not in names:
             warnings.warn(f"providers {names} are not available in lowbit; running on CPUExecutionProvider",
                           stacklevel=2)
-        self._model_path = str(path_or_bytes) if isinstance(path_or_bytes, (str, os.PathLike)) else None
-        imported = import_model(path_or_bytes)
+        # ORT_DISABLE_ALL runs the graph as written: no Q/DQ or dynamic fusion, folding, batch-norm folding
+        optimize = options.graph_optimization_level != GraphOptimizationLevel.ORT_DISABLE_ALL
+        imported = import_model(path_or_bytes, optimize=optimize)
         self._inputs = [_node_arg(i) for i in imported.inputs]
         self._outputs = [_node_arg(o) for o in imported.outputs]
         self._meta = ModelMetadata(**{k: imported.metadata[k] for k in ModelMetadata.__dataclass_fields__})
         self._options = options
-        optimize = options.graph_optimization_level != GraphOptimizationLevel.ORT_DISABLE_ALL
         self._session = Session(imported.graph, threads=threads or None, fallback=False, optimize=optimize)
         self._specs = dict(imported.graph.inputs)
         self._profiled_feeds: dict[str, np.ndarray] | None = None

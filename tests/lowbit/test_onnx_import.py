@@ -67,7 +67,7 @@ def test_session_api_matches_onnxruntime(rng):
         got = session.run(["y"], {"x": x})
         np.testing.assert_allclose(got[0], _reference(model, {"x": x})[0], rtol=1e-5, atol=1e-6)
     assert session.run([], {"x": x})[0].shape == (8, 4)  # [] and None: all outputs
-    assert session.run(["h"], {"x": x})[0].shape == (8, 4)  # an intermediate tensor by name
+    assert session.run(["xw"], {"x": x})[0].shape == (8, 4)  # an intermediate tensor by name
 
 
 def test_session_options(rng, tmp_path):
