@@ -17,14 +17,13 @@ compare measurements taken at nearly the same moments):
 * ``ORT float``: ONNX Runtime float32 ``Conv`` at the same shape.
 
 GOPS count a multiply-add as two operations (binary: an xor and a popcount per
-bit), ``2 * OH * OW * O * KH * KW * C / group``.
+bit), ``2 * N * OH * OW * O * KH * KW * C / group``.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import json
 import sys
 from dataclasses import asdict, dataclass
 
@@ -33,14 +32,14 @@ import numpy as np
 import kernels
 from bench.contenders import lowbit_threads
 from bench.peers import Contender, onnxruntime_conv_float, onnxruntime_qlinear_conv
-from bench.timing import cell, interleave, print_table
+from bench.timing import cell, interleave, print_table, save_json
 
 SCALES = (0.02, 128, 0.01, 8.0, 128)  # x_scale, x_zero_point, w_scale, y_scale, y_zero_point
 
 
 @dataclass(frozen=True)
 class Layer:
-    """One convolution layer: NCHW input ``[1, channels, size, size]``, 'same' padding."""
+    """One convolution layer: NCHW input ``[batch, channels, size, size]``, 'same' padding."""
 
     name: str
     channels: int
@@ -50,6 +49,7 @@ class Layer:
     stride: int = 1
     group: int = 1
     kind: str = "int8"  # "int8", "binary" or "int4"
+    batch: int = 1
 
     @property
     def pad(self) -> int:
@@ -61,7 +61,7 @@ class Layer:
 
     @property
     def ops(self) -> int:
-        return 2 * self.out_size**2 * self.filters * self.channels // self.group * self.kernel**2
+        return 2 * self.batch * self.out_size**2 * self.filters * self.channels // self.group * self.kernel**2
 
     @property
     def onnx_attributes(self) -> dict:
@@ -74,6 +74,9 @@ LAYERS = (
     Layer("1x1 128@28", 128, 28, 128, 1),
     Layer("3x3/2 128@28", 128, 28, 128, 3, stride=2),
     Layer("dw3x3 256@28", 256, 28, 256, 3, group=256),
+    # 32 channels or fewer per group run kernels.dispatch's narrow (12 x 32) VNNI tiles
+    Layer("3x3 32@64 b32", 32, 64, 32, 3, batch=32),
+    Layer("stem 3x3/2 3->32@224 b8", 3, 224, 32, 3, stride=2, batch=8),
     Layer("binary 3x3 256@14", 256, 14, 256, 3, kind="binary"),
     Layer("int4 3x3 256@14", 256, 14, 256, 3, kind="int4"),
 )
@@ -96,7 +99,7 @@ def _int8(layer: Layer, x: np.ndarray, w: np.ndarray, pinned) -> list[Contender]
 def _binary(layer: Layer, x: np.ndarray, w: np.ndarray, pinned) -> list[Contender]:
     x_bits = kernels.pack_bits(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), axis=-1)
     packed = kernels.pack_conv_binary(w)
-    out = np.empty((x.shape[0], layer.out_size, layer.out_size, layer.filters), np.int32)
+    out = np.empty((layer.batch, layer.out_size, layer.out_size, layer.filters), np.int32)
     # zero padding, as the float convolution it is compared with (pad_value=1 is cheaper still)
     return [Contender("lowbit", lambda: kernels.conv2d_binary(x_bits, packed, in_channels=layer.channels,
                                                               pads=(layer.pad,) * 4, pad_value=0, out=out), pinned)]
@@ -104,14 +107,14 @@ def _binary(layer: Layer, x: np.ndarray, w: np.ndarray, pinned) -> list[Contende
 
 def _int4(layer: Layer, x: np.ndarray, w: np.ndarray, pinned) -> list[Contender]:
     packed = kernels.pack_conv_int4(w, group=layer.group, group_size=128)
-    out = np.empty((x.shape[0], layer.filters, layer.out_size, layer.out_size), np.float32)
+    out = np.empty((layer.batch, layer.filters, layer.out_size, layer.out_size), np.float32)
     return [Contender("lowbit", lambda: kernels.conv2d_int4(x, packed, pads=(layer.pad,) * 4, out=out), pinned)]
 
 
 def operands(layer: Layer, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``(x NCHW, w OIHW)``: uint8 / int8 for int8 layers, ±1 int8 for binary ones, float32 for int4 ones."""
     rng = np.random.default_rng(seed)
-    x_shape = (1, layer.channels, layer.size, layer.size)
+    x_shape = (layer.batch, layer.channels, layer.size, layer.size)
     w_shape = (layer.filters, layer.channels // layer.group, layer.kernel, layer.kernel)
     if layer.kind == "binary":
         signs = np.array([-1, 1], np.int8)
@@ -126,7 +129,7 @@ def contenders(layer: Layer, threads: int) -> list[Contender]:
     x, w = operands(layer)
     pinned = functools.partial(lowbit_threads, threads)
     ours = {"int8": _int8, "binary": _binary, "int4": _int4}[layer.kind](layer, x, w, pinned)
-    out_shape = (1, layer.filters, layer.out_size, layer.out_size)
+    out_shape = (layer.batch, layer.filters, layer.out_size, layer.out_size)
     peers = [onnxruntime_conv_float(x, w, out_shape, layer.onnx_attributes, threads)]
     if layer.kind == "int8":
         x_nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
@@ -184,13 +187,10 @@ def main(argv: list[str] | None = None) -> None:
                             "gops": {name: layer.ops / s / 1e9 for name, s in seconds.items()}})
             print(f"measured {layer.name} on {threads} thread(s)", file=sys.stderr)
 
-    print("\nConvolutions (GOPS = 2 * OH * OW * O * KH * KW * C / group / s; ORT float in GFLOP/s)")
+    print("\nConvolutions (GOPS = 2 * N * OH * OW * O * KH * KW * C / group / s; ORT float in GFLOP/s)")
     print_table(["layer", "thr", *NAMES, "lowbit/ORT int8", "NHWC/ORT int8", "NHWC/ORT NHWC", "lowbit/ORT float"],
                 rows_of(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"cpu_info": info, "repeat": args.repeat, "results": results}, f, indent=2)
-        print(f"wrote {args.json}")
+    save_json(args.json, {"cpu_info": info, "repeat": args.repeat, "results": results})
 
 
 if __name__ == "__main__":

@@ -150,7 +150,7 @@ class ConvPlan:
             self.lda = -(-k // KGROUP) * KGROUP
             self.step = block_rows(self.lda, gemm.rows)
         else:
-            self.driver = INDIRECT_DRIVERS[epi.mode]
+            self.driver = INDIRECT_DRIVERS[variant.kind, epi.mode]
             self.step = variant.rows
             self.table = _indirection(geo)
             self.pad = np.full(cg, self.za, np.uint8)

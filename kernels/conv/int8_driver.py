@@ -7,7 +7,8 @@ group.
 reads each output pixel's taps straight from the NHWC input through an
 indirection table (``kernels.gemm.vnni``'s ``indirect`` source; built once per
 geometry by :func:`indirection`), so nothing is copied; taps in the border read a
-row of zero-point bytes.
+row of zero-point bytes. Its tiles are 6 pixels x 64 channels, or 12 x 32 for
+groups of 32 or fewer output channels (``INDIRECT_TILES``).
 
 *im2col* (every other case): rows are taken ``block`` at a time: their im2col rows (``kernels.conv.geometry.im2col``,
 the border filled with the activation zero point) are written to a buffer that
@@ -30,7 +31,8 @@ from kernels._jit import kernel
 from kernels.conv.geometry import im2col
 from kernels.epilogue import INTEGER, MODES, finish_tile
 from kernels.gemm import vnni
-from kernels.gemm.microkernels import TILES, microkernel, microkernel_finish, microkernel_store
+from kernels.gemm.microkernels import (NARROW_ROWS, NARROW_VECTORS, TILES, microkernel, microkernel_finish,
+                                       microkernel_store)
 from kernels.pack.panels import KGROUP, PANEL
 
 BLOCK_BYTES = 96 * 1024  # im2col rows per block: a third of L2 at most, the rest for weights
@@ -42,7 +44,7 @@ def block_rows(lda: int, rows: int) -> int:
 
 
 def _make_driver(kind: str, mode: int):
-    rows = TILES[kind].rows
+    rows, width = TILES[kind].rows, TILES[kind].width
 
     @kernel
     def conv_tiles(x, window, c0, cg, pad, lda, block, b, kq, n, i0, i1, col_term, col_term32, w_zp, row_sums,
@@ -69,24 +71,23 @@ def _make_driver(kind: str, mode: int):
             if row_term:
                 for r in range(count):
                     row_sums[start + r] = np.sum(cols[r].astype(np.int64))
-            for p in range((n + PANEL - 1) // PANEL):
-                b_panel = p * kq * PANEL * KGROUP
-                col0 = p * PANEL
-                width = min(PANEL, n - col0)
+            for col0 in range(0, n, width):  # the micro-kernel's channels, within one panel
+                b_panel = col0 // PANEL * kq * PANEL * KGROUP + col0 % PANEL * KGROUP
+                chans = min(width, n - col0)
                 for r0 in range(0, count, rows):
                     m = min(rows, count - r0)
                     if fused:
                         o_off = (start + r0) * ldo + n0 + col0
                         if mode == INTEGER:  # a compile-time constant: each driver types one of the two
                             microkernel_store(kind, flat_cols, r0 * lda, lda, m, b, b_panel, kq, col_term32, col0,
-                                              width, flat_out, o_off, ldo)
+                                              chans, flat_out, o_off, ldo)
                         else:
                             microkernel_finish(kind, flat_cols, r0 * lda, lda, m, b, b_panel, kq, col_term32, mult,
-                                               shift, single, lo, hi, zp, qmin, qmax, col0, width, flat_out, o_off,
+                                               shift, single, lo, hi, zp, qmin, qmax, col0, chans, flat_out, o_off,
                                                ldo)
                     else:
                         microkernel(kind, flat_cols, r0 * lda, lda, m, b, b_panel, kq, tile)
-                        finish_tile(tile, start + r0, m, col0, width, col_term, w_zp, row_sums, row_term, mult, shift,
+                        finish_tile(tile, start + r0, m, col0, chans, col_term, w_zp, row_sums, row_term, mult, shift,
                                     lo, hi, zp, qmin, qmax, mode, view)
 
     return conv_tiles
@@ -138,10 +139,11 @@ def indirect_row_sums(x, pad, table, taps, cg, i0, i1, row_sums):
         row_sums[m] = total
 
 
-def _make_indirect_driver(rows: int, mode: int):
-    tile = vnni.make_tile(rows, 1024, "indirect")
-    tile_store = vnni.make_tile_store(rows, 1024, "indirect")
-    tile_finish = vnni.make_tile_finish(rows, 1024, "indirect")
+def _make_indirect_driver(rows: int, vectors: int, mode: int):
+    tile = vnni.make_tile(rows, 1024, "indirect", vectors)
+    tile_store = vnni.make_tile_store(rows, 1024, "indirect", vectors)
+    tile_finish = vnni.make_tile_finish(rows, 1024, "indirect", vectors)
+    width = 16 * vectors
 
     @kernel
     def indirect_tiles(x, pad, table, taps, cq, b, n, i0, i1, col_term, col_term32, w_zp, row_sums, row_term, fused,
@@ -161,28 +163,31 @@ def _make_indirect_driver(rows: int, mode: int):
         kq = taps * cq
         if row_term:
             indirect_row_sums(x, pad, table, taps, 4 * cq, i0, i1, row_sums)
-        for p in range((n + PANEL - 1) // PANEL):
-            b_panel = p * kq * PANEL * KGROUP
-            col0 = p * PANEL
-            width = min(PANEL, n - col0)
+        for col0 in range(0, n, width):  # the tile's channels, within one panel
+            b_panel = col0 // PANEL * kq * PANEL * KGROUP + col0 % PANEL * KGROUP
+            cols = min(width, n - col0)
             for i in range(i0, i1, rows):
                 m = min(rows, i1 - i)
                 if fused:
                     o_off = i * ldo + n0 + col0
                     if mode == INTEGER:  # a compile-time constant: each driver types one of the two
-                        tile_store(x, pad, table, i * taps, taps, m, b, b_panel, cq, col_term32, col0, width,
+                        tile_store(x, pad, table, i * taps, taps, m, b, b_panel, cq, col_term32, col0, cols,
                                    flat_out, o_off, ldo)
                     else:
                         tile_finish(x, pad, table, i * taps, taps, m, b, b_panel, cq, col_term32, mult, shift, single,
-                                    lo, hi, zp, qmin, qmax, col0, width, flat_out, o_off, ldo)
+                                    lo, hi, zp, qmin, qmax, col0, cols, flat_out, o_off, ldo)
                 else:
                     tile(x, pad, table, i * taps, taps, m, b, b_panel, cq, tile_acc)
-                    finish_tile(tile_acc, i, m, col0, width, col_term, w_zp, row_sums, row_term, mult, shift, lo, hi,
+                    finish_tile(tile_acc, i, m, col0, cols, col_term, w_zp, row_sums, row_term, mult, shift, lo, hi,
                                 zp, qmin, qmax, mode, view)
 
     return indirect_tiles
 
 
-INDIRECT_ROWS = 6
+# kind -> (rows, 16-channel vectors) of the tile: the wide one covers 64 channels, the narrow one (for 32 or
+# fewer channels per group, see kernels.dispatch) 32 in twice the rows: the same vpdpbusd count per k group.
+INDIRECT_TILES = {"avx512-vnni-indirect": (6, vnni.VECTORS),
+                  "avx512-vnni-indirect-narrow": (NARROW_ROWS, NARROW_VECTORS)}
 # Only compiled when first called, which kernels.dispatch allows on AVX-512 VNNI CPUs only.
-INDIRECT_DRIVERS = {mode: _make_indirect_driver(INDIRECT_ROWS, mode) for mode in MODES}
+INDIRECT_DRIVERS = {(kind, mode): _make_indirect_driver(rows, vectors, mode)
+                    for kind, (rows, vectors) in INDIRECT_TILES.items() for mode in MODES}

@@ -2,10 +2,10 @@
 
 One call covers the column panels ``p0..p1`` and rows ``i0..i1`` of the output;
 ``kernels.threads`` gives each thread a disjoint range, so no two threads write
-the same element. Per panel, the rows are walked in tiles of the micro-kernel's
-height: the panel's weights (64 x K bytes) stay in L2 while every activation tile
-streams past them, and each finished tile goes through the epilogue while it is
-still in L1.
+the same element. Per panel (per ``width`` channels of it, for a narrow
+micro-kernel), the rows are walked in tiles of the micro-kernel's height: the
+panel's weights (64 x K bytes) stay in L2 while every activation tile streams
+past them, and each finished tile goes through the epilogue while it is still in L1.
 
 Overflow: the int32 sums cover at most ``K_CHUNK`` products of a uint8 and an
 int8, each at most 255 * 128 in magnitude, so they cannot wrap
@@ -28,7 +28,7 @@ assert K_CHUNK % KGROUP == 0 and K_CHUNK * 255 * 128 < 2**31 <= (K_CHUNK + KGROU
 
 
 def _make_driver(kind: str, mode: int):
-    rows = TILES[kind].rows
+    rows, width = TILES[kind].rows, TILES[kind].width
 
     @kernel
     def gemm_tiles(a, lda, n, b, kq, p0, p1, i0, i1,
@@ -54,33 +54,33 @@ def _make_driver(kind: str, mode: int):
         fused = fused and not long_k
         flat_out = out.reshape(-1)
         for p in range(p0, p1):
-            b_panel = p * kq * PANEL * KGROUP
-            col0 = p * PANEL
-            cols = min(PANEL, n - col0)
-            for i in range(i0, i1, rows):
-                m = min(rows, i1 - i)
-                if fused:
-                    if mode == INTEGER:  # a compile-time constant: each driver types one of the two
-                        microkernel_store(kind, a, i * lda, lda, m, b, b_panel, kq, col_term32, col0, cols,
-                                          flat_out, i * n + col0, n)
-                    else:
-                        microkernel_finish(kind, a, i * lda, lda, m, b, b_panel, kq, col_term32, mult, shift, single,
-                                           lo, hi, zp, qmin, qmax, col0, cols, flat_out, i * n + col0, n)
-                    continue
-                if not long_k:
-                    microkernel(kind, a, i * lda, lda, m, b, b_panel, kq, tile)
-                    finish_tile(tile, i, m, col0, cols, col_term, w_zp, row_sums, row_term, mult, shift, lo, hi, zp,
+            for col0 in range(p * PANEL, min((p + 1) * PANEL, n), width):  # the tiles' channels in the panel
+                b_panel = p * kq * PANEL * KGROUP + (col0 - p * PANEL) * KGROUP
+                cols = min(width, n - col0)
+                for i in range(i0, i1, rows):
+                    m = min(rows, i1 - i)
+                    if fused:
+                        if mode == INTEGER:  # a compile-time constant: each driver types one of the two
+                            microkernel_store(kind, a, i * lda, lda, m, b, b_panel, kq, col_term32, col0, cols,
+                                              flat_out, i * n + col0, n)
+                        else:
+                            microkernel_finish(kind, a, i * lda, lda, m, b, b_panel, kq, col_term32, mult, shift,
+                                               single, lo, hi, zp, qmin, qmax, col0, cols, flat_out, i * n + col0, n)
+                        continue
+                    if not long_k:
+                        microkernel(kind, a, i * lda, lda, m, b, b_panel, kq, tile)
+                        finish_tile(tile, i, m, col0, cols, col_term, w_zp, row_sums, row_term, mult, shift, lo, hi,
+                                    zp, qmin, qmax, mode, out)
+                        continue
+                    for q0 in range(0, kq, chunk):
+                        microkernel(kind, a, i * lda + q0 * KGROUP, lda, m, b, b_panel + q0 * PANEL * KGROUP,
+                                    min(chunk, kq - q0), tile)
+                        if q0 == 0:
+                            wide[:] = tile
+                        else:
+                            wide += tile
+                    finish_tile(wide, i, m, col0, cols, col_term, w_zp, row_sums, row_term, mult, shift, lo, hi, zp,
                                 qmin, qmax, mode, out)
-                    continue
-                for q0 in range(0, kq, chunk):
-                    microkernel(kind, a, i * lda + q0 * KGROUP, lda, m, b, b_panel + q0 * PANEL * KGROUP,
-                                min(chunk, kq - q0), tile)
-                    if q0 == 0:
-                        wide[:] = tile
-                    else:
-                        wide += tile
-                finish_tile(wide, i, m, col0, cols, col_term, w_zp, row_sums, row_term, mult, shift, lo, hi, zp,
-                            qmin, qmax, mode, out)
 
     return gemm_tiles
 

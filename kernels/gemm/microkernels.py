@@ -6,7 +6,9 @@ layout of ``kernels.pack.panels``::
     acc[r, c] = sum_{q < kq} sum_{u < 4} a[a_off + r * lda + 4 q + u]
                                          * b[b_off + (q * 64 + c) * 4 + u]
 
-for ``r < m`` and ``c < 64``. ``microkernel_store(kind, ...)`` computes the same
+for ``r < m`` and ``c < width`` (64, a whole panel, or the first 32 channels of it
+for a narrow tile: drivers then call it on ``b_off`` and ``b_off + 32 * 4``, the
+panel's second half). ``microkernel_store(kind, ...)`` computes the same
 sums and finishes an int32 output at once: ``out[o_off + r * ldo + c] = acc[r, c]
 + col_term[c0 + c]`` (wrapping) for ``r < m``, ``c < cols``. ``a`` is the flattened uint8 activation matrix with
 row stride ``lda`` (a multiple of 4, zero-padded), ``b`` the flattened panel data
@@ -29,6 +31,7 @@ from numba.extending import overload
 
 from kernels._jit import kernel
 from kernels.gemm import avx2, vnni
+from kernels.pack.panels import PANEL
 
 
 @kernel
@@ -61,9 +64,13 @@ class Tile(NamedTuple):
     tile: Callable
     tile_store: Callable | None = None  # None: run ``tile``, then add and store in plain code
     tile_finish: Callable | None = None  # None: run ``tile``, then rescale and store in plain code
+    width: int = PANEL  # output channels per tile: the first ``width`` of the panel at ``b_off``
 
 
-# kind -> Tile; drivers step rows by the height. Prefetch distances are the measured
+NARROW_ROWS, NARROW_VECTORS = 12, 2  # 24 accumulators, as the wide tile's 6 x 4
+
+
+# kind -> Tile; drivers step rows by the height and channels by the width. Prefetch distances are the measured
 # best: 4 k groups ahead when the weights come from L2, 16 when they stream from L3
 # or DRAM. (Blocking K so that the weights fit L1 instead measured slower: short
 # activation streams defeat the hardware prefetcher.)
@@ -73,6 +80,10 @@ TILES = {
     "avx512-vnni": Tile(6, vnni.make_tile(6, 1024), vnni.make_tile_store(6, 1024), vnni.make_tile_finish(6, 1024)),
     "avx512-vnni-gemv": Tile(4, vnni.make_tile(4, 4096), vnni.make_tile_store(4, 4096),
                              vnni.make_tile_finish(4, 4096)),
+    # 32 channels or fewer: the wide tile would multiply half its vectors by zero-padded weights
+    "avx512-vnni-narrow": Tile(NARROW_ROWS, *(make(NARROW_ROWS, 1024, vectors=NARROW_VECTORS) for make in
+                                              (vnni.make_tile, vnni.make_tile_store, vnni.make_tile_finish)),
+                               width=16 * NARROW_VECTORS),
 }
 
 

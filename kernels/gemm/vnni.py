@@ -1,14 +1,19 @@
 """AVX-512 VNNI int8 micro-kernels, written as LLVM IR inside Numba intrinsics.
 
 LLVM's vectoriser never emits ``vpdpbusd`` for a plain int8 dot loop, so the tile
-is spelled out: ``rows x 4`` accumulators of 16 int32 lanes stay in registers for
-the whole K loop. Each k group loads four 512-bit weight vectors (64 channels x 4
-k values, see ``kernels.pack.panels``), broadcasts 4 activation bytes of each row
-to all lanes and issues one ``vpdpbusd`` per (row, vector):
+is spelled out: ``rows x vectors`` accumulators of 16 int32 lanes stay in registers
+for the whole K loop. Each k group loads ``vectors`` 512-bit weight vectors (16
+channels x 4 k values each, of the 64-channel panel of ``kernels.pack.panels``),
+broadcasts 4 activation bytes of each row to all lanes and issues one ``vpdpbusd``
+per (row, vector):
 
     acc[r, 16 j + l] += sum_{u < 4} a[r, 4 q + u] * w[16 j + l, 4 q + u]
 
 (unsigned activation bytes times signed weight bytes, exact, wrapping in int32).
+A wide tile (``vectors`` 4) covers a whole panel; a narrow one (``vectors`` 2,
+twice the rows) reads the first 32 channels of each k group only, at the same
+``vpdpbusd`` count per k group: layers with 32 or fewer output channels then waste
+no half-empty products, and the panel layout stays the same.
 Nothing here is compiled until a kernel that calls it is, and ``kernels.dispatch``
 only selects such kernels on CPUs with avx512vnni: compiling this for a CPU
 without it aborts the process.
@@ -32,7 +37,8 @@ V8F64 = ir.VectorType(F64, 8)
 V16F32 = ir.VectorType(F32, 16)
 V64I8 = ir.VectorType(I8, 64)
 VPDPBUSD = "llvm.x86.avx512.vpdpbusd.512"
-VECTORS = 4  # 512-bit vectors per row: one 64-channel panel
+VECTORS = 4  # 512-bit vectors per row of a wide tile: one 64-channel panel
+GROUP_BYTES = 64 * VECTORS  # one k group of a panel, whatever part of it a tile reads
 
 
 @functools.cache
@@ -52,33 +58,34 @@ def declare_vpdpbusd(builder: ir.IRBuilder) -> ir.Function:
     return declare(builder, VPDPBUSD, ir.FunctionType(V16I32, [V16I32, byte, byte]))
 
 
-def _k_loop(builder, row_ptrs: list[ir.Value], b_base: ir.Value, kq: ir.Value, distance: int,
+def _k_loop(builder, row_ptrs: list[ir.Value], b_base: ir.Value, kq: ir.Value, distance: int, vectors: int,
             init: list[ir.Value] | None = None, swap: bool = False) -> list[ir.Value]:
     """Emit ``kq`` k groups of a tile over the given rows; returns the accumulators, row-major.
 
-    The rows are broadcast and the panels loaded as vectors; ``vpdpbusd`` takes the
-    unsigned bytes first: the rows' (activations), or with ``swap`` the panels'.
+    The rows are broadcast and the first ``vectors`` vectors of each k group of the
+    panels loaded; ``vpdpbusd`` takes the unsigned bytes first: the rows'
+    (activations), or with ``swap`` the panels'.
     """
     dot = declare_vpdpbusd(builder)
     byte = dot.function_type.args[1]
 
     def k_group(q, accs):
-        group = builder.gep(b_base, [builder.mul(q, ir.Constant(I64, 64 * VECTORS))])
-        w_vecs = [builder.bitcast(load_vector(builder, group, 64 * j, V64I8), byte) for j in range(VECTORS)]
+        group = builder.gep(b_base, [builder.mul(q, ir.Constant(I64, GROUP_BYTES))])
+        w_vecs = [builder.bitcast(load_vector(builder, group, 64 * j, V64I8), byte) for j in range(vectors)]
         if distance:
-            for line in range(VECTORS):
+            for line in range(vectors):
                 prefetch(builder, builder.gep(group, [ir.Constant(I64, distance + 64 * line)]))
         a_step = builder.mul(q, ir.Constant(I64, 4))
         updated = []
         for r, row in enumerate(row_ptrs):
             word = builder.load(builder.bitcast(builder.gep(row, [a_step]), I32.as_pointer()), align=1)
             a_vec = builder.bitcast(splat(builder, word, V16I32), byte)
-            for j in range(VECTORS):
+            for j in range(vectors):
                 pair = (w_vecs[j], a_vec) if swap else (a_vec, w_vecs[j])
-                updated.append(builder.call(dot, [accs[r * VECTORS + j], *pair]))
+                updated.append(builder.call(dot, [accs[r * vectors + j], *pair]))
         return updated
 
-    return emit_loop(builder, kq, V16I32, len(row_ptrs) * VECTORS, k_group, init)
+    return emit_loop(builder, kq, V16I32, len(row_ptrs) * vectors, k_group, init)
 
 
 class _Rows:
@@ -92,11 +99,12 @@ class _Rows:
         return is_array(tys[0], cls.row_type, 1) and is_array(tys[4], cls.panel_type, 1)
 
     @classmethod
-    def emit(cls, context, builder, tys, args, rows: int, distance: int) -> tuple[list[ir.Value], ir.Value]:
+    def emit(cls, context, builder, tys, args, rows: int, distance: int,
+             vectors: int) -> tuple[list[ir.Value], ir.Value]:
         a, a_off, lda, m, b, b_off, kq = args
         row_ptrs = clamped_rows(builder, array_ptr(context, builder, tys[0], a, I8), a_off, lda, m, rows)
         b_base = builder.gep(array_ptr(context, builder, tys[4], b, I8), [b_off])
-        return _k_loop(builder, row_ptrs, b_base, kq, distance, swap=cls.swap), m
+        return _k_loop(builder, row_ptrs, b_base, kq, distance, vectors, swap=cls.swap), m
 
 
 class _Indirect:
@@ -116,13 +124,13 @@ class _Indirect:
                 and is_array(tys[2], types.int64, 1) and is_array(tys[6], types.int8, 1))
 
     @staticmethod
-    def emit(context, builder, tys, args, rows: int, distance: int) -> tuple[list[ir.Value], ir.Value]:
+    def emit(context, builder, tys, args, rows: int, distance: int, vectors: int) -> tuple[list[ir.Value], ir.Value]:
         a, pad, ind, ind_off, taps, m, b, b_off, cq = args
         a_ptr = array_ptr(context, builder, tys[0], a, I8)
         pad_ptr = array_ptr(context, builder, tys[1], pad, I8)
         entries = clamped_rows(builder, array_ptr(context, builder, tys[2], ind, I64), ind_off, taps, m, rows)
         b_base = builder.gep(array_ptr(context, builder, tys[6], b, I8), [b_off])
-        run_bytes = builder.mul(cq, ir.Constant(I64, 64 * VECTORS))
+        run_bytes = builder.mul(cq, ir.Constant(I64, GROUP_BYTES))
 
         def tap(t, accs):
             row_ptrs = []
@@ -130,9 +138,10 @@ class _Indirect:
                 offset = builder.load(builder.gep(entry, [t]))
                 inside = builder.icmp_signed(">=", offset, ir.Constant(I64, 0))
                 row_ptrs.append(builder.select(inside, builder.gep(a_ptr, [offset]), pad_ptr))
-            return _k_loop(builder, row_ptrs, builder.gep(b_base, [builder.mul(t, run_bytes)]), cq, distance, accs)
+            return _k_loop(builder, row_ptrs, builder.gep(b_base, [builder.mul(t, run_bytes)]), cq, distance, vectors,
+                           accs)
 
-        return emit_loop(builder, taps, V16I32, rows * VECTORS, tap), m
+        return emit_loop(builder, taps, V16I32, rows * vectors, tap), m
 
 
 class _Weights(_Rows):
@@ -149,12 +158,12 @@ class _Weights(_Rows):
 SOURCES = {"rows": _Rows, "indirect": _Indirect, "weights": _Weights}
 
 
-def _tile_intrinsic(source, rows: int, distance: int, tail: Callable, finish: Callable):
+def _tile_intrinsic(source, rows: int, distance: int, vectors: int, tail: Callable, finish: Callable):
     """An intrinsic taking ``source``'s activation arguments, then ``tail.arity`` more.
 
     ``tail(types)`` says whether the trailing argument types are acceptable;
     ``finish(context, builder, tail_types, tail_args, results, m)`` consumes the
-    ``rows * VECTORS`` accumulators.
+    ``rows * vectors`` accumulators.
     """
 
     def typer(typingctx, *args):
@@ -164,7 +173,8 @@ def _tile_intrinsic(source, rows: int, distance: int, tail: Callable, finish: Ca
 
         def codegen(context, builder, signature, values):
             tys = signature.args
-            results, m = source.emit(context, builder, tys[: source.arity], values[: source.arity], rows, distance)
+            results, m = source.emit(context, builder, tys[: source.arity], values[: source.arity], rows, distance,
+                                     vectors)
             finish(context, builder, tys[source.arity :], values[source.arity :], results, m)
             return context.get_dummy_value()
 
@@ -173,31 +183,33 @@ def _tile_intrinsic(source, rows: int, distance: int, tail: Callable, finish: Ca
     return intrinsic(with_arity(typer, source.arity + tail.arity))
 
 
-def make_tile(rows: int, prefetch_distance: int = 0, source: str = "rows"):
-    """A ``rows x 64`` VNNI tile intrinsic: ``tile`` of ``kernels.gemm.microkernels``.
+def make_tile(rows: int, prefetch_distance: int = 0, source: str = "rows", vectors: int = VECTORS):
+    """A ``rows x 16 vectors`` VNNI tile intrinsic: ``tile`` of ``kernels.gemm.microkernels``.
 
     ``tile(<source arguments>, acc)`` (``source`` "rows": ``a, a_off, lda, m, b,
-    b_off, kq``; "indirect": see :class:`_Indirect`). Rows ``m..rows-1`` repeat row
-    ``m - 1`` and are stored to ``acc`` (int32 ``[rows, 64]``) too; callers use only
-    the first ``m``. With ``prefetch_distance`` > 0 each k group also prefetches
-    the weights that many bytes ahead into L1: they stream from L2 (GEMM: a 64 x K
-    panel is larger than L1) or from L3 / DRAM (GEMV).
+    b_off, kq``; "indirect": see :class:`_Indirect`) computes the first ``16 vectors``
+    channels of the panel at ``b_off``. Rows ``m..rows-1`` repeat row ``m - 1`` and
+    are stored to ``acc`` (int32 ``[rows, 64]``, columns ``c < 16 vectors``) too;
+    callers use only the first ``m``. With ``prefetch_distance`` > 0 each k group
+    also prefetches the weights that many bytes ahead into L1: they stream from L2
+    (GEMM: a 64 x K panel is larger than L1) or from L3 / DRAM (GEMV).
     """
 
     def finish(context, builder, tys, args, results, m):
         c_ptr = array_ptr(context, builder, tys[0], args[0], I32)
         for index, result in enumerate(results):  # row r, vector j at acc[r, 16 j]
-            dst = builder.gep(c_ptr, [ir.Constant(I64, 16 * index)])
+            r, j = divmod(index, vectors)
+            dst = builder.gep(c_ptr, [ir.Constant(I64, 64 * r + 16 * j)])
             builder.store(result, builder.bitcast(dst, V16I32.as_pointer()), align=4)
 
     def accepts(tys) -> bool:
         return is_array(tys[0], types.int32, 2)
 
     accepts.arity = 1
-    return _tile_intrinsic(SOURCES[source], rows, prefetch_distance, accepts, finish)
+    return _tile_intrinsic(SOURCES[source], rows, prefetch_distance, vectors, accepts, finish)
 
 
-def _store_rows(builder, results: list[ir.Value], m, cols, out_ptr, o_off, ldo, elem: ir.Type,
+def _store_rows(builder, results: list[ir.Value], vectors: int, m, cols, out_ptr, o_off, ldo, elem: ir.Type,
                 transform: Callable[[ir.Value, int, int], ir.Value]) -> None:
     """Masked stores of ``transform(sums, r, j)`` (16 ``elem`` values) for rows ``r < m``, columns ``c < cols``.
 
@@ -209,15 +221,15 @@ def _store_rows(builder, results: list[ir.Value], m, cols, out_ptr, o_off, ldo, 
     size = 1 if elem == I8 else 4
     store = masked(builder, "store", vec)
     lanes = ir.Constant(V16I32, list(range(16)))
-    for r in range(len(results) // VECTORS):
+    for r in range(len(results) // vectors):
         limit = builder.select(builder.icmp_signed("<", ir.Constant(I64, r), m), builder.trunc(cols, I32),
                                ir.Constant(I32, 0))
         limit = splat(builder, limit, V16I32)
         row = builder.gep(out_ptr, [builder.add(o_off, builder.mul(ir.Constant(I64, r), ldo))])
-        for j in range(VECTORS):
+        for j in range(vectors):
             mask = builder.icmp_signed("<", builder.add(lanes, ir.Constant(V16I32, [16 * j] * 16)), limit)
             dst = builder.bitcast(builder.gep(row, [ir.Constant(I64, 16 * j)]), vec.as_pointer())
-            builder.call(store, [transform(results[r * VECTORS + j], r, j), dst, ir.Constant(I32, size), mask])
+            builder.call(store, [transform(results[r * vectors + j], r, j), dst, ir.Constant(I32, size), mask])
 
 
 def _row_index(builder, r: int, m: ir.Value) -> ir.Value:
@@ -226,7 +238,8 @@ def _row_index(builder, r: int, m: ir.Value) -> ir.Value:
                           builder.sub(m, ir.Constant(I64, 1)))
 
 
-def _channel_terms(builder, ct_ptr: ir.Value, m: ir.Value, rows: int, source: str) -> Callable[[int, int], ir.Value]:
+def _channel_terms(builder, ct_ptr: ir.Value, m: ir.Value, rows: int, source: str,
+                   vectors: int) -> Callable[[int, int], ir.Value]:
     """``terms(r, j)``: the int32 ``col_term`` of row r, vector j, from ``ct_ptr`` (at the tile's first channel).
 
     Output channels are the columns of a tile, or its rows with the "weights"
@@ -236,18 +249,18 @@ def _channel_terms(builder, ct_ptr: ir.Value, m: ir.Value, rows: int, source: st
         rows_ = [splat(builder, builder.load(builder.gep(ct_ptr, [_row_index(builder, r, m)])), V16I32)
                  for r in range(rows)]
         return lambda r, j: rows_[r]
-    columns = [load_vector(builder, ct_ptr, 16 * j, V16I32) for j in range(VECTORS)]
+    columns = [load_vector(builder, ct_ptr, 16 * j, V16I32) for j in range(vectors)]
     return lambda r, j: columns[j]
 
 
-def make_tile_store(rows: int, prefetch_distance: int = 0, source: str = "rows"):
+def make_tile_store(rows: int, prefetch_distance: int = 0, source: str = "rows", vectors: int = VECTORS):
     """A tile intrinsic that finishes int32 output itself: ``tile_store`` of ``kernels.gemm.microkernels``.
 
     ``tile_store(<source arguments>, col_term, c0, cols, out, o_off, ldo)`` adds
     ``col_term[c0 + c]`` (int32, wrapping) to each sum and writes row ``r < m``,
     column ``c < cols`` to ``out[o_off + r * ldo + c]`` with masked stores, straight
-    from the registers: no scratch tile, no second pass. With the "weights" source
-    the output channels are the rows: ``col_term[c0 + r]`` (and ``c0`` the first row's channel).
+    from the registers: no scratch tile, no second pass (``cols <= 16 vectors``). With the
+    "weights" source the output channels are the rows: ``col_term[c0 + r]`` (and ``c0`` the first row's channel).
     """
 
     def accepts(tys) -> bool:
@@ -258,11 +271,11 @@ def make_tile_store(rows: int, prefetch_distance: int = 0, source: str = "rows")
     def finish(context, builder, tys, args, results, m):
         col_term, c0, cols, out, o_off, ldo = args
         ct_ptr = builder.gep(array_ptr(context, builder, tys[0], col_term, I32), [c0])
-        terms = _channel_terms(builder, ct_ptr, m, rows, source)
-        _store_rows(builder, results, m, cols, array_ptr(context, builder, tys[3], out, I32), o_off, ldo, I32,
-                    lambda sums, r, j: builder.add(sums, terms(r, j)))
+        terms = _channel_terms(builder, ct_ptr, m, rows, source, vectors)
+        _store_rows(builder, results, vectors, m, cols, array_ptr(context, builder, tys[3], out, I32), o_off, ldo,
+                    I32, lambda sums, r, j: builder.add(sums, terms(r, j)))
 
-    return _tile_intrinsic(SOURCES[source], rows, prefetch_distance, accepts, finish)
+    return _tile_intrinsic(SOURCES[source], rows, prefetch_distance, vectors, accepts, finish)
 
 
 def _scaled(builder, y: ir.Value, factors: Callable[[int], tuple[ir.Value, ir.Value]],
@@ -374,7 +387,7 @@ def requantize(builder, y: ir.Value, factors: Callable[[int], tuple[ir.Value, ir
                                   ir.Constant(V16I32, list(range(16))))
 
 
-def make_tile_finish(rows: int, prefetch_distance: int = 0, source: str = "rows"):
+def make_tile_finish(rows: int, prefetch_distance: int = 0, source: str = "rows", vectors: int = VECTORS):
     """A tile intrinsic that rescales and (re)quantizes its sums in registers: ``tile_finish``.
 
     ``tile_finish(<source arguments>, col_term, mult, shift, single, lo, hi, zp, qmin, qmax, c0, cols, out, o_off,
@@ -395,7 +408,8 @@ def make_tile_finish(rows: int, prefetch_distance: int = 0, source: str = "rows"
     in float32 where that is exact (``single_codes``, with ``single`` the float32
     ``kernels.epilogue.single_table``, clamped use), else as ``requantize`` does.
     ``col_term`` (int32), ``mult`` and ``shift`` (float64) and ``single`` are padded to
-    a whole number of panels. Stores are masked to rows ``< m`` and columns ``< cols``.
+    a whole number of panels. Stores are masked to rows ``< m`` and columns ``< cols``
+    (``cols <= 16 vectors``; ``c0`` a multiple of 16).
     With the "weights" source the output channels are the rows: ``j = c0 + r``.
     """
     def accepts(tys) -> bool:
@@ -418,7 +432,7 @@ def make_tile_finish(rows: int, prefetch_distance: int = 0, source: str = "rows"
         ct_ptr = builder.gep(array_ptr(context, builder, tys[0], col_term, I32), [c0])
         mu_ptr = builder.gep(array_ptr(context, builder, tys[1], mult, F64), [c0])
         sh_ptr = builder.gep(array_ptr(context, builder, tys[2], shift, F64), [c0])
-        terms = _channel_terms(builder, ct_ptr, m, rows, source)
+        terms = _channel_terms(builder, ct_ptr, m, rows, source, vectors)
         lo, hi, zp = (splat(builder, v, V8F64) for v in (lo, hi, zp))
 
         def factors(r: int, j: int, h: int) -> tuple[ir.Value, ir.Value]:
@@ -436,15 +450,15 @@ def make_tile_finish(rows: int, prefetch_distance: int = 0, source: str = "rows"
         elem = I8 if quantize else F32
         out_ptr = array_ptr(context, builder, tys[11], out, elem)
         if codes is None:
-            _store_rows(builder, results, m, cols, out_ptr, o_off, ldo, elem, transform)
+            _store_rows(builder, results, vectors, m, cols, out_ptr, o_off, ldo, elem, transform)
             return
         table = array_ptr(context, builder, tys[3], single, F32)
         qlo, qhi = codes
         bounds = tuple(splat(builder, builder.sitofp(v, F32), V16F32) for v in (qmin, qmax))
         # vectors sharing their channels' factors go together: a column's down the rows, a row's across
-        order = [(r, j) for j in range(VECTORS) for r in range(rows)]
+        order = [(r, j) for j in range(vectors) for r in range(rows)]
         if source == "weights":
-            order = [(r, j) for r in range(rows) for j in range(VECTORS)]
+            order = [(r, j) for r in range(rows) for j in range(vectors)]
         loaded = {}
 
         def factors32(r: int, j: int) -> tuple[ir.Value, ir.Value, ir.Value]:
@@ -461,7 +475,7 @@ def make_tile_finish(rows: int, prefetch_distance: int = 0, source: str = "rows"
                     loaded[key] = tuple(load_vector(builder, base, 48 * j + 16 * i, V16F32) for i in range(3))
             return loaded[key]
 
-        sums = [builder.add(results[r * VECTORS + j], terms(r, j)) for r, j in order]
+        sums = [builder.add(results[r * vectors + j], terms(r, j)) for r, j in order]
 
         def exact(i: int) -> ir.Value:
             r, j = order[i]
@@ -471,6 +485,7 @@ def make_tile_finish(rows: int, prefetch_distance: int = 0, source: str = "rows"
 
         rounded = single_codes(builder, sums, lambda i: factors32(*order[i]), exact, bounds)
         by_place = {place: builder.trunc(code, ir.VectorType(I8, 16)) for place, code in zip(order, rounded)}
-        _store_rows(builder, results, m, cols, out_ptr, o_off, ldo, elem, lambda sums_, r, j: by_place[r, j])
+        _store_rows(builder, results, vectors, m, cols, out_ptr, o_off, ldo, elem,
+                    lambda sums_, r, j: by_place[r, j])
 
-    return _tile_intrinsic(SOURCES[source], rows, prefetch_distance, accepts, finish)
+    return _tile_intrinsic(SOURCES[source], rows, prefetch_distance, vectors, accepts, finish)

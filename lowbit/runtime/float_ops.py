@@ -1017,6 +1017,27 @@ def _argmax_indices(node: Node, shape: Shape, kernel: tuple[int, ...], window: W
     return indices
 
 
+def channels_last(node: Node, shape: Shape) -> bool:
+    """Whether ``node`` has lowbit's attribute ``layout="NHWC"`` (``lowbit.runtime.layout``: its activations are
+    ``[N, H, W, C]``, which needs a 4-D ``shape``) rather than ONNX's NCHW (absent, or ``"NCHW"``)."""
+    layout = attr(node, "layout", "NCHW")
+    if layout not in ("NCHW", "NHWC"):
+        raise _fail(node, f"attribute layout must be 'NCHW' or 'NHWC', got {layout!r}")
+    if layout == "NHWC" and len(shape) != 4:
+        raise _fail(node, f"layout NHWC needs a 4-D input [N, H, W, C], got shape {list(shape)}")
+    return layout == "NHWC"
+
+
+def nchw_shape(shape: Shape) -> Shape:
+    """``[N, C, H, W]`` of an NHWC ``[N, H, W, C]`` shape."""
+    return (shape[0], shape[3], shape[1], shape[2])
+
+
+def nhwc_shape(shape: Shape) -> Shape:
+    """``[N, H, W, C]`` of an NCHW ``[N, C, H, W]`` shape."""
+    return (shape[0], shape[2], shape[3], shape[1])
+
+
 @preparer("MaxPool")
 def prepare_max_pool(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
     """ONNX MaxPool over any number of spatial axes: the max over each window of the input padded with the
@@ -1024,33 +1045,41 @@ def prepare_max_pool(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
     :func:`_argmax_indices`).
 
     2-D uint8 / int8 inputs (quantized codes inside an int8 chain: max commutes with the monotone
-    dequantization) run ``kernels.max_pool2d``, which ignores the padding likewise.
+    dequantization) run ``kernels.max_pool2d``, which ignores the padding likewise. With attribute
+    ``layout="NHWC"`` (:func:`channels_last`) input and output are ``[N, H, W, C]``; Indices are then refused.
     """
     shape, dtype = inputs[0]
+    with_indices = len(node.outputs) > 1
+    nhwc = channels_last(node, shape)
+    if nhwc:
+        if with_indices:
+            raise _fail(node, "layout NHWC has no Indices output (ONNX defines them on NCHW)")
+        shape = nchw_shape(shape)
     kernel, window = _pool_window(node, shape)
     out_shape = tuple(shape[:2]) + window.out
     ops = _product(out_shape) * _product(kernel)
-    with_indices = len(node.outputs) > 1
     if np.dtype(dtype) in (np.dtype(np.uint8), np.dtype(np.int8)) and len(shape) == 4 and not with_indices:
         options = {"strides": window.strides, "pads": window.pads, "dilations": window.dilations,
-                   "ceil_mode": bool(attr(node, "ceil_mode", 0))}
+                   "ceil_mode": bool(attr(node, "ceil_mode", 0)), "layout": "NHWC" if nhwc else "NCHW"}
 
         def run_codes(ins, outs):
             kernels.max_pool2d(ins[0], kernel, out=outs[0], **options)
 
-        return Kernel(run_codes, [(out_shape, dtype)], ops=ops, precision="int8", note="max_pool2d on codes")
+        return Kernel(run_codes, [(nhwc_shape(out_shape) if nhwc else out_shape, dtype)], ops=ops, precision="int8",
+                      note=f"max_pool2d on codes{', NHWC' * nhwc}")
     lowest = -np.inf if np.dtype(dtype).kind == "f" else np.iinfo(dtype).min
     padded = _Padded(shape, window.pads, _extra(shape[2:], kernel, window), lowest, dtype)
     taps = _tap_indices(kernel, window)
     indices = _argmax_indices(node, shape, kernel, window) if with_indices else None
 
     def run(ins, outs):
-        xp = padded(ins[0])
-        _reduce_taps(xp, taps, np.maximum, outs[0])
+        xp = padded(np.moveaxis(ins[0], -1, 1) if nhwc else ins[0])
+        _reduce_taps(xp, taps, np.maximum, np.moveaxis(outs[0], -1, 1) if nhwc else outs[0])
         if indices is not None:
             indices(xp, taps, outs[1])
 
-    return Kernel(run, [(out_shape, dtype)] + [(out_shape, np.dtype(np.int64))] * with_indices, ops=ops)
+    return Kernel(run, [(nhwc_shape(out_shape) if nhwc else out_shape, dtype)]
+                  + [(out_shape, np.dtype(np.int64))] * with_indices, ops=ops)
 
 
 @preparer("AveragePool")
@@ -1205,7 +1234,15 @@ def prepare_transpose(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
     if sorted(perm) != list(range(len(shape))):
         raise _fail(node, f"perm {list(perm)} is not a permutation of {len(shape)} axes")
 
-    def run(ins, outs):
-        np.copyto(outs[0], ins[0].transpose(perm))
+    # NCHW <-> NHWC (the borders of lowbit.runtime.layout's channels-last regions): the kernels' block transposes,
+    # ~10x NumPy's strided copy on uint8 images
+    blocked = {(0, 2, 3, 1): kernels.nchw_to_nhwc, (0, 3, 1, 2): kernels.nhwc_to_nchw}.get(perm)
 
-    return Kernel(run, [(tuple(shape[p] for p in perm), dtype)], ops=_product(shape))
+    def run(ins, outs):
+        if blocked is not None:
+            blocked(ins[0], out=outs[0])
+        else:
+            np.copyto(outs[0], ins[0].transpose(perm))
+
+    return Kernel(run, [(tuple(shape[p] for p in perm), dtype)], ops=_product(shape),
+                  note="kernels block transpose" if blocked else "")

@@ -218,9 +218,21 @@ def _weight_only_float(graph: Graph, node: Node) -> tuple[np.ndarray, np.ndarray
     return np.ascontiguousarray(w, np.float32), bias
 
 
+def _foreign(node: Node) -> bool:
+    """A node the twin cannot map to float: an integer op other than those it rewrites (an imported ONNX model's
+    QLinearMatMul, com.microsoft QLinearAdd, ...), or one working channels-last (``layout``)."""
+    if node.attrs.get("layout") == "NHWC":
+        return True
+    known = node.op in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "lowbit.QGemm") or node.op in WEIGHT_ONLY
+    name = node.op.rpartition(".")[2]
+    return not known and any(word in name for word in ("QLinear", "Integer", "Quantize", "QGemm", "NBits"))
+
+
 def _twinnable(graph: Graph) -> bool:
     """Whether the graph has something to twin: a QuantizeLinear (an int8 chain) or a weight-only quantized
-    node whose weights are all parameters."""
+    node whose weights are all parameters, and no node the twin cannot map (:func:`_foreign`)."""
+    if any(_foreign(n) for n in graph.nodes):
+        return False
     weight_only = [n for n in graph.nodes if n.op in WEIGHT_ONLY]
     if not weight_only and not any(n.op == "QuantizeLinear" for n in graph.nodes):
         return False

@@ -45,7 +45,7 @@ from lowbit.graph.ir import Graph, Node
 from lowbit.quantization import grid, qdq
 from lowbit.quantization.qdq import dynamic_quantize_linear
 from lowbit.quantization.scheme import QScheme
-from lowbit.runtime.float_ops import prepare_conv
+from lowbit.runtime.float_ops import channels_last, nchw_shape, nhwc_shape, prepare_conv
 from lowbit.runtime.registry import Kernel, Shape, preparer
 from lowbit.runtime.windows import Window, conv_window
 
@@ -559,11 +559,15 @@ def prepare_qlinear_conv(node: Node, graph: Graph, inputs: Inputs) -> Kernel:
     as ONNX; attr ``activation`` (activation fusion's) clamps the real values before rounding. 1-D and 2-D
     convolutions whose weights and quantization parameters are parameters run ``kernels.qlinear_conv2d_plan``
     (1-D as 2-D of height 1) with a float fallback; the rest an exact NumPy path (:func:`integer_conv`).
+    With lowbit's attribute ``layout="NHWC"`` (``lowbit.runtime.layout``) x and y are 2-D ``[N, H, W, C]``, run
+    by the plan in that layout (the other paths transpose around themselves).
     """
     w = _spec(node, graph, inputs, 3)
     if w is None:
         raise ValueError(f"node {node.name!r} (QLinearConv): input 3 (w) is required")
     x_shape = _input(node, inputs, len(w[0]), (np.uint8, np.int8))
+    nhwc = channels_last(node, x_shape)
+    x_shape = nchw_shape(x_shape) if nhwc else x_shape
     x_dtype = np.dtype(inputs[0][1])
     group, window = conv_window(node, x_shape, w[0])
     x_zero, y_zero = _spec(node, graph, inputs, 2), _spec(node, graph, inputs, 7)
@@ -574,7 +578,7 @@ def prepare_qlinear_conv(node: Node, graph: Graph, inputs: Inputs) -> Kernel:
     out = ((x_shape[0], w[0][0], *window.out), x_dtype if y_zero is None else y_zero[1])
     act = _activation(node)
     if len(x_shape) <= 4 and all(_constant(node, graph, i) is not None or not _present(node, i) for i in range(1, 9)):
-        return _qlinear_conv_kernel(node, graph, x_shape, x_dtype, group, window, out, act)
+        return _qlinear_conv_kernel(node, graph, x_shape, x_dtype, group, window, out, act, nhwc)
     ops = 2 * math.prod(out[0]) * math.prod(w[0][1:])
 
     def run(ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
@@ -585,12 +589,26 @@ def prepare_qlinear_conv(node: Node, graph: Graph, inputs: Inputs) -> Kernel:
         mult = _along(multiplier(x_scale, w_scale, divisor=y_scale), acc.ndim, 1)
         requantize(acc, mult, y_zero, outs[0], act, float(np.asarray(y_scale).reshape(-1)[0]))
 
-    return Kernel(run, [out], ops, "int8", "exact NumPy (im2col + float64 BLAS)")
+    kernel = Kernel(run, [out], ops, "int8", "exact NumPy (im2col + float64 BLAS)")
+    return _transposed(kernel) if nhwc else kernel
+
+
+def _transposed(kernel: Kernel) -> Kernel:
+    """``kernel`` (and its fallback), of NCHW input 0 and output, on NHWC arrays: transposed around each call."""
+    (shape, dtype), = kernel.outputs
+    y = np.empty(shape, dtype)
+
+    def run(ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
+        kernels.nchw_to_nhwc(kernel([kernels.nhwc_to_nchw(ins[0]), *ins[1:]], [y])[0], out=outs[0])
+
+    return Kernel(run, [(nhwc_shape(shape), dtype)], kernel.ops, kernel.precision, f"{kernel.note}, NHWC transposed",
+                  None if kernel.fallback is None else _transposed(kernel.fallback))
 
 
 def _qlinear_conv_kernel(node: Node, graph: Graph, x_shape: Shape, x_dtype: np.dtype, group: int, window: Window,
-                         out: tuple[Shape, np.dtype], act: str | None) -> Kernel:
-    """QLinearConv on ``kernels.qlinear_conv2d_plan`` with its float fallback; a 1-D one as 2-D of height 1."""
+                         out: tuple[Shape, np.dtype], act: str | None, nhwc: bool = False) -> Kernel:
+    """QLinearConv on ``kernels.qlinear_conv2d_plan`` with its float fallback; a 1-D one as 2-D of height 1; with
+    ``nhwc``, a 2-D one on ``[N, H, W, C]`` activations (``x_shape`` and ``out`` still give the NCHW shapes)."""
     x_scale, x_zero = _scale(node, graph, 1), _zero_point(node, graph, 2, x_dtype)
     w, w_scale, w_zero = _int8_weights(node, graph, 3)
     y_scale, y_zero = _scale(node, graph, 6), _zero_point(node, graph, 7, x_dtype)
@@ -598,9 +616,10 @@ def _qlinear_conv_kernel(node: Node, graph: Graph, x_shape: Shape, x_dtype: np.d
     shapes = x_shape, out[0]
     x_shape, out_shape, attrs = _planar(x_shape, out[0], window, group)
     w, out = _planar_weights(w), (out_shape, out[1])
-    plan = kernels.qlinear_conv2d_plan(kernels.pack_conv_int8(w, group=group), x_shape, float(x_scale), int(x_zero),
-                                       w_scale, w_zero, float(y_scale), y_zero, bias, x_dtype=x_dtype,
-                                       activation=act, out_dtype=out[1], **attrs)
+    plan = kernels.qlinear_conv2d_plan(kernels.pack_conv_int8(w, group=group), nhwc_shape(x_shape) if nhwc else x_shape,
+                                       float(x_scale), int(x_zero), w_scale, w_zero, float(y_scale), y_zero, bias,
+                                       x_dtype=x_dtype, activation=act, layout="NHWC" if nhwc else "NCHW",
+                                       out_dtype=out[1], **attrs)
     ops = 2 * math.prod(out[0]) * math.prod(w.shape[1:])
 
     def run(ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
@@ -610,6 +629,10 @@ def _qlinear_conv_kernel(node: Node, graph: Graph, x_shape: Shape, x_dtype: np.d
     w_float = ((w.astype(np.int32) - w_zero.reshape(channels)) * w_scale.reshape(channels)).astype(np.float32)
     fallback = _conv_fallback(node, x_shape, w_float, _float_bias(bias, x_scale, w_scale), attrs, act, out, ops,
                               _dequantizer(x_shape, x_scale, x_zero), (y_scale, y_zero))
+    if nhwc:
+        fallback = _transposed(fallback)
+        return Kernel(lambda ins, outs: [plan(ins[0], out=outs[0])], fallback.outputs, ops, "int8",
+                      f"qlinear_conv2d {plan.kind}, NHWC", fallback=fallback)
     if shapes != (x_shape, out[0]):  # the fallback's Conv sees 4-D views of the 1-D arrays too
         fallback = Kernel(lambda ins, outs, run_4d=fallback.run: run_4d([ins[0].reshape(x_shape)],
                                                                         [outs[0].reshape(out[0])]),

@@ -122,6 +122,99 @@ def test_codes_near_ties(level, rng, shape, out_dtype):
         np.testing.assert_array_equal(got if layout == "NHWC" else got.transpose(0, 2, 3, 1), want)
 
 
+# Groups of 32 or fewer output channels run the narrow 12 x 32 VNNI tiles (kernels.dispatch): every tail of 12
+# pixels, 1..33 channels per group, the indirect path, the padded 3-channel stem and the im2col path (3 channels
+# per group) over the narrow GEMM tile.
+NARROW_CASES = [
+    (1, 8, 5, 5, 1, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),
+    (2, 4, 7, 3, 7, 3, 3, (1, 1), (1, 0, 1, 2), (1, 1), 1),
+    (1, 12, 9, 9, 31, 3, 3, (2, 2), "same", (1, 1), 1),
+    (1, 16, 10, 9, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),
+    (1, 20, 6, 7, 33, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1),
+    (1, 3, 13, 13, 32, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), 1),
+    (1, 16, 7, 5, 62, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 2),
+    (2, 12, 5, 7, 9, 3, 3, (1, 1), (0, 1, 1, 0), (1, 1), 3),
+    (1, 6, 9, 7, 20, 3, 3, (1, 1), (1, 1, 1, 1), (2, 1), 2),
+]
+
+
+def _narrow_epilogues(rng, o: int) -> list[tuple]:
+    """``(w_zero_point, bias, activation, out_dtype, y_zero_point)``: every epilogue of the tiles. A float bias
+    shifts (float64 codes), an int32 one does not (float32 codes where exact), weight zero points and an int32 bias
+    past int32 sums take ``finish_tile``."""
+    zw = rng.integers(-3, 4, o)
+    small = rng.integers(-3000, 3000, o).astype(np.int32)
+    return [(0, rng.normal(0, 20, o).astype(np.float32), "relu6", np.float32, None),
+            (0, rng.normal(0, 20, o).astype(np.float32), None, np.uint8, 120),
+            (0, small, ("clip", -1.5, 2.0), np.int8, -5),
+            (0, small, None, np.uint8, 3),
+            (zw, small, "relu", np.uint8, 7),
+            (0, np.full(o, 2**31 - 1000, np.int32), None, np.float32, None)]
+
+
+def _check_every_epilogue(rng, case, layout: str) -> set[str]:
+    """Run ``case`` through ``conv2d_int8`` and every fused epilogue, bit-exact against the oracle; the plan kinds."""
+    x, w = _operands(rng, case)
+    o = w.shape[0]
+    attrs = _attrs(case)
+    x_in = x if layout == "NCHW" else np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+
+    def ours(result):
+        return result if layout == "NCHW" else result.transpose(0, 3, 1, 2)
+
+    ref = dict(strides=attrs["strides"], pads=_ref_pads(case), dilations=attrs["dilations"], group=attrs["group"])
+    kinds = set()
+    for zw in (0, rng.integers(-3, 4, o)):
+        plan = kernels.conv2d_int8_plan(w, x_in.shape, x_zero_point=77, w_zero_point=zw, layout=layout, **attrs)
+        kinds.add(plan.kind)
+        np.testing.assert_array_equal(ours(plan(x_in)), conv2d_ref(x, w, x_zero_point=77, w_zero_point=zw, **ref))
+    w_scale = rng.uniform(0.002, 0.02, o)
+    for zw, bias, activation, out_dtype, y_zp in _narrow_epilogues(rng, o):
+        y_scale = None if y_zp is None else 0.05
+        plan = kernels.qlinear_conv2d_plan(w, x_in.shape, 0.03, 131, w_scale, zw, y_scale, y_zp, bias,
+                                           activation=activation, out_dtype=out_dtype, layout=layout, **attrs)
+        kinds.add(plan.kind)
+        acc = conv2d_ref(x, w, x_zero_point=131, w_zero_point=zw, **ref)
+        want = finish_ref(acc.transpose(0, 2, 3, 1).reshape(-1, o), a_scale=0.03, w_scale=w_scale, bias=bias,
+                          activation=activation, out_dtype=out_dtype, out_scale=y_scale, out_zero_point=y_zp)
+        np.testing.assert_array_equal(ours(plan(x_in)), want.reshape(acc.shape[0], *acc.shape[2:], o).transpose(
+            0, 3, 1, 2))
+    return kinds
+
+
+@pytest.mark.parametrize("case", NARROW_CASES, ids=_case_ids)
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_narrow_tiles_every_epilogue(level, rng, case, layout):
+    kinds = _check_every_epilogue(rng, case, layout)
+    n, c, h, w, o, kh, kw, *_, g = case
+    if level == kernels.cpu.AVX512_VNNI and (c // g) % 4 == 0 and kh * kw > 1:
+        assert kinds == {"avx512-vnni-indirect-narrow" if o // g <= 32 else "avx512-vnni-indirect"}
+
+
+@pytest.fixture
+def narrow_everywhere(monkeypatch):
+    """Dispatch the narrow tiles for any number of channels: they then run both halves of each 64-channel panel."""
+    monkeypatch.setattr(kernels.dispatch, "NARROW_MAX_CHANNELS", 1 << 30)
+    kernels.dispatch._choose.cache_clear()
+    yield
+    monkeypatch.undo()
+    kernels.dispatch._choose.cache_clear()
+
+
+@pytest.mark.skipif(kernels.cpu.AVX512_VNNI not in kernels.cpu.supported_levels(), reason="needs AVX-512 VNNI")
+@pytest.mark.parametrize("case", [(1, 8, 7, 6, 70, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),
+                                  (2, 10, 5, 5, 40, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 2)], ids=_case_ids)
+def test_narrow_tiles_cover_wide_layers(narrow_everywhere, rng, case):
+    """The drivers step channels by the tile's width: a narrow tile over 40 or 70 channels reads panel halves."""
+    kinds = _check_every_epilogue(rng, case, "NHWC")
+    assert kinds == ({"avx512-vnni-indirect-narrow"} if case[1] % 4 == 0 else {"im2col"})
+    a = rng.integers(0, 256, (29, 37), dtype=np.uint8)
+    b = rng.integers(-128, 128, (70, 37), dtype=np.int8)
+    assert kernels.dispatch.choose("gemm_int8", 29, 70, 37).kind == "avx512-vnni-narrow"
+    np.testing.assert_array_equal(kernels.gemm_int8(a, b, a_zero_point=3),
+                                  (a.astype(np.int64) - 3) @ b.T.astype(np.int64))
+
+
 def test_layouts_packed_weights_and_out(level, rng):
     case = CASES[1]
     x, w = _operands(rng, case)

@@ -278,15 +278,19 @@ def test_quantized_model_matches_onnxruntime(name, scheme, tmp_path_factory, mon
     model = _quantized(name, scheme, str(folder))
     session = lowbit.onnx.InferenceSession(model.SerializeToString())
     outputs = [o.name for o in session.get_outputs()]
-    fused_away = set(_code_tensors(model)) - {t for n in session.graph.nodes for t in n.outputs}
-    codes = [c for c in _code_tensors(model) if c not in fused_away]  # lowbit fuses dynamic quantization chains
+    computed = {t for n in session.graph.nodes for t in n.outputs}
+    # lowbit.runtime.layout renames the tensors of its channels-last regions: fetched by that name, moved back
+    nhwc = {c: f"{c}_nhwc" for c in _code_tensors(model) if c not in computed and f"{c}_nhwc" in computed}
+    fused_away = set(_code_tensors(model)) - computed - set(nhwc)  # lowbit fuses dynamic quantization chains
+    codes = [c for c in _code_tensors(model) if c not in fused_away]
     upstream = _nearest_codes(model, codes + outputs)
     theirs, float_session = _ort_session(_with_outputs(model, codes)), _ort_session(_model(name))
     strict = 0
     for feed in _feeds(name, seed=9):
         where = f"{name} {scheme} {[x.shape for x in feed.values()]}"
         expected = dict(zip([o.name for o in theirs.get_outputs()], theirs.run(None, feed)))
-        mine = dict(zip(outputs + codes, session.run(outputs + codes, feed)))
+        fetched = session.run(outputs + [nhwc.get(c, c) for c in codes], feed)
+        mine = {t: (np.moveaxis(x, -1, 1) if t in nhwc else x) for t, x in zip(outputs + codes, fetched)}
         same = {c: np.array_equal(mine[c], expected[c]) for c in codes}  # graph inputs: the same feed
 
         def exact(tensor: str) -> bool:
