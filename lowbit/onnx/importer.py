@@ -30,6 +30,8 @@ from lowbit.onnx.types import elem_name, numpy_dtype, type_string
 #: Default-domain opsets lowbit reads; newer ones are refused until their changes are known.
 MIN_OPSET = 10
 DOMAINS = ("", "ai.onnx", "com.microsoft")
+#: ONNX's 4-bit element types (uint4, int4), held one code per byte.
+SUB_BYTE_TYPES = (21, 22)
 #: ONNX attribute types that hold a graph (control flow: If, Loop, Scan) or a sparse tensor.
 _GRAPH_ATTRIBUTES = (5, 10, 11, 12)
 
@@ -256,7 +258,7 @@ def _convert(proto, folder: Path | None) -> Imported:
         params[tensor.name] = tensor_array(tensor, folder, f"initializer {tensor.name!r}")
     if len(onnx_graph.sparse_initializer):
         raise UnsupportedModelError("model: sparse initializers are not supported", {"sparse_initializer": []})
-    inputs, input_infos = {}, []
+    inputs, input_infos, sub_byte = {}, [], {}
     for value in onnx_graph.input:
         if value.name in params:  # an initializer also listed as an input (IR < 4): a constant here
             continue
@@ -266,9 +268,11 @@ def _convert(proto, folder: Path | None) -> Imported:
             raise ValueError(f"graph input {value.name!r}: its rank is unknown; lowbit needs the input's rank")
         inputs[value.name] = TensorSpec(tuple(info.shape), dtype.name)
         input_infos.append(info)
+        if elem in SUB_BYTE_TYPES:
+            sub_byte[value.name] = elem_name(elem)
     output_infos = [_value_info(value)[0] for value in onnx_graph.output]
 
-    nodes, unsupported, sub_byte = [], {}, {}
+    nodes, unsupported = [], {}
     for name, node in zip(_unique_names(onnx_graph.node), onnx_graph.node):
         op, where = _op_name(node), f"node {name!r} ({_op_name(node)})"
         domain = op.rpartition(".")[0]
@@ -287,8 +291,8 @@ def _convert(proto, folder: Path | None) -> Imported:
             outputs.pop()
         outputs = [t or f"{name}:unused{k}" for k, t in enumerate(outputs)]
         nodes.append(Node(op, list(node.input), outputs, attrs, name))
-    for tensor in onnx_graph.initializer:
-        if tensor.data_type in (21, 22):  # remember 4-bit constants: QuantizeLinear saturates to their range
+    for tensor in onnx_graph.initializer:  # 4-bit zero points: QuantizeLinear saturates to their range
+        if tensor.data_type in SUB_BYTE_TYPES:
             sub_byte[tensor.name] = elem_name(tensor.data_type)
     for node in nodes:
         zero = node.inputs[2] if node.op == "QuantizeLinear" and len(node.inputs) > 2 else ""
