@@ -15,9 +15,11 @@ import math
 import numpy as np
 import pytest
 
+from kernels import cpu
 from lowbit import Graph, Node, Session, TensorSpec
 from lowbit.runtime import float_ops
 from lowbit.runtime.windows import conv_transpose_window, conv_window, window_geometry
+from tests.levels import level_fixture
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
@@ -26,6 +28,7 @@ from onnx.reference import ReferenceEvaluator  # noqa: E402
 import lowbit.onnx  # noqa: E402
 
 MS = "com.microsoft."
+conv_level = level_fixture("conv_float32")
 
 
 def _value(rng: np.random.Generator, spec) -> np.ndarray:
@@ -185,10 +188,13 @@ CONV = [  # x shape, w shape, bias, attrs
 
 
 @pytest.mark.parametrize("x, w, bias, attrs", CONV)
-def test_conv(x, w, bias, attrs):
+def test_conv(conv_level, x, w, bias, attrs):
+    """On every level: the AVX-512 register tiles of kernels.conv.float32, or im2col + BLAS."""
     params = {"w": _w(*w), **({"b": _w(w[0])} if bias else {})}
     session = check("Conv", {"x": x}, params, attrs)
-    assert "evaluator" not in next(iter(session.notes.values()))
+    note = next(iter(session.notes.values()))
+    assert "evaluator" not in note
+    assert note.startswith("conv2d_float32") == (conv_level == cpu.AVX512_VNNI)
 
 
 CONV_TRANSPOSE = [  # x shape, w shape, bias, attrs, oracle
