@@ -14,6 +14,8 @@ second on one core of this 2-core machine):
   96x96: about 0.1 GFLOP per image;
 * ``bert``: a MiniLM-L6-sized BERT encoder (hidden 384, 12 heads, FFN 1536, 6 layers, vocabulary 30522), opset
   17 (LayerNormalization nodes), at batch x seq 1x128 and 8x128: about 2.9 GFLOP per 128 tokens.
+* ``resnet18`` (only with ``--models resnet18``): torchvision's ResNet-18 layout (7x7 / 2 stem and max pool, 64 to
+  512 channels) at 224x224, 1000 classes: about 1.8 GFLOP per image.
 
 Formats: ``fp32`` (the builder's model), and after ``quant_pre_process`` (batch norms folded), ONNX Runtime's
 quantizer: ``qdq`` and ``qop`` (``quantize_static``, QDQ / QOperator, uint8 activations, int8 per-channel
@@ -63,6 +65,8 @@ class Model:
 
         if self.name == "resnet":
             return examples.resnet(image=self.image, width=32, blocks=2, classes=1000)
+        if self.name == "resnet18":
+            return examples.resnet(image=self.image, width=64, blocks=2, stages=4, imagenet_stem=True, classes=1000)
         if self.name == "mobilenet_v2":
             return examples.mobilenet_v2(image=self.image, stages=examples.MOBILENET_V2_STAGES, last=1280,
                                          classes=1000)
@@ -80,7 +84,8 @@ class Model:
 
 
 MODELS = {m.name: m for m in (Model("resnet", (1, 32), image=64), Model("mobilenet_v2", (1, 32), image=96),
-                              Model("bert", (1, 8), seq=128))}
+                              Model("bert", (1, 8), seq=128), Model("resnet18", (1, 32), image=224))}
+DEFAULT_MODELS = ("resnet", "mobilenet_v2", "bert")  # resnet18 (1.8 GFLOP per image) on request
 
 
 class _Reader:
@@ -174,8 +179,8 @@ def rows_of(results: list[dict]) -> list[list[str]]:
 def main(argv: list[str] | None = None) -> None:
     """Measure, print and optionally save the comparison."""
     parser = argparse.ArgumentParser(prog="python -m bench.onnx_models", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), metavar="NAME",
-                        help=f"models (default: all of {', '.join(MODELS)})")
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=list(MODELS), metavar="NAME",
+                        help=f"models (default: {', '.join(DEFAULT_MODELS)}; also resnet18)")
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS, help="formats (default: all)")
     parser.add_argument("--batches", type=int, nargs="+", help="batch sizes (default: 1 and 32; the encoder 1 and 8)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts (default: 1 2)")
