@@ -30,8 +30,8 @@ from lowbit.onnx.types import elem_name, numpy_dtype, type_string
 #: Default-domain opsets lowbit reads; newer ones are refused until their changes are known.
 MIN_OPSET = 10
 DOMAINS = ("", "ai.onnx", "com.microsoft")
-#: ONNX's 4-bit element types (uint4, int4), held one code per byte.
-SUB_BYTE_TYPES = (21, 22)
+#: ONNX's 4-bit and 2-bit element types (uint4, int4, uint2, int2), held one code per byte.
+SUB_BYTE_TYPES = (21, 22, 25, 26)
 #: ONNX attribute types that hold a graph (control flow: If, Loop, Scan) or a sparse tensor.
 _GRAPH_ATTRIBUTES = (5, 10, 11, 12)
 
@@ -133,7 +133,7 @@ def _external_bytes(tensor, folder: Path | None) -> bytes:
 
 
 def tensor_array(tensor, folder: Path | None = None, where: str = "") -> np.ndarray:
-    """A TensorProto as an ndarray (4-bit codes unpacked into int8 / uint8)."""
+    """A TensorProto as an ndarray (4-bit and 2-bit codes unpacked into int8 / uint8)."""
     onnx = onnx_module()
     where = where or f"tensor {tensor.name!r}"
     dtype = numpy_dtype(tensor.data_type, where)

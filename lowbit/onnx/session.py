@@ -8,7 +8,7 @@ str, ``type`` as ``"tensor(float)"``), ``get_modelmeta()``, ``get_providers()``.
 float twin: quantized models give the quantized results, as in ONNX Runtime), prepared once per set of
 input shapes (at most :data:`lowbit.runtime.session.MAX_SHAPES` kept).
 
-Differences: 4-bit tensors are fed and returned as int8 / uint8 codes (one per byte); ``run_options``
+Differences: 4-bit and 2-bit tensors are fed and returned as int8 / uint8 codes (one per byte); ``run_options``
 is accepted and ignored; ``output_names`` may also name intermediate tensors.
 """
 
@@ -28,6 +28,7 @@ from lowbit.runtime.profile import Profile
 from lowbit.runtime.session import Session
 
 PROVIDERS = ["CPUExecutionProvider"]
+SUB_BYTE = ("int4", "uint4", "int2", "uint2")  # ONNX types lowbit holds one code per byte
 
 
 class GraphOptimizationLevel:
@@ -221,8 +222,8 @@ class InferenceSession:
                 raise ValueError(f"input_feed: missing input {arg.name!r} ({arg.type}, shape {arg.shape})")
             value = input_feed[arg.name]
             array = value if isinstance(value, np.ndarray) else np.asarray(value)
-            if array.dtype.name in ("int4", "uint4") and arg.type == f"tensor({array.dtype.name})":
-                array = array.astype(spec.dtype)  # ml_dtypes 4-bit -> one code per byte
+            if array.dtype.name in SUB_BYTE and arg.type == f"tensor({array.dtype.name})":
+                array = array.astype(spec.dtype)  # ml_dtypes' sub-byte codes -> one code per byte
             if array.dtype != np.dtype(spec.dtype):
                 raise TypeError(f"input {arg.name!r}: expected {arg.type} (numpy {spec.dtype}), got "
                                 f"{array.dtype} ({type(value).__name__})")

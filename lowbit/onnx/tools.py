@@ -14,10 +14,9 @@ import numpy as np
 
 from lowbit.onnx.importer import UnsupportedModelError, read_model
 from lowbit.onnx.session import InferenceSession, NodeArg, SessionOptions
+from lowbit.onnx.types import ELEM_TYPES
 
-_NUMPY = {"float": np.float32, "double": np.float64, "float16": np.float16, "uint8": np.uint8, "int8": np.int8,
-          "int16": np.int16, "uint16": np.uint16, "int32": np.int32, "int64": np.int64, "uint32": np.uint32,
-          "uint64": np.uint64, "bool": np.bool_, "int4": np.int8, "uint4": np.uint8}
+_NUMPY = {name: np.dtype(held) for name, held in ELEM_TYPES.values()}  # ONNX type name -> NumPy dtype
 
 
 def example_feeds(inputs: list[NodeArg], batch: int = 1, dims: dict[str, int] | None = None,
