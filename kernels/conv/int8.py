@@ -29,7 +29,7 @@ from kernels import _validate, dispatch, epilogue, threads
 from kernels.conv import pointwise
 from kernels.conv.depthwise import DepthwisePlan, pack_depthwise
 from kernels.conv.geometry import ConvGeometry, check_layout, conv_geometry, from_nhwc, to_nhwc
-from kernels.conv.int8_driver import DRIVERS, INDIRECT_DRIVERS, block_rows, indirection
+from kernels.conv.int8_driver import DRIVERS, INDIRECT_DRIVERS, block_rows, indirection, widen_channels
 from kernels.epilogue import Epilogue
 from kernels.gemm.driver import K_CHUNK
 from kernels.gemm.int8 import check_zero_point, fused_epilogue, max_k_int32, register_epilogue
@@ -182,8 +182,9 @@ class ConvPlan:
     def _run(self, x: np.ndarray, out2d: np.ndarray) -> None:
         geo = self.geo
         if self.channels != geo.in_channels:
-            wide = np.full((*x.shape[:3], geo.in_channels), self.za - (128 if x.dtype == np.int8 else 0), x.dtype)
-            wide[..., : self.channels] = x
+            wide = np.empty((*x.shape[:3], geo.in_channels), x.dtype)
+            widen_channels(x.reshape(-1, self.channels), x.dtype.type(self.za - (128 if x.dtype == np.int8 else 0)),
+                           wide.reshape(-1, geo.in_channels))
             x = wide
         if x.dtype == np.int8:
             x = x.view(np.uint8) ^ 0x80

@@ -8,7 +8,11 @@ reads each output pixel's taps straight from the NHWC input through an
 indirection table (``kernels.gemm.vnni``'s ``indirect`` source; built once per
 geometry by :func:`indirection`), so nothing is copied; taps in the border read a
 row of zero-point bytes. Its tiles are 6 pixels x 64 channels, or 12 x 32 for
-groups of 32 or fewer output channels (``INDIRECT_TILES``).
+groups of 32 or fewer output channels (``INDIRECT_TILES``); a last panel of at most
+half a tile's channels runs a tile half as wide. When the packed weights fit in L1
+(``L1_WEIGHTS``) each tile of pixels runs every panel before the next, so output rows
+are written whole and once (1x1 layers of few input channels are bound by that); larger
+weights run one panel over all the rows at a time.
 
 *im2col* (every other case): rows are taken ``block`` at a time: their im2col rows (``kernels.conv.geometry.im2col``,
 the border filled with the activation zero point) are written to a buffer that
@@ -26,16 +30,21 @@ at most ``kernels.gemm.driver.K_CHUNK`` (the caller checks), so int32 sums canno
 from __future__ import annotations
 
 import numpy as np
+from numba import types
+from numba.extending import intrinsic
 
 from kernels._jit import kernel
 from kernels.conv.geometry import im2col
 from kernels.epilogue import INTEGER, MODES, finish_tile
 from kernels.gemm import vnni
+from kernels.gemm.llvm_ir import I8, array_ptr, prefetch
 from kernels.gemm.microkernels import (NARROW_ROWS, NARROW_VECTORS, TILES, microkernel, microkernel_finish,
                                        microkernel_store)
 from kernels.pack.panels import KGROUP, PANEL
 
 BLOCK_BYTES = 96 * 1024  # im2col rows per block: a third of L2 at most, the rest for weights
+L1_WEIGHTS = 24 * 1024  # packed weights up to this size run tile by tile of rows (indirect driver)
+PREFETCH_TILES = 8  # ... and prefetch for writing the output rows of the tile this many tiles ahead
 
 
 def block_rows(lda: int, rows: int) -> int:
@@ -139,10 +148,48 @@ def indirect_row_sums(x, pad, table, taps, cg, i0, i1, row_sums):
         row_sums[m] = total
 
 
+@intrinsic
+def prefetch_write(typingctx, data, offset):
+    """Prefetch for writing the cache line of byte ``offset`` of the 1-D array ``data``; never faults."""
+    if not (isinstance(data, types.Array) and data.ndim == 1 and isinstance(offset, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        base = array_ptr(context, builder, signature.args[0], args[0], I8)
+        prefetch(builder, builder.gep(base, [args[1]]), write=True)
+        return context.get_dummy_value()
+
+    return types.void(data, offset), codegen
+
+
+@kernel
+def widen_channels(x, fill, out):
+    """``out[p, :C] = x[p]`` and ``out[p, C:] = fill`` per pixel ``p`` (``x`` [P, C], ``out`` [P, C'], C' > C).
+
+    An image's channels padded to a whole k group: a strided NumPy copy of 3 bytes a pixel costs more than the
+    convolution. Three channels (RGB) are spelled out, which vectorises; a loop over C does not.
+    """
+    c, wide = x.shape[1], out.shape[1]
+    if c == 3 and wide == 4:
+        for p in range(x.shape[0]):
+            out[p, 0], out[p, 1], out[p, 2], out[p, 3] = x[p, 0], x[p, 1], x[p, 2], fill
+        return
+    for p in range(x.shape[0]):
+        for k in range(c):
+            out[p, k] = x[p, k]
+        for k in range(c, wide):
+            out[p, k] = fill
+
+
 def _make_indirect_driver(rows: int, vectors: int, mode: int):
     tile = vnni.make_tile(rows, 1024, "indirect", vectors)
     tile_store = vnni.make_tile_store(rows, 1024, "indirect", vectors)
     tile_finish = vnni.make_tile_finish(rows, 1024, "indirect", vectors)
+    # a last panel of at most half a tile's channels (96 = 64 + 32, 144 = 2 x 64 + 16) runs a tile half as wide:
+    # the same rows and results, half the products
+    half_tile = vnni.make_tile(rows, 1024, "indirect", vectors // 2)
+    half_store = vnni.make_tile_store(rows, 1024, "indirect", vectors // 2)
+    half_finish = vnni.make_tile_finish(rows, 1024, "indirect", vectors // 2)
     width = 16 * vectors
 
     @kernel
@@ -163,23 +210,45 @@ def _make_indirect_driver(rows: int, vectors: int, mode: int):
         kq = taps * cq
         if row_term:
             indirect_row_sums(x, pad, table, taps, 4 * cq, i0, i1, row_sums)
-        for col0 in range(0, n, width):  # the tile's channels, within one panel
-            b_panel = col0 // PANEL * kq * PANEL * KGROUP + col0 % PANEL * KGROUP
-            cols = min(width, n - col0)
-            for i in range(i0, i1, rows):
-                m = min(rows, i1 - i)
-                if fused:
-                    o_off = i * ldo + n0 + col0
-                    if mode == INTEGER:  # a compile-time constant: each driver types one of the two
-                        tile_store(x, pad, table, i * taps, taps, m, b, b_panel, cq, col_term32, col0, cols,
-                                   flat_out, o_off, ldo)
+        # weights that fit in L1 stay there while each tile of rows runs every panel: its output rows are then
+        # written whole, once, and its input read once; larger ones run a panel over all rows at a time
+        span = rows if -(-n // PANEL) * kq * PANEL * KGROUP <= L1_WEIGHTS else i1 - i0
+        out_bytes = flat_out.view(np.uint8)
+        item = flat_out.itemsize
+        for start in range(i0, i1, span):
+            stop = min(start + span, i1)
+            if span == rows:  # the output lines are likely cold: ask for them ahead rather than stall on each
+                ahead = (start + PREFETCH_TILES * rows) * ldo * item
+                for line in range(ahead - ahead % 64, min(ahead + rows * ldo * item, out_bytes.size), 64):
+                    prefetch_write(out_bytes, line)
+            for col0 in range(0, n, width):  # the tile's channels, within one panel
+                b_panel = col0 // PANEL * kq * PANEL * KGROUP + col0 % PANEL * KGROUP
+                cols = min(width, n - col0)
+                half = 2 * cols <= width
+                for i in range(start, stop, rows):
+                    m = min(rows, stop - i)
+                    if fused:
+                        o_off = i * ldo + n0 + col0
+                        if mode == INTEGER:  # a compile-time constant: each driver types one of the two
+                            if half:
+                                half_store(x, pad, table, i * taps, taps, m, b, b_panel, cq, col_term32, col0, cols,
+                                           flat_out, o_off, ldo)
+                            else:
+                                tile_store(x, pad, table, i * taps, taps, m, b, b_panel, cq, col_term32, col0, cols,
+                                           flat_out, o_off, ldo)
+                        elif half:
+                            half_finish(x, pad, table, i * taps, taps, m, b, b_panel, cq, col_term32, mult, shift,
+                                        single, lo, hi, zp, qmin, qmax, col0, cols, flat_out, o_off, ldo)
+                        else:
+                            tile_finish(x, pad, table, i * taps, taps, m, b, b_panel, cq, col_term32, mult, shift,
+                                        single, lo, hi, zp, qmin, qmax, col0, cols, flat_out, o_off, ldo)
                     else:
-                        tile_finish(x, pad, table, i * taps, taps, m, b, b_panel, cq, col_term32, mult, shift, single,
-                                    lo, hi, zp, qmin, qmax, col0, cols, flat_out, o_off, ldo)
-                else:
-                    tile(x, pad, table, i * taps, taps, m, b, b_panel, cq, tile_acc)
-                    finish_tile(tile_acc, i, m, col0, cols, col_term, w_zp, row_sums, row_term, mult, shift, lo, hi,
-                                zp, qmin, qmax, mode, view)
+                        if half:
+                            half_tile(x, pad, table, i * taps, taps, m, b, b_panel, cq, tile_acc)
+                        else:
+                            tile(x, pad, table, i * taps, taps, m, b, b_panel, cq, tile_acc)
+                        finish_tile(tile_acc, i, m, col0, cols, col_term, w_zp, row_sums, row_term, mult, shift, lo,
+                                    hi, zp, qmin, qmax, mode, view)
 
     return indirect_tiles
 

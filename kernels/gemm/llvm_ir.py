@@ -70,10 +70,10 @@ def splat(builder: ir.IRBuilder, value: ir.Value, vtype: ir.VectorType) -> ir.Va
     return builder.shuffle_vector(vec, ir.Constant(vtype, ir.Undefined), ir.Constant(ir.VectorType(I32, vtype.count), None))
 
 
-def prefetch(builder: ir.IRBuilder, address: ir.Value) -> None:
-    """Prefetch the cache line at ``address`` (an i8*) into every level; never faults."""
+def prefetch(builder: ir.IRBuilder, address: ir.Value, write: bool = False) -> None:
+    """Prefetch the cache line at ``address`` (an i8*) into every level, for writing if ``write``; never faults."""
     fetch = declare(builder, "llvm.prefetch.p0", ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I32, I32, I32]))
-    builder.call(fetch, [address, ir.Constant(I32, 0), ir.Constant(I32, 3), ir.Constant(I32, 1)])
+    builder.call(fetch, [address, ir.Constant(I32, int(write)), ir.Constant(I32, 3), ir.Constant(I32, 1)])
 
 
 def emit_loop(builder: ir.IRBuilder, count: ir.Value, vtype: ir.VectorType, accumulators: int,
