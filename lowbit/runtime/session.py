@@ -13,10 +13,10 @@ Preparing for new input shapes (cached per shape tuple, for at most :data:`MAX_S
    input (Reshape, Flatten), and, for a kernel carrying a float ``fallback``,
    races both (:func:`_race`: interleaved, best of up to :data:`RACE_ROUNDS`) and keeps the faster;
 3. per set of fetched tensors, buffers are planned by liveness: an
-   intermediate's buffer returns to a pool (keyed by element count and dtype)
-   once the last reader of it, or of any view of it, has run, and a later tensor
-   of the same size and dtype takes it. Fetched tensors (by default the graph's
-   outputs) are never reused. The plan is flat (one step per node, inputs
+   intermediate's byte buffer returns to a pool once the last reader of it, or
+   of any view of it, has run, and a later tensor of any dtype takes the smallest
+   free buffer it fits in (the most recently freed one, still in cache, among equals).
+   Fetched tensors (by default the graph's outputs) are never reused. The plan is flat (one step per node, inputs
    resolved to slots) so a run is one loop, after a check of the feeds' shapes
    and dtypes against those already seen;
 4. a graph with quantized parts (static int8 chains QuantizeLinear ... DequantizeLinear,
@@ -307,7 +307,7 @@ class Session:
                 if t in root:
                     last[root[t]] = i
         pinned = {root[t] for t in fetch if t in root}
-        pool: dict[tuple[int, np.dtype], list[np.ndarray]] = {}
+        pool: list[np.ndarray] = []  # free byte buffers, most recently freed last
         flat_of: dict[str, np.ndarray] = {}
         slots = [None] * len(slot)
         for name, value in self.graph.params.items():
@@ -315,21 +315,27 @@ class Session:
         plan = _Plan(slots, [], tuple((slot[n], n) for n in self._inputs), tuple((t, slot[t]) for t in fetch))
 
         def release(t: str) -> None:
-            flat = flat_of.pop(t)
-            pool.setdefault((flat.size, flat.dtype), []).append(flat)
+            pool.append(flat_of.pop(t))
+
+        def take(nbytes: int) -> np.ndarray:
+            """The smallest free buffer of at least ``nbytes`` (the most recently freed of those: cache-warm),
+            else a new one, which replaces the largest free buffer when that is too small anyway."""
+            fits = [i for i, b in enumerate(pool) if b.size >= nbytes]
+            if fits:
+                return pool.pop(min(reversed(fits), key=lambda i: pool[i].size))
+            if pool:
+                pool.pop(max(range(len(pool)), key=lambda i: pool[i].size))
+            plan.buffers += 1
+            plan.nbytes += nbytes
+            return np.empty(nbytes, np.uint8)
 
         for i, (node, kernel) in enumerate(zip(nodes, prepared.kernels)):
             outs = []
             for t in node.outputs:
                 shape, dtype = prepared.specs[t]
-                size = int(np.prod(shape, dtype=np.int64))
-                free = pool.get((size, dtype))
-                if not free:
-                    free = [np.empty(size, dtype)]
-                    plan.buffers += 1
-                    plan.nbytes += free[0].nbytes
-                flat_of[t] = free.pop()
-                outs.append(flat_of[t].reshape(shape))
+                nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+                flat_of[t] = take(nbytes)
+                outs.append(flat_of[t][:nbytes].view(dtype).reshape(shape))
                 slots[slot[t]] = outs[-1]
             ins = [self.graph.params.get(t) if t else None for t in node.inputs]
             patch = tuple((k, slot[t]) for k, t in enumerate(node.inputs) if t and t not in self.graph.params)
