@@ -48,7 +48,7 @@ class Layer:
     kernel: int
     stride: int = 1
     group: int = 1
-    kind: str = "int8"  # "int8", "binary" or "int4"
+    kind: str = "int8"  # "int8", "binary" or "int4" (bench.conv), "float32" (bench.conv_float32)
     batch: int = 1
 
     @property

@@ -26,65 +26,43 @@ import argparse
 import dataclasses
 import functools
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
 import kernels
 from bench.contenders import lowbit_threads
+from bench.conv import Layer
 from bench.peers import Contender, blas_libraries, onnxruntime_conv_float
 from bench.timing import cell, interleave, print_table, save_json
 
 
-@dataclass(frozen=True)
-class Layer:
-    """One convolution: NCHW input ``[batch, channels, size, size]``, padding ``kernel // 2`` on every side."""
-
-    name: str
-    channels: int
-    size: int
-    filters: int
-    kernel: int
-    stride: int = 1
-    group: int = 1
-
-    @property
-    def pad(self) -> int:
-        return self.kernel // 2
-
-    @property
-    def out_size(self) -> int:
-        return (self.size + 2 * self.pad - self.kernel) // self.stride + 1
-
-    def ops(self, batch: int) -> int:
-        return 2 * batch * self.out_size**2 * self.filters * self.channels // self.group * self.kernel**2
-
-    @property
-    def onnx_attributes(self) -> dict:
-        return {"pads": [self.pad] * 4, "strides": [self.stride] * 2, "group": self.group}
+def _layer(name: str, channels: int, size: int, filters: int, kernel: int, **options) -> Layer:
+    """A float32 layer of :class:`bench.conv.Layer` (NCHW, padding ``kernel // 2``; batch set per measurement)."""
+    return Layer(name, channels, size, filters, kernel, kind="float32", **options)
 
 
 LAYERS = (
-    Layer("3x3 3->16@32", 3, 32, 16, 3),  # a stem
-    Layer("3x3 16@32", 16, 32, 16, 3),  # ResNet stages
-    Layer("3x3 32@16", 32, 16, 32, 3),
-    Layer("3x3 64@8", 64, 8, 64, 3),
-    Layer("3x3/2 16->32@32", 16, 32, 32, 3, stride=2),
-    Layer("1x1/2 16->32@32", 16, 32, 32, 1, stride=2),  # a projection shortcut
-    Layer("1x1 64@8", 64, 8, 64, 1),
-    Layer("1x1 16->96@16", 16, 16, 96, 1),  # MobileNetV2 expand / project
-    Layer("1x1 96->24@16", 96, 16, 24, 1),
-    Layer("1x1 192->64@8", 192, 8, 64, 1),
-    Layer("dw3x3 96@16", 96, 16, 96, 3, group=96),
-    Layer("dw3x3/2 96@16", 96, 16, 96, 3, stride=2, group=96),
-    Layer("dw3x3 144@16", 144, 16, 144, 3, group=144),
-    Layer("dw3x3 192@8", 192, 8, 192, 3, group=192),
-    Layer("dw3x3/2 192@16", 192, 16, 192, 3, stride=2, group=192),
-    Layer("dw3x3 384@6", 384, 6, 384, 3, group=384),  # MobileNetV2 at 96x96: the small planes
-    Layer("dw3x3 576@6", 576, 6, 576, 3, group=576),
-    Layer("dw3x3/2 576@6", 576, 6, 576, 3, stride=2, group=576),
-    Layer("dw3x3 960@3", 960, 3, 960, 3, group=960),
+    _layer("3x3 3->16@32", 3, 32, 16, 3),  # a stem
+    _layer("3x3 16@32", 16, 32, 16, 3),  # ResNet stages
+    _layer("3x3 32@16", 32, 16, 32, 3),
+    _layer("3x3 64@8", 64, 8, 64, 3),
+    _layer("3x3/2 16->32@32", 16, 32, 32, 3, stride=2),
+    _layer("1x1/2 16->32@32", 16, 32, 32, 1, stride=2),  # a projection shortcut
+    _layer("1x1 64@8", 64, 8, 64, 1),
+    _layer("1x1 16->96@16", 16, 16, 96, 1),  # MobileNetV2 expand / project
+    _layer("1x1 96->24@16", 96, 16, 24, 1),
+    _layer("1x1 192->64@8", 192, 8, 64, 1),
+    _layer("dw3x3 96@16", 96, 16, 96, 3, group=96),
+    _layer("dw3x3/2 96@16", 96, 16, 96, 3, stride=2, group=96),
+    _layer("dw3x3 144@16", 144, 16, 144, 3, group=144),
+    _layer("dw3x3 192@8", 192, 8, 192, 3, group=192),
+    _layer("dw3x3/2 192@16", 192, 16, 192, 3, stride=2, group=192),
+    _layer("dw3x3 384@6", 384, 6, 384, 3, group=384),  # MobileNetV2 at 96x96: the small planes
+    _layer("dw3x3 576@6", 576, 6, 576, 3, group=576),
+    _layer("dw3x3/2 576@6", 576, 6, 576, 3, stride=2, group=576),
+    _layer("dw3x3 960@3", 960, 3, 960, 3, group=960),
 )
 NAMES = ("lowbit", "ORT", "sgemm")
 
@@ -166,7 +144,8 @@ def main(argv: list[str] | None = None) -> None:
             for layer in (layer for layer in LAYERS if layer.name in args.layers):
                 seconds = measure(layer, batch, threads, args.repeat)
                 results.append({"layer": asdict(layer), "batch": batch, "threads": threads, "seconds": seconds,
-                                "gflops": {name: layer.ops(batch) / t / 1e9 for name, t in seconds.items()}})
+                                "gflops": {name: dataclasses.replace(layer, batch=batch).ops / t / 1e9
+                                           for name, t in seconds.items()}})
                 print(f"measured {layer.name} batch {batch} on {threads} thread(s)", file=sys.stderr)
 
     print("\nFloat32 convolutions (GFLOPS = 2 N OH OW O C' KH KW / s)")
