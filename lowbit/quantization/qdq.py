@@ -69,13 +69,28 @@ def quantize_linear(x: np.ndarray, scale: np.ndarray | float, zero_point: np.nda
 
 def dequantize_linear(q: np.ndarray, scale: np.ndarray | float, zero_point: np.ndarray | int | None = None, *,
                       axis: int = 1, block_size: int = 0) -> np.ndarray:
-    """ONNX DequantizeLinear: ``(q - zero_point) * scale`` in the scale's float dtype."""
+    """ONNX DequantizeLinear: ``(q - zero_point) * scale`` in the scale's float dtype.
+
+    ``q`` holds codes of one of :data:`CODE_TYPES` (sub-byte ones in int8 / uint8 arrays), or int32 (ONNX
+    Runtime's quantized biases, per tensor or per axis: ``float32(q - zero_point) * scale``)."""
     q = np.asarray(q)
     scale = np.asarray(scale)
-    bits, signed = _code_type(q.dtype) if q.dtype.name in CODE_TYPES else (8, q.dtype.kind == "i")
+    out_dtype = scale.dtype if scale.dtype.kind == "f" else np.float32
+    if q.dtype == np.int32:
+        if block_size:
+            raise ValueError("block_size: int32 codes are dequantized per tensor or per axis only")
+        lead = [1] * q.ndim
+        if scale.size > 1:
+            lead[axis] = -1
+        zero = np.zeros((), np.int64) if zero_point is None else np.asarray(zero_point, np.int64)
+        shifted = q.astype(np.int64) - (zero.reshape(lead) if zero.size > 1 else zero.reshape(()))
+        return (shifted.astype(np.float32) * scale.astype(np.float32).reshape(lead if scale.size > 1 else ())
+                ).astype(out_dtype)
+    if q.dtype.name not in CODE_TYPES:
+        raise TypeError(f"q: expected codes of {list(CODE_TYPES)} or int32, got {q.dtype}")
+    bits, signed = _code_type(q.dtype)
     codes = q.astype(np.int8 if signed else np.uint8)
     scheme = _scheme(bits, signed, scale, q.ndim, axis, block_size)
-    out_dtype = scale.dtype if scale.dtype.kind == "f" else np.float32
     return grid.dequantize(codes, scheme, _params(scale, zero_point, scheme, q.shape), np.float32).astype(out_dtype)
 
 

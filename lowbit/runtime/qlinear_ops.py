@@ -40,9 +40,9 @@ from lowbit.quantization.qdq import dynamic_quantize_linear
 from lowbit.runtime.float_ops import _matmul_shape
 from lowbit.runtime.quant_ops import (Inputs, _along, _check_scales, _constant, _dequantize, _dtype_of, _per_tensor,
                                       _planar, _planar_weights, _present, _quantize, _spec, centered, integer_conv,
-                                      multiplier, requantize, window_view)
+                                      multiplier, requantize)
 from lowbit.runtime.registry import Kernel, Shape, preparer
-from lowbit.runtime.windows import Window, conv_window, kernel_shape, window_geometry
+from lowbit.runtime.windows import Window, conv_window, kernel_shape, window_geometry, window_view
 
 CODES = (np.dtype(np.uint8), np.dtype(np.int8))
 F32 = np.dtype(np.float32)

@@ -36,7 +36,6 @@ import math
 from typing import Any, Callable
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 import kernels
 from kernels.conv.int4 import PackedConvInt4
@@ -47,7 +46,7 @@ from lowbit.quantization.qdq import dynamic_quantize_linear
 from lowbit.quantization.scheme import QScheme
 from lowbit.runtime.float_ops import channels_last, nchw_shape, nhwc_shape, prepare_conv
 from lowbit.runtime.registry import Kernel, Shape, preparer
-from lowbit.runtime.windows import Window, conv_window
+from lowbit.runtime.windows import Window, conv_window, window_view
 
 Inputs = list[tuple[Shape, np.dtype]]
 ACTIVATIONS = {None: (None, None), "relu": (0.0, None), "relu6": (0.0, 6.0)}
@@ -254,23 +253,13 @@ def requantize(acc: np.ndarray, mult: np.ndarray, zero: np.ndarray | None, out: 
         np.copyto(out, t, casting="unsafe")
 
 
-def window_view(padded: np.ndarray, kernel: Shape, window: Window) -> np.ndarray:
-    """The ``[..., *out, *kernel]`` view (no copy) of the windows over the last ``len(kernel)`` axes of
-    ``padded``, an input padded to every window's reach."""
-    nd = len(kernel)
-    extents = [d * (k - 1) + 1 for d, k in zip(window.dilations, kernel)]
-    view = sliding_window_view(padded, extents, axis=tuple(range(padded.ndim - nd, padded.ndim)))
-    return view[(Ellipsis,) + tuple(slice(0, (o - 1) * s + 1, s) for o, s in zip(window.out, window.strides))
-                + tuple(slice(None, None, d) for d in window.dilations)]
-
-
 def integer_conv(x: np.ndarray, w: np.ndarray, group: int, window: Window) -> np.ndarray:
     """Exact ``conv(x, w)`` of float64 ``x [N, C, *spatial]`` and ``w [O, C / group, *kernel]`` holding integers
     (codes minus zero points), any number of spatial axes, zero padding: an im2col copy of a window view and one
     batched BLAS product. Exact in float64: products of such integers are below 2**16 and any filter under 2**37
     values keeps every sum an integer below 2**53."""
     nd = x.ndim - 2
-    n, c, o, cg = x.shape[0], x.shape[1], w.shape[0], w.shape[1]
+    n, o, cg = x.shape[0], w.shape[0], w.shape[1]
     kernel, out = w.shape[2:], window.out
     padded = np.pad(x, [(0, 0), (0, 0)] + [(window.pads[a], window.pads[a + nd]) for a in range(nd)])
     taps = cg * math.prod(kernel)

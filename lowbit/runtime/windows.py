@@ -126,12 +126,14 @@ def window_geometry(node: Node, in_shape_spatial: tuple[int, ...], kernel_shape:
 
 
 def window_view(padded: np.ndarray, kernel: tuple[int, ...], window: Window) -> np.ndarray:
-    """The ``[N, C, *out, *kernel]`` view (no copy) of every window of ``padded``, an ``[N, C, *spatial]`` input
-    already padded by ``window.pads`` (and, with ceil_mode, past the end as far as the last window reaches)."""
+    """The ``[..., *out, *kernel]`` view (no copy) of every window over the last ``len(kernel)`` axes of
+    ``padded`` (``[N, C, *spatial]`` in NCHW), an input already padded by ``window.pads`` (and, with ceil_mode,
+    past the end as far as the last window reaches)."""
+    nd = len(kernel)
     extents = tuple(d * (k - 1) + 1 for d, k in zip(window.dilations, kernel))
-    view = sliding_window_view(padded, extents, axis=tuple(range(2, 2 + len(kernel))))
+    view = sliding_window_view(padded, extents, axis=tuple(range(padded.ndim - nd, padded.ndim)))
     starts = (slice(None, (o - 1) * s + 1, s) for o, s in zip(window.out, window.strides))
-    return view[(slice(None), slice(None), *starts, *(slice(None, None, d) for d in window.dilations))]
+    return view[(Ellipsis, *starts, *(slice(None, None, d) for d in window.dilations))]
 
 
 def conv_window(node: Node, x_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> tuple[int, Window]:

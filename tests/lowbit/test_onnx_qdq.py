@@ -64,3 +64,14 @@ def test_code_type_errors():
         qdq.quantize_linear(np.zeros(3, np.float32), 1.0, dtype=np.int16)
     with pytest.raises(ValueError, match="scale: expected a scalar or a vector"):
         qdq.quantize_linear(np.zeros((2, 2), np.float32), np.ones((2, 2), np.float32))
+
+
+def test_dequantize_int32_biases_and_refused_codes():
+    """ONNX Runtime's int32 biases dequantize per tensor and per axis; other code types are refused, not wrapped."""
+    q = np.array([[1000, -5], [3, 2**30]], np.int32)
+    np.testing.assert_array_equal(qdq.dequantize_linear(q, np.float32(0.5), 0),
+                                  (q.astype(np.float32) * np.float32(0.5)))
+    per_axis = qdq.dequantize_linear(q, np.array([0.5, 2], np.float32), np.array([1, -1], np.int32), axis=1)
+    np.testing.assert_array_equal(per_axis, (q - np.array([1, -1])).astype(np.float32) * np.array([0.5, 2], np.float32))
+    with pytest.raises(TypeError, match="q: expected codes of .* or int32, got int16"):
+        qdq.dequantize_linear(np.ones(3, np.int16), np.float32(1))
