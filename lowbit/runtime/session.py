@@ -26,11 +26,17 @@ Preparing for new input shapes (cached per shape tuple, for at most :data:`MAX_S
    the feeds and the faster one runs, so a quantized graph is never slower than its float
    version. The profile's notes say which ran and why. With ``fallback=False`` nothing is
    raced: the quantized kernels always run.
+
+A session may be called from many threads at once. Kernels keep scratch and plans own their buffers, so a run
+holds one *lane* (the kernels prepared for its input shapes, with their plans) for itself: a thread that finds
+every lane of its shapes busy prepares another, which later runs reuse. Lanes are as many as the most runs seen at
+once on those shapes; nothing shared is written on the run path.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -98,6 +104,8 @@ class _Prepared:
 
 
 Step = tuple[Callable, list, tuple[tuple[int, int], ...], list[np.ndarray], tuple[int, ...]]
+#: What a remembered run needs: the session that runs (this one or its float twin), the input shapes' key, the fetch.
+Route = tuple["Session", tuple, tuple[str, ...]]
 
 
 @dataclass
@@ -113,6 +121,15 @@ class _Plan:
     fetch: tuple[tuple[str, int], ...]
     buffers: int = 0
     nbytes: int = 0
+
+
+@dataclass
+class _Lane:
+    """Kernels prepared for one set of input shapes and their plans (per fetch list), used by one run at a time."""
+
+    prepared: _Prepared
+    plans: dict[tuple[str, ...], _Plan] = field(default_factory=dict)
+    evicted: bool = False  # its shapes were forgotten: dropped when released
 
 
 class Session:
@@ -153,9 +170,10 @@ class Session:
         self._twin = None if twin is None else Session(twin, threads=threads, fallback=fallback, optimize=False)
         self._valued = self._shape_valued()
         self._whole: dict[tuple, tuple[bool, str]] = {}  # input shapes -> (the twin runs, the race's note)
-        self._prepared: dict[tuple, _Prepared] = {}
-        self._plans: dict[tuple, _Plan] = {}
-        self._routes: dict[tuple, dict] = {}  # feed signature -> fetch (None: default) -> (session, plan)
+        self._lock = threading.Lock()  # guards changes to the dicts below; never held while a kernel runs
+        self._lanes: dict[tuple, list[_Lane]] = {}  # input shapes -> every lane, oldest shapes first
+        self._idle: dict[tuple, list[_Lane]] = {}  # input shapes -> the lanes no run holds
+        self._routes: dict[tuple, dict] = {}  # feed signature -> fetch (None: default) -> Route
         self.notes: dict[str, str] = {}  # node name -> note of the kernel chosen at the last preparation
 
     def _shape_valued(self) -> frozenset[str]:
@@ -229,11 +247,7 @@ class Session:
     # ---- preparation -----------------------------------------------------------------------------------------------
 
     def _prepare(self, feeds: dict[str, np.ndarray]) -> _Prepared:
-        key = self._key(feeds)
-        if key in self._prepared:
-            return self._prepared[key]
-        if len(self._prepared) >= MAX_SHAPES:
-            self._evict(next(iter(self._prepared)))
+        """Kernels for the shapes of ``feeds`` (new ones at every call: the caller keeps them in a lane)."""
         # Preparers read constants from graph.params: a view of the graph whose params grow by the folded values.
         constants = dict(self.graph.params)
         graph = Graph(self.graph.nodes, self.graph.inputs, self.graph.outputs, constants, self.graph.opset)
@@ -270,15 +284,48 @@ class Session:
                 root[t] = viewed[0] if viewed else t
             chosen.append(kernel)
             self.notes[node.name] = kernel.note
-        prepared = self._prepared[key] = _Prepared(chosen, specs, root)
-        return prepared
+        return _Prepared(chosen, specs, root)
+
+    def _acquire(self, key: tuple, feeds: dict[str, np.ndarray]) -> _Lane:
+        """An idle lane for input shapes ``key``, prepared from ``feeds`` (checked) when every lane is busy. The
+        caller must :meth:`_release` it."""
+        idle = self._idle.get(key)  # list.pop and list.append are atomic: the hot path takes no lock
+        if idle:
+            try:
+                return idle.pop()
+            except IndexError:  # another thread took the last idle lane first
+                pass
+        with self._limit(), np.errstate(all="ignore"):  # the dry run's zeros may divide by zero, log of 0
+            lane = _Lane(self._prepare(feeds))
+        with self._lock:
+            if key not in self._lanes:
+                if len(self._lanes) >= MAX_SHAPES:
+                    self._evict(next(iter(self._lanes)))
+                self._lanes[key], self._idle[key] = [], []
+            self._lanes[key].append(lane)
+        return lane
+
+    def _release(self, key: tuple, lane: _Lane) -> None:
+        """Give ``lane`` back (dropped if its shapes were evicted meanwhile)."""
+        idle = self._idle.get(key)
+        if idle is not None and not lane.evicted:
+            idle.append(lane)
+
+    def _run_held(self, key: tuple, feeds: dict[str, np.ndarray], fetch: tuple[str, ...],
+                  timings: list[float] | None = None) -> tuple[_Lane, dict[str, np.ndarray]]:
+        """Run ``fetch`` on a lane held for the call; the lane (for its kernels) and the results."""
+        lane = self._acquire(key, feeds)
+        try:
+            return lane, self._execute(self._plan(lane, fetch), feeds, timings)
+        finally:
+            self._release(key, lane)
 
     def _evict(self, key: tuple) -> None:
-        """Forget everything prepared for input shapes ``key``."""
-        del self._prepared[key]
+        """Forget everything prepared for input shapes ``key`` (called with the lock held)."""
+        for lane in self._lanes.pop(key):
+            lane.evicted = True
+        del self._idle[key]
         self._whole.pop(key, None)
-        for plan_key in [k for k in self._plans if k[0] == key]:
-            del self._plans[plan_key]
         self._routes.clear()  # rebuilt on the next runs from what stays prepared
 
     @staticmethod
@@ -296,10 +343,11 @@ class Session:
         return Kernel(kernel.run, kernel.outputs, kernel.ops, kernel.precision,
                       f"{note}{kernel.precision} {1e3 * own:.2f} ms < float {1e3 * other:.2f} ms")
 
-    def _plan(self, key: tuple, prepared: _Prepared, fetch: list[str]) -> _Plan:
-        plan_key = (key, tuple(fetch))
-        if plan_key in self._plans:
-            return self._plans[plan_key]
+    def _plan(self, lane: _Lane, fetch: tuple[str, ...]) -> _Plan:
+        """The plan of held ``lane`` that computes ``fetch`` (made on first use)."""
+        if fetch in lane.plans:
+            return lane.plans[fetch]
+        prepared = lane.prepared
         nodes, root, slot = self.graph.nodes, prepared.root, self._slot
         last = {}  # root tensor -> index of the last node reading it or a view of it
         for i, node in enumerate(nodes):
@@ -346,7 +394,7 @@ class Session:
             for t in {root[s] for s in node.inputs if s in root}:
                 if last[t] == i and t not in pinned and t in flat_of:
                     release(t)
-        self._plans[plan_key] = plan
+        lane.plans[fetch] = plan
         return plan
 
     # ---- execution -------------------------------------------------------------------------------------------------
@@ -373,25 +421,18 @@ class Session:
                     slots[j] = r
         return {t: slots[j].copy() for t, j in plan.fetch}
 
-    def _ready(self, feeds: dict[str, np.ndarray], fetch: list[str] | None) -> tuple[Session, _Plan]:
-        """Check ``feeds`` and ``fetch`` fully, prepare (racing the twin once per input shapes), plan; the
-        session that runs (this one or its float twin) and its plan, remembered for the next run."""
+    def _ready(self, feeds: dict[str, np.ndarray], fetch: list[str] | None) -> tuple[Route, dict[str, np.ndarray]]:
+        """Check ``feeds`` and ``fetch`` fully and decide which session runs them (racing the twin once per input
+        shapes); the route, remembered for the next runs, and the checked feeds."""
         checked, names = self._check_feeds(feeds), self._check_fetch(fetch)
         key = self._key(checked)
         twin_runs, _ = self._race_twin(checked, key)
         use_twin = twin_runs and set(names) <= self._twin._tensors
-        session = self._twin if use_twin else self
-        route = (session, session._plan_for(checked, key, names))
+        route = (self._twin if use_twin else self, key, tuple(names))
         signature = self._signature([checked[n] for n in self._inputs])
-        self._routes.setdefault(signature, {})[None if fetch is None else tuple(fetch)] = route
-        return route
-
-    def _plan_for(self, feeds: dict[str, np.ndarray], key: tuple, fetch: list[str]) -> _Plan:
-        prepared = self._prepared.get(key)
-        if prepared is None:
-            with self._limit(), np.errstate(all="ignore"):  # the dry run's zeros may divide by zero, log of 0
-                prepared = self._prepare(feeds)
-        return self._plan(key, prepared, fetch)
+        with self._lock:
+            self._routes.setdefault(signature, {})[None if fetch is None else tuple(fetch)] = route
+        return route, checked
 
     def _race_twin(self, feeds: dict[str, np.ndarray], key: tuple) -> tuple[bool, str]:
         """Whether the float twin runs for these input shapes, and the note saying why (decided once per shapes:
@@ -399,10 +440,10 @@ class Session:
         if self._twin is None:
             return False, ""
         if key not in self._whole:
-            fetch = list(self.graph.outputs)
-            own, twin = self._plan_for(feeds, key, fetch), self._twin._plan_for(feeds, key, fetch)
+            fetch = tuple(self.graph.outputs)
+            own, twin = (lambda: self._run_held(key, feeds, fetch)), (lambda: self._twin._run_held(key, feeds, fetch))
             with self._limit():
-                best = _race([lambda: self._execute(own, feeds), lambda: self._execute(twin, feeds)])
+                best = _race([own, twin])
             quantized, float_ = f"{1e3 * best[0]:.3f} ms", f"{1e3 * best[1]:.3f} ms"
             self._whole[key] = (True, f"fell back to float: the quantized graph {quantized} > its float twin "
                                       f"{float_} (weights dequantized, Q/DQ dropped)") if best[1] < best[0] else \
@@ -419,7 +460,8 @@ class Session:
         """Compute ``fetch`` (tensor names; default the graph's outputs) from ``feeds`` (input name -> ndarray).
 
         Returns name -> a copy of the tensor, which the caller may keep and modify. Feeds of shapes and dtypes
-        seen before, with a fetch seen before, skip the checks and run the remembered plan directly.
+        seen before, with a fetch seen before, skip the checks and run the remembered plan directly. Safe to call
+        from several threads at once (see the module).
         """
         route = None
         if isinstance(feeds, dict) and len(feeds) == len(self._inputs) and not isinstance(fetch, str):
@@ -428,11 +470,13 @@ class Session:
                 routes = self._routes.get(self._signature(xs))
                 with contextlib.suppress(TypeError):  # unhashable fetch entries: checked below
                     route = routes and routes.get(None if fetch is None else tuple(fetch))
-        session, plan = route or self._ready(feeds, fetch)
+        if not route:
+            route, feeds = self._ready(feeds, fetch)
+        session, key, names = route
         if self.threads is None:
-            return self._execute(plan, feeds)
+            return session._run_held(key, feeds, names)[1]
         with self._limit():
-            return self._execute(plan, feeds)
+            return session._run_held(key, feeds, names)[1]
 
     def profile(self, feeds: dict[str, np.ndarray], repeat: int = 5) -> Profile:
         """Time every node: the best of ``repeat`` runs (after one warm-up run) per node.
@@ -442,16 +486,15 @@ class Session:
         """
         if not isinstance(repeat, (int, np.integer)) or isinstance(repeat, bool) or repeat < 1:
             raise ValueError(f"repeat: expected an int >= 1, got {repeat!r}")
-        session, plan = self._ready(feeds, None)
-        self.run(feeds)
-        key = self._key(self._check_feeds(feeds))
+        (session, key, names), feeds = self._ready(feeds, None)
         twin_runs, whole = self._race_twin(feeds, key)
         timings = [np.inf] * len(session.graph.nodes)
         with self._limit():
+            session._run_held(key, feeds, names)
             for _ in range(repeat):
-                self._execute(plan, feeds, timings)
+                lane, _ = session._run_held(key, feeds, names, timings)
         rows = []
-        for i, (node, kernel, sec) in enumerate(zip(session.graph.nodes, session._prepared[key].kernels, timings)):
+        for i, (node, kernel, sec) in enumerate(zip(session.graph.nodes, lane.prepared.kernels, timings)):
             note = f"{whole}; {kernel.note}" if whole and (twin_runs or i == 0) else kernel.note
             rows.append((node.name, node.op, kernel.precision, sec, kernel.ops, note.rstrip("; ")))
         return Profile.from_timings(rows)

@@ -278,12 +278,13 @@ def test_buffers_are_reused_along_a_chain(rng):
     session = Session(graph)
     x = {"x": rng.standard_normal((2, 4, 8, 8)).astype(np.float32)}
     out = session.run(x)
-    ((key, plan),) = session._plans.items()
+    ((lane,),) = session._lanes.values()
+    ((fetch, plan),) = lane.plans.items()
     assert plan.buffers == 2  # ping-pong: the output takes a freed buffer and is then never released
     # fetching every intermediate pins them all: one buffer each, same values
     names = [n.outputs[0] for n in graph.nodes]
     everything = session.run(x, fetch=names)
-    assert max(p.buffers for p in session._plans.values()) == len(names)
+    assert max(p.buffers for p in lane.plans.values()) == len(names)
     np.testing.assert_array_equal(everything[names[-1]], out[names[-1]])
     h = x["x"]
     for node in graph.nodes:  # intermediates are right, not overwritten by later layers
@@ -312,7 +313,7 @@ def test_run_returns_copies_and_caches_per_shape(rng):
     first += 100
     assert not np.array_equal(session.run({"x": x2})[y], first)
     assert session.run({"x": x3})[y].shape == (3, 4, 8, 8)
-    assert len(session._prepared) == 2
+    assert len(session._lanes) == 2
 
 
 def test_bad_feeds_and_fetch_are_refused(rng):
