@@ -70,6 +70,7 @@ class Imported:
     inputs: list[ValueInfo]
     outputs: list[ValueInfo]
     metadata: dict[str, Any] = field(default_factory=dict)
+    tensors: frozenset[str] = frozenset()  # every tensor the model's nodes compute, before lowbit's rewrites
 
 
 # ---- reading the protobuf ------------------------------------------------------------------------------------------
@@ -338,6 +339,7 @@ def import_model(model: Any, *, optimize: bool = True) -> Imported:
 
     proto, folder = read_model(model)
     imported = _convert(proto, folder)
+    imported.tensors = frozenset(t for node in imported.graph.nodes for t in node.outputs)
     if optimize:  # fused Q/DQ patterns and folded constants need no kernel of their own
         imported.graph = nhwc_chains(fold_constants(fuse_dynamic_matmul(fuse_qdq(imported.graph))))
     _check_supported(imported.graph, {})

@@ -140,6 +140,8 @@ class InferenceSession:
         self._options = options
         self._session = Session(imported.graph, threads=threads or None, fallback=False, optimize=optimize)
         self._specs = dict(imported.graph.inputs)
+        graph = self._session.graph
+        self._rewritten = imported.tensors - {t for n in graph.nodes for t in n.outputs} - set(graph.inputs)
         self._profiled_feeds: dict[str, np.ndarray] | None = None
 
     # ---- ONNX Runtime's API ------------------------------------------------------------------------------------------
@@ -175,6 +177,11 @@ class InferenceSession:
         names = [o.name for o in self._outputs] if not output_names else list(output_names)
         if isinstance(output_names, str):
             raise TypeError(f"output_names: expected a list of names or None, got the string {output_names!r}")
+        gone = [n for n in names if n in self._rewritten]
+        if gone:
+            raise ValueError(f"output_names: {gone} were fused or folded away by graph optimization; to fetch "
+                             "intermediate tensors, set sess_options.graph_optimization_level = "
+                             "GraphOptimizationLevel.ORT_DISABLE_ALL")
         feeds = self._feeds(input_feed)
         results = self._session.run(feeds, names)
         if self._options.enable_profiling:

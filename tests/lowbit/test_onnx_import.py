@@ -242,3 +242,18 @@ def test_optional_outputs_and_constants():
     model = _model(nodes, [_value("x", TensorProto.FLOAT, [2])], [_value("y", TensorProto.FLOAT, [2])])
     got = ort.InferenceSession(model).run(None, {"x": np.array([1, 1], np.float32)})[0]
     np.testing.assert_array_equal(got, [2, 3])
+
+
+def test_fetching_a_fused_tensor_says_how_to_keep_it(rng):
+    w = numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["conv"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["conv"], ["y"])]
+    model = _model(nodes, [_value("x", TensorProto.FLOAT, [1, 3, 5, 5])], [_value("y", TensorProto.FLOAT, None)],
+                   [w])
+    x = rng.normal(size=(1, 3, 5, 5)).astype(np.float32)
+    with pytest.raises(ValueError, match=r"\['conv'\] were fused.*ORT_DISABLE_ALL"):
+        ort.InferenceSession(model).run(["conv"], {"x": x})
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    conv, y = ort.InferenceSession(model, options).run(["conv", "y"], {"x": x})
+    np.testing.assert_array_equal(y, np.maximum(conv, 0))
