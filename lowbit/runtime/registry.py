@@ -10,7 +10,9 @@ folded, layouts chosen, scales fixed) is done then, so a call only computes.
 preallocated array ``outs[i]`` (shapes and dtypes as ``kernel.outputs`` says:
 the session plans and reuses those buffers); it may return other arrays
 instead (for instance a view of an input, for Reshape), and the session then
-uses those.
+uses those. A kernel that is one call of a compiled function also gives it as
+its ``entry`` (:mod:`kernels.entry`): a session then chains such nodes into
+one compiled function (:mod:`lowbit.runtime.compiled`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Callable
 
 import numpy as np
 
+from kernels.entry import Entry
 from lowbit.graph.ir import Graph, Node
 
 Shape = tuple[int, ...]
@@ -35,6 +38,7 @@ class Kernel:
     precision: str = "float32"  # what it computes in: float32, int8, int4, ternary, binary
     note: str = ""  # shown in the profile (e.g. which kernel, or why it fell back to float)
     fallback: Kernel | None = None  # the same outputs computed in float; a session keeps the faster of the two
+    entry: Entry | None = None  # the same call as one compiled function's call, for a session to chain unchecked
 
     def __call__(self, inputs: list[np.ndarray], outs: list[np.ndarray]) -> list[np.ndarray]:
         result = self.run(inputs, outs)

@@ -27,6 +27,11 @@ Preparing for new input shapes (cached per shape tuple, for at most :data:`MAX_S
    version. The profile's notes say which ran and why. With ``fallback=False`` nothing is
    raced: the quantized kernels always run.
 
+On one thread, runs of consecutive nodes whose kernels give an ``entry`` (one call of a compiled function,
+:mod:`kernels.entry`) are chained into one compiled function per run of nodes (:mod:`lowbit.runtime.compiled`,
+cached on disk), so Python dispatches once per chain instead of once per node; ``Session(..., compiled=False)``
+runs node by node. Profiles always time node by node.
+
 A session may be called from many threads at once. Kernels keep scratch and plans own their buffers, so a run
 holds one *lane* (the kernels prepared for its input shapes, with their plans) for itself: a thread that finds
 every lane of its shapes busy prepares another, which later runs reuse. Lanes are as many as the most runs seen at
@@ -42,11 +47,14 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+from numba.core.errors import NumbaError
 
 import kernels
 from lowbit.blas import blas_limit
 from lowbit.graph.ir import Graph, Node
+from kernels.entry import In
 from lowbit.runtime import evaluators, float_ops, quant_ops
+from lowbit.runtime.compiled import CompiledSteps
 from lowbit.runtime.passes import float_twin, fold_batch_norm, fuse_activations
 from lowbit.runtime.profile import Profile
 from lowbit.runtime.registry import Kernel, Shape, prepare
@@ -101,6 +109,7 @@ class _Prepared:
     kernels: list[Kernel]
     specs: dict[str, Spec]
     root: dict[str, str]  # tensor -> the tensor whose memory it views (itself if none)
+    folded: dict[int, list[np.ndarray]]  # node index -> its outputs, computed at preparation
 
 
 Step = tuple[Callable, list, tuple[tuple[int, int], ...], list[np.ndarray], tuple[int, ...]]
@@ -121,6 +130,8 @@ class _Plan:
     fetch: tuple[tuple[str, int], ...]
     buffers: int = 0
     nbytes: int = 0
+    program: list[Step] | None = field(default=None, repr=False)  # steps with compiled chains; None: per node
+    chained: int = 0  # nodes run inside compiled chains
 
 
 @dataclass
@@ -144,9 +155,12 @@ class Session:
         twin, be replaced by the float version when that is faster (False: always the quantized kernels)
     optimize : bool, default True; fold batch norms and fuse activations first (their intermediate tensors
         then no longer exist and cannot be fetched)
+    compiled : bool, default True; on one thread, chain the nodes whose kernels have an entry into compiled
+        functions (:mod:`lowbit.runtime.compiled`) so that Python dispatches once per chain, not per node
     """
 
-    def __init__(self, graph: Graph, *, threads: int | None = None, fallback: bool = True, optimize: bool = True):
+    def __init__(self, graph: Graph, *, threads: int | None = None, fallback: bool = True, optimize: bool = True,
+                 compiled: bool = True):
         if type(graph).__name__ == "ModelProto":  # an onnx model: import it (onnx is an optional extra)
             from lowbit.onnx import load
 
@@ -167,7 +181,9 @@ class Session:
         self._slot = {t: i for i, t in enumerate(dict.fromkeys(names))}
         self._tensors = set(self._slot)
         twin = float_twin(self.graph) if self.fallback else None
-        self._twin = None if twin is None else Session(twin, threads=threads, fallback=fallback, optimize=False)
+        self.compiled = bool(compiled)
+        self._twin = None if twin is None else Session(twin, threads=threads, fallback=fallback, optimize=False,
+                                                       compiled=compiled)
         self._valued = self._shape_valued()
         self._whole: dict[tuple, tuple[bool, str]] = {}  # input shapes -> (the twin runs, the race's note)
         self._lock = threading.Lock()  # guards changes to the dicts below; never held while a kernel runs
@@ -257,12 +273,14 @@ class Session:
         constants.update((n, feeds[n].copy()) for n in self._valued)
         values.update(graph.params)
         root = {n: n for n in feeds}
-        chosen, self.notes = [], {}
+        chosen, folded, self.notes = [], {}, {}
         for node in graph.nodes:
             if _foldable(node, constants):
                 results = evaluators.evaluate(node, [values[t] if t else None for t in node.inputs],
                                               graph.opset_of(node.op))
+                results = [np.ascontiguousarray(r) for r in results]
                 constants.update(zip(node.outputs, results))
+                folded[len(chosen)] = results
                 kernel = _folded(results)
             else:
                 kernel = prepare(node, graph, [specs[t] if t else None for t in node.inputs])
@@ -284,7 +302,7 @@ class Session:
                 root[t] = viewed[0] if viewed else t
             chosen.append(kernel)
             self.notes[node.name] = kernel.note
-        return _Prepared(chosen, specs, root)
+        return _Prepared(chosen, specs, root, folded)
 
     def _acquire(self, key: tuple, feeds: dict[str, np.ndarray]) -> _Lane:
         """An idle lane for input shapes ``key``, prepared from ``feeds`` (checked) when every lane is busy. The
@@ -338,10 +356,11 @@ class Session:
         own, other = _race([lambda: kernel.run(ins, outs), lambda: fallback.run(ins, outs)])
         if other < own:
             note = f"fell back to float: {kernel.precision} {1e3 * own:.2f} ms > float {1e3 * other:.2f} ms"
-            return Kernel(fallback.run, fallback.outputs, fallback.ops, fallback.precision, note)
+            return Kernel(fallback.run, fallback.outputs, fallback.ops, fallback.precision, note,
+                          entry=fallback.entry)
         note = f"{kernel.note}; " if kernel.note else ""
         return Kernel(kernel.run, kernel.outputs, kernel.ops, kernel.precision,
-                      f"{note}{kernel.precision} {1e3 * own:.2f} ms < float {1e3 * other:.2f} ms")
+                      f"{note}{kernel.precision} {1e3 * own:.2f} ms < float {1e3 * other:.2f} ms", entry=kernel.entry)
 
     def _plan(self, lane: _Lane, fetch: tuple[str, ...]) -> _Plan:
         """The plan of held ``lane`` that computes ``fetch`` (made on first use)."""
@@ -394,8 +413,67 @@ class Session:
             for t in {root[s] for s in node.inputs if s in root}:
                 if last[t] == i and t not in pinned and t in flat_of:
                     release(t)
+        if self.compiled and kernels.get_num_threads() == 1:
+            self._chain(plan, prepared)
         lane.plans[fetch] = plan
         return plan
+
+    def _chain(self, plan: _Plan, prepared: _Prepared) -> None:
+        """Give ``plan`` a ``program``: its steps with each run of consecutive nodes that have an entry (or were
+        folded), two entries or more, made one compiled call (:class:`CompiledSteps`). A chain that fails to
+        compile (an entry Numba cannot type) runs node by node instead."""
+        entries = [k.entry is not None for k in prepared.kernels]
+        if sum(entries) < 2:
+            return
+        chainable = [e or i in prepared.folded for i, e in enumerate(entries)]
+        last_read: dict[int, int] = {}
+        for i, (_, _, patch, _, _) in enumerate(plan.steps):
+            for _, j in patch:
+                last_read[j] = i
+        fetched = {j for _, j in plan.fetch}
+        program, start = [], 0
+        for i in range(len(chainable) + 1):
+            if i < len(chainable) and chainable[i]:
+                continue
+            calls = sum(entries[start:i])
+            chain = self._compiled_chain(plan, prepared, range(start, i), last_read, fetched) if calls > 1 else None
+            if chain is None:
+                program.extend(plan.steps[start:i])
+            else:
+                program.append(chain)
+                plan.chained += i - start
+            if i < len(chainable):
+                program.append(plan.steps[i])
+            start = i + 1
+        if plan.chained:
+            plan.program = program
+
+    def _compiled_chain(self, plan: _Plan, prepared: _Prepared, indices: range, last_read: dict[int, int],
+                        fetched: set[int]) -> Step | None:
+        """One step running nodes ``indices`` as one compiled function, fed the slots they read from outside and
+        returning the slots read after them; None if it does not compile."""
+        produced: dict[int, np.ndarray] = {}  # slot -> the array the chain holds it in
+        fed: dict[int, int] = {}  # slot -> position among the chain's feeds
+        calls = []
+        for i in indices:
+            _, ins, patch, outs, out_slots = plan.steps[i]
+            args = list(ins)
+            for k, j in patch:
+                args[k] = produced[j] if j in produced else In(fed.setdefault(j, len(fed)))
+            if i in prepared.folded:
+                produced.update(zip(out_slots, prepared.folded[i]))
+                continue
+            calls.append((prepared.kernels[i].entry, args, outs))
+            produced.update(zip(out_slots, outs))
+        exported = tuple(j for j in produced if j in fetched or last_read.get(j, -1) > indices[-1])
+        names = {j: t for t, j in self._slot.items()}
+        zeros = [np.zeros(*prepared.specs[names[j]]) for j in fed]
+        try:
+            chain = CompiledSteps(calls, len(fed), [produced[j] for j in exported])
+            chain(zeros)  # compiles (or loads from the disk cache) now, and proves the entries type
+        except (TypeError, ValueError, NumbaError):
+            return None
+        return (lambda ins, outs: chain(ins)), [None] * len(fed), tuple(enumerate(fed)), [], exported
 
     # ---- execution -------------------------------------------------------------------------------------------------
 
@@ -407,7 +485,8 @@ class Session:
         for i, name in plan.feeds:
             slots[i] = np.asarray(feeds[name], order="C")
         clock = time.perf_counter
-        for i, (run, ins, patch, outs, out_slots) in enumerate(plan.steps):
+        steps = plan.steps if timings is not None or plan.program is None else plan.program
+        for i, (run, ins, patch, outs, out_slots) in enumerate(steps):
             for k, j in patch:
                 ins[k] = slots[j]
             if timings is None:

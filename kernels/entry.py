@@ -1,0 +1,66 @@
+"""Unchecked entries: a prepared kernel call as data, which Python or generated compiled code can make.
+
+A plan validates its arguments once, when it is made; what it then runs is one call of a compiled function
+on arrays and constants that are all known except the activations. An :class:`Entry` records that call:
+``fn`` (a Numba dispatcher) and its arguments, where :class:`In` / :class:`Out` stand for the call's ``k``-th
+input and output array and everything else is bound (weights, tables, scratch, geometry tuples, scalars).
+``entry(ins, outs)`` makes the call from Python; a caller that chains many entries (a whole graph) can
+instead emit one compiled function that makes every call in turn, paying Python's dispatch once.
+
+An entry runs on one thread, and its bound scratch makes it usable by one caller at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class In:
+    """The entry's ``index``-th input array."""
+
+    index: int
+
+
+@dataclass(frozen=True)
+class Out:
+    """The entry's ``index``-th output array (written by the call)."""
+
+    index: int
+
+
+@dataclass(frozen=True)
+class Entry:
+    """``fn(*args)`` with :class:`In` / :class:`Out` replaced by the call's arrays.
+
+    ``reshape``: no call; output 0 is input 0 (C-contiguous) viewed with this shape, as a Reshape or Flatten.
+    """
+
+    fn: Any
+    args: tuple = ()
+    reshape: tuple[int, ...] | None = None
+
+    @classmethod
+    def view(cls, shape: tuple[int, ...]) -> Entry:
+        """Output 0 is input 0 reshaped to ``shape`` (no copy)."""
+        return cls(None, (In(0),), tuple(int(v) for v in shape))
+
+    def __call__(self, ins: list[np.ndarray], outs: list[np.ndarray]) -> list[np.ndarray] | None:
+        """Make the call; a view entry returns its view (like a kernel returning results), others None."""
+        if self.reshape is not None:
+            return [ins[0].reshape(self.reshape)]
+        self.fn(*[_resolve(a, ins, outs) for a in self.args])
+        return None
+
+
+def _resolve(arg: Any, ins: list[np.ndarray], outs: list[np.ndarray]) -> Any:
+    if isinstance(arg, In):
+        return ins[arg.index]
+    if isinstance(arg, Out):
+        return outs[arg.index]
+    if isinstance(arg, tuple):
+        return tuple(_resolve(a, ins, outs) for a in arg)
+    return arg

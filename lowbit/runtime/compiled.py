@@ -1,0 +1,196 @@
+"""Chains of kernel entries compiled into one function, so that Python dispatches once per run, not once per node.
+
+A run of a prepared graph calls one compiled kernel per node; from Python each call costs its dispatch (typing
+every argument) and the kernel's own Python around it, microseconds that add up to more than the arithmetic at
+batch 1. :func:`compile_steps` takes the steps' :class:`kernels.entry.Entry` and emits the source of one Numba
+function that makes every call in turn::
+
+    def run(table, f0, f1):             # the address table, then the feeds
+        t3 = carray(_at(table[0], uint8), (1, 8, 8, 16))   # buffers, weights, scratch: bound at their addresses
+        ...
+        fn0(f0, t3, (1, 3, 3), np.float32(0.5), t4)       # one call per entry, literals inline
+        t5 = t4.reshape((1, 1024))                          # views
+        return (t5,)                                        # the fetched tensors
+
+Every array other than the feeds is bound by address (its shape and dtype are literals of the source), so one
+int64 array carries them all and the call types three or four arguments whatever the graph's size. The source
+goes into a file named by its hash (and the hash of the kernels' sources) in :func:`cache_folder`, where Numba
+caches the compiled function on disk like any kernel: a second process with the same graph and shapes loads it.
+
+The caller keeps every bound array alive (the :class:`CompiledSteps` holds them) and uses one compiled chain
+from one thread at a time (its buffers and the entries' scratch are its own).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numba import types
+from numba.extending import intrinsic
+
+import lowbit
+from kernels._jit import sources_digest
+from kernels.entry import Entry, In, Out
+
+#: Folder of the generated sources (and Numba's cache of them): ``LOWBIT_CACHE_DIR``, else ``~/.cache/lowbit``.
+CACHE_ENV = "LOWBIT_CACHE_DIR"
+_DTYPES = {np.dtype(n): n for n in ("float32", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32",
+                                    "int64", "uint64")}
+_DTYPES[np.dtype(bool)] = "boolean"
+_load_lock = threading.Lock()
+
+
+@intrinsic
+def _at(typingctx, address, dtype):
+    """The pointer to ``dtype`` values at integer ``address``."""
+    signature = types.CPointer(dtype.dtype)(address, dtype)
+
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], context.get_value_type(sig.return_type))
+
+    return signature, codegen
+
+
+def cache_folder() -> Path:
+    """Where generated sources live: ``$LOWBIT_CACHE_DIR/graphs``, else ``~/.cache/lowbit/graphs``."""
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "lowbit")
+    return Path(root) / "graphs"
+
+
+def _literal(value: Any) -> str:
+    """Source text of a bound scalar or tuple that Numba types as the value's own type."""
+    if value is None or isinstance(value, (bool, np.bool_)):
+        return repr(None if value is None else bool(value))
+    if isinstance(value, tuple):
+        return "(" + "".join(f"{_literal(v)}, " for v in value) + ")"
+    if isinstance(value, np.generic):
+        return f"np.{value.dtype.name}({value.item()!r})"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    raise TypeError(f"an entry argument must be an array, In/Out, a number, None or a tuple of those, "
+                    f"got {type(value).__name__}")
+
+
+def _identity(fn: Any) -> str:
+    """A stable name of dispatcher ``fn`` across processes: module, qualified name, and closure values."""
+    py = fn.py_func
+    cells = [c.cell_contents for c in (py.__closure__ or ())]
+    return f"{py.__module__}.{py.__qualname__}{[_identity(c) if hasattr(c, 'py_func') else repr(c) for c in cells]}"
+
+
+class _Source:
+    """The generated function's text, built step by step, and the arrays its table binds."""
+
+    def __init__(self, feeds: int):
+        self.lines: list[str] = []
+        self.table: list[np.ndarray] = []
+        self.bound: dict[int, str] = {}  # id(array) -> its variable
+        self.fns: dict[int, str] = {}  # id(dispatcher) -> its global name
+        self.names: list[str] = []  # identities of the dispatchers, for the file's hash
+        self.globals: dict[str, Any] = {}
+        self.feeds = [f"f{i}" for i in range(feeds)]
+
+    def bind(self, array: np.ndarray) -> str:
+        """The variable of a bound array (the same array object binds once)."""
+        if id(array) in self.bound:
+            return self.bound[id(array)]
+        if not (isinstance(array, np.ndarray) and array.flags.c_contiguous and array.dtype in _DTYPES):
+            raise ValueError(f"a bound array must be C-contiguous of a plain numeric dtype, got "
+                             f"{getattr(array, 'dtype', type(array).__name__)} {getattr(array, 'shape', '')}")
+        name = f"c{len(self.table)}"
+        self.lines.append(f"    {name} = carray(_at(table[{len(self.table)}], {_DTYPES[array.dtype]}), "
+                          f"{_literal(tuple(array.shape))})")
+        self.table.append(array)
+        self.bound[id(array)] = name
+        return name
+
+    def fn(self, dispatcher: Any) -> str:
+        if id(dispatcher) not in self.fns:
+            self.fns[id(dispatcher)] = name = f"fn{len(self.fns)}"
+            self.globals[name] = dispatcher
+            self.names.append(f"{name} = {_identity(dispatcher)}")
+        return self.fns[id(dispatcher)]
+
+    def argument(self, arg: Any, ins: list[str], outs: list[str]) -> str:
+        if isinstance(arg, In):
+            return ins[arg.index]
+        if isinstance(arg, Out):
+            return outs[arg.index]
+        if isinstance(arg, np.ndarray):
+            return self.bind(arg)
+        if isinstance(arg, tuple) and any(isinstance(a, (In, Out, np.ndarray)) for a in arg):
+            return "(" + "".join(f"{self.argument(a, ins, outs)}, " for a in arg) + ")"
+        return _literal(arg)
+
+    def text(self, fetch: list[str]) -> str:
+        head = ["# generated by lowbit.runtime.compiled: one call per kernel entry", *(f"# {n}" for n in self.names),
+                "import numpy as np", "from numba import carray, njit",
+                f"from numba.types import {', '.join(sorted(set(_DTYPES.values())))}",
+                "from lowbit.runtime.compiled import _at", "",
+                "@njit(cache=True, nogil=True)", f"def run({', '.join(['table', *self.feeds])}):"]
+        return "\n".join(head + self.lines + [f"    return ({''.join(f'{t}, ' for t in fetch)})", ""])
+
+
+class CompiledSteps:
+    """``steps`` (``(entry, inputs, outputs)``, each input a feed index :class:`In`, a bound array or None, each
+    output a bound array) made one compiled function; ``self(feeds)`` runs them and returns the ``fetch``
+    arrays (feed indices or bound arrays, as they are after the run: views of the buffers, not copies)."""
+
+    def __init__(self, steps: list[tuple[Entry, list, list[np.ndarray]]], feeds: int, fetch: list):
+        source = _Source(feeds)
+        value: dict[int, str] = {}  # id(array) -> variable holding it (views made by reshape entries)
+
+        def name_of(x: Any) -> str:
+            if isinstance(x, In):
+                return source.feeds[x.index]
+            if x is None:
+                return "None"
+            return value.get(id(x)) or source.bind(x)
+
+        for k, (entry, ins, outs) in enumerate(steps):
+            args_in = [name_of(x) for x in ins]
+            if entry.reshape is not None:
+                view = f"v{k}"
+                source.lines.append(f"    {view} = {args_in[0]}.reshape({_literal(entry.reshape)})")
+                value[id(outs[0])] = view
+                continue
+            args_out = [name_of(y) for y in outs]
+            call = ", ".join(source.argument(a, args_in, args_out) for a in entry.args)
+            source.lines.append(f"    {source.fn(entry.fn)}({call})")
+        text = source.text([name_of(x) for x in fetch])
+        self.source, self.table = text, source.table
+        self.addresses = np.array([a.ctypes.data for a in source.table], np.int64)
+        self._fn = _load(text, source.globals)
+
+    def __call__(self, feeds: list[np.ndarray]) -> tuple[np.ndarray, ...]:
+        return self._fn(self.addresses, *feeds)
+
+
+def _load(text: str, dispatchers: dict[str, Any]) -> Any:
+    """The compiled ``run`` of generated source ``text``, from a file named by its hash (Numba caches it there)."""
+    digest = hashlib.sha256(f"{lowbit.__version__}\n{sources_digest()}\n{text}".encode()).hexdigest()[:24]
+    name = f"lowbit_graph_{digest}"
+    with _load_lock:
+        module = sys.modules.get(name)
+        if module is None:
+            folder = cache_folder()
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"{name}.py"
+            if not path.exists() or path.read_text() != text:
+                temporary = path.with_suffix(f".{os.getpid()}.tmp")
+                temporary.write_text(text)
+                os.replace(temporary, path)  # atomic: another process may be reading it
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            module.__dict__.update(dispatchers)
+            spec.loader.exec_module(module)
+            sys.modules[name] = module
+    return module.run
+
