@@ -16,6 +16,10 @@ second on one core of this 2-core machine):
   17 (LayerNormalization nodes), at batch x seq 1x128 and 8x128: about 2.9 GFLOP per 128 tokens.
 * ``resnet18`` (only with ``--models resnet18``): torchvision's ResNet-18 layout (7x7 / 2 stem and max pool, 64 to
   512 channels) at 224x224, 1000 classes: about 1.8 GFLOP per image.
+* on request too, the small models of ``bench.latency``, where per-node overhead decides: ``digits`` (a CNN for
+  8x8 one-channel images, :func:`lowbit.onnx.examples.digits_cnn`), ``resnet_block`` (one basic block per stage,
+  one stage, 16x16), ``mobilenet_block`` (MobileNetV2's first two stages at 32x32), ``encoder`` (two layers of
+  the ``bert`` encoder at sequence 32).
 
 Formats: ``fp32`` (the builder's model), and after ``quant_pre_process`` (batch norms folded), ONNX Runtime's
 quantizer: ``qdq`` and ``qop`` (``quantize_static``, QDQ / QOperator, uint8 activations, int8 per-channel
@@ -51,41 +55,56 @@ CALIBRATION_BATCHES = 4
 FORMATS = ("fp32", "qdq", "qop", "dynamic")
 
 
+def _build(name: str):
+    """The float ModelProto of benchmark model ``name``."""
+    from lowbit.onnx import examples
+
+    builders = {
+        "digits": lambda: examples.digits_cnn(),
+        "resnet": lambda: examples.resnet(image=64, width=32, blocks=2, classes=1000),
+        "resnet18": lambda: examples.resnet(image=224, width=64, blocks=2, stages=4, imagenet_stem=True,
+                                            classes=1000),
+        "resnet_block": lambda: examples.resnet(image=16, width=16, blocks=1, stages=1, classes=10),
+        "mobilenet_v2": lambda: examples.mobilenet_v2(image=96, stages=examples.MOBILENET_V2_STAGES, last=1280,
+                                                      classes=1000),
+        "mobilenet_block": lambda: examples.mobilenet_v2(image=32, stages=examples.MOBILENET_V2_STAGES[:2], last=64,
+                                                         classes=10),
+        "bert": lambda: examples.bert_encoder(vocab=30522, hidden=384, heads=12, ffn=1536, layers=6, opset=17),
+        "encoder": lambda: examples.bert_encoder(vocab=30522, hidden=384, heads=12, ffn=1536, layers=2, opset=17),
+    }
+    return builders[name]()
+
+
 @dataclass(frozen=True)
 class Model:
-    """One benchmark model: how to build it, its default batches, and its feeds."""
+    """One benchmark model: its name (see :func:`_build`), its default batches, and its feeds."""
 
     name: str
     batches: tuple[int, ...]
     seq: int | None = None  # the encoder's sequence length
     image: int | None = None
+    channels: int = 3
 
     def build(self):
-        from lowbit.onnx import examples
-
-        if self.name == "resnet":
-            return examples.resnet(image=self.image, width=32, blocks=2, classes=1000)
-        if self.name == "resnet18":
-            return examples.resnet(image=self.image, width=64, blocks=2, stages=4, imagenet_stem=True, classes=1000)
-        if self.name == "mobilenet_v2":
-            return examples.mobilenet_v2(image=self.image, stages=examples.MOBILENET_V2_STAGES, last=1280,
-                                         classes=1000)
-        return examples.bert_encoder(vocab=30522, hidden=384, heads=12, ffn=1536, layers=6, opset=17)
+        return _build(self.name)
 
     def feeds(self, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
         from lowbit.onnx import examples
 
         if self.seq is not None:
             return examples.token_feed(batch, self.seq, vocab=30522, seed=seed)
-        return examples.image_feed(batch, self.image, seed)
+        return examples.image_feed(batch, self.image, seed, self.channels)
 
     def label(self, batch: int) -> str:
         return f"{self.name} {batch}x{self.seq}" if self.seq else f"{self.name} b{batch}"
 
 
 MODELS = {m.name: m for m in (Model("resnet", (1, 32), image=64), Model("mobilenet_v2", (1, 32), image=96),
-                              Model("bert", (1, 8), seq=128), Model("resnet18", (1, 32), image=224))}
-DEFAULT_MODELS = ("resnet", "mobilenet_v2", "bert")  # resnet18 (1.8 GFLOP per image) on request
+                              Model("bert", (1, 8), seq=128), Model("resnet18", (1, 32), image=224),
+                              Model("digits", (1, 64), image=8, channels=1),
+                              Model("resnet_block", (1, 64), image=16), Model("mobilenet_block", (1, 64), image=32),
+                              Model("encoder", (1, 8), seq=32))}
+DEFAULT_MODELS = ("resnet", "mobilenet_v2", "bert")  # resnet18 (1.8 GFLOP per image) and the small ones on request
 
 
 class _Reader:
@@ -180,7 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     """Measure, print and optionally save the comparison."""
     parser = argparse.ArgumentParser(prog="python -m bench.onnx_models", description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=list(MODELS), metavar="NAME",
-                        help=f"models (default: {', '.join(DEFAULT_MODELS)}; also resnet18)")
+                        help=f"models (default: {', '.join(DEFAULT_MODELS)}; also "
+                             f"{', '.join(m for m in MODELS if m not in DEFAULT_MODELS)})")
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS, help="formats (default: all)")
     parser.add_argument("--batches", type=int, nargs="+", help="batch sizes (default: 1 and 32; the encoder 1 and 8)")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts (default: 1 2)")

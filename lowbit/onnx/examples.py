@@ -1,4 +1,5 @@
-"""Example ONNX models built in code: a ResNet, a MobileNetV2 and a BERT encoder, float32, seeded random weights.
+"""Example ONNX models built in code: a digits CNN, a ResNet, a MobileNetV2 and a BERT encoder, float32, seeded
+random weights.
 
 Each builder returns an ``onnx.ModelProto`` that passes ``onnx.checker.check_model``, with the structure an
 exporter such as ``torch.onnx`` writes for the real network (not a simplified one): batch normalization as its own
@@ -154,6 +155,37 @@ def resnet(batch: int | str = "batch", image: int = 32, width: int = 16, blocks:
             x = b.op("Relu", [b.op("Add", [y, shortcut], f"{stem}.add")], f"{stem}.relu2")
             channels = out
     return _image_model(b, x, channels, batch, image, classes, "resnet")
+
+
+def digits_cnn(batch: int | str = "batch", classes: int = 10, seed: int = 0):
+    """A small CNN for 8x8 one-channel images (scikit-learn's digits), opset 13: ``input`` float32
+    ``[batch, 1, 8, 8]`` -> ``logits``.
+
+    Conv 3x3 (pads 1) to 16 + Relu, Conv 3x3 (pads 1) to 32 + Relu, MaxPool 2x2 / 2, Flatten, Gemm to 64 + Relu,
+    Gemm to ``classes``: the size at which per-node overhead, not arithmetic, decides latency.
+    """
+    from onnx import TensorProto, helper
+
+    _positive(classes=classes)
+    batch = _dim(batch, "batch")
+    b = _Builder(seed)
+    x = "input"
+    for i, (cin, cout) in enumerate(((1, 16), (16, 32))):
+        w = b.normal((cout, cin, 3, 3), math.sqrt(2.0 / (cin * 9)))
+        x = b.op("Conv", [x, b.const(f"conv{i}.weight", w), b.const(f"conv{i}.bias", b.normal(cout, 0.1))],
+                 f"conv{i}", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+        x = b.op("Relu", [x], f"conv{i}.relu")
+    x = b.op("Flatten", [b.op("MaxPool", [x], "pool", kernel_shape=[2, 2], strides=[2, 2])], "flatten", axis=1)
+    for i, (fan_in, fan_out) in enumerate(((32 * 16, 64), (64, classes))):
+        w = b.normal((fan_out, fan_in), math.sqrt(2.0 / fan_in))
+        x = b.op("Gemm", [x, b.const(f"fc{i}.weight", w), b.const(f"fc{i}.bias", b.normal(fan_out, 0.1))], f"fc{i}",
+                 transB=1)
+        if i == 0:
+            x = b.op("Relu", [x], "fc0.relu")
+    b.rename(x, "logits")
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 1, 8, 8])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, classes])]
+    return b.model(inputs, outputs, 13, "digits_cnn")
 
 
 #: MobileNetV2's inverted residual stages as (expansion, channels, repeats, stride), as in the paper and torchvision
@@ -366,10 +398,11 @@ def bert_encoder(batch: int | str = "batch", seq: int | str = "seq", vocab: int 
 
 # ---- feeds ---------------------------------------------------------------------------------------------------------
 
-def image_feed(batch: int, image: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """``{"input": N(0, 1) float32 [batch, 3, image, image]}``, a feed for :func:`resnet` and :func:`mobilenet_v2`."""
+def image_feed(batch: int, image: int, seed: int = 0, channels: int = 3) -> dict[str, np.ndarray]:
+    """``{"input": N(0, 1) float32 [batch, channels, image, image]}``, a feed for :func:`resnet`,
+    :func:`mobilenet_v2` and (``image=8, channels=1``) :func:`digits_cnn`."""
     rng = np.random.default_rng(seed)
-    return {"input": rng.standard_normal((batch, 3, image, image), dtype=np.float32)}
+    return {"input": rng.standard_normal((batch, channels, image, image), dtype=np.float32)}
 
 
 def token_feed(batch: int, seq: int, vocab: int = 1000, seed: int = 0) -> dict[str, np.ndarray]:

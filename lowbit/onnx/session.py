@@ -28,6 +28,8 @@ from lowbit.runtime.profile import Profile
 from lowbit.runtime.session import Session
 
 PROVIDERS = ["CPUExecutionProvider"]
+#: Session config entry: "0" runs node by node instead of chaining kernels into compiled functions.
+COMPILED_CHAINS = "session.lowbit.compiled_chains"
 SUB_BYTE = ("int4", "uint4", "int2", "uint2")  # ONNX types lowbit holds one code per byte
 
 
@@ -52,7 +54,8 @@ class SessionOptions:
 
     ``intra_op_num_threads``: threads of the kernels (0: all cores); ``graph_optimization_level``;
     ``enable_profiling``: record lowbit's per-node profile, written by
-    :meth:`InferenceSession.end_profiling` to ``<profile_file_prefix>_<time>.json``.
+    :meth:`InferenceSession.end_profiling` to ``<profile_file_prefix>_<time>.json``. Config entry
+    :data:`COMPILED_CHAINS` ``"0"``: run node by node (``lowbit.Session(..., compiled=False)``).
     """
 
     intra_op_num_threads: int = 0
@@ -138,7 +141,8 @@ class InferenceSession:
         self._outputs = [_node_arg(o) for o in imported.outputs]
         self._meta = ModelMetadata(**{k: imported.metadata[k] for k in ModelMetadata.__dataclass_fields__})
         self._options = options
-        self._session = Session(imported.graph, threads=threads or None, fallback=False, optimize=optimize)
+        self._session = Session(imported.graph, threads=threads or None, fallback=False, optimize=optimize,
+                                compiled=options.config_entries.get(COMPILED_CHAINS, "1") != "0")
         self._specs = dict(imported.graph.inputs)
         graph = self._session.graph
         self._rewritten = imported.tensors - {t for n in graph.nodes for t in n.outputs} - set(graph.inputs)

@@ -76,6 +76,10 @@ def _image(batch: int, seq: None, seed: int) -> dict[str, np.ndarray]:
     return examples.image_feed(batch, IMAGE, seed)
 
 
+def _digits(batch: int, seq: None, seed: int) -> dict[str, np.ndarray]:
+    return examples.image_feed(batch, 8, seed, channels=1)
+
+
 def _tokens(batch: int, seq: int, seed: int) -> dict[str, np.ndarray]:
     return examples.token_feed(batch, seq, VOCAB, seed)
 
@@ -87,6 +91,7 @@ def _bert(opset: int):
 IMAGE_SIZES = ((1, None), (3, None))
 TOKEN_SIZES = ((1, 7), (3, 16), (3, 7), (1, 16))
 EXAMPLES = {
+    "digits": Example(examples.digits_cnn, _digits, IMAGE_SIZES, True),
     "resnet": Example(functools.partial(examples.resnet, image=IMAGE, width=8, blocks=1), _image, IMAGE_SIZES, True),
     "mobilenet_v2": Example(functools.partial(examples.mobilenet_v2, image=IMAGE, width=0.5, last=64), _image,
                             IMAGE_SIZES, True),
