@@ -17,7 +17,7 @@ from kernels.conv.int4 import PackedConvInt4, conv2d_int4, pack_conv_int4
 from kernels.conv.int8 import (ConvPlan, PackedConvInt8, conv2d_int8, conv2d_int8_plan, pack_conv_int8,
                                qlinear_conv2d, qlinear_conv2d_plan)
 from kernels.conv.layout import nchw_to_nhwc, nhwc_to_nchw
-from kernels.conv.pool import avg_pool2d, global_avg_pool2d, max_pool2d, max_pool2d_bits
+from kernels.conv.pool import avg_pool2d, avg_pool2d_float32, global_avg_pool2d, max_pool2d, max_pool2d_bits
 from kernels.elementwise import lookup_table, qlinear_add, qlinear_lookup, qlinear_mul
 from kernels.gemm.binary import gemm_binary, gemm_binary_int8, gemm_binary_to_bits
 from kernels.gemm.codebook import gemm_codebook
@@ -45,6 +45,7 @@ __all__ = [
     "PackedInt8",
     "PackedTernary",
     "avg_pool2d",
+    "avg_pool2d_float32",
     "conv2d_binary",
     "conv2d_float32",
     "conv2d_float32_plan",

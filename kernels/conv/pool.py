@@ -1,18 +1,21 @@
-"""Max and average pooling of quantized NHWC activations, and max pooling of packed sign bits.
+"""Max pooling (uint8, int8, float32), average pooling (quantized and float32) and max pooling of sign bits.
 
-Every windowed pool fills one row of output pixels at a time, with the window of
-:mod:`kernels.conv.geometry`: tap by tap, it folds the input pixels that tap reads
-into all the outputs it reaches. The innermost loop runs over the channels, which
-are contiguous in NHWC, so it vectorises (with stride 1 over the whole row's run of
-pixels). Taps in the padding are skipped rather than read from a padded copy: a max
-ignores them (ONNX MaxPool) and an average adds nothing for them (they are
-``x_zero_point``, i.e. real zero).
+Max pools and float32 average pools (:func:`_pool_rows`) work where the input lies,
+NCHW or NHWC, with no transposed copy: NCHW as ``N C`` planes of single elements,
+NHWC as ``N`` images of C-element pixels. The window is separable: per output row,
+the rows it covers are folded into one row (contiguous, vectorised), padded with the
+fold's identity (-inf or the dtype minimum for max, so padding never wins; 0 for
+sums), then that row's taps are folded into the output row. The folds are vector
+loops written in LLVM IR (:func:`_vector_fold`), three rows or taps per pass, whose
+tails are vectors too, since pool rows are short (7 to 112 elements).
 
 * Max pools need no scales: ``x -> scale (x - zp)`` is increasing, so it commutes
-  with max. On ±1 bits (set bit = -1) the max is -1 only if every tap is -1: the
-  AND of the words.
-* Average pools sum ``x - x_zero_point`` exactly in int32 and rescale once, in
-  float64, with ``kernels.epilogue.finish_tile`` (half to even, saturating).
+  with max. Float max propagates NaN (a NaN in a window gives NaN). On ±1 bits (set
+  bit = -1) the max is -1 only if every tap is -1: the AND of the words.
+* Quantized average pools (NHWC, tap by tap with :func:`_fold_taps`) sum
+  ``x - x_zero_point`` exactly in int32, skipping the padding (real zero), and
+  rescale once, in float64, with ``kernels.epilogue.finish_tile`` (half to even,
+  saturating). Float32 averages sum in float32 and divide by the tap count.
 
 Rows of output pixels are split over ``kernels.threads`` when the work pays for it.
 """
@@ -22,20 +25,28 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
 
 from kernels import _validate, threads
 from kernels._jit import kernel
 from kernels.conv.geometry import ConvGeometry, check_layout, conv_geometry, from_nhwc, pair, to_nhwc
+from kernels.conv.layout import nchw_to_nhwc, nhwc_to_nchw
 from kernels.epilogue import QUANT, finish_tile
 from kernels.gemm.int8 import INT32_MAX, check_zero_point
+from kernels.gemm.llvm_ir import I64, array_ptr, emit_loop, is_array
 from kernels.qtypes import qtype_of
 
 QDTYPES = (np.uint8, np.int8)
+MAX_DTYPES = (*QDTYPES, np.float32)
 MAX_TAPS = INT32_MAX // 255  # |x - x_zero_point| <= 255, so this many taps cannot overflow the int32 sums
 # Single-thread cost of the reductions, measured here: per output pixel and tap (loop overhead), and per
 # byte read. kernels.threads splits the rows only when the estimated time pays for the threads.
 US_PER_PIXEL_TAP = 0.01
 BYTES_PER_US = 8000.0
+SHORT_PLANE = 16  # global_avg_pool2d transposes NCHW planes of at most this many pixels (measured: 3x3 2x faster)
+SHORT_ROW_BYTES = 64  # max and float average pools transpose NCHW rows up to one vector (measured: 1.2x to 15x faster)
 
 
 @kernel
@@ -60,12 +71,12 @@ def _fewest_taps(outs, s, d, p, size, k):
     return fewest
 
 
-MAX, AND, ADD = 0, 1, 2  # how _fold_taps combines a tap into the outputs
+MAX, AND, ADD, DIV = 0, 1, 2, 3  # how _pool_rows (MAX, ADD) and _fold_taps (AND, ADD) combine a tap into the outputs
 
 
 @kernel
 def _fold_taps(x, n, oy, window, op, row):
-    """Fold every tap inside ``x`` of output row ``(n, oy)`` into ``row`` ([OW * C]) with ``op``: max, and, sum.
+    """Fold every tap inside ``x`` of output row ``(n, oy)`` into ``row`` ([OW * C]) with ``op``: AND or ADD.
 
     A row is reduced one tap at a time over all the outputs that tap reaches: with
     stride 1 their inputs are one contiguous run, otherwise one run of C per output.
@@ -84,34 +95,240 @@ def _fold_taps(x, n, oy, window, op, row):
                 if op == AND:
                     for c in range(length):
                         dst[c] &= src[c]
-                elif op == MAX:
-                    for c in range(length):
-                        dst[c] = max(dst[c], src[c])
                 else:
                     for c in range(length):
                         dst[c] += src[c]
 
 
 @kernel
-def _max_rows(x, window, lowest, bitwise, r0, r1, out):
-    """Output rows ``r = n * OH + oy`` for ``r0 <= r < r1`` of a max pool (``bitwise``: AND pool).
+def _and_rows(x, window, r0, r1, out):
+    """Output rows ``r = n * OH + oy`` for ``r0 <= r < r1`` of an AND pool of sign bits.
 
-    x : [N, H, W, C] C-contiguous (uint8, int8, or uint64 words of sign bits)
-    out : [N, OH, OW, C] of x's dtype::
+    x : [N, H, W, words] C-contiguous uint64; out : [N, OH, OW, words] uint64::
 
-        out[n, oy, ox, c] = max (AND if bitwise) of x[n, iy, ix, c] over the taps inside x,
+        out[n, oy, ox, j] = AND of x[n, iy, ix, j] over the taps inside x,
         iy = oy * SH + ky * DH - PT,  ix = ox * SW + kx * DW - PL
 
-    starting from ``lowest`` (the identity: dtype minimum, or all bits set). Every
-    window must hold a tap inside ``x`` (the caller checks).
+    starting from all bits set. Every window must hold a tap inside ``x`` (the caller checks).
     """
-    h, w, kh, kw, sh, sw, dh, dw, pt, pl, oh, ow = window
-    channels = x.shape[3]
+    oh, ow, words = out.shape[1], out.shape[2], out.shape[3]
     for r in range(r0, r1):
         n, oy = r // oh, r % oh
-        row = out[n, oy].reshape(ow * channels)
-        row[:] = lowest
-        _fold_taps(x, n, oy, window, AND if bitwise else MAX, row)
+        row = out[n, oy].reshape(ow * words)
+        row[:] = np.uint64(2**64 - 1)
+        _fold_taps(x, n, oy, window, AND, row)
+
+
+@kernel
+def _tap_ranges(outs, s, d, p, size, k):
+    """``[outs, 2]``: per output ``o`` along one axis, the ``j0, j1`` of its taps ``o s + j d - p`` in ``[0, size)``
+    (:func:`_inside`, computed once: its two divisions would cost more than a short row's work)."""
+    ranges = np.empty((outs, 2), np.int64)
+    for o in range(outs):
+        ranges[o, 0], ranges[o, 1] = _inside(o, s, d, p, size, k)
+    return ranges
+
+
+def _vector_fold(op: int, accumulate: bool):
+    """An intrinsic ``fold(src, a, b, c, taps, count, dst, d)`` that folds ``taps`` (1 to 3) runs of ``src``::
+
+        dst.flat[d + i] = [dst.flat[d + i] op] src.flat[a + i] op src.flat[b + i] op src.flat[c + i]
+
+    for ``i < count`` (the first one, two or three terms after ``op``, as ``taps`` says;
+    ``dst`` taken in only if ``accumulate``, so a first fold need not initialise it).
+    ``src`` and ``dst``: C-contiguous arrays of any rank, of one dtype (float32, uint8
+    or int8), addressed by flat offsets: no array view is made per row, as each
+    costs reference-count updates. It runs in vectors of 64 bytes, then the rest in
+    one vector each of 32, 16, ... bytes as the bits of ``count`` say, so a pool's short
+    rows (7 to 112 elements) stay vectorised: LLVM's loop vectoriser would leave the
+    last 32 or fewer (8 lanes, unrolled 4 times) to scalar code, and masked vectors
+    are slow here when their masked-off lanes cross into another page. MAX keeps a
+    NaN (``x > y or x != x ? x : y``: the plain ``x > y ? x : y``, one x86 ``maxps``,
+    would drop a NaN ``x``); ADD adds (integers wrap); DIV divides (one tap, into
+    ``dst``: the means of an average pool). Generic LLVM IR only: it compiles for
+    every CPU, with no dispatch entry.
+    """
+
+    def combine(builder, x, y, dtype):
+        if op == ADD:
+            return builder.fadd(x, y) if isinstance(dtype, types.Float) else builder.add(x, y)
+        if op == DIV:
+            if isinstance(dtype, types.Float):
+                return builder.fdiv(x, y)
+            return builder.sdiv(x, y) if dtype.signed else builder.udiv(x, y)
+        if isinstance(dtype, types.Float):
+            keep = builder.or_(builder.fcmp_ordered(">", x, y), builder.fcmp_unordered("uno", x, x))
+        else:
+            keep = (builder.icmp_signed if dtype.signed else builder.icmp_unsigned)(">", x, y)
+        return builder.select(keep, x, y)
+
+    def emit(builder, dtype, elem, s_ptr, offsets, n, d_ptr, d_off):
+        """The loops for ``len(offsets)`` taps."""
+        lanes = 64 * 8 // dtype.bitwidth
+
+        def step(i, width):
+            vt = ir.VectorType(elem, width).as_pointer()
+
+            def load(ptr, off):
+                return builder.load(builder.bitcast(builder.gep(ptr, [builder.add(off, i)]), vt), align=1)
+
+            folded = load(s_ptr, offsets[0])
+            for off in offsets[1:]:
+                folded = combine(builder, folded, load(s_ptr, off), dtype)
+            if accumulate:
+                folded = combine(builder, load(d_ptr, d_off), folded, dtype)
+            builder.store(folded, builder.bitcast(builder.gep(d_ptr, [builder.add(d_off, i)]), vt), align=1)
+
+        def full(q, _accs):
+            step(builder.mul(q, ir.Constant(I64, lanes)), lanes)
+            return []
+
+        vectors = builder.sdiv(n, ir.Constant(I64, lanes))
+        emit_loop(builder, vectors, ir.VectorType(elem, lanes), 0, full)
+        i = builder.mul(vectors, ir.Constant(I64, lanes))  # the rest: vectors of half, a quarter ... one element
+        width = lanes // 2
+        while width:
+            take = builder.icmp_unsigned("!=", builder.and_(n, ir.Constant(I64, width)), ir.Constant(I64, 0))
+            with builder.if_then(take):
+                step(i, width)
+            i = builder.add(i, builder.select(take, ir.Constant(I64, width), ir.Constant(I64, 0)))
+            width //= 2
+
+    @intrinsic
+    def fold(typingctx, src, a, b, c, taps, count, dst, d):
+        dtype = getattr(dst, "dtype", None)
+        if (dtype not in FOLD_DTYPES or not is_array(src, dtype, src.ndim) or not is_array(dst, dtype, dst.ndim)
+                or not all(isinstance(t, types.Integer) for t in (a, b, c, taps, count, d))):
+            return None
+
+        def codegen(context, builder, signature, args):
+            src_v, a, b, c, taps, n, dst_v, d = args
+            elem = context.get_value_type(dtype)
+            s_ptr = array_ptr(context, builder, signature.args[0], src_v, elem)
+            d_ptr = array_ptr(context, builder, signature.args[6], dst_v, elem)
+            with builder.if_else(builder.icmp_signed("==", taps, ir.Constant(I64, 1))) as (one, more):
+                with one:
+                    emit(builder, dtype, elem, s_ptr, [a], n, d_ptr, d)
+                with more, builder.if_else(builder.icmp_signed("==", taps, ir.Constant(I64, 2))) as (two, three):
+                    with two:
+                        emit(builder, dtype, elem, s_ptr, [a, b], n, d_ptr, d)
+                    with three:
+                        emit(builder, dtype, elem, s_ptr, [a, b, c], n, d_ptr, d)
+            return context.get_dummy_value()
+
+        return types.void(src, types.int64, types.int64, types.int64, types.int64, types.int64, dst,
+                          types.int64), codegen
+
+    return fold
+
+
+FOLD_DTYPES = (types.float32, types.uint8, types.int8)
+_MAX3, _ADD3, _MAX3_INTO, _ADD3_INTO = (_vector_fold(op, into) for into in (False, True) for op in (MAX, ADD))
+_DIVIDE = _vector_fold(DIV, True)
+
+
+@kernel
+def _fold3(src, a, b, c, taps, count, op, first, dst, d):
+    """``dst.flat[d + i] = [dst.flat[d + i] op] src.flat[a + i] op src.flat[b + i] op src.flat[c + i]`` for
+    ``i < count`` (``taps`` of the three runs; ``dst`` read unless ``first``): op MAX (NaN-propagating) or ADD.
+    """
+    if op == MAX:
+        if first:
+            _MAX3(src, a, b, c, taps, count, dst, d)
+        else:
+            _MAX3_INTO(src, a, b, c, taps, count, dst, d)
+    elif first:
+        _ADD3(src, a, b, c, taps, count, dst, d)
+    else:
+        _ADD3_INTO(src, a, b, c, taps, count, dst, d)
+
+
+@kernel
+def _deinterleave(row, phases):
+    """``phases[r, j] = row[j S + r]`` for ``S = len(phases)`` phases (tails beyond the row are left alone).
+
+    With ``S = 2`` both phases are filled in one loop, which LLVM compiles to wide loads
+    and shuffles (an interleaved group); a stride-2 read of its own would be a gather,
+    which is slow on AVX-512.
+    """
+    stride, w = phases.shape[0], row.shape[0]
+    if stride == 2:
+        half = w // 2
+        for j in range(half):
+            phases[0, j] = row[2 * j]
+            phases[1, j] = row[2 * j + 1]
+        if w % 2:
+            phases[0, half] = row[w - 1]
+    else:
+        for ix in range(w):
+            phases[ix % stride, ix // stride] = row[ix]
+
+
+@kernel
+def _pool_rows(x, window, op, identity, counts, r0, r1, out):
+    """Output rows ``r = p OH + oy``, ``r0 <= r < r1``, of a max (op MAX) or average (op ADD) pool.
+
+    x : [P, H, W CS] C-contiguous: P images of W pixels of CS elements per row, i.e.
+        NCHW as ``P = N C`` planes (CS = 1) or NHWC as ``P = N`` images (CS = C)
+    out : [P OH OW CS] (flat) of x's dtype::
+
+        MAX: out[p, oy, ox, c] = max x[p, iy, ix, c]                                    (NaN if any is NaN)
+        ADD: out[p, oy, ox, c] = (sum x[p, iy, ix, c]) / counts[oy, ox]               (float32 sums)
+
+    over the taps ``iy = oy SH + ky DH - PT, ix = ox SW + kx DW - PL`` inside ``x`` (``identity``,
+    -inf, the dtype minimum or 0, if none). The window is separable: the inside input rows
+    of output row ``oy`` are folded into one row, which lies in ``col`` between ``PL`` pixels
+    and enough more on the right that hold ``identity``; then its taps are folded into
+    the outputs, all of whose taps now lie in ``col``: no edge cases. Both passes read
+    contiguous runs, three rows or taps at a time (:func:`_fold3`). Along the row: with
+    CS > 1 and SW = 1, tap ``kx`` of all outputs is one run; with CS > 1 and SW > 1, one
+    run of CS per output; with CS = 1 and SW > 1, ``col`` is first split into its SW
+    phases (``col[j SW + q]`` at ``phases[q, j]``), in which tap ``kx`` of all outputs is
+    one run.
+    """
+    h, w, kh, kw, sh, sw, dh, dw, pt, pl, oh, ow = window
+    cs = x.shape[2] // w
+    wc = w * cs
+    wp = max(pl + w, (ow - 1) * sw + (kw - 1) * dw + 1)  # the padded row's pixels
+    col = np.full(wp * cs, identity, x.dtype)
+    split = cs == 1 and sw > 1
+    phases = np.empty((sw, -(-wp // sw)), x.dtype) if split else col.reshape(1, wp * cs)
+    rows_in = _tap_ranges(oh, sh, dh, pt, h, kh)
+    at = np.zeros(kw + 2, np.int64)  # tap k of output 0 (col pixel k DW) in phases.flat or col; + 2: _fold3 takes 3
+    for k in range(kw):
+        at[k] = k * dw % sw * phases.shape[1] + k * dw // sw if split else k * dw * cs
+    p, oy = r0 // oh, r0 % oh  # of row r, stepped below: divisions cost more than a short row
+    for r in range(r0, r1):
+        ky0, ky1 = rows_in[oy, 0], rows_in[oy, 1]
+        if ky1 == ky0:  # only with count_include_pad: a row of windows wholly in the padding
+            col[pl * cs : (pl + w) * cs] = identity
+        for ky in range(ky0, ky1, 3):
+            row = (p * h + oy * sh + ky * dh - pt) * wc
+            _fold3(x, row, row + dh * wc, row + 2 * dh * wc, min(3, ky1 - ky), wc, op, ky == ky0, col, pl * cs)
+        if split:
+            _deinterleave(col, phases)
+        d = r * ow * cs  # where output (p, oy, 0) starts in out
+        for kx in range(0, kw, 3):
+            taps = min(3, kw - kx)
+            if split:  # col[t + i SW] = phases.flat[at + i]
+                _fold3(phases, at[kx], at[kx + 1], at[kx + 2], taps, ow, op, kx == 0, out, d)
+            elif sw == 1:  # all the outputs' taps kx in one run
+                _fold3(col, at[kx], at[kx + 1], at[kx + 2], taps, ow * cs, op, kx == 0, out, d)
+            else:  # a run of CS per output
+                for ox in range(ow):
+                    step = ox * sw * cs
+                    _fold3(col, at[kx] + step, at[kx + 1] + step, at[kx + 2] + step, taps, cs, op, kx == 0, out,
+                           d + ox * cs)
+        if op == ADD and cs == 1:
+            _DIVIDE(counts, oy * ow, 0, 0, 1, ow, out, d)
+        elif op == ADD:
+            for ox in range(ow):
+                count = counts[oy, ox]
+                for c in range(cs):
+                    out[d + ox * cs + c] /= count
+        oy += 1
+        if oy == oh:
+            p, oy = p + 1, 0
 
 
 @kernel
@@ -186,8 +403,15 @@ def _global_avg(x, pixels, channels_last, x_zp, m, zp, qmin, qmax, n0, n1, out):
         image = x[n]
         if channels_last:  # accumulate whole pixels: vectorises over the channels
             acc[:] = bias
-            for p in range(pixels):
-                src = image[p * channels : (p + 1) * channels]
+            p = 0
+            while p + 4 <= pixels:  # four pixels per pass over acc: a quarter of its loads and stores
+                s0, s1 = image[p * channels :], image[(p + 1) * channels :]
+                s2, s3 = image[(p + 2) * channels :], image[(p + 3) * channels :]
+                for c in range(channels):
+                    acc[c] += (np.int32(s0[c]) + np.int32(s1[c])) + (np.int32(s2[c]) + np.int32(s3[c]))
+                p += 4
+            for q in range(p, pixels):
+                src = image[q * channels :]
                 for c in range(channels):
                     acc[c] += src[c]
         else:  # one contiguous plane per channel
@@ -222,11 +446,12 @@ def _scale(name: str, value: object) -> float:
     return scale
 
 
-def _window(x: np.ndarray, kernel_shape: object, strides: object, pads: object, dilations: object,
+def _window(shape_nhwc: tuple[int, ...], kernel_shape: object, strides: object, pads: object, dilations: object,
             ceil_mode: object, *, empty_ok: bool = False) -> ConvGeometry:
-    """The pooling geometry of NHWC ``x``, refusing windows that hold no input pixel (unless ``empty_ok``)."""
+    """The pooling geometry of an NHWC shape, refusing windows that hold no input pixel (unless ``empty_ok``)."""
     kh, kw = pair("kernel_shape", kernel_shape, 1)
-    g = conv_geometry(x.shape, (kh, kw), x.shape[3], x.shape[3], strides=strides, pads=pads, dilations=dilations,
+    channels = shape_nhwc[3]
+    g = conv_geometry(shape_nhwc, (kh, kw), channels, channels, strides=strides, pads=pads, dilations=dilations,
                       ceil_mode=_flag("ceil_mode", ceil_mode), x_name="x", w_name="kernel_shape")
     if not empty_ok and (_fewest_taps(g.out_h, g.stride_h, g.dilation_h, g.pad_top, g.in_h, kh) == 0
                          or _fewest_taps(g.out_w, g.stride_w, g.dilation_w, g.pad_left, g.in_w, kw) == 0):
@@ -236,10 +461,62 @@ def _window(x: np.ndarray, kernel_shape: object, strides: object, pads: object, 
     return g
 
 
-def _run_rows(fn, g: ConvGeometry, itemsize: int) -> None:
-    """``fn(r0, r1)`` over the output rows ``range(N * OH)``, split over threads when the work pays for them."""
+def _run_rows(fn, g: ConvGeometry, itemsize: int, units: int) -> None:
+    """``fn(u0, u1)`` over ``range(units)`` (output rows), split over threads when the work pays for them."""
     estimate_us = g.rows * g.taps * (US_PER_PIXEL_TAP + g.in_channels * itemsize / BYTES_PER_US)
-    threads.run_tiled(lambda _p0, _p1, r0, r1: fn(r0, r1), 1, g.batch * g.out_h, 1, estimate_us)
+    threads.run_tiled(lambda _p0, _p1, u0, u1: fn(u0, u1), 1, units, 1, estimate_us)
+
+
+def _contiguous(x: object, dtypes: tuple) -> np.ndarray:
+    """``x`` as a C-contiguous 4-D array of one of ``dtypes`` (a copy only when it is strided)."""
+    if isinstance(x, np.ndarray) and not x.flags.c_contiguous:
+        x = np.ascontiguousarray(x)
+    return _validate.array("x", x, dtypes, 4)
+
+
+def _nhwc_shape(x: np.ndarray, layout: str) -> tuple[int, int, int, int]:
+    n, a, b, c = x.shape
+    return (n, a, b, c) if layout == "NHWC" else (n, b, c, a)
+
+
+def _pool(x: np.ndarray, layout: str, g: ConvGeometry, op: int, identity, counts: np.ndarray,
+          out: object) -> np.ndarray:
+    """:func:`_pool_rows` over ``x`` where it lies: NCHW as ``N C`` planes, NHWC as ``N`` images of C-element
+    pixels; the result in ``x``'s layout, in ``out`` if given.
+
+    NCHW rows of at most :data:`SHORT_ROW_BYTES` are transposed to NHWC and back instead:
+    per-row costs dominate such rows, while pixels of C channels make long runs.
+    """
+    nchw = layout == "NCHW"
+    shape = (g.batch, g.in_channels, g.out_h, g.out_w) if nchw else g.out_shape_nhwc
+    y = np.empty(shape, x.dtype) if out is None else _checked_out(out, shape, x)
+    # (not for read-only x: kernels.conv.layout's transposes reject it, and planes are correct anyway)
+    if nchw and g.in_w * x.itemsize <= SHORT_ROW_BYTES and x.flags.writeable:
+        return nhwc_to_nchw(_pool(nchw_to_nhwc(x), "NHWC", g, op, identity, counts, None), y)
+    images = g.batch * g.in_channels if nchw else g.batch
+    x3, y1 = x.reshape(images, g.in_h, -1), y.reshape(-1)
+    window = g.window()
+    _run_rows(lambda r0, r1: _pool_rows(x3, window, op, identity, counts, r0, r1, y1), g, x.itemsize,
+              images * g.out_h)
+    return y
+
+
+def _counts(g: ConvGeometry, include_pad: bool) -> np.ndarray:
+    """float32 ``[OH, OW]``: the taps of each output inside x, or inside the padded input with ``include_pad``,
+    as a product of the counts along each axis (exact: small integers)."""
+    if include_pad:
+        ranges = (_tap_ranges(g.out_h, g.stride_h, g.dilation_h, 0, g.in_h + g.pad_top + g.pad_bottom, g.kernel_h),
+                  _tap_ranges(g.out_w, g.stride_w, g.dilation_w, 0, g.in_w + g.pad_left + g.pad_right, g.kernel_w))
+    else:
+        ranges = (_tap_ranges(g.out_h, g.stride_h, g.dilation_h, g.pad_top, g.in_h, g.kernel_h),
+                  _tap_ranges(g.out_w, g.stride_w, g.dilation_w, g.pad_left, g.in_w, g.kernel_w))
+    count_h, count_w = (r[:, 1] - r[:, 0] for r in ranges)
+    return np.outer(count_h, count_w).astype(np.float32)
+
+
+def _identity(dtype: np.dtype):
+    """The identity of max in ``dtype``: -inf for floats (so padding never wins), else the dtype minimum."""
+    return dtype.type(-np.inf) if dtype.kind == "f" else dtype.type(np.iinfo(dtype).min)
 
 
 def _checked_out(out: object, shape: tuple[int, ...], x: np.ndarray) -> np.ndarray:
@@ -269,36 +546,44 @@ def _deliver(y: np.ndarray, out: np.ndarray | None, layout: str) -> np.ndarray:
 def max_pool2d(x: np.ndarray, kernel_shape: int | tuple[int, int], *, strides: object = (1, 1),
                pads: object = (0, 0, 0, 0), dilations: object = (1, 1), ceil_mode: bool = False,
                layout: str = "NCHW", out: np.ndarray | None = None) -> np.ndarray:
-    """ONNX MaxPool of a quantized activation (exact: max commutes with dequantization).
+    """ONNX MaxPool of a float32 activation, or of a quantized one (exact: max commutes with dequantization).
 
     ::
 
         y[n, c, oy, ox] = max x[n, c, oy * SH + ky * DH - PT, ox * SW + kx * DW - PL]
 
-    over the ``ky < KH, kx < KW`` whose position is inside ``x``; padding is ignored.
+    over the ``ky < KH, kx < KW`` whose position is inside ``x``; padding is never a
+    candidate (the max starts from -inf, or the dtype minimum), so a window of -inf
+    gives -inf. Computed where ``x`` lies, in either layout, without a transposed copy
+    (but for NCHW rows of at most 64 bytes, where a transpose to NHWC and back is faster).
+
+    NaN: a NaN anywhere in a window makes that output NaN (as ``numpy.maximum`` or
+    PyTorch). ONNX Runtime 1.32 depends on the tap order here: its undilated MaxPool
+    (MLAS) keeps a NaN only when it is the last tap it reads (row-major), its dilated
+    one only when it is the first; and where a window has padding, ORT starts from
+    -FLT_MAX, so an all -inf window gives -3.4e38 there. Without NaN and all -inf
+    windows, results equal ORT's exactly (tested).
 
     Parameters
     ----------
-    x : uint8 or int8 ndarray, [N, C, H, W] (``layout="NCHW"``) or [N, H, W, C] (``"NHWC"``)
+    x : float32, uint8 or int8 ndarray, [N, C, H, W] (``layout="NCHW"``) or [N, H, W, C] (``"NHWC"``);
+        a strided ``x`` is copied once to C order
     kernel_shape : int or (KH, KW)
     strides, pads, dilations, ceil_mode : as ONNX MaxPool (strides default 1); ``pads`` in every
         form of :mod:`kernels.conv.geometry`: ``(top, left, bottom, right)``, ``(ph, pw)``, one int,
         ``"valid"``, ``"same"`` (SAME_UPPER) or ``"same_lower"``
     layout : "NCHW" or "NHWC", of ``x`` and of the result
-    out : ndarray of the result's shape and ``x``'s dtype, optional
+    out : C-contiguous ndarray of the result's shape and ``x``'s dtype, not overlapping ``x``, optional
 
     Returns
     -------
-    ndarray of ``x``'s dtype, [N, C, OH, OW] or [N, OH, OW, C]. A window lying wholly in
-    the padding (large pads or dilations) raises ``ValueError``.
+    ndarray of ``x``'s dtype, [N, C, OH, OW] or [N, OH, OW, C] (``out`` if given). A window
+    lying wholly in the padding (large pads or dilations) raises ``ValueError``.
     """
     check_layout(layout)
-    xh = to_nhwc("x", x, QDTYPES, layout)
-    g = _window(xh, kernel_shape, strides, pads, dilations, ceil_mode)
-    y = _output(out, xh, g.out_shape_nhwc, layout)
-    lowest = xh.dtype.type(np.iinfo(xh.dtype).min)
-    _run_rows(lambda r0, r1: _max_rows(xh, g.window(), lowest, False, r0, r1, y), g, 1)
-    return _deliver(y, out, layout)
+    x = _contiguous(x, MAX_DTYPES)
+    g = _window(_nhwc_shape(x, layout), kernel_shape, strides, pads, dilations, ceil_mode)
+    return _pool(x, layout, g, MAX, _identity(x.dtype), np.ones((1, 1), x.dtype), out)  # no counts: no means
 
 
 def max_pool2d_bits(x_bits: np.ndarray, kernel_shape: int | tuple[int, int], *, strides: object = (1, 1),
@@ -316,10 +601,9 @@ def max_pool2d_bits(x_bits: np.ndarray, kernel_shape: int | tuple[int, int], *, 
     channels). Returns uint64 ``[N, OH, OW, words]`` (in ``out`` if given).
     """
     xb = _validate.array("x_bits", x_bits, (np.uint64,), 4)
-    g = _window(xb, kernel_shape, strides, pads, dilations, ceil_mode)
-    y = _output(out, xb, g.out_shape_nhwc, "NHWC")
-    ones = np.uint64(2**64 - 1)
-    _run_rows(lambda r0, r1: _max_rows(xb, g.window(), ones, True, r0, r1, y), g, 8)
+    g = _window(xb.shape, kernel_shape, strides, pads, dilations, ceil_mode)
+    y = np.empty(g.out_shape_nhwc, xb.dtype) if out is None else _checked_out(out, g.out_shape_nhwc, xb)
+    _run_rows(lambda r0, r1: _and_rows(xb, g.window(), r0, r1, y), g, 8, g.batch * g.out_h)
     return y
 
 
@@ -376,13 +660,51 @@ def avg_pool2d(x: np.ndarray, kernel_shape: int | tuple[int, int], x_scale: floa
     xh = to_nhwc("x", x, QDTYPES, layout)
     xs, x_zp, ys, y_zp, qmin, qmax = _quantization(xh.dtype, x_scale, x_zero_point, y_scale, y_zero_point)
     include = _flag("count_include_pad", count_include_pad)
-    g = _window(xh, kernel_shape, strides, pads, dilations, ceil_mode, empty_ok=include)
+    g = _window(xh.shape, kernel_shape, strides, pads, dilations, ceil_mode, empty_ok=include)
     if g.taps > MAX_TAPS:
         raise ValueError(f"kernel_shape: at most {MAX_TAPS} taps (int32 sums), got {g.kernel_h}x{g.kernel_w}")
     padded_hw = (g.in_h + g.pad_top + g.pad_bottom, g.in_w + g.pad_left + g.pad_right) if include else (0, 0)
     y = _output(out, xh, g.out_shape_nhwc, layout)
-    _run_rows(lambda r0, r1: _avg_rows(xh, g.window(), x_zp, padded_hw, xs, ys, y_zp, qmin, qmax, r0, r1, y), g, 1)
+    _run_rows(lambda r0, r1: _avg_rows(xh, g.window(), x_zp, padded_hw, xs, ys, y_zp, qmin, qmax, r0, r1, y), g, 1,
+              g.batch * g.out_h)
     return _deliver(y, out, layout)
+
+
+def avg_pool2d_float32(x: np.ndarray, kernel_shape: int | tuple[int, int], *, strides: object = (1, 1),
+                       pads: object = (0, 0, 0, 0), dilations: object = (1, 1), ceil_mode: bool = False,
+                       count_include_pad: bool = False, layout: str = "NCHW",
+                       out: np.ndarray | None = None) -> np.ndarray:
+    """ONNX AveragePool of a float32 activation.
+
+    For each output pixel, over the taps ``(ky, kx)`` of its window (positions as in
+    :func:`max_pool2d`)::
+
+        y     = (sum of x over the taps inside x) / count                   float32
+        count = number of taps inside x, or, with count_include_pad, inside the padded
+                input (a padded tap is 0); taps past the padded input (ceil_mode) never count
+
+    The window is separable, and so is ``count`` (``count_h[oy] * count_w[ox]``). Sums
+    are float32, over the window's rows first, then along the row, so they round
+    differently from ONNX Runtime's row-major sums: results agree to float32 rounding.
+    NaN and infinities propagate as in any sum. Layouts as in :func:`max_pool2d`.
+
+    Parameters
+    ----------
+    x : float32 ndarray, [N, C, H, W] (``layout="NCHW"``) or [N, H, W, C] (``"NHWC"``)
+    kernel_shape, strides, pads, dilations, ceil_mode, layout : as :func:`max_pool2d`
+    count_include_pad : bool, default False (ONNX)
+    out : float32 ndarray of the result's shape, optional
+
+    Returns
+    -------
+    float32 ndarray, [N, C, OH, OW] or [N, OH, OW, C] (``out`` if given). Without
+    ``count_include_pad``, a window lying wholly in the padding raises ``ValueError``.
+    """
+    check_layout(layout)
+    x = _contiguous(x, (np.float32,))
+    include = _flag("count_include_pad", count_include_pad)
+    g = _window(_nhwc_shape(x, layout), kernel_shape, strides, pads, dilations, ceil_mode, empty_ok=include)
+    return _pool(x, layout, g, ADD, np.float32(0), _counts(g, include), out)
 
 
 def global_avg_pool2d(x: np.ndarray, x_scale: float, x_zero_point: int, y_scale: float, y_zero_point: int, *,
@@ -398,7 +720,9 @@ def global_avg_pool2d(x: np.ndarray, x_scale: float, x_zero_point: int, y_scale:
     result within float32 rounding of a half may differ by 1.
 
     The output of both layouts is the same ``[N, C]`` memory, so NCHW input is summed
-    plane by plane where it lies rather than transposed (there is no window to walk).
+    plane by plane where it lies rather than transposed (there is no window to walk),
+    unless its planes are too short for vectors (``H * W <= 16``, e.g. 3x3): then one
+    fast transpose to NHWC and sums over whole pixels take half the time.
 
     Parameters
     ----------
@@ -417,13 +741,15 @@ def global_avg_pool2d(x: np.ndarray, x_scale: float, x_zero_point: int, y_scale:
     x = _validate.array("x", x, QDTYPES, 4)
     xs, x_zp, ys, y_zp, qmin, qmax = _quantization(x.dtype, x_scale, x_zero_point, y_scale, y_zero_point)
     nhwc = layout == "NHWC"
+    if not nhwc and min(x.shape) > 0 and x.shape[2] * x.shape[3] <= SHORT_PLANE:
+        x, nhwc = nchw_to_nhwc(x), True  # too short to sum as planes; the [N, C] output is the same memory
     n, c = x.shape[0], x.shape[3 if nhwc else 1]
     pixels = x.shape[1] * x.shape[2] if nhwc else x.shape[2] * x.shape[3]
     if min(x.shape) < 1:
         raise ValueError(f"x: expected a non-empty array, got shape {x.shape}")
     if pixels > MAX_TAPS:
         raise ValueError(f"x: at most {MAX_TAPS} pixels per image (int32 sums), got {pixels}")
-    shape = (n, 1, 1, c) if nhwc else (n, c, 1, 1)
+    shape = (n, 1, 1, c) if layout == "NHWC" else (n, c, 1, 1)
     out = np.empty(shape, x.dtype) if out is None else _checked_out(out, shape, x)
     m = xs / (ys * float(pixels))
     images, y = x.reshape(n, pixels * c), out.reshape(n, c)

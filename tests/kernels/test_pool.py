@@ -1,9 +1,11 @@
-"""Quantized pooling (``kernels.conv.pool``) against the NumPy oracles, ONNX conformance and ONNX Runtime.
+"""Pooling (``kernels.conv.pool``) against the NumPy oracles, ONNX conformance and ONNX Runtime.
 
 Max pools and the integer sums of average pools are exact, and the rescale follows
 ``kernels.reference.pool`` step by step, so every comparison with the oracle is bit
-for bit. The pools have no CPU-specific code; one test still runs all four under
-every ``LOWBIT_ISA`` level.
+for bit. Float32 pools are compared with the float oracles below (max exactly, NaN
+included; means to float32 rounding). The pools have no CPU-specific code (their
+vector loops are generic LLVM IR); one test still runs them all under every
+``LOWBIT_ISA`` level.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import numpy as np
 import pytest
 
 import kernels
+from kernels.conv import pool as pool_module
 from kernels.conv.geometry import resolve_pads
-from kernels.conv.pool import MAX_TAPS, avg_pool2d, global_avg_pool2d, max_pool2d, max_pool2d_bits
+from kernels.conv.pool import (MAX_TAPS, avg_pool2d, avg_pool2d_float32, global_avg_pool2d, max_pool2d,
+                                 max_pool2d_bits)
 from kernels.pack.bits import pack_bits
 from kernels.reference import pool as ref
 from tests import conformance
@@ -80,8 +84,15 @@ def _to(layout, x):
 
 # --- max pool ----------------------------------------------------------------------------------------------------
 
+@pytest.fixture(params=["planes", "short-rows-transposed"])
+def nchw_path(request, monkeypatch):
+    """Run NCHW pools both ways: as planes, and (rows of at most 64 bytes, as in these tests) transposed."""
+    if request.param == "planes":
+        monkeypatch.setattr(pool_module, "SHORT_ROW_BYTES", 0)
+
+
 @pytest.mark.parametrize("kernel,strides,dilations,pads,ceil_mode", ATTRIBUTES, ids=map(_attribute_id, ATTRIBUTES))
-def test_max_pool_matches_oracle(rng, kernel, strides, dilations, pads, ceil_mode):
+def test_max_pool_matches_oracle(rng, nchw_path, kernel, strides, dilations, pads, ceil_mode):
     attrs = dict(strides=strides, dilations=dilations, pads=pads, ceil_mode=ceil_mode)
     for x, layout in _cases(rng):
         p, error = _oracle_geometry(x.shape, kernel, strides, dilations, pads, ceil_mode)
@@ -160,7 +171,7 @@ def test_avg_pool_count_include_pad_counts_padding_as_zero_point():
     assert avg_pool2d(y, 2, 1.0, 0, 1.0, 7, dilations=2, pads=1, count_include_pad=True).ravel().tolist() == [7]
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (1, 7, 5, 14), (2, 65, 14, 5), (2, 1024, 7, 7)])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 67, 3, 3), (1, 7, 5, 14), (2, 65, 14, 5), (2, 1024, 7, 7)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=_name)
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 def test_global_avg_pool_matches_oracle(rng, shape, dtype, layout):
@@ -171,6 +182,161 @@ def test_global_avg_pool_matches_oracle(rng, shape, dtype, layout):
     np.testing.assert_array_equal(got, _to(layout, want))
     # the same as an average pool whose window is the whole image
     np.testing.assert_array_equal(got, avg_pool2d(_to(layout, x), shape[2:], *q, layout=layout))
+
+
+# --- float32 pools -----------------------------------------------------------------------------------------------
+
+def _float_pool_ref(x, kernel, strides, pads, dilations, ceil_mode, op, include=False):
+    """NumPy oracle of the float pools, NCHW: ``op`` "max" (``numpy.maximum`` over the taps inside ``x``, so a
+    NaN anywhere in the window gives NaN, and padding is never a candidate) or "avg" (float64 sum over the taps
+    inside ``x`` divided by their count, or by the taps inside the padded input with ``include``)."""
+    n, c, h, w = x.shape
+    (kh, kw), (sh, sw), (dh, dw) = kernel, strides, dilations
+    top, left, bottom, right = pads
+    oh = ref.pool_out_size(h, kh, sh, dh, top, bottom, ceil_mode)
+    ow = ref.pool_out_size(w, kw, sw, dw, left, right, ceil_mode)
+    ph = max((oh - 1) * sh + (kh - 1) * dh + 1, top + h + bottom)
+    pw = max((ow - 1) * sw + (kw - 1) * dw + 1, left + w + right)
+    values = np.zeros((n, c, ph, pw))
+    values[:, :, top : top + h, left : left + w] = x
+    real, padded = np.zeros((ph, pw), bool), np.zeros((ph, pw), bool)
+    real[top : top + h, left : left + w] = True
+    padded[: top + h + bottom, : left + w + right] = True
+    best, total, count = np.full((n, c, oh, ow), -np.inf), 0.0, 0
+    for ky in range(kh):
+        for kx in range(kw):
+            rows = slice(ky * dh, ky * dh + sh * (oh - 1) + 1, sh)
+            cols = slice(kx * dw, kx * dw + sw * (ow - 1) + 1, sw)
+            v, inside = values[:, :, rows, cols], real[rows, cols]
+            best = np.where(inside, np.maximum(best, v), best)
+            with np.errstate(invalid="ignore"):  # inf - inf in the sums of the max tests
+                total = total + np.where(inside, v, 0)
+            count = count + (padded if include else real)[rows, cols]
+    return (best if op == "max" else total / count).astype(np.float32)
+
+
+def _floats(rng, shape, special=False):
+    """Normal float32 values; with ``special``, also some -inf, +inf and NaN."""
+    x = rng.standard_normal(shape, dtype=np.float32)
+    if special:
+        x[rng.random(shape) < 0.05] = -np.inf
+        x[rng.random(shape) < 0.02] = np.inf
+        x[rng.random(shape) < 0.03] = np.nan
+    return x
+
+
+def _float_cases(rng):
+    """(x NCHW float32, layout) over SHAPES, alternating layouts."""
+    for i, shape in enumerate(SHAPES):
+        yield _floats(rng, shape), ("NCHW", "NHWC")[i % 2]
+
+
+@pytest.mark.parametrize("kernel,strides,dilations,pads,ceil_mode", ATTRIBUTES, ids=map(_attribute_id, ATTRIBUTES))
+def test_float_pools_match_oracle(rng, nchw_path, kernel, strides, dilations, pads, ceil_mode):
+    attrs = dict(strides=strides, dilations=dilations, pads=pads, ceil_mode=ceil_mode)
+    for (x, layout), include in zip(_float_cases(rng), itertools.cycle((False, True))):
+        p, error = _oracle_geometry(x.shape, kernel, strides, dilations, pads, ceil_mode)
+        args = (_pair(kernel), _pair(strides), p, _pair(dilations), ceil_mode)
+        if error:
+            with pytest.raises(ValueError, match=error):
+                max_pool2d(_to(layout, x), kernel, layout=layout, **attrs)
+            if not (include and error == "entirely in the padding"):
+                with pytest.raises(ValueError, match=error):
+                    avg_pool2d_float32(_to(layout, x), kernel, count_include_pad=include, layout=layout, **attrs)
+                continue
+        else:
+            got = max_pool2d(_to(layout, x), kernel, layout=layout, **attrs)
+            assert got.dtype == np.float32
+            np.testing.assert_array_equal(got, _to(layout, _float_pool_ref(x, *args, "max")))
+        got = avg_pool2d_float32(_to(layout, x), kernel, count_include_pad=include, layout=layout, **attrs)
+        assert got.dtype == np.float32
+        np.testing.assert_allclose(got, _to(layout, _float_pool_ref(x, *args, "avg", include)), rtol=1e-5,
+                                   atol=1e-6)
+
+
+# Row lengths around the 16-float vectors and their tails, wide kernels (more than three taps per pass),
+# strides 3 (phases without the two-phase shortcut), large pads and dilations.
+WIDE_CASES = [((3, 3), (2, 2), (1, 1, 1, 1), (1, 1)), ((5, 5), (1, 1), (2, 2, 2, 2), (1, 1)),
+              ((4, 7), (3, 3), (1, 3, 2, 0), (1, 1)), ((2, 3), (2, 3), (1, 1, 0, 2), (3, 2)),
+              ((1, 1), (2, 2), (0, 0, 0, 0), (1, 1)), ((7, 1), (1, 1), (3, 0, 3, 0), (1, 1))]
+
+
+@pytest.mark.parametrize("width", [1, 7, 16, 17, 63, 65])
+@pytest.mark.parametrize("kernel,strides,pads,dilations", WIDE_CASES)
+def test_float_pools_wide_rows(rng, width, kernel, strides, pads, dilations):
+    x = _floats(rng, (2, 3, 9, width), special=True)
+    if ref.pool_out_size(width, kernel[1], strides[1], dilations[1], pads[1], pads[3], True) < 1:
+        return
+    for layout, ceil_mode in (("NCHW", False), ("NHWC", True)):
+        _, error = _oracle_geometry(x.shape, kernel, strides, dilations, pads, ceil_mode)
+        if error:
+            continue
+        attrs = dict(strides=strides, pads=pads, dilations=dilations, ceil_mode=ceil_mode, layout=layout)
+        args = (kernel, strides, pads, dilations, ceil_mode)
+        np.testing.assert_array_equal(max_pool2d(_to(layout, x), kernel, **attrs),
+                                      _to(layout, _float_pool_ref(x, *args, "max")))
+        np.testing.assert_array_equal(max_pool2d(_to(layout, x[:, :, :, ::-1].copy()).astype(np.float32), kernel,
+                                                 **attrs), _to(layout, _float_pool_ref(x[:, :, :, ::-1], *args, "max")))
+        finite = np.nan_to_num(x, nan=0.5, posinf=2.0, neginf=-2.0)
+        for include in (False, True):
+            np.testing.assert_allclose(avg_pool2d_float32(_to(layout, finite), kernel, count_include_pad=include,
+                                                          **attrs),
+                                       _to(layout, _float_pool_ref(finite, *args, "avg", include)), rtol=1e-5,
+                                       atol=1e-6)
+        codes = _random(rng, np.int8, x.shape)
+        np.testing.assert_array_equal(max_pool2d(_to(layout, codes), kernel, **attrs),
+                                      _to(layout, ref.max_pool2d_ref(codes, kernel, strides, pads, dilations,
+                                                                     ceil_mode)))
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_float_max_pool_nan_and_infinities(layout):
+    """-inf inputs stay -inf (padding never wins); a NaN anywhere in a window makes that output NaN."""
+    x = np.full((1, 1, 4, 4), -np.inf, np.float32)
+    got = max_pool2d(_to(layout, x), 3, strides=2, pads=1, layout=layout)
+    assert np.all(got == -np.inf) and got.size == 4
+    x = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
+    x[0, 0, 1, 1] = np.nan  # in the windows of outputs (0, 0), (0, 1), (1, 0), (1, 1) of 3x3/1 with pads 1...
+    x[0, 0, 3, 3] = np.inf
+    got = max_pool2d(_to(layout, x), 3, pads=1, layout=layout)
+    got = got if layout == "NCHW" else got.transpose(0, 3, 1, 2)
+    want = _float_pool_ref(x, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), False, "max")
+    np.testing.assert_array_equal(got, want)
+    assert np.isnan(got[0, 0, :3, :3]).all() and not np.isnan(got[0, 0, 3]).any()  # ... whatever the tap order
+    assert got[0, 0, 3, 3] == np.inf
+    # every position of the NaN in a 3x3 window, and a NaN window next to an infinite one
+    for pos in range(9):
+        x = np.zeros((1, 1, 3, 3), np.float32)
+        x.flat[pos] = np.nan
+        assert np.isnan(max_pool2d(_to(layout, x), 3, layout=layout)).all()
+    avg = avg_pool2d_float32(_to(layout, x), 3, layout=layout)
+    assert np.isnan(avg).all()  # a sum with a NaN is NaN
+
+
+def test_float_out_and_strided_input(rng):
+    x = _floats(rng, (2, 7, 9, 6))
+    for layout in ("NCHW", "NHWC"):
+        xl = _to(layout, x)
+        for fn in (max_pool2d, avg_pool2d_float32):
+            want = fn(xl, 3, strides=2, pads="same", layout=layout)
+            out = np.empty_like(want)
+            assert fn(xl, 3, strides=2, pads="same", layout=layout, out=out) is out
+            np.testing.assert_array_equal(out, want)
+    view = x[:, ::2, :, 1:]
+    np.testing.assert_array_equal(max_pool2d(view, (2, 3)), max_pool2d(np.ascontiguousarray(view), (2, 3)))
+    frozen = x.copy()
+    frozen.flags.writeable = False  # short NCHW rows are pooled as planes then, not transposed
+    np.testing.assert_array_equal(max_pool2d(frozen, 3, strides=2), max_pool2d(x, 3, strides=2))
+    np.testing.assert_array_equal(avg_pool2d_float32(frozen, 3, pads=1), avg_pool2d_float32(x, 3, pads=1))
+    with pytest.raises(TypeError, match="out: expected dtype float32, got float64"):
+        max_pool2d(x, 2, out=np.empty((2, 7, 8, 5)))
+    with pytest.raises(ValueError, match=r"out: expected shape \(2, 8, 5, 7\), got \(2, 7, 8, 5\)"):
+        avg_pool2d_float32(_to("NHWC", x), 2, layout="NHWC", out=np.empty((2, 7, 8, 5), np.float32))
+    xh = _to("NHWC", x)
+    with pytest.raises(ValueError, match="out: must not overlap the input"):
+        avg_pool2d_float32(xh, 1, layout="NHWC", out=xh)
+    with pytest.raises(TypeError, match="count_include_pad: expected a bool"):
+        avg_pool2d_float32(x, 2, count_include_pad=None)
 
 
 # --- layouts, out=, threads, levels ------------------------------------------------------------------------------
@@ -214,6 +380,14 @@ def test_threads_split_rows(rng, monkeypatch, threads):
     np.testing.assert_array_equal(avg_pool2d(x, 3, *q, pads=1, count_include_pad=True), want)
     x = _random(rng, np.uint8, (64, 256, 7, 7))
     np.testing.assert_array_equal(global_avg_pool2d(x, *q), ref.global_avg_pool2d_ref(x, *q))
+    f = _floats(rng, (2, 64, 56, 56))
+    for layout in ("NCHW", "NHWC"):
+        want = _float_pool_ref(f, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), False, "max")
+        np.testing.assert_array_equal(max_pool2d(_to(layout, f), 3, strides=2, pads=1, layout=layout),
+                                      _to(layout, want))
+        want = _float_pool_ref(f, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), False, "avg", True)
+        np.testing.assert_allclose(avg_pool2d_float32(_to(layout, f), 3, pads=1, count_include_pad=True,
+                                                      layout=layout), _to(layout, want), rtol=1e-5, atol=1e-6)
 
 
 def test_every_level(level, rng):
@@ -226,6 +400,15 @@ def test_every_level(level, rng):
     signs = np.where(x > 128, -1, 1).astype(np.int8)
     np.testing.assert_array_equal(max_pool2d_bits(pack_bits(_to("NHWC", signs), axis=-1), 2),
                                   pack_bits(_to("NHWC", ref.max_pool2d_ref(signs, (2, 2))), axis=-1))
+    f = _floats(rng, (1, 65, 7, 5), special=True)
+    for layout in ("NCHW", "NHWC"):
+        np.testing.assert_array_equal(max_pool2d(_to(layout, f), 3, strides=2, pads=1, layout=layout),
+                                      _to(layout, _float_pool_ref(f, (3, 3), (2, 2), (1, 1, 1, 1), (1, 1), False,
+                                                                  "max")))
+        finite = np.nan_to_num(f, nan=0.0, posinf=1.0, neginf=-1.0)
+        np.testing.assert_allclose(avg_pool2d_float32(_to(layout, finite), 2, layout=layout),
+                                   _to(layout, _float_pool_ref(finite, (2, 2), (1, 1), (0, 0, 0, 0), (1, 1), False,
+                                                               "avg")), rtol=1e-5, atol=1e-6)
 
 
 # --- bad inputs --------------------------------------------------------------------------------------------------
@@ -233,8 +416,18 @@ def test_every_level(level, rng):
 def test_bad_inputs(rng):
     x = _random(rng, np.uint8, (1, 3, 5, 5))
     q = (0.1, 0, 0.1, 0)
+    with pytest.raises(TypeError, match="x: expected dtype uint8 or int8 or float32, got float64"):
+        max_pool2d(x.astype(np.float64), 2)
     with pytest.raises(TypeError, match="x: expected dtype uint8 or int8, got float32"):
-        max_pool2d(x.astype(np.float32), 2)
+        avg_pool2d(x.astype(np.float32), 2, *q)
+    with pytest.raises(TypeError, match="x: expected dtype float32, got uint8"):
+        avg_pool2d_float32(x, 2)
+    with pytest.raises(TypeError, match="x: expected a numpy.ndarray"):
+        avg_pool2d_float32(x.tolist(), 2)
+    with pytest.raises(ValueError, match="x: expected a 4-D"):
+        avg_pool2d_float32(x[0].astype(np.float32), 2)
+    with pytest.raises(ValueError, match="entirely in the padding"):
+        avg_pool2d_float32(x.astype(np.float32), 2, pads=2)
     with pytest.raises(TypeError, match="x: expected dtype uint8 or int8, got int16"):
         avg_pool2d(x.astype(np.int16), 2, *q)
     with pytest.raises(TypeError, match="x: expected dtype uint8 or int8, got uint64"):
@@ -353,6 +546,7 @@ def test_onnx_maxpool(name):
         got = max_pool2d(x, tuple(case.attributes["kernel_shape"]), **kw)
         np.testing.assert_array_equal(got, want)
         return
+    np.testing.assert_array_equal(max_pool2d(x, tuple(case.attributes["kernel_shape"]), **kw), want)  # float32
     scale = float(np.abs(x).max()) / 127
     got = max_pool2d(_quantize(x, scale), tuple(case.attributes["kernel_shape"]), **kw)
     assert got.shape == want.shape
@@ -369,9 +563,11 @@ def test_onnx_averagepool(name):
     if case.op == "GlobalAveragePool":
         got = global_avg_pool2d(q, scale, 0, scale, 0)
     else:
-        got = avg_pool2d(q, tuple(case.attributes["kernel_shape"]), scale, 0, scale, 0,
-                         count_include_pad=bool(case.attributes.get("count_include_pad", 0)),
-                         **_onnx_attributes(case.attributes))
+        kw = dict(count_include_pad=bool(case.attributes.get("count_include_pad", 0)),
+                  **_onnx_attributes(case.attributes))
+        got = avg_pool2d(q, tuple(case.attributes["kernel_shape"]), scale, 0, scale, 0, **kw)
+        np.testing.assert_allclose(avg_pool2d_float32(x, tuple(case.attributes["kernel_shape"]), **kw), want,
+                                   rtol=1e-5, atol=1e-4)  # some expected outputs are stored to 4 decimals
     assert got.shape == want.shape
     np.testing.assert_allclose(got * scale, want, rtol=0, atol=scale * (1 + 1e-6))
 
@@ -473,7 +669,7 @@ def test_matches_onnxruntime_qlinear_average_pool(rng, dtype, layout, kernel, st
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_name)
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
-@pytest.mark.parametrize("hw", [(1, 1), (7, 7), (5, 13)])
+@pytest.mark.parametrize("hw", [(1, 1), (3, 3), (7, 7), (5, 13)])
 def test_matches_onnxruntime_qlinear_global_average_pool(rng, dtype, layout, hw):
     """Exact sums in both; ORT rescales in float32, so at most 1 apart, and rarely."""
     from onnx import helper
@@ -486,3 +682,20 @@ def test_matches_onnxruntime_qlinear_global_average_pool(rng, dtype, layout, hw)
     got = global_avg_pool2d(x, *q, layout=layout)
     diff = np.abs(got.astype(np.int64) - want)
     assert diff.max() <= 1 and np.count_nonzero(diff) <= max(2, diff.size // 100)
+
+
+@pytest.mark.parametrize("kernel,strides,pads,dilations,ceil_mode,include", ORT_CASES, ids=map(_case_id, ORT_CASES))
+def test_matches_onnxruntime_float_pools(rng, kernel, strides, pads, dilations, ceil_mode, include):
+    """Float32 MaxPool equal, AveragePool to float32 rounding (no NaN: ORT keeps a NaN only where it is the
+    last tap its loop reads, see ``max_pool2d``). Opset 13's AveragePool has no dilations."""
+    from onnx import helper
+
+    x = _floats(rng, (2, 7, 13, 10))
+    attrs = dict(kernel_shape=kernel, strides=strides, pads=pads, ceil_mode=int(ceil_mode))
+    got = max_pool2d(x, kernel, strides=strides, pads=pads, dilations=dilations, ceil_mode=ceil_mode)
+    np.testing.assert_array_equal(got, _ort_run(helper.make_node("MaxPool", ["x"], ["y"], dilations=dilations,
+                                                                 **attrs), x))
+    if dilations == (1, 1):
+        got = avg_pool2d_float32(x, kernel, strides=strides, pads=pads, ceil_mode=ceil_mode, count_include_pad=include)
+        want = _ort_run(helper.make_node("AveragePool", ["x"], ["y"], count_include_pad=int(include), **attrs), x)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
