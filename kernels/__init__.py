@@ -18,14 +18,15 @@ from kernels.conv.int8 import (ConvPlan, PackedConvInt8, conv2d_int8, conv2d_int
                                qlinear_conv2d, qlinear_conv2d_plan)
 from kernels.conv.layout import nchw_to_nhwc, nhwc_to_nchw
 from kernels.conv.pool import avg_pool2d, avg_pool2d_float32, global_avg_pool2d, max_pool2d, max_pool2d_bits
-from kernels.elementwise import lookup_table, qlinear_add, qlinear_lookup, qlinear_mul
+from kernels.elementwise import (lookup_table, qlinear_add, qlinear_add_plan, qlinear_lookup, qlinear_mul,
+                                 qlinear_mul_plan)
 from kernels.gemm.binary import gemm_binary, gemm_binary_int8, gemm_binary_to_bits
 from kernels.gemm.codebook import gemm_codebook
 from kernels.gemm.int4 import gemm_int4
 from kernels.gemm.int8 import LinearPlan, gemm_int8, linear_int8, linear_int8_plan, max_k_int32
 from kernels.gemm.ternary import gemm_ternary
 from kernels.pack.bits import pack_bits, unpack_bits
-from kernels.quantize import dequantize_linear, quantize_linear
+from kernels.quantize import dequantize_linear, quantize_linear, quantize_linear_to_nhwc
 from kernels.pack.conv_binary import PackedConvBinary, pack_conv_binary
 from kernels.pack.codebook import PackedCodebook, pack_codebook, pack_codebook_weights
 from kernels.pack.int4 import PackedInt4, pack_int4, pack_int4_codes
@@ -83,11 +84,14 @@ __all__ = [
     "pack_ternary",
     "pack_ternary_codes",
     "qlinear_add",
+    "qlinear_add_plan",
     "qlinear_conv2d",
     "qlinear_conv2d_plan",
     "qlinear_lookup",
     "qlinear_mul",
+    "qlinear_mul_plan",
     "quantize_linear",
+    "quantize_linear_to_nhwc",
     "set_num_threads",
     "unpack_bits",
 ]

@@ -2,6 +2,9 @@
 
 * :func:`qlinear_add` / :func:`qlinear_mul`: ONNX Runtime's ``com.microsoft`` QLinearAdd and
   QLinearMul, per-tensor scales and zero points, NumPy broadcasting, optionally a fused ReLU.
+  :func:`qlinear_add_plan` / :func:`qlinear_mul_plan` prepare them once for fixed shapes and
+  quantization: a graph node's call then pays only for checking its arrays (a few microseconds less
+  per call, which is most of a small add's time).
 * :func:`qlinear_lookup`: ``y = table[x]`` for 8-bit codes, which is exactly what QLinearSigmoid,
   QLinearLeakyRelu, HardSwish and any other one-input op of per-tensor codes compute;
   :func:`lookup_table` builds the 256-entry table from a NumPy function.
@@ -306,32 +309,80 @@ def _activation_low(activation: object, qmin: int, zc: int) -> int:
     return max(qmin, zc) if activation == "relu" else qmin
 
 
+class BinaryPlan:
+    """A quantized add or mul prepared once for operands of fixed shapes and dtypes and fixed quantization:
+    ``plan(a, b, out=None)`` checks only the arrays, then runs the compiled loop (what a graph node calls per run).
+
+    Made by :func:`qlinear_add_plan` / :func:`qlinear_mul_plan`; values and errors as :func:`qlinear_add`.
+    """
+
+    def __init__(self, op: int, a_shape: tuple[int, ...], a_dtype: object, b_shape: tuple[int, ...], b_dtype: object,
+                 a_scale, a_zero_point, b_scale, b_zero_point, c_scale, c_zero_point, activation) -> None:
+        self.a_dtype, self.b_dtype = _dtype("a_dtype", a_dtype), _dtype("b_dtype", b_dtype)
+        sa, sb, sc = _scale32("a_scale", a_scale), _scale32("b_scale", b_scale), _scale32("c_scale", c_scale)
+        za = check_zero_point("a_zero_point", a_zero_point, self.a_dtype)
+        zb = check_zero_point("b_zero_point", b_zero_point, self.b_dtype)
+        self.c_dtype = _out_dtype(c_zero_point, self.a_dtype)
+        zc = check_zero_point("c_zero_point", c_zero_point, self.c_dtype)
+        q = qtype_of(self.c_dtype)
+        lo = _activation_low(activation, q.qmin, zc)
+        self.a_shape, self.b_shape = tuple(a_shape), tuple(b_shape)
+        try:
+            self.walk = _walk(self.a_shape, self.b_shape)
+        except ValueError:
+            raise ValueError(f"a, b: shapes {self.a_shape} and {self.b_shape} do not broadcast") from None
+        self.run = _binary_range if _single(op, sa, sb, sc) else _exact_range
+        self.op = op
+        (sx, zx), (sy, zy) = ((sb, zb), (sa, za)) if self.walk.b_is_x else ((sa, za), (sb, zb))
+        self.scalars = (sx, zx, sy, zy, sc, zc, lo, q.qmax)  # the loop's arguments between y_mod and out
+
+    def __call__(self, a: np.ndarray, b: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """``c = a op b`` in codes, into ``out`` when given (it may be ``a`` or ``b`` itself)."""
+        a, b = self._operand("a", a, self.a_shape, self.a_dtype), self._operand("b", b, self.b_shape, self.b_dtype)
+        walk = self.walk
+        c = _result(out, walk.shape, self.c_dtype, (a, b))
+        if c.size == 0:
+            return c
+        if walk.copy:  # rare broadcasts only
+            a, b = (np.ascontiguousarray(np.broadcast_to(v, walk.shape)) for v in (a, b))
+        operands = ((b, walk.b), (a, walk.a)) if walk.b_is_x else ((a, walk.a), (b, walk.b))
+        (x, x_div, x_mod), (y, y_div, y_mod) = ((v.reshape(rows, cols), div, rows) for v, (rows, cols, div) in operands)
+        flat, op, run, scalars = c.reshape(walk.rows, walk.cols).view(np.uint8), self.op, self.run, self.scalars
+        _run(lambda i0, i1: run(op, x, x_div, x_mod, y, y_div, y_mod, *scalars, flat, i0, i1), c.size)
+        return c
+
+    @staticmethod
+    def _operand(name: str, v: object, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """``v`` as a C-contiguous array, checked against the prepared shape and dtype."""
+        if not (isinstance(v, np.ndarray) and v.dtype == dtype and v.flags.c_contiguous):
+            v = _array(name, v, (dtype,))
+        if v.shape != shape:
+            raise ValueError(f"{name}: expected shape {shape} (as prepared), got {v.shape}")
+        return v
+
+
+def qlinear_add_plan(a_shape: tuple[int, ...], a_dtype: object, b_shape: tuple[int, ...], b_dtype: object,
+                     a_scale: float, a_zero_point: int, b_scale: float, b_zero_point: int, c_scale: float,
+                     c_zero_point: int, *, activation: str | None = None) -> BinaryPlan:
+    """:func:`qlinear_add` prepared once for ``a`` of ``a_shape`` / ``a_dtype`` and ``b`` of ``b_shape`` /
+    ``b_dtype`` (uint8 or int8): ``plan(a, b, out=None)``. Everything but the arrays is checked here, once."""
+    return BinaryPlan(ADD, a_shape, a_dtype, b_shape, b_dtype, a_scale, a_zero_point, b_scale, b_zero_point, c_scale,
+                      c_zero_point, activation)
+
+
+def qlinear_mul_plan(a_shape: tuple[int, ...], a_dtype: object, b_shape: tuple[int, ...], b_dtype: object,
+                     a_scale: float, a_zero_point: int, b_scale: float, b_zero_point: int, c_scale: float,
+                     c_zero_point: int, *, activation: str | None = None) -> BinaryPlan:
+    """:func:`qlinear_mul` prepared once, as :func:`qlinear_add_plan`."""
+    return BinaryPlan(MUL, a_shape, a_dtype, b_shape, b_dtype, a_scale, a_zero_point, b_scale, b_zero_point, c_scale,
+                      c_zero_point, activation)
+
+
 def _qlinear_binary(op: int, a, a_scale, a_zero_point, b, b_scale, b_zero_point, c_scale, c_zero_point,
                     activation, out) -> np.ndarray:
     a, b = _array("a", a, QDTYPES), _array("b", b, QDTYPES)
-    sa, sb, sc = _scale32("a_scale", a_scale), _scale32("b_scale", b_scale), _scale32("c_scale", c_scale)
-    za = check_zero_point("a_zero_point", a_zero_point, a.dtype)
-    zb = check_zero_point("b_zero_point", b_zero_point, b.dtype)
-    c_dtype = _out_dtype(c_zero_point, a.dtype)
-    zc = check_zero_point("c_zero_point", c_zero_point, c_dtype)
-    q = qtype_of(c_dtype)
-    lo = _activation_low(activation, q.qmin, zc)
-    try:
-        walk = _walk(a.shape, b.shape)
-    except ValueError:
-        raise ValueError(f"a, b: shapes {a.shape} and {b.shape} do not broadcast") from None
-    c = _result(out, walk.shape, c_dtype, (a, b))
-    if c.size == 0:
-        return c
-    if walk.copy:  # rare broadcasts only
-        a, b = (np.ascontiguousarray(np.broadcast_to(v, walk.shape)) for v in (a, b))
-    ops = (a.reshape(walk.a[:2]), walk.a[2], walk.a[0], sa, za), (b.reshape(walk.b[:2]), walk.b[2], walk.b[0], sb, zb)
-    (x, x_div, x_mod, sx, zx), (y, y_div, y_mod, sy, zy) = ops[::-1] if walk.b_is_x else ops
-    flat = c.reshape(walk.rows, walk.cols).view(np.uint8)
-    run = _binary_range if _single(op, sa, sb, sc) else _exact_range
-    _run(lambda i0, i1: run(op, x, x_div, x_mod, y, y_div, y_mod, sx, zx, sy, zy, sc, zc, lo, q.qmax, flat, i0, i1),
-         c.size)
-    return c
+    return BinaryPlan(op, a.shape, a.dtype, b.shape, b.dtype, a_scale, a_zero_point, b_scale, b_zero_point, c_scale,
+                      c_zero_point, activation)(a, b, out)
 
 
 def qlinear_add(a: np.ndarray, a_scale: float, a_zero_point: int, b: np.ndarray, b_scale: float,

@@ -12,6 +12,12 @@ Both run one compiled loop over the flat array that LLVM vectorises:
   flags it (a cheap OR), and the caller raises ValueError.
 * dequantize: ``y = float32(int32(q) - zero_point) * float32(scale)``.
 
+:func:`quantize_linear_to_nhwc` quantizes NCHW floats straight into channels-last codes (the input
+QuantizeLinear of a CNN and the Transpose after it in one pass over memory): per image, blocks of pixels are
+quantized one channel plane at a time into a small tile (the same vectorised loop), then interleaved into the
+output rows; three channels (RGB) are interleaved as they are quantized, in one loop that LLVM vectorises with
+interleaved stores.
+
 Large arrays are split over ``kernels.threads``.
 """
 
@@ -34,6 +40,16 @@ F32_NORMAL, F32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float3
 # Elements per thread: both loops stream memory at 1.5 - 2 elements per ns, and measured here a
 # second thread paid off at 4M elements (1.5x) but not at 0.8M.
 SPLIT_ELEMS = 1_000_000
+NHWC_BLOCK = 256  # pixels per tile of quantize_linear_to_nhwc: C x 256 codes stay in L1 for any C up to ~100
+
+
+@kernel(inline="always")
+def _code(v, lo, hi, zp):
+    """``rint(clip(v, lo, hi)) + zp`` as an int32, NaN as ``zp`` (the caller flags NaN); all float32."""
+    v = v if v == v else np.float32(0.0)
+    v = v if v > lo else lo
+    v = v if v < hi else hi
+    return np.int32(((v + _ROUND) - _ROUND) + zp)  # exact: small integers; int32 + int32 would be int64
 
 
 @kernel
@@ -50,10 +66,43 @@ def _quantize_range(x, scale, lo, hi, zero_point, out, i0, i1):
     for i in range(x.size):
         v = x[i] / s
         nan |= v != v
-        v = v if v == v else np.float32(0.0)
-        v = v if v > lo else lo
-        v = v if v < hi else hi
-        out[i] = np.int32(((v + _ROUND) - _ROUND) + zp)  # exact: small integers; int32 + int32 would be int64
+        out[i] = _code(v, lo, hi, zp)
+    return nan
+
+
+@kernel
+def _quantize_nhwc_range(x, scale, lo, hi, zero_point, out, tile, n0, n1):
+    """``out[n, p, c] = rint(clip(x[n, c, p] / scale, lo, hi)) + zero_point`` for images ``n0 <= n < n1``.
+
+    ``x`` float32 [N, C, P], ``out`` uint8 / int8 [N, P, C], ``tile`` of ``out``'s dtype [C, B] (scratch: B
+    pixels of every channel); scalars as :func:`_quantize_range`. Returns whether some ``x`` was NaN.
+    """
+    channels, pixels = x.shape[1], x.shape[2]
+    block = tile.shape[1]
+    s, lo, hi, zp = np.float32(scale), np.float32(lo), np.float32(hi), np.float32(zero_point)
+    nan = False
+    for n in range(n0, n1):
+        if channels == 3:  # RGB: strided stores of a known stride vectorise (LLVM interleaved access)
+            x0, x1, x2, o = x[n, 0], x[n, 1], x[n, 2], out[n].reshape(3 * pixels)
+            for j in range(pixels):
+                u = np.uint64(j)
+                v0, v1, v2 = x0[u] / s, x1[u] / s, x2[u] / s
+                nan |= (v0 != v0) | (v1 != v1) | (v2 != v2)
+                o[3 * u] = _code(v0, lo, hi, zp)
+                o[3 * u + 1] = _code(v1, lo, hi, zp)
+                o[3 * u + 2] = _code(v2, lo, hi, zp)
+            continue
+        for p0 in range(0, pixels, block):
+            width = min(block, pixels - p0)
+            for c in range(channels):
+                row, codes = x[n, c, p0:p0 + width], tile[c]
+                for j in range(width):
+                    v = row[j] / s
+                    nan |= v != v
+                    codes[j] = _code(v, lo, hi, zp)
+            for j in range(width):
+                for c in range(channels):
+                    out[n, p0 + j, c] = tile[c, j]
     return nan
 
 
@@ -87,6 +136,20 @@ def _scale(value: object) -> float:
     return float(s)
 
 
+def _quantization(scale: object, zero_point: object, dtype: object) -> tuple[float, int, int, int]:
+    """``(scale, zero_point, lo, hi)`` of a per-tensor quantization to ``dtype``, checked: ``lo`` and
+    ``hi`` bound ``x / scale`` so that adding the zero point stays in the codes' range."""
+    if dtype not in QDTYPES:  # numpy.dtype compares equal to the scalar types and names
+        raise TypeError(f"dtype: expected uint8 or int8, got {dtype!r}")
+    qt = qtype_of(np.dtype(dtype))
+    zp = check_zero_point("zero_point", zero_point, np.dtype(dtype))
+    return _scale(scale), zp, qt.qmin - zp, qt.qmax - zp
+
+
+def _nan_error(x: np.ndarray) -> ValueError:
+    return ValueError(f"x: {np.count_nonzero(np.isnan(x))} NaN value(s); QuantizeLinear is undefined for NaN")
+
+
 def _array(name: str, x: object, dtypes: tuple[np.dtype, ...]) -> np.ndarray:
     """``x`` as a C-contiguous array (copied only if it is not), of one of ``dtypes``."""
     if not isinstance(x, np.ndarray):
@@ -96,21 +159,26 @@ def _array(name: str, x: object, dtypes: tuple[np.dtype, ...]) -> np.ndarray:
     return x if x.flags.c_contiguous else np.ascontiguousarray(x)  # (which would make 0-d arrays 1-d)
 
 
-def _output(out: np.ndarray | None, src: np.ndarray, dtype: np.dtype) -> np.ndarray:
+def _output(out: np.ndarray | None, src: np.ndarray, dtype: np.dtype, shape: tuple[int, ...] | None = None
+            ) -> np.ndarray:
+    """``out`` checked to be a C-contiguous ``dtype`` array of ``shape`` (default ``src``'s) apart from ``src``, or a
+    new one."""
+    shape = src.shape if shape is None else shape
     if out is None:
-        return np.empty(src.shape, dtype)
-    out = _validate.out(out, src.shape, dtype)
+        return np.empty(shape, dtype)
+    out = _validate.out(out, shape, dtype)
     if np.may_share_memory(out, src):
         raise ValueError("out: must not overlap the input array")
     return out
 
 
-def _run(body, n: int) -> list:
-    """``body(i0, i1)`` over ``range(n)``, split over threads when the work pays for them; the results."""
-    if n < 2 * SPLIT_ELEMS:
+def _run(body, n: int, item_elems: int = 1) -> list:
+    """``body(i0, i1)`` over ``range(n)`` (items of ``item_elems`` elements each), split over threads when the work
+    pays for them; the results."""
+    if n * item_elems < 2 * SPLIT_ELEMS:
         return [body(0, n)]  # without asking for the thread count: small calls are overhead-bound
     results = []
-    parts = min(threads.get_num_threads(), n // SPLIT_ELEMS)
+    parts = min(threads.get_num_threads(), n * item_elems // SPLIT_ELEMS, n)
     threads.run_ranges(lambda i0, i1: results.append(body(i0, i1)), threads.split(n, parts))
     return results
 
@@ -133,18 +201,42 @@ def quantize_linear(x: np.ndarray, scale: float, zero_point: int, *, dtype=np.ui
     +-inf saturate. NaN (undefined in ONNX) raises ValueError, after ``out`` has
     been filled with ``zero_point`` at the NaN positions.
     """
-    if dtype not in QDTYPES:  # numpy.dtype compares equal to the scalar types and names
-        raise TypeError(f"dtype: expected uint8 or int8, got {dtype!r}")
+    s, zp, lo, hi = _quantization(scale, zero_point, dtype)
     x = _array("x", x, (np.dtype(np.float32),))
-    s = _scale(scale)
-    qdtype = np.dtype(dtype)
-    qt = qtype_of(qdtype)
-    zp = check_zero_point("zero_point", zero_point, qdtype)
-    y = _output(out, x, qdtype)
+    y = _output(out, x, np.dtype(dtype))
     xf, yf = x.reshape(-1), y.reshape(-1)
-    lo, hi = qt.qmin - zp, qt.qmax - zp
     if any(_run(lambda i0, i1: _quantize_range(xf, s, lo, hi, zp, yf, i0, i1), x.size)):
-        raise ValueError(f"x: {np.count_nonzero(np.isnan(x))} NaN value(s); QuantizeLinear is undefined for NaN")
+        raise _nan_error(x)
+    return y
+
+
+def quantize_linear_to_nhwc(x: np.ndarray, scale: float, zero_point: int, *, dtype=np.uint8,
+                            out: np.ndarray | None = None) -> np.ndarray:
+    """ONNX QuantizeLinear per tensor, written channels-last: ``out[n, *s, c] = quantize_linear(x)[n, c, *s]``.
+
+    The same codes as :func:`quantize_linear` followed by a Transpose ``[0, 2, ..., rank - 1, 1]`` (NCHW to NHWC
+    for 4-D ``x``), in one pass.
+
+    Parameters
+    ----------
+    x : float32 array ``[N, C, *spatial]`` (rank >= 2; copied to C order if it is not contiguous)
+    scale, zero_point, dtype : as :func:`quantize_linear`
+    out : optional C-contiguous ``dtype`` array ``[N, *spatial, C]``, not overlapping ``x``
+
+    Returns
+    -------
+    ``dtype`` array ``[N, *spatial, C]``; NaN raises ValueError as in :func:`quantize_linear`.
+    """
+    s, zp, lo, hi = _quantization(scale, zero_point, dtype)
+    x = _array("x", x, (np.dtype(np.float32),))
+    if x.ndim < 2:
+        raise ValueError(f"x: expected an array [N, C, *spatial] of rank >= 2, got shape {x.shape}")
+    n, c, pixels = x.shape[0], x.shape[1], math.prod(x.shape[2:])
+    y = _output(out, x, np.dtype(dtype), (n, *x.shape[2:], c))
+    x3, y3 = x.reshape(n, c, pixels), y.reshape(n, pixels, c)
+    if x.size and any(_run(lambda n0, n1: _quantize_nhwc_range(x3, s, lo, hi, zp, y3, np.empty((c, NHWC_BLOCK), dtype),
+                                                               n0, n1), n, c * pixels)):
+        raise _nan_error(x)
     return y
 
 

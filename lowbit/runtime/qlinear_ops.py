@@ -35,6 +35,7 @@ from typing import Callable
 import numpy as np
 
 import kernels
+from kernels.elementwise import qlinear_add_plan, qlinear_mul_plan
 from lowbit.graph.ir import Graph, Node
 from lowbit.quantization.qdq import dynamic_quantize_linear
 from lowbit.runtime.float_ops import _matmul_shape
@@ -501,6 +502,7 @@ def _binary_shape(node: Node, a: Spec, b: Spec) -> Shape:
 
 
 BINARY = {"com.microsoft.QLinearAdd": kernels.qlinear_add, "com.microsoft.QLinearMul": kernels.qlinear_mul}
+PLANS = {"com.microsoft.QLinearAdd": qlinear_add_plan, "com.microsoft.QLinearMul": qlinear_mul_plan}
 
 
 @preparer(*BINARY)
@@ -517,6 +519,14 @@ def prepare_qlinear_binary(node: Node, graph: Graph, inputs: Inputs) -> Kernel:
     (sa, za), (sb, zb), (sc, zc) = ((_per_tensor(node, graph, i, float), _per_tensor(node, graph, i + 1, int, 0))
                                     for i in (1, 4, 6))
     kernel, dtype = BINARY[node.op], a[1]
+    if _all_parameters(node, graph, (1, 2, 4, 5, 6, 7)):  # the usual case: everything but the codes checked once
+        plan = PLANS[node.op](tuple(a[0]), dtype, tuple(b[0]), b[1], sa([]), za([]), sb([]), zb([]), sc([]),
+                              dtype.type(zc([])))
+
+        def run_plan(ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
+            plan(ins[0], ins[3], outs[0])
+
+        return Kernel(run_plan, [(shape, dtype)], math.prod(shape), "int8", kernel.__name__)
 
     def run(ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
         kernel(ins[0], sa(ins), za(ins), ins[3], sb(ins), zb(ins), sc(ins), dtype.type(zc(ins)), out=outs[0])

@@ -39,13 +39,14 @@ import numpy as np
 
 import kernels
 from kernels.conv.int4 import PackedConvInt4
-from kernels.quantize import dequantize_linear, quantize_linear
+from kernels.quantize import dequantize_linear, quantize_linear, quantize_linear_to_nhwc
 from lowbit.graph.ir import Graph, Node
 from lowbit.quantization import grid, qdq
 from lowbit.quantization.qdq import dynamic_quantize_linear
 from lowbit.quantization.scheme import QScheme
 from lowbit.runtime.float_ops import channels_last, nchw_shape, nhwc_shape, prepare_conv
 from lowbit.runtime.registry import Kernel, Shape, preparer
+from lowbit.runtime.transpose_fusion import FUSED_QUANTIZE, channels_last_perm
 from lowbit.runtime.windows import Window, conv_window, window_view
 
 Inputs = list[tuple[Shape, np.dtype]]
@@ -418,6 +419,36 @@ def prepare_quantize_linear(node: Node, graph: Graph, inputs: Inputs) -> Kernel:
     (sub-byte codes clipped after it: saturating to int8, then to int4, saturates to int4), the rest
     ``lowbit.quantization.qdq.quantize_linear``. Scale and zero point may be computed at run time.
     """
+    return _prepare_quantize(node, graph, inputs)
+
+
+@preparer(FUSED_QUANTIZE)
+def prepare_quantize_to_nhwc(node: Node, graph: Graph, inputs: Inputs) -> Kernel:
+    """lowbit's QuantizeLinear of ``[N, C, *spatial]`` data written ``[N, *spatial, C]``: ONNX QuantizeLinear (the
+    node's inputs and attributes) followed by ``Transpose(perm=[0, 2, ..., 1])``, the pair that
+    :func:`lowbit.runtime.transpose_fusion.fuse_layout_transposes` merges. Per tensor float32 to 8-bit codes is one
+    pass of ``kernels.quantize_linear_to_nhwc``; anything else runs QuantizeLinear's kernel, then transposes."""
+    if len(inputs[0][0]) < 2:
+        raise ValueError(f"node {node.name!r} ({node.op}): input x must have rank >= 2, got shape "
+                         f"{list(inputs[0][0])}")
+    return _prepare_quantize(node, graph, inputs, to_nhwc=True)
+
+
+def _transposing(kernel: Kernel, perm: list[int]) -> Kernel:
+    """``kernel`` (one output) with its output transposed by ``perm``, through a buffer of its own."""
+    (shape, dtype), = kernel.outputs
+    codes = np.empty(shape, dtype)
+
+    def run(ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
+        kernel.run(ins, [codes])
+        np.copyto(outs[0], codes.transpose(perm))
+
+    return Kernel(run, [(tuple(shape[a] for a in perm), dtype)], kernel.ops, kernel.precision,
+                  f"{kernel.note}, then transposed")
+
+
+def _prepare_quantize(node: Node, graph: Graph, inputs: Inputs, to_nhwc: bool = False) -> Kernel:
+    """QuantizeLinear's kernel; ``to_nhwc``: its output transposed channels last (:func:`channels_last_perm`)."""
     (shape, x_dtype), scale, zero = _quantization_specs(node, graph, inputs, FLOATS)
     code = _code_type(node, zero)
     bits, signed = qdq.CODE_TYPES[code]
@@ -435,13 +466,26 @@ def prepare_quantize_linear(node: Node, graph: Graph, inputs: Inputs) -> Kernel:
     out, size = [(shape, _container(code))], math.prod(shape)
     if axis is None and x_dtype == compute == np.float32:
         s, z, dtype = _per_tensor(node, graph, 1, float), _per_tensor(node, graph, 2, int, 0), _container(code)
+        if to_nhwc and bits == 8:
+            perm = channels_last_perm(len(shape))
+            codes = np.empty(shape, dtype)  # for a scale the kernel refuses only (see _quantize)
+
+            def run_nhwc(ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
+                scale = s(ins)
+                if 0 < scale < math.inf:
+                    quantize_linear_to_nhwc(ins[0], scale, z(ins), dtype=dtype, out=outs[0])
+                else:
+                    np.copyto(outs[0], _quantize(ins[0], scale, z(ins), dtype, codes).transpose(perm))
+
+            return Kernel(run_nhwc, [(tuple(shape[a] for a in perm), dtype)], size, "int8", f"to {code}, NHWC")
 
         def run(ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
             _quantize(ins[0], s(ins), z(ins), dtype, outs[0])
             if bits < 8:
                 np.clip(outs[0], lo, hi, out=outs[0])
 
-        return Kernel(run, out, size, "int8", f"to {code}")
+        kernel = Kernel(run, out, size, "int8", f"to {code}")
+        return _transposing(kernel, channels_last_perm(len(shape))) if to_nhwc else kernel
     has_zero = zero is not None
 
     def run_numpy(ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
@@ -451,7 +495,8 @@ def prepare_quantize_linear(node: Node, graph: Graph, inputs: Inputs) -> Kernel:
         np.copyto(outs[0], codes)
 
     layout = "per tensor" if axis is None else f"blocks of {block} along axis {axis}" if block else f"axis {axis}"
-    return Kernel(run_numpy, out, size, "int8", f"to {code}, {layout} (NumPy)")
+    kernel = Kernel(run_numpy, out, size, "int8", f"to {code}, {layout} (NumPy)")
+    return _transposing(kernel, channels_last_perm(len(shape))) if to_nhwc else kernel
 
 
 @preparer("DequantizeLinear")

@@ -278,7 +278,7 @@ class Session:
             if _foldable(node, constants):
                 results = evaluators.evaluate(node, [values[t] if t else None for t in node.inputs],
                                               graph.opset_of(node.op))
-                results = [np.ascontiguousarray(r) for r in results]
+                results = [r if r.flags.c_contiguous else r.copy() for r in results]  # bindable by address
                 constants.update(zip(node.outputs, results))
                 folded[len(chosen)] = results
                 kernel = _folded(results)

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 import kernels
-from kernels.elementwise import (MAX_ADD_RATIO, lookup_table, qlinear_add, qlinear_lookup, qlinear_mul)
+from kernels.elementwise import (MAX_ADD_RATIO, lookup_table, qlinear_add, qlinear_add_plan, qlinear_lookup,
+                                 qlinear_mul, qlinear_mul_plan)
 from kernels.reference import elementwise as ref
 
 DTYPES = (np.uint8, np.int8)
@@ -299,6 +300,48 @@ def test_lookup_table_exact_cases():
     assert halves[1] == 0 and halves[3] == 2 and halves[5] == 2
     saturated = lookup_table(lambda v: np.where(v > 0, np.inf, -np.inf), 1.0, 128, 1.0, 0, np.uint8, np.int8)
     assert saturated[:129].tolist() == [-128] * 129 and saturated[129:].tolist() == [127] * 127
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("shapes", [((2, 3, 4, 5), (2, 3, 4, 5)), ((2, 3, 4, 5), (3, 1, 1)), ((4, 1), (1, 5)),
+                                    ((1, 3, 1, 5, 1, 2), (2, 1, 4, 1, 3, 1)), ((7, 1), ())])
+def test_plan_equals_the_one_call_function(rng, op, shapes):
+    """A plan made once gives, call after call, what the one-call function gives (it is what that one runs)."""
+    kernel, make = (qlinear_add, qlinear_add_plan) if op == "add" else (qlinear_mul, qlinear_mul_plan)
+    for da, db in ((np.uint8, np.uint8), (np.int8, np.uint8)):
+        quantization = (0.0312, _zero_point(rng, da), 0.0718, _zero_point(rng, db), 0.1043, np.int8(-3))
+        plan = make(shapes[0], da, shapes[1], db, *quantization, activation="relu")
+        for _ in range(2):
+            a, b = _random(rng, da, shapes[0]), _random(rng, db, shapes[1])
+            want = kernel(a, *quantization[:2], b, *quantization[2:], activation="relu")
+            got = plan(a, b)
+            assert got.dtype == np.int8 and got.shape == want.shape
+            np.testing.assert_array_equal(got, want)
+            out = np.empty_like(want)
+            assert plan(a, b, out) is out
+            np.testing.assert_array_equal(out, want)
+
+
+def test_bad_plan_arguments():
+    plan = qlinear_add_plan((2, 3), np.uint8, (3,), "uint8", 0.1, 0, 0.1, 0, 0.1, 0)
+    a, b = np.zeros((2, 3), np.uint8), np.zeros(3, np.uint8)
+    np.testing.assert_array_equal(plan(a[:, ::-1], b), np.zeros((2, 3), np.uint8))  # copied to C order
+    with pytest.raises(ValueError, match=r"a: expected shape \(2, 3\) \(as prepared\), got \(3, 2\)"):
+        plan(a.T.copy(), b)
+    with pytest.raises(ValueError, match=r"b: expected shape \(3,\) \(as prepared\), got \(1, 3\)"):
+        plan(a, b[None])
+    with pytest.raises(TypeError, match="b: expected dtype uint8, got int8"):
+        plan(a, b.view(np.int8))
+    with pytest.raises(TypeError, match="a: expected a numpy.ndarray, got list"):
+        plan([[0] * 3] * 2, b)
+    with pytest.raises(ValueError, match=r"out: expected a 2-D array, got shape \(3,\)"):
+        plan(a, b, np.zeros(3, np.uint8))
+    with pytest.raises(TypeError, match="b_dtype: expected uint8 or int8, got <class 'numpy.float32'>"):
+        qlinear_mul_plan((2, 3), np.uint8, (3,), np.float32, 0.1, 0, 0.1, 0, 0.1, 0)
+    with pytest.raises(ValueError, match=r"a, b: shapes \(2, 3\) and \(2,\) do not broadcast"):
+        qlinear_add_plan((2, 3), np.uint8, (2,), np.uint8, 0.1, 0, 0.1, 0, 0.1, 0)
+    with pytest.raises(ValueError, match=r"a_zero_point: values must lie in \[0, 255\]"):
+        qlinear_add_plan((2, 3), np.uint8, (3,), np.uint8, 0.1, -1, 0.1, 0, 0.1, 0)
 
 
 # --- bad inputs --------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import kernels
-from kernels.quantize import dequantize_linear, quantize_linear
+from kernels.quantize import dequantize_linear, quantize_linear, quantize_linear_to_nhwc
 
 QDTYPES = (np.uint8, np.int8)
 SIZES = (0, 1, 7, 63, 65, 1000003)
@@ -220,3 +220,73 @@ def test_bad_out():
     q = np.zeros(96, np.uint8)
     with pytest.raises(ValueError, match="out: must not overlap the input array"):
         dequantize_linear(q[:24].reshape(4, 6), 0.1, 0, out=q.view(np.float32).reshape(4, 6))
+
+
+# --- quantize_linear_to_nhwc -------------------------------------------------------------------------------------
+
+def _channels_last(q: np.ndarray) -> np.ndarray:
+    return q.transpose(0, *range(2, q.ndim), 1)
+
+
+# RGB (its own interleaving loop), other channel counts (the tiled loop), pixel counts across the 256-pixel tile
+NHWC_SHAPES = ((1, 3, 1, 1), (2, 3, 7, 9), (1, 3, 17, 16), (3, 5, 7, 9), (2, 1, 65), (1, 7, 300), (2, 64, 4, 5),
+               (3, 2), (1, 4, 2, 3, 5), (0, 3, 4, 4), (2, 3, 0, 5))
+
+
+@pytest.mark.parametrize("dtype", QDTYPES)
+@pytest.mark.parametrize("shape", NHWC_SHAPES)
+def test_to_nhwc(rng, dtype, shape):
+    x = (rng.standard_normal(shape) * 4).astype(np.float32)
+    x.reshape(-1)[:4] = [np.inf, -np.inf, 0.5 * 0.0173, 1e30][:x.size]
+    for zp in _zero_points(dtype):
+        q = quantize_linear_to_nhwc(x, 0.0173, zp, dtype=dtype)
+        assert q.dtype == dtype and q.shape == (shape[0], *shape[2:], shape[1])
+        np.testing.assert_array_equal(q, _channels_last(quantize_ref(x, 0.0173, zp, dtype)))
+
+
+def test_to_nhwc_out_views_and_threads(rng, monkeypatch):
+    x = (rng.standard_normal((5, 3, 6, 10)) * 4).astype(np.float32)
+    out = np.full((5, 6, 10, 3), 7, np.uint8)
+    assert quantize_linear_to_nhwc(x, 0.05, 128, out=out) is out
+    np.testing.assert_array_equal(out, _channels_last(quantize_ref(x, 0.05, 128, np.uint8)))
+    view = x.transpose(0, 1, 3, 2)  # copied to C order
+    np.testing.assert_array_equal(quantize_linear_to_nhwc(view, 0.05, 3, dtype=np.int8),
+                                  _channels_last(quantize_ref(view, 0.05, 3, np.int8)))
+    monkeypatch.setattr(kernels.threads, "_setting", 2)
+    monkeypatch.setattr(kernels.quantize, "SPLIT_ELEMS", 100)  # one image per part: the tiles must not be shared
+    for c in (3, 4):
+        y = (rng.standard_normal((5, c, 9, 31)) * 4).astype(np.float32)
+        np.testing.assert_array_equal(quantize_linear_to_nhwc(y, 0.05, 128),
+                                      _channels_last(quantize_ref(y, 0.05, 128, np.uint8)))
+
+
+def test_to_nhwc_every_level(level, rng):
+    x = (rng.standard_normal((2, 3, 5, 7)) * 4).astype(np.float32)
+    for c in (3, 5):
+        np.testing.assert_array_equal(quantize_linear_to_nhwc(x[:, :c], 0.0173, 1),
+                                      _channels_last(quantize_ref(x[:, :c], 0.0173, 1, np.uint8)))
+
+
+def test_to_nhwc_bad_arguments():
+    x = np.zeros((2, 3, 4, 5), np.float32)
+    for c in (3, 4):
+        y = np.ones((1, c, 2, 2), np.float32)
+        y[0, -1, 1, 0] = np.nan
+        with pytest.raises(ValueError, match="x: 1 NaN value"):
+            quantize_linear_to_nhwc(y, 0.5, 3)
+    with pytest.raises(ValueError, match=r"x: expected an array \[N, C, \*spatial\] of rank >= 2, got shape \(5,\)"):
+        quantize_linear_to_nhwc(x.reshape(-1)[:5], 0.1, 0)
+    with pytest.raises(TypeError, match="x: expected dtype float32, got float64"):
+        quantize_linear_to_nhwc(x.astype(np.float64), 0.1, 0)
+    with pytest.raises(TypeError, match="dtype: expected uint8 or int8"):
+        quantize_linear_to_nhwc(x, 0.1, 0, dtype=np.int16)
+    with pytest.raises(ValueError, match="scale: expected a positive finite float32"):
+        quantize_linear_to_nhwc(x, 0.0, 0)
+    with pytest.raises(ValueError, match=r"zero_point: values must lie in \[-128, 127\]"):
+        quantize_linear_to_nhwc(x, 0.1, 200, dtype=np.int8)
+    with pytest.raises(ValueError, match=r"out: expected shape \(2, 4, 5, 3\), got \(2, 3, 4, 5\)"):
+        quantize_linear_to_nhwc(x, 0.1, 0, out=np.zeros((2, 3, 4, 5), np.uint8))
+    with pytest.raises(TypeError, match="out: expected dtype int8, got uint8"):
+        quantize_linear_to_nhwc(x, 0.1, 0, dtype=np.int8, out=np.zeros((2, 4, 5, 3), np.uint8))
+    with pytest.raises(ValueError, match="out: must not overlap the input array"):
+        quantize_linear_to_nhwc(x, 0.1, 0, out=x.reshape(-1).view(np.uint8)[:120].reshape(2, 4, 5, 3))
