@@ -77,6 +77,10 @@ LAYERS = (
     # 32 channels or fewer per group run kernels.dispatch's narrow (12 x 32) VNNI tiles
     Layer("3x3 32@64 b32", 32, 64, 32, 3, batch=32),
     Layer("stem 3x3/2 3->32@224 b8", 3, 224, 32, 3, stride=2, batch=8),
+    # MobileNetV2's expand and project layers (96x96 input): 1x1 NHWC convolutions of few input channels run
+    # as one GEMM over every image's pixels, where the requantizing epilogue costs as much as the products
+    Layer("1x1 24->144@24 b32", 24, 24, 144, 1, batch=32),
+    Layer("1x1 144->24@24 b32", 144, 24, 24, 1, batch=32),
     Layer("binary 3x3 256@14", 256, 14, 256, 3, kind="binary"),
     Layer("int4 3x3 256@14", 256, 14, 256, 3, kind="int4"),
 )

@@ -15,7 +15,8 @@ Depthwise convolutions (``group == C == O``) run ``kernels.conv.depthwise``;
 every other one runs the int8 GEMM micro-kernels and epilogues of
 ``kernels.linear_int8`` over the output pixels (``kernels.conv.int8_driver``):
 reading the taps through an indirection table on AVX-512 VNNI when each group
-has a multiple of 4 channels, else from im2col rows built block by block.
+has a multiple of 4 channels, else from im2col rows built block by block; a 1x1
+stride-1 convolution there is a plain GEMM over every image's pixels, read in place.
 """
 
 from __future__ import annotations
@@ -29,13 +30,15 @@ from kernels import _validate, dispatch, epilogue, threads
 from kernels.conv import pointwise
 from kernels.conv.depthwise import DepthwisePlan, pack_depthwise
 from kernels.conv.geometry import ConvGeometry, check_layout, conv_geometry, from_nhwc, to_nhwc
-from kernels.conv.int8_driver import DRIVERS, INDIRECT_DRIVERS, block_rows, indirection, widen_channels
+from kernels.conv.int8_driver import (DRIVERS, INDIRECT_DRIVERS, POINTWISE_DRIVERS, block_rows, indirection,
+                                      runs_indirection, widen_channels, widen_padded)
 from kernels.epilogue import Epilogue
 from kernels.gemm.driver import K_CHUNK
 from kernels.gemm.int8 import check_zero_point, fused_epilogue, max_k_int32, register_epilogue
 from kernels.pack.panels import KGROUP, PANEL, PackedInt8, pack_int8
 
 ACTIVATION_DTYPES = (np.uint8, np.int8)
+_RANGES = {np.uint8: (0, 255), np.int8: (-128, 127)}  # the codes of an output dtype
 
 
 class PackedConvInt8:
@@ -111,6 +114,7 @@ class ConvPlan:
                  za: int, zw: np.ndarray, epi: Epilogue, out_dtype: np.dtype):
         self.layout, self.x_dtype, self.geo, self.epi, self.out_dtype = layout, x_dtype, geo, epi, out_dtype
         self.x_shape = tuple(x_shape)
+        self.rows_shape = (geo.rows, geo.out_channels)  # of the NHWC result as a matrix
         self.channels = geo.in_channels
         self.out_shape = geo.out_shape_nhwc if layout == "NHWC" else (geo.batch, geo.out_channels, geo.out_h,
                                                                       geo.out_w)
@@ -137,6 +141,9 @@ class ConvPlan:
             packed = pack_conv_int8(weights)
             geo = dataclasses.replace(geo, in_channels=wide)
             self.geo = geo
+        # so few channels make taps of one k group each: with the rows padded as the channels are, the taps
+        # along a kernel row are contiguous, and the indirect kernel reads each kernel row as one run
+        self.runs = self.channels != geo.in_channels and geo.dilation_w == 1 and geo.kernel_w > 1
         og, cg, k = geo.group_out, geo.group_in, geo.depth
         self.row_sums = np.zeros(geo.rows, np.int64)
         self.terms = [_group_terms(g, packed, zw, self.za, k, epi, self.row_sums) for g, packed in
@@ -144,7 +151,17 @@ class ConvPlan:
         self.weights = [(packed.data, packed.k_groups) for packed in packed.groups]
         variant = dispatch.choose("conv_int8", geo.rows, og, cg)
         self.kind = variant.kind
-        if variant.kind == "im2col":
+        self.pointwise = variant.kind != "im2col" and pointwise.is_1x1(geo) and _rows_epilogue(self.terms[0], epi)
+        if self.pointwise:  # a plain GEMM: every pixel of every image a row, read in place
+            codes = self.terms[0][12:14]
+            full = epi.mode == epilogue.QUANT and codes == _RANGES.get(np.dtype(out_dtype).type)
+            self.driver = POINTWISE_DRIVERS[variant.kind, epi.mode, full]
+            self.kind = variant.kind.replace("indirect", "1x1")
+            self.step = variant.rows
+            terms = self.terms[0]  # the driver's arguments but the input, rows and output: kept for the calls
+            self.pointwise_args = (cg, *self.weights[0], og)
+            self.pointwise_terms = (terms[1], terms[6], terms[8], terms[11], terms[12], terms[13])
+        elif variant.kind == "im2col":
             gemm = dispatch.choose("gemm_int8", geo.rows, og, k)
             self.driver = DRIVERS[gemm.kind, epi.mode]
             self.lda = -(-k // KGROUP) * KGROUP
@@ -152,8 +169,9 @@ class ConvPlan:
         else:
             self.driver = INDIRECT_DRIVERS[variant.kind, epi.mode]
             self.step = variant.rows
-            self.table = _indirection(geo)
-            self.pad = np.full(cg, self.za, np.uint8)
+            self.table = _runs_indirection(geo) if self.runs else _indirection(geo)
+            self.taps, run = (geo.kernel_h, geo.kernel_w * cg) if self.runs else (geo.taps, cg)
+            self.pad = np.full(run, self.za, np.uint8)
         # ~400 GOPS per thread: split rows over threads only when that pays
         self.estimate_us = 2 * geo.rows * og * k / 400e3
 
@@ -168,27 +186,38 @@ class ConvPlan:
         if self.direct is not None:
             target = out if out is not None else np.empty(self.out_shape, self.out_dtype)
             self.direct.run(np.ascontiguousarray(x),
-                            target if self.layout == "NCHW" else target.reshape(geo.rows, geo.out_channels))
+                            target if self.layout == "NCHW" else target.reshape(self.rows_shape))
+            return target
+        if self.layout == "NHWC":  # x is checked: to_nhwc would only copy a strided view
+            target = out if out is not None else np.empty(self.out_shape, self.out_dtype)
+            self._run(np.ascontiguousarray(x), target.reshape(self.rows_shape))
             return target
         x = to_nhwc("x", x, ACTIVATION_DTYPES, self.layout)
-        if self.layout == "NHWC":
-            target = out if out is not None else np.empty(self.out_shape, self.out_dtype)
-            self._run(x, target.reshape(geo.rows, geo.out_channels))
-            return target
-        rows = np.empty((geo.rows, geo.out_channels), self.out_dtype)
+        rows = np.empty(self.rows_shape, self.out_dtype)
         self._run(x, rows)
         return from_nhwc(rows.reshape(geo.out_shape_nhwc), self.layout, out)
 
     def _run(self, x: np.ndarray, out2d: np.ndarray) -> None:
         geo = self.geo
         if self.channels != geo.in_channels:
-            wide = np.empty((*x.shape[:3], geo.in_channels), x.dtype)
-            widen_channels(x.reshape(-1, self.channels), x.dtype.type(self.za - (128 if x.dtype == np.int8 else 0)),
-                           wide.reshape(-1, geo.in_channels))
+            fill = x.dtype.type(self.za - (128 if x.dtype == np.int8 else 0))
+            if self.runs:
+                row_pixels = geo.pad_left + geo.in_w + geo.pad_right
+                wide = np.empty((geo.batch, geo.in_h, row_pixels, geo.in_channels), x.dtype)
+                widen_padded(x.reshape(-1, geo.in_w, self.channels), fill, geo.pad_left,
+                             wide.reshape(-1, row_pixels, geo.in_channels))
+            else:
+                wide = np.empty((*x.shape[:3], geo.in_channels), x.dtype)
+                widen_channels(x.reshape(-1, self.channels), fill, wide.reshape(-1, geo.in_channels))
             x = wide
         if x.dtype == np.int8:
             x = x.view(np.uint8) ^ 0x80
         og, cg = geo.group_out, geo.group_in
+        if self.pointwise:
+            flat, head, tail = x.reshape(-1), self.pointwise_args, self.pointwise_terms
+            threads.run_tiled(lambda p0, p1, i0, i1: self.driver(flat, *head, i0, i1, *tail, out2d), 1,
+                              self.rows_shape[0], self.step, self.estimate_us)
+            return
         for g, ((data, kq), terms) in enumerate(zip(self.weights, self.terms)):
             if self.kind == "im2col":
                 def part(p0, p1, i0, i1, g=g, data=data, kq=kq, terms=terms):
@@ -198,8 +227,8 @@ class ConvPlan:
                 flat = x.reshape(-1)[g * cg :]
 
                 def part(p0, p1, i0, i1, data=data, flat=flat, terms=terms, g=g):
-                    self.driver(flat, self.pad, self.table, geo.taps, cg // KGROUP, data, og, i0, i1, *terms, out2d,
-                                g * og)
+                    self.driver(flat, self.pad, self.table, self.taps, self.pad.size // KGROUP, data, og, i0, i1,
+                                *terms, out2d, g * og)
 
             # rows in whole steps, so that threads never repeat each other's im2col
             threads.run_tiled(part, 1, geo.rows, self.step, self.estimate_us)
@@ -228,6 +257,14 @@ def _prepare(w: object, x_shape: tuple, x_dtype: object, x_zero_point: object, w
     return packed, x_dtype, geo, za, zw
 
 
+@functools.lru_cache(maxsize=16)
+def _runs_indirection(geo: ConvGeometry) -> np.ndarray:
+    """:func:`_indirection` of a convolution whose input rows are padded (``self.runs`` of :class:`ConvPlan`)."""
+    table = runs_indirection(geo.window(), geo.batch, geo.pad_left + geo.in_w + geo.pad_right, geo.in_channels)
+    table.flags.writeable = False
+    return table
+
+
 @functools.lru_cache(maxsize=64)
 def _indirection(geo: ConvGeometry) -> np.ndarray:
     """The indirection table of a geometry: it depends on nothing else, so it is made once."""
@@ -253,6 +290,14 @@ def _group_terms(g: int, packed: PackedInt8, zw_all: np.ndarray, za: int, k: int
     mult, shift = _panel_slice(epi.mult, channels, padded), _panel_slice(epi.shift, channels, padded)
     return (col_term, col_term32, zw, row_sums, row_term, fused, mult, shift, epilogue.single_table(epi, mult), epi.lo,
             epi.hi, epi.zp, epi.qmin, epi.qmax)
+
+
+def _rows_epilogue(terms: tuple, epi: Epilogue) -> bool:
+    """Whether ``kernels.conv.int8_driver``'s 1x1 driver finishes the ``_group_terms`` ``terms``: fused in the
+    registers (no row term), with an int32 output or quantized codes that are integers."""
+    fused, qmin = terms[5], terms[12]
+    codes = epi.mode == epilogue.QUANT and isinstance(qmin, (int, np.integer))
+    return fused and (epi.mode == epilogue.INTEGER or codes)
 
 
 def _panel_slice(values: np.ndarray, channels: slice, padded: int) -> np.ndarray:

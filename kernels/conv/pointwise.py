@@ -161,12 +161,18 @@ DRIVERS = {mode: _make_driver(mode) for mode in MODES}
 MIN_PIXELS = 36
 
 
+def is_1x1(geo) -> bool:
+    """Whether a convolution is a plain product of the weights and each pixel: 1x1, stride 1, no padding, one
+    group (the dilations then change nothing)."""
+    return (geo.group == 1 and (geo.kernel_h, geo.kernel_w) == (1, 1) and (geo.stride_h, geo.stride_w) == (1, 1)
+            and not any(geo.pads))
+
+
 def applicable_epilogue(geo, zw: np.ndarray, epi, za: int):
     """The epilogue of a convolution this module computes (``za`` as unsigned), or None when it does not
     apply: it needs 1x1, stride 1, no padding, one group, and an epilogue the VNNI tiles finish themselves
     (``kernels.gemm.int8.register_epilogue``: weight zero points 0, int32 sums that cannot overflow)."""
-    if (geo.group != 1 or (geo.kernel_h, geo.kernel_w) != (1, 1) or (geo.stride_h, geo.stride_w) != (1, 1)
-            or any(geo.pads)):
+    if not is_1x1(geo):
         return None
     return register_epilogue(epi, geo.in_channels, za, epi.col_bias, bool(zw.any()))
 

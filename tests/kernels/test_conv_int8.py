@@ -33,6 +33,8 @@ CASES = [
     (1, 1, 1, 1, 1, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1),
     (1, 20, 3, 3, 130, 3, 3, (3, 3), (1, 1, 1, 1), (1, 1), 1),
     (1, 16, 6, 6, 16, 3, 3, (1, 1), (0, 1, 1, 0), (1, 1), 4),
+    # 3 channels widened to 4 with padded rows, each kernel row one run: dilated rows, asymmetric pads
+    (2, 3, 9, 10, 12, 3, 5, (2, 1), (2, 1, 0, 3), (2, 1), 1),
 ]
 
 
@@ -98,11 +100,12 @@ def test_qlinear_conv2d_matches_oracle(level, rng, case):
 
 
 @pytest.mark.parametrize("shape", [(3, 16, 96, 1, "NHWC"), (3, 3, 20, 1, "NHWC"), (1, 64, 70, 1, "NCHW"),
-                                   (3, 12, 40, 2, "NHWC")], ids=str)  # (k, C, O, group, layout)
+                                   (3, 12, 40, 2, "NHWC"), (1, 16, 80, 1, "NHWC"), (1, 8, 24, 1, "NHWC")],
+                         ids=str)  # (k, C, O, group, layout)
 @pytest.mark.parametrize("out_dtype", [np.uint8, np.int8], ids=str)
 def test_codes_near_ties(level, rng, shape, out_dtype):
     """Power-of-two scales: sums at exact ties, which the tiles' float32 codes leave to float64
-    (``kernels.gemm.vnni.single_codes``); through the indirect, im2col, 1x1 NCHW and grouped paths."""
+    (``kernels.gemm.vnni.single_codes``); through the indirect, im2col, 1x1 NCHW and NHWC and grouped paths."""
     k, c, o, group, layout = shape
     x = rng.integers(0, 256, (2, c, 13, 11), dtype=np.uint8)
     w = rng.integers(-128, 128, (o, c // group, k, k), dtype=np.int8)
@@ -189,6 +192,17 @@ def test_narrow_tiles_every_epilogue(level, rng, case, layout):
     n, c, h, w, o, kh, kw, *_, g = case
     if level == kernels.cpu.AVX512_VNNI and (c // g) % 4 == 0 and kh * kw > 1:
         assert kinds == {"avx512-vnni-indirect-narrow" if o // g <= 32 else "avx512-vnni-indirect"}
+
+
+@pytest.mark.parametrize("case", [CASES[8], CASES[-1], (1, 1, 5, 7, 40, 3, 3, (1, 1), "same", (1, 1), 1)],
+                         ids=_case_ids)
+def test_widened_rows_one_run_per_kernel_row(level, rng, case):
+    """Images of 1..3 channels widened to 4: on VNNI their rows are padded too, and each kernel row is one run of
+    the indirect kernel (``kernels.conv.int8_driver.runs_indirection``), with every epilogue and row sums."""
+    _check_every_epilogue(rng, case, "NHWC")
+    n, c, h, w, o, kh, kw, *_ = case
+    plan = kernels.conv2d_int8_plan(np.zeros((o, c, kh, kw), np.int8), (n, h, w, c), layout="NHWC", **_attrs(case))
+    assert plan.runs == (level == kernels.cpu.AVX512_VNNI)
 
 
 @pytest.fixture
@@ -292,6 +306,32 @@ def test_pointwise_nchw(level, rng, shape, x_dtype, monkeypatch):
         out = np.full(layer.out_shape, 99, out_dtype)
         assert layer(x, out) is out
         np.testing.assert_array_equal(out, want.reshape(n, h, w, o).transpose(0, 3, 1, 2))
+
+
+# (N, C, H, W, O): tails of the 6- and 12-row tiles; 1..33 channels (narrow tiles, their 16-channel tail), 48,
+# 96 and 144 (the wide tile's 32- and 16-channel tails); 3 channels (widened to 4); weights past L1 (a panel at a time)
+POINTWISE_NHWC_SHAPES = [(1, 4, 1, 1, 1), (2, 8, 3, 5, 24), (1, 20, 7, 3, 33), (3, 12, 5, 5, 48), (1, 3, 4, 9, 16),
+                         (1, 24, 5, 7, 144), (2, 40, 3, 3, 96), (1, 160, 4, 5, 200)]
+
+
+@pytest.mark.parametrize("shape", POINTWISE_NHWC_SHAPES, ids=str)
+def test_pointwise_nhwc(level, rng, shape):
+    """1x1 NHWC convolutions: a plain GEMM over every image's pixels on VNNI (``kernels.conv.int8_driver``'s 1x1
+    driver, int32 and quantized codes; float output keeps the indirect path), the im2col path elsewhere."""
+    n, c, h, w, o = shape
+    case = (n, c, h, w, o, 1, 1, (1, 1), 0, (1, 1), 1)
+    kinds = _check_every_epilogue(rng, case, "NHWC")
+    if level == kernels.cpu.AVX512_VNNI:
+        tile = "avx512-vnni-{}" + ("-narrow" if o <= 32 else "")
+        assert kinds == {tile.format("1x1"), tile.format("indirect")}
+    for x_dtype in (np.uint8, np.int8):  # int8 activations run as uint8 + 128
+        x, wt = _operands(rng, case, x_dtype)
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+        got = kernels.qlinear_conv2d(x, 0.03, -7 if x_dtype == np.int8 else 200, wt, 0.01, 0, 0.05, 5, layout="NHWC")
+        acc = conv2d_ref(x.transpose(0, 3, 1, 2), wt, x_zero_point=-7 if x_dtype == np.int8 else 200)
+        want = finish_ref(acc.transpose(0, 2, 3, 1).reshape(-1, o), a_scale=0.03, w_scale=0.01, out_dtype=x_dtype,
+                          out_scale=0.05, out_zero_point=5)
+        np.testing.assert_array_equal(got.reshape(-1, o), want)
 
 
 def test_pointwise_applies_only_where_exact(rng):
