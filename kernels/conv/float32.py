@@ -1,7 +1,8 @@
-"""Float32 2-D convolutions (ONNX Conv) on NCHW arrays, with bias and a clamp (relu, relu6) fused.
+"""Float32 2-D convolutions (ONNX Conv) on NCHW or NHWC arrays, with bias and a clamp (relu, relu6) fused.
 
 With ``C' = C / group`` channels per group, ``g = o // (O / group)`` and the border
-padded with zeros (ONNX)::
+padded with zeros (ONNX), in NCHW (NHWC: ``x[n, iy, ix, c]`` and ``y[n, oy, ox, o]``; the
+weights are OIHW either way)::
 
     y[n, o, oy, ox] = clamp(bias[o] + sum_{c < C', ky, kx} w[o, c, ky, kx]
                                       * x[n, g C' + c, oy SH + ky DH - PT, ox SW + kx DW - PL], lo, hi)
@@ -21,7 +22,10 @@ here (150 on 512-cubes), the register tiles below 140-175.
   (:func:`_pixel_tile`); per tap, each pixel's input value is broadcast from where it
   lies in the (zero-padded copy of the) image, through a table of pixel offsets: no
   im2col copy, no wasted column. The pixel-major result of an image is transposed into
-  the NCHW output with ``kernels.conv.layout``'s block transposes.
+  the NCHW output with ``kernels.conv.layout``'s block transposes. Image by image, every
+  weight is streamed again per image: small planes with large filters (``OH OW <=
+  NHWC_MAX_PIXELS``, more than ``NHWC_MIN_WEIGHTS`` bytes of them) run the NHWC pixel
+  tiles below instead, between two transposes ("nhwc-pixels").
 * **Channel-major panels** (the other non-depthwise ones): pixels go in panels of
   ``NR = 32``; a register tile of ``MR = 8`` output channels by the ``NR`` pixels
   (:func:`_tile`: 16 vectors of 16 lanes held over all of K, one multiply-add per
@@ -52,6 +56,27 @@ here (150 on 512-cubes), the register tiles below 140-175.
   sums its taps inside the plane (a table per plan, padding left out) along 4 vectors of
   channels, and the ``[OH OW, 64]`` result is transposed back into NCHW.
 
+NHWC (``layout="NHWC"``) runs two kinds channels-last, with no transpose:
+
+* **Pixel tiles** for every non-depthwise convolution with ``O / group >= 16`` or one group
+  (:func:`_make_pixels_nhwc`): the tile above, K in ``(ky, kx, c)`` order, so tap
+  ``(ky, kx, c)`` of a pixel lies at a fixed offset ``(ky DH WB + kx DW) C + c`` in the
+  (zero-padded, ``WB`` wide) NHWC image and the tile's rows go straight into the output
+  rows. An item is several whole images (about ``ITEM_PIXELS`` output pixels), whose
+  pixels run through each weight panel in turn: a block of 64 filters by a chunk of K
+  small enough to stay in L2, the chunks adding to partial sums in the output (small
+  planes no longer re-stream every weight per image; a 1x1 stride-1 layer is one
+  product ``[N H W, C] x [C, O]``). A group's last ``O' % 64`` filters take a tile of 1-3
+  vectors, masked past ``O'``.
+* **Depthwise** 3x3 and 5x5, any stride, dilation and padding
+  (:func:`_make_depthwise_nhwc`): 32 channels along two vectors, the taps' weights in
+  registers for a band of output rows, each tap one multiply-add on a vector read in place
+  from ``x``; border outputs take an outside tap from a vector of zeros instead (no
+  padded copy).
+
+The rest (depthwise of other sizes, groups of fewer than 16 filters) runs the NCHW kernel
+between two transposes (``kind`` "nchw-<kind>").
+
 Everything is plain LLVM IR or Numba code, no target intrinsics: it compiles for any
 CPU. The tiles are sized for 32 vector registers (AVX-512); with 16 they spill.
 """
@@ -67,10 +92,20 @@ from numba.extending import intrinsic
 
 from kernels import _validate, threads
 from kernels._jit import kernel
-from kernels.conv.geometry import ConvGeometry, conv_geometry
-from kernels.conv.layout import BLOCKS, _transpose
+from kernels.conv.geometry import ConvGeometry, check_layout, conv_geometry
+from kernels.conv.layout import BLOCKS, _transpose, nchw_to_nhwc, nhwc_to_nchw
 from kernels.gemm.int8 import _activation_bounds
-from kernels.gemm.llvm_ir import F32, I32, I64, array_ptr, declare, emit_loop, is_array, masked, splat
+from kernels.gemm.llvm_ir import (
+    F32,
+    I32,
+    I64,
+    array_ptr,
+    declare,
+    emit_loop,
+    is_array,
+    masked,
+    splat,
+)
 
 MR = 8  # output channels per register tile
 VECTORS = 2  # 16-lane vectors per tile row
@@ -271,51 +306,88 @@ def _fill_padded(x, n, c, h, w, pt, pl, wb, hb, img):
         _copy_rows(img, ch * hb * wb + pt * wb + pl, wb, x, (n * c + ch) * h * w, w, w, h)
 
 
-PIXEL_ROWS = {4: 6, 2: 8}  # pixel tile: vectors of 16 output channels -> pixels per tile (24 or 16 sums)
+# pixel tile: vectors of 16 output channels -> pixels per tile (24, 24, 16 or 8 sums); NCHW takes 4 or 2 vectors
+PIXEL_ROWS = {4: 6, 3: 8, 2: 8, 1: 8}
 # Shorter filters (1x1 on few channels) run faster as channel-major panels: the pixel tile's fixed costs and the
 # final transpose weigh more there (measured: 1x1 stride-2 16->32 and 32->64 lost 10-30 %, 3x3 ones gained 0-40 %)
 PIXEL_MIN_DEPTH = 64
+# NCHW pixel-tile layers of at most NHWC_MAX_PIXELS output pixels per image and more than NHWC_MIN_WEIGHTS bytes of
+# weights per group (out of L2: streamed again for every image) run NHWC between two transposes, where a weight panel
+# serves several images. Measured at batch 32, time with / without: 0.54-0.67 for 3x3 on 14x14 and 7x7 outputs,
+# 0.63-0.84 for 1x1 on 3x3 planes with 370 KB to 1.2 MB of weights; 1.03-1.97 for 1x1 with 50-220 KB of weights
+NHWC_MAX_PIXELS = 256
+NHWC_MIN_WEIGHTS = 256 * 1024
+
+
+FIRST, LAST = 1, 2  # pixel tile modes: start from the bias (else from ``out``), clamp (else store the partial sums)
 
 
 @functools.cache
 def _pixel_tile(vectors: int):
-    """Intrinsic ``tile(wt, w_off, img, i_off, pix, p_off, taps, bias, o0, out, out_off, ldo, lo, hi)``::
+    """Intrinsic ``tile(wt, w_off, img, i_off, pix, p_off, nrows, taps, q0, q1, bias, o0, nch, out, out_off, ldo,
+    mode, lo, hi)``: for pixel rows ``r < nrows <= PIXEL_ROWS[vectors]``, channels ``j < nch <= 16 vectors``::
 
-        out[out_off + r ldo + j] = clamp(bias[o0 + j] + sum_q img[i_off + pix[p_off + r] + taps[q]]
-                                                            * wt[w_off + q 16 vectors + j], lo, hi)
+        s = (bias[o0 + j] if mode & FIRST else out[out_off + r ldo + j])
+            + sum_{q0 <= q < q1} img[i_off + pix[p_off + r] + taps[q]] * wt[w_off + q 16 vectors + j]
+        out[out_off + r ldo + j] = clamp(s, lo, hi) if mode & LAST else s
 
-    for the ``PIXEL_ROWS[vectors]`` pixels ``r`` and ``j < 16 vectors`` output channels:
-    the transposed product, channels along the vectors, one broadcast per pixel and tap
-    read where it lies in the image (no im2col copy), ``taps`` int64 ``[K]``. The rows are
-    stored whole (``ldo`` apart), pixel-major.
+    The transposed product, channels along the vectors, one broadcast per pixel and tap
+    read where it lies in the image (no im2col copy), ``taps`` int64. The rows past
+    ``nrows`` compute pixel ``pix[p_off]`` again and are not stored (nothing past them is
+    read); the lanes past ``nch`` are computed (``wt`` and ``bias`` are read whole) and
+    not stored. Partial sums (``mode`` without ``LAST``) let a long K run in chunks
+    whose weights stay in L2.
     """
     rows = PIXEL_ROWS[vectors]
     width = LANES * vectors
 
     @intrinsic
-    def tile(typingctx, wt, w_off, img, i_off, pix, p_off, taps, bias, o0, out, out_off, ldo, lo, hi):
+    def tile(typingctx, wt, w_off, img, i_off, pix, p_off, nrows, taps, q0, q1, bias, o0, nch, out, out_off, ldo,
+             mode, lo, hi):
         if not (all(is_array(t, types.float32, 1) for t in (wt, img, bias, out))
                 and is_array(pix, types.int64, 1) and is_array(taps, types.int64, 1)):
             return None
 
         def codegen(context, builder, signature, args):
-            wt, w_off, img, i_off, pix, p_off, taps, bias, o0, out, out_off, ldo, lo, hi = args
+            (wt, w_off, img, i_off, pix, p_off, nrows, taps, q0, q1, bias, o0, nch, out, out_off, ldo, mode,
+             lo, hi) = args
             tys = signature.args
             w_ptr = builder.gep(array_ptr(context, builder, tys[0], wt, F32), [w_off])
             img_ptr = builder.gep(array_ptr(context, builder, tys[2], img, F32), [i_off])
             pix_ptr = builder.gep(array_ptr(context, builder, tys[4], pix, I64), [p_off])
-            taps_ptr = array_ptr(context, builder, tys[6], taps, I64)
-            bias_ptr = builder.gep(array_ptr(context, builder, tys[7], bias, F32), [o0])
-            out_ptr = builder.gep(array_ptr(context, builder, tys[9], out, F32), [out_off])
-            k = context.make_array(tys[6])(context, builder, taps).nitems
-            bases = [builder.gep(img_ptr, [builder.load(builder.gep(pix_ptr, [ir.Constant(I64, r)]))])
+            taps_ptr = builder.gep(array_ptr(context, builder, tys[7], taps, I64), [q0])
+            bias_ptr = builder.gep(array_ptr(context, builder, tys[10], bias, F32), [o0])
+            out_ptr = builder.gep(array_ptr(context, builder, tys[13], out, F32), [out_off])
+            zero = ir.Constant(I64, 0)
+            valid = [builder.icmp_signed("<", ir.Constant(I64, r), nrows) for r in range(rows)]
+            # a row past nrows repeats row 0: its loads stay inside the image and the output
+            bases = [builder.gep(img_ptr, [builder.load(builder.gep(pix_ptr, [builder.select(valid[r],
+                                                                                        ir.Constant(I64, r), zero)]))])
                      for r in range(rows)]
+            out_rows = [builder.gep(out_ptr, [builder.mul(builder.select(valid[r], ir.Constant(I64, r), zero), ldo)])
+                        for r in range(rows)]
+            load, store = masked(builder, "load", V16F32), masked(builder, "store", V16F32)
+            align, undef = ir.Constant(I32, 4), ir.Constant(V16F32, None)
+            masks = [_lane_mask(builder, nch, LANES * v) for v in range(vectors)]
+            first = builder.icmp_signed("!=", builder.and_(mode, ir.Constant(mode.type, FIRST)),
+                                        ir.Constant(mode.type, 0))
+            biases = [builder.load(_vector_at(builder, bias_ptr, LANES * v), align=4) for v in range(vectors)]
+            entry = builder.block
+            with builder.if_then(builder.not_(first)):
+                partial = [builder.call(load, [_vector_at(builder, out_rows[r], LANES * v), align, masks[v], undef])
+                           for r in range(rows) for v in range(vectors)]
+                loaded = builder.block
+            init = []
+            for i in range(rows * vectors):
+                phi = builder.phi(V16F32)
+                phi.add_incoming(biases[i % vectors], entry)
+                phi.add_incoming(partial[i], loaded)
+                init.append(phi)
             fma = declare(builder, "llvm.fmuladd.v16f32", ir.FunctionType(V16F32, [V16F32] * 3))
-            init = [builder.load(_vector_at(builder, bias_ptr, LANES * v), align=4) for v in range(vectors)] * rows
 
             def step(q, accs):
                 tap = builder.load(builder.gep(taps_ptr, [q]))
-                w_row = builder.gep(w_ptr, [builder.mul(q, ir.Constant(I64, width))])
+                w_row = builder.gep(w_ptr, [builder.mul(builder.add(q, q0), ir.Constant(I64, width))])
                 w_vecs = [builder.load(_vector_at(builder, w_row, LANES * v), align=4) for v in range(vectors)]
                 new = []
                 for r in range(rows):
@@ -323,18 +395,24 @@ def _pixel_tile(vectors: int):
                     new += [builder.call(fma, [a, w_vecs[v], accs[r * vectors + v]]) for v in range(vectors)]
                 return new
 
-            sums = emit_loop(builder, k, V16F32, rows * vectors, step, init)
+            sums = emit_loop(builder, builder.sub(q1, q0), V16F32, rows * vectors, step, init)
+            last = builder.icmp_signed("!=", builder.and_(mode, ir.Constant(mode.type, LAST)),
+                                       ir.Constant(mode.type, 0))
             low, high = splat(builder, _f32(builder, lo), V16F32), splat(builder, _f32(builder, hi), V16F32)
+            low = builder.select(last, low, splat(builder, ir.Constant(F32, float("-inf")), V16F32))
+            high = builder.select(last, high, splat(builder, ir.Constant(F32, float("inf")), V16F32))
             for r in range(rows):
-                row = builder.gep(out_ptr, [builder.mul(ir.Constant(I64, r), ldo)])
-                for v in range(vectors):
-                    y = sums[r * vectors + v]
-                    y = builder.select(builder.fcmp_ordered("<", y, low), low, y)  # NaN stays NaN
-                    y = builder.select(builder.fcmp_ordered(">", y, high), high, y)
-                    builder.store(y, _vector_at(builder, row, LANES * v), align=4)
+                with builder.if_then(valid[r]):
+                    for v in range(vectors):
+                        y = sums[r * vectors + v]
+                        y = builder.select(builder.fcmp_ordered("<", y, low), low, y)  # NaN stays NaN
+                        y = builder.select(builder.fcmp_ordered(">", y, high), high, y)
+                        builder.call(store, [y, _vector_at(builder, out_rows[r], LANES * v), align, masks[v]])
             return context.get_dummy_value()
 
-        return types.void(wt, w_off, img, i_off, pix, p_off, taps, bias, o0, out, out_off, ldo, lo, hi), codegen
+        sig = types.void(wt, w_off, img, i_off, pix, p_off, nrows, taps, q0, q1, bias, o0, nch, out, out_off, ldo,
+                         mode, lo, hi)
+        return sig, codegen
 
     return tile
 
@@ -371,15 +449,15 @@ def _make_pixel_driver(vectors: int):
                 for p0 in range(0, pixels, rows):
                     for blk in range(blocks):
                         o0 = g * og + blk * width
-                        tile(wt, (g * blocks + blk) * k * width, src, base + g * cg * hb * wb, pix, p0, taps, bias, o0,
-                             nhwc, p0 * o + o0, o, lo, hi)
+                        tile(wt, (g * blocks + blk) * k * width, src, base + g * cg * hb * wb, pix, p0, rows, taps, 0,
+                             k, bias, o0, width, nhwc, p0 * o + o0, o, FIRST | LAST, lo, hi)
             _transpose(nhwc.view(np.uint32), out[n * o * pixels : (n + 1) * o * pixels].view(np.uint32), pixels, o,
                        units, 0, units)
 
     return pixel_items
 
 
-PIXEL_DRIVERS = {vectors: _make_pixel_driver(vectors) for vectors in PIXEL_ROWS}
+PIXEL_DRIVERS = {vectors: _make_pixel_driver(vectors) for vectors in (4, 2)}
 
 
 POINTWISE, WIDE, IM2COL = 0, 1, 2  # how a panel's rows are found (see _gemm_items)
@@ -745,12 +823,275 @@ def _depthwise_geo(geo: ConvGeometry) -> tuple[tuple[int, ...], tuple[int, int, 
              geo.pad_left, geo.out_h, geo.out_w, wb, wm, step, size, int(shared)), spec)
 
 
+# ---- channels-last (NHWC) ----------------------------------------------------------------------------------------
+
+PIXEL_BLOCK = 4 * LANES  # NHWC pixel tiles: output channels per block; a group's last may be 16, 32 or 48 wide
+# NHWC pixel tiles: an item takes about this many output pixels (whole images), which share each weight panel
+ITEM_PIXELS = 1024
+PANEL_BYTES = 192 * 1024  # K is cut in chunks whose weight panel (K chunk x 64 filters) stays in L2 (512 KB)
+
+
+@intrinsic
+def _memcpy(typingctx, dst, d, src, s, n):
+    """``dst[d : d + n] = src[s : s + n]`` (float32, not overlapping) by the C library's ``memcpy``: whole NHWC image
+    rows are long runs, which it copies faster than :func:`_copy_rows` (measured 1.5x on 6 rows of 3456 values)."""
+    if not (is_array(dst, types.float32, 1) and is_array(src, types.float32, 1)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        dst, d, src, s, n = args
+        tys = signature.args
+        i8p = ir.IntType(8).as_pointer()
+        target = builder.bitcast(builder.gep(array_ptr(context, builder, tys[0], dst, F32), [d]), i8p)
+        source = builder.bitcast(builder.gep(array_ptr(context, builder, tys[2], src, F32), [s]), i8p)
+        copy = declare(builder, "llvm.memcpy.p0i8.p0i8.i64",
+                       ir.FunctionType(ir.VoidType(), [i8p, i8p, I64, ir.IntType(1)]))
+        builder.call(copy, [target, source, builder.mul(n, ir.Constant(I64, 4)), ir.Constant(ir.IntType(1), 0)])
+        return context.get_dummy_value()
+
+    return types.void(dst, d, src, s, n), codegen
+
+
+@kernel(inline="always")
+def _fill_padded_nhwc(x, n, h, rowlen, pt, pl_c, wbc, hb, j, img):
+    """Image ``j`` of ``img`` [imgs, HB, WB C] (borders stay as they are) gets the rows of ``x[n]`` [H, W C]."""
+    for r in range(h):
+        _memcpy(img, (j * hb + pt + r) * wbc + pl_c, x, (n * h + r) * rowlen, rowlen)
+
+
+def _make_pixels_nhwc():
+    """The driver of the NHWC pixel tiles: blocks of 64 channels (4 vectors), a group's tail of 1-3 vectors."""
+    tile4, tile3, tile2, tile1 = (_pixel_tile(v) for v in (4, 3, 2, 1))
+    rows4 = PIXEL_ROWS[4]
+
+    @kernel
+    def pixels_nhwc(x, wt, bias, lo, hi, geo, taps, pix, i0, i1, img, out):
+        """Items ``i0 .. i1`` of an NHWC convolution by pixel tiles: item ``i`` is images ``i imgs ..``.
+
+        x : float32 [N H W C];  out : float32 [N OH OW O], written in place by the tiles (pixel-major)
+        wt : :func:`_pack_weights` of the (ky, kx, c)-ordered filters, blocks of 64 and a narrow tail per group
+        geo : (N, C, H, W, O, group, PT, PL, HB, WB, pixels, imgs, chunk, tail vectors (0: the last
+              block is a whole one, masked past ``O'``))
+        taps : int64 [K], tap ``(ky, kx, c)`` at ``(ky DH WB + kx DW) C + c`` of a pixel of the (padded) image;
+        pix : int64 [imgs pixels], output pixel ``m`` of the item's image ``j`` at
+              ``(j HB WB + oy SH WB + ox SW) C``;  img : the padded images' scratch (empty: no padding)
+
+        The tiles run over the pixels of all the item's images (tiles cross image borders),
+        weight panel by weight panel (a K chunk of a block of filters), so a panel in L2
+        serves every pixel of the item; chunks after the first add to the partial sums
+        stored in ``out``.
+        """
+        x, out = x.reshape(-1), out.reshape(-1)  # C-contiguous arrays of any shape, read flat
+        n_total, c, h, w, o, group, pt, pl, hb, wb, pixels, imgs, chunk, tail_v = geo
+        k = taps.shape[0]
+        cg, og = c // group, o // group
+        full = og // PIXEL_BLOCK if tail_v else -(-og // PIXEL_BLOCK)  # a last block of 49-63: masked
+        gsize = (full * PIXEL_BLOCK + tail_v * LANES) * k
+        for item in range(i0, i1):
+            n0 = item * imgs
+            count = min(imgs, n_total - n0)
+            if img.shape[0]:
+                for j in range(count):
+                    _fill_padded_nhwc(x, n0 + j, h, w * c, pt, pl * c, wb * c, hb, j, img)
+                src, base = img, 0
+            else:
+                src, base = x, n0 * h * w * c
+            total = count * pixels
+            out_base = n0 * pixels * o
+            for g in range(group):
+                for q0 in range(0, k, chunk):
+                    q1 = min(k, q0 + chunk)
+                    mode = (FIRST if q0 == 0 else 0) | (LAST if q1 == k else 0)
+                    for blk in range(full + (tail_v > 0)):
+                        o0 = g * og + blk * PIXEL_BLOCK
+                        nch = min(PIXEL_BLOCK, og - blk * PIXEL_BLOCK)
+                        w_off = g * gsize + blk * PIXEL_BLOCK * k
+                        i_off = base + g * cg
+                        if blk < full:
+                            for p0 in range(0, total, rows4):
+                                tile4(wt, w_off, src, i_off, pix, p0, min(rows4, total - p0), taps, q0, q1, bias, o0,
+                                      nch, out, out_base + p0 * o + o0, o, mode, lo, hi)
+                        elif tail_v == 3:
+                            for p0 in range(0, total, 8):
+                                tile3(wt, w_off, src, i_off, pix, p0, min(8, total - p0), taps, q0, q1, bias, o0,
+                                      nch, out, out_base + p0 * o + o0, o, mode, lo, hi)
+                        elif tail_v == 2:
+                            for p0 in range(0, total, 8):
+                                tile2(wt, w_off, src, i_off, pix, p0, min(8, total - p0), taps, q0, q1, bias, o0,
+                                      nch, out, out_base + p0 * o + o0, o, mode, lo, hi)
+                        else:
+                            for p0 in range(0, total, 8):
+                                tile1(wt, w_off, src, i_off, pix, p0, min(8, total - p0), taps, q0, q1, bias, o0,
+                                      nch, out, out_base + p0 * o + o0, o, mode, lo, hi)
+
+    return pixels_nhwc
+
+
+_pixels_nhwc = _make_pixels_nhwc()
+
+
+@functools.cache
+def _depthwise_band(kh: int, kw: int, vectors: int, partial: bool):
+    """Intrinsic ``band(src, s_off, offs, dys, dxs, zeros, wt, w_off, bias, b_off, nch, lo, hi, out, out_off, geo)``:
+    NHWC depthwise, output rows ``oy0 .. oy0 + rows`` of one image, channels ``j = 16 v + l < 16 vectors``::
+
+        out[out_off + (oy - oy0) OW C + ox C + j] = clamp(bias[b_off + j] + sum_{ky < KH, kx < KW, inside}
+            wt[w_off + 16 (v KH KW + ky KW + kx) + l] * src[s_off + (iy W + ix) C + offs[ky KW + kx] + j], lo, hi)
+        iy = oy SH - PT, ix = ox SW - PL, offs[ky KW + kx] = (dys[ky] W + dxs[kx]) C
+
+    tap ``(ky, kx)`` *inside* when ``0 <= iy + dys[ky] < H`` and ``0 <= ix + dxs[kx] < W`` (zero
+    padding; ``dys`` ascending). ``geo`` = (oy0, rows, OW, SH, SW, PT, PL, H, W, C, ox_lo,
+    ox_hi): the columns ``ox_lo <= ox < ox_hi`` of a row whose taps all lie inside it read
+    every tap in place, no test; the others read an outside tap from ``zeros`` (16 zeros)
+    instead, chosen per tap (no padded copy of the image is made). With ``partial``
+    only the channels ``j < nch`` are loaded and stored (masked). The ``KH KW vectors``
+    weights stay in registers over the whole band; each vector's sum runs in two chains.
+    Two vectors (32 channels, two adjacent cache lines of a pixel) measured up to 1.3x
+    faster than one. One output per step: unrolled, LLVM keeps a pointer per tap and
+    output and spills them.
+    """
+    taps = kh * kw
+
+    @intrinsic
+    def band(typingctx, src, s_off, offs, dys, dxs, zeros, wt, w_off, bias, b_off, nch, lo, hi, out, out_off, geo):
+        if not (all(is_array(t, types.float32, 1) for t in (src, zeros, wt, bias, out))
+                and all(is_array(t, types.int64, 1) for t in (offs, dys, dxs))):
+            return None
+
+        def codegen(context, builder, signature, args):
+            src, s_off, offs, dys, dxs, zeros, wt, w_off, bias, b_off, nch, lo, hi, out, out_off, geo = args
+            tys = signature.args
+            oy0, rows, ow, sh, sw, pt, pl, h, w, c, ox_lo, ox_hi = (builder.extract_value(geo, i) for i in range(12))
+            s_ptr = builder.gep(array_ptr(context, builder, tys[0], src, F32), [s_off])
+            zero_ptr = _vector_at(builder, array_ptr(context, builder, tys[5], zeros, F32), 0)
+            w_ptr = builder.gep(array_ptr(context, builder, tys[6], wt, F32), [w_off])
+            b_ptr = builder.gep(array_ptr(context, builder, tys[8], bias, F32), [b_off])
+            o_ptr = builder.gep(array_ptr(context, builder, tys[13], out, F32), [out_off])
+            table = [[builder.load(builder.gep(array_ptr(context, builder, tys[i], v, I64), [ir.Constant(I64, t)]))
+                      for t in range(size)] for i, v, size in ((2, offs, taps), (3, dys, kh), (4, dxs, kw))]
+            tap_offs, tap_dy, tap_dx = table
+            fma = declare(builder, "llvm.fmuladd.v16f32", ir.FunctionType(V16F32, [V16F32] * 3))
+            load, store = masked(builder, "load", V16F32), masked(builder, "store", V16F32)
+            align, zero = ir.Constant(I32, 4), ir.Constant(V16F32, None)
+            masks = [_lane_mask(builder, nch, LANES * v) for v in range(vectors)]
+            # block v of 16 channels: its taps' weights at w_off + 16 (v KH KW + t), as packed
+            weights = [[builder.load(_vector_at(builder, w_ptr, LANES * (v * taps + t)), align=4) for t in range(taps)]
+                       for v in range(vectors)]
+            starts = [builder.load(_vector_at(builder, b_ptr, LANES * v), align=4) for v in range(vectors)]
+            low, high = splat(builder, _f32(builder, lo), V16F32), splat(builder, _f32(builder, hi), V16F32)
+            step = builder.mul(sw, c)
+
+            def output(rows_in, s_row, o_row, ox, checked):
+                """One output; ``rows_in``: whether each kernel row lies inside the image (None: all)."""
+                at = builder.gep(s_row, [builder.mul(ox, step)])
+                ix = builder.sub(builder.mul(ox, sw), pl)
+                cols_in = [builder.icmp_unsigned("<", builder.add(ix, dx), w) for dx in tap_dx] if checked else None
+                chains = [[starts[v], zero] for v in range(vectors)]
+                for t in range(taps):
+                    tap = builder.gep(at, [tap_offs[t]])
+                    if checked:
+                        inside = cols_in[t % kw] if rows_in is None else builder.and_(rows_in[t // kw], cols_in[t % kw])
+                    for v in range(vectors):
+                        ptr = _vector_at(builder, tap, LANES * v)
+                        if checked:
+                            ptr = builder.select(inside, ptr, zero_ptr)
+                        x = builder.call(load, [ptr, align, masks[v], zero]) if partial else builder.load(ptr, align=4)
+                        chains[v][t % 2] = builder.call(fma, [weights[v][t], x, chains[v][t % 2]])
+                for v in range(vectors):
+                    y = builder.fadd(*chains[v])
+                    y = builder.select(builder.fcmp_ordered("<", y, low), low, y)  # NaN stays NaN
+                    y = builder.select(builder.fcmp_ordered(">", y, high), high, y)
+                    target = _vector_at(builder, o_row, builder.add(builder.mul(ox, c), ir.Constant(I64, LANES * v)))
+                    if partial:
+                        builder.call(store, [y, target, align, masks[v]])
+                    else:
+                        builder.store(y, target, align=4)
+
+            def columns(rows_in, s_row, o_row, first, last, checked):
+                emit_loop(builder, builder.sub(last, first), V16F32, 0,
+                          lambda q, _: output(rows_in, s_row, o_row, builder.add(first, q), checked) or [])
+
+            def row(r, _):
+                iy = builder.sub(builder.mul(builder.add(oy0, r), sh), pt)
+                s_row = builder.gep(s_ptr, [builder.mul(builder.sub(builder.mul(iy, w), pl), c)])
+                o_row = builder.gep(o_ptr, [builder.mul(builder.mul(r, ow), c)])
+                inside = builder.and_(builder.icmp_signed(">=", iy, ir.Constant(I64, 0)),
+                                      builder.icmp_signed("<", builder.add(iy, tap_dy[kh - 1]), h))
+                with builder.if_else(inside) as (rows_inside, rows_outside):
+                    with rows_inside:
+                        columns(None, s_row, o_row, ir.Constant(I64, 0), ox_lo, True)
+                        columns(None, s_row, o_row, ox_lo, ox_hi, False)
+                        columns(None, s_row, o_row, ox_hi, ow, True)
+                    with rows_outside:
+                        rows_in = [builder.icmp_unsigned("<", builder.add(iy, dy), h) for dy in tap_dy]
+                        columns(rows_in, s_row, o_row, ir.Constant(I64, 0), ow, True)
+                return []
+
+            emit_loop(builder, rows, V16F32, 0, row)
+            return context.get_dummy_value()
+
+        return types.void(src, s_off, offs, dys, dxs, zeros, wt, w_off, bias, b_off, nch, lo, hi, out, out_off,
+                          geo), codegen
+
+    return band
+
+
+BAND_OUTPUTS = 64  # NHWC depthwise: output pixels per band (weights loaded once per band and block of channels)
+
+
+def _make_depthwise_nhwc(kh: int, kw: int):
+    """The NHWC depthwise driver for ``kh x kw`` kernels (any stride, dilation and padding)."""
+    whole, partial2, partial1 = (_depthwise_band(kh, kw, 2, False), _depthwise_band(kh, kw, 2, True),
+                                 _depthwise_band(kh, kw, 1, True))
+    taps = kh * kw
+
+    @kernel
+    def depthwise_nhwc(x, wt, bias, lo, hi, geo, offs, dys, dxs, zeros, i0, i1, out):
+        """Images ``i0 .. i1`` of an NHWC depthwise convolution, blocks of 32 channels along two vectors.
+
+        x : float32 [N H W C];  out : float32 [N OH OW C]
+        wt : float32 [C blocks of 16, taps, 16];  bias : float32 [C rounded up to 16]
+        geo : (C, H, W, OH, OW, SH, SW, PT, PL, ox_lo, ox_hi);  offs : int64 [KH KW], tap ``(ky, kx)`` at
+        ``(dys[ky] W + dxs[kx]) C``;  dys, dxs : int64 [KH], [KW], ``ky DH`` and ``kx DW``;
+        zeros : float32 [16] (see :func:`_depthwise_band`)
+
+        Bands of output rows (about ``BAND_OUTPUTS`` pixels), each block of 32 channels
+        along a whole band (a last block of 1-31 masked), reading ``x`` in place.
+        """
+        x, out = x.reshape(-1), out.reshape(-1)  # C-contiguous arrays of any shape, read flat
+        c, h, w, oh, ow, sh, sw, pt, pl, ox_lo, ox_hi = geo
+        band = max(1, -(-BAND_OUTPUTS // ow))
+        for n in range(i0, i1):
+            for oy0 in range(0, oh, band):
+                rows = min(band, oh - oy0)
+                where = (oy0, rows, ow, sh, sw, pt, pl, h, w, c, ox_lo, ox_hi)
+                o_row = (n * oh + oy0) * ow * c
+                for c0 in range(0, c, 2 * LANES):
+                    nch = min(2 * LANES, c - c0)
+                    if nch == 2 * LANES:
+                        whole(x, n * h * w * c + c0, offs, dys, dxs, zeros, wt, c0 * taps, bias, c0, nch, lo, hi,
+                              out, o_row + c0, where)
+                    elif nch > LANES:
+                        partial2(x, n * h * w * c + c0, offs, dys, dxs, zeros, wt, c0 * taps, bias, c0, nch, lo, hi,
+                                 out, o_row + c0, where)
+                    else:
+                        partial1(x, n * h * w * c + c0, offs, dys, dxs, zeros, wt, c0 * taps, bias, c0, nch, lo, hi,
+                                 out, o_row + c0, where)
+
+    return depthwise_nhwc
+
+
+DEPTHWISE_NHWC = {(k, k): _make_depthwise_nhwc(k, k) for k in (3, 5)}  # others go through NCHW
+DEPTHWISE_NHWC_GFLOPS = 40.0
+
+
 class Conv2dFloat32Plan:
     """A float32 convolution prepared once for one input shape: ``plan(x, out=None)`` then only runs.
 
-    Prepared: geometry, kernel choice (``kind``: "depthwise", "pixels", "pointwise", "wide" or "im2col"),
-    packed weights, padded bias and clamp. A call checks ``x`` (float32, the prepared
-    NCHW shape; a non-C-contiguous ``x`` is copied once) and ``out`` (float32, C-contiguous,
+    Prepared: geometry, kernel choice (``kind``: "depthwise", "pixels", "pointwise", "wide" or "im2col";
+    in NHWC "depthwise" and "pixels" run channels-last, the others as "nchw-<kind>", between two
+    transposes; NCHW pixel tiles on small planes run as "nhwc-pixels"), packed weights, padded bias and clamp. A call checks ``x`` (float32, the prepared
+    shape in ``layout``; a non-C-contiguous ``x`` is copied once) and ``out`` (float32, C-contiguous,
     ``out_shape``; made when None) and returns ``out``, which must not overlap ``x``.
     ``plan.run(x, out)`` skips the checks. Work is split over ``kernels.set_num_threads``
     threads (by images, pixel panels or planes) when it pays; each thread's scratch
@@ -759,28 +1100,44 @@ class Conv2dFloat32Plan:
     """
 
     def __init__(self, w: object, x_shape: tuple, bias: object = None, *, strides=(1, 1), pads=(0, 0, 0, 0),
-                 dilations=(1, 1), group: int = 1, activation: str | tuple | None = None):
+                 dilations=(1, 1), group: int = 1, activation: str | tuple | None = None, layout: str = "NCHW"):
+        self.layout = check_layout(layout)
         w = _real("w", w, 4)
         o, cg, kh, kw = w.shape
         if not (isinstance(x_shape, (tuple, list)) and len(x_shape) == 4
                 and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in x_shape)):
-            raise ValueError(f"x_shape: expected 4 ints (N, C, H, W), got {x_shape!r}")
-        n, c, h, wd = (int(v) for v in x_shape)
+            raise ValueError(f"x_shape: expected 4 ints ({', '.join(layout)}), got {x_shape!r}")
+        self.x_shape = tuple(int(v) for v in x_shape)
+        n, c, h, wd = self.x_shape if layout == "NCHW" else (self.x_shape[i] for i in (0, 3, 1, 2))
         geo = conv_geometry((n, h, wd, c), (kh, kw), cg, o, strides=strides, pads=pads, dilations=dilations,
                             group=group)
-        self.geo, self.x_shape = geo, (n, c, h, wd)
-        self.out_shape = (n, o, geo.out_h, geo.out_w)
+        self.geo = geo
+        self.out_shape = (n, o, geo.out_h, geo.out_w) if layout == "NCHW" else geo.out_shape_nhwc
         self.lo, self.hi = (np.float32(v) for v in _activation_bounds(activation))
         b = np.zeros(o, np.float32) if bias is None else _real("bias", bias, 1)
         if b.shape != (o,):
             raise ValueError(f"bias: expected shape ({o},), one value per filter, got {b.shape}")
-        if geo.group == c == o:
+        self.scratch: list[tuple[np.ndarray, ...]] = []  # per thread of a call, kept: calls allocate nothing
+        self.inner: Conv2dFloat32Plan | None = None  # the plan of the other layout, run between two transposes
+        attrs = {"strides": strides, "pads": pads, "dilations": dilations, "group": group, "activation": activation}
+        if layout == "NHWC":
+            if geo.group == c == o and (kh, kw) in DEPTHWISE_NHWC:
+                self._depthwise_nhwc(w, b)
+            elif geo.group == 1 or geo.group_out >= LANES:
+                self._pixels_nhwc(w, b)
+            else:  # depthwise of other sizes, groups of few filters: the NCHW kernels are made for them
+                self.inner = Conv2dFloat32Plan(w, (n, c, h, wd), b, **attrs)
+                self.kind = "nchw-" + self.inner.kind
+        elif geo.group == c == o:
             self._depthwise(w.reshape(o, kh * kw), b)
         elif geo.group_out % (2 * LANES) == 0 and geo.depth >= PIXEL_MIN_DEPTH:
-            self._pixels(w, b)
+            if geo.out_h * geo.out_w <= NHWC_MAX_PIXELS and geo.depth * geo.group_out * 4 > NHWC_MIN_WEIGHTS:
+                self.inner = Conv2dFloat32Plan(w, (n, h, wd, c), b, layout="NHWC", **attrs)
+                self.kind = "nhwc-" + self.inner.kind
+            else:
+                self._pixels(w, b)
         else:
             self._panels(w, b)
-        self.scratch: list[tuple[np.ndarray, ...]] = []  # per thread of a call, kept: calls allocate nothing
 
     def _depthwise(self, w: np.ndarray, b: np.ndarray) -> None:
         geo = self.geo
@@ -868,14 +1225,66 @@ class Conv2dFloat32Plan:
         self.estimate_us = geo.ops() / GEMM_GFLOPS / 1e3
         self.scratch_sizes = _gemm_scratch(geo_args, geo.depth)
 
+    def _pixels_nhwc(self, w: np.ndarray, b: np.ndarray) -> None:
+        """NHWC pixel tiles (:func:`_make_pixels_nhwc`): the output is written in place, no transpose; an item
+        of several small images lets each weight panel serve all their pixels."""
+        geo = self.geo
+        self.kind = "pixels"
+        c, og, k = geo.in_channels, geo.group_out, geo.depth
+        tail = -(-(og % PIXEL_BLOCK) // LANES) % 4  # vectors of a group's last, narrower block of filters
+        padded = any(geo.pads)
+        hb, wb = (geo.in_h + geo.pad_top + geo.pad_bottom, geo.in_w + geo.pad_left + geo.pad_right)
+        taps = ((np.arange(geo.kernel_h)[:, None, None] * geo.dilation_h * wb
+                 + np.arange(geo.kernel_w)[:, None] * geo.dilation_w) * c + np.arange(geo.group_in)).reshape(-1)
+        pixels = geo.out_h * geo.out_w
+        items = max(-(-geo.rows // ITEM_PIXELS), min(geo.batch, 2))  # at least 2 to share among threads
+        imgs = -(-geo.batch // items)  # images per item, evened out
+        j, oy, ox = np.ix_(np.arange(imgs), np.arange(geo.out_h), np.arange(geo.out_w))
+        pix = (j * hb * wb + oy * geo.stride_h * wb + ox * geo.stride_w) * c
+        chunks = -(-k * PIXEL_BLOCK * F32_DTYPE.itemsize // PANEL_BYTES)
+        geo_args = (geo.batch, c, geo.in_h, geo.in_w, geo.out_channels, geo.group, geo.pad_top, geo.pad_left, hb,
+                    wb, pixels, imgs, -(-k // chunks), tail)
+        wk = w.transpose(0, 2, 3, 1)  # filters in (ky, kx, c) order, as the taps
+        self.driver = _pixels_nhwc
+        self.args = (_pack_weights(wk, geo.group, PIXEL_BLOCK, tail * LANES),
+                     np.concatenate([b, np.zeros(PIXEL_BLOCK, np.float32)]), self.lo, self.hi, geo_args,
+                     taps.astype(np.int64), pix.reshape(-1).astype(np.int64))
+        self.items = -(-geo.batch // imgs)
+        self.estimate_us = geo.ops() / GEMM_GFLOPS / 1e3
+        self.scratch_sizes = (imgs * hb * wb * c if padded else 0,)
+
+    def _depthwise_nhwc(self, w: np.ndarray, b: np.ndarray) -> None:
+        """NHWC depthwise 3x3 / 5x5 (:func:`_make_depthwise_nhwc`): channels along the vectors, no transpose, no
+        copy."""
+        geo = self.geo
+        self.kind = "depthwise"
+        c, taps = geo.in_channels, geo.taps
+        blocks = -(-c // LANES)
+        wt = np.zeros((blocks * LANES, taps), np.float32)
+        wt[:c] = w.reshape(c, taps)
+        dys, dxs = np.arange(geo.kernel_h) * geo.dilation_h, np.arange(geo.kernel_w) * geo.dilation_w
+        # the columns whose taps all lie inside the row: ox SW - PL >= 0 and ox SW - PL + (KW - 1) DW < W
+        ox_lo = min(geo.out_w, -(-geo.pad_left // geo.stride_w))
+        ox_hi = max(ox_lo, min(geo.out_w, (geo.in_w - 1 - dxs[-1] + geo.pad_left) // geo.stride_w + 1))
+        geo_args = (c, geo.in_h, geo.in_w, geo.out_h, geo.out_w, geo.stride_h, geo.stride_w, geo.pad_top,
+                    geo.pad_left, ox_lo, ox_hi)
+        self.driver = DEPTHWISE_NHWC[geo.kernel_h, geo.kernel_w]
+        self.args = (np.ascontiguousarray(wt.reshape(blocks, LANES, taps).transpose(0, 2, 1)).reshape(-1),
+                     np.concatenate([b, np.zeros(blocks * LANES - c, np.float32)]), self.lo, self.hi, geo_args,
+                     ((dys[:, None] * geo.in_w + dxs) * c).reshape(-1).astype(np.int64), dys.astype(np.int64),
+                     dxs.astype(np.int64), np.zeros(LANES, np.float32))
+        self.items = geo.batch
+        self.estimate_us = geo.ops() / DEPTHWISE_NHWC_GFLOPS / 1e3
+        self.scratch_sizes = ()
+
     def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """The convolution of NCHW float32 ``x`` (shape as prepared), into ``out`` if given; returns it."""
+        """The convolution of float32 ``x`` (``layout``, shape as prepared), into ``out`` if given; returns it."""
         if not (isinstance(x, np.ndarray) and x.dtype == F32_DTYPE and x.shape == self.x_shape):
             if not isinstance(x, np.ndarray):
                 raise TypeError(f"x: expected a numpy.ndarray of float32, got {type(x).__name__}")
             if x.dtype != F32_DTYPE:
                 raise TypeError(f"x: expected dtype float32, got {x.dtype}")
-            raise ValueError(f"x: expected NCHW shape {self.x_shape} as prepared, got {x.shape}")
+            raise ValueError(f"x: expected {self.layout} shape {self.x_shape} as prepared, got {x.shape}")
         if not x.flags.c_contiguous:
             x = np.ascontiguousarray(x)
         out = np.empty(self.out_shape, F32_DTYPE) if out is None else _validate.out(out, self.out_shape, F32_DTYPE)
@@ -884,6 +1293,15 @@ class Conv2dFloat32Plan:
 
     def run(self, x: np.ndarray, out: np.ndarray) -> None:
         """The convolution of C-contiguous ``x`` into C-contiguous ``out``, unchecked."""
+        if self.inner is not None:
+            if not self.scratch:  # the inner plan's input and output, kept
+                self.scratch.append(tuple(np.empty(shape, F32_DTYPE) for shape in (self.inner.x_shape,
+                                                                                   self.inner.out_shape)))
+            xt, yt = self.scratch[0]
+            there, back = (nhwc_to_nchw, nchw_to_nhwc) if self.layout == "NHWC" else (nchw_to_nhwc, nhwc_to_nchw)
+            self.inner.run(there(x, xt), yt)
+            back(yt, out)
+            return
         parts = min(threads.get_num_threads(), int(self.estimate_us // threads.MIN_US_PER_THREAD))
         if parts <= 1 and self.scratch:  # the common case, with the least Python (batch 1 layers take ~10 us)
             self.driver(x, *self.args, 0, self.items, *self.scratch[0], out)
@@ -899,7 +1317,8 @@ class Conv2dFloat32Plan:
 
     def __repr__(self) -> str:
         g = self.geo
-        return (f"Conv2dFloat32Plan(kind={self.kind!r}, x_shape={self.x_shape}, out_shape={self.out_shape}, "
+        return (f"Conv2dFloat32Plan(kind={self.kind!r}, layout={self.layout!r}, x_shape={self.x_shape}, "
+                f"out_shape={self.out_shape}, "
                 f"kernel={g.kernel_h}x{g.kernel_w}, strides={(g.stride_h, g.stride_w)}, group={g.group})")
 
 
@@ -914,52 +1333,62 @@ def _real(name: str, v: object, ndim: int) -> np.ndarray:
     return np.ascontiguousarray(v, np.float32)
 
 
-def _pack_weights(w: np.ndarray, group: int, block: int) -> np.ndarray:
-    """OIHW ``w`` in tiles: group ``g``, block ``b`` of ``block`` filters, then ``k`` (``(c, ky, kx)``), then filter.
+def _pack_weights(w: np.ndarray, group: int, block: int, tail: int = 0) -> np.ndarray:
+    """``w`` [O, ...] in tiles: group ``g``, block ``b`` of ``block`` filters, then ``k`` (``w[o]`` flat: ``(c, ky,
+    kx)`` for OIHW), then filter.
 
     ``packed[((g blocks + b) K + k) block + r] = w[g O' + b block + r, k]`` (0 past ``O' = O / group``):
     ``block`` filters interleaved per k, as both tiles read them (the channel-major one
-    broadcasts them one at a time, the pixel tile loads them as vectors).
+    broadcasts them one at a time, the pixel tile loads them as vectors). With ``tail``,
+    a group's ``O' % block`` last filters make a block ``tail`` wide (``O' // block`` whole
+    blocks, then ``K tail`` values per group).
     """
     o = w.shape[0]
     og, k = o // group, w[0].size
-    blocks = -(-og // block)
-    padded = np.zeros((group, blocks * block, k), np.float32)
+    whole = og // block if tail else -(-og // block)
+    padded = np.zeros((group, whole * block + tail, k), np.float32)
     padded[:, :og] = w.reshape(group, og, k)
-    return np.ascontiguousarray(padded.reshape(group, blocks, block, k).transpose(0, 1, 3, 2)).reshape(-1)
+    head = padded[:, : whole * block].reshape(group, whole, block, k).transpose(0, 1, 3, 2).reshape(group, -1)
+    rest = padded[:, whole * block :].transpose(0, 2, 1).reshape(group, -1)
+    return np.ascontiguousarray(np.concatenate([head, rest], axis=1)).reshape(-1)
 
 
 def conv2d_float32_plan(w: np.ndarray, x_shape: tuple[int, int, int, int], bias: np.ndarray | None = None, *,
                         strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), group: int = 1,
-                        activation: str | tuple | None = None) -> Conv2dFloat32Plan:
-    """:func:`conv2d_float32` prepared for NCHW float32 activations of ``x_shape``: ``plan(x, out=None)``."""
+                        activation: str | tuple | None = None, layout: str = "NCHW") -> Conv2dFloat32Plan:
+    """:func:`conv2d_float32` prepared for float32 activations of ``x_shape`` (in ``layout``): ``plan(x, out=None)``.
+
+    ``plan.out_shape`` is ``[N, O, OH, OW]`` for "NCHW", ``[N, OH, OW, O]`` for "NHWC".
+    """
     return Conv2dFloat32Plan(w, x_shape, bias, strides=strides, pads=pads, dilations=dilations, group=group,
-                             activation=activation)
+                             activation=activation, layout=layout)
 
 
 def conv2d_float32(x: np.ndarray, w: np.ndarray, bias: np.ndarray | None = None, *, strides=(1, 1),
                    pads=(0, 0, 0, 0), dilations=(1, 1), group: int = 1, activation: str | tuple | None = None,
-                   out: np.ndarray | None = None) -> np.ndarray:
-    """Float32 convolution, ONNX Conv on NCHW, with a fused clamp (formula in the module docstring).
+                   layout: str = "NCHW", out: np.ndarray | None = None) -> np.ndarray:
+    """Float32 convolution, ONNX Conv on NCHW or NHWC, with a fused clamp (formula in the module docstring).
 
     Parameters
     ----------
-    x : float32 ndarray [N, C, H, W] (copied once if not C-contiguous)
+    x : float32 ndarray [N, C, H, W], or [N, H, W, C] with ``layout="NHWC"`` (copied once if not C-contiguous)
     w : float ndarray [O, C / group, KH, KW] (used as float32)
     bias : float ndarray [O], optional
     strides, dilations : int or (h, w) pair, >= 1
     pads : (top, left, bottom, right) as ONNX, (h, w), one int, or "same", "same_lower", "valid"
     group : positive divisor of C and O
     activation : None, "relu", "relu6" or ("clip", lo, hi)
-    out : float32 C-contiguous ndarray [N, O, OH, OW], optional
+    layout : "NCHW" or "NHWC", of ``x`` and the result (the weights stay OIHW)
+    out : float32 C-contiguous ndarray [N, O, OH, OW] (NHWC: [N, OH, OW, O]), optional
 
-    Returns float32 [N, O, OH, OW]. To run one layer many times, prepare it once with
-    :func:`conv2d_float32_plan`.
+    Returns float32 [N, O, OH, OW] (NHWC: [N, OH, OW, O]). To run one layer many times,
+    prepare it once with :func:`conv2d_float32_plan`.
     """
+    check_layout(layout)
     if not isinstance(x, np.ndarray):
         raise TypeError(f"x: expected a numpy.ndarray of float32, got {type(x).__name__}")
     if x.ndim != 4:
-        raise ValueError(f"x: expected a 4-D NCHW array, got shape {x.shape}")
+        raise ValueError(f"x: expected a 4-D {layout} array, got shape {x.shape}")
     plan = Conv2dFloat32Plan(w, x.shape, bias, strides=strides, pads=pads, dilations=dilations, group=group,
-                             activation=activation)
+                             activation=activation, layout=layout)
     return plan(x, out)

@@ -34,7 +34,10 @@ def check(y, x, w, bias, activation=None, **attrs):
 # (N, C, H, W, O, KH, KW, strides, pads, dilations, group): every kernel kind and its edges
 CASES = [
     (1, 16, 8, 8, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),         # im2col, stride 1, rows of 8
-    (3, 9, 9, 11, 64, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),         # pixel tiles of 64 channels
+    (3, 9, 9, 11, 64, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),         # pixel tiles of 64 channels, small planes
+    (2, 128, 5, 6, 96, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),        # small planes, large filters: NHWC tiles
+    (2, 64, 17, 16, 64, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1),       # pixel tiles of 64 channels
+    (1, 33, 21, 19, 32, 3, 3, (1, 1), (0, 1, 1, 0), (1, 1), 1),       # pixel tiles of 32, asymmetric pads
     (1, 65, 7, 5, 96, 3, 3, (2, 2), (0, 1, 2, 0), (1, 1), 1),         # pixel tiles of 32, stride 2, asymmetric
     (1, 16, 12, 13, 64, 3, 3, (1, 2), (0, 0, 0, 0), (2, 1), 2),       # pixel tiles, groups, unpadded, dilation
     (3, 64, 1, 1, 128, 1, 1, (1, 1), (1, 1, 1, 1), (1, 1), 1),        # pixel tiles, all padding but one pixel
@@ -110,8 +113,9 @@ def test_small_plane_depthwise(case, bias, activation):
 def test_plan_kinds_and_reuse():
     x, w, b = operands(2, 32, 16, 16, 24, 32, 3, 3)
     w64 = np.concatenate([w] * 3)[:64]
+    deep = operands(2, 128, 6, 6, 64, 128, 3, 3)  # filters out of L2, few pixels per image
     expected = {"wide": (x, w), "im2col": (x[:, :, :8, :8].copy(), w), "pointwise": (x, w[:, :, :1, :1].copy()),
-                "pixels": (x, w64)}
+                "pixels": (x, w64), "nhwc-pixels": deep[:2]}
     for kind, (xs, ws) in expected.items():
         pads = (0, 0, 0, 0) if kind == "pointwise" else (1, 1, 1, 1)
         bs = np.resize(b, ws.shape[0])
@@ -205,3 +209,120 @@ def test_bad_input():
         kernels.conv2d_float32_plan(w, (1, 4, 6))
     with pytest.raises(ValueError, match="smaller than the 3x3 kernel"):
         kernels.conv2d_float32(x[:, :, :2], w)
+
+
+# ---- NHWC ----------------------------------------------------------------------------------------------------------
+
+def nhwc(a):
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 1))
+
+
+def run_nhwc(x, w, b, activation=None, kind=None, **attrs):
+    """The NHWC plan on ``nhwc(x)``, checked against the oracle (NCHW ``x``); returns the plan."""
+    plan = kernels.conv2d_float32_plan(w, nhwc(x).shape, b, activation=activation, layout="NHWC", **attrs)
+    assert kind is None or plan.kind == kind, plan
+    out = np.full(plan.out_shape, np.nan, np.float32)
+    for scale in (1.0, -2.0):  # a second call on the scratch kept
+        assert plan(nhwc(x * scale), out) is out
+        check(out.transpose(0, 3, 1, 2), x * scale, w, b, activation, **attrs)
+    return plan
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:7])) + f"-s{c[7][0]}{c[7][1]}-g{c[10]}")
+@pytest.mark.parametrize("bias, activation", [(True, "relu6"), (False, None)])
+def test_nhwc_matches_oracle(case, bias, activation):
+    n, c, h, w, o, kh, kw, strides, pads, dilations, group = case
+    x, wt, b = operands(n, c, h, w, o, c // group, kh, kw, bias=bias)
+    attrs = {"strides": strides, "pads": pads, "dilations": dilations, "group": group}
+    y = kernels.conv2d_float32(nhwc(x), wt, b, activation=activation, layout="NHWC", **attrs)
+    check(y.transpose(0, 3, 1, 2), x, wt, b, activation, **attrs)
+
+
+# NHWC kinds and their edges (N, C, H, W, O, K, strides, pads, dilations, group, kind)
+NHWC_CASES = [
+    (2, 3, 7, 7, 1, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, "pixels"),     # one filter: one masked vector
+    (1, 1, 7, 1, 7, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, "pixels"),     # one channel, one column
+    (2, 7, 1, 7, 24, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1, "pixels"),    # pointwise, tail of 2 vectors
+    (3, 65, 7, 7, 65, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1, "pixels"),   # pointwise: a block of 64 and one of 1
+    (2, 65, 7, 7, 40, 3, (2, 2), (1, 1, 1, 1), (1, 1), 1, "pixels"),   # tail of 3 vectors, stride 2
+    (2, 24, 7, 7, 63, 1, (2, 2), (0, 0, 0, 0), (1, 1), 1, "pixels"),   # strided 1x1, a masked whole block
+    (2, 96, 5, 5, 24, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, "pixels"),   # K = 864: two chunks of partial sums
+    (3, 7, 20, 20, 16, 3, (1, 1), (1, 0, 2, 1), (2, 1), 1, "pixels"),  # several items, tiles across images
+    (1, 3, 13, 11, 96, 7, (2, 2), (3, 3, 3, 3), (1, 1), 1, "pixels"),  # a stem, 64 + 32 filters
+    (2, 8, 7, 7, 32, 3, (1, 1), (1, 1, 1, 1), (1, 1), 2, "pixels"),    # groups of 16 filters
+    (2, 6, 7, 7, 9, 3, (1, 1), (1, 1, 1, 1), (1, 1), 3, "nchw-im2col"),  # groups of 3 filters: through NCHW
+    (2, 4, 7, 7, 8, 3, (1, 1), (1, 1, 1, 1), (1, 1), 4, "nchw-im2col"),  # depthwise, 2 filters per channel
+    (2, 7, 7, 7, 7, 1, (1, 1), (0, 0, 0, 0), (1, 1), 7, "nchw-depthwise"),
+    (1, 3, 9, 9, 3, 7, (1, 1), (3, 3, 3, 3), (1, 1), 3, "nchw-depthwise"),
+    (2, 65, 7, 7, 65, 3, (1, 1), (1, 1, 1, 1), (1, 1), 65, "depthwise"),  # 4 whole vectors and 1 channel
+    (1, 1, 1, 1, 2, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, "pixels"),     # one value, all padding but one tap
+    (2, 1, 1, 1, 1, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, "depthwise"),
+    (2, 7, 7, 1, 7, 3, (2, 1), (1, 1, 1, 1), (1, 1), 7, "depthwise"),
+    (1, 24, 7, 7, 24, 3, (2, 2), (0, 1, 2, 0), (1, 2), 24, "depthwise"),
+    (2, 17, 9, 8, 17, 5, (1, 2), (2, 2, 1, 2), (1, 1), 17, "depthwise"),
+    (1, 16, 6, 6, 16, 3, (1, 1), (3, 3, 3, 3), (1, 1), 16, "depthwise"),  # outputs with no tap inside
+    (1, 32, 7, 7, 32, 3, (1, 1), (0, 0, 0, 0), (1, 1), 32, "depthwise"),  # unpadded
+]
+
+
+@pytest.mark.parametrize("case", NHWC_CASES, ids=lambda c: "x".join(map(str, c[:6])) + f"-s{c[6][0]}{c[6][1]}-g{c[9]}")
+@pytest.mark.parametrize("activation", ["relu", None])
+def test_nhwc_kinds(case, activation):
+    n, c, h, w, o, k, strides, pads, dilations, group, kind = case
+    x, wt, b = operands(n, c, h, w, o, c // group, k, k)
+    run_nhwc(x, wt, b, activation, kind, strides=strides, pads=pads, dilations=dilations, group=group)
+
+
+def test_nhwc_clip_nan_and_no_bias():
+    x, w, _ = operands(2, 16, 6, 6, 16, 1, 3, 3)
+    x[1, 3, 2, 2] = np.nan
+    for group, kind in ((16, "depthwise"), (1, "pixels")):
+        wg = w if group == 16 else np.concatenate([w] * 16, axis=1)
+        plan = run_nhwc(x, wg, None, ("clip", -0.5, 0.25), kind, pads=(1, 1, 1, 1), group=group)
+        y = plan(nhwc(x))
+        assert np.isnan(y[1]).any() and not np.isnan(y[0]).any() and not np.isnan(y[1, 5, 5]).any()
+
+
+@pytest.mark.parametrize("n, c, size, group, kind", [(4, 64, 16, 1, "pixels"), (8, 128, 32, 128, "depthwise")])
+def test_nhwc_threads_split(n, c, size, group, kind):
+    x, w, b = operands(n, c, size, size, c, c // group, 3, 3)
+    previous = kernels.get_num_threads()
+    kernels.set_num_threads(2)
+    try:
+        plan = run_nhwc(x, w, b, None, kind, pads=(1, 1, 1, 1), group=group)
+    finally:
+        kernels.set_num_threads(previous)
+    assert len(plan.scratch) == 2  # two threads, each with its scratch
+
+
+def test_nhwc_non_contiguous_input_and_out():
+    x, w, b = operands(2, 9, 10, 12, 4, 9, 3, 3)
+    view = nhwc(x)[:, :, ::2]
+    y = kernels.conv2d_float32(view, w, b, pads=1, layout="NHWC")
+    check(y.transpose(0, 3, 1, 2), x[:, :, :, ::2], w, b, pads=(1, 1, 1, 1))
+    out = np.empty((2, 10, 6, 4), np.float32)
+    assert kernels.conv2d_float32(view, w, b, pads=1, layout="NHWC", out=out) is out
+    np.testing.assert_array_equal(out, y)
+
+
+def test_nhwc_bad_input():
+    x, w, b = operands(1, 4, 6, 6, 3, 4, 3, 3)
+    xn = nhwc(x)
+    with pytest.raises(ValueError, match="layout: expected 'NCHW' or 'NHWC', got 'nhwc'"):
+        kernels.conv2d_float32_plan(w, xn.shape, layout="nhwc")
+    with pytest.raises(ValueError, match="layout: expected 'NCHW' or 'NHWC', got None"):
+        kernels.conv2d_float32(xn, w, layout=None)
+    plan = kernels.conv2d_float32_plan(w, xn.shape, b, layout="NHWC")
+    assert plan.out_shape == (1, 4, 4, 3)
+    with pytest.raises(ValueError, match=r"x: expected NHWC shape \(1, 6, 6, 4\) as prepared, got \(1, 4, 6, 6\)"):
+        plan(x)
+    with pytest.raises(TypeError, match="x: expected dtype float32, got float16"):
+        plan(xn.astype(np.float16))
+    with pytest.raises(ValueError, match=r"out: expected shape \(1, 4, 4, 3\)"):
+        plan(xn, np.empty((1, 3, 4, 4), np.float32))
+    with pytest.raises(ValueError, match="x: expected a 4-D NHWC array, got shape"):
+        kernels.conv2d_float32(xn[0], w, layout="NHWC")
+    with pytest.raises(ValueError, match=r"x_shape: expected 4 ints \(N, H, W, C\)"):
+        kernels.conv2d_float32_plan(w, (1, 6, 6), layout="NHWC")
+    with pytest.raises(ValueError, match="w: expected 8 input channels per filter for x with 8 channels"):
+        kernels.conv2d_float32(np.zeros((1, 6, 6, 8), np.float32), w, layout="NHWC")
