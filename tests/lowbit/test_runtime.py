@@ -469,3 +469,12 @@ def test_session_runs_the_twin_when_the_quantized_graph_is_slower(rng, monkeypat
     fixed = Session(graph, fallback=False).profile(x, repeat=1).rows  # never switches
     assert [r.precision for r in fixed] == ["int4", "ternary"]
     assert "fell back" not in fixed[0].note and "twin" not in fixed[0].note
+
+
+def test_planned_buffers_start_on_cache_lines(rng):
+    graph = _chain(rng, 3)
+    session = Session(graph)
+    session.run({"x": rng.standard_normal((2, 4, 8, 8)).astype(np.float32)})
+    ((lane,),) = session._lanes.values()
+    (plan,) = lane.plans.values()
+    assert all(out.ctypes.data % 64 == 0 for _, _, _, outs, _ in plan.steps for out in outs)
