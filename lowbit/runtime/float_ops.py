@@ -130,11 +130,48 @@ def _axis(node: Node, value: int, rank: int, name: str = "axis") -> int:
     return value % rank
 
 
+# ---- channels-last activations (the NHWC regions of lowbit.runtime.layout) -------------------------------------------
+
+def channels_last(node: Node, shape: Shape) -> bool:
+    """Whether ``node`` has lowbit's attribute ``layout="NHWC"`` (``lowbit.runtime.layout``: its activations are
+    ``[N, H, W, C]``, which needs a 4-D ``shape``) rather than ONNX's NCHW (absent, or ``"NCHW"``)."""
+    layout = attr(node, "layout", "NCHW")
+    if layout not in ("NCHW", "NHWC"):
+        raise _fail(node, f"attribute layout must be 'NCHW' or 'NHWC', got {layout!r}")
+    if layout == "NHWC" and len(shape) != 4:
+        raise _fail(node, f"layout NHWC needs a 4-D input [N, H, W, C], got shape {list(shape)}")
+    return layout == "NHWC"
+
+
+def nchw_shape(shape: Shape) -> Shape:
+    """``[N, C, H, W]`` of an NHWC ``[N, H, W, C]`` shape."""
+    return (shape[0], shape[3], shape[1], shape[2])
+
+
+def nhwc_shape(shape: Shape) -> Shape:
+    """``[N, H, W, C]`` of an NCHW ``[N, C, H, W]`` shape."""
+    return (shape[0], shape[2], shape[3], shape[1])
+
+
+def transposed_nhwc(kernel: Kernel) -> Kernel:
+    """``kernel`` (and its fallback), of NCHW input 0 and output 0 (its only one), on NHWC arrays: transposed
+    around each call by the kernels' block transposes, through a scratch NCHW output."""
+    (shape, dtype), = kernel.outputs
+    y = np.empty(shape, dtype)
+
+    def run(ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
+        kernels.nchw_to_nhwc(kernel([kernels.nhwc_to_nchw(ins[0]), *ins[1:]], [y])[0], out=outs[0])
+
+    return Kernel(run, [(nhwc_shape(shape), dtype)], kernel.ops, kernel.precision, f"{kernel.note}, NHWC transposed",
+                  None if kernel.fallback is None else transposed_nhwc(kernel.fallback))
+
+
 # ---- windows (Conv, ConvTranspose, MaxPool, AveragePool over any number of spatial axes) ---------------------------
 
-def _spatial(slices) -> tuple:
-    """An index of ``[N, C, *spatial]`` arrays taking all of N and C and ``slices`` of the spatial axes."""
-    return (slice(None), slice(None), *slices)
+def _spatial(slices, nhwc: bool = False) -> tuple:
+    """An index of ``[N, C, *spatial]`` arrays (``[N, *spatial, C]`` when ``nhwc``) taking all of N and C and
+    ``slices`` of the spatial axes."""
+    return (slice(None), *slices, slice(None)) if nhwc else (slice(None), slice(None), *slices)
 
 
 def _offsets(kernel: tuple[int, ...]) -> list[tuple[int, ...]]:
@@ -143,15 +180,17 @@ def _offsets(kernel: tuple[int, ...]) -> list[tuple[int, ...]]:
 
 
 class _Padded:
-    """A scratch copy of ``[N, C, *spatial]`` ``x`` with fixed borders: ``pads`` (begins, ends) plus ``extra`` at the
-    end of each axis (the ceil_mode overhang), filled with ``fill`` once."""
+    """A scratch copy of ``[N, C, *spatial]`` ``x`` (``shape``; laid out ``[N, *spatial, C]`` when ``nhwc``) with
+    fixed borders: ``pads`` (begins, ends) plus ``extra`` at the end of each axis (the ceil_mode overhang), filled
+    with ``fill`` once."""
 
-    def __init__(self, shape: Shape, pads: tuple[int, ...], extra: tuple[int, ...], fill: float, dtype: np.dtype):
+    def __init__(self, shape: Shape, pads: tuple[int, ...], extra: tuple[int, ...], fill: float, dtype: np.dtype,
+                 nhwc: bool = False):
         k = len(shape) - 2
         self.trivial = not any(pads) and not any(extra)
         sizes = tuple(b + i + e + x for b, i, e, x in zip(pads[:k], shape[2:], pads[k:], extra))
-        self.buffer = np.full(tuple(shape[:2]) + sizes, fill, dtype)
-        self.interior = self.buffer[_spatial(slice(b, b + i) for b, i in zip(pads[:k], shape[2:]))]
+        self.buffer = np.full((shape[0],) + sizes + (shape[1],) if nhwc else tuple(shape[:2]) + sizes, fill, dtype)
+        self.interior = self.buffer[_spatial((slice(b, b + i) for b, i in zip(pads[:k], shape[2:])), nhwc)]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if self.trivial:
@@ -160,11 +199,11 @@ class _Padded:
         return self.buffer
 
 
-def _tap_indices(kernel: tuple[int, ...], window: Window) -> list[tuple]:
-    """Per tap, the index of its strided ``[N, C, *out]`` view of the padded input (basic slicing: no copy, and far
-    cheaper per call than ``sliding_window_view``)."""
-    return [_spatial(slice(t * d, t * d + (o - 1) * s + 1, s)
-                     for t, d, o, s in zip(tap, window.dilations, window.out, window.strides))
+def _tap_indices(kernel: tuple[int, ...], window: Window, nhwc: bool = False) -> list[tuple]:
+    """Per tap, the index of its strided ``[N, C, *out]`` (``[N, *out, C]`` when ``nhwc``) view of the padded
+    input (basic slicing: no copy, and far cheaper per call than ``sliding_window_view``)."""
+    return [_spatial((slice(t * d, t * d + (o - 1) * s + 1, s)
+                      for t, d, o, s in zip(tap, window.dilations, window.out, window.strides)), nhwc)
             for tap in _offsets(kernel)]
 
 
@@ -203,10 +242,11 @@ def _prepared(constants: dict[int, np.ndarray], index: int, prepare: Callable[[n
 
 
 def _conv_tiles(node: Node, x_shape: Shape, w_shape: Shape, group: int, window: Window, dtype: np.dtype,
-                constants: dict[int, np.ndarray]) -> Kernel | None:
+                constants: dict[int, np.ndarray], nhwc: bool) -> Kernel | None:
     """A float32 1-D / 2-D convolution with constant weights and bias on ``kernels.conv2d_float32_plan`` (register
     tiles reading the padded image directly, bias and activation fused) where ``kernels.dispatch`` picks it; None
-    elsewhere (then im2col + BLAS). A 1-D convolution runs as a 2-D one of height 1 (views, no copy)."""
+    elsewhere (then im2col + BLAS). A 1-D convolution runs as a 2-D one of height 1 (views, no copy). ``x_shape``
+    is NCHW; with ``nhwc`` the plan reads and writes ``[N, H, W, C]`` (2-D only)."""
     k = len(w_shape) - 2
     if dtype != F32 or k not in (1, 2) or 1 not in constants or (_given(node, 2) and 2 not in constants):
         return None
@@ -217,17 +257,17 @@ def _conv_tiles(node: Node, x_shape: Shape, w_shape: Shape, group: int, window: 
     pads = window.pads if k == 2 else (0, window.pads[0], 0, window.pads[1])
     strides, dilations = (tuple(window.strides), tuple(window.dilations)) if k == 2 else (
         (1, window.strides[0]), (1, window.dilations[0]))
-    x4 = lift(tuple(x_shape))
+    x4 = nhwc_shape(x_shape) if nhwc else lift(tuple(x_shape))
     plan = kernels.conv2d_float32_plan(constants[1].reshape(lift(tuple(w_shape))), x4, constants.get(2),
                                        strides=strides, pads=pads, dilations=dilations, group=group,
-                                       activation=attr(node, "activation", None))
+                                       activation=attr(node, "activation", None), layout="NHWC" if nhwc else "NCHW")
     out_shape = tuple(x_shape[:1]) + (o,) + tuple(window.out)
 
     def run(ins, outs):
         plan(ins[0].reshape(x4), outs[0].reshape(plan.out_shape))
 
-    return Kernel(run, [(out_shape, F32)], ops=2 * _product(out_shape) * filter_length,
-                  note=f"conv2d_float32 {plan.kind}")
+    return Kernel(run, [(nhwc_shape(out_shape) if nhwc else out_shape, F32)],
+                  ops=2 * _product(out_shape) * filter_length, note=f"conv2d_float32 {plan.kind}{', NHWC' * nhwc}")
 
 
 @preparer("Conv")
@@ -242,16 +282,29 @@ def prepare_conv(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
     im2col. Depthwise (one input and one output channel per group): a sum over the taps of
     whole-tensor multiply-adds. Other groups: one matmul per group, batched. Constant
     weights are laid out once; computed ones at each call.
+
+    With lowbit's attribute ``layout="NHWC"`` (:func:`channels_last`) x is ``[N, H, W, C]`` and y
+    ``[N, OH, OW, O]`` (w stays ``[O, C / group, KH, KW]``): the register tiles run in that layout;
+    the other paths transpose around themselves.
     """
     # quant_ops' float fallbacks give only x's spec: the others are those of their parameters
     inputs = list(inputs) + [(p.shape, p.dtype) for p in map(graph.params.get, node.inputs[len(inputs):])
                              if p is not None]
     (x_shape, _), (w_shape, _) = inputs[:2]
+    nhwc = channels_last(node, x_shape)
+    x_shape = nchw_shape(x_shape) if nhwc else tuple(x_shape)
     group, window = conv_window(node, x_shape, w_shape)
     dtype, constants = _conv_operands(node, graph, inputs)
-    tiles = _conv_tiles(node, x_shape, w_shape, group, window, dtype, constants)
+    tiles = _conv_tiles(node, x_shape, w_shape, group, window, dtype, constants, nhwc)
     if tiles is not None:
         return tiles
+    kernel = _conv_numpy(node, x_shape, w_shape, group, window, dtype, constants)
+    return transposed_nhwc(kernel) if nhwc else kernel
+
+
+def _conv_numpy(node: Node, x_shape: Shape, w_shape: Shape, group: int, window: Window, dtype: np.dtype,
+                constants: dict[int, np.ndarray]) -> Kernel:
+    """:func:`prepare_conv` in NumPy on NCHW: im2col + BLAS, depthwise taps, or grouped BLAS."""
     n, c, spatial = x_shape[0], x_shape[1], tuple(x_shape[2:])
     o, cg, kernel = w_shape[0], w_shape[1], tuple(w_shape[2:])
     k, taps, out, og = len(kernel), _product(kernel), window.out, o // group
@@ -485,24 +538,30 @@ def prepare_fused_matmul(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel
 def prepare_batch_norm(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
     """Inference batch norm over axis 1 of ``[N, C, ...]``: ``y = x s + t``, ``s = scale / sqrt(var + eps)``,
     ``t = bias - mean s``. Computed statistics go to the evaluator; ``training_mode=1``: see
-    :func:`_batch_norm_training`."""
+    :func:`_batch_norm_training`. With attribute ``layout="NHWC"`` (:func:`channels_last`) x and y are
+    ``[N, H, W, C]``: the channels are the last axis (inference with constant statistics only)."""
     shape, dtype = inputs[0]
     if len(shape) < 2:
         raise _fail(node, f"input must have rank >= 2, got shape {list(shape)}")
-    if int(attr(node, "training_mode", 0)) or len(node.outputs) > 1:
-        if not int(attr(node, "training_mode", 0)) or graph.opset_of(node.op) < 14 or len(node.outputs) > 3:
-            raise _fail(node, f"{len(node.outputs)} outputs with training_mode {attr(node, 'training_mode', 0)}: "
+    nhwc = channels_last(node, shape)
+    training = int(attr(node, "training_mode", 0))
+    if nhwc and (training or len(node.outputs) > 1):
+        raise _fail(node, "layout NHWC is for inference: training_mode=1 and the statistics outputs are refused")
+    if training or len(node.outputs) > 1:
+        if not training or graph.opset_of(node.op) < 14 or len(node.outputs) > 3:
+            raise _fail(node, f"{len(node.outputs)} outputs with training_mode {training}: "
                               "the running statistics outputs need training_mode=1 (opset >= 14)")
         return _batch_norm_training(node, graph, inputs)
-    stats = [param(node, graph, i, required=False) for i in range(1, 5)]
+    stats = [param(node, graph, i, required=nhwc) for i in range(1, 5)]
     if any(s is None for s in stats):
         return _evaluated(node, graph, inputs, "statistics computed at run time")
-    if any(s.size != shape[1] for s in stats):
-        raise _fail(node, f"scale, bias, mean and var must have {shape[1]} values (channels), got shapes "
+    channels = shape[3] if nhwc else shape[1]
+    if any(s.size != channels for s in stats):
+        raise _fail(node, f"scale, bias, mean and var must have {channels} values (channels), got shapes "
                           f"{[list(s.shape) for s in stats]}")
     scale, bias, mean, var = (s.astype(np.float64).reshape(-1) for s in stats)
     s = scale / np.sqrt(var + float(attr(node, "epsilon", 1e-5)))
-    lead = (1, -1) + (1,) * (len(shape) - 2)
+    lead = (-1,) if nhwc else (1, -1) + (1,) * (len(shape) - 2)  # broadcast along the channel axis
     s32, t32 = s.astype(dtype).reshape(lead), (bias - mean * s).astype(dtype).reshape(lead)
 
     def run(ins, outs):
@@ -816,8 +875,12 @@ def prepare_unary(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
     """The elementwise ops of :data:`UNARY` (each factory's docstring gives its formula), ``out=`` ufuncs into
     the output; Relu ``max(x, 0)``, Tanh, Exp, Log, Sqrt, Neg, Abs, Reciprocal ``1 / x`` are one ufunc each.
     ONNX Runtime's BiasGelu (erf form) and FastGelu (tanh form) add their bias (input 1; optional for FastGelu)
-    to x first."""
+    to x first. Elementwise, they compute alike in any layout: attribute ``layout="NHWC"`` (:func:`channels_last`)
+    only says that the 4-D x and y are ``[N, H, W, C]``; a bias (BiasGelu, FastGelu) is refused there, as its
+    broadcast would depend on the layout."""
     shape, dtype = inputs[0]
+    if channels_last(node, shape) and node.op in BIASED:
+        raise _fail(node, "layout NHWC has no bias input (its broadcast would change meaning)")
     if node.op in FLOAT32_ONLY and np.dtype(dtype) != F32:
         return _evaluated(node, graph, inputs, f"{np.dtype(dtype)} input")
     fn = UNARY[node.op](node, shape)
@@ -870,8 +933,10 @@ def prepare_prelu(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
 @preparer("Clip")
 def prepare_clip(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
     """ONNX Clip: ``min(max(x, lo), hi)`` (``hi`` wherever ``lo > hi``); the bounds are inputs 1 and 2
-    (opset >= 11, constant or computed) or attrs ``min`` / ``max`` (opset < 11); an absent bound is no bound."""
+    (opset >= 11, constant or computed) or attrs ``min`` / ``max`` (opset < 11); an absent bound is no bound.
+    Elementwise: attribute ``layout="NHWC"`` (:func:`channels_last`) only says that x and y are ``[N, H, W, C]``."""
     shape, dtype = inputs[0]
+    channels_last(node, shape)
     _, constants = _operands(node, graph, inputs, (0, 1, 2))
     operands = _bind(constants)
     bounds = []
@@ -929,8 +994,11 @@ def prepare_binary(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
     ``activation`` ("relu" / "relu6"), which :func:`~lowbit.runtime.passes.fuse_activations` sets on an Add.
 
     Types are ONNX's: both operands of one dtype (a constant is cast to the other's), except Pow, whose result has
-    the base's dtype whatever the exponent's."""
+    the base's dtype whatever the exponent's. With attribute ``layout="NHWC"`` (:func:`channels_last`) both
+    operands are 4-D ``[N, H, W, C]``, permuted alike, so that broadcasting them means what it did on NCHW."""
     (a, a_dtype), (b, _) = inputs
+    if channels_last(node, a) and len(b) != 4:
+        raise _fail(node, f"layout NHWC needs two 4-D inputs [N, H, W, C], got shapes {list(a)} and {list(b)}")
     shape = _broadcast(node, a, b)
     if node.op == "Pow":
         dtype, constants = np.dtype(a_dtype), {}
@@ -996,6 +1064,18 @@ def _pool_window(node: Node, shape: Shape) -> tuple[tuple[int, ...], Window]:
     return kernel, window_geometry(node, tuple(shape[2:]), kernel, ceil_mode=bool(attr(node, "ceil_mode", 0)))
 
 
+def _inside_counts(shape: Shape, kernel: tuple[int, ...], window: Window, extra: tuple[int, ...],
+                   include_pad: bool) -> np.ndarray:
+    """``[1, 1, *out]`` float64: how many taps of each window of ``[N, C, *spatial]`` lie inside the input, or with
+    ``include_pad`` inside the padded input (never in the ceil_mode overhang ``extra``)."""
+    k = len(kernel)
+    counted = _Padded((1, 1) + tuple(shape[2:]), window.pads, extra, 0.0, np.float64)
+    counted.buffer[_spatial(slice(0, b + i + e) for b, i, e in zip(window.pads[:k], shape[2:], window.pads[k:]))] \
+        = include_pad
+    counted.interior[...] = 1
+    return window_view(counted.buffer, kernel, window).sum(axis=tuple(range(-k, 0)))
+
+
 def _argmax_indices(node: Node, shape: Shape, kernel: tuple[int, ...], window: Window) -> Callable:
     """``fn(xp, taps, out)``: MaxPool's Indices, the flat index into ``x`` (spatial axes row-major, or column-major
     with ``storage_order=1``) of the first largest value of each window of padded ``xp`` (padding never wins)."""
@@ -1017,36 +1097,17 @@ def _argmax_indices(node: Node, shape: Shape, kernel: tuple[int, ...], window: W
     return indices
 
 
-def channels_last(node: Node, shape: Shape) -> bool:
-    """Whether ``node`` has lowbit's attribute ``layout="NHWC"`` (``lowbit.runtime.layout``: its activations are
-    ``[N, H, W, C]``, which needs a 4-D ``shape``) rather than ONNX's NCHW (absent, or ``"NCHW"``)."""
-    layout = attr(node, "layout", "NCHW")
-    if layout not in ("NCHW", "NHWC"):
-        raise _fail(node, f"attribute layout must be 'NCHW' or 'NHWC', got {layout!r}")
-    if layout == "NHWC" and len(shape) != 4:
-        raise _fail(node, f"layout NHWC needs a 4-D input [N, H, W, C], got shape {list(shape)}")
-    return layout == "NHWC"
-
-
-def nchw_shape(shape: Shape) -> Shape:
-    """``[N, C, H, W]`` of an NHWC ``[N, H, W, C]`` shape."""
-    return (shape[0], shape[3], shape[1], shape[2])
-
-
-def nhwc_shape(shape: Shape) -> Shape:
-    """``[N, H, W, C]`` of an NCHW ``[N, C, H, W]`` shape."""
-    return (shape[0], shape[2], shape[3], shape[1])
-
-
 @preparer("MaxPool")
 def prepare_max_pool(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
     """ONNX MaxPool over any number of spatial axes: the max over each window of the input padded with the
     dtype's lowest value (-inf for floats: padding never wins), and optionally Indices (see
     :func:`_argmax_indices`).
 
-    2-D uint8 / int8 inputs (quantized codes inside an int8 chain: max commutes with the monotone
-    dequantization) run ``kernels.max_pool2d``, which ignores the padding likewise. With attribute
-    ``layout="NHWC"`` (:func:`channels_last`) input and output are ``[N, H, W, C]``; Indices are then refused.
+    2-D float32, uint8 and int8 inputs (quantized codes inside an int8 chain: max commutes with the monotone
+    dequantization) run ``kernels.max_pool2d``, which ignores the padding likewise, unless a window lies wholly
+    in the padding (its max is the lowest value here, an error there). With attribute ``layout="NHWC"``
+    (:func:`channels_last`) input and output are ``[N, H, W, C]``, the windows sliding over axes 1 and 2;
+    Indices are then refused.
     """
     shape, dtype = inputs[0]
     with_indices = len(node.outputs) > 1
@@ -1058,23 +1119,27 @@ def prepare_max_pool(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
     kernel, window = _pool_window(node, shape)
     out_shape = tuple(shape[:2]) + window.out
     ops = _product(out_shape) * _product(kernel)
-    if np.dtype(dtype) in (np.dtype(np.uint8), np.dtype(np.int8)) and len(shape) == 4 and not with_indices:
+    extra = _extra(shape[2:], kernel, window)
+    if (np.dtype(dtype) in (F32, np.dtype(np.uint8), np.dtype(np.int8)) and len(shape) == 4 and not with_indices
+            and _inside_counts(shape, kernel, window, extra, False).all()):
         options = {"strides": window.strides, "pads": window.pads, "dilations": window.dilations,
                    "ceil_mode": bool(attr(node, "ceil_mode", 0)), "layout": "NHWC" if nhwc else "NCHW"}
 
-        def run_codes(ins, outs):
+        def run_kernel(ins, outs):
             kernels.max_pool2d(ins[0], kernel, out=outs[0], **options)
 
-        return Kernel(run_codes, [(nhwc_shape(out_shape) if nhwc else out_shape, dtype)], ops=ops, precision="int8",
-                      note=f"max_pool2d on codes{', NHWC' * nhwc}")
+        codes = np.dtype(dtype) != F32
+        return Kernel(run_kernel, [(nhwc_shape(out_shape) if nhwc else out_shape, dtype)], ops=ops,
+                      precision="int8" if codes else "float32",
+                      note=f"max_pool2d{' on codes' * codes}{', NHWC' * nhwc}")
     lowest = -np.inf if np.dtype(dtype).kind == "f" else np.iinfo(dtype).min
-    padded = _Padded(shape, window.pads, _extra(shape[2:], kernel, window), lowest, dtype)
-    taps = _tap_indices(kernel, window)
+    padded = _Padded(shape, window.pads, extra, lowest, dtype, nhwc)
+    taps = _tap_indices(kernel, window, nhwc)
     indices = _argmax_indices(node, shape, kernel, window) if with_indices else None
 
     def run(ins, outs):
-        xp = padded(np.moveaxis(ins[0], -1, 1) if nhwc else ins[0])
-        _reduce_taps(xp, taps, np.maximum, np.moveaxis(outs[0], -1, 1) if nhwc else outs[0])
+        xp = padded(ins[0])
+        _reduce_taps(xp, taps, np.maximum, outs[0])
         if indices is not None:
             indices(xp, taps, outs[1])
 
@@ -1086,27 +1151,39 @@ def prepare_max_pool(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
 def prepare_average_pool(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
     """ONNX AveragePool over any number of spatial axes (dilations as opset 19): the window sum of the zero-padded
     input / count, where count is the number of taps inside the input, or with ``count_include_pad`` inside the
-    padded input (never the ceil_mode overhang)."""
+    padded input (never the ceil_mode overhang). 2-D float32 inputs run ``kernels.avg_pool2d_float32`` (its sums
+    in another order: equal to float32 rounding). With attribute ``layout="NHWC"`` (:func:`channels_last`) input
+    and output are ``[N, H, W, C]``, the windows sliding over axes 1 and 2."""
     shape, dtype = inputs[0]
+    nhwc = channels_last(node, shape)
+    shape = nchw_shape(shape) if nhwc else shape
     kernel, window = _pool_window(node, shape)
-    k, extra = len(kernel), _extra(shape[2:], kernel, window)
-    padded = _Padded(shape, window.pads, extra, 0.0, dtype)
-    counted = _Padded((1, 1) + tuple(shape[2:]), window.pads, extra, 0.0, np.float64)
-    counted.buffer[_spatial(slice(0, b + i + e) for b, i, e in zip(window.pads[:k], shape[2:], window.pads[k:]))] \
-        = bool(attr(node, "count_include_pad", 0))
-    counted.interior[...] = 1
-    counts = window_view(counted.buffer, kernel, window).sum(axis=tuple(range(-k, 0)))
+    extra, include_pad = _extra(shape[2:], kernel, window), bool(attr(node, "count_include_pad", 0))
+    counts = _inside_counts(shape, kernel, window, extra, include_pad)
     if (counts == 0).any():
         raise _fail(node, "a window lies wholly in the padding")
-    inverse = (1.0 / counts).astype(dtype)
-    taps = _tap_indices(kernel, window)
+    out_shape = tuple(shape[:2]) + window.out
+    out = [(nhwc_shape(out_shape) if nhwc else out_shape, dtype)]
+    ops = _product(out_shape) * _product(kernel)
+    if np.dtype(dtype) == F32 and len(shape) == 4:
+        options = {"strides": window.strides, "pads": window.pads, "dilations": window.dilations,
+                   "ceil_mode": bool(attr(node, "ceil_mode", 0)), "count_include_pad": include_pad,
+                   "layout": "NHWC" if nhwc else "NCHW"}
+
+        def run_kernel(ins, outs):
+            kernels.avg_pool2d_float32(ins[0], kernel, out=outs[0], **options)
+
+        return Kernel(run_kernel, out, ops=ops, note=f"avg_pool2d_float32{', NHWC' * nhwc}")
+    padded = _Padded(shape, window.pads, extra, 0.0, dtype, nhwc)
+    inverse = (1.0 / counts).astype(dtype)  # [1, 1, *out]
+    inverse = np.moveaxis(inverse, 1, -1) if nhwc else inverse
+    taps = _tap_indices(kernel, window, nhwc)
 
     def run(ins, outs):
         _reduce_taps(padded(ins[0]), taps, np.add, outs[0])
         np.multiply(outs[0], inverse, out=outs[0])
 
-    out_shape = tuple(shape[:2]) + window.out
-    return Kernel(run, [(out_shape, dtype)], ops=_product(out_shape) * _product(kernel))
+    return Kernel(run, out, ops=ops)
 
 
 GLOBAL_POOLS = {"GlobalAveragePool": np.mean, "GlobalMaxPool": np.max}
@@ -1115,21 +1192,26 @@ GLOBAL_POOLS = {"GlobalAveragePool": np.mean, "GlobalMaxPool": np.max}
 @preparer(*GLOBAL_POOLS)
 def prepare_global_pool(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
     """GlobalAveragePool (mean) and GlobalMaxPool (max) over the spatial axes of ``[N, C, *spatial]``, which stay
-    as size 1."""
+    as size 1. With attribute ``layout="NHWC"`` (:func:`channels_last`) input ``[N, H, W, C]``, output
+    ``[N, 1, 1, C]`` (the reduction is over axes 1 and 2)."""
     shape, dtype = inputs[0]
     if len(shape) < 3:
         raise _fail(node, f"input must be [N, C, *spatial], got shape {list(shape)}")
-    axes, reduce = tuple(range(2, len(shape))), GLOBAL_POOLS[node.op]
-    out_shape = tuple(shape[:2]) + (1,) * len(axes)
-    planes, area = _product(shape[:2]), _product(shape[2:])
+    nhwc = channels_last(node, shape)
+    axes, reduce = tuple(range(1, 3) if nhwc else range(2, len(shape))), GLOBAL_POOLS[node.op]
+    out_shape = tuple(1 if i in axes else d for i, d in enumerate(shape))
+    n, c, area = shape[0], shape[-1] if nhwc else shape[1], _product([shape[i] for i in axes])
     if node.op == "GlobalAveragePool" and np.dtype(dtype).kind == "f":
-        # a matrix-vector product with 1 / area: BLAS, where numpy.mean's reduction over short rows is ~20x slower
+        # matrix-vector products with 1 / area: BLAS, where numpy.mean's reduction over short rows is ~20x slower
         weights = np.full(area, 1.0 / area, dtype)
 
         def run_mean(ins, outs):
-            np.matmul(ins[0].reshape(planes, area), weights, out=outs[0].reshape(planes))
+            np.matmul(ins[0].reshape(n * c, area), weights, out=outs[0].reshape(n * c))
 
-        return Kernel(run_mean, [(out_shape, dtype)], ops=_product(shape))
+        def run_mean_nhwc(ins, outs):  # per image, the weights times its [area, C] pixels
+            np.matmul(weights, ins[0].reshape(n, area, c), out=outs[0].reshape(n, c))
+
+        return Kernel(run_mean_nhwc if nhwc else run_mean, [(out_shape, dtype)], ops=_product(shape))
 
     def run(ins, outs):
         reduce(ins[0], axis=axes, keepdims=True, out=outs[0])
@@ -1228,11 +1310,16 @@ def prepare_identity(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
 
 @preparer("Transpose")
 def prepare_transpose(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
-    """ONNX Transpose (``perm`` default: reversed axes), copied into the output buffer."""
+    """ONNX Transpose (``perm`` default: reversed axes), copied into the output buffer; a view when it only moves
+    axes of size 1 (the bytes stay in order: the exit of a channels-last region after a global pool, ``[N, 1, 1,
+    C]`` to ``[N, C, 1, 1]``)."""
     shape, dtype = inputs[0]
     perm = tuple(int(p) for p in attr(node, "perm", range(len(shape) - 1, -1, -1)))
     if sorted(perm) != list(range(len(shape))):
         raise _fail(node, f"perm {list(perm)} is not a permutation of {len(shape)} axes")
+    kept = [p for p in perm if shape[p] != 1]
+    if kept == sorted(kept):
+        return _view(tuple(shape[p] for p in perm), dtype)
 
     # NCHW <-> NHWC (the borders of lowbit.runtime.layout's channels-last regions): the kernels' block transposes,
     # ~10x NumPy's strided copy on uint8 images

@@ -1,6 +1,7 @@
-"""Channels-last regions (lowbit.runtime.layout.nhwc_chains): which nodes go NHWC, where the Transposes go, and
-that the rewritten graph gives the original's values bit for bit (lowbit.Session on both, fallback=False), on
-hand-made graphs and on ONNX Runtime's quantizations of the example ResNet and MobileNetV2."""
+"""Channels-last regions (lowbit.runtime.layout.nhwc_chains) of integer ops: which nodes go NHWC, where the
+Transposes go, and that the rewritten graph gives the original's values bit for bit (lowbit.Session on both,
+fallback=False), on hand-made graphs and on ONNX Runtime's quantizations of the benchmark's ResNet and MobileNetV2
+blocks. Float regions: tests/lowbit/test_float_nhwc.py."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import collections
 import numpy as np
 import pytest
 
+from kernels import dispatch
 from lowbit import Session
 from lowbit.graph.ir import Graph, Node, TensorSpec
 from lowbit.runtime.layout import TO_NCHW, TO_NHWC, nhwc_chains
@@ -226,6 +228,28 @@ def test_nodes_already_channels_last_or_with_indices_are_not_taken():
     assert _nhwc(out) == ["c1"] and out.node("gap").inputs[0] == c1 and out.node("mp").inputs[0] == c1
 
 
+def test_codes_and_floats_never_share_a_region():
+    """A float Conv on a DequantizeLinear of a region's codes starts a float region of its own: the
+    DequantizeLinear (read by other than a QuantizeLinear) stays out, and a QuantizeLinear of the float region's
+    output joins neither."""
+    b = Codes((2, 4, 6, 6))
+    c1 = b.conv(b.quant(), 4, 8, name="c1")
+    floats = b.dequant(c1, name="dq")
+    w = b.param("fw", (RNG.standard_normal((8, 8, 3, 3)) / 8).astype(np.float32))
+    f1 = b.op("Conv", [floats, w], kernel_shape=[3, 3], pads=[1] * 4, name="f1")
+    relu = b.op("Relu", [b.op("Conv", [f1, w], kernel_shape=[3, 3], pads=[1] * 4, name="f2")], name="relu")
+    c2 = b.conv(b.quant(relu, name="q2"), 8, 8, name="c2")
+    graph = b.graph(b.dequant(c2), relu)
+    out = nhwc_chains(graph)
+    floats_too = dispatch.choose("conv_float32", 1, 8, 72).kind == "avx512"
+    assert _nhwc(out) == (["c1", "f1", "f2", "relu", "c2"] if floats_too else ["c1", "c2"])
+    assert [t[0] for t in _transposes(out)] == [b.nodes[0].outputs[0], f"{c1}_nhwc"] + (
+        [floats, f"{relu}_nhwc"] if floats_too else []) + ["q2_out", f"{c2}_nhwc"]
+    feeds = b.feeds()
+    want, got = (Session(g, fallback=False).run(feeds) for g in (graph, out))
+    np.testing.assert_allclose(got[relu], want[relu], rtol=1e-5, atol=1e-5 * np.abs(want[relu]).max())
+
+
 # ----------------------------------------------------------------------------- the preparers' layout attribute
 
 def _spec(shape, dtype=np.uint8):
@@ -291,27 +315,34 @@ def test_bad_layouts_are_refused():
 
 # ----------------------------------------------------------------------------- ONNX Runtime's quantized models
 
+MODELS = {"resnet_block": 16, "mobilenet_block": 32}  # benchmark model -> its image size
+
+
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory):
-    """Paths of the example ResNet and MobileNetV2 quantized by ``quantize_static`` (per channel), QDQ and QOp."""
+    """Paths of the benchmark's ResNet and MobileNetV2 blocks quantized by ``quantize_static`` (per channel), QDQ
+    and QOp, and their image sizes."""
     pytest.importorskip("onnxruntime.quantization")
     from bench.onnx_models import Model, model_file
 
     folder = str(tmp_path_factory.mktemp("layout"))
-    return {(name, fmt): model_file(Model(name, (1,), image=20), fmt, folder)
-            for name in ("resnet", "mobilenet_v2") for fmt in ("qdq", "qop")}
+    return {(name, fmt): (model_file(Model(name, (1,), image=image), fmt, folder), image)
+            for name, image in MODELS.items() for fmt in ("qdq", "qop")}
 
 
 @pytest.mark.parametrize("fmt", ["qdq", "qop"])
-@pytest.mark.parametrize("name", ["resnet", "mobilenet_v2"])
+@pytest.mark.parametrize("name", MODELS)
 def test_quantized_models_are_bit_identical(quantized, name, fmt):
     import lowbit.onnx
     from lowbit.onnx import examples
+    from lowbit.runtime.passes import fold_constants
+    from lowbit.runtime.qdq_fusion import fuse_qdq
 
-    graph = lowbit.onnx.load(quantized[name, fmt])
+    path, image = quantized[name, fmt]
+    graph = fold_constants(fuse_qdq(lowbit.onnx.load(path, optimize=False)))  # the importer's passes before it
     out = nhwc_chains(graph)
     laid = collections.Counter(n.op for n in out.nodes if n.attrs.get("layout") == "NHWC")
-    assert laid["QLinearConv"] == collections.Counter(_ops(graph))["QLinearConv"]
+    assert laid["QLinearConv"] == collections.Counter(_ops(graph))["QLinearConv"] > 0
     assert laid[MS + "QLinearGlobalAveragePool"] == 1
     assert [t[2] for t in _transposes(out)] == [TO_NHWC, TO_NCHW]  # in after the input's Q, out after the pool
-    _same_values(graph, out, examples.image_feed(3, 20, 1))
+    _same_values(graph, out, examples.image_feed(3, image, 1))
