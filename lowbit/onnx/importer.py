@@ -6,9 +6,8 @@ initializers and ``Constant`` nodes become ``params``, symbolic dimensions (``"b
 until a run binds them. Then the graph is rewritten once: Q/DQ patterns fused into integer ops
 (:func:`lowbit.runtime.qdq_fusion.fuse_qdq`), dynamic quantization chains fused into one op
 (:func:`lowbit.runtime.dynamic_fusion.fuse_dynamic_matmul`), constant subgraphs folded
-(:func:`lowbit.runtime.passes.fold_constants`), convolution chains moved channels-last
-(:func:`lowbit.runtime.layout.nhwc_chains`) and an input's quantization merged with its move to channels-last
-(:func:`lowbit.runtime.transpose_fusion.fuse_layout_transposes`). A model lowbit cannot run fails here, with every
+(:func:`lowbit.runtime.passes.fold_constants`). The graph stays NCHW as ONNX wrote it (a
+:class:`lowbit.Session` moves convolution chains channels-last when it runs it). A model lowbit cannot run fails here, with every
 unsupported op listed, never halfway through a run.
 
 Loading never executes code: protobuf is parsed into plain arrays and values. Tensors stored outside
@@ -334,17 +333,14 @@ def _check_supported(graph: Graph, unsupported: dict[str, list[str]]) -> None:
 def import_model(model: Any, *, optimize: bool = True) -> Imported:
     """Read and convert ``model`` (path, bytes or ModelProto); with ``optimize``, fuse Q/DQ and fold constants."""
     from lowbit.runtime.dynamic_fusion import fuse_dynamic_matmul
-    from lowbit.runtime.layout import nhwc_chains
     from lowbit.runtime.passes import fold_constants
     from lowbit.runtime.qdq_fusion import fuse_qdq
-    from lowbit.runtime.transpose_fusion import fuse_layout_transposes
 
     proto, folder = read_model(model)
     imported = _convert(proto, folder)
     imported.tensors = frozenset(t for node in imported.graph.nodes for t in node.outputs)
     if optimize:  # fused Q/DQ patterns and folded constants need no kernel of their own
-        imported.graph = fuse_layout_transposes(nhwc_chains(fold_constants(fuse_dynamic_matmul(fuse_qdq(
-            imported.graph)))))
+        imported.graph = fold_constants(fuse_dynamic_matmul(fuse_qdq(imported.graph)))
     _check_supported(imported.graph, {})
     return imported
 

@@ -55,9 +55,11 @@ from lowbit.graph.ir import Graph, Node
 from kernels.entry import In
 from lowbit.runtime import evaluators, float_ops, quant_ops
 from lowbit.runtime.compiled import CompiledSteps
+from lowbit.runtime.layout import nhwc_chains
 from lowbit.runtime.passes import float_twin, fold_batch_norm, fuse_activations
 from lowbit.runtime.profile import Profile
 from lowbit.runtime.registry import Kernel, Shape, prepare
+from lowbit.runtime.transpose_fusion import fuse_layout_transposes
 
 OP_MODULES = (float_ops, quant_ops, evaluators)  # importing them registers their preparers
 #: Ops whose outputs depend only on their input's shape, so they fold once shapes are known.
@@ -163,8 +165,9 @@ class Session:
         NumPy's BLAS threads too when threadpoolctl is installed
     fallback : bool, default True; let a kernel with a float ``fallback``, and a quantized graph with a float
         twin, be replaced by the float version when that is faster (False: always the quantized kernels)
-    optimize : bool, default True; fold batch norms and fuse activations first (their intermediate tensors
-        then no longer exist and cannot be fetched)
+    optimize : bool, default True; fold batch norms and fuse activations first, and move convolution chains
+        channels-last (:mod:`lowbit.runtime.layout`; their intermediate tensors then no longer exist and cannot be
+        fetched)
     compiled : bool, default True; on one thread, chain the nodes whose kernels have an entry into compiled
         functions (:mod:`lowbit.runtime.compiled`) so that Python dispatches once per chain, not per node
     """
@@ -183,6 +186,9 @@ class Session:
         source = graph.copy().validate()
         self._source_tensors = {t for n in source.nodes for t in n.outputs}
         self.graph = fuse_activations(fold_batch_norm(source)) if optimize else source
+        twin = float_twin(self.graph) if fallback else None
+        if optimize:  # convolution chains channels-last: an execution detail, after the twin (which runs NCHW ops)
+            self.graph = fuse_layout_transposes(nhwc_chains(self.graph))
         self.graph.validate()
         self.threads = None if threads is None else int(threads)
         self.fallback = bool(fallback)
@@ -190,9 +196,8 @@ class Session:
         names = [*self._inputs, *self.graph.params, *(t for n in self.graph.nodes for t in n.outputs)]
         self._slot = {t: i for i, t in enumerate(dict.fromkeys(names))}
         self._tensors = set(self._slot)
-        twin = float_twin(self.graph) if self.fallback else None
         self.compiled = bool(compiled)
-        self._twin = None if twin is None else Session(twin, threads=threads, fallback=fallback, optimize=False,
+        self._twin = None if twin is None else Session(twin, threads=threads, fallback=fallback, optimize=optimize,
                                                        compiled=compiled)
         self._valued = self._shape_valued()
         self._whole: dict[tuple, tuple[bool, str]] = {}  # input shapes -> (the twin runs, the race's note)
@@ -265,7 +270,8 @@ class Session:
             raise TypeError(f"fetch: expected a list of tensor names, got {fetch!r}")
         for t in fetch:
             if t not in self._tensors:
-                why = (" (removed by batch-norm folding / activation fusion: use Session(..., optimize=False))"
+                why = (" (removed or renamed by batch-norm folding, activation fusion or the channels-last layout: "
+                       "use Session(..., optimize=False))"
                        if t in self._source_tensors else "")
                 raise ValueError(f"fetch: no tensor named {t!r} in the graph{why}")
         return list(dict.fromkeys(fetch))

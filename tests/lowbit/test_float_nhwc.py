@@ -347,12 +347,13 @@ def test_example_models_match_onnx_runtime(name):
     from lowbit.onnx import examples
 
     model = getattr(examples, name)(image=20).SerializeToString()
-    graph = lowbit.onnx.load(model)
+    session = lowbit.onnx.InferenceSession(model)
+    graph = session.graph  # loading keeps NCHW; the session moves the conv chains channels-last
     if TILES:
         laid = collections.Counter(n.op for n in graph.nodes if n.attrs.get("layout") == "NHWC")
         assert laid["Conv"] == _ops(graph).count("Conv") and laid["GlobalAveragePool"] == 1
         assert [t[2] for t in _transposes(graph)] == [TO_NHWC, TO_NCHW]  # in at the input, out after the pool
     feeds = examples.image_feed(3, 20, 1)
-    got = lowbit.onnx.InferenceSession(model).run(None, feeds)[0]
+    got = session.run(None, feeds)[0]
     want = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))

@@ -257,3 +257,19 @@ def test_fetching_a_fused_tensor_says_how_to_keep_it(rng):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     conv, y = ort.InferenceSession(model, options).run(["conv", "y"], {"x": x})
     np.testing.assert_array_equal(y, np.maximum(conv, 0))
+
+
+def test_an_imported_float_cnn_stays_nchw_and_quantizes():
+    """Loading keeps ONNX's layout (a Session lays convolution chains out channels-last when it runs them), so the
+    graph can be quantized and saved like any lowbit graph."""
+    from lowbit.onnx.examples import image_feed, resnet
+    from lowbit.ptq import quantize_model
+
+    graph = ort.load(resnet(image=12, width=8, blocks=1, stages=2))
+    assert not any(n.attrs.get("layout") for n in graph.nodes)
+    feeds = [image_feed(2, 12, seed=s) for s in range(2)]
+    quantized = quantize_model(graph, feeds)
+    x = image_feed(2, 12, seed=5)
+    got = lowbit.Session(quantized).run(x)["logits"]
+    want = lowbit.Session(graph).run(x)["logits"]
+    assert np.abs(got - want).max() < 0.1 * np.abs(want).max()
