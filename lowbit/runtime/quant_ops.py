@@ -44,7 +44,7 @@ from lowbit.graph.ir import Graph, Node
 from lowbit.quantization import grid, qdq
 from lowbit.quantization.qdq import dynamic_quantize_linear
 from lowbit.quantization.scheme import QScheme
-from lowbit.runtime.float_ops import channels_last, nchw_shape, nhwc_shape, prepare_conv
+from lowbit.runtime.float_ops import channels_last, nchw_shape, nhwc_shape, prepare_conv, transposed_nhwc
 from lowbit.runtime.registry import Kernel, Shape, preparer
 from lowbit.runtime.transpose_fusion import FUSED_QUANTIZE, channels_last_perm
 from lowbit.runtime.windows import Window, conv_window, window_view
@@ -624,19 +624,7 @@ def prepare_qlinear_conv(node: Node, graph: Graph, inputs: Inputs) -> Kernel:
         requantize(acc, mult, y_zero, outs[0], act, float(np.asarray(y_scale).reshape(-1)[0]))
 
     kernel = Kernel(run, [out], ops, "int8", "exact NumPy (im2col + float64 BLAS)")
-    return _transposed(kernel) if nhwc else kernel
-
-
-def _transposed(kernel: Kernel) -> Kernel:
-    """``kernel`` (and its fallback), of NCHW input 0 and output, on NHWC arrays: transposed around each call."""
-    (shape, dtype), = kernel.outputs
-    y = np.empty(shape, dtype)
-
-    def run(ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
-        kernels.nchw_to_nhwc(kernel([kernels.nhwc_to_nchw(ins[0]), *ins[1:]], [y])[0], out=outs[0])
-
-    return Kernel(run, [(nhwc_shape(shape), dtype)], kernel.ops, kernel.precision, f"{kernel.note}, NHWC transposed",
-                  None if kernel.fallback is None else _transposed(kernel.fallback))
+    return transposed_nhwc(kernel) if nhwc else kernel
 
 
 def _qlinear_conv_kernel(node: Node, graph: Graph, x_shape: Shape, x_dtype: np.dtype, group: int, window: Window,
@@ -664,7 +652,7 @@ def _qlinear_conv_kernel(node: Node, graph: Graph, x_shape: Shape, x_dtype: np.d
     fallback = _conv_fallback(node, x_shape, w_float, _float_bias(bias, x_scale, w_scale), attrs, act, out, ops,
                               _dequantizer(x_shape, x_scale, x_zero), (y_scale, y_zero))
     if nhwc:
-        fallback = _transposed(fallback)
+        fallback = transposed_nhwc(fallback)
         return Kernel(lambda ins, outs: [plan(ins[0], out=outs[0])], fallback.outputs, ops, "int8",
                       f"qlinear_conv2d {plan.kind}, NHWC", fallback=fallback)
     if shapes != (x_shape, out[0]):  # the fallback's Conv sees 4-D views of the 1-D arrays too
