@@ -28,6 +28,7 @@ import numpy as np
 
 import kernels
 from kernels import dispatch
+from kernels.entry import Entry
 from lowbit.graph.ir import Graph, Node
 from lowbit.runtime.registry import Kernel, Shape, preparer
 from lowbit.runtime.windows import (Window, conv_transpose_window, conv_window, kernel_shape, window_geometry,
@@ -1261,8 +1262,8 @@ def _reshaped(node: Node, shape: Shape, target: list[int], allowzero: bool) -> S
 
 
 def _view(shape: Shape, dtype: np.dtype) -> Kernel:
-    """A kernel returning its input viewed as ``shape`` (no copy)."""
-    return Kernel(lambda ins, outs: [ins[0].reshape(shape)], [(shape, dtype)], note="view")
+    """A kernel returning its input viewed as ``shape`` (no copy), in compiled chains too."""
+    return Kernel(lambda ins, outs: [ins[0].reshape(shape)], [(shape, dtype)], note="view", entry=Entry.view(shape))
 
 
 @preparer("Reshape")

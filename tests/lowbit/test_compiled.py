@@ -111,6 +111,7 @@ def _graph(ops):
     (["test.Affine"] * 4, 4),
     (["test.Affine", "test.Affine", "test.Negate", "test.Affine", "test.Affine", "test.Affine"], 5),
     (["test.Affine", "test.Negate", "test.Affine"], 0),  # chains of one node stay Python calls
+    (["test.Affine", "Flatten", "test.Affine"], 3),  # views join chains
 ])
 def test_session_chains_entries_and_matches_node_by_node(chain_ops, rng, ops, chained):
     graph = _graph(ops)
