@@ -92,6 +92,7 @@ from numba.extending import intrinsic
 
 from kernels import _validate, threads
 from kernels._jit import kernel
+from kernels.entry import Entry, In, Out
 from kernels.conv.geometry import ConvGeometry, check_layout, conv_geometry
 from kernels.conv.layout import BLOCKS, _transpose, nchw_to_nhwc, nhwc_to_nchw
 from kernels.gemm.int8 import _activation_bounds
@@ -1314,6 +1315,14 @@ class Conv2dFloat32Plan:
             self.driver(x, *self.args, i0, i1, *self.scratch[ranges.index((i0, i1))], out)
 
         threads.run_ranges(part, ranges)
+
+    def entry(self) -> Entry | None:
+        """The convolution as one unchecked compiled call on one thread (:mod:`kernels.entry`): input 0 ``x``,
+        output 0 ``out``, with scratch of its own; None for the kinds that run another plan between transposes."""
+        if self.inner is not None:
+            return None
+        scratch = tuple(np.zeros(size, np.float32) for size in self.scratch_sizes)
+        return Entry(self.driver, (In(0), *self.args, 0, self.items, *scratch, Out(0)))
 
     def __repr__(self) -> str:
         g = self.geo

@@ -24,6 +24,7 @@ from one thread at a time (its buffers and the entries' scratch are its own).
 from __future__ import annotations
 
 import hashlib
+import math
 import importlib.util
 import os
 import sys
@@ -71,7 +72,9 @@ def _literal(value: Any) -> str:
     if isinstance(value, tuple):
         return "(" + "".join(f"{_literal(v)}, " for v in value) + ")"
     if isinstance(value, np.generic):
-        return f"np.{value.dtype.name}({value.item()!r})"
+        return f"np.{value.dtype.name}({_literal(value.item())})"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "np.nan" if math.isnan(value) else ("np.inf" if value > 0 else "-np.inf")
     if isinstance(value, (int, float)):
         return repr(value)
     raise TypeError(f"an entry argument must be an array, In/Out, a number, None or a tuple of those, "

@@ -268,7 +268,8 @@ def _conv_tiles(node: Node, x_shape: Shape, w_shape: Shape, group: int, window: 
         plan(ins[0].reshape(x4), outs[0].reshape(plan.out_shape))
 
     return Kernel(run, [(nhwc_shape(out_shape) if nhwc else out_shape, F32)],
-                  ops=2 * _product(out_shape) * filter_length, note=f"conv2d_float32 {plan.kind}{', NHWC' * nhwc}")
+                  ops=2 * _product(out_shape) * filter_length, note=f"conv2d_float32 {plan.kind}{', NHWC' * nhwc}",
+                  entry=plan.entry() if k == 2 else None)
 
 
 @preparer("Conv")

@@ -126,3 +126,30 @@ def test_session_chains_entries_and_matches_node_by_node(chain_ops, rng, ops, ch
     inner = session.run(x, fetch=["t0", graph.outputs[0]])  # a fetched intermediate leaves the chain too
     np.testing.assert_array_equal(inner["t0"], x["x"] * 2 + np.arange(5, dtype=np.float32))
     assert len(session.profile(x, repeat=1).rows) == len(ops)  # profiles stay per node
+
+
+def test_literals_keep_their_type_and_value():
+    from lowbit.runtime.compiled import _literal
+
+    assert _literal(np.float32(-np.inf)) == "np.float32(-np.inf)" and _literal(float("nan")) == "np.nan"
+    assert _literal((1, np.int32(2), None, True)) == "(1, np.int32(2), None, True, )"
+    assert eval(_literal(np.float32(0.1)), {"np": np}) == np.float32(0.1)
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "int8"])
+def test_a_cnn_runs_the_same_chained_and_node_by_node(rng, quantized):
+    pytest.importorskip("onnx")
+    from lowbit.onnx import load
+    from lowbit.onnx.examples import image_feed, resnet
+    from lowbit.ptq import quantize_model
+
+    graph = load(resnet(image=12, width=16, blocks=1, stages=2))
+    if quantized:
+        graph = quantize_model(graph, [image_feed(2, 12, seed=s) for s in range(2)])
+    x = image_feed(3, 12, seed=7)
+    chained = Session(graph, threads=1, fallback=False)
+    want = Session(graph, threads=1, fallback=False, compiled=False).run(x)["logits"]
+    np.testing.assert_array_equal(chained.run(x)["logits"], want)
+    ((lane,),) = chained._lanes.values()
+    (plan,) = lane.plans.values()
+    assert plan.chained >= (0 if quantized else 2)
