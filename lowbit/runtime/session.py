@@ -143,7 +143,7 @@ class _Plan:
     buffers: int = 0
     nbytes: int = 0
     program: list[Step] | None = field(default=None, repr=False)  # steps with compiled chains; None: per node
-    chained: int = 0  # nodes run inside compiled chains
+    chained: frozenset[int] = frozenset()  # indices of the nodes run inside compiled chains
 
 
 @dataclass
@@ -457,7 +457,7 @@ class Session:
                 program.extend(plan.steps[start:i])
             else:
                 program.append(chain)
-                plan.chained += i - start
+                plan.chained |= set(range(start, i))
             if i < len(chainable):
                 program.append(plan.steps[i])
             start = i + 1
@@ -574,7 +574,8 @@ class Session:
             return session._run_held(key, feeds, names)[1]
 
     def profile(self, feeds: dict[str, np.ndarray], repeat: int = 5) -> Profile:
-        """Time every node: the best of ``repeat`` runs (after one warm-up run) per node.
+        """Time every node: the best of ``repeat`` runs (after one warm-up run) per node, each node on its own (notes
+        end in "chained" for the nodes that runs make inside compiled chains).
 
         A graph with a float twin says on its rows which of the two runs and the whole-graph times behind the
         choice (on every row when the twin runs, on the first otherwise).
@@ -588,8 +589,10 @@ class Session:
             session._run_held(key, feeds, names)
             for _ in range(repeat):
                 lane, _ = session._run_held(key, feeds, names, timings)
+        chained = lane.plans[names].chained
         rows = []
         for i, (node, kernel, sec) in enumerate(zip(session.graph.nodes, lane.prepared.kernels, timings)):
             note = f"{whole}; {kernel.note}" if whole and (twin_runs or i == 0) else kernel.note
+            note = f"{note}; chained" if i in chained else note
             rows.append((node.name, node.op, kernel.precision, sec, kernel.ops, note.rstrip("; ")))
         return Profile.from_timings(rows)

@@ -122,10 +122,11 @@ def test_session_chains_entries_and_matches_node_by_node(chain_ops, rng, ops, ch
     np.testing.assert_array_equal(got[graph.outputs[0]], expected[graph.outputs[0]])
     ((lane,),) = session._lanes.values()
     (plan,) = lane.plans.values()
-    assert plan.chained == chained and (plan.program is None) == (chained == 0)
+    assert len(plan.chained) == chained and (plan.program is None) == (chained == 0)
     inner = session.run(x, fetch=["t0", graph.outputs[0]])  # a fetched intermediate leaves the chain too
     np.testing.assert_array_equal(inner["t0"], x["x"] * 2 + np.arange(5, dtype=np.float32))
-    assert len(session.profile(x, repeat=1).rows) == len(ops)  # profiles stay per node
+    rows = session.profile(x, repeat=1).rows
+    assert len(rows) == len(ops) and sum(r.note.endswith("chained") for r in rows) == chained  # per node
 
 
 def test_literals_keep_their_type_and_value():
@@ -152,4 +153,4 @@ def test_a_cnn_runs_the_same_chained_and_node_by_node(rng, quantized):
     np.testing.assert_array_equal(chained.run(x)["logits"], want)
     ((lane,),) = chained._lanes.values()
     (plan,) = lane.plans.values()
-    assert plan.chained >= (0 if quantized else 2)
+    assert len(plan.chained) >= (0 if quantized else 2)
