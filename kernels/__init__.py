@@ -16,17 +16,19 @@ from kernels.conv.float32 import Conv2dFloat32Plan, conv2d_float32, conv2d_float
 from kernels.conv.int4 import PackedConvInt4, conv2d_int4, pack_conv_int4
 from kernels.conv.int8 import (ConvPlan, PackedConvInt8, conv2d_int8, conv2d_int8_plan, pack_conv_int8,
                                qlinear_conv2d, qlinear_conv2d_plan)
-from kernels.conv.layout import nchw_to_nhwc, nhwc_to_nchw
-from kernels.conv.pool import avg_pool2d, avg_pool2d_float32, global_avg_pool2d, max_pool2d, max_pool2d_bits
+from kernels.conv.layout import nchw_to_nhwc, nchw_to_nhwc_plan, nhwc_to_nchw, nhwc_to_nchw_plan
+from kernels.conv.pool import (avg_pool2d, avg_pool2d_float32, avg_pool2d_float32_plan, global_avg_pool2d,
+                               global_avg_pool2d_plan, max_pool2d, max_pool2d_bits, max_pool2d_plan)
 from kernels.elementwise import (lookup_table, qlinear_add, qlinear_add_plan, qlinear_lookup, qlinear_mul,
                                  qlinear_mul_plan)
-from kernels.gemm.binary import gemm_binary, gemm_binary_int8, gemm_binary_to_bits
-from kernels.gemm.codebook import gemm_codebook
-from kernels.gemm.int4 import gemm_int4
-from kernels.gemm.int8 import LinearPlan, gemm_int8, linear_int8, linear_int8_plan, max_k_int32
-from kernels.gemm.ternary import gemm_ternary
+from kernels.gemm.binary import gemm_binary, gemm_binary_int8, gemm_binary_plan, gemm_binary_to_bits
+from kernels.gemm.codebook import gemm_codebook, gemm_codebook_plan
+from kernels.gemm.int4 import gemm_int4, gemm_int4_plan
+from kernels.gemm.int8 import LinearPlan, gemm_int8, gemm_int8_plan, linear_int8, linear_int8_plan, max_k_int32
+from kernels.gemm.ternary import gemm_ternary, gemm_ternary_plan
 from kernels.pack.bits import pack_bits, unpack_bits
-from kernels.quantize import dequantize_linear, quantize_linear, quantize_linear_to_nhwc
+from kernels.quantize import (dequantize_linear, dequantize_linear_plan, quantize_linear, quantize_linear_plan,
+                              quantize_linear_to_nhwc, quantize_linear_to_nhwc_plan)
 from kernels.pack.conv_binary import PackedConvBinary, pack_conv_binary
 from kernels.pack.codebook import PackedCodebook, pack_codebook, pack_codebook_weights
 from kernels.pack.int4 import PackedInt4, pack_int4, pack_int4_codes
@@ -47,6 +49,7 @@ __all__ = [
     "PackedTernary",
     "avg_pool2d",
     "avg_pool2d_float32",
+    "avg_pool2d_float32_plan",
     "conv2d_binary",
     "conv2d_float32",
     "conv2d_float32_plan",
@@ -55,23 +58,33 @@ __all__ = [
     "conv2d_int8_plan",
     "cpu_info",
     "dequantize_linear",
+    "dequantize_linear_plan",
     "gemm_binary",
     "gemm_binary_int8",
+    "gemm_binary_plan",
     "gemm_binary_to_bits",
     "gemm_codebook",
+    "gemm_codebook_plan",
     "gemm_int4",
+    "gemm_int4_plan",
     "gemm_int8",
+    "gemm_int8_plan",
     "gemm_ternary",
+    "gemm_ternary_plan",
     "get_num_threads",
     "global_avg_pool2d",
+    "global_avg_pool2d_plan",
     "linear_int8",
     "linear_int8_plan",
     "lookup_table",
     "max_k_int32",
     "max_pool2d",
     "max_pool2d_bits",
+    "max_pool2d_plan",
     "nchw_to_nhwc",
+    "nchw_to_nhwc_plan",
     "nhwc_to_nchw",
+    "nhwc_to_nchw_plan",
     "pack_bits",
     "pack_codebook",
     "pack_codebook_weights",
@@ -91,7 +104,9 @@ __all__ = [
     "qlinear_mul",
     "qlinear_mul_plan",
     "quantize_linear",
+    "quantize_linear_plan",
     "quantize_linear_to_nhwc",
+    "quantize_linear_to_nhwc_plan",
     "set_num_threads",
     "unpack_bits",
 ]

@@ -53,9 +53,10 @@ from numba.extending import intrinsic
 
 from kernels import _validate
 from kernels._jit import kernel
+from kernels.entry import Entry, In, Out
 from kernels.gemm.int8 import check_zero_point
 from kernels.gemm.llvm_ir import F32, I32, declare
-from kernels.quantize import F32_MAX, F32_NORMAL, QDTYPES, _array, _run
+from kernels.quantize import F32_MAX, F32_NORMAL, QDTYPES, SPLIT_ELEMS, _array, _run
 from kernels.qtypes import qtype_of
 
 _ROUND = np.float32(1.5 * 2**23)  # v + _ROUND is _ROUND + rint(v) for |v| < 2**22, low byte the code
@@ -198,6 +199,29 @@ def _exact_range(op, x, x_div, x_mod, y, y_div, y_mod, sx, zx, sy, zy, sc, zc, l
         _exact_row(op, x, xq, y, yq, full, sx, zx, sy, zy, sc, zc, lo, hi, out, r, j0, j1)
         xq, xk = _next_row(xq, xk, x_div, x_mod)
         yq, yk = _next_row(yq, yk, y_div, y_mod)
+
+
+@kernel
+def _binary_all(op, exact, x, x_rows, x_div, y, y_rows, y_div, sx, zx, sy, zy, sc, zc, lo, hi, out, rows, cols):
+    """A whole quantized add or mul (``op``) on one thread: ``x`` and ``y`` (C-contiguous, any shape) seen as
+    ``[x_rows, cols or 1]`` and ``[y_rows, ...]``, ``out`` as ``[rows, cols]`` bytes; the float32 formula of
+    :func:`_binary_range`, or with ``exact`` the float64 one of :func:`_exact_range`."""
+    xm = x.reshape((x_rows, x.size // x_rows))
+    ym = y.reshape((y_rows, y.size // y_rows))
+    c = out.reshape((rows, cols)).view(np.uint8)
+    if exact:
+        _exact_range(op, xm, x_div, x_rows, ym, y_div, y_rows, sx, zx, sy, zy, sc, zc, lo, hi, c, 0, rows * cols)
+    else:
+        _binary_range(op, xm, x_div, x_rows, ym, y_div, y_rows, sx, zx, sy, zy, sc, zc, lo, hi, c, 0, rows * cols)
+
+
+@kernel
+def _binary_copied(op, exact, x, x_shape, y, y_shape, shape, x_full, y_full, sx, zx, sy, zy, sc, zc, lo, hi, out):
+    """:func:`_binary_all` of a broadcast that the row walk does not cover: ``x`` and ``y`` are first copied out
+    whole (``x_full``, ``y_full``: scratch of the output's size) from their shapes padded to ``shape``'s rank."""
+    x_full.reshape(shape)[...] = np.broadcast_to(x.reshape(x_shape), shape)
+    y_full.reshape(shape)[...] = np.broadcast_to(y.reshape(y_shape), shape)
+    _binary_all(op, exact, x_full, 1, 1, y_full, 1, 1, sx, zx, sy, zy, sc, zc, lo, hi, out, 1, out.size)
 
 
 @kernel
@@ -347,9 +371,33 @@ class BinaryPlan:
             a, b = (np.ascontiguousarray(np.broadcast_to(v, walk.shape)) for v in (a, b))
         operands = ((b, walk.b), (a, walk.a)) if walk.b_is_x else ((a, walk.a), (b, walk.b))
         (x, x_div, x_mod), (y, y_div, y_mod) = ((v.reshape(rows, cols), div, rows) for v, (rows, cols, div) in operands)
-        flat, op, run, scalars = c.reshape(walk.rows, walk.cols).view(np.uint8), self.op, self.run, self.scalars
+        op, run, scalars = self.op, self.run, self.scalars
+        if c.size < 2 * SPLIT_ELEMS:  # one thread: the entry's call
+            _binary_all(op, int(run is _exact_range), x, x_mod, x_div, y, y_mod, y_div, *scalars, c, walk.rows,
+                        walk.cols)
+            return c
+        flat = c.reshape(walk.rows, walk.cols).view(np.uint8)
         _run(lambda i0, i1: run(op, x, x_div, x_mod, y, y_div, y_mod, *scalars, flat, i0, i1), c.size)
         return c
+
+    def entry(self) -> Entry:
+        """``plan(a, b, out)`` as one unchecked call on one thread: inputs ``a`` and ``b`` (C-contiguous, of the
+        prepared shapes and dtypes), output ``c`` (C-contiguous, the broadcast shape; it may be ``a`` or ``b``
+        itself), checked by the caller. Binds its own scratch (rare broadcasts copy their operands)."""
+        walk, exact = self.walk, int(self.run is _exact_range)
+        (x, x_shape, x_dtype), (y, y_shape, y_dtype) = (((In(1), self.b_shape, self.b_dtype),
+                                                         (In(0), self.a_shape, self.a_dtype)) if walk.b_is_x else
+                                                        ((In(0), self.a_shape, self.a_dtype),
+                                                         (In(1), self.b_shape, self.b_dtype)))
+        if walk.copy:
+            rank = len(walk.shape)
+            pad = tuple((1,) * (rank - len(v)) + tuple(v) for v in (x_shape, y_shape))
+            full = tuple(np.zeros(walk.shape, dtype) for dtype in (x_dtype, y_dtype))
+            return Entry(_binary_copied, (self.op, exact, x, pad[0], y, pad[1], walk.shape, *full, *self.scalars,
+                                          Out(0)))
+        (xr, _, xd), (yr, _, yd) = (walk.b, walk.a) if walk.b_is_x else (walk.a, walk.b)
+        return Entry(_binary_all, (self.op, exact, x, xr, xd, y, yr, yd, *self.scalars, Out(0), walk.rows,
+                                   walk.cols))
 
     @staticmethod
     def _operand(name: str, v: object, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -365,7 +413,8 @@ def qlinear_add_plan(a_shape: tuple[int, ...], a_dtype: object, b_shape: tuple[i
                      a_scale: float, a_zero_point: int, b_scale: float, b_zero_point: int, c_scale: float,
                      c_zero_point: int, *, activation: str | None = None) -> BinaryPlan:
     """:func:`qlinear_add` prepared once for ``a`` of ``a_shape`` / ``a_dtype`` and ``b`` of ``b_shape`` /
-    ``b_dtype`` (uint8 or int8): ``plan(a, b, out=None)``. Everything but the arrays is checked here, once."""
+    ``b_dtype`` (uint8 or int8): ``plan(a, b, out=None)``. Everything but the arrays is checked here, once.
+    ``plan.entry()`` is the same call as a :class:`kernels.entry.Entry` (inputs ``a``, ``b``; output ``c``)."""
     return BinaryPlan(ADD, a_shape, a_dtype, b_shape, b_dtype, a_scale, a_zero_point, b_scale, b_zero_point, c_scale,
                       c_zero_point, activation)
 

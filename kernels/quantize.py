@@ -30,6 +30,7 @@ import numpy as np
 
 from kernels import _validate, threads
 from kernels._jit import kernel
+from kernels.entry import Entry, In, Out
 from kernels.gemm.int8 import check_zero_point
 from kernels.qtypes import qtype_of
 
@@ -116,6 +117,122 @@ def _dequantize_range(q, scale, zero_point, out, i0, i1):
     s, zp = np.float32(scale), np.int32(zero_point)
     for i in range(q.size):
         out[i] = np.float32(np.int32(np.int32(q[i]) - zp)) * s  # int32 - int32 is int64 in Numba
+
+
+@kernel
+def _quantize_all(x, scale, lo, hi, zero_point, out):
+    """:func:`_quantize_range` over all of ``x`` (C-contiguous, any shape) into ``out`` (its shape); NaN raises."""
+    xf, of = x.reshape(-1), out.reshape(-1)
+    if _quantize_range(xf, scale, lo, hi, zero_point, of, 0, xf.size):
+        raise ValueError("x: NaN value(s); QuantizeLinear is undefined for NaN")
+
+
+@kernel
+def _quantize_nhwc_all(x, scale, lo, hi, zero_point, tile, out):
+    """:func:`_quantize_nhwc_range` over all of ``x [N, C, *spatial]`` into ``out [N, *spatial, C]``; NaN raises."""
+    n, c = x.shape[0], x.shape[1]
+    pixels = x.size // max(n * c, 1)
+    if _quantize_nhwc_range(x.reshape((n, c, pixels)), scale, lo, hi, zero_point, out.reshape((n, pixels, c)), tile,
+                            0, n):
+        raise ValueError("x: NaN value(s); QuantizeLinear is undefined for NaN")
+
+
+@kernel
+def _dequantize_all(q, scale, zero_point, out):
+    """:func:`_dequantize_range` over all of ``q`` (C-contiguous, any shape) into ``out`` (its shape)."""
+    qf = q.reshape(-1)
+    _dequantize_range(qf, scale, zero_point, out.reshape(-1), 0, qf.size)
+
+
+class LinearQuantizationPlan:
+    """One per-tensor (de)quantization prepared for inputs of a fixed shape and dtype: ``plan(x, out=None)`` and
+    :meth:`entry`. Made by :func:`quantize_linear_plan`, :func:`quantize_linear_to_nhwc_plan` and
+    :func:`dequantize_linear_plan`; values and errors are those of the one-shot functions."""
+
+    def __init__(self, name: str, shape: tuple[int, ...], in_dtype: np.dtype, out_shape: tuple[int, ...],
+                 out_dtype: np.dtype, fn, scalars: tuple, scratch: tuple = ()):
+        self.name, self.shape, self.in_dtype = name, shape, in_dtype
+        self.out_shape, self.out_dtype = out_shape, out_dtype
+        self._fn, self._scalars, self._scratch = fn, scalars, scratch
+
+    def entry(self):
+        """The call as one unchecked :class:`kernels.entry.Entry` on one thread: inputs the C-contiguous input of
+        the prepared shape and dtype, outputs the result array (checked by the caller); NaN raises ValueError."""
+        scratch = tuple(np.zeros_like(a) for a in self._scratch)  # the entry's own
+        return Entry(self._fn, (In(0), *self._scalars, *scratch, Out(0)))
+
+    def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The result for ``x`` of the prepared shape and dtype (copied to C order if it is not)."""
+        if not (type(x) is np.ndarray and x.dtype is self.in_dtype and x.flags.c_contiguous):
+            x = _array(self.name, x, (self.in_dtype,))
+        if x.shape != self.shape:
+            raise ValueError(f"{self.name}: expected shape {self.shape} (as prepared), got {x.shape}")
+        y = _output(out, x, self.out_dtype, self.out_shape)
+        if x.size >= 2 * SPLIT_ELEMS or self._scratch:  # threads may pay; a tile is scratch of each call
+            return self._split(x, y)
+        self._fn(x, *self._scalars, y)
+        return y
+
+    def _split(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        if self._fn is _dequantize_all:
+            qf, yf = x.reshape(-1), y.reshape(-1)
+            _run(lambda i0, i1: _dequantize_range(qf, *self._scalars, yf, i0, i1), x.size)
+            return y
+        if self._fn is _quantize_all:
+            xf, yf = x.reshape(-1), y.reshape(-1)
+            nan = _run(lambda i0, i1: _quantize_range(xf, *self._scalars, yf, i0, i1), x.size)
+        else:
+            n, c = x.shape[0], x.shape[1]
+            pixels = x.size // max(n * c, 1)
+            x3, y3, tile = x.reshape(n, c, pixels), y.reshape(n, pixels, c), self._scratch[0]
+            nan = [] if not x.size else _run(
+                lambda n0, n1: _quantize_nhwc_range(x3, *self._scalars, y3, np.empty_like(tile), n0, n1), n, c * pixels)
+        if any(nan):
+            raise _nan_error(x)
+        return y
+
+
+def _shape(name: str, shape: object) -> tuple[int, ...]:
+    if not isinstance(shape, (tuple, list)) or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool)
+                                                       and d >= 0 for d in shape):
+        raise ValueError(f"{name}: expected a tuple of sizes >= 0, got {shape!r}")
+    return tuple(int(d) for d in shape)
+
+
+def quantize_linear_plan(shape: tuple[int, ...], scale: float, zero_point: int, *,
+                         dtype=np.uint8) -> LinearQuantizationPlan:
+    """:func:`quantize_linear` prepared once for float32 ``x`` of ``shape``: ``plan(x, out=None)``, and
+    ``plan.entry()``, the same call as a :class:`kernels.entry.Entry` (input ``x``, output the codes)."""
+    s, zp, lo, hi = _quantization(scale, zero_point, dtype)
+    shape = _shape("shape", shape)
+    return LinearQuantizationPlan("x", shape, np.dtype(np.float32), shape, np.dtype(dtype), _quantize_all,
+                                  (s, lo, hi, zp))
+
+
+def quantize_linear_to_nhwc_plan(shape: tuple[int, ...], scale: float, zero_point: int, *,
+                                 dtype=np.uint8) -> LinearQuantizationPlan:
+    """:func:`quantize_linear_to_nhwc` prepared once for float32 ``x`` of ``shape`` ``[N, C, *spatial]``:
+    ``plan(x, out=None)`` and ``plan.entry()`` (input ``x``, output the codes ``[N, *spatial, C]``)."""
+    s, zp, lo, hi = _quantization(scale, zero_point, dtype)
+    shape = _shape("shape", shape)
+    if len(shape) < 2:
+        raise ValueError(f"shape: expected [N, C, *spatial] of rank >= 2, got {shape}")
+    out_shape = (shape[0], *shape[2:], shape[1])
+    tile = np.zeros((shape[1], NHWC_BLOCK), dtype)
+    return LinearQuantizationPlan("x", shape, np.dtype(np.float32), out_shape, np.dtype(dtype), _quantize_nhwc_all,
+                                  (s, lo, hi, zp), (tile,))
+
+
+def dequantize_linear_plan(shape: tuple[int, ...], dtype, scale: float, zero_point: int) -> LinearQuantizationPlan:
+    """:func:`dequantize_linear` prepared once for codes ``q`` of ``shape`` and ``dtype`` (uint8, int8 or int32):
+    ``plan(q, out=None)`` and ``plan.entry()`` (input ``q``, output float32 of ``shape``)."""
+    if dtype not in DEQUANT_DTYPES:
+        raise TypeError(f"dtype: expected {' or '.join(map(str, DEQUANT_DTYPES))}, got {dtype!r}")
+    dtype = np.dtype(dtype)
+    s = _scale(scale)
+    zp = _dequant_zero_point(zero_point, dtype)
+    shape = _shape("shape", shape)
+    return LinearQuantizationPlan("q", shape, dtype, shape, np.dtype(np.float32), _dequantize_all, (s, zp))
 
 
 def _scale(value: object) -> float:
@@ -257,14 +374,18 @@ def dequantize_linear(q: np.ndarray, scale: float, zero_point: int, *,
     """
     q = _array("q", q, DEQUANT_DTYPES)
     s = _scale(scale)
-    if q.dtype == np.int32:
-        if isinstance(zero_point, (bool, np.bool_)) or not isinstance(zero_point, (int, np.integer)) \
-                or operator.index(zero_point) != 0:
-            raise ValueError(f"zero_point: expected 0 for int32 q, got {zero_point!r}")
-        zp = 0
-    else:
-        zp = check_zero_point("zero_point", zero_point, q.dtype)
+    zp = _dequant_zero_point(zero_point, q.dtype)
     y = _output(out, q, np.dtype(np.float32))
     qf, yf = q.reshape(-1), y.reshape(-1)
     _run(lambda i0, i1: _dequantize_range(qf, s, zp, yf, i0, i1), q.size)
     return y
+
+
+def _dequant_zero_point(zero_point: object, dtype: np.dtype) -> int:
+    """A zero point of ``dtype`` codes; 0 for int32 (ONNX has no int32 zero point)."""
+    if dtype == np.int32:
+        if isinstance(zero_point, (bool, np.bool_)) or not isinstance(zero_point, (int, np.integer)) \
+                or operator.index(zero_point) != 0:
+            raise ValueError(f"zero_point: expected 0 for int32 q, got {zero_point!r}")
+        return 0
+    return check_zero_point("zero_point", zero_point, dtype)

@@ -44,6 +44,7 @@ from numba.extending import intrinsic, overload
 
 from kernels import _validate, threads
 from kernels._jit import kernel
+from kernels.entry import Entry, In, Out
 from kernels.gemm.llvm_ir import I32, I64, array_ptr, load_vector
 
 
@@ -102,7 +103,9 @@ def _block_intrinsic(kind: str):
 
     @intrinsic
     def block(typingctx, src, s_off, lds, m, dst, d_off, ldd, n):
-        if not (isinstance(src, types.Array) and src == dst and src.ndim == 1 and src.layout == "C"
+        # src may be read-only (it is never written): same element type and layout as dst, not the same type
+        if not (isinstance(src, types.Array) and isinstance(dst, types.Array) and src.dtype == dst.dtype
+                and dst.mutable and src.ndim == dst.ndim == 1 and src.layout == dst.layout == "C"
                 and src.dtype in ELEMENTS):
             return None
         size = ELEMENTS[src.dtype]
@@ -273,6 +276,77 @@ def _transpose(src, dst, rows, cols, panels, u0, u1):
     else:
         for n in range(u0, u1):
             _elementwise(src, dst, n * rows * cols, rows, cols, 0, rows, 0, cols)
+
+
+def _elements(a):
+    """``a`` flattened and viewed as the unsigned integers of its element size (jitted code only)."""
+    raise NotImplementedError("_elements() is only callable from compiled kernels")
+
+
+@overload(_elements)
+def _elements_of(a):
+    view = VIEWS[a.dtype.bitwidth // 8].type
+    return lambda a: a.reshape(-1).view(view)
+
+
+@kernel
+def transpose_all(src, n, rows, cols, panels, dst):
+    """``dst[n, j, i] = src[n, i, j]`` on one thread: ``src`` and ``dst`` C-contiguous, of one 1- or 4-byte dtype,
+    ``N * rows * cols`` elements each (any shapes), ``panels`` as :func:`_batched_transpose` computes it."""
+    if rows == 1 or cols == 1:
+        dst.reshape(-1)[:] = src.reshape(-1)
+    else:
+        _transpose(_elements(src), _elements(dst), rows, cols, panels, 0, n * panels)
+
+
+def transpose_arguments(dtype: np.dtype, n: int, rows: int, cols: int) -> tuple[int, int, int, int]:
+    """``(n, rows, cols, panels)``: the bound arguments of :func:`transpose_all` between ``src`` and ``dst``;
+    TypeError for a dtype without compiled transposes (not of 1 or 4 bytes)."""
+    spec = BLOCKS.get(np.dtype(dtype).itemsize)
+    if spec is None or np.dtype(dtype).kind not in "biuf":
+        raise TypeError(f"dtype: compiled transposes take 1- or 4-byte numbers (uint8, int8, int32, float32), "
+                        f"got {dtype}")
+    panels = -(-cols // spec.panel) if rows >= spec.side and cols >= spec.side else 1
+    return n, rows, cols, panels
+
+
+class LayoutPlan:
+    """:func:`nchw_to_nhwc` or :func:`nhwc_to_nchw` prepared for a fixed shape and dtype: ``plan(x, out=None)``
+    and :meth:`entry`."""
+
+    def __init__(self, name: str, shape: object, dtype: object, to_nhwc: bool):
+        if not (isinstance(shape, tuple) and len(shape) == 4 and all(isinstance(d, (int, np.integer)) and d >= 0
+                                                                       for d in shape)):
+            raise ValueError(f"shape: expected a 4-D shape, got {shape!r}")
+        self.name, self.shape, self.dtype, self.to_nhwc = name, tuple(int(d) for d in shape), np.dtype(dtype), to_nhwc
+        n, a, b, c = self.shape
+        self.out_shape = (n, b, c, a) if to_nhwc else (n, c, a, b)
+        rows, cols = (a, b * c) if to_nhwc else (a * b, c)
+        self._args = transpose_arguments(self.dtype, n, rows, cols)
+
+    def entry(self):
+        """The transpose as one unchecked call on one thread: input ``x`` (C-contiguous, the prepared shape and
+        dtype), output the transposed C-contiguous array, checked by the caller."""
+        return Entry(transpose_all, (In(0), *self._args, Out(0)))
+
+    def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The transposed ``x`` (of the prepared shape and dtype; read-only or strided is fine)."""
+        x = _check(self.name, x, "NCHW" if self.to_nhwc else "NHWC")
+        if x.shape != self.shape or x.dtype != self.dtype:
+            raise ValueError(f"{self.name}: expected {self.dtype} of shape {self.shape} (as prepared), got "
+                             f"{x.dtype} of shape {x.shape}")
+        return nchw_to_nhwc(x, out) if self.to_nhwc else nhwc_to_nchw(x, out)
+
+
+def nchw_to_nhwc_plan(shape: tuple[int, int, int, int], dtype) -> LayoutPlan:
+    """:func:`nchw_to_nhwc` prepared for ``x`` of ``shape`` [N, C, H, W] and ``dtype`` (1- or 4-byte numbers):
+    ``plan(x, out=None)``, and ``plan.entry()``, the same call as a :class:`kernels.entry.Entry`."""
+    return LayoutPlan("x", shape, dtype, True)
+
+
+def nhwc_to_nchw_plan(shape: tuple[int, int, int, int], dtype) -> LayoutPlan:
+    """:func:`nhwc_to_nchw` prepared for ``y`` of ``shape`` [N, H, W, C], as :func:`nchw_to_nhwc_plan`."""
+    return LayoutPlan("y", shape, dtype, False)
 
 
 def _check(name: str, x: object, layout: str) -> np.ndarray:

@@ -32,7 +32,8 @@ from numba.extending import intrinsic
 from kernels import _validate, threads
 from kernels._jit import kernel
 from kernels.conv.geometry import ConvGeometry, check_layout, conv_geometry, from_nhwc, pair, to_nhwc
-from kernels.conv.layout import nchw_to_nhwc, nhwc_to_nchw
+from kernels.conv.layout import nchw_to_nhwc, nhwc_to_nchw, transpose_all, transpose_arguments
+from kernels.entry import Entry, In, Out
 from kernels.epilogue import QUANT, finish_tile
 from kernels.gemm.int8 import INT32_MAX, check_zero_point
 from kernels.gemm.llvm_ir import I64, array_ptr, emit_loop, is_array
@@ -490,8 +491,7 @@ def _pool(x: np.ndarray, layout: str, g: ConvGeometry, op: int, identity, counts
     nchw = layout == "NCHW"
     shape = (g.batch, g.in_channels, g.out_h, g.out_w) if nchw else g.out_shape_nhwc
     y = np.empty(shape, x.dtype) if out is None else _checked_out(out, shape, x)
-    # (not for read-only x: kernels.conv.layout's transposes reject it, and planes are correct anyway)
-    if nchw and g.in_w * x.itemsize <= SHORT_ROW_BYTES and x.flags.writeable:
+    if nchw and g.in_w * x.itemsize <= SHORT_ROW_BYTES:
         return nhwc_to_nchw(_pool(nchw_to_nhwc(x), "NHWC", g, op, identity, counts, None), y)
     images = g.batch * g.in_channels if nchw else g.batch
     x3, y1 = x.reshape(images, g.in_h, -1), y.reshape(-1)
@@ -499,6 +499,157 @@ def _pool(x: np.ndarray, layout: str, g: ConvGeometry, op: int, identity, counts
     _run_rows(lambda r0, r1: _pool_rows(x3, window, op, identity, counts, r0, r1, y1), g, x.itemsize,
               images * g.out_h)
     return y
+
+
+@kernel
+def _pool_all(x, images, window, op, identity, counts, out):
+    """All output rows of :func:`_pool_rows` on one thread: ``x`` C-contiguous NCHW (``images = N C``) or NHWC
+    (``images = N``), ``out`` C-contiguous, of any shapes holding those elements; ``identity`` a one-element array
+    (an array, since generated source cannot spell -inf)."""
+    h = window[0]
+    x3 = x.reshape((images, h, x.size // max(images * h, 1)))
+    _pool_rows(x3, window, op, identity[0], counts, 0, images * window[10], out.reshape(-1))
+
+
+@kernel
+def _pool_transposed(x, to_nhwc, x_nhwc, window, op, identity, counts, y_nhwc, to_nchw, out):
+    """:func:`_pool_all` of NCHW ``x`` by way of NHWC: ``x`` into the scratch ``x_nhwc``, pooled into the scratch
+    ``y_nhwc``, that into ``out`` (``to_nhwc``, ``to_nchw``: ``kernels.conv.layout.transpose_arguments``)."""
+    transpose_all(x, to_nhwc[0], to_nhwc[1], to_nhwc[2], to_nhwc[3], x_nhwc)
+    _pool_all(x_nhwc, to_nhwc[0], window, op, identity, counts, y_nhwc)
+    transpose_all(y_nhwc, to_nchw[0], to_nchw[1], to_nchw[2], to_nchw[3], out)
+
+
+class PoolPlan:
+    """A max or float32 average pool prepared for inputs of one shape, dtype and layout: ``plan(x, out=None)`` and
+    :meth:`entry`. Made by :func:`max_pool2d_plan` and :func:`avg_pool2d_float32_plan`."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, layout: str, g: ConvGeometry, op: int, identity,
+                 counts: np.ndarray):
+        self.shape, self.dtype, self.layout, self.g = shape, dtype, layout, g
+        self._pool = (op, identity, counts)
+        nchw = layout == "NCHW"
+        self.out_shape = (g.batch, g.in_channels, g.out_h, g.out_w) if nchw else g.out_shape_nhwc
+        self.transposed = nchw and g.in_w * dtype.itemsize <= SHORT_ROW_BYTES  # as _pool chooses
+
+    def entry(self):
+        """The pool as one unchecked call on one thread: input ``x`` (C-contiguous, the prepared shape and dtype),
+        output the pooled C-contiguous array (checked by the caller); binds its own scratch."""
+        g, (op, identity, counts) = self.g, self._pool
+        identity = np.full(1, identity, self.dtype)
+        if not self.transposed:
+            images = g.batch * g.in_channels if self.layout == "NCHW" else g.batch
+            return Entry(_pool_all, (In(0), images, g.window(), op, identity, counts, Out(0)))
+        c = g.in_channels
+        scratch = (np.zeros((g.batch, g.in_h, g.in_w, c), self.dtype), np.zeros(g.out_shape_nhwc, self.dtype))
+        to_nhwc = transpose_arguments(self.dtype, g.batch, c, g.in_h * g.in_w)
+        to_nchw = transpose_arguments(self.dtype, g.batch, g.out_h * g.out_w, c)
+        return Entry(_pool_transposed, (In(0), to_nhwc, scratch[0], g.window(), op, identity, counts, scratch[1],
+                                        to_nchw, Out(0)))
+
+    def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The pool of ``x`` (the prepared shape and dtype; a strided ``x`` is copied once to C order)."""
+        x = _contiguous(x, (self.dtype,))
+        if x.shape != self.shape:
+            raise ValueError(f"x: expected shape {self.shape} (as prepared), got {x.shape}")
+        return _pool(x, self.layout, self.g, *self._pool, out)
+
+
+def max_pool2d_plan(shape: tuple[int, int, int, int], dtype, kernel_shape: int | tuple[int, int], *,
+                    strides: object = (1, 1), pads: object = (0, 0, 0, 0), dilations: object = (1, 1),
+                    ceil_mode: bool = False, layout: str = "NCHW") -> PoolPlan:
+    """:func:`max_pool2d` prepared for ``x`` of ``shape`` and ``dtype`` (float32, uint8 or int8) in ``layout``:
+    ``plan(x, out=None)`` (the same values and errors), and ``plan.entry()``, the same call as a
+    :class:`kernels.entry.Entry` (input ``x``, output ``y``)."""
+    check_layout(layout)
+    dtype = _pool_dtype(dtype, MAX_DTYPES)
+    shape = _shape4(shape)
+    g = _window(_layout_nhwc(shape, layout), kernel_shape, strides, pads, dilations, ceil_mode)
+    return PoolPlan(shape, dtype, layout, g, MAX, _identity(dtype), np.ones((1, 1), dtype))
+
+
+def avg_pool2d_float32_plan(shape: tuple[int, int, int, int], kernel_shape: int | tuple[int, int], *,
+                            strides: object = (1, 1), pads: object = (0, 0, 0, 0), dilations: object = (1, 1),
+                            ceil_mode: bool = False, count_include_pad: bool = False,
+                            layout: str = "NCHW") -> PoolPlan:
+    """:func:`avg_pool2d_float32` prepared for float32 ``x`` of ``shape`` in ``layout``, as :func:`max_pool2d_plan`."""
+    check_layout(layout)
+    shape = _shape4(shape)
+    include = _flag("count_include_pad", count_include_pad)
+    g = _window(_layout_nhwc(shape, layout), kernel_shape, strides, pads, dilations, ceil_mode, empty_ok=include)
+    return PoolPlan(shape, np.dtype(np.float32), layout, g, ADD, np.float32(0), _counts(g, include))
+
+
+def _pool_dtype(dtype: object, dtypes: tuple) -> np.dtype:
+    if dtype not in dtypes:  # numpy.dtype compares equal to the scalar types and names
+        raise TypeError(f"dtype: expected {' or '.join(np.dtype(d).name for d in dtypes)}, got {dtype!r}")
+    return np.dtype(dtype)
+
+
+def _shape4(shape: object) -> tuple[int, int, int, int]:
+    if not (isinstance(shape, tuple) and len(shape) == 4
+            and all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) for d in shape)):
+        raise ValueError(f"shape: expected a 4-D shape, got {shape!r}")
+    return tuple(int(d) for d in shape)
+
+
+def _layout_nhwc(shape: tuple[int, int, int, int], layout: str) -> tuple[int, int, int, int]:
+    n, a, b, c = shape
+    return (n, a, b, c) if layout == "NHWC" else (n, b, c, a)
+
+
+@kernel
+def _global_all(x, to_nhwc, x_nhwc, pixels, nhwc, x_zp, m, zp, qmin, qmax, out):
+    """A whole :func:`_global_avg` on one thread; NCHW ``x`` with ``to_nhwc`` (``transpose_arguments``, its first
+    entry > 0) is first transposed into the scratch ``x_nhwc``."""
+    n = out.shape[0]
+    y = out.reshape((n, out.size // max(n, 1)))
+    if to_nhwc[0]:
+        transpose_all(x, to_nhwc[0], to_nhwc[1], to_nhwc[2], to_nhwc[3], x_nhwc)
+        _global_avg(x_nhwc.reshape((n, x.size // max(n, 1))), pixels, True, x_zp, m, zp, qmin, qmax, 0, n, y)
+    else:
+        _global_avg(x.reshape((n, x.size // max(n, 1))), pixels, nhwc, x_zp, m, zp, qmin, qmax, 0, n, y)
+
+
+class GlobalAvgPlan:
+    """:func:`global_avg_pool2d` prepared for one input shape, dtype, layout and quantization:
+    ``plan(x, out=None)`` and :meth:`entry`. Made by :func:`global_avg_pool2d_plan`."""
+
+    def __init__(self, shape, dtype, x_scale, x_zero_point, y_scale, y_zero_point, layout):
+        check_layout(layout)
+        self.dtype, self.shape, self.layout = _pool_dtype(dtype, QDTYPES), _shape4(shape), layout
+        self._quantization = (x_scale, x_zero_point, y_scale, y_zero_point)
+        xs, x_zp, ys, y_zp, qmin, qmax = _quantization(self.dtype, *self._quantization)
+        if min(self.shape) < 1:
+            raise ValueError(f"shape: expected a non-empty array, got {self.shape}")
+        nhwc = layout == "NHWC"
+        n, c = self.shape[0], self.shape[3 if nhwc else 1]
+        pixels = self.shape[1] * self.shape[2] if nhwc else self.shape[2] * self.shape[3]
+        if pixels > MAX_TAPS:
+            raise ValueError(f"x: at most {MAX_TAPS} pixels per image (int32 sums), got {pixels}")
+        self.out_shape = (n, 1, 1, c) if nhwc else (n, c, 1, 1)
+        self._short = not nhwc and pixels <= SHORT_PLANE  # transposed first, as global_avg_pool2d does
+        self._to_nhwc = transpose_arguments(self.dtype, n, c, pixels) if self._short else (0, 0, 0, 0)
+        self._scalars = (pixels, nhwc, x_zp, xs / (ys * float(pixels)), y_zp, qmin, qmax)
+
+    def entry(self):
+        """The pool as one unchecked call on one thread: input ``x`` (C-contiguous, the prepared shape and dtype),
+        output ``y`` (C-contiguous, ``[N, C, 1, 1]`` or ``[N, 1, 1, C]``), checked by the caller."""
+        scratch = np.zeros(self.shape if self._short else 0, self.dtype)
+        return Entry(_global_all, (In(0), self._to_nhwc, scratch, *self._scalars, Out(0)))
+
+    def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The pool of ``x`` (the prepared shape and dtype)."""
+        if isinstance(x, np.ndarray) and x.shape != self.shape:
+            raise ValueError(f"x: expected shape {self.shape} (as prepared), got {x.shape}")
+        return global_avg_pool2d(x, *self._quantization, layout=self.layout, out=out)
+
+
+def global_avg_pool2d_plan(shape: tuple[int, int, int, int], dtype, x_scale: float, x_zero_point: int,
+                           y_scale: float, y_zero_point: int, *, layout: str = "NCHW") -> GlobalAvgPlan:
+    """:func:`global_avg_pool2d` prepared for ``x`` of ``shape`` and ``dtype`` (uint8 or int8) in ``layout``:
+    ``plan(x, out=None)``, and ``plan.entry()``, the same call as a :class:`kernels.entry.Entry`."""
+    return GlobalAvgPlan(shape, dtype, x_scale, x_zero_point, y_scale, y_zero_point, layout)
 
 
 def _counts(g: ConvGeometry, include_pad: bool) -> np.ndarray:

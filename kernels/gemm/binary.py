@@ -31,9 +31,11 @@ from typing import Callable
 import numpy as np
 
 from kernels import _validate, dispatch, threads
+from kernels.entry import Entry, In, Out
 from kernels.gemm.binary_driver import BITS, INTEGER, POPCOUNT_DRIVERS, REAL, SIGN_DRIVERS, row_popcounts
 from kernels.gemm.binary_tiles import POPCOUNT_TILES, SIGN_TILES
 from kernels.pack.bits import WORD_BITS, check_padding_bits, word_count
+from kernels.pack.plans import PlanCache
 
 MAX_K = 2**31 - 1  # |dot| <= k must fit int32
 MAX_K_INT8 = (2**31 - 1) // 128  # |sum a w| <= 128 k
@@ -87,14 +89,33 @@ def _row_block(rows: int, row_bytes: int) -> int:
     return max(rows, L2_ROW_BYTES // max(1, row_bytes) // rows * rows)
 
 
+_POPCOUNT_STATES: dict[tuple, tuple] = {}  # (M, N, words, k, mode) -> _popcount_state(...), a few hundred at most
+_STATES_KEPT = 256
+
+
+def _popcount_state(m: int, n: int, words: int, k: int, mode: int) -> tuple:
+    """``(driver, row_block, tile, whether threads could pay)`` of a popcount product (remembered per shape)."""
+    key = (m, n, words, k, mode)
+    state = _POPCOUNT_STATES.get(key)
+    if state is None:
+        variant = dispatch.choose("gemm_binary", m, n, k)
+        tile = POPCOUNT_TILES[variant.kind]
+        parallel = 2 * m * n * k / RATE_OPS_PER_US["gemm_binary"] >= 2 * threads.MIN_US_PER_THREAD
+        state = (POPCOUNT_DRIVERS[variant.kind, mode], _row_block(tile.rows, 8 * words), tile, parallel)
+        if len(_POPCOUNT_STATES) >= _STATES_KEPT:
+            _POPCOUNT_STATES.clear()
+        _POPCOUNT_STATES[key] = state
+    return state
+
+
 def _popcount(a: np.ndarray, b: np.ndarray, k: int, mode: int, mult: np.ndarray, bias: np.ndarray,
               thr: np.ndarray, out: np.ndarray) -> np.ndarray:
     m, words = a.shape
     n = b.shape[0]
-    variant = dispatch.choose("gemm_binary", m, n, k)
-    tile = POPCOUNT_TILES[variant.kind]
-    driver = POPCOUNT_DRIVERS[variant.kind, mode]
-    row_block = _row_block(tile.rows, 8 * words)
+    driver, row_block, tile, parallel = _popcount_state(m, n, words, k, mode)
+    if not parallel or threads.get_num_threads() == 1:
+        driver(a, b, k, words, 0, m, 0, n, row_block, mult, bias, thr, out)  # the whole output, this thread
+        return out
 
     def run(i0: int, i1: int, j0: int, j1: int) -> None:
         driver(a, b, k, words, i0, i1, j0, j1, row_block, mult, bias, thr, out)
@@ -104,8 +125,77 @@ def _popcount(a: np.ndarray, b: np.ndarray, k: int, mode: int, mult: np.ndarray,
     return out
 
 
+class PopcountPlan:
+    """:func:`gemm_binary` prepared once for weights ``b_bits`` and ``m`` activation rows: ``plan(a_bits,
+    out=None)`` and :meth:`entry`. The weights are read at every call (their padding bits checked once, here)."""
+
+    def __init__(self, b_bits: object, k: object, m: object, multiplier=None, bias=None, out_dtype=None):
+        b = _bits("b_bits", b_bits)
+        self.k = _k(k, b.shape[1], "b_bits", MAX_K)
+        check_padding_bits("b_bits", b, self.k)
+        if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 0:
+            raise ValueError(f"m: expected a row count >= 0, got {m!r}")
+        self.b, self.m, n = b, int(m), b.shape[0]
+        fused = multiplier is not None or bias is not None
+        self.out_dtype = np.dtype(out_dtype if out_dtype is not None else (np.float32 if fused else np.int32))
+        if self.out_dtype not in (np.dtype(np.int32), np.dtype(np.float32)):
+            raise TypeError(f"out_dtype: expected int32 or float32, got {self.out_dtype}")
+        if fused and self.out_dtype != np.float32:
+            raise ValueError("out_dtype: multiplier and bias give float32 output, not int32")
+        self.mode = INTEGER if self.out_dtype == np.int32 else REAL
+        if self.mode == REAL:
+            self.mult = _per_channel("multiplier", multiplier, n, 1.0)
+            self.shift = _per_channel("bias", bias, n, 0.0)
+        else:
+            self.mult = self.shift = _NONE
+        words = b.shape[1]
+        driver, row_block, _, self._parallel = _popcount_state(self.m, n, words, self.k, self.mode)
+        self._args = (self.b, self.k, words, 0, self.m, 0, n, row_block, self.mult, self.shift, _NO_THRESHOLDS)
+        self._driver = driver
+        self._a_shape, self._shape = (self.m, words), (self.m, n)
+
+    def entry(self) -> Entry:
+        """``plan(a_bits, out)`` as one unchecked call on one thread: inputs ``a_bits [m, W]`` uint64 with zero
+        padding bits, outputs ``out [m, N]`` of the output dtype, C-contiguous, checked by the caller."""
+        return Entry(self._driver, (In(0), *self._args, Out(0)))
+
+    def __call__(self, a_bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The dot products of ``a_bits [m, W]`` (uint64, zero padding bits) with the prepared weights."""
+        a = a_bits
+        if not (type(a) is np.ndarray and a.dtype is _U64 and a.flags.c_contiguous and a.shape == self._a_shape):
+            a = _bits("a_bits", a)
+            if a.shape != self._a_shape:
+                raise ValueError(f"a_bits: expected shape {self._a_shape} (M as prepared, the words of b_bits), "
+                                 f"got {a.shape}")
+        if self.k % WORD_BITS:
+            check_padding_bits("a_bits", a, self.k)
+        if out is None:
+            out = np.empty(self._shape, self.out_dtype)
+        else:
+            out = _validate.out(out, self._shape, self.out_dtype)
+        if self._parallel and threads.get_num_threads() > 1:
+            return _popcount(a, self.b, self.k, self.mode, self.mult, self.shift, _NO_THRESHOLDS, out)
+        self._driver(a, *self._args, out)
+        return out
+
+
+_U64 = np.dtype(np.uint64)
+
+
+def gemm_binary_plan(b_bits: np.ndarray, k: int, m: int, *, multiplier=None, bias=None,
+                     out_dtype=None) -> PopcountPlan:
+    """:func:`gemm_binary` prepared once for the weights ``b_bits`` and ``m`` rows of activations:
+    ``plan(a_bits, out=None)`` (the same values and errors; the weights are checked once, here), and
+    ``plan.entry()``, the same call as a :class:`kernels.entry.Entry` (input ``a_bits [m, W]``, output
+    ``out [m, N]``)."""
+    return PopcountPlan(b_bits, k, m, multiplier, bias, out_dtype)
+
+
 _NONE = np.zeros(1)
 _NO_THRESHOLDS = np.zeros(1, np.int64)
+# gemm_binary's one-shot plans, by the weights' id (a plan holds its weights, so the id stays theirs while
+# it is kept); the weights are a plain array, which has no room for plans of its own
+_ONE_SHOT = PlanCache(16)
 
 
 def gemm_binary(a_bits: np.ndarray, b_bits: np.ndarray, k: int, *, multiplier=None, bias=None,
@@ -131,6 +221,15 @@ def gemm_binary(a_bits: np.ndarray, b_bits: np.ndarray, k: int, *, multiplier=No
     -------
     int32 or float32 ndarray, shape (M, N)
     """
+    if multiplier is None and bias is None and type(b_bits) is np.ndarray and type(a_bits) is np.ndarray:
+        key = (id(b_bits), b_bits.shape, a_bits.shape, k, out_dtype)
+        plan = _ONE_SHOT.get(key)
+        if plan is None or plan.b is not b_bits:
+            a_bits = _bits("a_bits", a_bits)  # (its shape in the message, not as prepared)
+            if a_bits.shape[1] != np.shape(b_bits)[-1]:
+                _operands(a_bits, b_bits, k)  # raises
+            plan = _ONE_SHOT.put(key, PopcountPlan(b_bits, k, a_bits.shape[0], None, None, out_dtype))
+        return plan(a_bits, out)
     a, b, k = _operands(a_bits, b_bits, k)
     m, n = a.shape[0], b.shape[0]
     fused = multiplier is not None or bias is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from kernels.gemm import grouped
+from kernels.gemm.grouped import GroupedPlan
 from kernels.pack.codebook import PackedCodebook
 
 
@@ -45,3 +46,10 @@ def gemm_codebook(x: np.ndarray, packed: PackedCodebook, *, out: np.ndarray | No
     float32 ndarray [M, N]
     """
     return grouped.run("gemm_codebook", x, packed, PackedCodebook, out)
+
+
+def gemm_codebook_plan(packed: PackedCodebook, m: int) -> GroupedPlan:
+    """:func:`gemm_codebook` prepared once for ``x`` of ``m`` rows: ``plan(x, out=None)`` (the same values and errors),
+    and ``plan.entry()``, the same call as a :class:`kernels.entry.Entry` (inputs ``x [m, K]`` float32, outputs
+    ``out [m, N]`` float32). The one-shot :func:`gemm_codebook` keeps such plans on ``packed``."""
+    return grouped.plan("gemm_codebook", packed, PackedCodebook, m)

@@ -12,6 +12,11 @@ int8, each at most 255 * 128 in magnitude, so they cannot wrap
 (65792 * 32640 < 2**31). Longer K is cut into chunks whose sums are added in
 int64, so the driver is exact for any K; only an int32 *output* can overflow,
 which the public functions check.
+
+:data:`LINEAR` holds one entry kernel per driver: the whole product of a prepared layer on one thread
+(activations brought to unsigned bytes, row sums, then the driver over every tile), which
+``kernels.gemm.int8.LinearPlan`` calls and gives as its :class:`kernels.entry.Entry`. A tile of one row
+runs the one-row twin of its micro-kernel (``kernels.gemm.microkernels.ONE_ROW``), if it has one.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ import numpy as np
 
 from kernels._jit import kernel
 from kernels.epilogue import INTEGER, MODES, finish_tile
-from kernels.gemm.microkernels import TILES, microkernel, microkernel_finish, microkernel_store
+from kernels.gemm.microkernels import ONE_ROW, TILES, microkernel, microkernel_finish, microkernel_store
+from kernels.gemm.select import selector
 from kernels.pack.panels import KGROUP, PANEL
 
 K_CHUNK = 65792  # largest multiple of KGROUP with K_CHUNK * 255 * 128 < 2**31
@@ -29,10 +35,11 @@ assert K_CHUNK % KGROUP == 0 and K_CHUNK * 255 * 128 < 2**31 <= (K_CHUNK + KGROU
 
 def _make_driver(kind: str, mode: int):
     rows, width = TILES[kind].rows, TILES[kind].width
+    single = ONE_ROW.get(kind, kind)  # the micro-kernel of a one-row tile
 
     @kernel
     def gemm_tiles(a, lda, n, b, kq, p0, p1, i0, i1,
-                   col_term, col_term32, w_zp, row_sums, row_term, fused, mult, shift, single, lo, hi, zp, qmin, qmax,
+                   col_term, col_term32, w_zp, row_sums, row_term, fused, mult, shift, factors, lo, hi, zp, qmin, qmax,
                    out):
         """Compute output panels ``p0..p1``, rows ``i0..i1`` with micro-kernel ``kind``, epilogue ``mode``.
 
@@ -44,7 +51,7 @@ def _make_driver(kind: str, mode: int):
                 ``col_term32`` (``microkernel_store`` / ``microkernel_finish``): the
                 caller checked there is no row term and, for the float modes, that
                 every exact result fits int32; ``mult`` and ``shift`` are then padded
-                to ``panels * 64`` too, and ``single`` is ``kernels.epilogue.single_table``
+                to ``panels * 64`` too, and ``factors`` is ``kernels.epilogue.single_table``
         Other arguments are those of ``kernels.epilogue.finish_tile``.
         """
         tile = np.empty((rows, PANEL), np.int32)
@@ -60,12 +67,23 @@ def _make_driver(kind: str, mode: int):
                 for i in range(i0, i1, rows):
                     m = min(rows, i1 - i)
                     if fused:
-                        if mode == INTEGER:  # a compile-time constant: each driver types one of the two
+                        if mode == INTEGER and m == 1:  # (mode: a compile-time constant; each driver types one)
+                            microkernel_store(single, a, i * lda, lda, m, b, b_panel, kq, col_term32, col0, cols,
+                                              flat_out, i * n + col0, n)
+                        elif mode == INTEGER:
                             microkernel_store(kind, a, i * lda, lda, m, b, b_panel, kq, col_term32, col0, cols,
                                               flat_out, i * n + col0, n)
+                        elif m == 1:
+                            microkernel_finish(single, a, i * lda, lda, m, b, b_panel, kq, col_term32, mult, shift,
+                                               factors, lo, hi, zp, qmin, qmax, col0, cols, flat_out, i * n + col0, n)
                         else:
                             microkernel_finish(kind, a, i * lda, lda, m, b, b_panel, kq, col_term32, mult, shift,
-                                               single, lo, hi, zp, qmin, qmax, col0, cols, flat_out, i * n + col0, n)
+                                               factors, lo, hi, zp, qmin, qmax, col0, cols, flat_out, i * n + col0, n)
+                        continue
+                    if not long_k and m == 1:
+                        microkernel(single, a, i * lda, lda, m, b, b_panel, kq, tile)
+                        finish_tile(tile, i, m, col0, cols, col_term, w_zp, row_sums, row_term, mult, shift, lo, hi,
+                                    zp, qmin, qmax, mode, out)
                         continue
                     if not long_k:
                         microkernel(kind, a, i * lda, lda, m, b, b_panel, kq, tile)
@@ -89,15 +107,59 @@ def _make_driver(kind: str, mode: int):
 # a driver compiles only its own micro-kernel (when first called), and the epilogue
 # loses its dead branches (a runtime mode measured 30% slower at 1024^3).
 DRIVERS = {(kind, mode): _make_driver(kind, mode) for kind in TILES for mode in MODES}
+_tiles = selector({f"{kind}:{mode}": driver for (kind, mode), driver in DRIVERS.items()}, "gemm_tiles")
 
 
-@kernel
-def row_sums_u8(a, m, lda):
-    """``s[i] = sum_k a[i * lda + k]`` over one padded row (the padding is zero)."""
-    s = np.empty(m, np.int64)
-    for i in range(m):
-        t = np.int64(0)
-        for k in range(lda):
-            t += a[i * lda + k]
-        s[i] = t
-    return s
+@kernel(inline="always")
+def unsigned_rows(a, offset, scratch, sums, row_term):
+    """``(flat, lda, row_sums)``: activations ``a [M, K]`` (uint8, or int8 with ``offset`` 128) as drivers read them.
+
+    ``flat[i * lda + k] = a[i, k] + offset`` (uint8), rows zero-padded to ``lda = ceil(K / 4) * 4``: ``a`` itself
+    when nothing changes (uint8, ``K % 4 == 0``), else written into ``scratch`` (uint8, used when it holds
+    ``M * lda`` bytes, else allocated). ``row_sums[i] = sum_k flat[i * lda + k]`` when ``row_term``, in ``sums``
+    (int64 [M], likewise), else ``sums`` untouched (and not read by the drivers).
+    """
+    m, k = a.shape
+    lda = -(-k // KGROUP) * KGROUP
+    if offset == 0 and lda == k:
+        flat = a.reshape(-1).view(np.uint8)
+    else:
+        rows = scratch[: m * lda] if scratch.size >= m * lda else np.empty(m * lda, np.uint8)
+        for i in range(m):
+            row = rows[i * lda : (i + 1) * lda]
+            for j in range(k):
+                row[j] = np.uint8(np.int64(a[i, j]) + offset)
+            row[k:] = 0
+        flat = rows  # (a read-only a makes flat read-only: written only through rows)
+    row_sums = sums[:m] if sums.size >= m or not row_term else np.empty(m, np.int64)
+    if row_term:
+        for i in range(m):
+            t = np.int64(0)
+            for j in range(lda):
+                t += flat[i * lda + j]
+            row_sums[i] = t
+    return flat, lda, row_sums
+
+
+def _make_linear(kind: str, mode: int):
+    key = f"{kind}:{mode}"
+
+    @kernel
+    def linear(a, offset, scratch, sums, b, terms, col_term32, scales, single, row_term, fused, lo, hi, zp, qmin,
+               qmax, out):
+        """The whole product on one thread: :func:`unsigned_rows`, then driver ``kind``, ``mode`` over all of ``out``.
+
+        terms  : int64 [2, N], the driver's ``col_term`` and ``w_zp``
+        scales : float64 [2, *], its ``mult`` and ``shift``
+        row_term, fused : ints (0 / 1); the other arguments are the driver's.
+        """
+        m, n = out.shape
+        flat, lda, row_sums = unsigned_rows(a, offset, scratch, sums, row_term != 0)
+        _tiles(key, (flat, lda, n, b, lda // KGROUP, 0, -(-n // PANEL), 0, m, terms[0], col_term32, terms[1],
+                     row_sums, row_term != 0, fused != 0, scales[0], scales[1], single, lo, hi, zp, qmin, qmax, out))
+
+    return linear
+
+
+# The entry of every driver: what a prepared layer calls on one thread (kernels.gemm.int8.LinearPlan.entry).
+LINEAR = {(kind, mode): _make_linear(kind, mode) for kind in TILES for mode in MODES}

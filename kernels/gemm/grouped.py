@@ -1,8 +1,9 @@
 """Shared tail of the group-wise sub-byte products (``gemm_int4``, ``gemm_ternary``, ``gemm_codebook``).
 
-Validates the arguments, quantizes the activations (``kernels.gemm.grouped_driver``),
-chooses a variant and splits the output over ``kernels.threads`` as the int8 GEMM
-does.
+:class:`GroupedPlan` is one product prepared for a packed weight and a batch of M rows: the variant chosen, the
+kernel that quantizes the activations and runs the tiles (``kernels.gemm.grouped_driver.PRODUCTS``), and its
+:meth:`GroupedPlan.entry`. The one-shot functions keep their plans on the packed weight
+(``kernels.pack.plans``); large products split the output over ``kernels.threads`` as the int8 GEMM does.
 """
 
 from __future__ import annotations
@@ -10,40 +11,109 @@ from __future__ import annotations
 import numpy as np
 
 from kernels import _validate, dispatch, threads
-from kernels.gemm.grouped_driver import DRIVERS, quantize_activations
+from kernels.entry import Entry, In, Out
+from kernels.gemm.grouped_driver import DRIVERS, PRODUCTS, quantize_activations
 from kernels.gemm.grouped_microkernels import kind_name
 from kernels.pack.grouped import PackedGrouped
 
+class GroupedPlan:
+    """``x [m, K] (float32) @ packed.dequantize().T`` prepared once: ``plan(x, out=None)``, and :meth:`entry`.
+
+    Made by ``kernels.gemm_int4_plan``, ``gemm_ternary_plan`` and ``gemm_codebook_plan`` (and, kept on the packed
+    weight, by the one-shot functions). Results and errors are those of :func:`kernels.gemm_int4`.
+    """
+
+    def __init__(self, op: str, packed: PackedGrouped, m: int):
+        if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 0:
+            raise ValueError(f"m: expected a row count >= 0, got {m!r}")
+        self.op, self.packed, self.m = op, packed, int(m)
+        n, k = packed.n, packed.k
+        self.variant = dispatch.choose(op, self.m, n, k)
+        kind = kind_name(self.variant.kind, packed.bits, packed.symmetric, packed.lookup)
+        self.kind = kind
+        self._fn = PRODUCTS[kind]
+        # the kernel's arguments after the scratch (xq, sx, sumx)
+        self._weights = (packed.data, packed.panel_zeros, packed.panel_scales, packed.group_steps, packed.steps,
+                         packed.zero, packed.kernel_table)
+        # single-thread time from compute (~250 GOPS with the unpacking) and weight streaming (~25 GB/s)
+        self._estimate = 2 * self.m * n * k / 250e3 + packed.data.nbytes / 25e3
+        self._parallel = self._estimate >= 2 * threads.MIN_US_PER_THREAD
+        # no rows: the kernel allocates its scratch (of these widths), so that threads may share the plan
+        self._no_scratch = _scratch(packed, 0)
+
+    def entry(self) -> Entry:
+        """``plan(x, out)`` as one unchecked call on one thread (``x [m, K]`` float32 and ``out [m, N]`` float32,
+        C-contiguous, checked by the caller; non-finite ``x`` raises ValueError); binds its own scratch."""
+        packed, m = self.packed, self.m
+        return Entry(self._fn, (In(0), packed.group_size, *_scratch(packed, m), *self._weights, Out(0)))
+
+    def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The product for ``x [m, K]`` float32 (C-contiguous, finite); ``out [m, N]`` float32 optional."""
+        packed = self.packed
+        if not (type(x) is np.ndarray and x.dtype is _F32 and x.flags.c_contiguous and x.shape == (self.m, packed.k)):
+            x = self._checked(x)
+        shape = (self.m, packed.n)
+        if out is None:
+            out = np.empty(shape, np.float32)
+        elif not (type(out) is np.ndarray and out.dtype is _F32 and out.shape == shape and out.flags.c_contiguous
+                  and out.flags.writeable):
+            out = _validate.out(out, shape, _F32)
+        if self.m == 0:
+            return out
+        if self._parallel and threads.get_num_threads() > 1:
+            self._threaded(x, out)
+        else:
+            self._fn(x, packed.group_size, *self._no_scratch, *self._weights, out)
+        return out
+
+    def _checked(self, x: object) -> np.ndarray:
+        x = _validate.array("x", x, (np.float32,), 2)
+        if x.shape[1] != self.packed.k:
+            raise ValueError(f"x: expected K = {self.packed.k} columns to match weights of shape "
+                             f"{self.packed.shape}, got shape {x.shape}")
+        if x.shape[0] != self.m:
+            raise ValueError(f"x: expected M = {self.m} rows (as prepared), got shape {x.shape}")
+        return x
+
+    def _threaded(self, x: np.ndarray, out: np.ndarray) -> None:
+        packed, n = self.packed, self.packed.n
+        xq, sx, sumx, finite = quantize_activations(x, packed.group_size, packed.n_groups, packed.k_padded)
+        if not finite:
+            raise ValueError("x: values must be finite")
+        driver = DRIVERS[self.kind]
+
+        def part(p0: int, p1: int, i0: int, i1: int) -> None:
+            driver(xq, sx, sumx, packed.data, packed.panel_zeros, packed.panel_scales, packed.group_steps,
+                   packed.steps, packed.zero, packed.kernel_table, n, p0, p1, i0, i1, out)
+
+        threads.run_tiled(part, packed.n_panels, self.m, self.variant.rows, self._estimate)
+
+
+_F32 = np.dtype(np.float32)
+
+
+def _scratch(packed: PackedGrouped, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The quantized activations' arrays ``xq [m, k_padded]`` (zero), ``sx`` and ``sumx`` ``[m, n_groups]``."""
+    return (np.zeros((m, packed.k_padded), np.int8), np.zeros((m, packed.n_groups), np.float32),
+            np.zeros((m, packed.n_groups), np.int32))
+
+
+def plan(op: str, packed: object, packed_type: type, m: object) -> GroupedPlan:
+    """A checked :class:`GroupedPlan` of ``op`` for ``packed`` (a ``packed_type``) and ``m`` rows."""
+    if not isinstance(packed, packed_type):
+        raise TypeError(f"packed: expected a {packed_type.__name__}, got {type(packed).__name__}")
+    return GroupedPlan(op, packed, m)
+
+
 def run(op: str, x: object, packed: object, packed_type: type, out: np.ndarray | None) -> np.ndarray:
-    """Validate, quantize ``x``, choose, split and run: ``out ~= x @ packed.dequantize().T``."""
+    """Validate and run ``out ~= x @ packed.dequantize().T``, with the plan kept on ``packed`` for ``x``'s rows."""
+    if type(packed) is packed_type and type(x) is np.ndarray and x.ndim == 2:
+        key = (op, x.shape[0])
+        found = packed.plans.get(key)
+        if found is None:
+            found = packed.plans.put(key, GroupedPlan(op, packed, x.shape[0]))
+        return found(x, out)
     x = _validate.array("x", x, (np.float32,), 2)
     if not isinstance(packed, packed_type):
         raise TypeError(f"packed: expected a {packed_type.__name__}, got {type(packed).__name__}")
-    m, k = x.shape
-    if k != packed.k:
-        raise ValueError(f"x: expected K = {packed.k} columns to match weights of shape {packed.shape}, "
-                         f"got shape {x.shape}")
-    n = packed.n
-    shape = (m, n)
-    out = np.empty(shape, np.float32) if out is None else _validate.out(out, shape, np.dtype(np.float32))
-    if m == 0:
-        return out
-    return _run(op, x, packed, out)
-
-
-def _run(op: str, x: np.ndarray, packed: PackedGrouped, out: np.ndarray) -> np.ndarray:
-    m, k = x.shape
-    n = packed.n
-    xq, sx, sumx, finite = quantize_activations(x, packed.group_size, packed.n_groups, packed.k_padded)
-    if not finite:
-        raise ValueError("x: values must be finite")
-    variant = dispatch.choose(op, m, n, k)
-    driver = DRIVERS[kind_name(variant.kind, packed.bits, packed.symmetric, packed.lookup)]
-
-    def part(p0: int, p1: int, i0: int, i1: int) -> None:
-        driver(xq, sx, sumx, packed.data, packed.panel_zeros, packed.panel_scales, packed.group_steps,
-               packed.steps, packed.zero, packed.kernel_table, n, p0, p1, i0, i1, out)
-
-    # single-thread time from compute (~250 GOPS with the unpacking) and weight streaming (~25 GB/s)
-    threads.run_tiled(part, packed.n_panels, m, variant.rows, 2 * m * n * k / 250e3 + packed.data.nbytes / 25e3)
-    return out
+    return GroupedPlan(op, packed, x.shape[0])(x, out)

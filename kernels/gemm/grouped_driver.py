@@ -12,6 +12,8 @@ One driver per micro-kernel kind then walks its output range panel by panel: per
 panel, rows in tiles of the kernel's height. A GEMV's panel (64 x K codes) is
 read from memory once per row tile, the first time from L3 / DRAM and then from
 L2; each tile leaves the micro-kernel in a scratch buffer and is copied to ``out``.
+:data:`PRODUCTS` holds, per kind, the whole product on one thread (quantization, then every tile): what a
+``kernels.gemm.grouped.GroupedPlan`` calls and gives as its entry.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from numba.extending import intrinsic
 
 from kernels._jit import kernel
 from kernels.gemm.grouped_microkernels import TILES, grouped_microkernel
+from kernels.gemm.select import selector
 from kernels.pack.grouped import STEP_BYTES
 from kernels.pack.panels import PANEL
 
@@ -66,21 +69,19 @@ def _quantize_block(v, s, out):
 
 
 @kernel
-def quantize_activations(x, group, ng, ldx):
-    """``(xq int8 [M, ldx] zero padded, sx float32 [M, ng], sumx int32 [M, ng], finite)`` (module docstring).
+def quantize_into(x, group, xq, sx, sums):
+    """Write ``xq [M, >= K]`` (int8; the padding past K is left as it is), ``sx`` and ``sums`` (``[M, ng]``) of
+    ``x [M, K]`` (module docstring); returns whether every value was finite (a non-finite group is left out).
 
     ``max|x|`` is taken on the float bits as integers, so a non-finite value shows
     up as bits >= 0x7f800000 and is reported by ``finite``.
     """
     m, k = x.shape
-    xq = np.zeros((m, ldx), np.int8)
-    sx = np.zeros((m, ng), np.float32)
-    sums = np.zeros((m, ng), np.int32)
     finite = True
     for i in range(m):
         row = x[i]
         out = xq[i]
-        for g in range(ng):
+        for g in range(sx.shape[1]):
             k0 = g * group
             k1 = min(k, k0 + group)
             top = _abs_max_bits(row[k0:k1])
@@ -91,6 +92,21 @@ def quantize_activations(x, group, ng, ldx):
             sx[i, g] = s
             if s > 0:
                 sums[i, g] = _quantize_block(row[k0:k1], s, out[k0:k1])
+            else:  # (scratch reused by an entry holds the last call's codes)
+                out[k0:k1] = 0
+                sums[i, g] = 0
+    return finite
+
+
+@kernel
+def quantize_activations(x, group, ng, ldx):
+    """``(xq int8 [M, ldx] zero padded, sx float32 [M, ng], sumx int32 [M, ng], finite)``: :func:`quantize_into`
+    into new arrays."""
+    m = x.shape[0]
+    xq = np.zeros((m, ldx), np.int8)
+    sx = np.zeros((m, ng), np.float32)
+    sums = np.zeros((m, ng), np.int32)
+    finite = quantize_into(x, group, xq, sx, sums)
     return xq, sx, sums, finite
 
 
@@ -126,3 +142,29 @@ def _make_driver(kind: str):
 
 # One driver per kind; a driver compiles (or loads) only when first called.
 DRIVERS = {kind: _make_driver(kind) for kind in TILES}
+_tiles = selector(DRIVERS, "grouped_tiles")
+
+
+def _make_product(kind: str):
+    @kernel
+    def grouped_product(x, group, xq, sx, sumx, w, wz, ws, gsteps, nsteps, zc, tab, out):
+        """The whole product on one thread: :func:`quantize_into` (into the scratch ``xq``, ``sx``, ``sumx``
+        when they have ``x``'s rows, else new arrays), then driver ``kind`` over all of ``out [M, N]``.
+
+        ``xq`` is ``[M, ldx]`` zero-padded past K; the other arguments are the driver's. Non-finite ``x`` raises
+        ValueError.
+        """
+        m = x.shape[0]
+        n = out.shape[1]
+        if xq.shape[0] != m:
+            xq, sx, sumx = (np.zeros((m, xq.shape[1]), np.int8), np.zeros((m, sx.shape[1]), np.float32),
+                            np.zeros((m, sx.shape[1]), np.int32))
+        if not quantize_into(x, group, xq, sx, sumx):
+            raise ValueError("x: values must be finite")
+        _tiles(kind, (xq, sx, sumx, w, wz, ws, gsteps, nsteps, zc, tab, n, 0, -(-n // PANEL), 0, m, out))
+
+    return grouped_product
+
+
+# The entry of every driver: what a prepared product calls on one thread (kernels.gemm.grouped.GroupedPlan).
+PRODUCTS = {kind: _make_product(kind) for kind in TILES}

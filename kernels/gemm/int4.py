@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from kernels.gemm import grouped
+from kernels.gemm.grouped import GroupedPlan
 from kernels.pack.int4 import PackedInt4
 
 
@@ -47,3 +48,10 @@ def gemm_int4(x: np.ndarray, packed: PackedInt4, *, out: np.ndarray | None = Non
     split over ``kernels.threads`` by output panels (or rows, for few panels).
     """
     return grouped.run("gemm_int4", x, packed, PackedInt4, out)
+
+
+def gemm_int4_plan(packed: PackedInt4, m: int) -> GroupedPlan:
+    """:func:`gemm_int4` prepared once for ``x`` of ``m`` rows: ``plan(x, out=None)`` (the same values and errors),
+    and ``plan.entry()``, the same call as a :class:`kernels.entry.Entry` (inputs ``x [m, K]`` float32, outputs
+    ``out [m, N]`` float32). The one-shot :func:`gemm_int4` keeps such plans on ``packed``."""
+    return grouped.plan("gemm_int4", packed, PackedInt4, m)

@@ -4,6 +4,11 @@ Both validate every argument, bring the activations to the unsigned form the
 micro-kernels multiply (int8 ``a`` becomes ``a + 128`` with its zero point moved
 by 128; K is zero-padded to a multiple of 4), choose a variant through
 ``kernels.dispatch`` and split the output panels over ``kernels.threads``.
+
+A :class:`LinearPlan` (``linear_int8_plan``, ``gemm_int8_plan``) does all of that but the product once; its
+call checks the activations and makes one compiled call (``kernels.gemm.driver.LINEAR``), which
+:meth:`LinearPlan.entry` also gives as a :class:`kernels.entry.Entry`. The one-shot functions keep their
+plans on a packed weight (``PackedInt8.plans``), keyed by the call's dtypes and quantization arguments.
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ import numpy as np
 
 from kernels import _validate, dispatch, epilogue, threads
 from kernels.epilogue import Epilogue
-from kernels.gemm.driver import DRIVERS, row_sums_u8
+from kernels.entry import Entry, In, Out
+from kernels.gemm.driver import DRIVERS, LINEAR, unsigned_rows
 from kernels.pack.panels import KGROUP, PANEL, PackedInt8, pack_int8
+from kernels.pack.plans import value_key
 from kernels.qtypes import QTYPES, qtype_of
 
 INT32_MAX = 2**31 - 1
@@ -35,20 +42,6 @@ def max_k_int32(a_dtype=np.uint8, a_zero_point: int = 0, b_zero_point=0) -> int:
     a_dev = max(a_zero_point - qa.qmin, qa.qmax - a_zero_point)
     b_dev = int(np.max(np.maximum(zb - qb.qmin, qb.qmax - zb)))
     return INT32_MAX // max(1, a_dev * b_dev)
-
-
-def _activations(a: np.ndarray) -> tuple[np.ndarray, int, int]:
-    """``(flat uint8 rows of stride lda, lda, zero-point shift)`` for the micro-kernels."""
-    m, k = a.shape
-    lda = -(-k // KGROUP) * KGROUP
-    if a.dtype == np.uint8 and lda == k:
-        return a.reshape(-1), lda, 0
-    flat = np.zeros((m, lda), dtype=np.uint8)
-    flat[:, :k] = a.view(np.uint8)
-    if a.dtype == np.int8:
-        flat[:, :k] ^= 0x80  # two's complement a + 128, as an unsigned byte
-        return flat.reshape(-1), lda, 128
-    return flat.reshape(-1), lda, 0
 
 
 def _weights(w: object, name: str) -> PackedInt8:
@@ -92,13 +85,24 @@ def register_epilogue(epi: Epilogue, k: int, za: int, col_bias: np.ndarray | int
     return epilogue.with_codes(epi, sum_bound(k, za, col_bias))
 
 
+FLOAT_MAX = float(np.finfo(np.float64).max)
+ROW_STATES = 16  # batch sizes a plan remembers the variant of (past this, it starts over)
+
+
+def _finite(v: float) -> float:
+    """``v`` with infinities as the largest float64: the same clamp of every finite value, and a bound that an
+    entry's generated source can spell (``kernels.entry``)."""
+    return min(max(float(v), -FLOAT_MAX), FLOAT_MAX)
+
+
 class LinearPlan:
     """An int8 product prepared once: weights packed, zero-point and bias terms, epilogue; ``plan(a, out=None)``.
 
     Made by :func:`linear_int8_plan` (and, for one call, by :func:`gemm_int8` and
     :func:`linear_int8`). Everything that does not depend on the activations is
     derived here, so a call only checks ``a`` (dtype, K) and ``out`` and runs; M
-    (the batch) may differ from call to call.
+    (the batch) may differ from call to call. :meth:`entry` gives the same call for
+    one M as a :class:`kernels.entry.Entry`.
     """
 
     def __init__(self, packed: PackedInt8, a_dtype: np.dtype, a_zero_point: int, w_zp: np.ndarray, epi: Epilogue,
@@ -117,30 +121,94 @@ class LinearPlan:
         self.single = epilogue.single_table(self.epi, self.epi.mult)
         self.col_term32 = np.zeros(packed.n_panels * PANEL, np.int32)
         self.col_term32[:n] = self.col_term  # wraps modulo 2**32, as the int32 sums do
+        epi = self.epi
+        # what every call passes after (a, scratch, sums): see kernels.gemm.driver.LINEAR
+        self._offset = 128 if self.a_dtype == np.int8 else 0
+        self._bound = (packed.data, np.stack([self.col_term, np.broadcast_to(w_zp, (n,))]).astype(np.int64),
+                       self.col_term32, np.stack([epi.mult, epi.shift]).astype(np.float64), self.single,
+                       int(self.row_term), int(self.fused), _finite(epi.lo), _finite(epi.hi), epi.zp, epi.qmin,
+                       epi.qmax)
+        self._fixed = (self.a_dtype, k, n, out_dtype, self._offset, self._bound)
+        self._rows: dict[int, tuple] = {}  # M -> (LINEAR kernel, variant, whether threads could pay)
+
+    def _estimate(self, m: int) -> float:
+        """Single-thread time (us) from compute (~400 GOPS) and weight streaming (~20 GB/s), measured here."""
+        n, k = self.packed.n, self.packed.k
+        return 2 * m * n * k / 400e3 + n * k / 20e3
+
+    def _for_rows(self, m: int) -> tuple:
+        """The kernel, the variant and whether threads could pay, for M rows (remembered per M)."""
+        state = self._rows.get(m)
+        if state is None:
+            n, k = self.packed.n, self.packed.k
+            variant = dispatch.choose("gemm_int8", m, n, k)
+            state = (LINEAR[variant.kind, self.epi.mode], variant,
+                     self._estimate(m) >= 2 * threads.MIN_US_PER_THREAD)
+            if len(self._rows) >= ROW_STATES:
+                self._rows.clear()
+            self._rows[m] = state
+        return state
+
+    def entry(self, m: int) -> Entry:
+        """``plan(a, out)`` for ``a [m, K]`` as one unchecked call on one thread: ``entry([a], [out])``.
+
+        The inputs are ``a`` (C-contiguous ``[m, K]`` of the plan's dtype) and ``out`` (C-contiguous ``[m, N]`` of
+        its output dtype), which the caller checks; the entry binds its own scratch (one caller at a time).
+        """
+        if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 0:
+            raise ValueError(f"m: expected a row count >= 0, got {m!r}")
+        m = int(m)
+        lda = -(-self.packed.k // KGROUP) * KGROUP
+        copies = self._offset or lda != self.packed.k
+        scratch = np.zeros(m * lda if copies else 0, np.uint8)
+        sums = np.zeros(m if self.row_term else 0, np.int64)
+        return Entry(self._for_rows(m)[0], (In(0), self._offset, scratch, sums, *self._bound, Out(0)))
 
     def __call__(self, a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """``linear(a)`` for activations ``a [M, K]`` of the prepared dtype; ``out [M, N]`` optional."""
-        packed, epi = self.packed, self.epi
+        a_dtype, k, n, out_dtype, offset, bound = self._fixed  # one lookup: this layer is most of a small call
+        if not (type(a) is np.ndarray and a.dtype is a_dtype and a.flags.c_contiguous):
+            a = self._checked(a)
+        shape = a.shape
+        if len(shape) != 2 or shape[1] != k:
+            self._checked(a)  # raises
+        m = shape[0]
+        fn, variant, parallel = self._rows.get(m) or self._for_rows(m)
+        if out is None:
+            out = np.empty((m, n), out_dtype)
+        elif not (type(out) is np.ndarray and out.dtype is out_dtype and out.shape == (m, n)
+                  and out.flags.c_contiguous and out.flags.writeable):
+            out = _validate.out(out, (m, n), out_dtype)
+        if parallel and threads.get_num_threads() > 1:
+            self._threaded(a, variant, out)
+        else:
+            fn(a, offset, _NO_BYTES, _NO_SUMS, *bound, out)  # the entry's call; scratch made inside
+        return out
+
+    def _checked(self, a: object) -> np.ndarray:
         a = _validate.array("a", a, (self.a_dtype,), 2)
-        m, k = a.shape
+        if a.shape[1] != self.packed.k:
+            raise ValueError(f"a: expected K = {self.packed.k} columns to match w of shape {self.packed.shape}, "
+                             f"got shape {a.shape}")
+        return a
+
+    def _threaded(self, a: np.ndarray, variant, out: np.ndarray) -> None:
+        """The product split over ``kernels.threads``: activations prepared once, then the driver per range."""
+        packed, epi = self.packed, self.epi
         n = packed.n
-        if k != packed.k:
-            raise ValueError(f"a: expected K = {packed.k} columns to match w of shape {packed.shape}, got shape "
-                             f"{a.shape}")
-        out = np.empty((m, n), self.out_dtype) if out is None else _validate.out(out, (m, n), self.out_dtype)
-        a_u8, lda, _ = _activations(a)
-        row_sums = row_sums_u8(a_u8, m, lda) if self.row_term else np.zeros(m, np.int64)
-        variant = dispatch.choose("gemm_int8", m, n, k)
+        a_u8, lda, row_sums = unsigned_rows(a, self._offset, _NO_BYTES, _NO_SUMS, self.row_term)
         driver = DRIVERS[variant.kind, epi.mode]
+        terms, scales = self._bound[1], self._bound[3]
 
         def run(p0: int, p1: int, i0: int, i1: int) -> None:
-            driver(a_u8, lda, n, packed.data, packed.k_groups, p0, p1, i0, i1, self.col_term, self.col_term32,
-                   self.w_zp, row_sums, self.row_term, self.fused, epi.mult, epi.shift, self.single, epi.lo, epi.hi,
-                   epi.zp, epi.qmin, epi.qmax, out)
+            driver(a_u8, lda, n, packed.data, packed.k_groups, p0, p1, i0, i1, terms[0], self.col_term32,
+                   terms[1], row_sums, self.row_term, self.fused, scales[0], scales[1], self.single,
+                   self._bound[7], self._bound[8], epi.zp, epi.qmin, epi.qmax, out)
 
-        # single-thread time from compute (~400 GOPS) and weight streaming (~20 GB/s), measured here
-        threads.run_tiled(run, packed.n_panels, m, variant.rows, 2 * m * n * k / 400e3 + n * k / 20e3)
-        return out
+        threads.run_tiled(run, packed.n_panels, a.shape[0], variant.rows, self._estimate(a.shape[0]))
+
+
+_NO_BYTES, _NO_SUMS = np.zeros(0, np.uint8), np.zeros(0, np.int64)  # scratch the kernels allocate themselves
 
 
 def gemm_int8(a: np.ndarray, b: np.ndarray | PackedInt8, *, a_zero_point: int = 0,
@@ -178,19 +246,59 @@ def gemm_int8(a: np.ndarray, b: np.ndarray | PackedInt8, *, a_zero_point: int = 
         uint8 x int8 with zero zero points), beyond which an int32 result could
         overflow: use ``linear_int8``, which accumulates any K exactly.
     """
-    a = _validate.array("a", a, (np.uint8, np.int8), 2)
+    if type(b) is PackedInt8 and type(a) is np.ndarray:  # a packed weight keeps its plans (kernels.pack.plans)
+        key = ("gemm_int8", a.dtype, a_zero_point, b_zero_point)
+        plan = _cached(b, key)
+        if plan is None:
+            plan = b.plans.put(_stored_key(key), _gemm_plan(a, b, a_zero_point, b_zero_point))
+        return plan(a, out)
+    return _gemm_plan(a, b, a_zero_point, b_zero_point)(a, out)
+
+
+def _cached(packed: PackedInt8, key: tuple) -> LinearPlan | None:
+    """The plan of ``packed`` stored under ``key`` (call arguments as they are), or None."""
+    try:
+        return packed.plans.get(key)
+    except TypeError:  # an array argument: keyed by its contents
+        return packed.plans.get(tuple(value_key(v) for v in key))
+
+
+def _stored_key(key: tuple):
+    """``key`` as the cache stores it: as it is when it hashes, else by contents (see :func:`_cached`)."""
+    try:
+        hash(key)
+        return key
+    except TypeError:
+        return tuple(value_key(v) for v in key)
+
+
+def gemm_int8_plan(b: np.ndarray | PackedInt8, *, a_dtype=np.uint8, a_zero_point: int = 0,
+                   b_zero_point: int | np.ndarray = 0) -> LinearPlan:
+    """:func:`gemm_int8` prepared once for activations of ``a_dtype`` (uint8 or int8): ``plan(a, out=None)`` for
+    any M, and ``plan.entry(m)``, the same call for M rows as a :class:`kernels.entry.Entry` (input ``a``, output
+    the int32 ``out``). Every argument is checked here, once, as :func:`gemm_int8` checks it."""
+    a_dtype = np.dtype(a_dtype)
+    if a_dtype not in (np.dtype(np.uint8), np.dtype(np.int8)):
+        raise TypeError(f"a_dtype: expected uint8 or int8, got {a_dtype}")
     packed = _weights(b, "b")
-    m, k = a.shape
-    if k != packed.k:
-        raise ValueError(f"a: expected K = {packed.k} columns to match b of shape {packed.shape}, got shape {a.shape}")
-    za = check_zero_point("a_zero_point", a_zero_point, a.dtype)
+    k = packed.k
+    za = check_zero_point("a_zero_point", a_zero_point, a_dtype)
     zb = check_zero_point("b_zero_point", b_zero_point, np.dtype(np.int8), packed.n)
-    if k > MIN_K_LIMIT and k > (limit := max_k_int32(a.dtype, za, zb)):
+    if k > MIN_K_LIMIT and k > (limit := max_k_int32(a_dtype, za, zb)):
         raise ValueError(
-            f"a: K = {k} exceeds {limit}, the longest K for which the int32 result of {a.dtype} x int8 with "
+            f"a: K = {k} exceeds {limit}, the longest K for which the int32 result of {a_dtype} x int8 with "
             "these zero points cannot overflow; split K and add the parts in int64, or use linear_int8"
         )
-    return LinearPlan(packed, a.dtype, za, zb, Epilogue(epilogue.INTEGER), np.dtype(np.int32))(a, out)
+    return LinearPlan(packed, a_dtype, za, zb, Epilogue(epilogue.INTEGER), np.dtype(np.int32))
+
+
+def _gemm_plan(a: object, b: object, a_zero_point: object, b_zero_point: object) -> LinearPlan:
+    """The plan of ``gemm_int8(a, b, ...)`` for ``a``'s dtype, ``a`` checked first (its errors come first)."""
+    a = _validate.array("a", a, (np.uint8, np.int8), 2)
+    packed = _weights(b, "b")
+    if a.shape[1] != packed.k:
+        raise ValueError(f"a: expected K = {packed.k} columns to match b of shape {packed.shape}, got shape {a.shape}")
+    return gemm_int8_plan(packed, a_dtype=a.dtype, a_zero_point=a_zero_point, b_zero_point=b_zero_point)
 
 
 def _positive(name: str, value: object, n: int) -> np.ndarray | float | np.floating:
@@ -248,10 +356,23 @@ def linear_int8(a: np.ndarray, w: np.ndarray | PackedInt8, *, a_scale: float, a_
     -------
     ndarray, shape (M, N), dtype ``out_dtype``
     """
+    if type(w) is PackedInt8 and type(a) is np.ndarray:  # a packed weight keeps its plans (kernels.pack.plans)
+        # the scales' types matter (the multiplier is formed in their dtype), the zero points' do not
+        key = (a.dtype, a_scale, type(a_scale), a_zero_point, w_scale, type(w_scale), w_zero_point, bias, activation,
+               out_dtype, out_scale, type(out_scale), out_zero_point)
+        try:
+            plan = w.plans.get(key)
+        except TypeError:  # an array argument: keyed by its contents
+            plan = _cached(w, key)
+        if plan is not None:
+            return plan(a, out)
+    cached = type(w) is PackedInt8 and type(a) is np.ndarray
     a = _validate.array("a", a, (np.uint8, np.int8), 2)
     plan = linear_int8_plan(w, a_dtype=a.dtype, a_scale=a_scale, a_zero_point=a_zero_point, w_scale=w_scale,
                             w_zero_point=w_zero_point, bias=bias, activation=activation, out_dtype=out_dtype,
                             out_scale=out_scale, out_zero_point=out_zero_point)
+    if cached:
+        w.plans.put(_stored_key(key), plan)
     return plan(a, out)
 
 

@@ -85,6 +85,11 @@ TILES = {
                                               (vnni.make_tile, vnni.make_tile_store, vnni.make_tile_finish)),
                                width=16 * NARROW_VECTORS),
 }
+# One-row twins that a driver runs for a tile of a single row (a batch of 1): the GEMV tile computes all of its
+# rows whatever ``m`` is, four times the work of one row. Not variants of their own (kernels.dispatch).
+ONE_ROW = {"avx512-vnni-gemv": "avx512-vnni-gemv-1"}
+_KINDS = {**TILES, "avx512-vnni-gemv-1": Tile(1, vnni.make_tile(1, 4096), vnni.make_tile_store(1, 4096),
+                                              vnni.make_tile_finish(1, 4096))}
 
 
 def microkernel(kind, a, a_off, lda, m, b, b_off, kq, acc):
@@ -96,7 +101,7 @@ def microkernel(kind, a, a_off, lda, m, b, b_off, kq, acc):
 def _select(kind, a, a_off, lda, m, b, b_off, kq, acc):
     if not isinstance(kind, types.StringLiteral):
         return None
-    tile = TILES[kind.literal_value].tile
+    tile = _KINDS[kind.literal_value].tile
 
     def run(kind, a, a_off, lda, m, b, b_off, kq, acc):
         tile(a, a_off, lda, m, b, b_off, kq, acc)
@@ -113,7 +118,7 @@ def microkernel_store(kind, a, a_off, lda, m, b, b_off, kq, col_term, c0, cols, 
 def _select_store(kind, a, a_off, lda, m, b, b_off, kq, col_term, c0, cols, out, o_off, ldo):
     if not isinstance(kind, types.StringLiteral):
         return None
-    spec = TILES[kind.literal_value]
+    spec = _KINDS[kind.literal_value]
     if spec.tile_store is not None:
         tile_store = spec.tile_store
 
@@ -151,7 +156,7 @@ def _select_finish(kind, a, a_off, lda, m, b, b_off, kq, col_term, mult, shift, 
                    cols, out, o_off, ldo):
     if not isinstance(kind, types.StringLiteral):
         return None
-    spec = TILES[kind.literal_value]
+    spec = _KINDS[kind.literal_value]
     if spec.tile_finish is not None:
         tile_finish = spec.tile_finish
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from kernels.gemm import grouped
+from kernels.gemm.grouped import GroupedPlan
 from kernels.pack.ternary import PackedTernary
 
 
@@ -27,3 +28,10 @@ def gemm_ternary(x: np.ndarray, packed: PackedTernary, *, out: np.ndarray | None
     out : float32 ndarray [M, N], C-contiguous, optional
     """
     return grouped.run("gemm_ternary", x, packed, PackedTernary, out)
+
+
+def gemm_ternary_plan(packed: PackedTernary, m: int) -> GroupedPlan:
+    """:func:`gemm_ternary` prepared once for ``x`` of ``m`` rows: ``plan(x, out=None)`` (the same values and errors),
+    and ``plan.entry()``, the same call as a :class:`kernels.entry.Entry` (inputs ``x [m, K]`` float32, outputs
+    ``out [m, N]`` float32). The one-shot :func:`gemm_ternary` keeps such plans on ``packed``."""
+    return grouped.plan("gemm_ternary", packed, PackedTernary, m)

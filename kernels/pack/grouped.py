@@ -28,6 +28,7 @@ import numpy as np
 
 from kernels import _validate
 from kernels.pack.panels import PANEL, PanelWeights, aligned_empty
+from kernels.pack.plans import PlanCache
 
 STEP_BYTES = 256  # one step of one panel: 64 channels x 4 bytes
 NO_TABLE = np.zeros(16, np.int8)  # the kernels' ``tab`` argument for formats without a codebook
@@ -46,10 +47,11 @@ class PackedGrouped(PanelWeights):
     zero_points : int32 [N, n_groups] in stored-code units, or None when ``zero`` is shared
     zero : the shared zero point (stored-code units) when ``zero_points`` is None
     panel_scales, panel_zeros : float32 / int32 [n_panels * n_groups * 64], zero padded
+    plans : :class:`kernels.pack.plans.PlanCache` of the one-shot calls with this weight
     """
 
     __slots__ = ("data", "n", "k", "bits", "group_size", "scales", "zero_points", "zero", "panel_scales",
-                 "panel_zeros")
+                 "panel_zeros", "plans")
     lookup = False  # codes index a table (kernels.pack.codebook)
     kernel_table = NO_TABLE  # int8 [16] table the codebook kernels look codes up in
 
@@ -59,6 +61,7 @@ class PackedGrouped(PanelWeights):
         zeros = np.full(scales.shape, zero, np.int32) if zero_points is None else zero_points
         self.panel_scales = _per_panel(scales, np.float32)
         self.panel_zeros = _per_panel(zeros, np.int32)
+        self.plans = PlanCache()  # the one-shot calls' plans with this weight (kernels.pack.plans)
 
     @property
     def fields(self) -> int:

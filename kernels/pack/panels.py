@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from kernels import _validate
+from kernels.pack.plans import PlanCache
 
 PANEL = 64
 KGROUP = 4
@@ -57,12 +58,14 @@ class PackedInt8(PanelWeights):
     data : int8 [n_panels * Kq * 64 * 4], 64-byte aligned (see the module docstring)
     n, k : the logical shape of the weight
     col_sums : int64 [N], ``sum_k w[n, k]``; the zero-point corrections use it
+    plans : :class:`kernels.pack.plans.PlanCache` of the one-shot calls with this weight
     """
 
-    __slots__ = ("data", "n", "k", "col_sums")
+    __slots__ = ("data", "n", "k", "col_sums", "plans")
 
     def __init__(self, data: np.ndarray, n: int, k: int, col_sums: np.ndarray):
         self.data, self.n, self.k, self.col_sums = data, n, k, col_sums
+        self.plans = PlanCache()  # the one-shot calls' plans with this weight (kernels.pack.plans)
 
     @property
     def k_groups(self) -> int:

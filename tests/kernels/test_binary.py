@@ -269,3 +269,28 @@ def test_generic_level_chooses_the_portable_variants(monkeypatch):
     fast = cpu.allows(cpu.AVX512_VNNI, cpu.host_level())
     assert dispatch.choose("gemm_binary", 8, 8, 64).kind == ("avx512-vnni" if fast else "generic")
     assert dispatch.choose("gemm_binary", 1, 8, 64).kind == ("avx512-vnni-gemv" if fast else "generic")
+
+
+def test_binary_plan_and_entry(level, rng, tmp_path, monkeypatch):
+    from kernels.gemm.binary import gemm_binary_plan
+    from tests.kernels.test_int4 import check_entries
+
+    cases = []
+    for m, n, k in [(1, 65, 63), (7, 33, 130), (3, 5, 64)]:
+        a, b = pack_bits(rng.standard_normal((m, k))), pack_bits(rng.standard_normal((n, k)))
+        for fused in ({}, {"multiplier": rng.standard_normal(n), "bias": 0.25}):
+            cases.append((gemm_binary_plan(b, k, m, **fused), a, gemm_binary(a, b, k, **fused)))
+    check_entries(cases, tmp_path, monkeypatch)
+
+
+def test_binary_one_shot_keeps_plans(rng):
+    from kernels.gemm.binary import _ONE_SHOT
+
+    a, b = pack_bits(rng.standard_normal((2, 70))), pack_bits(rng.standard_normal((9, 70)))
+    want = ref.gemm_binary_ref(a, b, 70)
+    np.testing.assert_array_equal(gemm_binary(a, b, 70), want)
+    plan = next(p for key, p in _ONE_SHOT.items() if key[0] == id(b))
+    np.testing.assert_array_equal(gemm_binary(a, b, 70), want)
+    assert next(p for key, p in _ONE_SHOT.items() if key[0] == id(b)) is plan
+    with pytest.raises(ValueError, match="a_bits"):
+        gemm_binary(pack_bits(rng.standard_normal((2, 200))), b, 70)

@@ -181,3 +181,12 @@ def test_errors(rng):
         pack_codebook(codes, ones, NF4, group_size=48)
     with pytest.raises(TypeError, match="w: expected dtype float32"):
         pack_codebook_weights(w.astype(np.float64), NF4, 32)
+
+
+def test_codebook_plan_and_entry(level, rng, tmp_path, monkeypatch):
+    from kernels.gemm.codebook import gemm_codebook_plan
+    from tests.kernels.test_int4 import _grouped_cases, check_entries
+
+    cases = _grouped_cases(rng, lambda w: pack_codebook_weights(w, NF4, 32), gemm_codebook_plan,
+                           kernels.gemm_codebook)
+    check_entries(cases, tmp_path, monkeypatch)

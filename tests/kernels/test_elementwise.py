@@ -504,3 +504,33 @@ def test_lookup_matches_onnxruntime(op, fn, dtype):
     got = qlinear_lookup(codes, lookup_table(fn, 0.05, zx, ys, zy, dtype, dtype))
     assert np.abs(got.astype(np.int64) - want).max() <= 1
     assert np.count_nonzero(got != want) <= 8
+
+
+def test_binary_plans_entries(rng, tmp_path, monkeypatch):
+    """Every walk (equal shapes, per channel, a row, two runs, copied operands) and both formulas, both orders."""
+    from kernels.entry import In
+    from lowbit.runtime.compiled import CompiledSteps
+
+    cases = []
+    for a_shape, b_shape in [((2, 3, 4, 5), (2, 3, 4, 5)), ((1, 8, 3, 3), (1, 8, 1, 1)), ((4, 1), (1, 6)),
+                             ((2, 1, 3, 1, 5), (1, 4, 1, 6, 1)), ((3, 7, 1), (3, 1, 5))]:
+        a = rng.integers(-128, 128, a_shape, dtype=np.int8)
+        b = rng.integers(0, 256, b_shape, dtype=np.uint8)
+        for make, scales in [(kernels.qlinear_add_plan, (0.02, 3, 0.03, 5, 0.05, -7)),
+                             (kernels.qlinear_mul_plan, (0.02, 3, 0.03, 5, 0.05, -7)),
+                             (kernels.qlinear_add_plan, (0.02, 3, 1e-3, 5, 1e-7, -7))]:  # the exact formula
+            plan = make(a_shape, np.int8, b_shape, np.uint8, *scales, activation="relu")
+            want = kernels.qlinear_add(a, *scales[:2], b, *scales[2:]) if make is kernels.qlinear_add_plan else None
+            got = plan(a, b)
+            if want is not None:
+                np.testing.assert_array_equal(got, np.maximum(want, -7))
+            out = np.empty_like(got)
+            plan.entry()([a, b], [out])
+            np.testing.assert_array_equal(out, got)
+            cases.append((plan, a, b, got))
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path))
+    outs = [np.empty_like(got) for *_, got in cases]
+    steps = [(plan.entry(), [In(2 * i), In(2 * i + 1)], [out]) for i, ((plan, *_), out) in enumerate(zip(cases, outs))]
+    feeds = [v for _, a, b, _ in cases for v in (a, b)]
+    for result, (*_, got) in zip(CompiledSteps(steps, len(feeds), outs)(feeds), cases):
+        np.testing.assert_array_equal(result, got)

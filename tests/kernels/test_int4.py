@@ -194,3 +194,56 @@ def test_errors(rng):
     with pytest.raises(TypeError, match="zero_points: expected dtype uint8"):
         pack_int4_codes(np.zeros((2, 4), np.uint8), np.ones((2, 1), np.float32), np.zeros((2, 1), np.int8),
                         group_size=32)
+
+
+# ---- plans, entries (kernels.entry) and the one-shot plans kept on the packed weight --------------------------------
+
+def _grouped_cases(rng, pack, plan_of, fn):
+    """``(plan, x, want)`` for M = 1, 7 and 9 (each a variant of its own on VNNI) and odd N, K."""
+    cases = []
+    for m, n, k in [(1, 65, 63), (7, 33, 130), (9, 3, 64)]:
+        packed = pack(rng.standard_normal((n, k)).astype(np.float32))
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        cases.append((plan_of(packed, m), x, fn(x, packed)))
+    return cases
+
+
+def check_entries(cases, tmp_path, monkeypatch):
+    """Each plan and its entry give the one-shot result bit for bit, from Python and in one compiled chain."""
+    from kernels.entry import In
+    from lowbit.runtime.compiled import CompiledSteps
+
+    for plan, x, want in cases:
+        np.testing.assert_array_equal(plan(x), want)
+        out = np.empty_like(want)
+        plan.entry()([x], [out])
+        np.testing.assert_array_equal(out, want)
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path))
+    outs = [np.empty_like(want) for _, _, want in cases]
+    steps = [(plan.entry(), [In(i)], [out]) for i, ((plan, _, _), out) in enumerate(zip(cases, outs))]
+    for got, (_, _, want) in zip(CompiledSteps(steps, len(cases), outs)([x for _, x, _ in cases]), cases):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_int4_plan_and_entry(level, rng, tmp_path, monkeypatch):
+    from kernels.gemm.int4 import gemm_int4_plan
+
+    cases = _grouped_cases(rng, lambda w: pack_int4(w, group_size=32), gemm_int4_plan, gemm_int4)
+    check_entries(cases, tmp_path, monkeypatch)
+    plan, x, _ = cases[0]
+    bad = x.copy()
+    bad[0, 3] = np.nan
+    with pytest.raises(ValueError, match="finite"):
+        plan.entry()([bad], [np.empty((1, plan.packed.n), np.float32)])
+    with pytest.raises(ValueError, match="M = 1"):
+        plan(np.zeros((2, x.shape[1]), np.float32))
+
+
+def test_int4_one_shot_keeps_plans_on_the_weight(rng):
+    from kernels.gemm.int4 import gemm_int4_plan
+
+    packed = pack_int4(rng.standard_normal((20, 40)).astype(np.float32), group_size=32)
+    for m in (1, 3, 1):
+        x = rng.standard_normal((m, 40)).astype(np.float32)
+        np.testing.assert_array_equal(gemm_int4(x, packed), gemm_int4_plan(packed, m)(x))
+    assert len(packed.plans) == 2  # one per M

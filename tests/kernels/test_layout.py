@@ -195,3 +195,24 @@ def test_bad_inputs_are_clear_errors():
         nhwc_to_nchw(np.zeros((1, 2, 3, 4, 5), np.float32))
     with pytest.raises(TypeError, match="y: expected a numeric dtype .*, got object"):
         nhwc_to_nchw(np.zeros((1, 2, 3, 4), object))
+
+
+def test_layout_plans_and_entries(rng, tmp_path, monkeypatch):
+    from kernels.conv.layout import nchw_to_nhwc_plan, nhwc_to_nchw_plan
+    from tests.kernels.test_int4 import check_entries
+
+    cases = []
+    for shape in [(1, 3, 5, 7), (2, 17, 20, 21), (1, 1, 4, 4), (2, 65, 1, 1)]:
+        for dtype in (np.uint8, np.float32):
+            x = rng.integers(-100, 100, shape).astype(dtype)
+            cases += [(nchw_to_nhwc_plan(shape, dtype), x, np.ascontiguousarray(x.transpose(0, 2, 3, 1))),
+                      (nhwc_to_nchw_plan(shape, dtype), x, np.ascontiguousarray(x.transpose(0, 3, 1, 2)))]
+    check_entries(cases, tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int32, np.float32], ids=str)
+def test_read_only_input(rng, dtype):
+    x = rng.integers(-100, 100, (2, 17, 20, 21)).astype(dtype)
+    x.setflags(write=False)
+    np.testing.assert_array_equal(nchw_to_nhwc(x), x.transpose(0, 2, 3, 1))
+    np.testing.assert_array_equal(nhwc_to_nchw(x), x.transpose(0, 3, 1, 2))

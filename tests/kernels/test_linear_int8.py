@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 import kernels
 from kernels import reference
 from kernels.gemm.driver import K_CHUNK
+from kernels.gemm.int8 import gemm_int8_plan
 
 
 def _layer(rng, m, n, k, a_dtype=np.uint8, w_dtype=np.int8):
@@ -182,3 +183,74 @@ def test_linear_codes_property(scale_exp, out_zp, activation, m, n, k, seed):
     got, want = _both(**layer, activation=activation, out_dtype=np.int8, out_scale=np.float32(4.0),
                       out_zero_point=out_zp)
     np.testing.assert_array_equal(got, want)
+
+
+# ---- entries (kernels.entry) and the one-shot plans kept on the packed weight ----------------------------------------
+
+ENTRY_LAYERS = [  # (a dtype, weight zero points, output): every epilogue, with and without the row-sum term
+    (np.uint8, 0, dict(out_dtype=np.float32, activation="relu")),
+    (np.int8, 0, dict(out_dtype=np.uint8, out_scale=0.05, out_zero_point=128)),
+    (np.uint8, "per-channel", dict(out_dtype=np.int8, out_scale=0.03, out_zero_point=-5, activation="relu6")),
+    (np.int8, 3, dict(out_dtype=np.float32, bias="float")),
+]
+
+
+def _entry_cases(rng):
+    """``(plan, a, want)`` per layer, for M = 1 (a GEMV variant) and 7 and K = 63 (activations copied and padded)."""
+    cases = []
+    for a_dtype, zw, output in ENTRY_LAYERS:
+        for m, n, k in [(1, 65, 64), (7, 33, 63)]:
+            layer = _layer(rng, m, n, k, a_dtype)
+            a, w = layer.pop("a"), layer.pop("w")
+            layer["w_zero_point"] = rng.integers(-20, 20, n) if zw == "per-channel" else zw
+            args = dict(output)
+            if args.get("bias") == "float":
+                args["bias"] = rng.normal(0, 1, n).astype(np.float32)
+            plan = kernels.linear_int8_plan(kernels.pack_int8(w), a_dtype=a_dtype, **layer, **args)
+            cases.append((plan, a, reference.linear_int8_ref(a, w, **layer, **args)))
+        b = rng.integers(-128, 128, (9, 63), dtype=np.int8)
+        gemm_plan = gemm_int8_plan(kernels.pack_int8(b), a_dtype=a_dtype, a_zero_point=2)  # int32 output
+        cases.append((gemm_plan, a, reference.gemm_int8_ref(a, b, a_zero_point=2)))
+    return cases
+
+
+def test_linear_entry_is_the_plan(level, rng):
+    for plan, a, want in _entry_cases(rng):
+        out = np.empty(want.shape, plan.out_dtype)
+        assert plan.entry(a.shape[0])([a], [out]) is None
+        np.testing.assert_array_equal(out, want)
+        np.testing.assert_array_equal(plan(a), want)
+        a.setflags(write=False)  # the entry reads its input only
+        plan.entry(a.shape[0])([a], [out])
+        np.testing.assert_array_equal(out, want)
+
+
+def test_linear_entries_run_compiled(rng, tmp_path, monkeypatch):
+    from kernels.entry import In
+    from lowbit.runtime.compiled import CompiledSteps
+
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path))
+    cases = _entry_cases(rng)
+    outs = [np.empty(want.shape, plan.out_dtype) for plan, _, want in cases]
+    steps = [(plan.entry(a.shape[0]), [In(i)], [out]) for i, ((plan, a, _), out) in enumerate(zip(cases, outs))]
+    got = CompiledSteps(steps, feeds=len(cases), fetch=outs)([a for _, a, _ in cases])
+    for result, (_, _, want) in zip(got, cases):
+        np.testing.assert_array_equal(result, want)
+
+
+def test_one_shot_keeps_its_plans_on_the_packed_weight(rng):
+    layer = _layer(rng, 3, 20, 30)
+    a, packed = layer.pop("a"), kernels.pack_int8(layer.pop("w"))
+    first = kernels.linear_int8(a, packed, **layer)
+    assert len(packed.plans) == 1
+    np.testing.assert_array_equal(kernels.linear_int8(a, packed, **layer), first)
+    assert len(packed.plans) == 1  # found, not made again
+    layer["w_scale"] = layer["w_scale"] * 2  # another array: another plan, and the result follows it
+    np.testing.assert_allclose(kernels.linear_int8(a, packed, **layer), first * 2, rtol=1e-6)
+    scale = layer["w_scale"]
+    scale *= 2  # the same array changed in place: its contents key the plan
+    np.testing.assert_allclose(kernels.linear_int8(a, packed, **layer), first * 4, rtol=1e-6)
+    assert len(packed.plans) == 3
+    for zp in range(20):  # bounded
+        kernels.gemm_int8(a, packed, a_zero_point=zp)
+    assert len(packed.plans) == packed.plans.size

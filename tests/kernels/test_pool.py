@@ -699,3 +699,26 @@ def test_matches_onnxruntime_float_pools(rng, kernel, strides, pads, dilations, 
         got = avg_pool2d_float32(x, kernel, strides=strides, pads=pads, ceil_mode=ceil_mode, count_include_pad=include)
         want = _ort_run(helper.make_node("AveragePool", ["x"], ["y"], count_include_pad=int(include), **attrs), x)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_pool_plans_and_entries(rng, tmp_path, monkeypatch):
+    from kernels.conv.pool import avg_pool2d_float32_plan, global_avg_pool2d_plan, max_pool2d_plan
+    from tests.kernels.test_int4 import check_entries
+
+    cases = []
+    for n, c, h, w in [(1, 3, 7, 7), (2, 5, 3, 3), (1, 8, 40, 33)]:  # NCHW rows transposed or not
+        for layout in ("NCHW", "NHWC"):
+            shape = (n, c, h, w) if layout == "NCHW" else (n, h, w, c)
+            for dtype in (np.float32, np.uint8, np.int8):
+                x = (rng.standard_normal(shape) * 50).astype(dtype)
+                if dtype == np.float32:
+                    x[0, 0, 0, 0] = -np.inf  # the identity of max is -inf, bound as an array
+                window = dict(kernel_shape=(3, 2), strides=2, pads=1, layout=layout)
+                cases.append((max_pool2d_plan(shape, dtype, **window), x, kernels.max_pool2d(x, **window)))
+                if dtype == np.float32:
+                    cases.append((avg_pool2d_float32_plan(shape, **window), x, kernels.avg_pool2d_float32(x, **window)))
+                else:
+                    q = (0.02, 3, 0.03, 5 if dtype == np.uint8 else -2)
+                    cases.append((global_avg_pool2d_plan(shape, dtype, *q, layout=layout), x,
+                                  kernels.global_avg_pool2d(x, *q, layout=layout)))
+    check_entries(cases, tmp_path, monkeypatch)

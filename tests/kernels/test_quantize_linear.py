@@ -290,3 +290,27 @@ def test_to_nhwc_bad_arguments():
         quantize_linear_to_nhwc(x, 0.1, 0, dtype=np.int8, out=np.zeros((2, 4, 5, 3), np.uint8))
     with pytest.raises(ValueError, match="out: must not overlap the input array"):
         quantize_linear_to_nhwc(x, 0.1, 0, out=x.reshape(-1).view(np.uint8)[:120].reshape(2, 4, 5, 3))
+
+
+def test_quantize_plans_and_entries(rng, tmp_path, monkeypatch):
+    from kernels.quantize import dequantize_linear_plan, quantize_linear_plan, quantize_linear_to_nhwc_plan
+    from tests.kernels.test_int4 import check_entries
+
+    cases = []
+    for shape in [(1, 3, 5, 7), (2, 16, 3, 3), (7,)]:
+        x = (rng.standard_normal(shape) * 3).astype(np.float32)
+        for dtype, zp in ((np.uint8, 130), (np.int8, -3)):
+            q = quantize_linear(x, 0.02, zp, dtype=dtype)
+            cases += [(quantize_linear_plan(shape, 0.02, zp, dtype=dtype), x, q),
+                      (dequantize_linear_plan(shape, dtype, 0.02, zp), q, dequantize_linear(q, 0.02, zp))]
+            if len(shape) > 1:
+                cases.append((quantize_linear_to_nhwc_plan(shape, 0.02, zp, dtype=dtype), x,
+                              quantize_linear_to_nhwc(x, 0.02, zp, dtype=dtype)))
+    check_entries(cases, tmp_path, monkeypatch)
+    plan, x, want = cases[0]
+    bad = x.copy()
+    bad.flat[5] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        plan.entry()([bad], [np.empty_like(want)])
+    with pytest.raises(ValueError, match="as prepared"):
+        plan(np.zeros((2, 3, 5, 7), np.float32))

@@ -112,3 +112,10 @@ def test_errors(rng):
         pack_ternary_codes(np.ones((2, 4), np.int8), np.ones((2, 3), np.float32))
     with pytest.raises(ValueError, match="finite"):
         pack_ternary(np.full((2, 4), np.inf, np.float32))
+
+
+def test_ternary_plan_and_entry(level, rng, tmp_path, monkeypatch):
+    from kernels.gemm.ternary import gemm_ternary_plan
+    from tests.kernels.test_int4 import _grouped_cases, check_entries
+
+    check_entries(_grouped_cases(rng, pack_ternary, gemm_ternary_plan, gemm_ternary), tmp_path, monkeypatch)
