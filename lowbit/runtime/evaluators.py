@@ -34,12 +34,14 @@ from typing import Any, Callable
 
 import numpy as np
 
+from kernels.activations import ERF_CLAMP, ERF_P, ERF_Q
+
 # The dedicated preparers register first, so that the loop at the bottom of this module gives the generic
 # evaluator kernel only to the ops left without one (the faster kernel wins).
 import lowbit.runtime.float_ops  # noqa: F401
 import lowbit.runtime.quant_ops  # noqa: F401
 from lowbit.graph.ir import Graph, Node
-from lowbit.runtime.float_ops import ERF_CLAMP, ERF_P, ERF_Q, _axis, _fail, _product, attr
+from lowbit.runtime.float_ops import _axis, _fail, _product, attr
 from lowbit.runtime.float_ops import _sigmoid as _sigmoid_into
 from lowbit.runtime.registry import PREPARERS, Kernel, Shape, preparer
 
@@ -159,7 +161,7 @@ def _float_type(x: np.ndarray) -> np.dtype:
 
 # ---- erf -------------------------------------------------------------------------------------------------------------
 
-# One rational for erf in lowbit: float_ops' coefficients (see ERF_P there), evaluated here in float64.
+# One rational for erf in lowbit: kernels.activations' coefficients (see ERF_P there), evaluated here in float64.
 ERF_EXACT_UP_TO = 64  # elements: smaller arrays call math.erf per element, cheaper than 25 whole-array passes
 _math_erf = np.frompyfunc(math.erf, 1, 1)
 

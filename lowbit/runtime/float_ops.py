@@ -21,14 +21,13 @@ place after the bias.
 from __future__ import annotations
 
 import itertools
-import math
 from typing import Any, Callable
 
 import numpy as np
 
 import kernels
-from kernels import dispatch
-from kernels.entry import Entry
+from kernels import activations, dispatch
+from kernels.entry import Entry, In, Out
 from lowbit.graph.ir import Graph, Node
 from lowbit.runtime.registry import Kernel, Shape, preparer
 from lowbit.runtime.windows import (Window, conv_transpose_window, conv_window, kernel_shape, window_geometry,
@@ -717,85 +716,23 @@ def prepare_skip_simplified_layer_norm(node: Node, graph: Graph, inputs: list[Sp
 
 # ---- elementwise ---------------------------------------------------------------------------------------------------
 
-#: ``erf(x) = x P(x^2) / Q(x^2)`` for ``|x| <= ERF_CLAMP`` (past it erf is 1 to float32 precision). The
-#: coefficients (ascending powers of ``u = x^2``) were fitted for lowbit by Lawson-reweighted linear least squares
-#: on 8000 Chebyshev points of [0, 3.92] against ``math.erf``: the rational is within 1.9e-9 relative of erf there.
-#: Evaluated in float32 (:class:`_Erf`) the maximum error is 4e-7 absolute and relative (about 6 ulp), near 0 too;
-#: evaluated in float64 and rounded once (:func:`lowbit.runtime.evaluators.erf`), 0.54 ulp of float32.
-ERF_P = (1.1283791691460208, 0.1851352766883202, 0.054244002671555075, 0.0038386246091286244,
-         0.0003767598215663367, 4.6092573704617916e-06, -1.279991779691585e-08)
-ERF_Q = (1.0, 0.4974052733382146, 0.11387377362787732, 0.015430055158578038, 0.0013015264416001697,
-         6.239939761289734e-05)
-ERF_CLAMP = 3.92
+def _compiled(entry: Entry, outputs: list[Spec], ops: int) -> Kernel:
+    """A kernel that is ``entry`` (a :mod:`kernels.activations` call of one output), from Python too: the one code
+    path, its In / Out arguments filled straight in (``Entry.__call__`` resolves every argument, microseconds
+    per call); an input that is not C-contiguous (the loops read it flat) is copied first."""
+    fn, args = entry.fn, entry.args
+    inputs = tuple((i, a.index) for i, a in enumerate(args) if isinstance(a, In))
+    (output,) = (i for i, a in enumerate(args) if isinstance(a, Out))
 
+    def run(ins, outs):
+        call = list(args)
+        for i, k in inputs:
+            x = ins[k]
+            call[i] = x if x.flags.c_contiguous else np.ascontiguousarray(x)
+        call[output] = outs[0]
+        fn(*call)
 
-class _Erf:
-    """``erf`` of float32 arrays of one shape into ``out`` (which may be ``x``), with two scratch buffers:
-    ``clamp(x) P(u) / Q(u)``, ``u = clamp(x)^2`` (see :data:`ERF_P`). NumPy has no erf."""
-
-    def __init__(self, shape: Shape):
-        self.u, self.q = np.empty(shape, F32), np.empty(shape, F32)
-
-    @staticmethod
-    def _horner(u: np.ndarray, coefficients: tuple[float, ...], out: np.ndarray) -> None:
-        np.multiply(u, coefficients[-1], out=out)
-        for c in coefficients[-2:0:-1]:
-            np.add(out, c, out=out)
-            np.multiply(out, u, out=out)
-        np.add(out, coefficients[0], out=out)
-
-    def __call__(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
-        u, q = self.u, self.q
-        np.clip(x, -ERF_CLAMP, ERF_CLAMP, out=out)
-        np.multiply(out, out, out=u)
-        self._horner(u, ERF_Q, q)
-        np.divide(out, q, out=out)
-        self._horner(u, ERF_P, q)
-        return np.multiply(out, q, out=out)
-
-
-def _erf(node: Node, shape: Shape) -> Elementwise:
-    """Erf: ``erf(x) = 2 / sqrt(pi) int_0^x e^(-t^2) dt`` (rational approximation, see :data:`ERF_P`)."""
-    return _Erf(shape)
-
-
-def _gelu_erf(shape: Shape) -> Elementwise:
-    """``0.5 x (1 + erf(x / sqrt 2))``."""
-    erf = _Erf(shape)
-
-    def gelu(x, y):
-        np.multiply(x, 1 / math.sqrt(2.0), out=y)
-        erf(y, y)
-        np.add(y, 1.0, out=y)
-        np.multiply(y, x, out=y)
-        np.multiply(y, 0.5, out=y)
-    return gelu
-
-
-def _gelu_tanh(shape: Shape) -> Elementwise:
-    """``0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))``."""
-    inner = np.empty(shape, F32)
-
-    def gelu(x, y):
-        np.multiply(x, x, out=inner)
-        np.multiply(inner, 0.044715, out=inner)
-        np.add(inner, 1.0, out=inner)
-        np.multiply(inner, x, out=inner)
-        np.multiply(inner, math.sqrt(2.0 / math.pi), out=inner)
-        np.tanh(inner, out=y)
-        np.add(y, 1.0, out=y)
-        np.multiply(y, x, out=y)
-        np.multiply(y, 0.5, out=y)
-    return gelu
-
-
-def _gelu(node: Node, shape: Shape) -> Elementwise:
-    """Gelu: ``0.5 x (1 + erf(x / sqrt 2))``, or with ``approximate="tanh"``
-    ``0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))``."""
-    approximate = attr(node, "approximate", "none")
-    if approximate not in ("none", "tanh"):
-        raise _fail(node, f"approximate must be 'none' or 'tanh', got {approximate!r}")
-    return (_gelu_tanh if approximate == "tanh" else _gelu_erf)(shape)
+    return Kernel(run, outputs, ops=ops, note="kernels.activations", entry=entry)
 
 
 def _sigmoid(x, y):
@@ -806,18 +743,7 @@ def _sigmoid(x, y):
     np.multiply(y, 0.5, out=y)
 
 
-def _quick_gelu(node: Node, shape: Shape) -> Elementwise:
-    """QuickGelu: ``x sigmoid(alpha x)``, alpha default 1.702."""
-    alpha = float(attr(node, "alpha", 1.702))
-
-    def quick_gelu(x, y):
-        np.multiply(x, alpha, out=y)
-        _sigmoid(y, y)
-        np.multiply(y, x, out=y)
-    return quick_gelu
-
-
-def _leaky_relu(node: Node, shape: Shape) -> Elementwise:
+def _leaky_relu(node: Node) -> Elementwise:
     """LeakyRelu: ``x`` if ``x >= 0`` else ``alpha x`` (alpha default 0.01) = ``max(x, alpha x)`` for
     ``alpha <= 1`` (negative alphas too), ``min(x, alpha x)`` for ``alpha > 1``."""
     alpha = float(attr(node, "alpha", 0.01))
@@ -829,7 +755,7 @@ def _leaky_relu(node: Node, shape: Shape) -> Elementwise:
     return leaky_relu
 
 
-def _hard_sigmoid(node: Node, shape: Shape) -> Elementwise:
+def _hard_sigmoid(node: Node) -> Elementwise:
     """HardSigmoid: ``max(0, min(1, alpha x + beta))`` (alpha 0.2, beta 0.5 by default)."""
     alpha, beta = float(attr(node, "alpha", 0.2)), float(attr(node, "beta", 0.5))
 
@@ -841,7 +767,7 @@ def _hard_sigmoid(node: Node, shape: Shape) -> Elementwise:
     return hard_sigmoid
 
 
-def _hard_swish(node: Node, shape: Shape) -> Elementwise:
+def _hard_swish(node: Node) -> Elementwise:
     """HardSwish: ``x max(0, min(1, x / 6 + 1 / 2))``."""
     def hard_swish(x, y):
         np.multiply(x, 1 / 6, out=y)
@@ -852,30 +778,57 @@ def _hard_swish(node: Node, shape: Shape) -> Elementwise:
     return hard_swish
 
 
-def _ufunc(ufunc: np.ufunc, *args) -> Callable[[Node, Shape], Elementwise]:
+def _ufunc(ufunc: np.ufunc, *args) -> Callable[[Node], Elementwise]:
     """An op that is one NumPy ufunc: ``ufunc(x, *args)``."""
-    return lambda node, shape: lambda x, y: ufunc(x, *args, out=y)
+    return lambda node: lambda x, y: ufunc(x, *args, out=y)
 
 
-#: op -> factory(node, shape) of its elementwise function; ``FLOAT32_ONLY`` ops approximate (other dtypes go to the
-#: evaluator), ``BIASED`` ones add their optional input 1 (a bias) to x first.
-UNARY: dict[str, Callable[[Node, Shape], Elementwise]] = {
+def _gelu_kernel(node: Node) -> tuple[str, dict]:
+    """Gelu: ``0.5 x (1 + erf(x / sqrt 2))``, or with ``approximate="tanh"``
+    ``0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))``."""
+    approximate = attr(node, "approximate", "none")
+    if approximate not in ("none", "tanh"):
+        raise _fail(node, f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    return ("gelu_tanh" if approximate == "tanh" else "gelu"), {}
+
+
+def _fixed(name: str, **params: float) -> Callable[[Node], tuple[str, dict]]:
+    return lambda node: (name, params)
+
+
+#: op -> factory(node) of its float32 kernel, ``(name in kernels.activations.UNARY, its parameters)``; the
+#: formulas are in kernels.activations. ONNX Runtime's Gelu and BiasGelu are the erf form, FastGelu the tanh form.
+KERNELS: dict[str, Callable[[Node], tuple[str, dict]]] = {
+    "Relu": _fixed("clip", lo=0.0, hi=np.inf), "Tanh": _fixed("tanh"), "Exp": _fixed("exp"), "Sqrt": _fixed("sqrt"),
+    "Neg": _fixed("neg"), "Abs": _fixed("abs"), "Reciprocal": _fixed("reciprocal"), "Sigmoid": _fixed("sigmoid"),
+    "LeakyRelu": lambda node: ("leaky_relu", {"alpha": float(attr(node, "alpha", 0.01))}),
+    "HardSigmoid": lambda node: ("hard_sigmoid", {"alpha": float(attr(node, "alpha", 0.2)),
+                                                  "beta": float(attr(node, "beta", 0.5))}),
+    "HardSwish": _fixed("hard_swish"), "Erf": _fixed("erf"), "Gelu": _gelu_kernel,
+    "com.microsoft.Gelu": _fixed("gelu"), "com.microsoft.BiasGelu": _fixed("gelu"),
+    "com.microsoft.FastGelu": _fixed("gelu_tanh"),
+    "com.microsoft.QuickGelu": lambda node: ("quick_gelu", {"alpha": float(attr(node, "alpha", 1.702))}),
+}
+#: op -> factory(node) of its NumPy elementwise function, for the dtypes other than float32 (and Log)
+UNARY: dict[str, Callable[[Node], Elementwise]] = {
     "Relu": _ufunc(np.maximum, 0), "Tanh": _ufunc(np.tanh), "Exp": _ufunc(np.exp), "Log": _ufunc(np.log),
     "Sqrt": _ufunc(np.sqrt), "Neg": _ufunc(np.negative), "Abs": _ufunc(np.absolute),
-    "Reciprocal": _ufunc(np.reciprocal), "Sigmoid": lambda node, shape: _sigmoid, "LeakyRelu": _leaky_relu,
-    "HardSigmoid": _hard_sigmoid, "HardSwish": _hard_swish, "Erf": _erf, "Gelu": _gelu,
-    "com.microsoft.Gelu": lambda node, shape: _gelu_erf(shape), "com.microsoft.BiasGelu": lambda n, s: _gelu_erf(s),
-    "com.microsoft.FastGelu": lambda node, shape: _gelu_tanh(shape), "com.microsoft.QuickGelu": _quick_gelu,
+    "Reciprocal": _ufunc(np.reciprocal), "Sigmoid": lambda node: _sigmoid, "LeakyRelu": _leaky_relu,
+    "HardSigmoid": _hard_sigmoid, "HardSwish": _hard_swish,
 }
+#: ops that approximate, float32 only (other dtypes go to the evaluator); ``BIASED`` ones add their optional
+#: input 1 (a bias) to x first
 FLOAT32_ONLY = ("Erf", "Gelu", "com.microsoft.Gelu", "com.microsoft.BiasGelu", "com.microsoft.FastGelu",
                 "com.microsoft.QuickGelu")
 BIASED = ("com.microsoft.BiasGelu", "com.microsoft.FastGelu")
 
 
-@preparer(*UNARY)
+@preparer(*UNARY, *FLOAT32_ONLY)
 def prepare_unary(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
-    """The elementwise ops of :data:`UNARY` (each factory's docstring gives its formula), ``out=`` ufuncs into
-    the output; Relu ``max(x, 0)``, Tanh, Exp, Log, Sqrt, Neg, Abs, Reciprocal ``1 / x`` are one ufunc each.
+    """The elementwise ops of :data:`KERNELS` / :data:`UNARY`. Float32 runs the compiled loops of
+    :mod:`kernels.activations` (one call, an entry: :func:`_compiled`); other dtypes ``out=`` ufuncs into the
+    output, Relu ``max(x, 0)``, Tanh, Exp, Log, Sqrt, Neg, Abs, Reciprocal ``1 / x`` one ufunc each, Sigmoid
+    ``(1 + tanh(x / 2)) / 2``, LeakyRelu, HardSigmoid, HardSwish as their factories say (Log has no kernel).
     ONNX Runtime's BiasGelu (erf form) and FastGelu (tanh form) add their bias (input 1; optional for FastGelu)
     to x first. Elementwise, they compute alike in any layout: attribute ``layout="NHWC"`` (:func:`channels_last`)
     only says that the 4-D x and y are ``[N, H, W, C]``; a bias (BiasGelu, FastGelu) is refused there, as its
@@ -885,13 +838,18 @@ def prepare_unary(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
         raise _fail(node, "layout NHWC has no bias input (its broadcast would change meaning)")
     if node.op in FLOAT32_ONLY and np.dtype(dtype) != F32:
         return _evaluated(node, graph, inputs, f"{np.dtype(dtype)} input")
-    fn = UNARY[node.op](node, shape)
-    ops = _product(shape)
-    if node.op not in BIASED or not _given(node, 1):
+    ops, outputs = _product(shape), [(shape, dtype)]
+    if np.dtype(dtype) != F32 or node.op not in KERNELS:
+        fn = UNARY[node.op](node)
+
         def run(ins, outs):
             fn(ins[0], outs[0])
 
-        return Kernel(run, [(shape, dtype)], ops=ops)
+        return Kernel(run, outputs, ops=ops)
+    name, params = KERNELS[node.op](node)
+    entry = activations.unary_entry(name, **params)
+    if node.op not in BIASED or not _given(node, 1):
+        return _compiled(entry, outputs, ops)
     if _broadcast(node, shape, inputs[1][0]) != tuple(shape):
         raise _fail(node, f"bias {list(inputs[1][0])} does not broadcast to the input {list(shape)}")
     _, constants = _operands(node, graph, inputs, (0, 1))
@@ -900,9 +858,9 @@ def prepare_unary(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
     def run_biased(ins, outs):
         x, bias = operands(ins)
         np.add(x, bias, out=biased)
-        fn(biased, outs[0])
+        entry([biased], outs)
 
-    return Kernel(run_biased, [(shape, dtype)], ops=2 * ops)
+    return Kernel(run_biased, outputs, ops=2 * ops, note="kernels.activations after the bias")
 
 
 @preparer("PRelu")
@@ -936,6 +894,7 @@ def prepare_prelu(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
 def prepare_clip(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
     """ONNX Clip: ``min(max(x, lo), hi)`` (``hi`` wherever ``lo > hi``); the bounds are inputs 1 and 2
     (opset >= 11, constant or computed) or attrs ``min`` / ``max`` (opset < 11); an absent bound is no bound.
+    Float32 runs ``kernels.activations.clip`` (NaN kept), an entry when the bounds are constant or absent.
     Elementwise: attribute ``layout="NHWC"`` (:func:`channels_last`) only says that x and y are ``[N, H, W, C]``."""
     shape, dtype = inputs[0]
     channels_last(node, shape)
@@ -946,7 +905,7 @@ def prepare_clip(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
         if _given(node, index):
             if inputs[index][0] not in ((), (1,)):
                 raise _fail(node, f"bound {name} must be a scalar, got shape {list(inputs[index][0])}")
-            bounds.append(index)
+            bounds.append(constants[index].reshape(()) if index in constants else index)
         else:
             value = attr(node, name, None)
             bounds.append(None if value is None else np.asarray(value, dtype))
@@ -954,6 +913,20 @@ def prepare_clip(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
 
     def bound(xs: list[np.ndarray], which):
         return xs[which].reshape(()) if isinstance(which, int) else which
+
+    if np.dtype(dtype) == F32:
+        limits = [np.float32(default if b is None else b) if not isinstance(b, int) else b
+                  for b, default in zip(bounds, (-np.inf, np.inf))]
+        if not any(isinstance(b, int) for b in limits):
+            return _compiled(activations.unary_entry("clip", lo=limits[0], hi=limits[1]), [(shape, dtype)],
+                             _product(shape))
+
+        def run_computed(ins, outs):  # a bound computed at run time: the same kernel, called from Python
+            xs = operands(ins)
+            activations.clip(np.ascontiguousarray(xs[0]), outs[0],
+                             *(np.float32(bound(xs, b)) if isinstance(b, int) else b for b in limits))
+
+        return Kernel(run_computed, [(shape, dtype)], ops=_product(shape), note="kernels.activations")
 
     def run(ins, outs):
         xs = operands(ins)
@@ -996,8 +969,11 @@ def prepare_binary(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
     ``activation`` ("relu" / "relu6"), which :func:`~lowbit.runtime.passes.fuse_activations` sets on an Add.
 
     Types are ONNX's: both operands of one dtype (a constant is cast to the other's), except Pow, whose result has
-    the base's dtype whatever the exponent's. With attribute ``layout="NHWC"`` (:func:`channels_last`) both
-    operands are 4-D ``[N, H, W, C]``, permuted alike, so that broadcasting them means what it did on NCHW."""
+    the base's dtype whatever the exponent's. Float32 Add / Sub / Mul / Div whose broadcast
+    ``kernels.activations.binary_entry`` serves (the same shapes, a scalar, a vector along the last axes or axis 1
+    of NCHW) run its compiled loops, activation fused (an entry); other broadcasts and dtypes the ufuncs. With
+    attribute ``layout="NHWC"`` (:func:`channels_last`) both operands are 4-D ``[N, H, W, C]``, permuted alike, so
+    that broadcasting them means what it did on NCHW."""
     (a, a_dtype), (b, _) = inputs
     if channels_last(node, a) and len(b) != 4:
         raise _fail(node, f"layout NHWC needs two 4-D inputs [N, H, W, C], got shapes {list(a)} and {list(b)}")
@@ -1012,8 +988,14 @@ def prepare_binary(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
     else:
         dtype, constants = _operands(node, graph, inputs, (0, 1))
         ufunc = _truncating_divide if node.op == "Div" and dtype.kind in "iu" else BINARY[node.op]
-    operands = _bind(constants)
     act = activation_of(node)  # Add + Relu: a residual block's end, fused by passes.fuse_activations
+    if dtype == F32 and node.op != "Pow":
+        entry = activations.binary_entry(node.op.lower(), tuple(a), tuple(b),
+                                         *(constants.get(i, In(i)) for i in (0, 1)),
+                                         activation=attr(node, "activation", None))
+        if entry is not None:
+            return _compiled(entry, [(shape, dtype)], _product(shape))
+    operands = _bind(constants)
 
     def run(ins, outs):
         x, e = operands(ins)

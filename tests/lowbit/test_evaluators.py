@@ -15,7 +15,7 @@ import pytest
 
 from lowbit.graph.ir import Graph, Node, TensorSpec
 from lowbit.runtime.evaluators import EVALUATORS, SHAPE_INPUTS, erf, evaluate, prepare_evaluated
-from lowbit.runtime.float_ops import ERF_CLAMP
+from kernels.activations import ERF_CLAMP
 from lowbit.runtime.registry import PREPARERS
 
 R = np.random.default_rng(20261206)
