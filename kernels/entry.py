@@ -48,11 +48,23 @@ class Entry:
         """Output 0 is input 0 reshaped to ``shape`` (no copy)."""
         return cls(None, (In(0),), tuple(int(v) for v in shape))
 
+    def __post_init__(self) -> None:
+        # where each marker sits, found once: a call then only fills those slots (the call is on hot paths)
+        flat = not any(isinstance(a, tuple) and any(isinstance(b, (In, Out, tuple)) for b in a) for a in self.args)
+        object.__setattr__(self, "_slots", tuple((i, a) for i, a in enumerate(self.args) if isinstance(a, (In, Out)))
+                           if flat else None)
+
     def __call__(self, ins: list[np.ndarray], outs: list[np.ndarray]) -> list[np.ndarray] | None:
         """Make the call; a view entry returns its view (like a kernel returning results), others None."""
         if self.reshape is not None:
             return [ins[0].reshape(self.reshape)]
-        self.fn(*[_resolve(a, ins, outs) for a in self.args])
+        if self._slots is None:
+            self.fn(*[_resolve(a, ins, outs) for a in self.args])
+            return None
+        args = list(self.args)
+        for i, marker in self._slots:
+            args[i] = ins[marker.index] if type(marker) is In else outs[marker.index]
+        self.fn(*args)
         return None
 
 
