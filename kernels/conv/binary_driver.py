@@ -29,6 +29,7 @@ import numpy as np
 
 from kernels._jit import kernel
 from kernels.conv.geometry import ConvGeometry
+from kernels.conv.int8_driver import slug, variant
 from kernels.epilogue import INTEGER, REAL, finish_tile
 from kernels.gemm.popcount_lanes import LANES, LANES_TILES, UNITS_PER_SLOT, lanes_microkernel
 
@@ -130,7 +131,6 @@ def _make_driver(kind: str, mode: int):
     spec = LANES_TILES[kind]
     rows, cols = spec.rows, spec.cols
 
-    @kernel
     def conv_tiles(slots, window, block, b, ldb, words, k, n, i0, i1, border, corr, zeros, mult, shift, lo, hi, thr,
                    out):
         """Output rows ``i0..i1`` (all ``n`` channels) of the binary convolution, finished by ``mode``.
@@ -197,4 +197,5 @@ def _make_driver(kind: str, mode: int):
 
 
 # One driver per micro-kernel and output mode: a driver compiles only its own micro-kernel, when first called.
-DRIVERS = {(kind, mode): _make_driver(kind, mode) for kind in LANES_TILES for mode in MODES}
+DRIVERS = {(kind, mode): variant(__name__, f"conv_tiles_{slug(kind)}_{mode}", _make_driver(kind, mode))
+           for kind in LANES_TILES for mode in MODES}

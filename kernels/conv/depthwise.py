@@ -29,15 +29,19 @@ This portable kernel is the "generic" variant of the op "conv_depthwise";
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from kernels import _validate, dispatch, threads
 from kernels._jit import kernel
 from kernels.conv import depthwise_planes, depthwise_vnni
 from kernels.conv.geometry import ConvGeometry, check_layout
+from kernels.conv.int8_driver import nhwc_entry_args, nhwc_entry_kernel, variant
 from kernels.conv.layout import nchw_to_nhwc, nhwc_to_nchw
+from kernels.entry import Entry, In, Out
 from kernels.epilogue import (INTEGER, MODES, QUANT, REAL, Epilogue, bias_bound, code_bounds, codes_fit, finish_tile,
                               quantized_bounds, single_precision_codes, single_precision_table)
+from kernels.gemm.int8 import _finite
 
 MAX_TAP = 255 * 255  # largest |x'| * |w'|
 PAIR_MAX = 2 * MAX_TAP  # largest |sum of one tap pair|
@@ -177,7 +181,7 @@ def _make_driver(spec: tuple[int, int, int, int] | None, mode: int, wide: bool):
     acc_dtype = np.int64 if wide else np.int32
     DIRECT = mode == INTEGER and not wide  # int32 sums may go straight to the output
 
-    @kernel
+    @numba.njit(nogil=True)  # compiled into the driver only: a closure is no disk-cache entry of its own
     def pixel_row(ring, first, wb, kh, kwp, sw, dh, dw, g, ox0, tw, cb, tile):
         """``tile[t, :cb] = acc`` of output pixels ``ox0 .. ox0 + tw`` of one output row.
 
@@ -216,7 +220,6 @@ def _make_driver(spec: tuple[int, int, int, int] | None, mode: int, wide: bool):
                         a += _pair(ring[row, p0 + 2 * j * dw // g], wb[ky * kwp + j], c)
                 dst[c] = a
 
-    @kernel
     def depthwise_rows(x, window, zx, pairs, b0, b1, r0, r1, col_term, w_zp, row_sums, mult, shift, lo, hi, zp,
                        qmin, qmax, out):
         """Channel blocks ``b0 .. b1`` (of ``CB``) of output rows ``r0 .. r1`` (``r = n * OH + oy``).
@@ -270,7 +273,12 @@ def _make_driver(spec: tuple[int, int, int, int] | None, mode: int, wide: bool):
     return depthwise_rows
 
 
-DRIVERS = {(spec, mode, wide): _make_driver(spec, mode, wide)
+def _driver_name(spec: tuple[int, int, int, int] | None, mode: int, wide: bool) -> str:
+    shape = "any" if spec is None else "{}x{}s{}{}".format(*spec)
+    return f"depthwise_rows_{shape}_{mode}{'_wide' * wide}"
+
+
+DRIVERS = {(spec, mode, wide): variant(__name__, _driver_name(spec, mode, wide), _make_driver(spec, mode, wide))
            for spec in SPECIALISED + (None,) for mode in MODES for wide in (False, True) if spec is None or not wide}
 
 
@@ -304,11 +312,55 @@ class DepthwisePlan:
         if nchw and dispatch.choose("conv_depthwise_nchw", geo.rows, c,
                                     _planes_taps(geo, packed, epi)).kind == "avx512-vnni":
             self.kind = "avx512-vnni-planes"
-            self.run = self._planes()
+            self.driver, self._args, self._split, self.estimate_us = self._planes()
+        else:
+            self.kind = dispatch.choose("conv_depthwise", geo.rows, c, _vnni_taps(geo, packed, epi)).kind
+            self.driver, self._args, self._split, self.estimate_us = (
+                self._vnni() if self.kind == "avx512-vnni" else self._generic())
+        self._layouts: dict[np.dtype, tuple] = {}  # output dtype -> the layout arguments of its entry
+
+    def entry(self, out_dtype: object) -> Entry:
+        """``plan(x, out)`` for ``out`` of ``out_dtype`` as one unchecked call on one thread: ``entry([x], [out])``
+        with ``x`` and ``out`` C-contiguous, shaped as prepared (``out`` NHWC may also be ``[N, OH, OW, C]``)."""
+        out_dtype = np.dtype(out_dtype)
+        if out_dtype not in self.out_dtypes:
+            raise TypeError(f"out_dtype: expected {' or '.join(map(str, self.out_dtypes))}, got {out_dtype}")
+        return Entry(*self._call(out_dtype, True))
+
+    def _call(self, out_dtype: np.dtype, scratch: bool) -> tuple:
+        """``(kernel, args)`` of the entry, ``In(0)`` / ``Out(0)`` for ``x`` and ``out``; with its own scratch."""
+        full = self._args(0, self._split[0], 0, self._split[1])
+        if self.kind == "avx512-vnni-planes":
+            return self.driver, (In(0), *full, Out(0))
+        layout = nhwc_entry_args(self.layout == "NCHW", self.x_shape, self.out_shape, self.x_dtype, out_dtype,
+                                 scratch)
+        return nhwc_entry_kernel(self.driver), (In(0), *layout, full, Out(0))
+
+    def run(self, x: np.ndarray, out: np.ndarray) -> None:
+        """The convolution of checked, C-contiguous ``x`` into ``out``: on one thread the entry's call, else split
+        over ``kernels.threads``."""
+        if self.estimate_us < 2 * threads.MIN_US_PER_THREAD or threads.get_num_threads() == 1:
+            call = self._layouts.get(out.dtype)
+            if call is None:
+                call = self._layouts[out.dtype] = self._call(out.dtype, False)
+            fn, args = call
+            fn(x, *args[1:-1], out)
             return
-        self.kind = dispatch.choose("conv_depthwise", geo.rows, c, _vnni_taps(geo, packed, epi)).kind
-        run = self._vnni() if self.kind == "avx512-vnni" else self._generic()
-        self.run = _through_nhwc(run, geo) if nchw else run
+        if self.layout == "NCHW" and self.kind != "avx512-vnni-planes":
+            rows = np.empty((self.geo.rows, self.geo.out_channels), out.dtype)
+            self._threaded(nchw_to_nhwc(x), rows)
+            nhwc_to_nchw(rows.reshape(self.geo.out_shape_nhwc), out)
+        else:
+            self._threaded(x, out)
+
+    def _threaded(self, x: np.ndarray, out: np.ndarray) -> None:
+        driver, args = self.driver, self._args
+        panels, rows = self._split
+
+        def part(p0: int, p1: int, r0: int, r1: int) -> None:
+            driver(x, *args(p0, p1, r0, r1), out)
+
+        threads.run_tiled(part, panels, rows, 1, self.estimate_us)
 
     def __call__(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
         """The convolution of ``x`` (dtype and shape as prepared) into ``out``; returns ``out``."""
@@ -349,16 +401,14 @@ class DepthwisePlan:
         col_term = depthwise_vnni.col_terms(packed.sums, epi.col_bias, self.zx, signed)
         pad = np.full(geo.in_w * c, self.zx & 0xFF, np.uint8)
         window, zx = geo.window(), self.zx
+        lo, hi = _finite(lo), _finite(hi)
+
+        def args(v0: int, v1: int, r0: int, r1: int) -> tuple:
+            return (window, zx, packed.quads, col_term, pad, mult, shift, lo, hi, zp, qlo, qhi, single, v0, v1, r0,
+                    r1)
+
         # single-thread time measured here: ~0.1 ns per output and kernel row
-        estimate_us = geo.rows * c * geo.kernel_h * 1e-4
-
-        def run(x: np.ndarray, out: np.ndarray) -> None:
-            def part(v0: int, v1: int, r0: int, r1: int) -> None:
-                driver(x, window, zx, packed.quads, col_term, pad, mult, shift, lo, hi, zp, qlo, qhi, single, v0, v1,
-                       r0, r1, out)
-
-            threads.run_tiled(part, vectors, geo.batch * geo.out_h, 1, estimate_us)
-        return run
+        return driver, args, (vectors, geo.batch * geo.out_h), geo.rows * c * geo.kernel_h * 1e-4
 
     def _planes(self):
         """The NCHW run by ``kernels.conv.depthwise_planes`` (``_planes_taps`` > 0): no layout copy."""
@@ -375,15 +425,12 @@ class DepthwisePlan:
         single = single_precision_codes(mult, shift, zp, _largest(geo, epi))
         driver = depthwise_planes.DRIVERS[kh, kw, bool(shift.any())]
         pads, pad_byte = np.array(geo.pads, np.int64), (self.zx & 0xFF) ^ flip
+
+        def args(p0: int, p1: int, _r0: int, _r1: int) -> tuple:
+            return pads, pad_byte, flip, taps, col_term, mult, shift, zp, qlo, qhi, single, p0, p1
+
         # single-thread time measured here: ~0.3 ns per output
-        estimate_us = geo.rows * c * 3e-4
-
-        def run(x: np.ndarray, out: np.ndarray) -> None:
-            def part(p0: int, p1: int, _r0: int, _r1: int) -> None:
-                driver(x, pads, pad_byte, flip, taps, col_term, mult, shift, zp, qlo, qhi, single, p0, p1, out)
-
-            threads.run_tiled(part, geo.batch * c, 1, 1, estimate_us)
-        return run
+        return driver, args, (geo.batch * c, 1), geo.rows * c * 3e-4
 
     def _generic(self):
         """The NHWC run by the portable kernel of this module."""
@@ -396,25 +443,15 @@ class DepthwisePlan:
         w_zp = np.zeros(c, np.int64)  # the weights are already centred
         row_sums = np.zeros(1, np.int64)
         window, zx = geo.window(), self.zx
+        lo, hi = _finite(epi.lo), _finite(epi.hi)
+
+        def args(b0: int, b1: int, r0: int, r1: int) -> tuple:
+            return (window, zx, packed.pairs, b0, b1, r0, r1, col_term, w_zp, row_sums, epi.mult, epi.shift, lo, hi,
+                    epi.zp, epi.qmin, epi.qmax)
+
         # single-thread time measured here: ~20 GOPS of multiply-adds, ~1.5 ns per output of float epilogue
-        estimate_us = geo.rows * c * (geo.taps * 1e-4 + (1.5e-3 if epi.mode != INTEGER else 0.0))
-
-        def run(x: np.ndarray, out: np.ndarray) -> None:
-            def part(b0: int, b1: int, r0: int, r1: int) -> None:
-                driver(x, window, zx, packed.pairs, b0, b1, r0, r1, col_term, w_zp, row_sums, epi.mult, epi.shift,
-                       epi.lo, epi.hi, epi.zp, epi.qmin, epi.qmax, out)
-
-            threads.run_tiled(part, -(-c // CB), geo.batch * geo.out_h, 1, estimate_us)
-        return run
-
-
-def _through_nhwc(run, geo: ConvGeometry):
-    """``run`` (NHWC in, ``[N OH OW, C]`` out) as a run on NCHW arrays, through layout copies."""
-    def nchw(x: np.ndarray, out: np.ndarray) -> None:
-        rows = np.empty((geo.rows, geo.out_channels), out.dtype)
-        run(nchw_to_nhwc(x), rows)
-        nhwc_to_nchw(rows.reshape(geo.out_shape_nhwc), out)
-    return nchw
+        return (driver, args, (-(-c // CB), geo.batch * geo.out_h),
+                geo.rows * c * (geo.taps * 1e-4 + (1.5e-3 if epi.mode != INTEGER else 0.0)))
 
 
 def _check_setup(geo: object, packed: object, x_dtype: object, x_zero_point: object, epi: object) -> None:

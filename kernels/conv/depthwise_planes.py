@@ -40,9 +40,9 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from kernels._jit import kernel
-from kernels.gemm.llvm_ir import (F32, I1, I8, I16, I32, I64, array_ptr, declare, emit_loop, is_array, low_bits,
-                                  masked, splat)
+from kernels.conv.int8_driver import variant
+from kernels.gemm.llvm_ir import (F32, I1, I8, I16, I32, I64, array_ptr, declare, emit_loop, is_array, low_bits, masked,
+                                  splat)
 from kernels.gemm.vnni import V8F64, V16F32, V16I32, declare_vpdpbusd, rounded_codes, single_codes
 
 KERNELS = ((3, 3), (5, 5))  # (KH, KW) with a kernel here; stride 1 and dilation 1
@@ -209,7 +209,6 @@ def _make_driver(kh: int, kw: int, shifted: bool):
     convolve = _make_convolve(kh, kw, shifted)
     g_count = groups(kw)
 
-    @kernel
     def depthwise_planes(x, pads, pad_byte, flip, taps, col_term, mult, shift, zp, qlo, qhi, single, p0, p1, out):
         """Planes ``p0 .. p1`` (``p = n C + c``) of a depthwise ``kh x kw`` convolution, stride 1, dilation 1.
 
@@ -254,4 +253,6 @@ def _make_driver(kh: int, kw: int, shifted: bool):
 
 
 # keyed by (KH, KW, a nonzero shift)
-DRIVERS = {(kh, kw, shifted): _make_driver(kh, kw, shifted) for kh, kw in KERNELS for shifted in (False, True)}
+DRIVERS = {(kh, kw, shifted): variant(__name__, f"depthwise_planes_{kh}x{kw}{'_shifted' * shifted}",
+                                      _make_driver(kh, kw, shifted))
+           for kh, kw in KERNELS for shifted in (False, True)}

@@ -37,7 +37,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from kernels._jit import kernel
+from kernels.conv.int8_driver import variant
 from kernels.gemm.llvm_ir import (F32, F64, I1, I8, I32, I64, array_ptr, declare, emit_loop, is_array, load_vector,
                                   masked, splat)
 from kernels.gemm.vnni import V8F64, V16F32, V16I32, declare_vpdpbusd, requantize, rounded_codes, single_codes
@@ -284,7 +284,6 @@ def _make_row(kh: int, kw: int, sw: int, signed: bool, shifted: bool):
 def _make_driver(kh: int, kw: int, sw: int, signed: bool, shifted: bool):
     row = _make_row(kh, kw, sw, signed, shifted)
 
-    @kernel
     def depthwise_rows(x, window, zx, quads, col_term, pad, mult, shift, lo, hi, zp, qlo, qhi, single, v0, v1, r0, r1,
                        out):
         """Channel vectors ``v0 .. v1`` (16 channels each) of output rows ``r0 .. r1`` (``r = n OH + oy``).
@@ -330,5 +329,7 @@ def col_terms(sums: np.ndarray, col_bias: np.ndarray | int, zx: int, signed: boo
 
 
 # keyed by (KH, KW, SW, int8 activations, a nonzero shift)
-DRIVERS = {(kh, kw, sw, signed, shifted): _make_driver(kh, kw, sw, signed, shifted)
-           for kh, kw in KERNELS for sw in STRIDES for signed in (False, True) for shifted in (False, True)}
+DRIVERS = {(kh, kw, sw, signed, shifted): variant(
+    __name__, f"depthwise_vnni_{kh}x{kw}s{sw}_{'i8' if signed else 'u8'}{'_shifted' * shifted}",
+    _make_driver(kh, kw, sw, signed, shifted))
+    for kh, kw in KERNELS for sw in STRIDES for signed in (False, True) for shifted in (False, True)}

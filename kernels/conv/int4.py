@@ -17,6 +17,7 @@ from kernels import _validate
 from kernels.conv.geometry import check_layout, conv_geometry, from_nhwc, im2col, to_nhwc
 from kernels.gemm.int4 import gemm_int4
 from kernels.pack.int4 import PackedInt4, pack_int4
+from kernels.pack.plans import PlanCache, value_key
 
 BLOCK_BYTES = 256 * 1024  # float32 im2col rows per gemm_int4 call: kept in L2
 
@@ -27,10 +28,11 @@ class PackedConvInt4:
     Each is ``[O / group, KH * KW * C / group]`` with columns in ``(ky, kx, c)`` order.
     """
 
-    __slots__ = ("groups", "shape", "group")
+    __slots__ = ("groups", "shape", "group", "plans")
 
     def __init__(self, groups: tuple[PackedInt4, ...], shape: tuple[int, int, int, int], group: int):
         self.groups, self.shape, self.group = groups, shape, group
+        self.plans = PlanCache()  # what a call derives from its arguments, per shape and attributes
 
     def dequantize(self) -> np.ndarray:
         """The float32 filters ``[O, C / group, KH, KW]`` that the int4 codes stand for."""
@@ -76,10 +78,19 @@ def conv2d_int4(x: np.ndarray, w: PackedConvInt4, bias: np.ndarray | None = None
     """
     if not isinstance(w, PackedConvInt4):
         raise TypeError(f"w: expected a PackedConvInt4 from kernels.pack_conv_int4, got {type(w).__name__}")
-    check_layout(layout)
+    x_shape = getattr(x, "shape", None)
+    key = (x_shape, layout, strides, pads, dilations)
+    try:
+        geo = w.plans.get(key)
+    except TypeError:  # unhashable attributes (lists): normalised
+        key = tuple(value_key(v) for v in key)
+        geo = w.plans.get(key)
     x = to_nhwc("x", x, (np.float32,), layout)
     o, cg, kh, kw = w.shape
-    geo = conv_geometry(x.shape, (kh, kw), cg, o, strides=strides, pads=pads, dilations=dilations, group=w.group)
+    if geo is None:
+        check_layout(layout)
+        geo = w.plans.put(key, conv_geometry(x.shape, (kh, kw), cg, o, strides=strides, pads=pads,
+                                             dilations=dilations, group=w.group))
     if bias is not None:
         bias = _validate.per_channel("bias", bias, o, np.float32)
     shape = geo.out_shape_nhwc if layout == "NHWC" else (geo.batch, o, geo.out_h, geo.out_w)

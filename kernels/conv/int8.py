@@ -23,19 +23,24 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import numpy as np
 
 from kernels import _validate, dispatch, epilogue, threads
 from kernels.conv import pointwise
 from kernels.conv.depthwise import DepthwisePlan, pack_depthwise
-from kernels.conv.geometry import ConvGeometry, check_layout, conv_geometry, from_nhwc, to_nhwc
-from kernels.conv.int8_driver import (DRIVERS, INDIRECT_DRIVERS, POINTWISE_DRIVERS, block_rows, indirection,
-                                      runs_indirection, widen_channels, widen_padded)
+from kernels.conv.geometry import ConvGeometry, check_layout, conv_geometry, from_nhwc
+from kernels.conv.int8_driver import (DRIVERS, IM2COL, INDIRECT, INDIRECT_DRIVERS, POINTWISE_DRIVERS, ROWS,
+                                      activation_codes, block_rows, groups_entry_kernel, indirection, nhwc_entry_args,
+                                      runs_indirection)
+from kernels.conv.layout import nchw_to_nhwc
+from kernels.entry import Entry, In, Out
 from kernels.epilogue import Epilogue
 from kernels.gemm.driver import K_CHUNK
-from kernels.gemm.int8 import check_zero_point, fused_epilogue, max_k_int32, register_epilogue
-from kernels.pack.panels import KGROUP, PANEL, PackedInt8, pack_int8
+from kernels.gemm.int8 import _finite, check_zero_point, fused_epilogue, max_k_int32, register_epilogue
+from kernels.pack.panels import KGROUP, PANEL, PackedInt8, aligned_empty, pack_int8
+from kernels.pack.plans import PlanCache, value_key
 
 ACTIVATION_DTYPES = (np.uint8, np.int8)
 _RANGES = {np.uint8: (0, 255), np.int8: (-128, 127)}  # the codes of an output dtype
@@ -51,12 +56,14 @@ class PackedConvInt8:
     weights : the int8 OIHW weights (uint8 weights shifted by -128), which the
         depthwise kernel packs with the zero point of each call
     shifted : whether the weights came as uint8 (their zero points shift by -128 too)
+    plans : :class:`kernels.pack.plans.PlanCache` of the one-shot calls with these weights
     """
 
-    __slots__ = ("groups", "weights", "shifted", "group")
+    __slots__ = ("groups", "weights", "shifted", "group", "plans")
 
     def __init__(self, groups: tuple[PackedInt8, ...], weights: np.ndarray, shifted: bool, group: int):
         self.groups, self.weights, self.shifted, self.group = groups, weights, shifted, group
+        self.plans = PlanCache()
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -105,7 +112,9 @@ class ConvPlan:
     choice, indirection table, per-channel correction terms and the epilogue.
     ``plan(x, out=None)`` then only checks ``x`` (dtype, shape) and ``out`` and runs.
     ``kind`` names the kernel; ``direct`` is the prepared depthwise or NCHW 1x1 kernel
-    that takes the caller's layout itself (None on the general path).
+    that takes the caller's layout itself (None on the general path). :meth:`entry` gives
+    the call as one unchecked compiled call (``kernels.entry``), which ``plan(x)`` itself
+    makes on one thread.
     Made by :func:`conv2d_int8_plan` / :func:`qlinear_conv2d_plan`; the one-shot
     functions :func:`conv2d_int8` and :func:`qlinear_conv2d` make one and call it.
     """
@@ -145,93 +154,122 @@ class ConvPlan:
         # along a kernel row are contiguous, and the indirect kernel reads each kernel row as one run
         self.runs = self.channels != geo.in_channels and geo.dilation_w == 1 and geo.kernel_w > 1
         og, cg, k = geo.group_out, geo.group_in, geo.depth
-        self.row_sums = np.zeros(geo.rows, np.int64)
-        self.terms = [_group_terms(g, packed, zw, self.za, k, epi, self.row_sums) for g, packed in
-                      enumerate(packed.groups)]
-        self.weights = [(packed.data, packed.k_groups) for packed in packed.groups]
+        terms = _terms(packed, zw, self.za, k, epi)
         variant = dispatch.choose("conv_int8", geo.rows, og, cg)
         self.kind = variant.kind
-        self.pointwise = variant.kind != "im2col" and pointwise.is_1x1(geo) and _rows_epilogue(self.terms[0], epi)
+        self.pointwise = variant.kind != "im2col" and pointwise.is_1x1(geo) and _rows_epilogue(terms, epi)
         if self.pointwise:  # a plain GEMM: every pixel of every image a row, read in place
-            codes = self.terms[0][12:14]
-            full = epi.mode == epilogue.QUANT and codes == _RANGES.get(np.dtype(out_dtype).type)
-            self.driver = POINTWISE_DRIVERS[variant.kind, epi.mode, full]
+            full = epi.mode == epilogue.QUANT and terms.codes == _RANGES.get(np.dtype(out_dtype).type)
+            self.driver, self.family = POINTWISE_DRIVERS[variant.kind, epi.mode, full], ROWS
             self.kind = variant.kind.replace("indirect", "1x1")
             self.step = variant.rows
-            terms = self.terms[0]  # the driver's arguments but the input, rows and output: kept for the calls
-            self.pointwise_args = (cg, *self.weights[0], og)
-            self.pointwise_terms = (terms[1], terms[6], terms[8], terms[11], terms[12], terms[13])
+            geometry = (cg,)
         elif variant.kind == "im2col":
             gemm = dispatch.choose("gemm_int8", geo.rows, og, k)
-            self.driver = DRIVERS[gemm.kind, epi.mode]
-            self.lda = -(-k // KGROUP) * KGROUP
-            self.step = block_rows(self.lda, gemm.rows)
+            self.driver, self.family = DRIVERS[gemm.kind, epi.mode], IM2COL
+            lda = -(-k // KGROUP) * KGROUP
+            self.step = block_rows(lda, gemm.rows)
+            geometry = (geo.window(), cg, np.uint8(self.za), lda, self.step)
         else:
-            self.driver = INDIRECT_DRIVERS[variant.kind, epi.mode]
+            self.driver, self.family = INDIRECT_DRIVERS[variant.kind, epi.mode], INDIRECT
             self.step = variant.rows
-            self.table = _runs_indirection(geo) if self.runs else _indirection(geo)
-            self.taps, run = (geo.kernel_h, geo.kernel_w * cg) if self.runs else (geo.taps, cg)
-            self.pad = np.full(run, self.za, np.uint8)
+            table = _runs_indirection(geo) if self.runs else _indirection(geo)
+            taps, run = (geo.kernel_h, geo.kernel_w * cg) if self.runs else (geo.taps, cg)
+            pad = np.full(run, self.za, np.uint8)
+            geometry = (pad, table, taps, run // KGROUP, cg)
+        self.terms, self.geometry = terms, geometry
         # ~400 GOPS per thread: split rows over threads only when that pays
         self.estimate_us = 2 * geo.rows * og * k / 400e3
+        self._fn = groups_entry_kernel(self.driver, self.family)
+        self._call_args = self._entry_args(False)
+
+    def _codes_args(self, scratch: bool) -> tuple:
+        """The ``codes`` argument of the entry (``kernels.conv.int8_driver.activation_codes``)."""
+        geo, x_dtype = self.geo, self.x_dtype
+        n, h, w, c = geo.batch, geo.in_h, geo.in_w, self.channels
+        fill = x_dtype.type(self.za - (128 if x_dtype == np.int8 else 0))
+        widen = 0 if c == geo.in_channels else 2 if self.runs else 1
+        shape = (n, h, geo.pad_left + w + geo.pad_right if self.runs else w, geo.in_channels)
+        wide = np.empty(shape if widen and scratch else (0, 0, 0, 0), x_dtype)
+        size = int(np.prod(shape)) if widen else n * h * w * c
+        flipped = np.empty(size if scratch and x_dtype == np.int8 else 0, np.uint8)
+        return widen, shape, fill, geo.pad_left if widen == 2 else 0, wide, x_dtype == np.int8, flipped
+
+    def _entry_args(self, scratch: bool) -> tuple:
+        """The arguments of the entry's kernel, ``In(0)`` and ``Out(0)`` for ``x`` and ``out``; its scratch
+        allocated when ``scratch`` (an entry's own), else empty (allocated by each call)."""
+        geo, terms = self.geo, self.terms
+        nchw, t, rows, panels_in, panels_out = nhwc_entry_args(
+            self.layout == "NCHW", self.x_shape, self.out_shape, self.x_dtype, self.out_dtype, scratch)
+        row_sums = np.empty(geo.rows if scratch and terms.flags[:, 0].any() else 0, np.int64)
+        return (In(0), nchw, t, panels_in, self._codes_args(scratch), self.geometry, terms.b, terms.kq,
+                terms.col_term, terms.col_term32, terms.w_zp, row_sums, terms.flags, terms.mult, terms.shift,
+                terms.single, *terms.scalars, rows, panels_out, Out(0))
+
+    def entry(self) -> Entry:
+        """``plan(x, out)`` as one unchecked call on one thread: ``entry([x], [out])`` with ``x`` and ``out``
+        C-contiguous, of the prepared shapes, layout and dtypes (checked by the caller). Its scratch is its own:
+        one caller at a time."""
+        if self.direct is None:
+            return Entry(self._fn, self._entry_args(True))
+        if isinstance(self.direct, DepthwisePlan):
+            return self.direct.entry(self.out_dtype)
+        return self.direct.entry()
 
     def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """The convolution of ``x`` (dtype and shape as prepared, in the prepared layout)."""
-        if not (isinstance(x, np.ndarray) and x.dtype == self.x_dtype and x.shape == self.x_shape):
-            _validate.array("x", x, (self.x_dtype,), 4)
-            raise ValueError(f"x: expected shape {self.x_shape} ({self.layout}) as prepared, got {x.shape}")
-        if out is not None:
+        if not (type(x) is np.ndarray and x.dtype == self.x_dtype and x.shape == self.x_shape):
+            x = _validate.array("x", x, (self.x_dtype,), 4)
+            if x.shape != self.x_shape:
+                raise ValueError(f"x: expected shape {self.x_shape} ({self.layout}) as prepared, got {x.shape}")
+            x = np.asarray(x)  # an ndarray subclass as a plain array
+        if out is None:
+            out = np.empty(self.out_shape, self.out_dtype)
+        elif not (type(out) is np.ndarray and out.dtype == self.out_dtype and out.shape == self.out_shape
+                  and out.flags.c_contiguous and out.flags.writeable):
             out = _validate.out(out, self.out_shape, self.out_dtype)
-        geo = self.geo
+        if not x.flags.c_contiguous:
+            x = np.ascontiguousarray(x)
         if self.direct is not None:
-            target = out if out is not None else np.empty(self.out_shape, self.out_dtype)
-            self.direct.run(np.ascontiguousarray(x),
-                            target if self.layout == "NCHW" else target.reshape(self.rows_shape))
-            return target
-        if self.layout == "NHWC":  # x is checked: to_nhwc would only copy a strided view
-            target = out if out is not None else np.empty(self.out_shape, self.out_dtype)
-            self._run(np.ascontiguousarray(x), target.reshape(self.rows_shape))
-            return target
-        x = to_nhwc("x", x, ACTIVATION_DTYPES, self.layout)
-        rows = np.empty(self.rows_shape, self.out_dtype)
-        self._run(x, rows)
-        return from_nhwc(rows.reshape(geo.out_shape_nhwc), self.layout, out)
+            self.direct.run(x, out if self.layout == "NCHW" else out.reshape(self.rows_shape))
+        elif self.estimate_us < 2 * threads.MIN_US_PER_THREAD or threads.get_num_threads() == 1:
+            args = self._call_args
+            self._fn(x, *args[1:-1], out)  # the entry's call, its scratch allocated inside
+        else:
+            self._threaded(x, out)
+        return out
 
-    def _run(self, x: np.ndarray, out2d: np.ndarray) -> None:
-        geo = self.geo
-        if self.channels != geo.in_channels:
-            fill = x.dtype.type(self.za - (128 if x.dtype == np.int8 else 0))
-            if self.runs:
-                row_pixels = geo.pad_left + geo.in_w + geo.pad_right
-                wide = np.empty((geo.batch, geo.in_h, row_pixels, geo.in_channels), x.dtype)
-                widen_padded(x.reshape(-1, geo.in_w, self.channels), fill, geo.pad_left,
-                             wide.reshape(-1, row_pixels, geo.in_channels))
-            else:
-                wide = np.empty((*x.shape[:3], geo.in_channels), x.dtype)
-                widen_channels(x.reshape(-1, self.channels), fill, wide.reshape(-1, geo.in_channels))
-            x = wide
-        if x.dtype == np.int8:
-            x = x.view(np.uint8) ^ 0x80
+    def _threaded(self, x: np.ndarray, out: np.ndarray) -> None:
+        """The convolution split over ``kernels.threads``: activations prepared once, then the driver per range."""
+        geo, terms, geometry = self.geo, self.terms, self.geometry
+        if self.layout == "NCHW":
+            x = nchw_to_nhwc(x)
+        flat = activation_codes(x, *self._codes_args(False))
+        rows = out.reshape(self.rows_shape) if self.layout == "NHWC" else np.empty(self.rows_shape, self.out_dtype)
+        row_sums = np.empty(geo.rows, np.int64)
         og, cg = geo.group_out, geo.group_in
-        if self.pointwise:
-            flat, head, tail = x.reshape(-1), self.pointwise_args, self.pointwise_terms
-            threads.run_tiled(lambda p0, p1, i0, i1: self.driver(flat, *head, i0, i1, *tail, out2d), 1,
-                              self.rows_shape[0], self.step, self.estimate_us)
-            return
-        for g, ((data, kq), terms) in enumerate(zip(self.weights, self.terms)):
-            if self.kind == "im2col":
-                def part(p0, p1, i0, i1, g=g, data=data, kq=kq, terms=terms):
-                    self.driver(x, geo.window(), g * cg, cg, np.uint8(self.za), self.lda, self.step, data, kq, og,
-                                i0, i1, *terms, out2d, g * og)
+        scalars = terms.scalars
+        for g in range(geo.group):
+            group = (terms.col_term[g], terms.col_term32[g], terms.w_zp[g], row_sums, bool(terms.flags[g, 0]),
+                     bool(terms.flags[g, 1]), terms.mult[g], terms.shift[g], terms.single[g], *scalars)
+            if self.family == ROWS:
+                def part(p0, p1, i0, i1, group=group):
+                    self.driver(flat, cg, terms.b[0], terms.kq, og, i0, i1, group[1], group[6], group[8], *scalars[2:],
+                                rows)
+            elif self.family == IM2COL:
+                def part(p0, p1, i0, i1, g=g, group=group):
+                    window, _, pad, lda, block = geometry
+                    self.driver(flat.reshape(x.shape), window, g * cg, cg, pad, lda, block, terms.b[g], terms.kq,
+                                og, i0, i1, *group, rows, g * og)
             else:
-                flat = x.reshape(-1)[g * cg :]
-
-                def part(p0, p1, i0, i1, data=data, flat=flat, terms=terms, g=g):
-                    self.driver(flat, self.pad, self.table, self.taps, self.pad.size // KGROUP, data, og, i0, i1,
-                                *terms, out2d, g * og)
+                def part(p0, p1, i0, i1, g=g, group=group):
+                    pad, table, taps, cq, _ = geometry
+                    self.driver(flat[g * cg :], pad, table, taps, cq, terms.b[g], og, i0, i1, *group, rows, g * og)
 
             # rows in whole steps, so that threads never repeat each other's im2col
             threads.run_tiled(part, 1, geo.rows, self.step, self.estimate_us)
+        if self.layout == "NCHW":
+            from_nhwc(rows.reshape(geo.out_shape_nhwc), self.layout, out)
 
 
 def _prepare(w: object, x_shape: tuple, x_dtype: object, x_zero_point: object, w_zero_point: object, strides: object,
@@ -273,36 +311,72 @@ def _indirection(geo: ConvGeometry) -> np.ndarray:
     return table
 
 
+class _Terms(NamedTuple):
+    """What every group of the general path passes to its driver, stacked over the groups (``G`` of them)."""
+
+    b: np.ndarray  # int8 [G, *]: each group's packed weights (kernels.pack.panels), 64-byte aligned
+    kq: int  # their k groups
+    col_term: np.ndarray  # int64 [G, O / G]
+    col_term32: np.ndarray  # int32 [G, whole panels]: the same, wrapped, for the fused micro-kernels
+    w_zp: np.ndarray  # int64 [G, O / G]
+    flags: np.ndarray  # int64 [G, 2]: row_term (weight zero points), fused (finished in the registers)
+    mult: np.ndarray  # float64 [G, whole panels or 1]
+    shift: np.ndarray  # float64 [G, whole panels or 1]
+    single: np.ndarray  # float32 [G, *]: kernels.epilogue.single_table
+    scalars: tuple  # (lo, hi, zp, qmin, qmax), finite: the same for every group
+
+    @property
+    def codes(self) -> tuple:
+        """``(qmin, qmax)``."""
+        return self.scalars[3:]
+
+
+def _terms(packed: PackedConvInt8, zw: np.ndarray, za: int, k: int, epi: Epilogue) -> _Terms:
+    """The driver arguments of every group; fused in the registers only if every group can be, in the same way."""
+    groups = [_group_terms(g, p, zw, za, k, epi, True) for g, p in enumerate(packed.groups)]
+    if len({(t[1][1], *((type(v), v) for v in t[2])) for t in groups}) > 1:  # scalars differ: they cannot be shared
+        groups = [_group_terms(g, p, zw, za, k, epi, False) for g, p in enumerate(packed.groups)]
+    first = packed.groups[0]
+    b = aligned_empty(len(groups) * first.data.size).reshape(len(groups), -1)
+    for g, p in enumerate(packed.groups):
+        b[g] = p.data
+    lo, hi, zp, qmin, qmax = groups[0][2]
+    columns = list(zip(*(t[0] for t in groups)))
+    return _Terms(b, first.k_groups, *(np.stack(c) for c in columns[:3]), np.array([t[1] for t in groups], np.int64),
+                  *(np.stack(c) for c in columns[3:]), (_finite(lo), _finite(hi), float(zp), qmin, qmax))
+
+
 def _group_terms(g: int, packed: PackedInt8, zw_all: np.ndarray, za: int, k: int, epi: Epilogue,
-                 row_sums: np.ndarray) -> tuple:
-    """The driver arguments ``col_term .. qmax`` of group ``g`` (see ``kernels.gemm.driver``)."""
+                 fuse: bool) -> tuple:
+    """``(arrays, flags, scalars)`` of group ``g``: ``(col_term, col_term32, w_zp, mult, shift, single)``,
+    ``(row_term, fused)`` and ``(lo, hi, zp, qmin, qmax)`` (see ``kernels.gemm.driver``); fused in the registers
+    where ``fuse`` and ``kernels.gemm.int8.register_epilogue`` allow."""
     og = packed.n
     channels = slice(g * og, (g + 1) * og)
-    zw = zw_all[channels]
+    zw = zw_all[channels].astype(np.int64)
     row_term = bool(zw.any())
     bias = epi.col_bias[channels] if np.ndim(epi.col_bias) else epi.col_bias
-    col_term = -za * packed.col_sums + k * za * zw + bias
-    fused_epi = register_epilogue(epi, k, za, bias, row_term)
+    col_term = (-za * packed.col_sums + k * za * zw + bias).astype(np.int64)
+    fused_epi = register_epilogue(epi, k, za, bias, row_term) if fuse else None
     fused, epi = fused_epi is not None, fused_epi or epi
     padded = packed.n_panels * PANEL  # the fused micro-kernels read whole panels
     col_term32 = np.zeros(padded, np.int32)
     col_term32[:og] = col_term  # wraps modulo 2**32, as the int32 sums do
     mult, shift = _panel_slice(epi.mult, channels, padded), _panel_slice(epi.shift, channels, padded)
-    return (col_term, col_term32, zw, row_sums, row_term, fused, mult, shift, epilogue.single_table(epi, mult), epi.lo,
-            epi.hi, epi.zp, epi.qmin, epi.qmax)
+    return ((col_term, col_term32, zw, mult, shift, epilogue.single_table(epi, mult)), (int(row_term), int(fused)),
+            (epi.lo, epi.hi, epi.zp, epi.qmin, epi.qmax))
 
 
-def _rows_epilogue(terms: tuple, epi: Epilogue) -> bool:
-    """Whether ``kernels.conv.int8_driver``'s 1x1 driver finishes the ``_group_terms`` ``terms``: fused in the
-    registers (no row term), with an int32 output or quantized codes that are integers."""
-    fused, qmin = terms[5], terms[12]
-    codes = epi.mode == epilogue.QUANT and isinstance(qmin, (int, np.integer))
-    return fused and (epi.mode == epilogue.INTEGER or codes)
+def _rows_epilogue(terms: _Terms, epi: Epilogue) -> bool:
+    """Whether ``kernels.conv.int8_driver``'s 1x1 driver finishes ``terms`` (one group): fused in the registers
+    (no row term), with an int32 output or quantized codes that are integers."""
+    codes = epi.mode == epilogue.QUANT and isinstance(terms.codes[0], (int, np.integer))
+    return bool(terms.flags[0, 1]) and (epi.mode == epilogue.INTEGER or codes)
 
 
 def _panel_slice(values: np.ndarray, channels: slice, padded: int) -> np.ndarray:
     """One group's per-channel factors, zero-padded to ``padded`` (whole panels); scalars stay as they are."""
-    if values.size <= 1 or (channels.start == 0 and values.size >= padded):
+    if values.size <= 1:
         return values
     part = np.zeros(padded, values.dtype)
     chunk = values[channels]
@@ -347,10 +421,36 @@ def conv2d_int8(x: np.ndarray, w: np.ndarray | PackedConvInt8, *, x_zero_point: 
     :func:`kernels.max_k_int32` allows (the int32 result could overflow). To run
     one layer many times, prepare it once with :func:`conv2d_int8_plan`.
     """
-    x = _activation_array(x, layout)
-    plan = conv2d_int8_plan(w, x.shape, x.dtype, x_zero_point=x_zero_point, w_zero_point=w_zero_point,
-                            strides=strides, pads=pads, dilations=dilations, group=group, layout=layout)
+    if type(x) is not np.ndarray or x.ndim != 4:
+        x = _activation_array(x, layout)
+    key, plan = _lookup(w, (x.shape, x.dtype, layout, x_zero_point, _bytes(w_zero_point), strides, pads, dilations,
+                             group))
+    if plan is None:
+        plan = conv2d_int8_plan(w, x.shape, x.dtype, x_zero_point=x_zero_point, w_zero_point=w_zero_point,
+                                strides=strides, pads=pads, dilations=dilations, group=group, layout=layout)
+        if key is not None:
+            w.plans.put(key, plan)
     return plan(x, out)
+
+
+def _bytes(v: object) -> object:
+    """An argument in a one-shot call's key: an array by dtype, shape and bytes (so a changed array makes a new
+    key), anything else as it is."""
+    return (v.dtype.char, v.shape, v.tobytes()) if type(v) is np.ndarray else v
+
+
+def _lookup(w: object, key: tuple) -> tuple[tuple | None, ConvPlan | None]:
+    """``(key, plan)``: the plan of a one-shot call kept by its packed weights ``w`` under ``key`` (every argument
+    the plan depends on, with the types that change its result), or None; the key normalised when some argument
+    is not hashable (pads as a list), None when ``w`` is not packed. Plans hold no scratch between calls: threads
+    may share them."""
+    if type(w) is not PackedConvInt8:
+        return None, None
+    try:
+        return key, w.plans.get(key)
+    except TypeError:
+        key = tuple(value_key(v) for v in key)
+        return key, w.plans.get(key)
 
 
 def _activation_array(x: object, layout: str) -> np.ndarray:
@@ -401,8 +501,15 @@ def qlinear_conv2d(x: np.ndarray, x_scale: float, x_zero_point: int, w: np.ndarr
     is a positive float or float array [O]. Returns NCHW or NHWC like ``x``. To
     run one layer many times, prepare it once with :func:`qlinear_conv2d_plan`.
     """
-    x = _activation_array(x, layout)
-    plan = qlinear_conv2d_plan(w, x.shape, x_scale, x_zero_point, w_scale, w_zero_point, y_scale, y_zero_point, bias,
-                               x_dtype=x.dtype, strides=strides, pads=pads, dilations=dilations, group=group,
-                               activation=activation, layout=layout, out_dtype=out_dtype)
+    if type(x) is not np.ndarray or x.ndim != 4:
+        x = _activation_array(x, layout)
+    key, plan = _lookup(w, (x.shape, x.dtype, layout, x_scale, x_zero_point, _bytes(w_scale),
+                             _bytes(w_zero_point), y_scale, type(y_zero_point), y_zero_point, _bytes(bias), strides,
+                             pads, dilations, group, activation, out_dtype))
+    if plan is None:
+        plan = qlinear_conv2d_plan(w, x.shape, x_scale, x_zero_point, w_scale, w_zero_point, y_scale, y_zero_point,
+                                   bias, x_dtype=x.dtype, strides=strides, pads=pads, dilations=dilations, group=group,
+                                   activation=activation, layout=layout, out_dtype=out_dtype)
+        if key is not None:
+            w.plans.put(key, plan)
     return plan(x, out)

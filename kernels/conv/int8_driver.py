@@ -39,19 +39,24 @@ at most ``kernels.gemm.driver.K_CHUNK`` (the caller checks), so int32 sums canno
 
 from __future__ import annotations
 
+import functools
+import inspect
+import sys
 from typing import Callable
 
+import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from kernels._jit import kernel
 from kernels.conv.geometry import im2col
+from kernels.conv.layout import BLOCKS, _transpose
 from kernels.epilogue import INTEGER, MODES, QUANT, finish_tile
 from kernels.gemm import vnni
-from kernels.gemm.llvm_ir import (F32, F64, I1, I8, I16, I32, I64, array_ptr, declare, is_array, load_vector,
-                                  low_bits, masked, prefetch, splat)
+from kernels.gemm.llvm_ir import (F32, F64, I1, I8, I16, I32, I64, array_ptr, declare, is_array, load_vector, low_bits,
+                                  masked, prefetch, splat)
 from kernels.gemm.microkernels import (NARROW_ROWS, NARROW_VECTORS, TILES, microkernel, microkernel_finish,
                                        microkernel_store)
 from kernels.pack.panels import KGROUP, PANEL
@@ -62,6 +67,105 @@ PREFETCH_TILES = 8  # ... and prefetch for writing the output rows of the tile t
 CHAINS = 4  # independent running maxima of the distances to a tie in one tile (1x1 driver)
 
 
+def variant(module: str, name: str, body: Callable):
+    """``body`` as the kernel ``name`` of ``module``: a module-level function that Numba's disk cache finds in every
+    process.
+
+    A driver made per variant (a closure over its constants and the intrinsics made for them) cannot be cached
+    itself: Numba keys a closure's code by its pickled closure values, and an intrinsic pickles differently in each
+    process, so every process would compile it again and write new cache files. The kernel made here is a
+    two-line function of ``module``'s own file, with no closure, that calls ``body`` (compiled with it, so only
+    when the kernel misses the cache). ``name`` must be unique in the module: it names the cache files too.
+    """
+    params = ", ".join(inspect.signature(body).parameters)
+    namespace = {"__name__": module, "_body": numba.njit(nogil=True)(body)}
+    source = f"def {name}({params}):\n    return _body({params})\n"
+    exec(compile(source, sys.modules[module].__file__, "exec"), namespace)
+    function = namespace[name]
+    function.__doc__ = body.__doc__
+    return kernel(function)
+
+
+def slug(kind: str) -> str:
+    """A kernel kind (``"avx512-vnni-indirect"``) as part of a Python name."""
+    return kind.replace("-", "_")
+
+
+def as_units(a):
+    """``a`` (C-contiguous, items of 1 or 4 bytes) flat as uint8 or uint32 units: what the block transposes move."""
+    raise NotImplementedError("as_units() is only callable from compiled kernels")
+
+
+@overload(as_units)
+def _as_units(a):
+    unit = {1: np.uint8, 4: np.uint32}[a.dtype.bitwidth // 8]
+    return lambda a: a.reshape(-1).view(unit)
+
+
+def transpose_panels(rows: int, cols: int, itemsize: int) -> int:
+    """The ``panels`` argument of :func:`transpose_images` (as ``kernels.conv.layout`` splits its work)."""
+    spec = BLOCKS[itemsize]
+    return -(-cols // spec.panel) if rows >= spec.side and cols >= spec.side else 1
+
+
+@kernel
+def transpose_images(src, dst, rows, cols, panels):
+    """``dst[n, j, i] = src[n, i, j]``: ``src`` as ``[N, rows, cols]``, ``dst`` as ``[N, cols, rows]`` (C-contiguous,
+    of one dtype of 1 or 4 bytes; ``panels`` from :func:`transpose_panels`). NCHW <-> NHWC inside an entry."""
+    if rows == 1 or cols == 1:  # both orders are the same
+        dst.reshape(-1)[:] = src.reshape(-1)
+        return
+    _transpose(as_units(src), as_units(dst), rows, cols, panels, 0, src.size // (rows * cols) * panels)
+
+
+def nhwc_entry(driver: Callable) -> Callable:
+    """The body of an entry running NHWC driver ``driver(x, *args, out)`` (out ``[N OH OW, O]``) on all of a
+    convolution, in either layout (made a kernel by :func:`nhwc_entry_kernel`)::
+
+        entry(x, nchw, t, rows, panels_in, panels_out, args, out)
+
+    NHWC (``nchw`` false): ``x [N, H, W, C]``, ``out [N, OH, OW, O]`` or ``[N OH OW, O]``; ``t``, ``rows`` unused.
+    NCHW: ``x [N, C, H, W]`` goes through ``t`` (``[N, H, W, C]`` of its dtype), the result through ``rows``
+    (``[N OH OW, O]`` of the output dtype) into ``out [N, O, OH, OW]``; empty scratch is allocated here.
+    ``panels_*`` are the :func:`transpose_panels` of the two copies.
+    """
+    def entry(x, nchw, t, rows, panels_in, panels_out, args, out):
+        if not nchw:
+            driver(x, *args, out.reshape((-1, out.shape[-1])))
+            return
+        n, c, h, w = x.shape
+        o = out.shape[1]
+        if t.size == 0:
+            t = np.empty((n, h, w, c), x.dtype)
+        if rows.size == 0:
+            rows = np.empty((out.size // o, o), out.dtype)
+        transpose_images(x, t, c, h * w, panels_in)
+        driver(t, *args, rows)
+        transpose_images(rows, out, out.size // (n * o), o, panels_out)
+
+    return entry
+
+
+@functools.cache
+def nhwc_entry_kernel(driver: Callable) -> Callable:
+    """The kernel of :func:`nhwc_entry` for ``driver`` (a kernel of :func:`variant`), beside it in its module."""
+    return variant(driver.py_func.__module__, f"{driver.py_func.__name__}_entry", nhwc_entry(driver))
+
+
+def nhwc_entry_args(nchw: bool, x_shape: tuple, out_shape: tuple, x_dtype: np.dtype, out_dtype: np.dtype,
+                    scratch: bool) -> tuple:
+    """``(nchw, t, rows, panels_in, panels_out)`` of an :func:`nhwc_entry` call for NCHW or NHWC arrays of these
+    shapes; the scratch allocated when ``scratch`` (an entry's own), else empty (allocated by each call)."""
+    scratch = scratch and nchw
+    n, c, h, w = x_shape if nchw else (0, 0, 0, 0)
+    o, pixels = (out_shape[1], out_shape[2] * out_shape[3]) if nchw else (0, 0)
+    # typed like the arrays allocated in their place when empty
+    t = np.empty((n, h, w, c) if scratch else (0, 0, 0, 0), x_dtype)
+    rows = np.empty((n * pixels, o) if scratch else (0, 0), out_dtype)
+    return (nchw, t, rows, transpose_panels(c, h * w, np.dtype(x_dtype).itemsize),
+            transpose_panels(pixels, o, np.dtype(out_dtype).itemsize))
+
+
 def block_rows(lda: int, rows: int) -> int:
     """Rows per im2col block: about ``BLOCK_BYTES`` of them, a whole number of micro-tiles."""
     return max(rows, BLOCK_BYTES // lda // rows * rows)
@@ -70,7 +174,6 @@ def block_rows(lda: int, rows: int) -> int:
 def _make_driver(kind: str, mode: int):
     rows, width = TILES[kind].rows, TILES[kind].width
 
-    @kernel
     def conv_tiles(x, window, c0, cg, pad, lda, block, b, kq, n, i0, i1, col_term, col_term32, w_zp, row_sums,
                    row_term, fused, mult, shift, single, lo, hi, zp, qmin, qmax, out, n0):
         """Output rows ``i0..i1``, channels ``n0..n0 + n`` of ``out`` with micro-kernel ``kind``, epilogue ``mode``.
@@ -118,7 +221,8 @@ def _make_driver(kind: str, mode: int):
 
 
 # One driver per micro-kernel and epilogue mode (compile-time constants), as for the GEMM.
-DRIVERS = {(kind, mode): _make_driver(kind, mode) for kind in TILES for mode in MODES}
+DRIVERS = {(kind, mode): variant(__name__, f"conv_tiles_{slug(kind)}_{mode}", _make_driver(kind, mode))
+           for kind in TILES for mode in MODES}
 
 
 @kernel
@@ -245,6 +349,105 @@ def widen_padded(x, fill, left, out):
         widen_channels(x[r], fill, row[left : left + x.shape[1]])
 
 
+@kernel
+def activation_codes(x, widen, shape, fill, left, wide, flip, flipped):
+    """The activations as the drivers read them: flat uint8 NHWC codes (int8 ones plus 128).
+
+    x       : uint8 or int8 [N, H, W, C] C-contiguous, NHWC
+    widen   : 0: none; 1: channels padded to C' with ``fill`` (:func:`widen_channels`); 2: rows padded too, with
+              ``left`` border pixels (:func:`widen_padded`), into ``wide`` of ``shape`` ``[N, H, W', C']``
+              (x's dtype; allocated here when empty)
+    flip    : whether x is int8: then ``flipped`` (uint8) gets its codes plus 128 (allocated here when empty)
+    Returns ``x``, ``wide`` or ``flipped``, flat, as uint8.
+    """
+    if widen:
+        if wide.size == 0:
+            wide = np.empty(shape, x.dtype)
+        n, h, w, c = x.shape
+        if widen == 2:
+            widen_padded(x.reshape((n * h, w, c)), fill, left, wide.reshape((n * h, shape[2], shape[3])))
+        else:
+            widen_channels(x.reshape((n * h * w, c)), fill, wide.reshape((n * h * w, shape[3])))
+        src = wide.reshape(-1).view(np.uint8)
+    else:
+        src = x.reshape(-1).view(np.uint8)
+    if not flip:
+        return src
+    if flipped.size == 0:
+        flipped = np.empty(src.size, np.uint8)
+    for i in range(src.size):
+        flipped[i] = src[i] ^ 0x80
+    return flipped
+
+
+IM2COL, INDIRECT, ROWS = 0, 1, 2  # the driver families: DRIVERS, INDIRECT_DRIVERS, POINTWISE_DRIVERS
+
+
+def groups_entry(driver: Callable, family: int) -> Callable:
+    """The body of an entry running ``driver`` of ``family`` over all groups and rows of a convolution, in either
+    layout (made a kernel by :func:`groups_entry_kernel`; ``kernels.conv.int8.ConvPlan`` makes the arguments)::
+
+        entry(x, nchw, t, panels_in, codes, geometry, b, kq, col_term, col_term32, w_zp, row_sums, flags, mult,
+              shift, single, lo, hi, zp, qmin, qmax, rows, panels_out, out)
+
+    x, nchw, t, panels_in : as :func:`nhwc_entry` (``x`` NCHW when ``nchw``, through ``t``)
+    codes   : ``(widen, shape, fill, left, wide, flip, flipped)`` of :func:`activation_codes`
+    geometry: IM2COL ``(window, cg, pad, lda, block)``; INDIRECT ``(pad, table, taps, cq, cg)``; ROWS ``(lda,)``
+    b       : int8 [G, *], each group's packed weights; kq their k groups
+    col_term, w_zp : int64 [G, O / G]; col_term32 int32 [G, *]; mult, shift float64 [G, *]; single float32 [G, *]
+    flags   : int64 [G, 2], each group's ``row_term`` and ``fused``; row_sums int64 [N OH OW] (allocated when empty)
+    rows, panels_out, out : as :func:`nhwc_entry`'s (``out`` NHWC ``[N, OH, OW, O]`` or NCHW)
+    """
+    def entry(x, nchw, t, panels_in, codes, geometry, b, kq, col_term, col_term32, w_zp, row_sums, flags, mult,
+              shift, single, lo, hi, zp, qmin, qmax, rows, panels_out, out):
+        widen, shape, fill, left, wide, flip, flipped = codes
+        if nchw:
+            n, c, h, w = x.shape
+            if t.size == 0:
+                t = np.empty((n, h, w, c), x.dtype)
+            transpose_images(x, t, c, h * w, panels_in)
+            flat = activation_codes(t, widen, shape, fill, left, wide, flip, flipped)
+            o = out.shape[1]
+        else:
+            n, h, w, c = x.shape
+            flat = activation_codes(x, widen, shape, fill, left, wide, flip, flipped)
+            o = out.shape[-1]
+        m = out.size // o
+        if not nchw:
+            out2d = out.reshape((m, o))
+        elif rows.size == 0:
+            out2d = np.empty((m, o), out.dtype)
+        else:
+            out2d = rows
+        if row_sums.size == 0:
+            row_sums = np.empty(m, np.int64)
+        og = o // b.shape[0]
+        for g in range(b.shape[0]):
+            row_term, fused = flags[g, 0] != 0, flags[g, 1] != 0
+            if family == IM2COL:  # a compile-time constant
+                window, cg, pad, lda, block = geometry
+                driver(flat.reshape((n, h, w, c)), window, g * cg, cg, pad, lda, block, b[g], kq, og, 0, m,
+                       col_term[g], col_term32[g], w_zp[g], row_sums, row_term, fused, mult[g], shift[g], single[g],
+                       lo, hi, zp, qmin, qmax, out2d, g * og)
+            elif family == INDIRECT:
+                pad, table, taps, cq, cg = geometry
+                driver(flat[g * cg :], pad, table, taps, cq, b[g], og, 0, m, col_term[g], col_term32[g], w_zp[g],
+                       row_sums, row_term, fused, mult[g], shift[g], single[g], lo, hi, zp, qmin, qmax, out2d, g * og)
+            else:
+                driver(flat, geometry[0], b[g], kq, og, 0, m, col_term32[g], mult[g], single[g], zp, qmin, qmax,
+                       out2d)
+        if nchw:
+            transpose_images(out2d, out, out.size // (n * o), o, panels_out)
+
+    return entry
+
+
+@functools.cache
+def groups_entry_kernel(driver: Callable, family: int) -> Callable:
+    """The kernel of :func:`groups_entry` for ``driver`` (a kernel of :func:`variant`) of ``family``."""
+    return variant(__name__, f"{driver.py_func.__name__}_entry", groups_entry(driver, family))
+
+
 def _make_indirect_driver(rows: int, vectors: int, mode: int):
     tile = vnni.make_tile(rows, 1024, "indirect", vectors)
     tile_store = vnni.make_tile_store(rows, 1024, "indirect", vectors)
@@ -256,7 +459,6 @@ def _make_indirect_driver(rows: int, vectors: int, mode: int):
     half_finish = vnni.make_tile_finish(rows, 1024, "indirect", vectors // 2)
     width = 16 * vectors
 
-    @kernel
     def indirect_tiles(x, pad, table, taps, cq, b, n, i0, i1, col_term, col_term32, w_zp, row_sums, row_term, fused,
                        mult, shift, single, lo, hi, zp, qmin, qmax, out, n0):
         """Output rows ``i0..i1``, channels ``n0..n0 + n`` of ``out`` through the indirection ``table``.
@@ -320,7 +522,8 @@ def _make_indirect_driver(rows: int, vectors: int, mode: int):
 INDIRECT_TILES = {"avx512-vnni-indirect": (6, vnni.VECTORS),
                   "avx512-vnni-indirect-narrow": (NARROW_ROWS, NARROW_VECTORS)}
 # Only compiled when first called, which kernels.dispatch allows on AVX-512 VNNI CPUs only.
-INDIRECT_DRIVERS = {(kind, mode): _make_indirect_driver(rows, vectors, mode)
+INDIRECT_DRIVERS = {(kind, mode): variant(__name__, f"indirect_tiles_{slug(kind)}_{mode}",
+                                           _make_indirect_driver(rows, vectors, mode))
                     for kind, (rows, vectors) in INDIRECT_TILES.items() for mode in MODES}
 
 
@@ -476,7 +679,6 @@ def _make_pointwise_driver(rows: int, vectors: int, mode: int, full: bool):
     tile, half, quarter = (tiles + tiles[-1:] * 2)[:3]
     width = 16 * vectors
 
-    @kernel
     def pointwise_tiles(x, lda, b, kq, n, i0, i1, col_term32, mult, single, zp, qmin, qmax, out):
         """Rows ``i0..i1`` of a 1x1 stride-1 convolution of NHWC pixels: a plain GEMM, the pixels its rows.
 
@@ -523,6 +725,7 @@ def _make_pointwise_driver(rows: int, vectors: int, mode: int, full: bool):
 # 1x1 stride-1 convolutions of NHWC pixels (kernels.conv.int8.ConvPlan takes them when the indirect kernel applies):
 # the indirect tiles' shapes, reading rows straight from the input; INTEGER and QUANT (integer codes) epilogues only,
 # the latter also for codes clamped to the whole output range only ("full", the usual case: no activation clip)
-POINTWISE_DRIVERS = {(kind, mode, full): _make_pointwise_driver(rows, vectors, mode, full)
+POINTWISE_DRIVERS = {(kind, mode, full): variant(__name__, f"pointwise_tiles_{slug(kind)}_{mode}{'_full' * full}",
+                                                 _make_pointwise_driver(rows, vectors, mode, full))
                      for kind, (rows, vectors) in INDIRECT_TILES.items()
                      for mode, full in ((INTEGER, False), (QUANT, False), (QUANT, True))}

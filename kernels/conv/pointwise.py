@@ -26,9 +26,11 @@ from numba.extending import intrinsic
 
 from kernels import threads
 from kernels._jit import kernel
+from kernels.conv.int8_driver import variant
+from kernels.entry import Entry, In, Out
 from kernels.epilogue import INTEGER, MODES, single_table
 from kernels.gemm import vnni
-from kernels.gemm.int8 import register_epilogue
+from kernels.gemm.int8 import _finite, register_epilogue
 from kernels.gemm.llvm_ir import I1, I8, I16, I32, I64, array_ptr, is_array, low_bits, masked, splat
 from kernels.pack.panels import KGROUP, PANEL
 
@@ -122,17 +124,18 @@ def _make_driver(mode: int):
     tile_store = vnni.make_tile_store(ROWS, 0, "weights")
     tile_finish = vnni.make_tile_finish(ROWS, 0, "weights")
 
-    @kernel
     def pointwise_tiles(x, images, channels, pixels, flip, w_rows, ldw, o, col_term, mult, shift, single, lo, hi, zp,
                         qmin, qmax, p0, p1, out):
         """Pixel panels ``p0 .. p1`` of every image: ``out[n, o, p]`` of the module docstring.
 
-        x      : uint8 flat NCHW (int8 data viewed as uint8, ``flip`` 0x80)
+        x      : uint8 / int8 NCHW, C-contiguous, any shape of that size (int8 data: ``flip`` 0x80)
         w_rows : int8 flat ``[O, ldw]``, the weights with their channels padded to ``ldw`` (a multiple of 4) by zeros
         col_term : int32 [>= O]; mult, shift: float64 [>= O]; single, lo .. qmax: the epilogue (unused for int32
                  out; ``single`` is ``kernels.epilogue.single_table``)
-        out    : flat NCHW, int32 / float32 / uint8 / int8
+        out    : NCHW, C-contiguous, any shape of that size, int32 / float32 / uint8 / int8
         """
+        x = x.reshape(-1).view(np.uint8)
+        out = out.reshape(-1)
         kq = ldw // KGROUP
         panels = np.empty((p1 - p0) * kq * PANEL * KGROUP, np.uint8)
         for n in range(images):
@@ -152,7 +155,7 @@ def _make_driver(mode: int):
     return pointwise_tiles
 
 
-DRIVERS = {mode: _make_driver(mode) for mode in MODES}
+DRIVERS = {mode: variant(__name__, f"pointwise_nchw_{mode}", _make_driver(mode)) for mode in MODES}
 
 
 #: Output pixels per plane below which the NHWC path (layout copies + the GEMM tiles) is faster: a plane shorter
@@ -192,15 +195,18 @@ class PointwisePlan:
         # int32 sums wrap, as the terms do: exact wherever the result fits (``applies``)
         col_term = (epi.col_bias - za * self.w_rows.sum(1, dtype=np.int64)).astype(np.int32)
         self.args = (x_dtype == np.int8) * 0x80, self.w_rows.reshape(-1), ldw, o, col_term, epi.mult, epi.shift, \
-            single_table(epi, epi.mult), float(epi.lo), float(epi.hi), float(epi.zp), epi.qmin, epi.qmax
+            single_table(epi, epi.mult), _finite(epi.lo), _finite(epi.hi), float(epi.zp), epi.qmin, epi.qmax
         self.driver = DRIVERS[epi.mode]
         self.images, self.channels, self.pixels = geo.batch, c, geo.in_h * geo.in_w
         self.estimate_us = 2 * geo.rows * o * c / 400e3  # ~400 GOPS per thread
 
-    def run(self, x: np.ndarray, out: np.ndarray) -> None:
-        xf, of = x.reshape(-1).view(np.uint8), out.reshape(-1)
+    def entry(self) -> Entry:
+        """``plan.run(x, out)`` as one unchecked call on one thread: ``entry([x], [out])``, NCHW and C-contiguous."""
+        return Entry(self.driver, (In(0), self.images, self.channels, self.pixels, *self.args, 0,
+                                   -(-self.pixels // PANEL), Out(0)))
 
+    def run(self, x: np.ndarray, out: np.ndarray) -> None:
         def part(p0: int, p1: int, _i0: int, _i1: int) -> None:
-            self.driver(xf, self.images, self.channels, self.pixels, *self.args, p0, p1, of)
+            self.driver(x, self.images, self.channels, self.pixels, *self.args, p0, p1, out)
 
         threads.run_tiled(part, -(-self.pixels // PANEL), 1, 1, self.estimate_us)

@@ -362,6 +362,9 @@ def test_plan_nchw(level, rng, kind, spec):
         assert plan(x, out) is out
         expected = finish(_acc_ref(x.transpose(0, 2, 3, 1), w, -5, 2, geo))
         np.testing.assert_array_equal(out, expected.reshape(n, geo.out_h, geo.out_w, c).transpose(0, 3, 1, 2))
+        entered = np.zeros_like(out)  # the entry: one compiled call with its own scratch, the same result
+        plan.entry(out_dtype)([x], [entered])
+        np.testing.assert_array_equal(entered, out)
 
 
 def test_plan_errors(rng):
@@ -377,6 +380,8 @@ def test_plan_errors(rng):
         plan(x.view(np.int8), out)
     with pytest.raises(ValueError, match=r"out: expected shape \(1, 8, 5, 5\), got \(1, 8, 25, 1\)"):
         plan(x, np.zeros((1, c, 25, 1), np.int32))
+    with pytest.raises(TypeError, match="out_dtype: expected int32, got float32"):
+        plan.entry(np.float32)
     with pytest.raises(ValueError, match="layout: expected 'NCHW' or 'NHWC', got 'NWHC'"):
         DepthwisePlan(geo, packed, np.uint8, 0, Epilogue(INTEGER), "NWHC")
     with pytest.raises(TypeError, match="x: expected dtype uint8 or int8, got float32"):

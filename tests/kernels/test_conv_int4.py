@@ -82,3 +82,16 @@ def test_out_argument_and_errors(rng):
         kernels.conv2d_int4(x, packed, np.zeros(3, np.float32))
     with pytest.raises(ValueError, match="group: expected a positive divisor of the 4 output channels"):
         kernels.pack_conv_int4(np.ones((4, 8, 3, 3), np.float32), group=3)
+
+
+def test_one_shot_calls_keep_their_geometry_on_the_packed_filters(rng):
+    x = rng.standard_normal((1, 32, 6, 5)).astype(np.float32)
+    packed = kernels.pack_conv_int4(rng.standard_normal((8, 32, 3, 3)).astype(np.float32), group_size=32)
+    first = kernels.conv2d_int4(x, packed, pads=(1, 1, 1, 1))
+    np.testing.assert_array_equal(kernels.conv2d_int4(x, packed, pads=[1, 1, 1, 1]), first)  # a list: normalised
+    np.testing.assert_array_equal(kernels.conv2d_int4(x, packed, pads=(1, 1, 1, 1)), first)
+    assert len(packed.plans) == 2
+    strided = kernels.conv2d_int4(x, packed, pads=(1, 1, 1, 1), strides=2)
+    assert strided.shape == (1, 8, 3, 3) and len(packed.plans) == 3
+    with pytest.raises(ValueError, match="layout"):
+        kernels.conv2d_int4(x, packed, layout="NCWH")

@@ -443,3 +443,103 @@ def test_direct_kernels_take_strided_views(rng, group, o, k):
     assert not view.flags.c_contiguous
     plan = kernels.qlinear_conv2d_plan(w, x.shape, 0.1, 128, 0.01, 0, 0.5, 128, pads=k // 2, group=group)
     np.testing.assert_array_equal(plan(view), plan(x))
+
+
+# (N, C, H, W, O, K, stride, pads, group): one case per kind the plans choose (indirect wide / narrow, 1x1 NHWC,
+# widened rows, groups, depthwise); per level: im2col elsewhere
+ENTRY_CASES = [
+    (1, 8, 7, 6, 24, 3, 1, "same", 1),
+    (2, 8, 5, 5, 70, 3, 2, (1, 1, 1, 1), 1),
+    (1, 16, 6, 6, 20, 1, 1, 0, 1),
+    (1, 3, 9, 9, 8, 3, 2, "same", 1),
+    (1, 7, 5, 5, 9, 3, 1, "same", 1),
+    (1, 8, 6, 6, 12, 3, 1, "same", 2),
+    (1, 16, 12, 12, 16, 3, 1, "same", 16),
+    (1, 16, 6, 6, 16, 3, 2, "same", 16),
+]
+
+
+def _entry_plan(rng, case, layout, x_dtype, mode, per_channel):
+    n, c, h, w, o, k, s, p, g = case
+    shape = (n, c, h, w) if layout == "NCHW" else (n, h, w, c)
+    info = np.iinfo(x_dtype)
+    x = rng.integers(info.min, info.max + 1, shape).astype(x_dtype)
+    wt = rng.integers(-128, 128, (o, c // g, k, k)).astype(np.int8)
+    zw = rng.integers(-3, 4, o) if per_channel else 0
+    attrs = dict(strides=s, pads=p, group=g, layout=layout)
+    if mode == "int32":
+        return x, kernels.conv2d_int8_plan(wt, shape, x_dtype, x_zero_point=5, w_zero_point=zw, **attrs)
+    real = mode == "float32"
+    return x, kernels.qlinear_conv2d_plan(
+        wt, shape, 0.02, 5, rng.uniform(0.001, 0.01, o), zw, None if real else 0.1, None if real else np.uint8(100),
+        rng.integers(-500, 500, o).astype(np.int32), x_dtype=x_dtype, activation="relu",
+        out_dtype=np.float32 if real else None, **attrs)
+
+
+@pytest.mark.parametrize("case", ENTRY_CASES, ids=lambda case: "x".join(map(str, case[:6])) + f"g{case[-1]}")
+@pytest.mark.parametrize("layout, x_dtype, mode, per_channel", [
+    ("NHWC", np.uint8, "uint8", False), ("NCHW", np.int8, "float32", False), ("NCHW", np.uint8, "int32", True),
+    ("NHWC", np.int8, "uint8", True)], ids=["nhwc-u8-quant", "nchw-i8-float", "nchw-u8-int32-zw", "nhwc-i8-zw"])
+def test_entry_matches_the_plan(level, rng, case, layout, x_dtype, mode, per_channel):
+    """Every kind's entry (one compiled call: layout copies, widening, int8 codes, row sums, every group) is the
+    plan's call, bit for bit."""
+    x, plan = _entry_plan(rng, case, layout, x_dtype, mode, per_channel)
+    want = plan(x)
+    got = np.zeros_like(want)
+    assert plan.entry()([x], [got]) is None
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("case, layout", [(ENTRY_CASES[0], "NCHW"), (ENTRY_CASES[2], "NCHW"), (ENTRY_CASES[6], "NCHW"),
+                                          (ENTRY_CASES[7], "NHWC")], ids=["indirect", "pointwise", "planes", "dw"])
+def test_entry_runs_in_a_compiled_chain(rng, monkeypatch, tmp_path, case, layout):
+    from lowbit.runtime.compiled import CompiledSteps
+
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr("kernels.conv.pointwise.MIN_PIXELS", 0)
+    x, plan = _entry_plan(rng, case, layout, np.int8, "uint8", False)
+    want = plan(x)
+    chained = np.zeros_like(want)
+    (result,) = CompiledSteps([(plan.entry(), [kernels.entry.In(0)], [chained])], feeds=1, fetch=[chained])([x])
+    np.testing.assert_array_equal(result, want)
+
+
+def test_one_shot_calls_keep_their_plans_on_the_packed_weights(rng):
+    x, w = _operands(rng, CASES[2])
+    packed = kernels.pack_conv_int8(w)
+    w_scale = rng.uniform(0.001, 0.01, w.shape[0])
+    call = dict(pads="same", activation="relu")
+    first = kernels.qlinear_conv2d(x, 0.02, 3, packed, w_scale, 0, 0.1, np.uint8(7), **call)
+    plan = next(iter(packed.plans.values()))
+    np.testing.assert_array_equal(kernels.qlinear_conv2d(x, 0.02, 3, packed, w_scale.copy(), 0, 0.1, np.uint8(7),
+                                                         **call), first)
+    assert len(packed.plans) == 1 and next(iter(packed.plans.values())) is plan
+    # what the plan depends on makes a new one: an array's values, a zero point's type (the output dtype), lists
+    w_scale[0] *= 2
+    changed = kernels.qlinear_conv2d(x, 0.02, 3, packed, w_scale, 0, 0.1, np.uint8(7), **call)
+    assert len(packed.plans) == 2 and not np.array_equal(changed, first)
+    signed = kernels.qlinear_conv2d(x, 0.02, 3, packed, w_scale, 0, 0.1, np.int8(7), **call)
+    assert signed.dtype == np.int8 and len(packed.plans) == 3
+    raw = kernels.conv2d_int8(x, packed, x_zero_point=3, pads=[1, 1, 1, 1])
+    np.testing.assert_array_equal(kernels.conv2d_int8(x, packed, x_zero_point=3, pads=[1, 1, 1, 1]), raw)
+    assert len(packed.plans) == 4
+    for _ in range(kernels.pack.plans.PLANS_PER_WEIGHT + 2):
+        x = np.concatenate([x, x[:1]])
+        kernels.conv2d_int8(x, packed, pads="same")
+    assert len(packed.plans) == kernels.pack.plans.PLANS_PER_WEIGHT  # bounded
+
+
+def test_one_shot_calls_share_plans_across_threads(rng):
+    from concurrent.futures import ThreadPoolExecutor
+
+    x, w = _operands(rng, CASES[1])
+    packed = kernels.pack_conv_int8(w)
+    inputs = [rng.integers(0, 256, x.shape).astype(np.uint8) for _ in range(8)]
+    want = [kernels.conv2d_int8(v, w, x_zero_point=9, strides=(2, 1), pads=(1, 0, 2, 1), dilations=(1, 2))
+            for v in inputs]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda v: kernels.conv2d_int8(v, packed, x_zero_point=9, strides=(2, 1),
+                                                          pads=(1, 0, 2, 1), dilations=(1, 2)), inputs * 4))
+    for i, result in enumerate(got):
+        np.testing.assert_array_equal(result, want[i % len(inputs)])
+    assert len(packed.plans) == 1

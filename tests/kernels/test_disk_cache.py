@@ -1,0 +1,58 @@
+"""The convolution kernels load from Numba's disk cache in a second process: nothing compiles again.
+
+A driver made per variant (a closure over intrinsics) used to miss the cache in every process
+(``kernels.conv.int8_driver.variant`` makes module-level kernels of them instead). The first process
+compiles into a fresh cache folder (the slow part: everything compiles from scratch); the second counts
+Numba's compile events and the cache folder's files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+PROBE = """
+import json, os
+import numpy as np
+from numba.core import event
+recorder = event.RecordingListener()
+event.register("numba:compile", recorder)
+import kernels
+kernels.set_num_threads(1)
+rng = np.random.default_rng(0)
+x = rng.integers(0, 256, (1, 6, 6, 16), dtype=np.uint8)  # NHWC
+quant = (0.1, 3)
+layers = [((24, 16, 3, 3), {"pads": "same"}), ((24, 16, 1, 1), {}), ((16, 1, 3, 3), {"pads": "same", "group": 16})]
+for w, attrs in layers:  # indirect, 1x1 and depthwise
+    kernels.qlinear_conv2d(x, *quant, rng.integers(-128, 128, w, dtype=np.int8), 0.01, 0, 0.5, np.uint8(3),
+                           layout="NHWC", **attrs)
+xf = rng.standard_normal((1, 32, 5, 5)).astype(np.float32)
+wf = rng.standard_normal((8, 32, 3, 3)).astype(np.float32)
+kernels.conv2d_int4(xf, kernels.pack_conv_int4(wf, group_size=32), pads=(1, 1, 1, 1))
+bits = kernels.pack_bits(np.ascontiguousarray(xf.transpose(0, 2, 3, 1)), axis=-1)
+kernels.conv2d_binary(bits, np.sign(wf) + (wf == 0), in_channels=32, pads=(1, 1, 1, 1))
+compiled = [ev.data["dispatcher"].py_func.__qualname__ for _, ev in recorder.buffer if ev.is_start]
+files = sum(len(names) for _, _, names in os.walk(os.environ["NUMBA_CACHE_DIR"]))
+print(json.dumps({"compiled": compiled, "files": files, "sources": kernels._jit.sources_digest()}))
+"""
+
+
+def _probe(cache_dir) -> dict:
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache_dir)}
+    run = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_second_process_compiles_nothing(tmp_path):
+    first = _probe(tmp_path)
+    assert first["compiled"]  # a fresh folder: everything compiled
+    second = _probe(tmp_path)
+    if second["sources"] != first["sources"]:  # the cache is stamped with the sources: all of it is stale now
+        pytest.skip("the kernels' sources changed between the two processes (an edit in this tree)")
+    assert second["compiled"] == []
+    assert second["files"] == first["files"]  # and nothing new was written
