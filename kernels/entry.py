@@ -48,6 +48,16 @@ class Entry:
         """Output 0 is input 0 reshaped to ``shape`` (no copy)."""
         return cls(None, (In(0),), tuple(int(v) for v in shape))
 
+    def reading(self, *positions: int) -> Entry:
+        """This entry with its ``k``-th input taken from input ``positions[k]`` of the caller (a node whose
+        activations are not its first inputs, e.g. QLinearAdd's A and B at positions 0 and 3)."""
+        def moved(arg: Any) -> Any:
+            if isinstance(arg, In):
+                return In(positions[arg.index])
+            return tuple(moved(a) for a in arg) if isinstance(arg, tuple) else arg
+
+        return Entry(self.fn, tuple(moved(a) for a in self.args), self.reshape)
+
     def __post_init__(self) -> None:
         # where each marker sits, found once: a call then only fills those slots (the call is on hot paths)
         flat = not any(isinstance(a, tuple) and any(isinstance(b, (In, Out, tuple)) for b in a) for a in self.args)

@@ -128,7 +128,7 @@ class _Source:
             return outs[arg.index]
         if isinstance(arg, np.ndarray):
             return self.bind(arg)
-        if isinstance(arg, tuple) and any(isinstance(a, (In, Out, np.ndarray)) for a in arg):
+        if isinstance(arg, tuple):
             return "(" + "".join(f"{self.argument(a, ins, outs)}, " for a in arg) + ")"
         return _literal(arg)
 

@@ -1113,9 +1113,10 @@ def prepare_max_pool(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
             kernels.max_pool2d(ins[0], kernel, out=outs[0], **options)
 
         codes = np.dtype(dtype) != F32
+        plan = kernels.max_pool2d_plan(nhwc_shape(shape) if nhwc else tuple(shape), dtype, kernel, **options)
         return Kernel(run_kernel, [(nhwc_shape(out_shape) if nhwc else out_shape, dtype)], ops=ops,
                       precision="int8" if codes else "float32",
-                      note=f"max_pool2d{' on codes' * codes}{', NHWC' * nhwc}")
+                      note=f"max_pool2d{' on codes' * codes}{', NHWC' * nhwc}", entry=plan.entry())
     lowest = -np.inf if np.dtype(dtype).kind == "f" else np.iinfo(dtype).min
     padded = _Padded(shape, window.pads, extra, lowest, dtype, nhwc)
     taps = _tap_indices(kernel, window, nhwc)
@@ -1306,14 +1307,20 @@ def prepare_transpose(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
         return _view(tuple(shape[p] for p in perm), dtype)
 
     # NCHW <-> NHWC (the borders of lowbit.runtime.layout's channels-last regions): the kernels' block transposes,
-    # ~10x NumPy's strided copy on uint8 images
+    # ~10x NumPy's strided copy on uint8 images; prepared (and a compiled entry) for 1- and 4-byte numbers
     blocked = {(0, 2, 3, 1): kernels.nchw_to_nhwc, (0, 3, 1, 2): kernels.nhwc_to_nchw}.get(perm)
+    plan = None
+    if blocked is not None and np.dtype(dtype).itemsize in (1, 4):
+        make = kernels.nchw_to_nhwc_plan if perm == (0, 2, 3, 1) else kernels.nhwc_to_nchw_plan
+        plan = make(tuple(shape), dtype)
 
     def run(ins, outs):
-        if blocked is not None:
+        if plan is not None:
+            plan(ins[0], out=outs[0])
+        elif blocked is not None:
             blocked(ins[0], out=outs[0])
         else:
             np.copyto(outs[0], ins[0].transpose(perm))
 
     return Kernel(run, [(tuple(shape[p] for p in perm), dtype)], ops=_product(shape),
-                  note="kernels block transpose" if blocked else "")
+                  note="kernels block transpose" if blocked else "", entry=plan and plan.entry())

@@ -153,7 +153,8 @@ def prepare_qlinear_matmul(node: Node, graph: Graph, inputs: Inputs) -> Kernel:
                                         a_zero_point=int(_value(node, graph, 2)), w_scale=_value(node, graph, 4),
                                         w_zero_point=w_zero, out_dtype=out[1],
                                         out_scale=_value(node, graph, 6), out_zero_point=int(_value(node, graph, 7)))
-        return Kernel(_by_rows(lambda x, y: plan(x, out=y), k, w.shape[0]), [out], ops, "int8", "linear_int8")
+        return Kernel(_by_rows(lambda x, y: plan(x, out=y), k, w.shape[0]), [out], ops, "int8", "linear_int8",
+                      entry=plan.entry(a[0][0]) if len(a[0]) == 2 else None)
 
     def run(ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
         a, a_scale, a_zero, b, b_scale, b_zero, y_scale, y_zero = ins[:8]
@@ -228,7 +229,8 @@ def prepare_matmul_integer_to_float(node: Node, graph: Graph, inputs: Inputs) ->
                                         a_zero_point=int(_value(node, graph, 4)), w_scale=_value(node, graph, 3),
                                         w_zero_point=w_zero,
                                         bias=None if bias is None else bias.reshape(-1))
-        return Kernel(_by_rows(lambda x, y: plan(x, out=y), k, w.shape[0]), [out], ops, "int8", "linear_int8")
+        return Kernel(_by_rows(lambda x, y: plan(x, out=y), k, w.shape[0]), [out], ops, "int8", "linear_int8",
+                      entry=plan.entry(a[0][0]) if len(a[0]) == 2 else None)
 
     def run(ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
         a, b, a_scale, b_scale, a_zero, b_zero, bias = (ins + [None] * 7)[:7]
@@ -324,7 +326,7 @@ def prepare_qgemm(node: Node, graph: Graph, inputs: Inputs) -> Kernel:
         def run(ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
             plan(np.ascontiguousarray(ins[0].T) if trans_a else ins[0], out=outs[0])
 
-        return Kernel(run, [out], ops, "int8", "linear_int8")
+        return Kernel(run, [out], ops, "int8", "linear_int8", entry=None if trans_a else plan.entry(out[0][0]))
 
     def run_numpy(ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
         a, a_scale, a_zero, b, b_scale, b_zero, c, y_scale, y_zero = (ins + [None] * 9)[:9]
@@ -480,7 +482,8 @@ def prepare_conv_integer(node: Node, graph: Graph, inputs: Inputs) -> Kernel:
             def run(ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
                 plan(ins[0].reshape(x4), out=outs[0].reshape(out4))
 
-            return Kernel(run, [out], ops, "int8", f"conv2d_int8 {plan.kind}")
+            return Kernel(run, [out], ops, "int8", f"conv2d_int8 {plan.kind}",
+                          entry=plan.entry() if (tuple(x[0]), out[0]) == (x4, out4) else None)
 
     def run_numpy(ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
         x, w, x_zero, w_zero = (ins + [None] * 4)[:4]
@@ -526,7 +529,8 @@ def prepare_qlinear_binary(node: Node, graph: Graph, inputs: Inputs) -> Kernel:
         def run_plan(ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
             plan(ins[0], ins[3], outs[0])
 
-        return Kernel(run_plan, [(shape, dtype)], math.prod(shape), "int8", kernel.__name__)
+        return Kernel(run_plan, [(shape, dtype)], math.prod(shape), "int8", kernel.__name__,
+                      entry=plan.entry().reading(0, 3))
 
     def run(ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
         kernel(ins[0], sa(ins), za(ins), ins[3], sb(ins), zb(ins), sc(ins), dtype.type(zc(ins)), out=outs[0])
@@ -782,7 +786,10 @@ def prepare_qlinear_global_average_pool(node: Node, graph: Graph, inputs: Inputs
         kernels.global_avg_pool2d(ins[0].reshape(x4), x_scale, x_zero, y_scale, y_zero, layout=layout,
                                   out=outs[0].reshape(out4))
 
-    return Kernel(run, [out], math.prod(shape), "int8", "global_avg_pool2d")
+    # a compiled entry takes the node's own 4-D arrays: 2-D pools only
+    entry = kernels.global_avg_pool2d_plan(tuple(shape), dtype, x_scale, x_zero, y_scale, y_zero,
+                                           layout=layout).entry() if len(spatial) == 2 else None
+    return Kernel(run, [out], math.prod(shape), "int8", "global_avg_pool2d", entry=entry)
 
 
 @preparer("com.microsoft.QLinearAveragePool")

@@ -39,6 +39,7 @@ import numpy as np
 
 import kernels
 from kernels.conv.int4 import PackedConvInt4
+from kernels.entry import Entry
 from kernels.quantize import dequantize_linear, quantize_linear, quantize_linear_to_nhwc
 from lowbit.graph.ir import Graph, Node
 from lowbit.quantization import grid, qdq
@@ -281,6 +282,17 @@ FLOATS = tuple(ONNX_FLOAT_TYPES.values())
 DEQUANTIZED = (np.dtype(np.uint8), np.dtype(np.int8), np.dtype(np.int32))
 
 
+def _fixed_quantization(node: Node, graph: Graph) -> tuple[float, int] | None:
+    """``(scale, zero point)`` of a per-tensor Q/DQ node when both are parameters (or the zero point is absent) and
+    the kernels take the scale; None otherwise (then no compiled entry: the values are read per call)."""
+    scale = _constant(node, graph, 1)
+    zero = _constant(node, graph, 2)
+    if scale is None or (zero is None and _present(node, 2)):
+        return None
+    value = float(scale.reshape(-1)[0])
+    return (value, 0 if zero is None else int(zero.reshape(-1)[0])) if 0 < value < math.inf else None
+
+
 def _quantize(x: np.ndarray, scale: float, zero: int, dtype: np.dtype, out: np.ndarray) -> np.ndarray:
     """Per-tensor ONNX QuantizeLinear of float32 ``x`` into ``out``: ``kernels.quantize_linear``, or NumPy for a
     scale the kernel refuses (zero, negative or not finite: one computed at run time, such as the session's dry
@@ -477,14 +489,20 @@ def _prepare_quantize(node: Node, graph: Graph, inputs: Inputs, to_nhwc: bool = 
                 else:
                     np.copyto(outs[0], _quantize(ins[0], scale, z(ins), dtype, codes).transpose(perm))
 
-            return Kernel(run_nhwc, [(tuple(shape[a] for a in perm), dtype)], size, "int8", f"to {code}, NHWC")
+            fixed = _fixed_quantization(node, graph)
+            entry = None if fixed is None else kernels.quantize_linear_to_nhwc_plan(shape, *fixed,
+                                                                                    dtype=dtype).entry()
+            return Kernel(run_nhwc, [(tuple(shape[a] for a in perm), dtype)], size, "int8", f"to {code}, NHWC",
+                          entry=entry)
 
         def run(ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
             _quantize(ins[0], s(ins), z(ins), dtype, outs[0])
             if bits < 8:
                 np.clip(outs[0], lo, hi, out=outs[0])
 
-        kernel = Kernel(run, out, size, "int8", f"to {code}")
+        fixed = _fixed_quantization(node, graph) if bits == 8 and not to_nhwc else None
+        entry = None if fixed is None else kernels.quantize_linear_plan(shape, *fixed, dtype=dtype).entry()
+        kernel = Kernel(run, out, size, "int8", f"to {code}", entry=entry)
         return _transposing(kernel, channels_last_perm(len(shape))) if to_nhwc else kernel
     has_zero = zero is not None
 
@@ -529,7 +547,9 @@ def prepare_dequantize_linear(node: Node, graph: Graph, inputs: Inputs) -> Kerne
         def run(ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
             _dequantize(ins[0], s(ins), z(ins), outs[0])
 
-        return Kernel(run, out, size, "int8", f"from {dtype}")
+        fixed = _fixed_quantization(node, graph)
+        entry = None if fixed is None else kernels.dequantize_linear_plan(shape, dtype, *fixed).entry()
+        return Kernel(run, out, size, "int8", f"from {dtype}", entry=entry)
     s_of, z_of = _laid_out(node, graph, 1, shape, axis, block), _laid_out(node, graph, 2, shape, axis, block)
     has_zero = zero is not None
 
@@ -654,18 +674,20 @@ def _qlinear_conv_kernel(node: Node, graph: Graph, x_shape: Shape, x_dtype: np.d
     if nhwc:
         fallback = transposed_nhwc(fallback)
         return Kernel(lambda ins, outs: [plan(ins[0], out=outs[0])], fallback.outputs, ops, "int8",
-                      f"qlinear_conv2d {plan.kind}, NHWC", fallback=fallback)
+                      f"qlinear_conv2d {plan.kind}, NHWC", fallback=fallback, entry=plan.entry())
     if shapes != (x_shape, out[0]):  # the fallback's Conv sees 4-D views of the 1-D arrays too
         fallback = Kernel(lambda ins, outs, run_4d=fallback.run: run_4d([ins[0].reshape(x_shape)],
                                                                         [outs[0].reshape(out[0])]),
                           [(shapes[1], out[1])], ops, fallback.precision, fallback.note)
-    return Kernel(run, [(shapes[1], out[1])], ops, "int8", f"qlinear_conv2d {plan.kind}", fallback=fallback)
+    return Kernel(run, [(shapes[1], out[1])], ops, "int8", f"qlinear_conv2d {plan.kind}", fallback=fallback,
+                  entry=plan.entry() if shapes == (x_shape, out[0]) else None)
 
 
 def _gemm_kernel(node: Node, x_shape: Shape, w: np.ndarray, precision: str, note: str, compute_q, w_float: np.ndarray,
                  bias: np.ndarray | None, act: str | None, prequant: Callable[[np.ndarray], np.ndarray] | None = None,
-                 out_dtype=np.float32, requant=None) -> Kernel:
-    """A Gemm-like kernel ``compute_q(x, out)`` and its float fallback ``act(prequant(x) @ w_float.T + bias)``."""
+                 out_dtype=np.float32, requant=None, entry: Entry | None = None) -> Kernel:
+    """A Gemm-like kernel ``compute_q(x, out)`` (``entry``: the same as one compiled call) and its float fallback
+    ``act(prequant(x) @ w_float.T + bias)``."""
     out = (_gemm_shape(node, x_shape, w), np.dtype(out_dtype))
     ops = 2 * int(np.prod(out[0])) * w.shape[1]
     w_t = np.ascontiguousarray(w_float.T)  # BLAS is fast on a contiguous [in, out]; a transposed view is 1000x slower
@@ -679,7 +701,7 @@ def _gemm_kernel(node: Node, x_shape: Shape, w: np.ndarray, precision: str, note
         return y
 
     return Kernel(run, [out], ops, precision, note,
-                  fallback=_float_kernel(compute_float, out, ops, requant))
+                  fallback=_float_kernel(compute_float, out, ops, requant), entry=entry)
 
 
 def _add_bias_act(y: np.ndarray, bias: np.ndarray | None, act: str | None) -> None:
@@ -711,7 +733,8 @@ def prepare_qgemm(node: Node, graph: Graph, inputs: Inputs) -> Kernel:
     w_float = ((w.astype(np.int32) - w_zero[:, None]) * w_scale[:, None]).astype(np.float32)
     return _gemm_kernel(node, x_shape, w, "int8", "linear_int8", lambda x, out: plan(x, out=out), w_float,
                         _float_bias(bias, x_scale, w_scale), act, _dequantizer(x_shape, x_scale, x_zero),
-                        y_zero.dtype if quantized_out else np.float32, (y_scale, y_zero) if quantized_out else None)
+                        y_zero.dtype if quantized_out else np.float32, (y_scale, y_zero) if quantized_out else None,
+                        plan.entry(x_shape[0]))
 
 
 @preparer("lowbit.DynamicQGemm")
