@@ -328,24 +328,26 @@ def test_nhwc_bad_input():
         kernels.conv2d_float32(np.zeros((1, 6, 6, 8), np.float32), w, layout="NHWC")
 
 
-@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
-@pytest.mark.parametrize("case", [dict(c=16, o=64, k=3, pads=(1, 1, 1, 1)),  # pixels
-                                  dict(c=8, o=8, k=3, group=8, pads=(1, 1, 1, 1)),  # depthwise
-                                  dict(c=3, o=10, k=3, strides=(2, 2)),  # channel-major panels
-                                  dict(c=16, o=24, k=1)])
-def test_entry_matches_the_plan_and_compiles_in_a_chain(rng, monkeypatch, tmp_path, layout, case):
-    from kernels.entry import In
-    from lowbit.runtime.compiled import CompiledSteps
+ENTRY_CASES = [dict(c=16, o=64, k=3, pads=(1, 1, 1, 1)),  # pixels
+               dict(c=8, o=8, k=3, group=8, pads=(1, 1, 1, 1)),  # depthwise
+               dict(c=3, o=10, k=3, strides=(2, 2)),  # channel-major panels
+               dict(c=16, o=24, k=1)]
 
-    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path))
-    c, o, k = case["c"], case["o"], case["k"]
-    group = case.get("group", 1)
+
+def _entry_plan(rng, layout: str, case: dict):
+    c, o, k, group = case["c"], case["o"], case["k"], case.get("group", 1)
     w = rng.standard_normal((o, c // group, k, k)).astype(np.float32)
     shape = (2, c, 9, 7) if layout == "NCHW" else (2, 9, 7, c)
-    x = rng.standard_normal(shape).astype(np.float32)
     plan = kernels.conv2d_float32_plan(w, shape, rng.standard_normal(o).astype(np.float32), group=group,
                                        strides=case.get("strides", (1, 1)), pads=case.get("pads", (0, 0, 0, 0)),
                                        activation="relu", layout=layout)
+    return rng.standard_normal(shape).astype(np.float32), plan
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("case", ENTRY_CASES)
+def test_entry_matches_the_plan(rng, layout, case):
+    x, plan = _entry_plan(rng, layout, case)
     entry = plan.entry()
     if entry is None:
         pytest.skip(f"kind {plan.kind} runs another plan between transposes")
@@ -353,6 +355,18 @@ def test_entry_matches_the_plan_and_compiles_in_a_chain(rng, monkeypatch, tmp_pa
     got = np.empty_like(want)
     entry([x], [got])
     np.testing.assert_array_equal(got, want)
-    chained = np.zeros_like(want)
-    (result,) = CompiledSteps([(entry, [In(0)], [chained])], feeds=1, fetch=[chained])([x])
-    np.testing.assert_array_equal(result, want)
+
+
+def test_entries_run_in_one_compiled_chain(rng, monkeypatch, tmp_path):
+    """Every kind's entry, both layouts, as one generated function (one compilation)."""
+    from kernels.entry import In
+    from lowbit.runtime.compiled import CompiledSteps
+
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path))
+    cases = [_entry_plan(rng, layout, case) for layout in ("NCHW", "NHWC") for case in ENTRY_CASES]
+    cases = [(x, plan) for x, plan in cases if plan.entry() is not None]
+    wants = [plan(x) for x, plan in cases]
+    outs = [np.zeros_like(w) for w in wants]
+    steps = [(plan.entry(), [In(i)], [out]) for i, ((_, plan), out) in enumerate(zip(cases, outs))]
+    for result, want in zip(CompiledSteps(steps, feeds=len(cases), fetch=outs)([x for x, _ in cases]), wants):
+        np.testing.assert_array_equal(result, want)

@@ -490,18 +490,20 @@ def test_entry_matches_the_plan(level, rng, case, layout, x_dtype, mode, per_cha
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("case, layout", [(ENTRY_CASES[0], "NCHW"), (ENTRY_CASES[2], "NCHW"), (ENTRY_CASES[6], "NCHW"),
-                                          (ENTRY_CASES[7], "NHWC")], ids=["indirect", "pointwise", "planes", "dw"])
-def test_entry_runs_in_a_compiled_chain(rng, monkeypatch, tmp_path, case, layout):
+def test_entries_run_in_one_compiled_chain(rng, monkeypatch, tmp_path):
+    """The indirect, pointwise, planes and depthwise entries, as one generated function (one compilation)."""
     from lowbit.runtime.compiled import CompiledSteps
 
     monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr("kernels.conv.pointwise.MIN_PIXELS", 0)
-    x, plan = _entry_plan(rng, case, layout, np.int8, "uint8", False)
-    want = plan(x)
-    chained = np.zeros_like(want)
-    (result,) = CompiledSteps([(plan.entry(), [kernels.entry.In(0)], [chained])], feeds=1, fetch=[chained])([x])
-    np.testing.assert_array_equal(result, want)
+    cases = [_entry_plan(rng, case, layout, np.int8, "uint8", False) for case, layout in
+             ((ENTRY_CASES[0], "NCHW"), (ENTRY_CASES[2], "NCHW"), (ENTRY_CASES[6], "NCHW"), (ENTRY_CASES[7], "NHWC"))]
+    wants = [plan(x) for x, plan in cases]
+    outs = [np.zeros_like(w) for w in wants]
+    steps = [(plan.entry(), [kernels.entry.In(i)], [out]) for i, ((_, plan), out) in enumerate(zip(cases, outs))]
+    results = CompiledSteps(steps, feeds=len(cases), fetch=outs)([x for x, _ in cases])
+    for result, want in zip(results, wants):
+        np.testing.assert_array_equal(result, want)
 
 
 def test_one_shot_calls_keep_their_plans_on_the_packed_weights(rng):

@@ -15,6 +15,7 @@ from lowbit import Session
 from lowbit.graph.ir import Graph, Node, TensorSpec
 from lowbit.runtime.layout import TO_NCHW, TO_NHWC, nhwc_chains
 from lowbit.runtime.registry import prepare
+from tests.graphs import GraphDraft
 
 RNG = np.random.default_rng(5)
 TILES = dispatch.choose("conv_float32", 1, 8, 8).kind == "avx512"
@@ -28,24 +29,8 @@ def _seeded():
     RNG = np.random.default_rng(5)
 
 
-class Floats:
+class Floats(GraphDraft):
     """A float32 graph under construction from input ``x``; helpers return their output's name."""
-
-    def __init__(self, shape: tuple):
-        self.nodes: list[Node] = []
-        self.params: dict[str, np.ndarray] = {}
-        self.inputs = {"x": TensorSpec(shape)}
-        self.shape = shape
-
-    def param(self, stem: str, value) -> str:
-        name = f"{stem}{len(self.params)}"
-        self.params[name] = np.asarray(value)
-        return name
-
-    def op(self, op: str, inputs: list[str], name: str | None = None, **attrs) -> str:
-        name = name or f"{op.lower()}{len(self.nodes)}"
-        self.nodes.append(Node(op, inputs, [f"{name}_out"], attrs, name))
-        return f"{name}_out"
 
     def conv(self, x: str, cin: int, cout: int, k: int = 3, group: int = 1, **attrs) -> str:
         """Conv with He-normal weights and a bias; ``attrs`` as ONNX's (pads default k // 2)."""

@@ -12,9 +12,10 @@ import pytest
 
 from kernels import dispatch
 from lowbit import Session
-from lowbit.graph.ir import Graph, Node, TensorSpec
+from lowbit.graph.ir import Graph, Node
 from lowbit.runtime.layout import TO_NCHW, TO_NHWC, nhwc_chains
 from lowbit.runtime.registry import prepare
+from tests.graphs import GraphDraft
 
 RNG = np.random.default_rng(3)
 MS = "com.microsoft."
@@ -27,24 +28,8 @@ def _seeded():
     RNG = np.random.default_rng(3)
 
 
-class Codes:
+class Codes(GraphDraft):
     """A uint8 graph under construction from a float input ``x`` (quantized first); helpers return their output."""
-
-    def __init__(self, shape: tuple):
-        self.nodes: list[Node] = []
-        self.params: dict[str, np.ndarray] = {}
-        self.inputs = {"x": TensorSpec(shape)}
-        self.shape = shape
-
-    def param(self, stem: str, value) -> str:
-        name = f"{stem}{len(self.params)}"
-        self.params[name] = np.asarray(value)
-        return name
-
-    def op(self, op: str, inputs: list[str], name: str | None = None, **attrs) -> str:
-        name = name or f"{op.rpartition('.')[2].lower()}{len(self.nodes)}"
-        self.nodes.append(Node(op, inputs, [f"{name}_out"], attrs, name))
-        return f"{name}_out"
 
     def qparams(self, scale: float = 0.05, zero: int = 128) -> list[str]:
         return [self.param("s", np.float32(scale)), self.param("z", np.uint8(zero))]
