@@ -27,7 +27,7 @@ Preparing for new input shapes (cached per shape tuple, for at most :data:`MAX_S
    version. The profile's notes say which ran and why. With ``fallback=False`` nothing is
    raced: the quantized kernels always run.
 
-On one thread, runs of consecutive nodes whose kernels give an ``entry`` (one call of a compiled function,
+With ``threads=1``, runs of consecutive nodes whose kernels give an ``entry`` (one call of a compiled function,
 :mod:`kernels.entry`) are chained into one compiled function per run of nodes (:mod:`lowbit.runtime.compiled`,
 cached on disk), so Python dispatches once per chain instead of once per node; ``Session(..., compiled=False)``
 runs node by node. Profiles always time node by node.
@@ -168,7 +168,7 @@ class Session:
     optimize : bool, default True; fold batch norms and fuse activations first, and move convolution chains
         channels-last (:mod:`lowbit.runtime.layout`; their intermediate tensors then no longer exist and cannot be
         fetched)
-    compiled : bool, default True; on one thread, chain the nodes whose kernels have an entry into compiled
+    compiled : bool, default True; with ``threads=1``, chain the nodes whose kernels have an entry into compiled
         functions (:mod:`lowbit.runtime.compiled`) so that Python dispatches once per chain, not per node
     """
 
@@ -429,7 +429,7 @@ class Session:
             for t in {root[s] for s in node.inputs if s in root}:
                 if last[t] == i and t not in pinned and t in flat_of:
                     release(t)
-        if self.compiled and kernels.get_num_threads() == 1:
+        if self.compiled and self.threads == 1:  # asked for one thread: the chains' entries run on one
             self._chain(plan, prepared)
         lane.plans[fetch] = plan
         return plan
