@@ -84,6 +84,7 @@ CPU. The tiles are sized for 32 vector registers (AVX-512); with 16 they spill.
 from __future__ import annotations
 
 import functools
+import threading
 
 import numpy as np
 from llvmlite import ir
@@ -1091,13 +1092,13 @@ class Conv2dFloat32Plan:
 
     Prepared: geometry, kernel choice (``kind``: "depthwise", "pixels", "pointwise", "wide" or "im2col";
     in NHWC "depthwise" and "pixels" run channels-last, the others as "nchw-<kind>", between two
-    transposes; NCHW pixel tiles on small planes run as "nhwc-pixels"), packed weights, padded bias and clamp. A call checks ``x`` (float32, the prepared
-    shape in ``layout``; a non-C-contiguous ``x`` is copied once) and ``out`` (float32, C-contiguous,
-    ``out_shape``; made when None) and returns ``out``, which must not overlap ``x``.
+    transposes; NCHW pixel tiles on small planes run as "nhwc-pixels"), packed weights, padded bias and clamp.
+    A call checks ``x`` (float32, the prepared shape in ``layout``; a non-C-contiguous ``x`` is copied once)
+    and ``out`` (float32, C-contiguous, ``out_shape``; made when None) and returns ``out``, which must not overlap ``x``.
     ``plan.run(x, out)`` skips the checks. Work is split over ``kernels.set_num_threads``
     threads (by images, pixel panels or planes) when it pays; each thread's scratch
     (padded image, panel) is made on first use and kept, so later calls allocate nothing.
-    A plan must not run on two threads at once.
+    Calls from several threads at once are safe: a busy plan's other callers get scratch of their own.
     """
 
     def __init__(self, w: object, x_shape: tuple, bias: object = None, *, strides=(1, 1), pads=(0, 0, 0, 0),
@@ -1119,6 +1120,7 @@ class Conv2dFloat32Plan:
         if b.shape != (o,):
             raise ValueError(f"bias: expected shape ({o},), one value per filter, got {b.shape}")
         self.scratch: list[tuple[np.ndarray, ...]] = []  # per thread of a call, kept: calls allocate nothing
+        self._busy = threading.Lock()
         self.inner: Conv2dFloat32Plan | None = None  # the plan of the other layout, run between two transposes
         attrs = {"strides": strides, "pads": pads, "dilations": dilations, "group": group, "activation": activation}
         if layout == "NHWC":
@@ -1293,26 +1295,36 @@ class Conv2dFloat32Plan:
         return out
 
     def run(self, x: np.ndarray, out: np.ndarray) -> None:
-        """The convolution of C-contiguous ``x`` into C-contiguous ``out``, unchecked."""
+        """The convolution of C-contiguous ``x`` into C-contiguous ``out``, unchecked. A call made while another
+        thread runs the plan uses scratch of its own (the kept scratch serves one call at a time)."""
+        if not self._busy.acquire(blocking=False):
+            self._run(x, out, [])
+            return
+        try:
+            self._run(x, out, self.scratch)
+        finally:
+            self._busy.release()
+
+    def _run(self, x: np.ndarray, out: np.ndarray, scratch: list) -> None:
         if self.inner is not None:
-            if not self.scratch:  # the inner plan's input and output, kept
-                self.scratch.append(tuple(np.empty(shape, F32_DTYPE) for shape in (self.inner.x_shape,
-                                                                                   self.inner.out_shape)))
-            xt, yt = self.scratch[0]
+            if not scratch:  # the inner plan's input and output, kept
+                shapes = (self.inner.x_shape, self.inner.out_shape)
+                scratch.append(tuple(np.empty(shape, F32_DTYPE) for shape in shapes))
+            xt, yt = scratch[0]
             there, back = (nhwc_to_nchw, nchw_to_nhwc) if self.layout == "NHWC" else (nchw_to_nhwc, nhwc_to_nchw)
             self.inner.run(there(x, xt), yt)
             back(yt, out)
             return
         parts = min(threads.get_num_threads(), int(self.estimate_us // threads.MIN_US_PER_THREAD))
-        if parts <= 1 and self.scratch:  # the common case, with the least Python (batch 1 layers take ~10 us)
-            self.driver(x, *self.args, 0, self.items, *self.scratch[0], out)
+        if parts <= 1 and scratch:  # the common case, with the least Python (batch 1 layers take ~10 us)
+            self.driver(x, *self.args, 0, self.items, *scratch[0], out)
             return
         ranges = threads.split(self.items, max(1, parts))
-        while len(self.scratch) < len(ranges):  # zeros: the padding borders in them are never written
-            self.scratch.append(tuple(np.zeros(size, np.float32) for size in self.scratch_sizes))
+        while len(scratch) < len(ranges):  # zeros: the padding borders in them are never written
+            scratch.append(tuple(np.zeros(size, np.float32) for size in self.scratch_sizes))
 
         def part(i0: int, i1: int) -> None:
-            self.driver(x, *self.args, i0, i1, *self.scratch[ranges.index((i0, i1))], out)
+            self.driver(x, *self.args, i0, i1, *scratch[ranges.index((i0, i1))], out)
 
         threads.run_ranges(part, ranges)
 

@@ -370,3 +370,16 @@ def test_entries_run_in_one_compiled_chain(rng, monkeypatch, tmp_path):
     steps = [(plan.entry(), [In(i)], [out]) for i, ((_, plan), out) in enumerate(zip(cases, outs))]
     for result, want in zip(CompiledSteps(steps, feeds=len(cases), fetch=outs)([x for x, _ in cases]), wants):
         np.testing.assert_array_equal(result, want)
+
+
+def test_one_plan_serves_several_threads(rng):
+    from concurrent.futures import ThreadPoolExecutor
+
+    w = rng.standard_normal((64, 16, 3, 3)).astype(np.float32)
+    plan = kernels.conv2d_float32_plan(w, (1, 16, 9, 7), pads=(1, 1, 1, 1))
+    xs = [rng.standard_normal((1, 16, 9, 7)).astype(np.float32) for _ in range(4)]
+    wants = [plan(x) for x in xs]
+    with ThreadPoolExecutor(8) as pool:
+        gots = list(pool.map(lambda i: plan(xs[i % 4]), range(200)))
+    for i, got in enumerate(gots):
+        np.testing.assert_array_equal(got, wants[i % 4])
