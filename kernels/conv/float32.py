@@ -1094,7 +1094,8 @@ class Conv2dFloat32Plan:
     in NHWC "depthwise" and "pixels" run channels-last, the others as "nchw-<kind>", between two
     transposes; NCHW pixel tiles on small planes run as "nhwc-pixels"), packed weights, padded bias and clamp.
     A call checks ``x`` (float32, the prepared shape in ``layout``; a non-C-contiguous ``x`` is copied once)
-    and ``out`` (float32, C-contiguous, ``out_shape``; made when None) and returns ``out``, which must not overlap ``x``.
+    and ``out`` (float32, C-contiguous, ``out_shape``; made when None) and returns ``out``, which must not
+    overlap ``x``.
     ``plan.run(x, out)`` skips the checks. Work is split over ``kernels.set_num_threads``
     threads (by images, pixel panels or planes) when it pays; each thread's scratch
     (padded image, panel) is made on first use and kept, so later calls allocate nothing.
