@@ -12,6 +12,11 @@ Models (``bench.onnx_models``' small ones, the same ONNX files for both runtimes
 ``InferenceSession`` with its compiled chains (the default) and node by node
 (config entry ``session.lowbit.compiled_chains`` = "0"), against ONNX Runtime, one thread, interleaved rounds.
 ``ORT/lowbit`` above 1: lowbit is faster.
+
+Time to the first result: a new Python process that imports the runtime, opens the digits model's ONNX file and
+runs it once, lowbit (its kernel and graph caches warm, as after ``lowbit warmup`` or any earlier run, and Python's
+byte code cached, as an install leaves it) against ONNX Runtime; lowbit also on the model saved by ``lowbit.save``,
+which needs no ``onnx`` import.
 """
 
 from __future__ import annotations
@@ -19,8 +24,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
+import os
+import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 
@@ -59,11 +68,13 @@ def _kernel_calls(rng: np.random.Generator) -> list[tuple[str, tuple, object, ob
     packed_conv4 = kernels.pack_conv_int4(wf, group_size=32)
     xb = kernels.pack_bits(np.ascontiguousarray(xf.transpose(0, 2, 3, 1)), axis=-1)  # NHWC sign bits
     packed_bin = kernels.pack_conv_binary(np.sign(wf) + (wf == 0))
+    plan4, plan3 = kernels.gemm_int4_plan(packed4, m), kernels.gemm_ternary_plan(packed3, m)
+    plan1 = kernels.gemm_binary_plan(bits_w, k, m)
     calls = [
         ("linear_int8", (m, n, k), lambda: kernels.linear_int8(a, packed8, **quant), lambda: plan8(a)),
-        ("gemm_int4", (m, n, k), lambda: kernels.gemm_int4(x, packed4), None),
-        ("gemm_ternary", (m, n, k), lambda: kernels.gemm_ternary(x, packed3), None),
-        ("gemm_binary", (m, n, k), lambda: kernels.gemm_binary(bits_a, bits_w, k), None),
+        ("gemm_int4", (m, n, k), lambda: kernels.gemm_int4(x, packed4), lambda: plan4(x)),
+        ("gemm_ternary", (m, n, k), lambda: kernels.gemm_ternary(x, packed3), lambda: plan3(x)),
+        ("gemm_binary", (m, n, k), lambda: kernels.gemm_binary(bits_a, bits_w, k), lambda: plan1(bits_a)),
         ("conv2d_int8", (1, 16, 8, 8), lambda: kernels.conv2d_int8(xc, packed_conv, x_zero_point=128,
                                                                    pads=(1, 1, 1, 1)), lambda: raw_plan(xc)),
         ("qlinear_conv2d", (1, 16, 8, 8), lambda: kernels.qlinear_conv2d(xc, *qconv, pads=(1, 1, 1, 1)),
@@ -132,6 +143,54 @@ def model_rows(names: list[str], batches: list[int], rounds: int) -> tuple[list[
     return rows, results
 
 
+FIRST_RESULT = {  # a fresh process: import the runtime, open the model file (sys.argv[1]), run it once on x
+    "lowbit": "import lowbit.onnx as rt\no = rt.SessionOptions(); o.intra_op_num_threads = 1\n"
+              "s = rt.InferenceSession(sys.argv[1], o); s.run(None, {s.get_inputs()[0].name: x})\n",
+    "lowbit, saved": "import lowbit\ns = lowbit.Session(lowbit.load(sys.argv[1]), threads=1, fallback=False)\n"
+                     "s.run({s.graph.inputs and next(iter(s.graph.inputs)): x})\n",
+    "ORT": "import onnxruntime as rt\no = rt.SessionOptions(); o.intra_op_num_threads = o.inter_op_num_threads = 1\n"
+           "s = rt.InferenceSession(sys.argv[1], o); s.run(None, {s.get_inputs()[0].name: x})\n",
+}
+
+
+def _first_result_seconds(runtime: str, path: str, shape: tuple[int, ...]) -> float:
+    """Wall seconds of a new Python process that imports ``runtime``, opens ``path`` and runs it once (the feed
+    made inside: NumPy's import is in both)."""
+    code = f"import sys\nimport numpy as np\nx = np.zeros({shape}, np.float32)\n{FIRST_RESULT[runtime]}"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}  # byte code cached, as installed
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code, path], check=True, capture_output=True, env=env)
+    return time.perf_counter() - start
+
+
+def first_result_rows(rounds: int) -> tuple[list[list[str]], list[dict]]:
+    """Time to the first result in a new process: lowbit on the ONNX file and on the same model saved by
+    ``lowbit.save`` (warm caches: after one such process each), against ORT on the ONNX file."""
+    import lowbit
+    import lowbit.onnx
+
+    rows, results = [], []
+    model = MODELS["digits"]
+    shape = (1, model.channels, model.image, model.image)
+    with tempfile.TemporaryDirectory(prefix="lowbit-latency-") as folder:
+        for fmt in LATENCY_MODELS["digits"]:
+            path = model_file(model, fmt, folder)
+            saved = f"{path}.lowbit"
+            lowbit.save(lowbit.onnx.InferenceSession(path).graph, saved)
+            files = {"lowbit": path, "lowbit, saved": saved, "ORT": path}
+            for runtime, file in files.items():
+                _first_result_seconds(runtime, file, shape)  # fills lowbit's caches
+            times = dict.fromkeys(files, math.inf)
+            for _ in range(rounds):
+                for runtime, file in files.items():
+                    times[runtime] = min(times[runtime], _first_result_seconds(runtime, file, shape))
+            results.append({"model": "digits", "format": fmt, "seconds": times})
+            for runtime in ("lowbit", "lowbit, saved"):
+                rows.append([model.label(1), fmt, runtime, cell(times[runtime], ".2f"), cell(times["ORT"], ".2f"),
+                             cell(times[runtime] / times["ORT"], ".2f")])
+    return rows, results
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.latency", description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=list(LATENCY_MODELS), choices=list(LATENCY_MODELS))
@@ -153,7 +212,10 @@ def main(argv: list[str] | None = None) -> None:
     mrows, mresults = model_rows(args.models, args.batches, args.repeat)
     print("\nWhole models (ms, best of interleaved rounds); lowbit: compiled chains, per node: node by node")
     print_table(["model", "format", "lowbit ms", "per node ms", "ORT ms", "ORT/lowbit", "lowbit/ORT"], mrows)
-    save_json(args.json, {"cpu_info": info, "kernels": kresults, "models": mresults})
+    frows, fresults = first_result_rows(args.repeat)
+    print("\nA new process: import, open the ONNX file, run once (s, best of rounds; lowbit's caches warm)")
+    print_table(["model", "format", "lowbit runs", "lowbit s", "ORT s", "lowbit/ORT"], frows)
+    save_json(args.json, {"cpu_info": info, "kernels": kresults, "models": mresults, "first_result": fresults})
 
 
 if __name__ == "__main__":

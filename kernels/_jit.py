@@ -56,3 +56,15 @@ _LOCATORS = [type(f"Package{name}", (_PackageStamp, _numba_class(name)), {})
 _numba_class("CacheImpl")._locator_classes[:0] = _LOCATORS  # before any kernel below is decorated
 
 kernel = functools.partial(numba.njit, cache=True, nogil=True)
+
+
+def machine_entry(fn: numba.core.registry.CPUDispatcher, args: tuple):
+    """The compiled code of kernel ``fn`` for arguments of exactly the Numba types of ``args`` (compiled, or loaded
+    from the disk cache, now), to call as ``entry(*args)`` without the dispatcher.
+
+    The dispatcher types every argument of every call (about 0.1 us per array): a third of a small GEMM's call.
+    A plan whose arguments keep their types calls this entry instead, and MUST keep to them: arrays of the same
+    dtype, rank and layout, writeable and aligned as ``args``' are, scalars of the same kinds. Anything else goes
+    through ``fn``.
+    """
+    return fn.compile(tuple(numba.typeof(a) for a in args))

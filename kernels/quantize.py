@@ -83,6 +83,13 @@ def _quantize_nhwc_range(x, scale, lo, hi, zero_point, out, tile, n0, n1):
     s, lo, hi, zp = np.float32(scale), np.float32(lo), np.float32(hi), np.float32(zero_point)
     nan = False
     for n in range(n0, n1):
+        if channels == 1:  # one channel: both layouts are the same order
+            x0, o = x[n, 0], out[n].reshape(pixels)
+            for j in range(pixels):
+                v = x0[j] / s
+                nan |= v != v
+                o[j] = _code(v, lo, hi, zp)
+            continue
         if channels == 3:  # RGB: strided stores of a known stride vectorise (LLVM interleaved access)
             x0, x1, x2, o = x[n, 0], x[n, 1], x[n, 2], out[n].reshape(3 * pixels)
             for j in range(pixels):

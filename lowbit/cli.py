@@ -60,8 +60,12 @@ def _demo(args: argparse.Namespace) -> int:
 def _warmup(args: argparse.Namespace) -> int:
     from lowbit.warmup import warmup
 
-    print(f"compiling every kernel for level {kernels.cpu_info()['active_level']} into the cache:")
-    print(f"done in {warmup():.1f} s")
+    print(f"loading or compiling every kernel for level {kernels.cpu_info()['active_level']}:")
+    seconds, compiled = warmup()
+    if compiled:
+        print(f"done in {seconds:.1f} s: compiled {compiled} functions into the cache")
+    else:
+        print(f"done in {seconds:.1f} s: every kernel was already compiled (loaded from the cache)")
     return 0
 
 

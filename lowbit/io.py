@@ -101,7 +101,7 @@ def save(graph: Graph, path: str | os.PathLike) -> None:
         archive.writestr("graph.json", json.dumps(header, indent=1))
         for name, value in graph.params.items():
             buffer = io.BytesIO()
-            np.save(buffer, _stored(np.ascontiguousarray(value), storage[name]), allow_pickle=False)
+            np.save(buffer, _stored(np.asarray(value, order="C"), storage[name]), allow_pickle=False)  # 0-d stays 0-d
             archive.writestr(params[name]["file"], buffer.getvalue())
 
 

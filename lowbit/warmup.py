@@ -12,6 +12,7 @@ import time
 from typing import Callable
 
 import numpy as np
+from numba.core import event
 
 import kernels
 
@@ -60,11 +61,14 @@ def _calls() -> list[tuple[str, Callable[[], object]]]:
     return calls
 
 
-def warmup(progress: Callable[[str], None] = print) -> float:
-    """Call every kernel once (compiling it or loading it from the cache); returns the seconds it took."""
+def warmup(progress: Callable[[str], None] = print) -> tuple[float, int]:
+    """Call every kernel once (compiling it or loading it from the cache); returns the seconds it took and how many
+    functions Numba compiled (0: everything came from the cache)."""
     start = time.perf_counter()
-    for name, call in _calls():
-        t0 = time.perf_counter()
-        call()
-        progress(f"  {name:<28} {time.perf_counter() - t0:6.2f} s")
-    return time.perf_counter() - start
+    with event.install_recorder("numba:compile") as recorder:
+        for name, call in _calls():
+            t0 = time.perf_counter()
+            call()
+            progress(f"  {name:<28} {time.perf_counter() - t0:6.2f} s")
+    compiled = sum(1 for _, ev in recorder.buffer if ev.is_start)
+    return time.perf_counter() - start, compiled

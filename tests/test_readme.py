@@ -20,5 +20,5 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
 
 def test_ci_runs_the_readme_test_command():
     ci = (README.parent / ".ci" / "run").read_text()
-    command = 'pip install -e ".[test]" && python -m pytest -q'
+    command = 'pip install -e ".[test]" && python -m pytest -q -n 2 --dist loadfile\n'
     assert command in README.read_text() and command in ci

@@ -28,6 +28,7 @@ from typing import NamedTuple
 import numpy as np
 
 from kernels import _validate, dispatch, epilogue, threads
+from kernels._jit import machine_entry
 from kernels.conv import pointwise
 from kernels.conv.depthwise import DepthwisePlan, pack_depthwise
 from kernels.conv.geometry import ConvGeometry, check_layout, conv_geometry, from_nhwc
@@ -141,23 +142,37 @@ class ConvPlan:
             return
         self.direct = None
         wide = -(-geo.in_channels // KGROUP) * KGROUP
+        # the padded input rows the "runs" path reads: pixels per row, channels per pixel (see _codes_args)
+        self.row_pixels, self.pixel_channels = geo.pad_left + geo.in_w + geo.pad_right, wide
+        self.runs = False
         if geo.group == 1 and wide != geo.in_channels and dispatch.choose(
                 "conv_int8", geo.rows, geo.out_channels, wide).kind != "im2col":
-            # few channels (an image's 1 or 3): pad them to whole k groups of 4 so the indirect kernel
-            # applies; the padded channels hold the zero point and meet zero weights, adding nothing
-            weights = np.zeros((geo.out_channels, wide, geo.kernel_h, geo.kernel_w), np.int8)
-            weights[:, : geo.in_channels] = packed.weights
+            # so few channels (an image's 1 or 3) make taps of less than one k group of 4 bytes: with the input
+            # rows padded, the taps along a kernel row are contiguous, and each kernel row is read as one run
+            self.runs = geo.dilation_w == 1 and geo.kernel_w > 1
+            run = _compact_run(geo) if self.runs and not np.any(zw) else 0
+            if run:
+                # a run of the KW C bytes of the row's taps, rounded up to whole k groups: the bytes beyond
+                # (the next pixels, or padding) meet zero weights; a virtual 1-wide kernel of `run` channels
+                c, kw = geo.in_channels, geo.kernel_w
+                weights = np.zeros((geo.out_channels, run, geo.kernel_h, 1), np.int8)
+                weights[:, : kw * c, :, 0] = packed.weights.transpose(0, 3, 1, 2).reshape(-1, kw * c, geo.kernel_h)
+                self.row_pixels = max(self.row_pixels, (geo.out_w - 1) * geo.stride_w - (-run // c))
+                self.pixel_channels = c
+                geo = dataclasses.replace(geo, in_channels=run, kernel_w=1)
+            else:
+                # the channels padded to whole k groups of 4, holding the zero point: they meet zero weights
+                weights = np.zeros((geo.out_channels, wide, geo.kernel_h, geo.kernel_w), np.int8)
+                weights[:, : geo.in_channels] = packed.weights
+                geo = dataclasses.replace(geo, in_channels=wide)
             packed = pack_conv_int8(weights)
-            geo = dataclasses.replace(geo, in_channels=wide)
             self.geo = geo
-        # so few channels make taps of one k group each: with the rows padded as the channels are, the taps
-        # along a kernel row are contiguous, and the indirect kernel reads each kernel row as one run
-        self.runs = self.channels != geo.in_channels and geo.dilation_w == 1 and geo.kernel_w > 1
         og, cg, k = geo.group_out, geo.group_in, geo.depth
         terms = _terms(packed, zw, self.za, k, epi)
         variant = dispatch.choose("conv_int8", geo.rows, og, cg)
         self.kind = variant.kind
-        self.pointwise = variant.kind != "im2col" and pointwise.is_1x1(geo) and _rows_epilogue(terms, epi)
+        self.pointwise = (variant.kind != "im2col" and not self.runs and pointwise.is_1x1(geo)
+                          and _rows_epilogue(terms, epi))
         if self.pointwise:  # a plain GEMM: every pixel of every image a row, read in place
             full = epi.mode == epilogue.QUANT and terms.codes == _RANGES.get(np.dtype(out_dtype).type)
             self.driver, self.family = POINTWISE_DRIVERS[variant.kind, epi.mode, full], ROWS
@@ -173,7 +188,8 @@ class ConvPlan:
         else:
             self.driver, self.family = INDIRECT_DRIVERS[variant.kind, epi.mode], INDIRECT
             self.step = variant.rows
-            table = _runs_indirection(geo) if self.runs else _indirection(geo)
+            table = (_runs_indirection(geo, self.row_pixels, self.pixel_channels) if self.runs
+                     else _indirection(geo))
             taps, run = (geo.kernel_h, geo.kernel_w * cg) if self.runs else (geo.taps, cg)
             pad = np.full(run, self.za, np.uint8)
             geometry = (pad, table, taps, run // KGROUP, cg)
@@ -182,14 +198,15 @@ class ConvPlan:
         self.estimate_us = 2 * geo.rows * og * k / 400e3
         self._fn = groups_entry_kernel(self.driver, self.family)
         self._call_args = self._entry_args(False)
+        self._machine = None  # self._fn's machine entry (kernels._jit.machine_entry), made by the first call
 
     def _codes_args(self, scratch: bool) -> tuple:
         """The ``codes`` argument of the entry (``kernels.conv.int8_driver.activation_codes``)."""
         geo, x_dtype = self.geo, self.x_dtype
         n, h, w, c = geo.batch, geo.in_h, geo.in_w, self.channels
         fill = x_dtype.type(self.za - (128 if x_dtype == np.int8 else 0))
-        widen = 0 if c == geo.in_channels else 2 if self.runs else 1
-        shape = (n, h, geo.pad_left + w + geo.pad_right if self.runs else w, geo.in_channels)
+        widen = 2 if self.runs else 0 if c == geo.in_channels else 1
+        shape = (n, h, self.row_pixels, self.pixel_channels) if self.runs else (n, h, w, geo.in_channels)
         wide = np.empty(shape if widen and scratch else (0, 0, 0, 0), x_dtype)
         size = int(np.prod(shape)) if widen else n * h * w * c
         flipped = np.empty(size if scratch and x_dtype == np.int8 else 0, np.uint8)
@@ -228,13 +245,20 @@ class ConvPlan:
         elif not (type(out) is np.ndarray and out.dtype == self.out_dtype and out.shape == self.out_shape
                   and out.flags.c_contiguous and out.flags.writeable):
             out = _validate.out(out, self.out_shape, self.out_dtype)
-        if not x.flags.c_contiguous:
+        flags = x.flags
+        if not flags.c_contiguous:
             x = np.ascontiguousarray(x)
+            flags = x.flags
         if self.direct is not None:
             self.direct.run(x, out if self.layout == "NCHW" else out.reshape(self.rows_shape))
         elif self.estimate_us < 2 * threads.MIN_US_PER_THREAD or threads.get_num_threads() == 1:
             args = self._call_args
-            self._fn(x, *args[1:-1], out)  # the entry's call, its scratch allocated inside
+            if flags.writeable and flags.aligned and type(out) is np.ndarray and out.flags.aligned:  # its types
+                if self._machine is None:
+                    self._machine = machine_entry(self._fn, (x, *args[1:-1], out))
+                self._machine(x, *args[1:-1], out)  # the entry's call, its scratch allocated inside
+            else:
+                self._fn(x, *args[1:-1], out)
         else:
             self._threaded(x, out)
         return out
@@ -296,11 +320,19 @@ def _prepare(w: object, x_shape: tuple, x_dtype: object, x_zero_point: object, w
 
 
 @functools.lru_cache(maxsize=16)
-def _runs_indirection(geo: ConvGeometry) -> np.ndarray:
-    """:func:`_indirection` of a convolution whose input rows are padded (``self.runs`` of :class:`ConvPlan`)."""
-    table = runs_indirection(geo.window(), geo.batch, geo.pad_left + geo.in_w + geo.pad_right, geo.in_channels)
+def _runs_indirection(geo: ConvGeometry, row_pixels: int, channels: int) -> np.ndarray:
+    """:func:`_indirection` of a convolution whose input rows are padded to ``row_pixels`` pixels of ``channels``
+    (``self.runs`` of :class:`ConvPlan`)."""
+    table = runs_indirection(geo.window(), geo.batch, row_pixels, channels)
     table.flags.writeable = False
     return table
+
+
+def _compact_run(geo: ConvGeometry) -> int:
+    """The bytes of one kernel row's taps read as one run of unpadded channels, ``KW C`` rounded up to whole k
+    groups, when that takes fewer k groups than padding each pixel's channels to 4 (``KW`` groups); else 0."""
+    run = -(-geo.kernel_w * geo.in_channels // KGROUP) * KGROUP
+    return run if run // KGROUP < geo.kernel_w else 0
 
 
 @functools.lru_cache(maxsize=64)

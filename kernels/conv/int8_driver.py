@@ -314,7 +314,7 @@ def prefetch_rows(out_bytes, first, count, row_bytes):
 
 @kernel
 def widen_channels(x, fill, out):
-    """``out[p, :C] = x[p]`` and ``out[p, C:] = fill`` per pixel ``p`` (``x`` [P, C], ``out`` [P, C'], C' > C).
+    """``out[p, :C] = x[p]`` and ``out[p, C:] = fill`` per pixel ``p`` (``x`` [P, C], ``out`` [P, C'], C' >= C).
 
     An image's channels padded to a whole k group: a strided NumPy copy of 3 bytes a pixel costs more than the
     convolution. Three channels (RGB) are spelled out, which vectorises; a loop over C does not.
@@ -334,7 +334,7 @@ def widen_channels(x, fill, out):
 @kernel
 def widen_padded(x, fill, left, out):
     """``out[r, left + p, :C] = x[r, p]``, every other byte of ``out`` ``fill`` (``x`` [R, W, C], ``out`` [R, W', C'],
-    ``W' >= left + W``, ``C' > C``): rows of pixels with their channels padded to C' and ``left`` and
+    ``W' >= left + W``, ``C' >= C``): rows of pixels with their channels padded to C' and ``left`` and
     ``W' - left - W`` border pixels of ``fill`` (the activation zero point) around them.
 
     As :func:`widen_channels` (three channels spelled out), for :func:`runs_indirection`'s rows.

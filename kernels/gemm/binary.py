@@ -31,6 +31,7 @@ from typing import Callable
 import numpy as np
 
 from kernels import _validate, dispatch, threads
+from kernels._jit import machine_entry
 from kernels.entry import Entry, In, Out
 from kernels.gemm.binary_driver import BITS, INTEGER, POPCOUNT_DRIVERS, REAL, SIGN_DRIVERS, row_popcounts
 from kernels.gemm.binary_tiles import POPCOUNT_TILES, SIGN_TILES
@@ -152,6 +153,7 @@ class PopcountPlan:
         driver, row_block, _, self._parallel = _popcount_state(self.m, n, words, self.k, self.mode)
         self._args = (self.b, self.k, words, 0, self.m, 0, n, row_block, self.mult, self.shift, _NO_THRESHOLDS)
         self._driver = driver
+        self._machine = None  # the driver's machine entry (kernels._jit.machine_entry), made by the first call
         self._a_shape, self._shape = (self.m, words), (self.m, n)
 
     def entry(self) -> Entry:
@@ -162,7 +164,10 @@ class PopcountPlan:
     def __call__(self, a_bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """The dot products of ``a_bits [m, W]`` (uint64, zero padding bits) with the prepared weights."""
         a = a_bits
-        if not (type(a) is np.ndarray and a.dtype is _U64 and a.flags.c_contiguous and a.shape == self._a_shape):
+        # exact: a and out have the types of the machine entry's arguments (see kernels._jit.machine_entry)
+        exact = (type(a) is np.ndarray and a.dtype is _U64 and (flags := a.flags).c_contiguous
+                 and a.shape == self._a_shape)
+        if not exact:
             a = _bits("a_bits", a)
             if a.shape != self._a_shape:
                 raise ValueError(f"a_bits: expected shape {self._a_shape} (M as prepared, the words of b_bits), "
@@ -173,9 +178,15 @@ class PopcountPlan:
             out = np.empty(self._shape, self.out_dtype)
         else:
             out = _validate.out(out, self._shape, self.out_dtype)
+            exact = exact and type(out) is np.ndarray and out.flags.aligned
         if self._parallel and threads.get_num_threads() > 1:
             return _popcount(a, self.b, self.k, self.mode, self.mult, self.shift, _NO_THRESHOLDS, out)
-        self._driver(a, *self._args, out)
+        if exact and flags.writeable and flags.aligned:
+            if self._machine is None:
+                self._machine = machine_entry(self._driver, (a, *self._args, out))
+            self._machine(a, *self._args, out)
+        else:
+            self._driver(a, *self._args, out)
         return out
 
 

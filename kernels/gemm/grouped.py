@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from kernels import _validate, dispatch, threads
+from kernels._jit import machine_entry
 from kernels.entry import Entry, In, Out
 from kernels.gemm.grouped_driver import DRIVERS, PRODUCTS, quantize_activations
 from kernels.gemm.grouped_microkernels import kind_name
@@ -32,6 +33,7 @@ class GroupedPlan:
         kind = kind_name(self.variant.kind, packed.bits, packed.symmetric, packed.lookup)
         self.kind = kind
         self._fn = PRODUCTS[kind]
+        self._machine = None  # self._fn's machine entry (kernels._jit.machine_entry), made by the first call
         # the kernel's arguments after the scratch (xq, sx, sumx)
         self._weights = (packed.data, packed.panel_zeros, packed.panel_scales, packed.group_steps, packed.steps,
                          packed.zero, packed.kernel_table)
@@ -40,6 +42,7 @@ class GroupedPlan:
         self._parallel = self._estimate >= 2 * threads.MIN_US_PER_THREAD
         # no rows: the kernel allocates its scratch (of these widths), so that threads may share the plan
         self._no_scratch = _scratch(packed, 0)
+        self._call_args = (packed.group_size, *self._no_scratch, *self._weights)  # all but x and out, read once
 
     def entry(self) -> Entry:
         """``plan(x, out)`` as one unchecked call on one thread (``x [m, K]`` float32 and ``out [m, N]`` float32,
@@ -50,20 +53,29 @@ class GroupedPlan:
     def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """The product for ``x [m, K]`` float32 (C-contiguous, finite); ``out [m, N]`` float32 optional."""
         packed = self.packed
-        if not (type(x) is np.ndarray and x.dtype is _F32 and x.flags.c_contiguous and x.shape == (self.m, packed.k)):
+        # exact: x and out have the types of the machine entry's arguments (see kernels._jit.machine_entry)
+        exact = (type(x) is np.ndarray and x.dtype is _F32 and (flags := x.flags).c_contiguous
+                 and x.shape == (self.m, packed.k))
+        if not exact:
             x = self._checked(x)
         shape = (self.m, packed.n)
         if out is None:
             out = np.empty(shape, np.float32)
-        elif not (type(out) is np.ndarray and out.dtype is _F32 and out.shape == shape and out.flags.c_contiguous
-                  and out.flags.writeable):
+        elif not (type(out) is np.ndarray and out.dtype is _F32 and out.shape == shape
+                  and (out_flags := out.flags).c_contiguous and out_flags.writeable and out_flags.aligned):
             out = _validate.out(out, shape, _F32)
+            exact = False
         if self.m == 0:
             return out
+        args = self._call_args
         if self._parallel and threads.get_num_threads() > 1:
             self._threaded(x, out)
+        elif exact and flags.writeable and flags.aligned:
+            if self._machine is None:
+                self._machine = machine_entry(self._fn, (x, *args, out))
+            self._machine(x, *args, out)
         else:
-            self._fn(x, packed.group_size, *self._no_scratch, *self._weights, out)
+            self._fn(x, *args, out)
         return out
 
     def _checked(self, x: object) -> np.ndarray:

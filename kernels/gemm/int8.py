@@ -17,6 +17,7 @@ import math
 import numpy as np
 
 from kernels import _validate, dispatch, epilogue, threads
+from kernels._jit import machine_entry
 from kernels.epilogue import Epilogue
 from kernels.entry import Entry, In, Out
 from kernels.gemm.driver import DRIVERS, LINEAR, unsigned_rows
@@ -137,13 +138,14 @@ class LinearPlan:
         return 2 * m * n * k / 400e3 + n * k / 20e3
 
     def _for_rows(self, m: int) -> tuple:
-        """The kernel, the variant and whether threads could pay, for M rows (remembered per M)."""
+        """The kernel, the variant, whether threads could pay, and the kernel's machine entry for C-contiguous,
+        writeable, aligned ``a`` and ``out`` (made by the first call that runs it), for M rows (remembered per M)."""
         state = self._rows.get(m)
         if state is None:
             n, k = self.packed.n, self.packed.k
             variant = dispatch.choose("gemm_int8", m, n, k)
-            state = (LINEAR[variant.kind, self.epi.mode], variant,
-                     self._estimate(m) >= 2 * threads.MIN_US_PER_THREAD)
+            fn = LINEAR[variant.kind, self.epi.mode]
+            state = [fn, variant, self._estimate(m) >= 2 * threads.MIN_US_PER_THREAD, None]
             if len(self._rows) >= ROW_STATES:
                 self._rows.clear()
             self._rows[m] = state
@@ -167,22 +169,30 @@ class LinearPlan:
     def __call__(self, a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """``linear(a)`` for activations ``a [M, K]`` of the prepared dtype; ``out [M, N]`` optional."""
         a_dtype, k, n, out_dtype, offset, bound = self._fixed  # one lookup: this layer is most of a small call
-        if not (type(a) is np.ndarray and a.dtype is a_dtype and a.flags.c_contiguous):
+        # exact: a and out have the types of the machine entry's arguments (see kernels._jit.machine_entry)
+        exact = type(a) is np.ndarray and a.dtype is a_dtype and (flags := a.flags).c_contiguous
+        if not exact:
             a = self._checked(a)
         shape = a.shape
         if len(shape) != 2 or shape[1] != k:
             self._checked(a)  # raises
         m = shape[0]
-        fn, variant, parallel = self._rows.get(m) or self._for_rows(m)
+        state = self._rows.get(m) or self._for_rows(m)
+        fn, variant, parallel, machine = state
         if out is None:
             out = np.empty((m, n), out_dtype)
         elif not (type(out) is np.ndarray and out.dtype is out_dtype and out.shape == (m, n)
-                  and out.flags.c_contiguous and out.flags.writeable):
+                  and (out_flags := out.flags).c_contiguous and out_flags.writeable and out_flags.aligned):
             out = _validate.out(out, (m, n), out_dtype)
+            exact = False
         if parallel and threads.get_num_threads() > 1:
             self._threaded(a, variant, out)
+        elif exact and flags.writeable and flags.aligned:
+            if machine is None:
+                machine = state[3] = machine_entry(fn, (a, offset, _NO_BYTES, _NO_SUMS, *bound, out))
+            machine(a, offset, _NO_BYTES, _NO_SUMS, *bound, out)  # the entry's call; scratch made inside
         else:
-            fn(a, offset, _NO_BYTES, _NO_SUMS, *bound, out)  # the entry's call; scratch made inside
+            fn(a, offset, _NO_BYTES, _NO_SUMS, *bound, out)
         return out
 
     def _checked(self, a: object) -> np.ndarray:

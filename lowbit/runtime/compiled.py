@@ -9,11 +9,13 @@ function that makes every call in turn::
         t3 = carray(_at(table[0], uint8), (1, 8, 8, 16))   # buffers, weights, scratch: bound at their addresses
         ...
         fn0(f0, t3, (1, 3, 3), np.float32(0.5), t4)       # one call per entry, literals inline
-        t5 = t4.reshape((1, 1024))                          # views
-        return (t5,)                                        # the fetched tensors
+        t5 = f1.reshape((1, 1024))                          # views
+        return (t5,)                                        # fetched views of feeds, if any
 
 Every array other than the feeds is bound by address (its shape and dtype are literals of the source), so one
 int64 array carries them all and the call types three or four arguments whatever the graph's size. The source
+A fetched array the caller already holds (a bound buffer, or a view of one) is not returned: boxing a
+returned array costs more than a small kernel. The source
 goes into a file named by its hash (and the hash of the kernels' sources) in :func:`cache_folder`, where Numba
 caches the compiled function on disk like any kernel: a second process with the same graph and shapes loads it.
 
@@ -138,7 +140,8 @@ class _Source:
                 f"from numba.types import {', '.join(sorted(set(_DTYPES.values())))}",
                 "from lowbit.runtime.compiled import _at", "",
                 "@njit(cache=True, nogil=True)", f"def run({', '.join(['table', *self.feeds])}):"]
-        return "\n".join(head + self.lines + [f"    return ({''.join(f'{t}, ' for t in fetch)})", ""])
+        end = f"    return ({''.join(f'{t}, ' for t in fetch)})" if fetch else "    return None"
+        return "\n".join(head + self.lines + [end, ""])
 
 
 class CompiledSteps:
@@ -149,6 +152,7 @@ class CompiledSteps:
     def __init__(self, steps: list[tuple[Entry, list, list[np.ndarray]]], feeds: int, fetch: list):
         source = _Source(feeds)
         value: dict[int, str] = {}  # id(array) -> variable holding it (views made by reshape entries)
+        held: dict[int, np.ndarray | None] = {}  # id(array) -> the same view made here, None for views of feeds
 
         def name_of(x: Any) -> str:
             if isinstance(x, In):
@@ -157,23 +161,40 @@ class CompiledSteps:
                 return "None"
             return value.get(id(x)) or source.bind(x)
 
+        def holding(x: Any) -> np.ndarray | None:
+            """``x`` as Python can hold it across runs: a bound array, or the same view of one; None if the
+            function must return it (a feed or a view of one)."""
+            return None if isinstance(x, In) else held.get(id(x), x)
+
         for k, (entry, ins, outs) in enumerate(steps):
             args_in = [name_of(x) for x in ins]
             if entry.reshape is not None:
                 view = f"v{k}"
                 source.lines.append(f"    {view} = {args_in[0]}.reshape({_literal(entry.reshape)})")
                 value[id(outs[0])] = view
+                base = holding(ins[0])
+                held[id(outs[0])] = None if base is None else base.reshape(entry.reshape)
                 continue
             args_out = [name_of(y) for y in outs]
             call = ", ".join(source.argument(a, args_in, args_out) for a in entry.args)
             source.lines.append(f"    {source.fn(entry.fn)}({call})")
-        text = source.text([name_of(x) for x in fetch])
+        fetched = [holding(x) for x in fetch]
+        returned = [name_of(x) for x, h in zip(fetch, fetched) if h is None]
+        self._returned = [i for i, h in enumerate(fetched) if h is None]  # positions filled from the call
+        self._fetched = tuple(fetched)
+        text = source.text(returned)
         self.source, self.table = text, source.table
         self.addresses = np.array([a.ctypes.data for a in source.table], np.int64)
         self._fn = _load(text, source.globals)
 
     def __call__(self, feeds: list[np.ndarray]) -> tuple[np.ndarray, ...]:
-        return self._fn(self.addresses, *feeds)
+        returned = self._fn(self.addresses, *feeds)
+        if not self._returned:
+            return self._fetched
+        fetched = list(self._fetched)
+        for i, r in zip(self._returned, returned):
+            fetched[i] = r
+        return tuple(fetched)
 
 
 def _load(text: str, dispatchers: dict[str, Any]) -> Any:

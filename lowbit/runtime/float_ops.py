@@ -1109,12 +1109,10 @@ def prepare_max_pool(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
         options = {"strides": window.strides, "pads": window.pads, "dilations": window.dilations,
                    "ceil_mode": bool(attr(node, "ceil_mode", 0)), "layout": "NHWC" if nhwc else "NCHW"}
 
-        def run_kernel(ins, outs):
-            kernels.max_pool2d(ins[0], kernel, out=outs[0], **options)
-
         codes = np.dtype(dtype) != F32
         plan = kernels.max_pool2d_plan(nhwc_shape(shape) if nhwc else tuple(shape), dtype, kernel, **options)
-        return Kernel(run_kernel, [(nhwc_shape(out_shape) if nhwc else out_shape, dtype)], ops=ops,
+        return Kernel(lambda ins, outs: [plan(ins[0], out=outs[0])],
+                      [(nhwc_shape(out_shape) if nhwc else out_shape, dtype)], ops=ops,
                       precision="int8" if codes else "float32",
                       note=f"max_pool2d{' on codes' * codes}{', NHWC' * nhwc}", entry=plan.entry())
     lowest = -np.inf if np.dtype(dtype).kind == "f" else np.iinfo(dtype).min

@@ -144,6 +144,7 @@ class _Plan:
     nbytes: int = 0
     program: list[Step] | None = field(default=None, repr=False)  # steps with compiled chains; None: per node
     chained: frozenset[int] = frozenset()  # indices of the nodes run inside compiled chains
+    only_chains: bool = False  # every node runs inside a chain: one thread by construction, no limit to set
 
 
 @dataclass
@@ -350,7 +351,11 @@ class Session:
         """Run ``fetch`` on a lane held for the call; the lane (for its kernels) and the results."""
         lane = self._acquire(key, feeds)
         try:
-            return lane, self._execute(self._plan(lane, fetch), feeds, timings)
+            plan = self._plan(lane, fetch)
+            if self.threads is None or (plan.only_chains and timings is None):
+                return lane, self._execute(plan, feeds, timings)
+            with self._limit():
+                return lane, self._execute(plan, feeds, timings)
         finally:
             self._release(key, lane)
 
@@ -463,6 +468,7 @@ class Session:
             start = i + 1
         if plan.chained:
             plan.program = program
+            plan.only_chains = len(plan.chained) == len(plan.steps)
 
     def _compiled_chain(self, plan: _Plan, prepared: _Prepared, indices: range, last_read: dict[int, int],
                         fetched: set[int]) -> Step | None:
@@ -499,21 +505,27 @@ class Session:
         """Run ``plan`` on checked ``feeds``; with ``timings``, keep each step's best seconds there."""
         slots = plan.slots.copy()
         for i, name in plan.feeds:
-            slots[i] = np.asarray(feeds[name], order="C")
-        clock = time.perf_counter
-        steps = plan.steps if timings is not None or plan.program is None else plan.program
-        for i, (run, ins, patch, outs, out_slots) in enumerate(steps):
-            for k, j in patch:
-                ins[k] = slots[j]
-            if timings is None:
+            x = feeds[name]
+            slots[i] = x if x.flags.c_contiguous else np.ascontiguousarray(x)
+        if timings is None:
+            for run, ins, patch, outs, out_slots in plan.steps if plan.program is None else plan.program:
+                for k, j in patch:
+                    ins[k] = slots[j]
                 results = run(ins, outs)
-            else:
+                if results is not None:
+                    for j, r in zip(out_slots, results):
+                        slots[j] = r
+        else:
+            clock = time.perf_counter
+            for i, (run, ins, patch, outs, out_slots) in enumerate(plan.steps):
+                for k, j in patch:
+                    ins[k] = slots[j]
                 start = clock()
                 results = run(ins, outs)
                 timings[i] = min(timings[i], clock() - start)
-            if results is not None:
-                for j, r in zip(out_slots, results):
-                    slots[j] = r
+                if results is not None:
+                    for j, r in zip(out_slots, results):
+                        slots[j] = r
         return {t: slots[j].copy() for t, j in plan.fetch}
 
     def _ready(self, feeds: dict[str, np.ndarray], fetch: list[str] | None) -> tuple[Route, dict[str, np.ndarray]]:
@@ -558,20 +570,19 @@ class Session:
         seen before, with a fetch seen before, skip the checks and run the remembered plan directly. Safe to call
         from several threads at once (see the module).
         """
-        route = None
-        if isinstance(feeds, dict) and len(feeds) == len(self._inputs) and not isinstance(fetch, str):
+        route = None  # the hot path: no context managers, generators or exceptions (each costs a fraction of a us)
+        if type(feeds) is dict and len(feeds) == len(self._inputs) and not isinstance(fetch, str):
             xs = [feeds.get(n) for n in self._inputs]
-            if all(isinstance(x, np.ndarray) for x in xs):
+            if all([type(x) is np.ndarray for x in xs]):
                 routes = self._routes.get(self._signature(xs))
-                with contextlib.suppress(TypeError):  # unhashable fetch entries: checked below
+                try:
                     route = routes and routes.get(None if fetch is None else tuple(fetch))
+                except TypeError:  # unhashable fetch entries: checked below
+                    pass
         if not route:
             route, feeds = self._ready(feeds, fetch)
         session, key, names = route
-        if self.threads is None:
-            return session._run_held(key, feeds, names)[1]
-        with self._limit():
-            return session._run_held(key, feeds, names)[1]
+        return session._run_held(key, feeds, names)[1]
 
     def profile(self, feeds: dict[str, np.ndarray], repeat: int = 5) -> Profile:
         """Time every node: the best of ``repeat`` runs (after one warm-up run) per node, each node on its own (notes
@@ -585,10 +596,9 @@ class Session:
         (session, key, names), feeds = self._ready(feeds, None)
         twin_runs, whole = self._race_twin(feeds, key)
         timings = [np.inf] * len(session.graph.nodes)
-        with self._limit():
-            session._run_held(key, feeds, names)
-            for _ in range(repeat):
-                lane, _ = session._run_held(key, feeds, names, timings)
+        session._run_held(key, feeds, names)
+        for _ in range(repeat):
+            lane, _ = session._run_held(key, feeds, names, timings)
         chained = lane.plans[names].chained
         rows = []
         for i, (node, kernel, sec) in enumerate(zip(session.graph.nodes, lane.prepared.kernels, timings)):

@@ -194,15 +194,22 @@ def test_narrow_tiles_every_epilogue(level, rng, case, layout):
         assert kinds == {"avx512-vnni-indirect-narrow" if o // g <= 32 else "avx512-vnni-indirect"}
 
 
-@pytest.mark.parametrize("case", [CASES[8], CASES[-1], (1, 1, 5, 7, 40, 3, 3, (1, 1), "same", (1, 1), 1)],
-                         ids=_case_ids)
+@pytest.mark.parametrize("case", [CASES[8], CASES[-1], (1, 1, 5, 7, 40, 3, 3, (1, 1), "same", (1, 1), 1),
+                                  (2, 2, 9, 11, 24, 5, 5, (2, 2), (2, 1, 2, 2), (1, 1), 1)], ids=_case_ids)
 def test_widened_rows_one_run_per_kernel_row(level, rng, case):
-    """Images of 1..3 channels widened to 4: on VNNI their rows are padded too, and each kernel row is one run of
-    the indirect kernel (``kernels.conv.int8_driver.runs_indirection``), with every epilogue and row sums."""
+    """Images of 1..3 channels: on VNNI their rows are padded, and each kernel row is one run of the indirect
+    kernel (``kernels.conv.int8_driver.runs_indirection``), with every epilogue and row sums. Without weight zero
+    points a run is the row's ``KW C`` bytes rounded up to a k group where that takes fewer k groups than
+    channels widened to 4 (1 channel 3 wide: one group instead of three)."""
     _check_every_epilogue(rng, case, "NHWC")
     n, c, h, w, o, kh, kw, *_ = case
-    plan = kernels.conv2d_int8_plan(np.zeros((o, c, kh, kw), np.int8), (n, h, w, c), layout="NHWC", **_attrs(case))
-    assert plan.runs == (level == kernels.cpu.AVX512_VNNI)
+    vnni = level == kernels.cpu.AVX512_VNNI
+    for zw in (0, 1):
+        plan = kernels.conv2d_int8_plan(np.zeros((o, c, kh, kw), np.int8), (n, h, w, c), layout="NHWC",
+                                        w_zero_point=zw, **_attrs(case))
+        assert plan.runs == vnni
+        compact = vnni and zw == 0 and -(-kw * c // 4) < kw
+        assert plan.pixel_channels == (c if compact else 4)
 
 
 @pytest.fixture

@@ -35,6 +35,8 @@ def test_bench_table(capsys, monkeypatch):
 def test_warmup(capsys):
     assert main(["warmup"]) == 0
     assert "qlinear_conv2d" in capsys.readouterr().out
+    assert main(["warmup"]) == 0  # again: nothing left to compile
+    assert "every kernel was already compiled" in capsys.readouterr().out
 
 
 def _model(rng) -> lowbit.graph.Graph:

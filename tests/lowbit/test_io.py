@@ -40,6 +40,17 @@ def test_round_trip_is_bit_identical(graph, rng, tmp_path):
     assert model_size(graph) == graph.nbytes()
 
 
+def test_round_trip_keeps_scalar_params(tmp_path):
+    """0-d parameters (an imported model's scale and zero point of one tensor) come back 0-d."""
+    graph = Graph([Node("QuantizeLinear", ["x", "s", "z"], ["y"])], {"x": TensorSpec((None, 4))}, ["y"],
+                  {"s": np.array(0.5, np.float32), "z": np.array(3, np.uint8)}).validate()
+    save(graph, tmp_path / "q.lowbit")
+    loaded = load(tmp_path / "q.lowbit")
+    assert loaded.params["s"].shape == () and loaded.params["z"].shape == () and loaded.params["z"] == 3
+    x = {"x": np.arange(8, dtype=np.float32).reshape(2, 4)}
+    np.testing.assert_array_equal(Session(loaded).run(x)["y"], Session(graph).run(x)["y"])
+
+
 @pytest.mark.parametrize("op, low, high, bits", [("lowbit.Int4Gemm", -8, 8, 4), ("lowbit.TernaryGemm", -1, 2, 2),
                                                  ("lowbit.BinaryGemm", -1, 2, 1)])
 def test_codes_are_stored_packed(rng, tmp_path, op, low, high, bits):
