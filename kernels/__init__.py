@@ -23,9 +23,11 @@ from kernels.elementwise import (lookup_table, qlinear_add, qlinear_add_plan, ql
                                  qlinear_mul_plan)
 from kernels.gemm.binary import gemm_binary, gemm_binary_int8, gemm_binary_plan, gemm_binary_to_bits
 from kernels.gemm.codebook import gemm_codebook, gemm_codebook_plan
+from kernels.gemm.dynamic import DynamicLinearPlan, linear_dynamic_int8, linear_dynamic_int8_plan
 from kernels.gemm.int4 import gemm_int4, gemm_int4_plan
 from kernels.gemm.int8 import LinearPlan, gemm_int8, gemm_int8_plan, linear_int8, linear_int8_plan, max_k_int32
 from kernels.gemm.ternary import gemm_ternary, gemm_ternary_plan
+from kernels.layer_norm import LayerNormPlan, layer_norm, layer_norm_plan
 from kernels.pack.bits import pack_bits, unpack_bits
 from kernels.quantize import (dequantize_linear, dequantize_linear_plan, quantize_linear, quantize_linear_plan,
                               quantize_linear_to_nhwc, quantize_linear_to_nhwc_plan)
@@ -34,11 +36,14 @@ from kernels.pack.codebook import PackedCodebook, pack_codebook, pack_codebook_w
 from kernels.pack.int4 import PackedInt4, pack_int4, pack_int4_codes
 from kernels.pack.panels import PackedInt8, pack_int8
 from kernels.pack.ternary import PackedTernary, pack_ternary, pack_ternary_codes
+from kernels.softmax import SoftmaxPlan, softmax, softmax_plan
 from kernels.threads import get_num_threads, set_num_threads
 
 __all__ = [
     "Conv2dFloat32Plan",
     "ConvPlan",
+    "DynamicLinearPlan",
+    "LayerNormPlan",
     "LinearPlan",
     "PackedCodebook",
     "PackedConvBinary",
@@ -47,6 +52,7 @@ __all__ = [
     "PackedInt4",
     "PackedInt8",
     "PackedTernary",
+    "SoftmaxPlan",
     "avg_pool2d",
     "avg_pool2d_float32",
     "avg_pool2d_float32_plan",
@@ -74,6 +80,10 @@ __all__ = [
     "get_num_threads",
     "global_avg_pool2d",
     "global_avg_pool2d_plan",
+    "layer_norm",
+    "layer_norm_plan",
+    "linear_dynamic_int8",
+    "linear_dynamic_int8_plan",
     "linear_int8",
     "linear_int8_plan",
     "lookup_table",
@@ -108,6 +118,8 @@ __all__ = [
     "quantize_linear_to_nhwc",
     "quantize_linear_to_nhwc_plan",
     "set_num_threads",
+    "softmax",
+    "softmax_plan",
     "unpack_bits",
 ]
 

@@ -10,11 +10,12 @@ compute in float32 operation for operation as their NumPy formulas (bit for bit;
 transcendental ones (Exp, Sigmoid, Tanh, Erf, both Gelu forms) compute in float64 and round once, so they are
 within an ulp or so of their function (closer than the float32 NumPy formulas, which lose all relative precision
 where ``1 + tanh`` or ``1 + erf`` cancels; the erf form of Gelu keeps the rational's 2e-9 absolute error in
-``1 + erf``, so its relative error grows below ``x = -4``, where ``|y| < 1.3e-4``). :func:`_exp64` is the one
+``1 + erf``, so its relative error grows below ``x = -4``, where ``|y| < 1.3e-4``). :func:`exp64` is the one
 transcendental: a degree-9 Taylor polynomial of ``e^r``, ``|r| <= ln2 / 2`` (truncation error below ``1e-11``),
 scaled by ``2^n`` through the float64 exponent bits (no libm call, so the loops vectorise; Numba has no vector
-math library here); divisions are float32's and a Newton step (:func:`_reciprocal64`). Erf is the
-rational ``x P(x^2) / Q(x^2)`` of :data:`ERF_P` in float64.
+math library here); divisions are float32's and a Newton step (:func:`reciprocal64`). Erf is the
+rational ``x P(x^2) / Q(x^2)`` of :data:`ERF_P` in float64. :func:`exp32` is the same construction in float32
+(degree 7, within 1.5 ulp), for kernels whose float32 result allows it (``kernels.softmax``).
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ ERF_CLAMP = 3.92
 _LOG2E, _LN2 = 1.4426950408889634, 0.6931471805599453
 _ROUND64 = 1.5 * 2.0**52  # t + _ROUND64 holds rint(t) in its low mantissa bits for |t| < 2^51
 _ROUND64_BITS = np.int64(0x4338000000000000)  # the bits of _ROUND64
+_ROUND32 = np.float32(1.5 * 2.0**23)  # t + _ROUND32 holds rint(t) in its low mantissa bits for |t| < 2^22
+_ROUND32_BITS = np.int32(0x4B400000)  # the bits of _ROUND32
 _EXP_LO, _EXP_HI = -110.0, 90.0  # e^x rounds to 0 / inf in float32 past these; 2^n stays a normal float64
 _SQRT_HALF, _SQRT_2_PI = 1 / math.sqrt(2.0), math.sqrt(2.0 / math.pi)
 _SIXTH = np.float32(1 / 6)
@@ -50,7 +53,7 @@ _SIXTH = np.float32(1 / 6)
 # ---- scalar helpers (inlined into the loops) -------------------------------------------------------------------------
 
 @kernel(inline="always")
-def _exp64(x):
+def exp64(x):
     """``e^x`` in float64 to ~1e-11 relative for ``x`` clamped to ``[-110, 90]`` (0 below; NaN stays NaN):
     ``x = n ln2 + r``, ``n = rint(x log2 e)``, ``e^r`` by Taylor's polynomial of degree 9, times ``2^n`` built from
     its bits."""
@@ -66,7 +69,27 @@ def _exp64(x):
 
 
 @kernel(inline="always")
-def _reciprocal64(d):
+def exp32(x):
+    """``e^x`` in float32 within 1.5 ulp for ``x`` in ``[-87, 88.7]`` (0 below -87.3, inf above 88.72; NaN kept):
+    ``x = n ln2 + r`` with ``ln2`` split in two (Cody and Waite: ``n ln2_hi`` is exact), ``e^r`` by Taylor's
+    polynomial of degree 7 (truncation below 2e-9), times ``2^n`` built from its bits. Twice the lanes of
+    :func:`exp64`, for loops whose result is float32 anyway (softmax)."""
+    c = np.float32(-87.3) if x < np.float32(-87.3) else x
+    c = np.float32(88.72) if c > np.float32(88.72) else c
+    shifted = c * np.float32(_LOG2E) + _ROUND32
+    n = shifted - _ROUND32
+    r = (c - n * np.float32(0.693359375)) - n * np.float32(-2.12194440e-4)
+    p = np.float32(1.0) + r * (np.float32(1.0) + r * (np.float32(1 / 2) + r * (np.float32(1 / 6) + r * (
+        np.float32(1 / 24) + r * (np.float32(1 / 120) + r * (np.float32(1 / 720) + r * np.float32(1 / 5040)))))))
+    top = n > np.float32(127.5)  # 2^128 is no float32: 2^127 and one more doubling
+    bits = np.float32(shifted).view(np.int32) - _ROUND32_BITS + 127 - (1 if top else 0)
+    p = p * (np.float32(2.0) if top else np.float32(1.0))
+    y = np.float32(np.inf) if x > np.float32(88.72) else p * np.int32(bits << 23).view(np.float32)
+    return np.float32(0.0) if x < np.float32(-87.3) else y
+
+
+@kernel(inline="always")
+def reciprocal64(d):
     """``1 / d`` in float64 to ~4e-15 relative for ``d`` in float32's normal range: float32's division (several
     times the throughput of float64's) and one Newton step ``r (2 - d r)``, which squares its error."""
     r = np.float64(np.float32(1) / np.float32(d))
@@ -76,8 +99,8 @@ def _reciprocal64(d):
 @kernel(inline="always")
 def _sigmoid64(x):
     """``1 / (1 + e^-x)`` in float64, from ``t = e^-|x| <= 1``: ``1 / (1 + t)``, or ``t / (1 + t)`` for ``x < 0``."""
-    t = _exp64(-abs(x))
-    s = _reciprocal64(1.0 + t)
+    t = exp64(-abs(x))
+    s = reciprocal64(1.0 + t)
     return s if x >= 0 else t * s
 
 
@@ -88,8 +111,8 @@ def _tanh64(x):
     a = abs(x)
     u = x * x
     small = x * (1.0 + u * (-1 / 3 + u * (2 / 15 + u * (-17 / 315 + u * (62 / 2835)))))
-    t = _exp64(-2.0 * a)
-    large = math.copysign((1.0 - t) * _reciprocal64(1.0 + t), x)
+    t = exp64(-2.0 * a)
+    large = math.copysign((1.0 - t) * reciprocal64(1.0 + t), x)
     return small if a < 0.0625 else large
 
 
@@ -100,7 +123,7 @@ def _erf64(x):
     u = c * c
     p = ERF_P[0] + u * (ERF_P[1] + u * (ERF_P[2] + u * (ERF_P[3] + u * (ERF_P[4] + u * (ERF_P[5] + u * ERF_P[6])))))
     q = ERF_Q[0] + u * (ERF_Q[1] + u * (ERF_Q[2] + u * (ERF_Q[3] + u * (ERF_Q[4] + u * ERF_Q[5]))))
-    return c * p * _reciprocal64(q)
+    return c * p * reciprocal64(q)
 
 
 @kernel(inline="always")
@@ -183,11 +206,11 @@ def reciprocal(x, out):
 
 @kernel(error_model="numpy")
 def exp(x, out):
-    """Exp: ``out = e^x`` (float64 :func:`_exp64`, rounded once: 0 below -103.98, inf above 88.73); arrays as
+    """Exp: ``out = e^x`` (float64 :func:`exp64`, rounded once: 0 below -103.98, inf above 88.73); arrays as
     :func:`clip`."""
     xf, yf = x.reshape(x.size), out.reshape(x.size)
     for i in range(x.size):
-        yf[i] = np.float32(_exp64(np.float64(xf[i])))
+        yf[i] = np.float32(exp64(np.float64(xf[i])))
 
 
 @kernel(error_model="numpy")

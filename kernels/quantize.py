@@ -115,6 +115,38 @@ def _quantize_nhwc_range(x, scale, lo, hi, zero_point, out, tile, n0, n1):
 
 
 @kernel
+def dynamic_rows(x, lows, highs, codes, scales, zeros, sums):
+    """ONNX DynamicQuantizeLinear of the rows of ``x [M, K]`` (float32, C-contiguous), row ``r`` over the range
+    ``[lo, hi] = [min(0, lows[r]), max(0, highs[r])]`` (``lows``, ``highs`` float32 ``[M]``: the minimum and
+    maximum of the row, or of all of x, NumPy's vector reductions: Numba's do not vectorise)::
+
+        scale = (hi - lo) / 255   (1 / 255 when hi == lo),   zero = rint(clip(-lo / scale, 0, 255))
+        codes = saturate(rint(x / scale) + zero)
+
+    all in float32 as ONNX. ``codes [M, K]`` uint8, ``scales [M]`` float32, ``zeros [M]`` int32, ``sums [M]``
+    int64 the sum of each row's codes (for weight zero points). Returns whether ``x`` held NaN (its codes are then
+    meaningless).
+    """
+    m, k = x.shape
+    nan = False
+    for r in range(m):
+        row, out = x[r], codes[r]
+        lo, hi = min(lows[r], np.float32(0.0)), max(highs[r], np.float32(0.0))
+        scale = (hi - lo if hi != lo else np.float32(1.0)) / np.float32(255.0)
+        zero = _code(np.float32(0.0) - lo / scale, np.float32(0.0), np.float32(255.0), np.float32(0.0))
+        zp = np.float32(zero)
+        total = np.int64(0)
+        for j in range(k):
+            v = row[j] / scale
+            nan |= v != v
+            c = _code(v, -zp, np.float32(255.0) - zp, zp)
+            out[j] = c
+            total += c
+        scales[r], zeros[r], sums[r] = scale, zero, total
+    return nan
+
+
+@kernel
 def _dequantize_range(q, scale, zero_point, out, i0, i1):
     """``out[i] = float32(int32(q[i]) - zero_point) * scale`` for ``i0 <= i < i1``; ``out`` float32 [n].
 

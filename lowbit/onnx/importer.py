@@ -6,9 +6,10 @@ initializers and ``Constant`` nodes become ``params``, symbolic dimensions (``"b
 until a run binds them. Then the graph is rewritten once: Q/DQ patterns fused into integer ops
 (:func:`lowbit.runtime.qdq_fusion.fuse_qdq`), dynamic quantization chains fused into one op
 (:func:`lowbit.runtime.dynamic_fusion.fuse_dynamic_matmul`), constant subgraphs folded
-(:func:`lowbit.runtime.passes.fold_constants`). The graph stays NCHW as ONNX wrote it (a
-:class:`lowbit.Session` moves convolution chains channels-last when it runs it). A model lowbit cannot run fails here, with every
-unsupported op listed, never halfway through a run.
+(:func:`lowbit.runtime.passes.fold_constants`), transformers' GELU and attention softmax patterns fused
+(:func:`lowbit.runtime.transformer_fusion.fuse_transformer_ops`). The graph stays NCHW as ONNX wrote it (a
+:class:`lowbit.Session` moves convolution chains channels-last when it runs it). A model lowbit cannot run fails
+here, with every unsupported op listed, never halfway through a run.
 
 Loading never executes code: protobuf is parsed into plain arrays and values. Tensors stored outside
 the file (external data, models over 2 GB) are read from the model's folder only: a location that is
@@ -331,16 +332,17 @@ def _check_supported(graph: Graph, unsupported: dict[str, list[str]]) -> None:
 
 
 def import_model(model: Any, *, optimize: bool = True) -> Imported:
-    """Read and convert ``model`` (path, bytes or ModelProto); with ``optimize``, fuse Q/DQ and fold constants."""
+    """Read and convert ``model`` (path, bytes or ModelProto); with ``optimize``, fuse patterns and fold constants."""
     from lowbit.runtime.dynamic_fusion import fuse_dynamic_matmul
     from lowbit.runtime.passes import fold_constants
     from lowbit.runtime.qdq_fusion import fuse_qdq
+    from lowbit.runtime.transformer_fusion import fuse_transformer_ops
 
     proto, folder = read_model(model)
     imported = _convert(proto, folder)
     imported.tensors = frozenset(t for node in imported.graph.nodes for t in node.outputs)
-    if optimize:  # fused Q/DQ patterns and folded constants need no kernel of their own
-        imported.graph = fold_constants(fuse_dynamic_matmul(fuse_qdq(imported.graph)))
+    if optimize:  # fused patterns (Q/DQ, dynamic products, GELU, attention's softmax) and folded constants
+        imported.graph = fuse_transformer_ops(fold_constants(fuse_dynamic_matmul(fuse_qdq(imported.graph))))
     _check_supported(imported.graph, {})
     return imported
 

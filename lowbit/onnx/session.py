@@ -31,6 +31,9 @@ from lowbit.runtime.session import Session
 PROVIDERS = ["CPUExecutionProvider"]
 #: Session config entry: "0" runs node by node instead of chaining kernels into compiled functions.
 COMPILED_CHAINS = "session.lowbit.compiled_chains"
+#: Session config entry: "1" quantizes the activations of dynamic int8 products (DynamicQuantizeMatMul, as
+#: ``quantize_dynamic`` writes them) per row, each token with its own range, instead of per tensor.
+DYNAMIC_PER_TOKEN = "session.lowbit.dynamic_per_token"
 SUB_BYTE = ("int4", "uint4", "int2", "uint2")  # ONNX types lowbit holds one code per byte
 
 
@@ -56,7 +59,8 @@ class SessionOptions:
     ``intra_op_num_threads``: threads of the kernels (0: all cores); ``graph_optimization_level``;
     ``enable_profiling``: record lowbit's per-node profile, written by
     :meth:`InferenceSession.end_profiling` to ``<profile_file_prefix>_<time>.json``. Config entry
-    :data:`COMPILED_CHAINS` ``"0"``: run node by node (``lowbit.Session(..., compiled=False)``).
+    :data:`COMPILED_CHAINS` ``"0"``: run node by node (``lowbit.Session(..., compiled=False)``);
+    :data:`DYNAMIC_PER_TOKEN` ``"1"``: dynamic int8 products quantize each token with its own range.
     """
 
     intra_op_num_threads: int = 0
@@ -138,6 +142,10 @@ class InferenceSession:
         # ORT_DISABLE_ALL runs the graph as written: no Q/DQ or dynamic fusion, folding, batch-norm folding
         optimize = options.graph_optimization_level != GraphOptimizationLevel.ORT_DISABLE_ALL
         imported = import_model(path_or_bytes, optimize=optimize)
+        if options.config_entries.get(DYNAMIC_PER_TOKEN, "0") == "1":
+            for node in imported.graph.nodes:
+                if node.op == "com.microsoft.DynamicQuantizeMatMul":
+                    node.attrs["per_row"] = 1
         self._inputs = [_node_arg(i) for i in imported.inputs]
         self._outputs = [_node_arg(o) for o in imported.outputs]
         self._meta = ModelMetadata(**{k: imported.metadata[k] for k in ModelMetadata.__dataclass_fields__})

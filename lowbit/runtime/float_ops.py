@@ -642,6 +642,20 @@ def _normalization(node: Node, graph: Graph, inputs: list[Spec], axis: int, *, c
     rows, d = _product(shape[:axis]), _product(shape[axis:])
     stats = shape[:axis] + (1,) * (len(shape) - axis)
     specs = {"y": (shape, F32), "mean": (stats, F32), "inv": (stats, F32), "sum": (shape, F32)}
+    names = layout[:len(node.outputs)]
+    last = axis == len(shape) - 1
+    vectors = _last_axis_vectors(node, constants, d, (scale, bias, skip and skip[1])) if last else None
+    if vectors is not None and vectors[0] is not None and (skip is None or tuple(inputs[skip[0]][0]) == shape):
+        gamma, beta, skip_bias = vectors
+        plan = kernels.layer_norm_plan(shape, gamma, beta, epsilon=eps, skip=skip is not None, bias=skip_bias,
+                                       rms=not centred)
+        entry = plan.entry(names)
+
+        def run_kernel(ins, outs):
+            entry([np.ascontiguousarray(x) if x is not None else x for x in ins], outs)
+
+        return Kernel(run_kernel, [specs[kind] for kind in names], ops=8 * _product(shape),
+                      note="kernels.layer_norm", entry=entry)
     scratch = {kind: np.empty(specs[kind][0], F32) for kind in ("mean", "inv", "sum") if kind not in position}
     normalize, operands = _normalizer(rows, d, eps, centred), _bind(constants)
     present_bias = bias is not None and _given(node, bias)
@@ -663,6 +677,21 @@ def _normalization(node: Node, graph: Graph, inputs: list[Spec], axis: int, *, c
             np.add(y, xs[bias], out=y)
 
     return Kernel(run, [specs[kind] for kind in layout[:len(node.outputs)]], ops=8 * _product(shape))
+
+
+def _last_axis_vectors(node: Node, constants: dict[int, np.ndarray], d: int, indices: tuple) -> tuple | None:
+    """The constant inputs at ``indices`` as ``[d]`` float32 vectors (None for an absent optional input or index),
+    when each is a constant broadcasting along the last axis only; else None."""
+    vectors = []
+    for i in indices:
+        if i is None or not _given(node, i):
+            vectors.append(None)
+            continue
+        value = constants.get(i)
+        if value is None or value.size != d or any(s != 1 for s in value.shape[:-1]):
+            return None
+        vectors.append(np.ascontiguousarray(value.reshape(d), np.float32))
+    return tuple(vectors)
 
 
 @preparer("LayerNormalization")
@@ -1016,6 +1045,8 @@ def prepare_softmax(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
     shape, dtype = inputs[0]
     opset = graph.opset_of(node.op)
     axis = _axis(node, int(attr(node, "axis", -1 if opset >= 13 else 1)), len(shape))
+    if node.op == "Softmax" and np.dtype(dtype) == F32 and axis == len(shape) - 1 and shape[-1] > 0:
+        return _softmax_kernel(tuple(shape), 1.0, None)
     pre = _product(shape[:axis])
     view = (pre, shape[axis], _product(shape[axis + 1:])) if opset >= 13 else (pre, _product(shape[axis:]), 1)
     reduced = np.empty((view[0], 1, view[2]), dtype)
@@ -1036,6 +1067,42 @@ def prepare_softmax(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
             np.subtract(y, reduced, out=y)
 
     return Kernel(run, [(shape, dtype)], ops=4 * _product(shape))
+
+
+def _softmax_kernel(shape: Shape, scale: float, mask_shape: Shape | None) -> Kernel:
+    """Softmax of ``scale x (+ mask)`` over the last axis on ``kernels.softmax`` (an entry; inputs x, mask)."""
+    entry = kernels.softmax_plan(shape, scale=scale, mask_shape=mask_shape).entry()
+
+    def run(ins, outs):
+        entry([np.ascontiguousarray(x) for x in ins], outs)
+
+    return Kernel(run, [(shape, F32)], ops=4 * _product(shape), note="kernels.softmax", entry=entry)
+
+
+@preparer("lowbit.MaskedSoftmax")
+def prepare_masked_softmax(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
+    """lowbit's attention softmax (:mod:`lowbit.runtime.transformer_fusion`): ``Softmax(scale * x + mask)`` over
+    the last axis, float32; a mask that does not broadcast along the scores' rows (or other dtypes) computes the
+    three ONNX ops in NumPy."""
+    (shape, dtype), (mask_shape, mask_dtype) = inputs[0], inputs[1]
+    scale = float(attr(node, "scale", 1.0))
+    shape, mask_shape = tuple(shape), tuple(mask_shape)
+    if _broadcast(node, mask_shape, shape) != shape:
+        raise _fail(node, f"mask {list(mask_shape)} does not broadcast to the scores {list(shape)}")
+    if (np.dtype(dtype) == F32 and np.dtype(mask_dtype) == F32 and shape and shape[-1] > 0 and mask_shape
+            and mask_shape[-1] == shape[-1]):
+        return _softmax_kernel(shape, scale, mask_shape)
+    view = (_product(shape[:-1]), shape[-1]) if shape else (1, 1)
+
+    def run(ins, outs):
+        y = outs[0]
+        np.add(ins[0] * np.asarray(scale, dtype), ins[1], out=y)
+        rows = y.reshape(view)
+        rows -= rows.max(axis=1, keepdims=True)
+        np.exp(rows, out=rows)
+        rows /= rows.sum(axis=1, keepdims=True)
+
+    return Kernel(run, [(shape, dtype)], ops=5 * _product(shape))
 
 
 # ---- pooling -------------------------------------------------------------------------------------------------------

@@ -247,8 +247,10 @@ def prepare_dynamic_quantize_matmul(node: Node, graph: Graph, inputs: Inputs) ->
 
         Y = (A_q - za) @ (B - b_zero_point) * (sa * b_scale[n]) + bias[n]
 
-    as MatMulIntegerToFloat (exact products, float64 scaling; ONNX Runtime: float32, within float rounding).
-    A 2-D ``B`` parameter runs ``kernels.linear_int8`` on weights packed once; the rest exact NumPy.
+    as MatMulIntegerToFloat (exact products). A 2-D ``B`` parameter with a float32 scale runs
+    ``kernels.linear_dynamic_int8`` (float32 scaling, as ONNX Runtime) on weights packed once; the rest exact
+    NumPy (float64 scaling). lowbit's attribute ``per_row=1`` quantizes each row of ``A`` (each token) with its
+    own range instead (:func:`lowbit.onnx.session` sets it for ``session.lowbit.dynamic_per_token``).
     """
     a = _spec(node, graph, inputs, 0)
     if a is None or a[1] != F32:
@@ -259,18 +261,18 @@ def prepare_dynamic_quantize_matmul(node: Node, graph: Graph, inputs: Inputs) ->
     _bias(node, graph, inputs, 4, b[0][-1], F32)
     out, k = (shape, F32), a[0][-1]
     ops = 2 * math.prod(shape) * k
-    if len(b[0]) == 2 and _all_parameters(node, graph, range(1, 5)):
+    per_row = bool(node.attrs.get("per_row", 0))
+    constants = len(b[0]) == 2 and _all_parameters(node, graph, range(1, 5))
+    if constants and np.dtype(_spec(node, graph, inputs, 2)[1]) == F32:
         w, w_zero = _int8_columns(_constant(node, graph, 1), _value(node, graph, 3))
-        packed, w_scale = kernels.pack_int8(w), _value(node, graph, 2)
         bias = _constant(node, graph, 4)
-        bias = None if bias is None else bias.reshape(-1)
-
-        def product(x: np.ndarray, y: np.ndarray) -> None:
-            codes, scale, zero = dynamic_quantize_linear(x)
-            kernels.linear_int8(codes, packed, a_scale=scale, a_zero_point=int(zero), w_scale=w_scale,
-                                w_zero_point=w_zero, bias=bias, out=y)
-
-        return Kernel(_by_rows(product, k, w.shape[0]), [out], ops, "int8", "dynamic uint8 + linear_int8")
+        w_scale = np.asarray(_value(node, graph, 2)).reshape(-1)
+        plan = kernels.linear_dynamic_int8_plan(kernels.pack_int8(w), w_scale, w_zero,
+                                                None if bias is None else bias.reshape(-1), per_row=per_row)
+        note = f"linear_dynamic_int8{', per token' * per_row}"
+        return Kernel(lambda ins, outs: [plan(ins[0], out=outs[0])], [out], ops, "int8", note)
+    if per_row:
+        raise _fail(node, "per_row needs B, its scale, zero point and bias as constants, B 2-D, the scale float32")
 
     def run(ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
         x, b, b_scale, b_zero, bias = (ins + [None] * 5)[:5]

@@ -79,3 +79,22 @@ def test_does_not_fuse_observed_or_foreign_patterns(rng, tmp_path):
     assert FUSED not in [n.op for n in fuse_dynamic_matmul(cast_int).nodes]
     plain = lowbit_onnx.load(_float_model(rng), optimize=False)  # nothing to fuse: the same nodes
     assert [n.op for n in fuse_dynamic_matmul(plain).nodes] == [n.op for n in plain.nodes]
+
+
+def test_per_token_sessions_quantize_each_row(rng, tmp_path):
+    """``session.lowbit.dynamic_per_token``: each token with its own range, closer to the float model."""
+    import lowbit.onnx
+
+    float_model = _float_model(rng)
+    model = _dynamic(tmp_path, float_model)
+    x = rng.normal(0, 1, (2, 5, 24)).astype(np.float32)
+    x[0] *= 30  # one batch item far larger: one scale for all costs the other its resolution
+    options = lowbit.onnx.SessionOptions()
+    options.add_session_config_entry(lowbit.onnx.session.DYNAMIC_PER_TOKEN, "1")
+    per_token = lowbit.onnx.InferenceSession(model.SerializeToString(), options)
+    assert "per token" in str(per_token.profile({"x": x}))
+    per_tensor = lowbit.onnx.InferenceSession(model.SerializeToString())
+    exact = ort.InferenceSession(float_model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x})[0]
+    errors = [np.abs(s.run(None, {"x": x})[0] - exact)[1].max() for s in (per_tensor, per_token)]
+    assert errors[1] < errors[0] / 5

@@ -1,0 +1,122 @@
+"""Linear layers with float32 activations quantized at call time (ONNX Runtime's DynamicQuantizeMatMul, and per
+token): one compiled pass quantizes the activations, the int8 GEMM multiplies the codes, one compiled pass
+scales the products to float32.
+
+For activations ``x [M, K]`` and int8 weights ``w [N, K]`` (per-channel scale ``sw``, zero point ``zw``)::
+
+    xq[m] = DynamicQuantizeLinear(x[m])            codes, scale sa[m], zero point za[m]: of all of x, or per row
+    y[m, n] = sum_k (xq[m, k] - za[m]) (w[n, k] - zw[n]) * (sa[m] sw[n]) + bias[n]
+
+With one scale for all of ``x``, the codes run :func:`kernels.linear_int8` (its epilogue fused in the GEMM, its
+plan for each call's scale and zero point kept on the packed weight). Per row, the integer sum is exact: the
+GEMM forms ``sum xq w`` (uint8 x int8, int32), the epilogue subtracts ``za sum_k w[n]`` and
+``zw sum_k (xq[m] - za)`` in int32 (K at most :data:`MAX_K`), then scales in float32 (as ONNX Runtime: the int32
+sum converted to float32, times the float32 product of the scales). Per-row scales follow each token's own
+range: more accurate than one scale for the whole batch, which ONNX's operator prescribes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kernels import _validate
+from kernels._jit import kernel
+from kernels.gemm.int8 import _weights, gemm_int8_plan, linear_int8
+from kernels.quantize import dynamic_rows
+
+F32 = np.dtype(np.float32)
+MAX_K = (2**31 - 1) // (3 * 255 * 128)  # 21929: every int32 term of the correction stays in range
+_NO_BIAS = np.zeros(0, np.float32)
+
+
+@kernel
+def _scale_products(acc, zeros, scales, sums, col_sums, w_zp, w_scale, bias, k, out):
+    """``out [M, N] = (acc - za col_sums - zw (sums - K za)) * (sa sw) (+ bias)``: the module's formula from the
+    GEMM's ``acc [M, N]`` int32 (``zeros`` int32, ``scales`` float32, ``sums`` int64 per row; ``col_sums``,
+    ``w_zp`` int32, ``w_scale`` float32, ``bias`` float32 or empty per column). The correction is int32: each of
+    its three terms is at most ``255 * 128 * K`` in magnitude, so the caller keeps ``3 * 255 * 128 * K < 2^31``."""
+    m, n = acc.shape
+    with_bias = bias.size > 0
+    scale = np.empty(n, np.float32)
+    for r in range(m):
+        za, centred = zeros[r], np.int32(sums[r] - k * np.int64(zeros[r]))
+        for c in range(n):
+            scale[c] = scales[r] * w_scale[c]
+        a, y = acc[r], out[r]
+        if with_bias:
+            for c in range(n):
+                y[c] = np.float32(a[c] - za * col_sums[c] - w_zp[c] * centred) * scale[c] + bias[c]
+        else:
+            for c in range(n):
+                y[c] = np.float32(a[c] - za * col_sums[c] - w_zp[c] * centred) * scale[c]
+
+
+class DynamicLinearPlan:
+    """:func:`linear_dynamic_int8` prepared for one weight: ``plan(x, out=None)`` for float32 ``x [..., K]``."""
+
+    def __init__(self, w, w_scale, w_zero_point, bias, per_row: bool):
+        self.packed = _weights(w, "w")
+        n, k = self.packed.n, self.packed.k
+        self.w_scale = np.ascontiguousarray(_validate.per_channel("w_scale", w_scale, n, np.float32))
+        if not (np.isfinite(self.w_scale).all() and (self.w_scale > 0).all()):
+            raise ValueError("w_scale: expected finite values > 0")
+        self.w_zp = np.ascontiguousarray(_validate.per_channel("w_zero_point", w_zero_point, n, np.int64))
+        _validate.integer_in("w_zero_point", self.w_zp, -128, 127)
+        if k > MAX_K:
+            raise ValueError(f"w: K = {k} exceeds {MAX_K}, the longest K whose corrected int32 sums cannot overflow")
+        self.col_sums = self.packed.col_sums.astype(np.int32)
+        self.w_zp = self.w_zp.astype(np.int32)
+        self.bias = _NO_BIAS if bias is None else np.ascontiguousarray(
+            _validate.per_channel("bias", bias, n, np.float32))
+        self.per_row = bool(per_row)
+        self._gemm = gemm_int8_plan(self.packed, a_dtype=np.uint8, a_zero_point=0)
+
+    def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        n, k = self.packed.n, self.packed.k
+        if not isinstance(x, np.ndarray) or x.dtype != F32:
+            raise TypeError(f"x: expected a float32 numpy.ndarray, got {getattr(x, 'dtype', type(x).__name__)}")
+        if x.ndim < 1 or x.shape[-1] != k:
+            raise ValueError(f"x: expected a last axis of K = {k} (the weights'), got shape {x.shape}")
+        shape = x.shape[:-1] + (n,)
+        out = np.empty(shape, F32) if out is None else _validate.out(out, shape, F32)
+        rows = np.ascontiguousarray(x).reshape(-1, k)
+        m = rows.shape[0]
+        codes = np.empty((m, k), np.uint8)
+        scales, zeros, sums = np.empty(m, np.float32), np.empty(m, np.int32), np.empty(m, np.int64)
+        if self.per_row:
+            lows, highs = rows.min(axis=1), rows.max(axis=1)
+        else:
+            lows, highs = np.full(m, rows.min(), F32), np.full(m, rows.max(), F32)
+        if dynamic_rows(rows, lows, highs, codes, scales, zeros, sums):
+            raise ValueError("x: NaN value(s); dynamic quantization is undefined for NaN")
+        if not self.per_row:  # one scale: linear_int8's fused epilogue, its plan for this scale cached on w
+            linear_int8(codes, self.packed, a_scale=scales[0], a_zero_point=int(zeros[0]), w_scale=self.w_scale,
+                        w_zero_point=self.w_zp, bias=self.bias if self.bias.size else None, out=out.reshape(m, n))
+            return out
+        acc = self._gemm(codes)
+        _scale_products(acc, zeros, scales, sums, self.col_sums, self.w_zp, self.w_scale, self.bias, k,
+                        out.reshape(m, n))
+        return out
+
+
+def linear_dynamic_int8_plan(w, w_scale, w_zero_point=0, bias=None, *, per_row: bool = False) -> DynamicLinearPlan:
+    """:func:`linear_dynamic_int8` prepared once for the weights: ``plan(x, out=None)``."""
+    return DynamicLinearPlan(w, w_scale, w_zero_point, bias, per_row)
+
+
+def linear_dynamic_int8(x: np.ndarray, w, w_scale, w_zero_point=0, bias=None, *, per_row: bool = False,
+                        out: np.ndarray | None = None) -> np.ndarray:
+    """A linear layer on float32 activations quantized at call time (formula in the module docstring).
+
+    Parameters
+    ----------
+    x : float32 ndarray [..., K]
+    w : int8 ndarray [N, K] or ``kernels.pack_int8(w)``
+    w_scale : positive float scalar or [N]; w_zero_point : int scalar or [N] in [-128, 127]
+    bias : float scalar or [N], optional
+    per_row : quantize each row of ``x`` (each token) with its own range, instead of all of ``x`` with one
+    out : float32 C-contiguous ndarray [..., N], optional
+
+    Returns float32 ndarray [..., N] (``out`` if given). NaN in ``x`` raises ``ValueError``.
+    """
+    return linear_dynamic_int8_plan(w, w_scale, w_zero_point, bias, per_row=per_row)(x, out)

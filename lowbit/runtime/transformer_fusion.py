@@ -1,0 +1,151 @@
+"""Fusion of the elementwise patterns torch.onnx writes for transformers into single ops on lowbit's kernels.
+
+GELU (exact), as ``x * 0.5 * (1 + erf(x / sqrt 2))`` in five nodes, in any order of its two products::
+
+    d = Div(x, sqrt 2) or Mul(x, 1 / sqrt 2);  e = Erf(d);  a = Add(e, 1)
+    y = Mul(Mul(x, a), 0.5)  or  Mul(x, Mul(a, 0.5))  or  Mul(Mul(x, 0.5), a)
+
+becomes ``com.microsoft.Gelu(x)``, and ``com.microsoft.BiasGelu(t, b)`` when ``x = Add(t, b)`` with ``b`` a
+constant vector (a Linear's bias after its MatMul). Attention's scores::
+
+    s = Div(q_k, c) or Mul(q_k, c);  v = Add(s, mask);  p = Softmax(v, axis=-1)
+
+become ``lowbit.MaskedSoftmax(q_k, mask, scale=1/c or c)``: one pass over the scores
+(``kernels.softmax``), where ONNX Runtime's graph runs three. The scalars must match to float32 precision, every
+tensor inside a pattern must have no other reader and not be a graph output. The pass is pure (a new graph) and
+linear in the number of nodes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from lowbit.graph.ir import Graph, GraphIndex, Node
+from lowbit.runtime.passes import _private
+
+
+def _scalar(graph: Graph, tensor: str) -> float | None:
+    """The value of a one-element float constant, else None."""
+    value = graph.params.get(tensor)
+    if value is None or value.size != 1 or value.dtype.kind != "f":
+        return None
+    return float(value.reshape(-1)[0])
+
+
+def _near(value: float | None, target: float) -> bool:
+    return value is not None and abs(value - target) <= 1e-6 * abs(target)
+
+
+def _operand(graph: Graph, node: Node, target: float) -> str | None:
+    """For a binary ``node`` with one operand a scalar constant near ``target``: the other operand."""
+    if len(node.inputs) != 2:
+        return None
+    a, b = node.inputs
+    if _near(_scalar(graph, b), target):
+        return a
+    if _near(_scalar(graph, a), target):
+        return b
+    return None
+
+
+def _other(node: Node, tensor: str) -> str | None:
+    if len(node.inputs) != 2 or tensor not in node.inputs:
+        return None
+    a, b = node.inputs
+    return b if a == tensor else a
+
+
+def _gelu(graph: Graph, index: GraphIndex, erf: Node) -> tuple[list[Node], str, str] | None:
+    """For an Erf: ``(nodes replaced, x, y)`` of the GELU pattern around it, or None."""
+    scaled = index.producer.get(erf.inputs[0])
+    if scaled is None or _private(graph, index, erf.inputs[0]) is not erf:
+        return None
+    x = (_operand(graph, scaled, math.sqrt(2.0)) if scaled.op == "Div"
+         else _operand(graph, scaled, 1 / math.sqrt(2.0)) if scaled.op == "Mul" else None)
+    plus = _private(graph, index, erf.outputs[0])
+    if x is None or plus is None or plus.op != "Add" or _operand(graph, plus, 1.0) != erf.outputs[0]:
+        return None
+    first = _private(graph, index, plus.outputs[0])
+    if first is None or first.op != "Mul":
+        return None
+    partner = _other(first, plus.outputs[0])
+    half_x = index.producer.get(partner)
+    if partner == x:  # Mul(x, a), then times 0.5
+        second = _private(graph, index, first.outputs[0])
+        if second is None or second.op != "Mul" or _operand(graph, second, 0.5) != first.outputs[0]:
+            return None
+        return [scaled, erf, plus, first, second], x, second.outputs[0]
+    if _operand(graph, first, 0.5) == plus.outputs[0]:  # Mul(a, 0.5), then times x
+        second = _private(graph, index, first.outputs[0])
+        if second is None or second.op != "Mul" or _other(second, first.outputs[0]) != x:
+            return None
+        return [scaled, erf, plus, first, second], x, second.outputs[0]
+    if (half_x is not None and half_x.op == "Mul" and _operand(graph, half_x, 0.5) == x
+            and _private(graph, index, partner) is first):  # Mul(x, 0.5), times a
+        return [scaled, half_x, erf, plus, first], x, first.outputs[0]
+    return None
+
+
+def _masked_softmax(graph: Graph, index: GraphIndex, softmax: Node) -> tuple[list[Node], list[str], float] | None:
+    """For a Softmax over the last axis: ``(nodes replaced, [scores, mask], scale)``, or None."""
+    if graph.opset_of(softmax.op) < 13 or softmax.attrs.get("axis", -1) != -1:  # ranks are not known here
+        return None
+    add = index.producer.get(softmax.inputs[0])
+    if add is None or add.op != "Add" or len(add.inputs) != 2 or _private(graph, index, add.outputs[0]) is not softmax:
+        return None
+    for scores, mask in (add.inputs, add.inputs[::-1]):
+        scaling = index.producer.get(scores)
+        if scaling is None or scaling.op not in ("Div", "Mul") or _private(graph, index, scores) is not add:
+            continue
+        qk, c = scaling.inputs if len(scaling.inputs) == 2 else (None, None)
+        value = _scalar(graph, c)
+        if value is None or value == 0.0 or (scaling.op == "Mul" and _scalar(graph, qk) is not None):
+            continue
+        return [scaling, add, softmax], [qk, mask], 1.0 / value if scaling.op == "Div" else value
+    return None
+
+
+def fuse_transformer_ops(graph: Graph) -> Graph:
+    """Rewrite GELU and scaled, masked Softmax patterns (see the module docstring) into single nodes."""
+    out = graph.copy()
+    index = out.index()
+    replaced: dict[int, Node | None] = {}  # id(node) -> the fused node taking its place, or None (removed)
+
+    def replace(nodes: list[Node], fused: Node) -> None:
+        replaced.update({id(n): None for n in nodes})
+        replaced[id(nodes[-1])] = fused  # the last node's place keeps the topological order
+
+    for node in out.nodes:
+        if id(node) in replaced:
+            continue
+        if node.op == "Erf" and (found := _gelu(out, index, node)) is not None:
+            nodes, x, y = found
+            add = index.producer.get(x)
+            inside = x not in out.outputs and {id(n) for n in index.consumers[x]} <= {id(n) for n in nodes}
+            bias = _bias(out, add) if add is not None and inside and id(add) not in replaced else None
+            if bias is not None:  # the GELU reads x only: its bias Add goes in too
+                replace([add, *nodes], Node("com.microsoft.BiasGelu", list(bias), [y], {}, f"{node.name}_gelu"))
+            else:
+                replace(nodes, Node("com.microsoft.Gelu", [x], [y], {}, f"{node.name}_gelu"))
+        elif node.op == "Softmax" and (found := _masked_softmax(out, index, node)) is not None:
+            nodes, inputs, scale = found
+            replace(nodes, Node("lowbit.MaskedSoftmax", inputs, list(node.outputs), {"scale": scale},
+                                f"{node.name}_masked"))
+    if not replaced:
+        return out
+    out.nodes = [n for n in (replaced.get(id(n), n) for n in out.nodes) if n is not None]
+    out.opset.setdefault("com.microsoft", 1)
+    return out
+
+
+def _bias(graph: Graph, add: Node) -> tuple[str, str] | None:
+    """``(t, b)`` for ``Add(t, b)`` or ``Add(b, t)`` with ``b`` a constant float32 vector, else None."""
+    if add.op != "Add" or len(add.inputs) != 2:
+        return None
+    for t, b in (add.inputs, add.inputs[::-1]):
+        value = graph.params.get(b)
+        if value is not None and value.ndim == 1 and value.dtype == np.float32 and t not in graph.params:
+            return t, b
+    return None

@@ -1,0 +1,64 @@
+"""kernels.linear_dynamic_int8: activations quantized at call time (per tensor as ONNX's DynamicQuantizeLinear,
+or per row), then exact integer products scaled in float32; against a NumPy oracle on odd shapes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import kernels
+
+
+def _quantized(x: np.ndarray) -> tuple[np.ndarray, np.float32, int]:
+    """ONNX DynamicQuantizeLinear in NumPy float32."""
+    lo, hi = np.float32(min(x.min(), 0)), np.float32(max(x.max(), 0))
+    scale = np.float32(1.0 if hi == lo else hi - lo) / np.float32(255)
+    zero = int(np.rint(np.clip(np.float32(0) - lo / scale, 0, 255)))
+    return np.clip(np.rint(x / scale) + zero, 0, 255).astype(np.int64), scale, zero
+
+
+def _oracle(x, w, w_scale, w_zp, bias, per_row):
+    rows = x.reshape(-1, x.shape[-1])
+    parts = [rows[i:i + 1] for i in range(len(rows))] if per_row else [rows]
+    out = []
+    for part in parts:
+        q, s, z = _quantized(part)
+        exact = (q - z) @ (w.astype(np.int64) - np.reshape(w_zp, (-1, 1))).T
+        out.append(exact * (np.float64(s) * w_scale) + (0 if bias is None else bias))
+    return np.concatenate(out).reshape(x.shape[:-1] + (w.shape[0],))
+
+
+@pytest.mark.parametrize("shape, n", [((1, 1), 1), ((7, 63), 65), ((2, 5, 40), 17), ((3, 129), 7)], ids=str)
+@pytest.mark.parametrize("per_row", [False, True], ids=["tensor", "row"])
+def test_matches_oracle(rng, shape, n, per_row):
+    x = (rng.standard_normal(shape) * 2 - 0.5).astype(np.float32)
+    w = rng.integers(-128, 128, (n, shape[-1]), dtype=np.int8)
+    w_scale = rng.uniform(0.001, 0.02, n).astype(np.float32)
+    w_zp, bias = rng.integers(-4, 5, n), rng.standard_normal(n).astype(np.float32)
+    for zp, b in ((0, None), (w_zp, bias)):
+        got = kernels.linear_dynamic_int8(x, kernels.pack_int8(w), w_scale, zp, b, per_row=per_row)
+        want = _oracle(x, w, w_scale, zp, b, per_row)
+        np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6 * np.abs(want).max())
+
+
+def test_per_row_follows_each_row_range(rng):
+    """Rows of very different magnitudes: per row, each keeps its own resolution."""
+    x = rng.standard_normal((4, 64)).astype(np.float32) * np.array([[1e-3], [1], [10], [100]], np.float32)
+    w = rng.integers(-127, 128, (8, 64), dtype=np.int8)
+    exact = x.astype(np.float64) @ w.T.astype(np.float64) * 0.01
+    errors = [np.abs(kernels.linear_dynamic_int8(x, w, 0.01, per_row=p) - exact)[0].max() for p in (False, True)]
+    assert errors[1] < errors[0] / 100  # the small row: one scale for all loses it
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda x, w: kernels.linear_dynamic_int8(x.astype(np.float64), w, 0.1), TypeError, "float32"),
+    (lambda x, w: kernels.linear_dynamic_int8(x[:, :5], w, 0.1), ValueError, "K = 8"),
+    (lambda x, w: kernels.linear_dynamic_int8(x, w, -0.1), ValueError, "w_scale"),
+    (lambda x, w: kernels.linear_dynamic_int8(x, w, 0.1, 300), ValueError, "w_zero_point"),
+    (lambda x, w: kernels.linear_dynamic_int8(x, w, [0.1, 0.2]), ValueError, "w_scale"),
+    (lambda x, w: kernels.linear_dynamic_int8(np.full((2, 8), np.nan, np.float32), w, 0.1), ValueError, "NaN"),
+    (lambda x, w: kernels.linear_dynamic_int8(x, w, 0.1, out=np.empty((2, 3), np.float32)), ValueError, "out"),
+])
+def test_rejects_bad_arguments(rng, call, error, message):
+    with pytest.raises(error, match=message):
+        call(rng.standard_normal((2, 8)).astype(np.float32), rng.integers(-5, 5, (4, 8), dtype=np.int8))

@@ -1,0 +1,93 @@
+"""lowbit.runtime.transformer_fusion: torch.onnx's GELU and attention-softmax patterns become single ops, and the
+fused graph computes what the original does."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from lowbit.graph import Graph, Node, TensorSpec
+from lowbit.runtime import Session
+from lowbit.runtime.transformer_fusion import fuse_transformer_ops
+
+SCALARS = {"sqrt2": np.array(math.sqrt(2.0), np.float32), "inv_sqrt2": np.array(1 / math.sqrt(2.0), np.float32),
+           "one": np.array(1.0, np.float32), "half": np.array(0.5, np.float32)}
+
+
+def _gelu_nodes(x: str, order: str, scaling: str = "Div") -> list[Node]:
+    scaled = Node(scaling, [x, "sqrt2" if scaling == "Div" else "inv_sqrt2"], ["d"])
+    head = [scaled, Node("Erf", ["d"], ["e"]), Node("Add", ["e", "one"], ["a"])]
+    if order == "x_first":
+        return head + [Node("Mul", [x, "a"], ["m"]), Node("Mul", ["m", "half"], ["y"])]
+    if order == "half_first":
+        return head + [Node("Mul", ["a", "half"], ["m"]), Node("Mul", [x, "m"], ["y"])]
+    return [scaled, Node("Mul", [x, "half"], ["m"]), *head[1:], Node("Mul", ["m", "a"], ["y"])]
+
+
+def _graph(nodes: list[Node], inputs: dict, outputs: list[str], params: dict) -> Graph:
+    return Graph(nodes, {n: TensorSpec(s) for n, s in inputs.items()}, outputs, params).validate()
+
+
+def _same_outputs(graph: Graph, fused: Graph, feeds: dict) -> None:
+    want = Session(graph, optimize=False).run(feeds)
+    got = Session(fused, optimize=False).run(feeds)
+    for name in graph.outputs:
+        np.testing.assert_allclose(got[name], want[name], rtol=2e-6, atol=2e-7)
+
+
+@pytest.mark.parametrize("order", ["x_first", "half_first", "x_half_first"])
+@pytest.mark.parametrize("scaling", ["Div", "Mul"])
+def test_gelu_orders_fuse(rng, order, scaling):
+    graph = _graph(_gelu_nodes("x", order, scaling), {"x": (3, 17)}, ["y"], dict(SCALARS))
+    fused = fuse_transformer_ops(graph)
+    assert [n.op for n in fused.nodes] == ["com.microsoft.Gelu"]
+    _same_outputs(graph, fused, {"x": (rng.standard_normal((3, 17)) * 3).astype(np.float32)})
+
+
+def test_gelu_takes_its_bias_add_along(rng):
+    params = {**SCALARS, "b": rng.standard_normal(17).astype(np.float32)}
+    graph = _graph([Node("Add", ["b", "t"], ["x"]), *_gelu_nodes("x", "x_first")], {"t": (3, 17)}, ["y"], params)
+    fused = fuse_transformer_ops(graph)
+    assert [(n.op, n.inputs) for n in fused.nodes] == [("com.microsoft.BiasGelu", ["t", "b"])]
+    _same_outputs(graph, fused, {"t": rng.standard_normal((3, 17)).astype(np.float32)})
+
+
+def test_gelu_leaves_tensors_others_read(rng):
+    params = {**SCALARS, "b": rng.standard_normal(17).astype(np.float32)}
+    nodes = [Node("Add", ["b", "t"], ["x"]), *_gelu_nodes("x", "x_first"), Node("Add", ["x", "y"], ["z"])]
+    fused = fuse_transformer_ops(_graph(nodes, {"t": (3, 17)}, ["z"], params))
+    assert [n.op for n in fused.nodes] == ["Add", "com.microsoft.Gelu", "Add"]  # x is read after the GELU too
+    graph = _graph(_gelu_nodes("x", "x_first"), {"x": (3, 17)}, ["y", "e"], dict(SCALARS))
+    assert [n.op for n in fuse_transformer_ops(graph).nodes] == [n.op for n in graph.nodes]  # e is an output
+
+
+@pytest.mark.parametrize("scaling, value", [("Div", 8.0), ("Mul", 0.125)])
+def test_attention_softmax_fuses(rng, scaling, value):
+    params = {"c": np.array(value, np.float32)}
+    nodes = [Node(scaling, ["qk", "c"], ["s"]), Node("Add", ["s", "mask"], ["v"]),
+             Node("Softmax", ["v"], ["p"], {"axis": -1})]
+    graph = _graph(nodes, {"qk": (2, 3, 5, 5), "mask": (2, 1, 1, 5)}, ["p"], params)
+    fused = fuse_transformer_ops(graph)
+    assert [(n.op, n.inputs, n.attrs) for n in fused.nodes] == [("lowbit.MaskedSoftmax", ["qk", "mask"],
+                                                                  {"scale": 0.125})]
+    mask = np.where(rng.random((2, 1, 1, 5)) < 0.3, -1e4, 0).astype(np.float32)
+    _same_outputs(graph, fused, {"qk": rng.standard_normal((2, 3, 5, 5)).astype(np.float32) * 4, "mask": mask})
+
+
+def test_attention_softmax_of_another_axis_stays(rng):
+    nodes = [Node("Div", ["qk", "c"], ["s"]), Node("Add", ["s", "mask"], ["v"]),
+             Node("Softmax", ["v"], ["p"], {"axis": 1})]
+    graph = _graph(nodes, {"qk": (2, 5), "mask": (2, 5)}, ["p"], {"c": np.array(2.0, np.float32)})
+    assert [n.op for n in fuse_transformer_ops(graph).nodes] == ["Div", "Add", "Softmax"]
+
+
+def test_masked_softmax_with_a_mask_kernels_cannot_take(rng):
+    """A mask broadcasting along the last axis (one value per row) runs NumPy's three steps instead."""
+    nodes = [Node("Div", ["qk", "c"], ["s"]), Node("Add", ["s", "mask"], ["v"]), Node("Softmax", ["v"], ["p"])]
+    graph = _graph(nodes, {"qk": (2, 4, 6), "mask": (2, 4, 1)}, ["p"], {"c": np.array(2.0, np.float32)})
+    fused = fuse_transformer_ops(graph)
+    assert fused.nodes[0].op == "lowbit.MaskedSoftmax"
+    _same_outputs(graph, fused, {"qk": rng.standard_normal((2, 4, 6)).astype(np.float32),
+                                 "mask": rng.standard_normal((2, 4, 1)).astype(np.float32)})
