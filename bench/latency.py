@@ -147,7 +147,7 @@ FIRST_RESULT = {  # a fresh process: import the runtime, open the model file (sy
     "lowbit": "import lowbit.onnx as rt\no = rt.SessionOptions(); o.intra_op_num_threads = 1\n"
               "s = rt.InferenceSession(sys.argv[1], o); s.run(None, {s.get_inputs()[0].name: x})\n",
     "lowbit, saved": "import lowbit\ns = lowbit.Session(lowbit.load(sys.argv[1]), threads=1, fallback=False)\n"
-                     "s.run({s.graph.inputs and next(iter(s.graph.inputs)): x})\n",
+                     "s.run({next(iter(s.graph.inputs)): x})\n",
     "ORT": "import onnxruntime as rt\no = rt.SessionOptions(); o.intra_op_num_threads = o.inter_op_num_threads = 1\n"
            "s = rt.InferenceSession(sys.argv[1], o); s.run(None, {s.get_inputs()[0].name: x})\n",
 }

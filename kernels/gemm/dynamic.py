@@ -81,6 +81,8 @@ class DynamicLinearPlan:
         out = np.empty(shape, F32) if out is None else _validate.out(out, shape, F32)
         rows = np.ascontiguousarray(x).reshape(-1, k)
         m = rows.shape[0]
+        if m == 0:
+            return out
         codes = np.empty((m, k), np.uint8)
         scales, zeros, sums = np.empty(m, np.float32), np.empty(m, np.int32), np.empty(m, np.int64)
         if self.per_row:

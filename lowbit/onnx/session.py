@@ -34,6 +34,8 @@ COMPILED_CHAINS = "session.lowbit.compiled_chains"
 #: Session config entry: "1" quantizes the activations of dynamic int8 products (DynamicQuantizeMatMul, as
 #: ``quantize_dynamic`` writes them) per row, each token with its own range, instead of per tensor.
 DYNAMIC_PER_TOKEN = "session.lowbit.dynamic_per_token"
+#: At most this many checked feed signatures and output-name lists are remembered (then forgotten at once).
+MEMO_SIZE = 256
 SUB_BYTE = ("int4", "uint4", "int2", "uint2")  # ONNX types lowbit holds one code per byte
 
 
@@ -240,6 +242,8 @@ class InferenceSession:
                              "intermediate tensors, set sess_options.graph_optimization_level = "
                              "GraphOptimizationLevel.ORT_DISABLE_ALL")
         with contextlib.suppress(TypeError):
+            if len(self._fetches) >= MEMO_SIZE:
+                self._fetches.clear()
             self._fetches[key] = names
         return names
 
@@ -286,5 +290,7 @@ class InferenceSession:
             feeds[arg.name] = array
         signature = self._signature(input_feed)
         if signature is not None and all(feeds[n] is input_feed[n] for n in feeds):
+            if len(self._passed) >= MEMO_SIZE:  # varying shapes (sequence lengths) must not grow it for ever
+                self._passed.clear()
             self._passed.add(signature)
         return feeds

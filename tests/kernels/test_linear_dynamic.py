@@ -41,6 +41,12 @@ def test_matches_oracle(rng, shape, n, per_row):
         np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6 * np.abs(want).max())
 
 
+def test_no_rows(rng):
+    w = rng.integers(-5, 5, (4, 8), dtype=np.int8)
+    for per_row in (False, True):
+        assert kernels.linear_dynamic_int8(np.zeros((0, 8), np.float32), w, 0.1, per_row=per_row).shape == (0, 4)
+
+
 def test_per_row_follows_each_row_range(rng):
     """Rows of very different magnitudes: per row, each keeps its own resolution."""
     x = rng.standard_normal((4, 64)).astype(np.float32) * np.array([[1e-3], [1], [10], [100]], np.float32)
