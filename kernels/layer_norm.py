@@ -21,7 +21,7 @@ import numpy as np
 from kernels import _validate
 from kernels._jit import kernel
 from kernels.entry import Entry, In, Out
-from kernels.lanes import LANES, lane_squares, lane_sum
+from kernels.lanes import lane_squares, lane_sum
 
 F32 = np.dtype(np.float32)
 _NONE = np.zeros(0, np.float32)  # an absent optional operand
@@ -35,7 +35,6 @@ def _layer_norm_rows(x, skip, bias, gamma, beta, epsilon, centred, sums, means, 
     rows, d = x.shape
     with_skip, with_bias, with_beta = skip.size > 0, bias.size > 0, beta.size > 0
     scale = np.float32(1.0 / d)
-    lanes = np.empty(LANES, np.float32)
     for r in range(rows):
         y = out[r]
         if with_skip:
@@ -50,8 +49,8 @@ def _layer_norm_rows(x, skip, bias, gamma, beta, epsilon, centred, sums, means, 
                 sums[r, :] = y
         else:
             h = x[r]
-        mean = lane_sum(h, lanes) * scale if centred else np.float32(0.0)
-        squares = lane_squares(h, mean, lanes)
+        mean = lane_sum(h) * scale if centred else np.float32(0.0)
+        squares = lane_squares(h, mean)
         inv = np.float32(1.0) / np.sqrt(squares * scale + np.float32(epsilon))
         if with_beta:
             for j in range(d):

@@ -18,7 +18,7 @@ import numpy as np
 from kernels._jit import kernel
 from kernels.activations import exp32
 from kernels.entry import Entry, In, Out
-from kernels.lanes import LANES, lane_max, lane_sum
+from kernels.lanes import lane_max, lane_sum
 
 F32 = np.dtype(np.float32)
 _NO_MASK = np.zeros((0, 0), np.float32)
@@ -31,7 +31,6 @@ def _softmax_rows(x, scale, mask, mask_rows, out):
     as ``out``; ``mask [M, S]`` float32 and ``mask_rows [R]`` int64, both empty without a mask)."""
     rows, s = x.shape
     masked = mask.size > 0
-    lanes = np.empty(LANES, np.float32)
     for r in range(rows):
         xr, y = x[r], out[r]
         if masked:
@@ -41,10 +40,10 @@ def _softmax_rows(x, scale, mask, mask_rows, out):
         else:
             for j in range(s):
                 y[j] = scale * xr[j]
-        top = lane_max(y, lanes)
+        top = lane_max(y)
         for j in range(s):
             y[j] = exp32(y[j] - top)
-        inv = np.float32(1.0) / lane_sum(y, lanes)
+        inv = np.float32(1.0) / lane_sum(y)
         for j in range(s):
             y[j] *= inv
 

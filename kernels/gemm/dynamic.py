@@ -7,8 +7,9 @@ For activations ``x [M, K]`` and int8 weights ``w [N, K]`` (per-channel scale ``
     xq[m] = DynamicQuantizeLinear(x[m])            codes, scale sa[m], zero point za[m]: of all of x, or per row
     y[m, n] = sum_k (xq[m, k] - za[m]) (w[n, k] - zw[n]) * (sa[m] sw[n]) + bias[n]
 
-With one scale for all of ``x``, the codes run :func:`kernels.linear_int8` (its epilogue fused in the GEMM, its
-plan for each call's scale and zero point kept on the packed weight). Per row, the integer sum is exact: the
+With one scale for all of ``x``, the codes run a :func:`kernels.linear_int8_plan` made once, its column terms and
+multipliers rederived for each call's scale and zero point (``LinearPlan.requantized``), so the epilogue stays
+fused in the GEMM. Per row, the integer sum is exact: the
 GEMM forms ``sum xq w`` (uint8 x int8, int32), the epilogue subtracts ``za sum_k w[n]`` and
 ``zw sum_k (xq[m] - za)`` in int32 (K at most :data:`MAX_K`), then scales in float32 (as ONNX Runtime: the int32
 sum converted to float32, times the float32 product of the scales). Per-row scales follow each token's own
@@ -21,7 +22,7 @@ import numpy as np
 
 from kernels import _validate
 from kernels._jit import kernel
-from kernels.gemm.int8 import _weights, gemm_int8_plan, linear_int8
+from kernels.gemm.int8 import _weights, gemm_int8_plan, linear_int8_plan
 from kernels.quantize import dynamic_rows
 
 F32 = np.dtype(np.float32)
@@ -69,7 +70,12 @@ class DynamicLinearPlan:
         self.bias = _NO_BIAS if bias is None else np.ascontiguousarray(
             _validate.per_channel("bias", bias, n, np.float32))
         self.per_row = bool(per_row)
-        self._gemm = gemm_int8_plan(self.packed, a_dtype=np.uint8, a_zero_point=0)
+        if self.per_row:
+            self._gemm = gemm_int8_plan(self.packed, a_dtype=np.uint8, a_zero_point=0)
+        else:  # zero point 0 at first: the largest sums, so the fused epilogue holds for every call's zero point
+            self._linear = linear_int8_plan(self.packed, a_scale=np.float32(1.0), a_zero_point=0,
+                                            w_scale=self.w_scale, w_zero_point=self.w_zp,
+                                            bias=self.bias if self.bias.size else None)
 
     def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         n, k = self.packed.n, self.packed.k
@@ -84,16 +90,16 @@ class DynamicLinearPlan:
         if m == 0:
             return out
         codes = np.empty((m, k), np.uint8)
-        scales, zeros, sums = np.empty(m, np.float32), np.empty(m, np.int32), np.empty(m, np.int64)
         if self.per_row:
-            lows, highs = rows.min(axis=1), rows.max(axis=1)
-        else:
-            lows, highs = np.full(m, rows.min(), F32), np.full(m, rows.max(), F32)
-        if dynamic_rows(rows, lows, highs, codes, scales, zeros, sums):
+            groups, lows, highs = rows, rows.min(axis=1), rows.max(axis=1)
+        else:  # all of x as one row: one range, one pass
+            groups, lows, highs = rows.reshape(1, m * k), rows.min().reshape(1), rows.max().reshape(1)
+        count = groups.shape[0]
+        scales, zeros, sums = np.empty(count, np.float32), np.empty(count, np.int32), np.empty(count, np.int64)
+        if dynamic_rows(groups, lows, highs, codes.reshape(groups.shape), scales, zeros, sums):
             raise ValueError("x: NaN value(s); dynamic quantization is undefined for NaN")
-        if not self.per_row:  # one scale: linear_int8's fused epilogue, its plan for this scale cached on w
-            linear_int8(codes, self.packed, a_scale=scales[0], a_zero_point=int(zeros[0]), w_scale=self.w_scale,
-                        w_zero_point=self.w_zp, bias=self.bias if self.bias.size else None, out=out.reshape(m, n))
+        if not self.per_row:
+            self._linear(codes, out.reshape(m, n), self._linear.requantized(scales[0], int(zeros[0]), self.w_scale))
             return out
         acc = self._gemm(codes)
         _scale_products(acc, zeros, scales, sums, self.col_sums, self.w_zp, self.w_scale, self.bias, k,

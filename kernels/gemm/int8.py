@@ -17,7 +17,7 @@ import math
 import numpy as np
 
 from kernels import _validate, dispatch, epilogue, threads
-from kernels._jit import machine_entry
+from kernels._jit import kernel, machine_entry
 from kernels.epilogue import Epilogue
 from kernels.entry import Entry, In, Out
 from kernels.gemm.driver import DRIVERS, LINEAR, unsigned_rows
@@ -110,7 +110,7 @@ class LinearPlan:
                  out_dtype: np.dtype):
         n, k = packed.n, packed.k
         self.packed, self.a_dtype, self.epi, self.out_dtype, self.w_zp = packed, np.dtype(a_dtype), epi, out_dtype, w_zp
-        za = int(a_zero_point) + (128 if self.a_dtype == np.int8 else 0)  # int8 a runs as a + 128
+        self._za = za = int(a_zero_point) + (128 if self.a_dtype == np.int8 else 0)  # int8 a runs as a + 128
         self.row_term = bool(w_zp.any())
         if za == 0 and not self.row_term and np.ndim(epi.col_bias) == 0 and epi.col_bias == 0:
             self.col_term = np.zeros(n, np.int64)  # uint8 activations without zero points: nothing to correct
@@ -166,9 +166,11 @@ class LinearPlan:
         sums = np.zeros(m if self.row_term else 0, np.int64)
         return Entry(self._for_rows(m)[0], (In(0), self._offset, scratch, sums, *self._bound, Out(0)))
 
-    def __call__(self, a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """``linear(a)`` for activations ``a [M, K]`` of the prepared dtype; ``out [M, N]`` optional."""
-        a_dtype, k, n, out_dtype, offset, bound = self._fixed  # one lookup: this layer is most of a small call
+    def __call__(self, a: np.ndarray, out: np.ndarray | None = None, bound: tuple | None = None) -> np.ndarray:
+        """``linear(a)`` for activations ``a [M, K]`` of the prepared dtype; ``out [M, N]`` optional; ``bound``
+        the plan's arguments for another activation scale and zero point (:meth:`requantized`)."""
+        a_dtype, k, n, out_dtype, offset, own = self._fixed  # one lookup: this layer is most of a small call
+        bound = own if bound is None else bound
         # exact: a and out have the types of the machine entry's arguments (see kernels._jit.machine_entry)
         exact = type(a) is np.ndarray and a.dtype is a_dtype and (flags := a.flags).c_contiguous
         if not exact:
@@ -186,7 +188,7 @@ class LinearPlan:
             out = _validate.out(out, (m, n), out_dtype)
             exact = False
         if parallel and threads.get_num_threads() > 1:
-            self._threaded(a, variant, out)
+            self._threaded(a, variant, bound, out)
         elif exact and flags.writeable and flags.aligned:
             if machine is None:
                 machine = state[3] = machine_entry(fn, (a, offset, _NO_BYTES, _NO_SUMS, *bound, out))
@@ -202,20 +204,43 @@ class LinearPlan:
                              f"got shape {a.shape}")
         return a
 
-    def _threaded(self, a: np.ndarray, variant, out: np.ndarray) -> None:
+    def _threaded(self, a: np.ndarray, variant, bound: tuple, out: np.ndarray) -> None:
         """The product split over ``kernels.threads``: activations prepared once, then the driver per range."""
-        packed, epi = self.packed, self.epi
+        packed = self.packed
         n = packed.n
         a_u8, lda, row_sums = unsigned_rows(a, self._offset, _NO_BYTES, _NO_SUMS, self.row_term)
-        driver = DRIVERS[variant.kind, epi.mode]
-        terms, scales = self._bound[1], self._bound[3]
+        driver = DRIVERS[variant.kind, self.epi.mode]
+        data, terms, col_term32, scales, single, row_term, fused, lo, hi, zp, qmin, qmax = bound
 
         def run(p0: int, p1: int, i0: int, i1: int) -> None:
-            driver(a_u8, lda, n, packed.data, packed.k_groups, p0, p1, i0, i1, terms[0], self.col_term32,
-                   terms[1], row_sums, self.row_term, self.fused, scales[0], scales[1], self.single,
-                   self._bound[7], self._bound[8], epi.zp, epi.qmin, epi.qmax, out)
+            driver(a_u8, lda, n, data, packed.k_groups, p0, p1, i0, i1, terms[0], col_term32, terms[1], row_sums,
+                   row_term, fused, scales[0], scales[1], single, lo, hi, zp, qmin, qmax, out)
 
         threads.run_tiled(run, packed.n_panels, a.shape[0], variant.rows, self._estimate(a.shape[0]))
+
+    def requantized(self, a_scale: np.float32, a_zero_point: int, w_scale: np.ndarray) -> tuple:
+        """The plan's arguments (``plan(a, out, bound)``) for activations of another scale and zero point, as
+        :func:`linear_int8_plan` would derive them for a float32 output: column terms ``-za sum_k w + K za zw +
+        col_bias`` and multipliers ``float32(a_scale * w_scale)`` (``w_scale`` float32 ``[N]``, the plan's). For
+        uint8 activations and K at most ``MIN_K_LIMIT``, whose int32 sums fit for every zero point, so the plan's
+        choice of fused epilogue holds (``kernels.gemm.dynamic``)."""
+        data, terms, col_term32, scales, *rest = self._bound
+        terms, col_term32, scales = terms.copy(), col_term32.copy(), scales.copy()
+        _requantized_terms(np.float32(a_scale), a_zero_point - self._za, self.packed.k, self.packed.col_sums,
+                           w_scale, terms, col_term32, scales)
+        return (data, terms, col_term32, scales, *rest)
+
+
+@kernel
+def _requantized_terms(a_scale, dz, k, col_sums, w_scale, terms, col_term32, scales):
+    """Rows 0 of ``terms`` (int64 ``[2, N]``: column terms, weight zero points) and ``scales`` (float64
+    ``[2, panels * 64]``: multipliers, shifts), and ``col_term32``, with the activations' zero point moved by ``dz``
+    and their scale ``a_scale`` (float32)."""
+    for c in range(col_sums.size):
+        term = terms[0, c] + dz * (k * terms[1, c] - col_sums[c])
+        terms[0, c] = term
+        col_term32[c] = np.int32(term)  # wraps modulo 2**32, as the int32 sums do
+        scales[0, c] = np.float64(a_scale * w_scale[c])
 
 
 _NO_BYTES, _NO_SUMS = np.zeros(0, np.uint8), np.zeros(0, np.int64)  # scratch the kernels allocate themselves

@@ -41,6 +41,25 @@ def test_matches_oracle(rng, shape, n, per_row):
         np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("num_threads", [1, 2])
+def test_plan_follows_each_call_range(rng, num_threads):
+    """One per-tensor plan, calls of different ranges and zero points: each call's terms rederived, on the
+    threaded split too (work enough for two threads)."""
+    w = rng.integers(-128, 128, (512, 320), dtype=np.int8)
+    w_scale = rng.uniform(0.001, 0.02, 512).astype(np.float32)
+    w_zp, bias = rng.integers(-4, 5, 512), rng.standard_normal(512).astype(np.float32)
+    plan = kernels.linear_dynamic_int8_plan(w, w_scale, w_zp, bias)
+    previous = kernels.get_num_threads()
+    kernels.set_num_threads(num_threads)
+    try:
+        for low, high in ((-1, 1), (0, 3), (-7, -0.5), (-0.2, 9)):
+            x = rng.uniform(low, high, (512, 320)).astype(np.float32)
+            want = _oracle(x, w, w_scale, w_zp, bias, False)
+            np.testing.assert_allclose(plan(x), want, rtol=2e-6, atol=2e-6 * np.abs(want).max())
+    finally:
+        kernels.set_num_threads(previous)
+
+
 def test_no_rows(rng):
     w = rng.integers(-5, 5, (4, 8), dtype=np.int8)
     for per_row in (False, True):
