@@ -102,6 +102,7 @@ def _session(runtime: str, path: str, threads: int, per_token: bool = False):
 
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        options.log_severity_level = 3  # errors only: the optimizer's notes on removed initializers are noise
         return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     import lowbit.onnx
 

@@ -2,7 +2,7 @@
 
 A *level* names a set of CPU features that one family of kernel variants needs.
 Levels of one architecture are ordered by ``rank`` (generic < avx2 < avx-vnni <
-avx512-vnni on x86-64; generic < neon-dotprod on aarch64). The ranks say which
+avx512-vnni < amx on x86-64; generic < neon-dotprod on aarch64). The ranks say which
 variant to prefer, not which CPUs run what: a Cascade Lake has avx512-vnni but not
 the VEX-encoded avx-vnni, so a level is *supported* only when all of its own
 features are present.
@@ -16,6 +16,7 @@ before :func:`active_level` allows it.
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import platform
 from dataclasses import dataclass
@@ -43,9 +44,11 @@ GENERIC = Level("generic", "any", 0, ())
 AVX2 = Level("avx2", "x86_64", 1, ("avx2", "fma"))
 AVX_VNNI = Level("avx-vnni", "x86_64", 2, ("avx2", "fma", "avxvnni"))
 AVX512_VNNI = Level("avx512-vnni", "x86_64", 3, ("avx512f", "avx512bw", "avx512vl", "avx512vnni"))
+AMX = Level("amx", "x86_64", 4, ("avx512f", "avx512bw", "avx512vl", "avx512vnni", "amx-tile", "amx-int8"))
 NEON_DOTPROD = Level("neon-dotprod", "aarch64", 1, ("neon", "dotprod"))
 
-LEVELS: dict[str, Level] = {lv.name: lv for lv in (GENERIC, AVX2, AVX_VNNI, AVX512_VNNI, NEON_DOTPROD)}
+LEVELS: dict[str, Level] = {lv.name: lv for lv in (GENERIC, AVX2, AVX_VNNI, AVX512_VNNI, AMX, NEON_DOTPROD)}
+_ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA, _SYS_ARCH_PRCTL = 0x1023, 18, 158  # Linux x86-64
 
 
 def host_arch() -> str:
@@ -68,8 +71,25 @@ def target_features() -> frozenset[str]:
 def supported_levels() -> tuple[Level, ...]:
     """The levels this CPU can run, lowest rank first."""
     arch, have = host_arch(), target_features()
-    found = [lv for lv in LEVELS.values() if lv.arch in ("any", arch) and have.issuperset(lv.features)]
+    found = [lv for lv in LEVELS.values() if lv.arch in ("any", arch) and have.issuperset(lv.features)
+             and (lv is not AMX or amx_permitted())]
     return tuple(sorted(found, key=lambda lv: lv.rank))
+
+
+@functools.cache
+def amx_permitted() -> bool:
+    """Ask Linux for the AMX tile data state (``arch_prctl(ARCH_REQ_XCOMP_PERM, XTILEDATA)``): True when granted.
+
+    The kernel enables the 8 KB of tile registers per process only on request; a tile instruction before that
+    faults. Granted once, it holds for every thread of the process. Other systems: False (no AMX kernels).
+    """
+    if platform.system() != "Linux" or host_arch() != "x86_64":
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def host_level() -> Level:
@@ -118,4 +138,4 @@ def cpu_name() -> str:
 
 
 RELEVANT_FEATURES = ("avx2", "fma", "avxvnni", "avx512f", "avx512bw", "avx512vl", "avx512vnni",
-                     "avx512vpopcntdq", "neon", "dotprod", "i8mm")
+                     "avx512vpopcntdq", "amx-tile", "amx-int8", "neon", "dotprod", "i8mm")

@@ -85,6 +85,7 @@ def _binary(op: str, kind: str, level: cpu.Level, accepts=_any_shape) -> Variant
 # loads) and, for binary x int8, avx512vnni: all in AVX512_VNNI.
 VARIANTS: tuple[Variant, ...] = (
     _int8("avx512-vnni-gemv", cpu.AVX512_VNNI, _gemv),
+    _int8("amx", cpu.AMX),  # from 9 rows: a tile of fewer rows pays for the rows it pads (the GEMV tile reads less)
     _int8("avx512-vnni-narrow", cpu.AVX512_VNNI, _narrow),
     _int8("avx512-vnni", cpu.AVX512_VNNI),
     _int8("avx2", cpu.AVX2),

@@ -30,7 +30,7 @@ from numba import types
 from numba.extending import overload
 
 from kernels._jit import kernel
-from kernels.gemm import avx2, vnni
+from kernels.gemm import amx, avx2, vnni
 from kernels.pack.panels import PANEL
 
 
@@ -84,6 +84,8 @@ TILES = {
     "avx512-vnni-narrow": Tile(NARROW_ROWS, *(make(NARROW_ROWS, 1024, vectors=NARROW_VECTORS) for make in
                                               (vnni.make_tile, vnni.make_tile_store, vnni.make_tile_finish)),
                                width=16 * NARROW_VECTORS),
+    "amx": Tile(amx.ROWS, *(make(amx.ROWS, source="amx") for make in
+                            (vnni.make_tile, vnni.make_tile_store, vnni.make_tile_finish))),
 }
 # One-row twins that a driver runs for a tile of a single row (a batch of 1): the GEMV tile computes all of its
 # rows whatever ``m`` is, four times the work of one row. Not variants of their own (kernels.dispatch).

@@ -29,6 +29,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+from kernels.gemm import amx
 from kernels.gemm.llvm_ir import (F32, F64, I8, I16, I32, I64, array_ptr, clamped_rows, declare, emit_loop,
                                   is_array, load_vector, masked, prefetch, splat, with_arity)
 
@@ -155,7 +156,7 @@ class _Weights(_Rows):
     row_type, panel_type, swap = types.int8, types.uint8, True
 
 
-SOURCES = {"rows": _Rows, "indirect": _Indirect, "weights": _Weights}
+SOURCES = {"rows": _Rows, "indirect": _Indirect, "weights": _Weights, "amx": amx.Rows}
 
 
 def _tile_intrinsic(source, rows: int, distance: int, vectors: int, tail: Callable, finish: Callable):

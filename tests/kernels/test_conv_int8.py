@@ -190,7 +190,7 @@ def _check_every_epilogue(rng, case, layout: str) -> set[str]:
 def test_narrow_tiles_every_epilogue(level, rng, case, layout):
     kinds = _check_every_epilogue(rng, case, layout)
     n, c, h, w, o, kh, kw, *_, g = case
-    if level == kernels.cpu.AVX512_VNNI and (c // g) % 4 == 0 and kh * kw > 1:
+    if kernels.cpu.allows(kernels.cpu.AVX512_VNNI, level) and (c // g) % 4 == 0 and kh * kw > 1:
         assert kinds == {"avx512-vnni-indirect-narrow" if o // g <= 32 else "avx512-vnni-indirect"}
 
 
@@ -203,7 +203,7 @@ def test_widened_rows_one_run_per_kernel_row(level, rng, case):
     channels widened to 4 (1 channel 3 wide: one group instead of three)."""
     _check_every_epilogue(rng, case, "NHWC")
     n, c, h, w, o, kh, kw, *_ = case
-    vnni = level == kernels.cpu.AVX512_VNNI
+    vnni = kernels.cpu.allows(kernels.cpu.AVX512_VNNI, level)
     for zw in (0, 1):
         plan = kernels.conv2d_int8_plan(np.zeros((o, c, kh, kw), np.int8), (n, h, w, c), layout="NHWC",
                                         w_zero_point=zw, **_attrs(case))
@@ -231,7 +231,7 @@ def test_narrow_tiles_cover_wide_layers(narrow_everywhere, rng, case):
     assert kinds == ({"avx512-vnni-indirect-narrow"} if case[1] % 4 == 0 else {"im2col"})
     a = rng.integers(0, 256, (29, 37), dtype=np.uint8)
     b = rng.integers(-128, 128, (70, 37), dtype=np.int8)
-    assert kernels.dispatch.choose("gemm_int8", 29, 70, 37).kind == "avx512-vnni-narrow"
+    assert kernels.dispatch.choose("gemm_int8", 29, 70, 37, kernels.cpu.AVX512_VNNI).kind == "avx512-vnni-narrow"
     np.testing.assert_array_equal(kernels.gemm_int8(a, b, a_zero_point=3),
                                   (a.astype(np.int64) - 3) @ b.T.astype(np.int64))
 
@@ -296,7 +296,7 @@ def test_pointwise_nchw(level, rng, shape, x_dtype, monkeypatch):
     x, wt = _operands(rng, (n, c, h, w, o, 1, 1, (1, 1), 0, (1, 1), 1), x_dtype)
     zx = int(rng.integers(np.iinfo(x_dtype).min, np.iinfo(x_dtype).max + 1))
     plan = kernels.conv2d_int8_plan(wt, x.shape, x_dtype, x_zero_point=zx)
-    fast = c != o and level == kernels.cpu.AVX512_VNNI  # c == o == 1 is a depthwise convolution
+    fast = c != o and kernels.cpu.allows(kernels.cpu.AVX512_VNNI, level)  # c == o == 1 is a depthwise convolution
     assert (plan.kind == "avx512-vnni-pointwise") == fast
     acc = conv2d_ref(x, wt, x_zero_point=zx)
     np.testing.assert_array_equal(plan(x), acc)
@@ -328,7 +328,7 @@ def test_pointwise_nhwc(level, rng, shape):
     n, c, h, w, o = shape
     case = (n, c, h, w, o, 1, 1, (1, 1), 0, (1, 1), 1)
     kinds = _check_every_epilogue(rng, case, "NHWC")
-    if level == kernels.cpu.AVX512_VNNI:
+    if kernels.cpu.allows(kernels.cpu.AVX512_VNNI, level):
         tile = "avx512-vnni-{}" + ("-narrow" if o <= 32 else "")
         assert kinds == {tile.format("1x1"), tile.format("indirect")}
     for x_dtype in (np.uint8, np.int8):  # int8 activations run as uint8 + 128
