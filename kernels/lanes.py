@@ -2,10 +2,13 @@
 
 A plain ``total += v[j]`` or ``top = max(top, v[j])`` loop stays scalar: LLVM may not reorder float operations
 unless told to (``fastmath``, which this package does not use, see ``kernels._jit``), and sixteen scalar
-accumulators written in Python stay sixteen scalar chains. Here the lanes are one ``<16 x float>`` register in
-LLVM IR: lane ``l`` takes ``v[l], v[l + 16], ...`` in turn, then the lanes are combined in order from lane 0, then
-the tail past the last multiple of 16 in order. The order of every operation is fixed by this code, not by the
-vector width of the CPU, so results are the same on every CPU (a CPU without 16-lane registers splits the vector).
+accumulators written in Python stay sixteen scalar chains. Here the lanes are ``<16 x float>`` registers in
+LLVM IR, four of them so that four additions are in flight: vector ``q`` of the row (``v[16 q .. 16 q + 15]``)
+goes to accumulator ``q % 4`` while whole groups of four remain, the last vectors to accumulators 0, 1, 2 in turn;
+then ``(a0 + a1) + (a2 + a3)``, then the 16 lanes pairwise (lane ``l`` with ``l + 8``, then ``l + 4``, ``l + 2``,
+``l + 1``), onto 0 (``-inf`` for max), then the tail past the last multiple of 16 in order. The order of every
+operation is fixed by this code, not by the vector width of the CPU, so results are the same on every CPU (a CPU
+without 16-lane registers splits the vectors). A short row pays a few combining steps, not sixteen in a chain.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from kernels._jit import kernel
 from kernels.gemm.llvm_ir import F32, I32, I64, array_ptr, emit_loop, is_array, load_vector, splat
 
 LANES = 16
+ACCUMULATORS = 4  # vectors in flight
 _VECTOR = ir.VectorType(F32, LANES)
 
 
@@ -33,9 +37,14 @@ def _combine(builder: ir.IRBuilder, kind: str, acc: ir.Value, x: ir.Value, centr
     return builder.select(builder.fcmp_ordered(">", x, acc), x, acc)
 
 
+def _merge(builder: ir.IRBuilder, kind: str, a: ir.Value, b: ir.Value) -> ir.Value:
+    """Two partial reductions combined: ``a + b``, or for max ``b if b > a else a``."""
+    return builder.fadd(a, b) if kind != "max" else builder.select(builder.fcmp_ordered(">", b, a), b, a)
+
+
 def _lanes_intrinsic(kind: str):
-    """``reduce(v, full, centre)``: reduction ``kind`` of ``v[:full]`` (``full`` a multiple of 16) in 16 lanes, the
-    lanes combined in order onto 0 (``-inf`` for ``max``); ``v`` 1-D C-contiguous float32."""
+    """``reduce(v, full, centre)``: reduction ``kind`` of ``v[:full]`` (``full`` a multiple of 16) in the order of
+    the module docstring; ``v`` 1-D C-contiguous float32."""
 
     @intrinsic
     def reduce(typingctx, v, full, centre):
@@ -44,22 +53,35 @@ def _lanes_intrinsic(kind: str):
 
         def codegen(context, builder, signature, args):
             data = array_ptr(context, builder, signature.args[0], args[0], F32)
-            count = builder.sdiv(context.cast(builder, args[1], signature.args[1], types.int64), ir.Constant(I64, LANES))
-            centre = args[2]
+            vectors = builder.sdiv(context.cast(builder, args[1], signature.args[1], types.int64),
+                                   ir.Constant(I64, LANES))
+            spread = splat(builder, args[2], _VECTOR)
             start = ir.Constant(F32, float("-inf") if kind == "max" else 0.0)
-            spread = splat(builder, centre, _VECTOR)
+            empty = splat(builder, start, _VECTOR)
 
-            def block(q, accs):
-                x = load_vector(builder, data, builder.mul(q, ir.Constant(I64, LANES)), _VECTOR)
-                return [_combine(builder, kind, accs[0], x, spread)]
+            def vector(q):
+                return load_vector(builder, data, builder.mul(q, ir.Constant(I64, LANES)), _VECTOR)
 
-            acc, = emit_loop(builder, count, _VECTOR, 1, block, [splat(builder, start, _VECTOR)])
-            total = start
-            for lane in range(LANES):
-                element = builder.extract_element(acc, ir.Constant(I32, lane))
-                total = builder.fadd(total, element) if kind != "max" else _combine(builder, kind, total, element,
-                                                                                    centre)
-            return total
+            def group(g, accs):  # vectors 4 g .. 4 g + 3
+                first = builder.mul(g, ir.Constant(I64, ACCUMULATORS))
+                return [_combine(builder, kind, acc, vector(builder.add(first, ir.Constant(I64, i))), spread)
+                        for i, acc in enumerate(accs)]
+
+            groups = builder.sdiv(vectors, ir.Constant(I64, ACCUMULATORS))
+            accs = emit_loop(builder, groups, _VECTOR, ACCUMULATORS, group, [empty] * ACCUMULATORS)
+            done = builder.mul(groups, ir.Constant(I64, ACCUMULATORS))
+            for i in range(ACCUMULATORS - 1):  # the last vectors, at most three
+                index = builder.add(done, ir.Constant(I64, i))
+                inside = builder.icmp_signed("<", index, vectors)
+                safe = builder.select(inside, index, ir.Constant(I64, 0))  # read in bounds, use only inside
+                accs[i] = builder.select(inside, _combine(builder, kind, accs[i], vector(safe), spread), accs[i])
+            acc = _merge(builder, kind, _merge(builder, kind, accs[0], accs[1]), _merge(builder, kind, accs[2], accs[3]))
+            for step in (8, 4, 2, 1):
+                moved = builder.shuffle_vector(acc, ir.Constant(_VECTOR, None),
+                                               ir.Constant(ir.VectorType(I32, LANES),
+                                                           [(l + step) % LANES for l in range(LANES)]))
+                acc = _merge(builder, kind, acc, moved)
+            return _merge(builder, kind, start, builder.extract_element(acc, ir.Constant(I32, 0)))
 
         return types.float32(v, full, centre), codegen
 
