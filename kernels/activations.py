@@ -14,8 +14,8 @@ where ``1 + tanh`` or ``1 + erf`` cancels; the erf form of Gelu keeps the ration
 transcendental: a degree-9 Taylor polynomial of ``e^r``, ``|r| <= ln2 / 2`` (truncation error below ``1e-11``),
 scaled by ``2^n`` through the float64 exponent bits (no libm call, so the loops vectorise; Numba has no vector
 math library here); divisions are float32's and a Newton step (:func:`reciprocal64`). Erf is the
-rational ``x P(x^2) / Q(x^2)`` of :data:`ERF_P` in float64. :func:`exp32` is the same construction in float32
-(degree 7, within 1.5 ulp), for kernels whose float32 result allows it (``kernels.softmax``).
+rational ``x P(x^2) / Q(x^2)`` of :data:`ERF_P` in float64. The same construction in float32, for kernels
+whose float32 result allows it (``kernels.softmax``), is :mod:`kernels.math_ir`.
 """
 
 from __future__ import annotations
@@ -24,9 +24,15 @@ import math
 
 import numpy as np
 
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
 from kernels import _validate
 from kernels._jit import kernel
 from kernels.entry import Entry, In, Out
+from kernels.gemm.llvm_ir import I1, I32, I64, array_ptr, emit_loop, is_array, masked, splat
+from kernels.math_ir import emit_erf, fused_multiply_add
 
 F32 = np.dtype(np.float32)
 
@@ -43,11 +49,11 @@ ERF_CLAMP = 3.92
 _LOG2E, _LN2 = 1.4426950408889634, 0.6931471805599453
 _ROUND64 = 1.5 * 2.0**52  # t + _ROUND64 holds rint(t) in its low mantissa bits for |t| < 2^51
 _ROUND64_BITS = np.int64(0x4338000000000000)  # the bits of _ROUND64
-_ROUND32 = np.float32(1.5 * 2.0**23)  # t + _ROUND32 holds rint(t) in its low mantissa bits for |t| < 2^22
-_ROUND32_BITS = np.int32(0x4B400000)  # the bits of _ROUND32
 _EXP_LO, _EXP_HI = -110.0, 90.0  # e^x rounds to 0 / inf in float32 past these; 2^n stays a normal float64
 _SQRT_HALF, _SQRT_2_PI = 1 / math.sqrt(2.0), math.sqrt(2.0 / math.pi)
 _SIXTH = np.float32(1 / 6)
+_FLOAT = ir.FloatType()
+_V16F32 = ir.VectorType(_FLOAT, 16)
 
 
 # ---- scalar helpers (inlined into the loops) -------------------------------------------------------------------------
@@ -66,26 +72,6 @@ def exp64(x):
         1 / 5040 + r * (1 / 40320 + r * (1 / 362880)))))))))
     scale = np.int64((np.float64(shifted).view(np.int64) - _ROUND64_BITS + 1023) << 52).view(np.float64)
     return 0.0 if x < _EXP_LO else p * scale  # exactly 0 there, so that x sigmoid(x) is NaN at -inf as x * 0
-
-
-@kernel(inline="always")
-def exp32(x):
-    """``e^x`` in float32 within 1.5 ulp for ``x`` in ``[-87, 88.7]`` (0 below -87.3, inf above 88.72; NaN kept):
-    ``x = n ln2 + r`` with ``ln2`` split in two (Cody and Waite: ``n ln2_hi`` is exact), ``e^r`` by Taylor's
-    polynomial of degree 7 (truncation below 2e-9), times ``2^n`` built from its bits. Twice the lanes of
-    :func:`exp64`, for loops whose result is float32 anyway (softmax)."""
-    c = np.float32(-87.3) if x < np.float32(-87.3) else x
-    c = np.float32(88.72) if c > np.float32(88.72) else c
-    shifted = c * np.float32(_LOG2E) + _ROUND32
-    n = shifted - _ROUND32
-    r = (c - n * np.float32(0.693359375)) - n * np.float32(-2.12194440e-4)
-    p = np.float32(1.0) + r * (np.float32(1.0) + r * (np.float32(1 / 2) + r * (np.float32(1 / 6) + r * (
-        np.float32(1 / 24) + r * (np.float32(1 / 120) + r * (np.float32(1 / 720) + r * np.float32(1 / 5040)))))))
-    top = n > np.float32(127.5)  # 2^128 is no float32: 2^127 and one more doubling
-    bits = np.float32(shifted).view(np.int32) - _ROUND32_BITS + 127 - (1 if top else 0)
-    p = p * (np.float32(2.0) if top else np.float32(1.0))
-    y = np.float32(np.inf) if x > np.float32(88.72) else p * np.int32(bits << 23).view(np.float32)
-    return np.float32(0.0) if x < np.float32(-87.3) else y
 
 
 @kernel(inline="always")
@@ -248,14 +234,73 @@ def erf(x, out):
         yf[i] = np.float32(_erf64(np.float64(xf[i])))
 
 
+def _gelu_intrinsic(biased: bool):
+    """``run(x, b, out)``: ``out[j] = gelu(x[j] + b[j])`` (``b`` ignored unless ``biased``) for 1-D C-contiguous
+    float32 arrays of x's length, 16 lanes at a time (:func:`gelu`'s formula), the last lanes masked."""
+
+    @intrinsic
+    def run(typingctx, x, b, out):
+        if not all(is_array(t, types.float32, 1) for t in (x, b, out)):
+            return None
+
+        def codegen(context, builder, signature, args):
+            x_ptr, b_ptr, y_ptr = (array_ptr(context, builder, t, v, _FLOAT) for t, v in zip(signature.args, args))
+            n = builder.extract_value(context.make_array(signature.args[0])(context, builder, args[0]).shape, 0)
+            load, store = masked(builder, "load", _V16F32), masked(builder, "store", _V16F32)
+            zero = ir.Constant(_V16F32, None)
+
+            def vector(at, mask):
+                v = builder.call(load, [_at(builder, x_ptr, at), ir.Constant(I32, 4), mask, zero])
+                if biased:
+                    v = builder.fadd(v, builder.call(load, [_at(builder, b_ptr, at), ir.Constant(I32, 4), mask, zero]))
+                half = builder.fmul(v, ir.Constant(_V16F32, [0.5] * 16))
+                e = emit_erf(builder, builder.fmul(v, ir.Constant(_V16F32, [float(np.float32(_SQRT_HALF))] * 16)),
+                             ERF_P, ERF_Q, ERF_CLAMP)
+                builder.call(store, [fused_multiply_add(builder, half, e, half), _at(builder, y_ptr, at),
+                                     ir.Constant(I32, 4), mask])
+
+            every = ir.Constant(ir.VectorType(I1, 16), [True] * 16)
+
+            def block(q, accs):
+                vector(builder.mul(q, ir.Constant(I64, 16)), every)
+                return []
+
+            full = builder.sdiv(n, ir.Constant(I64, 16))
+            emit_loop(builder, full, _V16F32, 0, block)
+            rest = builder.sub(n, builder.mul(full, ir.Constant(I64, 16)))
+            lanes = ir.Constant(ir.VectorType(I64, 16), list(range(16)))
+            vector(builder.mul(full, ir.Constant(I64, 16)),
+                   builder.icmp_signed("<", lanes, splat(builder, rest, ir.VectorType(I64, 16))))
+            return context.get_dummy_value()
+
+        return types.void(x, b, out), codegen
+
+    return run
+
+
+_gelu_plain, _gelu_biased = _gelu_intrinsic(False), _gelu_intrinsic(True)
+
+
+def _at(builder: ir.IRBuilder, base: ir.Value, index: ir.Value) -> ir.Value:
+    return builder.bitcast(builder.gep(base, [index]), _V16F32.as_pointer())
+
+
 @kernel(error_model="numpy")
 def gelu(x, out):
-    """Gelu (exact form): ``out = x (1 + erf(x / sqrt 2)) / 2`` (float64, :func:`erf`'s rational, rounded once);
-    arrays as :func:`clip`."""
+    """Gelu (exact form): ``out = x (1 + erf(x / sqrt 2)) / 2`` in float32, 16 lanes at a time: ``h = x / 2``,
+    ``out = h erf(x sqrt(1/2)) + h`` (one rounding), erf by :func:`kernels.math_ir.emit_erf`; within
+    ``2.5e-7 |x|`` plus an ulp of the exact value (tested); arrays as :func:`clip`."""
+    _gelu_plain(x.reshape(x.size), x.reshape(x.size), out.reshape(x.size))
+
+
+@kernel(error_model="numpy")
+def bias_gelu(x, bias, out):
+    """ONNX Runtime's BiasGelu: :func:`gelu` of ``x + bias`` (the sum rounded to float32 first), ``bias [C]``
+    float32 along x's last axis (``x [..., C]``, ``out`` alike, C-contiguous)."""
+    c = bias.size
     xf, yf = x.reshape(x.size), out.reshape(x.size)
-    for i in range(x.size):
-        v = np.float64(xf[i])
-        yf[i] = np.float32(0.5 * v * (1.0 + _erf64(v * _SQRT_HALF)))
+    for r in range(x.size // c if c else 0):
+        _gelu_biased(xf[r * c:(r + 1) * c], bias, yf[r * c:(r + 1) * c])
 
 
 @kernel(error_model="numpy")

@@ -1,4 +1,5 @@
-"""Reductions of a float32 row in 16 independent lanes, then over the lanes.
+"""Reductions of a float32 row in 16 independent lanes, then over the lanes (sum, sum of squares, max, and the sum
+of exponentials that softmax takes, written back as it goes).
 
 A plain ``total += v[j]`` or ``top = max(top, v[j])`` loop stays scalar: LLVM may not reorder float operations
 unless told to (``fastmath``, which this package does not use, see ``kernels._jit``), and sixteen scalar
@@ -19,6 +20,7 @@ from numba import types
 from numba.extending import intrinsic
 
 from kernels._jit import kernel
+from kernels.math_ir import emit_exp, exp32
 from kernels.gemm.llvm_ir import F32, I32, I64, array_ptr, emit_loop, is_array, load_vector, splat
 
 LANES = 16
@@ -27,9 +29,9 @@ _VECTOR = ir.VectorType(F32, LANES)
 
 
 def _combine(builder: ir.IRBuilder, kind: str, acc: ir.Value, x: ir.Value, centre: ir.Value) -> ir.Value:
-    """One step of reduction ``kind`` (vectors or scalars alike): ``acc + x``, ``acc + (x - centre)^2`` or
+    """One step of reduction ``kind`` (vectors or scalars alike): ``acc + x`` (sum, exp), ``acc + (x - centre)^2`` or
     ``x if x > acc else acc`` (a NaN ``x`` is skipped)."""
-    if kind == "sum":
+    if kind in ("sum", "exp"):
         return builder.fadd(acc, x)
     if kind == "squares":
         d = builder.fsub(x, centre)
@@ -44,7 +46,8 @@ def _merge(builder: ir.IRBuilder, kind: str, a: ir.Value, b: ir.Value) -> ir.Val
 
 def _lanes_intrinsic(kind: str):
     """``reduce(v, full, centre)``: reduction ``kind`` of ``v[:full]`` (``full`` a multiple of 16) in the order of
-    the module docstring; ``v`` 1-D C-contiguous float32."""
+    the module docstring; ``v`` 1-D C-contiguous float32. Kind ``"exp"`` first replaces each ``v[j]`` by
+    ``e^(v[j] - centre)`` (:mod:`kernels.math_ir`), then sums the new values."""
 
     @intrinsic
     def reduce(typingctx, v, full, centre):
@@ -57,29 +60,37 @@ def _lanes_intrinsic(kind: str):
                                    ir.Constant(I64, LANES))
             spread = splat(builder, args[2], _VECTOR)
             start = ir.Constant(F32, float("-inf") if kind == "max" else 0.0)
-            empty = splat(builder, start, _VECTOR)
 
-            def vector(q):
-                return load_vector(builder, data, builder.mul(q, ir.Constant(I64, LANES)), _VECTOR)
+            def step(acc, q):
+                """``acc`` with vector ``q`` of the row taken in (for ``"exp"``, transformed and stored first)."""
+                at = builder.mul(q, ir.Constant(I64, LANES))
+                x = load_vector(builder, data, at, _VECTOR)
+                if kind == "exp":
+                    x = emit_exp(builder, builder.fsub(x, spread))
+                    builder.store(x, builder.bitcast(builder.gep(data, [at]), _VECTOR.as_pointer()), align=4)
+                return _combine(builder, kind, acc, x, spread)
 
             def group(g, accs):  # vectors 4 g .. 4 g + 3
                 first = builder.mul(g, ir.Constant(I64, ACCUMULATORS))
-                return [_combine(builder, kind, acc, vector(builder.add(first, ir.Constant(I64, i))), spread)
-                        for i, acc in enumerate(accs)]
+                return [step(acc, builder.add(first, ir.Constant(I64, i))) for i, acc in enumerate(accs)]
 
             groups = builder.sdiv(vectors, ir.Constant(I64, ACCUMULATORS))
-            accs = emit_loop(builder, groups, _VECTOR, ACCUMULATORS, group, [empty] * ACCUMULATORS)
+            accs = emit_loop(builder, groups, _VECTOR, ACCUMULATORS, group, [splat(builder, start, _VECTOR)] * 4)
             done = builder.mul(groups, ir.Constant(I64, ACCUMULATORS))
-            for i in range(ACCUMULATORS - 1):  # the last vectors, at most three
-                index = builder.add(done, ir.Constant(I64, i))
-                inside = builder.icmp_signed("<", index, vectors)
-                safe = builder.select(inside, index, ir.Constant(I64, 0))  # read in bounds, use only inside
-                accs[i] = builder.select(inside, _combine(builder, kind, accs[i], vector(safe), spread), accs[i])
+            for i in range(ACCUMULATORS - 1):  # the last vectors, at most three, each read only if in the row
+                q = builder.add(done, ir.Constant(I64, i))
+                before = builder.block
+                with builder.if_then(builder.icmp_signed("<", q, vectors)):
+                    taken, inside = step(accs[i], q), builder.block
+                merged = builder.phi(_VECTOR)
+                merged.add_incoming(accs[i], before)
+                merged.add_incoming(taken, inside)
+                accs[i] = merged
             acc = _merge(builder, kind, _merge(builder, kind, accs[0], accs[1]), _merge(builder, kind, accs[2], accs[3]))
-            for step in (8, 4, 2, 1):
+            for shift in (8, 4, 2, 1):
                 moved = builder.shuffle_vector(acc, ir.Constant(_VECTOR, None),
                                                ir.Constant(ir.VectorType(I32, LANES),
-                                                           [(l + step) % LANES for l in range(LANES)]))
+                                                           [(lane + shift) % LANES for lane in range(LANES)]))
                 acc = _merge(builder, kind, acc, moved)
             return _merge(builder, kind, start, builder.extract_element(acc, ir.Constant(I32, 0)))
 
@@ -88,7 +99,7 @@ def _lanes_intrinsic(kind: str):
     return reduce
 
 
-_sum_lanes, _squares_lanes, _max_lanes = (_lanes_intrinsic(kind) for kind in ("sum", "squares", "max"))
+_sum_lanes, _squares_lanes, _max_lanes, _exp_lanes = (_lanes_intrinsic(kind) for kind in ("sum", "squares", "max", "exp"))
 
 
 @kernel(inline="always")
@@ -121,3 +132,15 @@ def lane_max(v):
     for j in range(full, v.size):
         top = v[j] if v[j] > top else top
     return top
+
+
+@kernel(inline="always")
+def lane_exp_sum(v, centre):
+    """``v[j] = e^(v[j] - centre)`` in place (:func:`kernels.math_ir.exp32`), and the sum of the new ``v`` in the
+    module's order: softmax's numerator and denominator in one pass."""
+    full = v.size - v.size % LANES
+    total = _exp_lanes(v, full, np.float32(centre))
+    for j in range(full, v.size):
+        v[j] = exp32(v[j] - centre)
+        total += v[j]
+    return total

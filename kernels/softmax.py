@@ -5,8 +5,8 @@ For a row ``x`` of ``S`` scores and its mask row ``m`` (zeros without a mask)::
 
     v = scale * x + m,    y = e^(v - max v) / sum(e^(v - max v))
 
-``e^t`` is :func:`kernels.activations.exp32` (within 1.5 ulp), the max and the float32 sum in 16 lanes
-(:mod:`kernels.lanes`), so each ``y`` is within ``(S + 5) 2^-24`` relative of the exact value; a row whose
+``e^t`` is :func:`kernels.math_ir.exp32` (within 1.5 ulp), the max and the float32 sum in 16 lanes
+(:mod:`kernels.lanes`, the exponentials and their sum in one pass), so each ``y`` is within ``(S + 5) 2^-24`` relative of the exact value; a row whose
 ``v`` are all ``-inf`` (wholly masked) gives NaN, as the formula does. The mask broadcasts to the scores: each row
 of ``x`` reads the mask row that NumPy broadcasting would give it (``mask_rows``, an index per row, prepared once).
 """
@@ -16,9 +16,8 @@ from __future__ import annotations
 import numpy as np
 
 from kernels._jit import kernel
-from kernels.activations import exp32
 from kernels.entry import Entry, In, Out
-from kernels.lanes import lane_max, lane_sum
+from kernels.lanes import lane_exp_sum, lane_max
 
 F32 = np.dtype(np.float32)
 _NO_MASK = np.zeros((0, 0), np.float32)
@@ -40,10 +39,7 @@ def _softmax_rows(x, scale, mask, mask_rows, out):
         else:
             for j in range(s):
                 y[j] = scale * xr[j]
-        top = lane_max(y)
-        for j in range(s):
-            y[j] = exp32(y[j] - top)
-        inv = np.float32(1.0) / lane_sum(y)
+        inv = np.float32(1.0) / lane_exp_sum(y, lane_max(y))
         for j in range(s):
             y[j] *= inv
 

@@ -882,7 +882,15 @@ def prepare_unary(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
     if _broadcast(node, shape, inputs[1][0]) != tuple(shape):
         raise _fail(node, f"bias {list(inputs[1][0])} does not broadcast to the input {list(shape)}")
     _, constants = _operands(node, graph, inputs, (0, 1))
-    operands, biased = _bind(constants), np.empty(shape, dtype)
+    operands = _bind(constants)
+    if name == "gelu" and tuple(inputs[1][0]) == tuple(shape[-1:]):  # one bias per channel: added in the kernel
+
+        def run_bias_gelu(ins, outs):
+            x, bias = operands(ins)
+            activations.bias_gelu(np.ascontiguousarray(x), np.ascontiguousarray(bias, F32), outs[0])
+
+        return Kernel(run_bias_gelu, outputs, ops=2 * ops, note="kernels.activations.bias_gelu")
+    biased = np.empty(shape, dtype)
 
     def run_biased(ins, outs):
         x, bias = operands(ins)

@@ -55,7 +55,6 @@ EXACT = {  # op -> (params, NumPy float32 formula)
 }
 ROUNDED = {  # op -> (params, float64 function)
     "exp": ({}, np.exp), "sigmoid": ({}, _sigmoid64), "tanh": ({}, np.tanh), "erf": ({}, _erf64),
-    "gelu": ({}, lambda x: 0.5 * x * (1 + _erf64(x / math.sqrt(2)))),
     "gelu_tanh": ({}, lambda x: x * _sigmoid64(2 * math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3))),
     "quick_gelu": ({"alpha": 1.702}, lambda x: x * _sigmoid64(1.702 * x)),
 }
@@ -105,6 +104,34 @@ def test_erf_is_within_its_bound_of_the_true_erf():
     exact = np.array([math.erf(v) for v in x.astype(np.float64)])
     error = np.abs(_call("erf", {}, x).astype(np.float64) - exact)
     assert error.max() <= 4e-7 and (error / np.maximum(np.abs(exact), 1e-30)).max() <= 4e-7
+
+
+def _gelu64(x):
+    return 0.5 * x * (1 + np.array([math.erf(v) for v in x / math.sqrt(2)]))
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_gelu_is_within_its_bound(rng, n):
+    """kernels.activations.gelu (float32, 16 lanes, masked tail): within 2.5e-7 |x| plus an ulp of the exact value,
+    over odd lengths and the whole range (erf's clamp, large and tiny magnitudes); NaN kept."""
+    x = np.concatenate([_floats(rng, n), np.linspace(-12, 12, 4001, dtype=np.float32),
+                        np.float32(10) ** np.arange(-30, 3), -np.float32(10) ** np.arange(-30, 3)]).astype(np.float32)
+    got = _call("gelu", {}, x).astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        want = _gelu64(x.astype(np.float64))
+    finite = np.isfinite(x)
+    error = np.abs(got - want)[finite]
+    assert (error <= 2.5e-7 * np.abs(x[finite]) + np.spacing(np.abs(want[finite]).astype(np.float32))).all()
+    np.testing.assert_array_equal(got[~finite], want[~finite])  # inf, and NaN for NaN and -inf (-inf times 0)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (2, 5, 16), (4, 33)], ids=str)
+def test_bias_gelu_is_gelu_of_the_sum(rng, shape):
+    x = rng.standard_normal(shape).astype(np.float32) * 3
+    bias = rng.standard_normal(shape[-1]).astype(np.float32)
+    out = np.empty_like(x)
+    activations.bias_gelu(x, bias, out)
+    np.testing.assert_array_equal(out, _call("gelu", {}, x + bias))
 
 
 def test_any_rank_and_in_place(rng):

@@ -136,10 +136,10 @@ def test_softmax_rejects_bad_arguments(rng, call, error, message):
 
 
 def test_exp32_within_its_stated_ulps():
-    """kernels.activations.exp32: within 1.5 ulp of e^x over float32's normal range; 0, inf and NaN at the ends."""
+    """kernels.math_ir.exp32: within 1.5 ulp of e^x over float32's normal range; 0, inf and NaN at the ends."""
     import numba
 
-    from kernels.activations import exp32
+    from kernels.math_ir import exp32
 
     @numba.njit
     def apply(x, out):
@@ -154,3 +154,35 @@ def test_exp32_within_its_stated_ulps():
     ends = np.array([-100, -np.inf, 89, np.inf, np.nan], np.float32)
     apply(ends, y[:5])
     assert y[0] == y[1] == 0 and y[2] == y[3] == np.inf and np.isnan(y[4])
+
+
+@pytest.mark.parametrize("size", [0, 1, 7, 15, 16, 17, 63, 64, 65, 200])
+def test_lane_exp_sum_is_exp32_lane_by_lane(rng, size):
+    """kernels.lanes.lane_exp_sum: each value exactly the scalar exp32 of ``v - centre`` (vectors, the last
+    vectors and the tail alike), their sum within float32 rounding of the exact one; -inf gives 0, NaN stays."""
+    import numba
+
+    from kernels.math_ir import exp32
+    from kernels.lanes import lane_exp_sum
+
+    @numba.njit
+    def run(v, centre):
+        return lane_exp_sum(v, centre)
+
+    @numba.njit
+    def scalar(v, centre, out):
+        for i in range(v.size):
+            out[i] = exp32(v[i] - centre)
+
+    v = (rng.standard_normal(size) * 30).astype(np.float32)
+    v[::11] = -np.inf
+    centre = np.float32(v[np.isfinite(v)].max() if np.isfinite(v).any() else 0)
+    want = np.empty_like(v)
+    scalar(v, centre, want)
+    got = v.copy()
+    total = run(got, centre)
+    np.testing.assert_array_equal(got, want)
+    assert abs(total - want.astype(np.float64).sum()) <= (size + 1) * 2**-24 * max(want.sum(), 1)
+    v[size // 2:size // 2 + 1] = np.nan
+    run(v, centre)
+    assert np.isnan(v[size // 2:size // 2 + 1]).all()
