@@ -29,7 +29,8 @@ from kernels.gemm.int8 import LinearPlan, gemm_int8, gemm_int8_plan, linear_int8
 from kernels.gemm.ternary import gemm_ternary, gemm_ternary_plan
 from kernels.layer_norm import LayerNormPlan, layer_norm, layer_norm_plan
 from kernels.pack.bits import pack_bits, unpack_bits
-from kernels.quantize import (dequantize_linear, dequantize_linear_plan, quantize_linear, quantize_linear_plan,
+from kernels.quantize import (dequantize_linear, dequantize_linear_plan, dynamic_quantize_linear, quantize_linear,
+                              quantize_linear_plan,
                               quantize_linear_to_nhwc, quantize_linear_to_nhwc_plan)
 from kernels.pack.conv_binary import PackedConvBinary, pack_conv_binary
 from kernels.pack.codebook import PackedCodebook, pack_codebook, pack_codebook_weights
@@ -65,6 +66,7 @@ __all__ = [
     "cpu_info",
     "dequantize_linear",
     "dequantize_linear_plan",
+    "dynamic_quantize_linear",
     "gemm_binary",
     "gemm_binary_int8",
     "gemm_binary_plan",

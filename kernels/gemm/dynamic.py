@@ -77,6 +77,29 @@ class DynamicLinearPlan:
                                             w_scale=self.w_scale, w_zero_point=self.w_zp,
                                             bias=self.bias if self.bias.size else None)
 
+    def quantized(self, codes: np.ndarray, scale, zero_point, out: np.ndarray | None = None) -> np.ndarray:
+        """The product for activations quantized already (per tensor): ``codes [..., K]`` uint8 of one ``scale``
+        (float32 > 0) and ``zero_point`` (0..255), as DynamicQuantizeLinear gives them to several products (the
+        queries, keys and values of attention), ``y = (codes - zero_point) @ (w - zw).T * (scale sw) + bias``."""
+        n, k = self.packed.n, self.packed.k
+        if self.per_row:
+            raise ValueError("quantized: the plan quantizes each row itself (per_row=True)")
+        if not isinstance(codes, np.ndarray) or codes.dtype != np.uint8:
+            raise TypeError(f"codes: expected a uint8 numpy.ndarray, got "
+                            f"{getattr(codes, 'dtype', type(codes).__name__)}")
+        if codes.ndim < 1 or codes.shape[-1] != k:
+            raise ValueError(f"codes: expected a last axis of K = {k} (the weights'), got shape {codes.shape}")
+        scale, zero_point = np.float32(scale), int(zero_point)
+        if not (np.isfinite(scale) and scale > 0) or not 0 <= zero_point <= 255:
+            raise ValueError(f"scale, zero_point: expected a finite scale > 0 and a zero point in 0..255, got "
+                             f"{scale}, {zero_point}")
+        shape = codes.shape[:-1] + (n,)
+        out = np.empty(shape, F32) if out is None else _validate.out(out, shape, F32)
+        rows = np.ascontiguousarray(codes).reshape(-1, k)
+        if rows.shape[0]:
+            self._linear(rows, out.reshape(-1, n), self._linear.requantized(scale, zero_point, self.w_scale))
+        return out
+
     def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         n, k = self.packed.n, self.packed.k
         if not isinstance(x, np.ndarray) or x.dtype != F32:
@@ -94,8 +117,9 @@ class DynamicLinearPlan:
             groups, lows, highs = rows, rows.min(axis=1), rows.max(axis=1)
         else:  # all of x as one row: one range, one pass
             groups, lows, highs = rows.reshape(1, m * k), rows.min().reshape(1), rows.max().reshape(1)
-        count = groups.shape[0]
-        scales, zeros, sums = np.empty(count, np.float32), np.empty(count, np.int32), np.empty(count, np.int64)
+        count = groups.shape[0]  # sums of codes: for the per-row correction only
+        scales, zeros, sums = np.empty(count, F32), np.empty(count, np.int32), np.empty(count if self.per_row else 0,
+                                                                                          np.int64)
         if dynamic_rows(groups, lows, highs, codes.reshape(groups.shape), scales, zeros, sums):
             raise ValueError("x: NaN value(s); dynamic quantization is undefined for NaN")
         if not self.per_row:

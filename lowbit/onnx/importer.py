@@ -331,8 +331,9 @@ def _check_supported(graph: Graph, unsupported: dict[str, list[str]]) -> None:
                                     unsupported)
 
 
-def import_model(model: Any, *, optimize: bool = True) -> Imported:
-    """Read and convert ``model`` (path, bytes or ModelProto); with ``optimize``, fuse patterns and fold constants."""
+def import_model(model: Any, *, optimize: bool = True, per_token: bool = False) -> Imported:
+    """Read and convert ``model`` (path, bytes or ModelProto); with ``optimize``, fuse patterns and fold constants
+    (``per_token``: the fused dynamic int8 products quantize each token, see ``fuse_dynamic_matmul``)."""
     from lowbit.runtime.dynamic_fusion import fuse_dynamic_matmul
     from lowbit.runtime.passes import fold_constants
     from lowbit.runtime.qdq_fusion import fuse_qdq
@@ -342,7 +343,8 @@ def import_model(model: Any, *, optimize: bool = True) -> Imported:
     imported = _convert(proto, folder)
     imported.tensors = frozenset(t for node in imported.graph.nodes for t in node.outputs)
     if optimize:  # fused patterns (Q/DQ, dynamic products, GELU, attention's softmax) and folded constants
-        imported.graph = fuse_transformer_ops(fold_constants(fuse_dynamic_matmul(fuse_qdq(imported.graph))))
+        imported.graph = fuse_transformer_ops(fold_constants(fuse_dynamic_matmul(fuse_qdq(imported.graph),
+                                                                                  per_token=per_token)))
     _check_supported(imported.graph, {})
     return imported
 

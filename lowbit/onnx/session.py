@@ -143,11 +143,8 @@ class InferenceSession:
                           stacklevel=2)
         # ORT_DISABLE_ALL runs the graph as written: no Q/DQ or dynamic fusion, folding, batch-norm folding
         optimize = options.graph_optimization_level != GraphOptimizationLevel.ORT_DISABLE_ALL
-        imported = import_model(path_or_bytes, optimize=optimize)
-        if options.config_entries.get(DYNAMIC_PER_TOKEN, "0") == "1":
-            for node in imported.graph.nodes:
-                if node.op == "com.microsoft.DynamicQuantizeMatMul":
-                    node.attrs["per_row"] = 1
+        imported = import_model(path_or_bytes, optimize=optimize,
+                                per_token=options.config_entries.get(DYNAMIC_PER_TOKEN, "0") == "1")
         self._inputs = [_node_arg(i) for i in imported.inputs]
         self._outputs = [_node_arg(o) for o in imported.outputs]
         self._meta = ModelMetadata(**{k: imported.metadata[k] for k in ModelMetadata.__dataclass_fields__})

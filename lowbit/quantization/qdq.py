@@ -95,10 +95,6 @@ def dequantize_linear(q: np.ndarray, scale: np.ndarray | float, zero_point: np.n
 
 
 def dynamic_quantize_linear(x: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, np.float32, np.uint8]:
-    """ONNX DynamicQuantizeLinear: ``(uint8 codes, scale, zero point)`` from the data's own range; the codes by
-    ``kernels.quantize_linear`` (ONNX QuantizeLinear, one compiled pass), into ``out`` when given."""
-    x = np.asarray(x, np.float32, order="C")
-    lo, hi = np.float32(min(x.min(), 0)), np.float32(max(x.max(), 0))
-    scale = np.float32(1.0 if hi == lo else hi - lo) / np.float32(255)  # ONNX: a range of 1 when x is constant
-    zero = np.uint8(np.rint(np.clip(np.float32(0) - lo / scale, 0, 255)))
-    return kernels.quantize_linear(x, scale, int(zero), dtype=np.uint8, out=out), scale, zero
+    """ONNX DynamicQuantizeLinear: ``(uint8 codes, scale, zero point)`` from the data's own range
+    (``kernels.dynamic_quantize_linear``, one compiled pass), into ``out`` when given."""
+    return kernels.dynamic_quantize_linear(np.asarray(x, np.float32, order="C"), out)

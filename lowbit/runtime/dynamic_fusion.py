@@ -11,12 +11,14 @@ which :func:`fuse_dynamic_matmul` rewrites into ``com.microsoft.DynamicQuantizeM
 ONNX Runtime's optimizer does: one node quantizing ``x`` and running ``kernels.linear_int8`` with the scaling
 and bias in its epilogue, instead of five with three float temporaries. The pass is pure (a new graph; the
 input graph and its parameter arrays untouched) and linear in the number of nodes. A tensor inside the pattern
-must have no other consumer and not be a graph output; DynamicQuantizeLinear may feed several products (Q, K and
-V of an attention layer): each fused node quantizes ``x`` itself, and the DynamicQuantizeLinear goes once
-nothing reads it.
+must have no other consumer and not be a graph output. A DynamicQuantizeLinear that feeds several products (Q, K
+and V of an attention layer) stays, and they become ``com.microsoft.MatMulIntegerToFloat`` nodes on its codes:
+``x`` is quantized once (unless each product quantizes per token: ``per_token``).
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 from lowbit.graph.ir import Graph, GraphIndex, Node
 from lowbit.runtime.passes import _private
@@ -67,27 +69,38 @@ def _match(graph: Graph, index: GraphIndex, matmul: Node) -> tuple[list[Node], N
     return nodes, quantize, [quantize.inputs[0], b, w_scale, b_zero, bias]
 
 
-def fuse_dynamic_matmul(graph: Graph) -> Graph:
+def fuse_dynamic_matmul(graph: Graph, *, per_token: bool = False) -> Graph:
     """Rewrite each DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul(Mul(x_scale, W_scale)) [-> Add(bias)]
-    chain into one ``com.microsoft.DynamicQuantizeMatMul`` (see the module docstring for the conditions)."""
+    chain into one ``com.microsoft.DynamicQuantizeMatMul`` (see the module docstring for the conditions); where one
+    DynamicQuantizeLinear feeds several such products, they share it as ``com.microsoft.MatMulIntegerToFloat``
+    nodes instead (one quantization, as ONNX Runtime's optimizer does). With ``per_token`` every product quantizes
+    each row of its own input (attribute ``per_row=1``), so none is shared."""
     out = graph.copy()
     index = out.index()
+    matches = [found for node in out.nodes if node.op == "MatMulInteger"
+               for found in [_match(out, index, node)] if found is not None]
+    products = Counter(id(quantize) for _, quantize, _ in matches)
     replaced: dict[int, Node | None] = {}  # id(node) -> the fused node taking its place, or None (removed)
     quantizers = {}
-    for node in out.nodes:
-        if node.op != "MatMulInteger" or id(node) in replaced:
-            continue
-        found = _match(out, index, node)
-        if found is None:
-            continue
-        nodes, quantize, inputs = found
+    for nodes, quantize, inputs in matches:
+        if products[id(quantize)] > 1 and not per_token:
+            x, b, w_scale, b_zero, bias = inputs
+            codes, a_scale, zero = quantize.outputs[:3]
+            op, inputs = "com.microsoft.MatMulIntegerToFloat", [codes, b, a_scale, w_scale, zero, b_zero, bias]
+        else:
+            op = "com.microsoft.DynamicQuantizeMatMul"
         while inputs and not inputs[-1]:
             inputs.pop()
-        fused = Node("com.microsoft.DynamicQuantizeMatMul", inputs, [nodes[-1].outputs[0]], {},
-                     f"{node.name}_dynamic_matmul")
+        fused = Node(op, inputs, [nodes[-1].outputs[0]], {"per_row": 1} if per_token else {},
+                     f"{nodes[0].name}_dynamic_matmul")
         replaced.update({id(n): None for n in nodes})
         replaced[id(nodes[-1])] = fused  # the last node's place keeps the topological order
         quantizers[id(quantize)] = quantize
+    if per_token:  # the model's own DynamicQuantizeMatMul nodes too
+        for node in out.nodes:
+            if node.op == "com.microsoft.DynamicQuantizeMatMul" and id(node) not in replaced:
+                replaced[id(node)] = Node(node.op, list(node.inputs), list(node.outputs),
+                                          {**node.attrs, "per_row": 1}, node.name)
     if not replaced:
         return out
     out.nodes = [replaced.get(id(n), n) for n in out.nodes]

@@ -231,6 +231,19 @@ def prepare_matmul_integer_to_float(node: Node, graph: Graph, inputs: Inputs) ->
                                         bias=None if bias is None else bias.reshape(-1))
         return Kernel(_by_rows(lambda x, y: plan(x, out=y), k, w.shape[0]), [out], ops, "int8", "linear_int8",
                       entry=plan.entry(a[0][0]) if len(a[0]) == 2 else None)
+    w_scale = _constant(node, graph, 3)
+    if (len(b[0]) == 2 and out[1] == F32 and a[1] == np.uint8 and _present(node, 4) and w_scale is not None
+            and w_scale.dtype == F32 and (w_scale > 0).all() and _all_parameters(node, graph, (1, 5, 6))):
+        # A's scale and zero point computed (DynamicQuantizeLinear's codes, shared by several products)
+        w, w_zero = _int8_columns(_constant(node, graph, 1), _value(node, graph, 5))
+        bias = _constant(node, graph, 6)
+        shared = kernels.linear_dynamic_int8_plan(kernels.pack_int8(w), w_scale.reshape(-1), w_zero,
+                                                  None if bias is None else bias.reshape(-1))
+
+        def run_shared(ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
+            shared.quantized(ins[0], ins[2], ins[4], out=outs[0])
+
+        return Kernel(run_shared, [out], ops, "int8", "linear_dynamic_int8, codes shared")
 
     def run(ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
         a, b, a_scale, b_scale, a_zero, b_zero, bias = (ins + [None] * 7)[:7]
@@ -839,8 +852,8 @@ def prepare_qlinear_average_pool(node: Node, graph: Graph, inputs: Inputs) -> Ke
 def prepare_dynamic_quantize_linear(node: Node, graph: Graph, inputs: Inputs) -> Kernel:
     """ONNX DynamicQuantizeLinear: uint8 ``y = saturate(rint(x / y_scale) + y_zero_point)`` with
     ``y_scale = (max(x, 0) - min(x, 0)) / 255`` (1 / 255 for a constant ``x``) and
-    ``y_zero_point = rint(clip(-min(x, 0) / y_scale, 0, 255))``, in float32 (``lowbit.quantization.qdq``), the
-    codes from ``kernels.quantize_linear``."""
+    ``y_zero_point = rint(clip(-min(x, 0) / y_scale, 0, 255))``, in float32: ``kernels.dynamic_quantize_linear``
+    (through ``lowbit.quantization.qdq``)."""
     x = _spec(node, graph, inputs, 0)
     if x is None or x[1] != F32:
         raise _fail(node, f"input x must be float32, got {'none' if x is None else x[1]}")
@@ -851,4 +864,4 @@ def prepare_dynamic_quantize_linear(node: Node, graph: Graph, inputs: Inputs) ->
         for out, value in zip(outs[1:], (scale, zero)):
             out[...] = value
 
-    return Kernel(run, outs_spec[:len(node.outputs)], 3 * math.prod(x[0]), "int8", "min / max, quantize_linear")
+    return Kernel(run, outs_spec[:len(node.outputs)], 3 * math.prod(x[0]), "int8", "kernels.dynamic_quantize_linear")

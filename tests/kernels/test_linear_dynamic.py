@@ -87,3 +87,38 @@ def test_per_row_follows_each_row_range(rng):
 def test_rejects_bad_arguments(rng, call, error, message):
     with pytest.raises(error, match=message):
         call(rng.standard_normal((2, 8)).astype(np.float32), rng.integers(-5, 5, (4, 8), dtype=np.int8))
+
+
+def test_dynamic_quantize_linear_matches_onnx(rng):
+    """kernels.dynamic_quantize_linear: ONNX DynamicQuantizeLinear of all of x, codes into ``out``; empty x has the
+    range [0, 0]; NaN and other dtypes are errors."""
+    for x in ((rng.standard_normal((3, 7, 5)) * 2 + 0.5).astype(np.float32), np.float32([2.0, 3.0]),
+              np.float32([-1.0, -4.0])):
+        want, scale, zero = _quantized(x)
+        out = np.empty(x.shape, np.uint8)
+        codes, got_scale, got_zero = kernels.dynamic_quantize_linear(x, out)
+        assert codes is out and got_scale == scale and int(got_zero) == zero
+        np.testing.assert_array_equal(codes, want)
+    codes, scale, zero = kernels.dynamic_quantize_linear(np.zeros((0, 4), np.float32))
+    assert codes.shape == (0, 4) and scale == np.float32(1) / np.float32(255) and zero == 0
+    with pytest.raises(ValueError, match="NaN"):
+        kernels.dynamic_quantize_linear(np.float32([1.0, np.nan]))
+    with pytest.raises(TypeError, match="x: expected a float32"):
+        kernels.dynamic_quantize_linear(np.zeros(3))
+
+
+def test_plan_on_shared_codes(rng):
+    """DynamicLinearPlan.quantized: the product of codes quantized once (MatMulIntegerToFloat's A, scale, zero
+    point), equal to the plan on the float activations they came from; bad codes are clear errors."""
+    x = (rng.standard_normal((2, 9, 40)) * 3).astype(np.float32)
+    w = rng.integers(-128, 128, (17, 40), dtype=np.int8)
+    w_scale, bias = rng.uniform(0.001, 0.02, 17).astype(np.float32), rng.standard_normal(17).astype(np.float32)
+    plan = kernels.linear_dynamic_int8_plan(w, w_scale, rng.integers(-3, 4, 17), bias)
+    codes, scale, zero = kernels.dynamic_quantize_linear(x)
+    np.testing.assert_array_equal(plan.quantized(codes, np.asarray(scale), np.asarray(zero)), plan(x))
+    for bad, error, message in ((codes.astype(np.int8), TypeError, "codes: expected a uint8"),
+                                (codes[..., :7], ValueError, "K = 40"), (codes, ValueError, "scale, zero_point")):
+        with pytest.raises(error, match=message):
+            plan.quantized(bad, 0.0 if bad is codes else scale, zero)
+    with pytest.raises(ValueError, match="per_row"):
+        kernels.linear_dynamic_int8_plan(w, w_scale, per_row=True).quantized(codes, scale, zero)

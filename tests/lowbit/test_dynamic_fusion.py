@@ -16,7 +16,7 @@ import lowbit.onnx as lowbit_onnx  # noqa: E402
 from lowbit import Session, TensorSpec  # noqa: E402
 from lowbit.runtime.dynamic_fusion import fuse_dynamic_matmul  # noqa: E402
 
-FUSED = "com.microsoft.DynamicQuantizeMatMul"
+FUSED, SHARED = "com.microsoft.DynamicQuantizeMatMul", "com.microsoft.MatMulIntegerToFloat"
 
 
 def _float_model(rng, k: int = 24, n: int = 10, heads: int = 3):
@@ -49,16 +49,22 @@ def _run(graph, feeds):
 def test_fuses_and_matches_unfused_and_ort(rng, tmp_path, per_channel):
     model = _dynamic(tmp_path, _float_model(rng), per_channel)
     graph = lowbit_onnx.load(model, optimize=False)  # not yet fused
-    fused = fuse_dynamic_matmul(graph)
+    fused = fuse_dynamic_matmul(graph)  # three products of one quantized x: they share its codes
     ops = [n.op for n in fused.nodes]
-    assert ops.count(FUSED) == 3 and "MatMulInteger" not in ops and "DynamicQuantizeLinear" not in ops
+    assert ops.count(SHARED) == 3 and ops.count("DynamicQuantizeLinear") == 1 and "MatMulInteger" not in ops
     assert "Cast" not in ops and ops.count("Add") == 0  # the bias went into the first product
     assert [n.op for n in graph.nodes].count("MatMulInteger") == 3  # the input graph is untouched
     feeds = {"x": rng.normal(0, 1, (2, 5, 24)).astype(np.float32)}
-    got, unfused = _run(fused, feeds), _run(graph, feeds)
+    session = Session(fused, fallback=False)
+    got, unfused = session.run(feeds)[fused.outputs[0]], _run(graph, feeds)
+    assert list(session.notes.values()).count("linear_dynamic_int8, codes shared") == 3
     np.testing.assert_allclose(got, unfused, rtol=1e-5, atol=1e-5)
     want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    per_token = fuse_dynamic_matmul(graph, per_token=True)  # each product quantizes its own tokens
+    ops = [n.op for n in per_token.nodes]
+    assert ops.count(FUSED) == 3 and "DynamicQuantizeLinear" not in ops
+    assert all(n.attrs["per_row"] == 1 for n in per_token.nodes if n.op == FUSED)
 
 
 def test_does_not_fuse_observed_or_foreign_patterns(rng, tmp_path):
