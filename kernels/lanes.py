@@ -47,7 +47,7 @@ def _merge(builder: ir.IRBuilder, kind: str, a: ir.Value, b: ir.Value) -> ir.Val
 def _lanes_intrinsic(kind: str):
     """``reduce(v, full, centre)``: reduction ``kind`` of ``v[:full]`` (``full`` a multiple of 16) in the order of
     the module docstring; ``v`` 1-D C-contiguous float32. Kind ``"exp"`` first replaces each ``v[j]`` by
-    ``e^(v[j] - centre)`` (:mod:`kernels.math_ir`), then sums the new values."""
+    ``e^(v[j] - centre)`` (:mod:`kernels.math_ir`; for ``v[j] <= centre``), then sums the new values."""
 
     @intrinsic
     def reduce(typingctx, v, full, centre):
@@ -66,7 +66,7 @@ def _lanes_intrinsic(kind: str):
                 at = builder.mul(q, ir.Constant(I64, LANES))
                 x = load_vector(builder, data, at, _VECTOR)
                 if kind == "exp":
-                    x = emit_exp(builder, builder.fsub(x, spread))
+                    x = emit_exp(builder, builder.fsub(x, spread), nonpositive=True)
                     builder.store(x, builder.bitcast(builder.gep(data, [at]), _VECTOR.as_pointer()), align=4)
                 return _combine(builder, kind, acc, x, spread)
 
@@ -137,7 +137,8 @@ def lane_max(v):
 @kernel(inline="always")
 def lane_exp_sum(v, centre):
     """``v[j] = e^(v[j] - centre)`` in place (:func:`kernels.math_ir.exp32`), and the sum of the new ``v`` in the
-    module's order: softmax's numerator and denominator in one pass."""
+    module's order: softmax's numerator and denominator in one pass. For ``v[j] <= centre`` (or NaN): the vectors
+    leave out exp's steps for positive arguments (``kernels.math_ir.emit_exp``)."""
     full = v.size - v.size % LANES
     total = _exp_lanes(v, full, np.float32(centre))
     for j in range(full, v.size):

@@ -22,26 +22,36 @@ from kernels.lanes import lane_exp_sum, lane_max
 F32 = np.dtype(np.float32)
 _NO_MASK = np.zeros((0, 0), np.float32)
 _NO_ROWS = np.zeros(0, np.int64)
+BLOCK = 8  # rows in flight
 
 
 @kernel
 def _softmax_rows(x, scale, mask, mask_rows, out):
     """``out[r] = softmax(scale * x[r] + mask[mask_rows[r]])`` for every row of ``x [R, S]`` (C-contiguous float32,
-    as ``out``; ``mask [M, S]`` float32 and ``mask_rows [R]`` int64, both empty without a mask)."""
+    as ``out``; ``mask [M, S]`` float32 and ``mask_rows [R]`` int64, both empty without a mask). Rows go in blocks
+    of :data:`BLOCK`, each step over the whole block before the next, so that one row's chain of reductions and
+    division overlaps the others' work."""
     rows, s = x.shape
     masked = mask.size > 0
-    for r in range(rows):
-        xr, y = x[r], out[r]
-        if masked:
-            m = mask[mask_rows[r]]
+    factors = np.empty(BLOCK, np.float32)
+    for r0 in range(0, rows, BLOCK):
+        r1 = min(r0 + BLOCK, rows)
+        for r in range(r0, r1):
+            xr, y = x[r], out[r]
+            if masked:
+                m = mask[mask_rows[r]]
+                for j in range(s):
+                    y[j] = scale * xr[j] + m[j]
+            else:
+                for j in range(s):
+                    y[j] = scale * xr[j]
+            factors[r - r0] = lane_max(y)
+        for r in range(r0, r1):
+            factors[r - r0] = np.float32(1.0) / lane_exp_sum(out[r], factors[r - r0])
+        for r in range(r0, r1):
+            y, inv = out[r], factors[r - r0]
             for j in range(s):
-                y[j] = scale * xr[j] + m[j]
-        else:
-            for j in range(s):
-                y[j] = scale * xr[j]
-        inv = np.float32(1.0) / lane_exp_sum(y, lane_max(y))
-        for j in range(s):
-            y[j] *= inv
+                y[j] *= inv
 
 
 @kernel
