@@ -21,6 +21,7 @@ from kernels._jit import kernel, machine_entry
 from kernels.epilogue import Epilogue
 from kernels.entry import Entry, In, Out
 from kernels.gemm.driver import DRIVERS, LINEAR, unsigned_rows
+from kernels.gemm.microkernels import TILES
 from kernels.pack.panels import KGROUP, PANEL, PackedInt8, pack_int8
 from kernels.pack.plans import value_key
 from kernels.qtypes import QTYPES, qtype_of
@@ -132,10 +133,11 @@ class LinearPlan:
         self._fixed = (self.a_dtype, k, n, out_dtype, self._offset, self._bound)
         self._rows: dict[int, tuple] = {}  # M -> (LINEAR kernel, variant, whether threads could pay)
 
-    def _estimate(self, m: int) -> float:
-        """Single-thread time (us) from compute (~400 GOPS) and weight streaming (~20 GB/s), measured here."""
+    def _estimate(self, m: int, kind: str) -> float:
+        """Single-thread time (us) of micro-kernel ``kind`` from compute (its measured ``ops_per_us``) and weight
+        streaming (~20 GB/s)."""
         n, k = self.packed.n, self.packed.k
-        return 2 * m * n * k / 400e3 + n * k / 20e3
+        return 2 * m * n * k / TILES[kind].ops_per_us + n * k / 20e3
 
     def _for_rows(self, m: int) -> tuple:
         """The kernel, the variant, whether threads could pay, and the kernel's machine entry for C-contiguous,
@@ -145,7 +147,7 @@ class LinearPlan:
             n, k = self.packed.n, self.packed.k
             variant = dispatch.choose("gemm_int8", m, n, k)
             fn = LINEAR[variant.kind, self.epi.mode]
-            state = [fn, variant, self._estimate(m) >= 2 * threads.MIN_US_PER_THREAD, None]
+            state = [fn, variant, self._estimate(m, variant.kind) >= 2 * threads.MIN_US_PER_THREAD, None]
             if len(self._rows) >= ROW_STATES:
                 self._rows.clear()
             self._rows[m] = state
@@ -216,7 +218,7 @@ class LinearPlan:
             driver(a_u8, lda, n, data, packed.k_groups, p0, p1, i0, i1, terms[0], col_term32, terms[1], row_sums,
                    row_term, fused, scales[0], scales[1], single, lo, hi, zp, qmin, qmax, out)
 
-        threads.run_tiled(run, packed.n_panels, a.shape[0], variant.rows, self._estimate(a.shape[0]))
+        threads.run_tiled(run, packed.n_panels, a.shape[0], variant.rows, self._estimate(a.shape[0], variant.kind))
 
     def requantized(self, a_scale: np.float32, a_zero_point: int, w_scale: np.ndarray) -> tuple:
         """The plan's arguments (``plan(a, out, bound)``) for activations of another scale and zero point, as

@@ -65,6 +65,7 @@ class Tile(NamedTuple):
     tile_store: Callable | None = None  # None: run ``tile``, then add and store in plain code
     tile_finish: Callable | None = None  # None: run ``tile``, then rescale and store in plain code
     width: int = PANEL  # output channels per tile: the first ``width`` of the panel at ``b_off``
+    ops_per_us: float = 400e3  # single-thread throughput measured on mid-size products: when threads pay
 
 
 NARROW_ROWS, NARROW_VECTORS = 12, 2  # 24 accumulators, as the wide tile's 6 x 4
@@ -85,7 +86,7 @@ TILES = {
                                               (vnni.make_tile, vnni.make_tile_store, vnni.make_tile_finish)),
                                width=16 * NARROW_VECTORS),
     "amx": Tile(amx.ROWS, *(make(amx.ROWS, source="amx") for make in
-                            (vnni.make_tile, vnni.make_tile_store, vnni.make_tile_finish))),
+                            (vnni.make_tile, vnni.make_tile_store, vnni.make_tile_finish)), ops_per_us=1500e3),
 }
 # One-row twins that a driver runs for a tile of a single row (a batch of 1): the GEMV tile computes all of its
 # rows whatever ``m`` is, four times the work of one row. Not variants of their own (kernels.dispatch).

@@ -42,9 +42,10 @@ def test_matches_oracle(rng, shape, n, per_row):
 
 
 @pytest.mark.parametrize("num_threads", [1, 2])
-def test_plan_follows_each_call_range(rng, num_threads):
+def test_plan_follows_each_call_range(rng, num_threads, monkeypatch):
     """One per-tensor plan, calls of different ranges and zero points: each call's terms rederived, on the
-    threaded split too (work enough for two threads)."""
+    threaded split too (any work split between two threads)."""
+    monkeypatch.setattr(kernels.threads, "MIN_US_PER_THREAD", 1e-3)
     w = rng.integers(-128, 128, (512, 320), dtype=np.int8)
     w_scale = rng.uniform(0.001, 0.02, 512).astype(np.float32)
     w_zp, bias = rng.integers(-4, 5, 512), rng.standard_normal(512).astype(np.float32)
