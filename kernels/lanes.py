@@ -1,5 +1,5 @@
-"""Reductions of a float32 row in 16 independent lanes, then over the lanes (sum, sum of squares, max, and the sum
-of exponentials that softmax takes, written back as it goes).
+"""Reductions of a float32 row in 16 independent lanes, then over the lanes (sum, sum of squares, max, min, and the
+sum of exponentials that softmax takes, written back as it goes).
 
 A plain ``total += v[j]`` or ``top = max(top, v[j])`` loop stays scalar: LLVM may not reorder float operations
 unless told to (``fastmath``, which this package does not use, see ``kernels._jit``), and sixteen scalar
@@ -7,7 +7,7 @@ accumulators written in Python stay sixteen scalar chains. Here the lanes are ``
 LLVM IR, four of them so that four additions are in flight: vector ``q`` of the row (``v[16 q .. 16 q + 15]``)
 goes to accumulator ``q % 4`` while whole groups of four remain, the last vectors to accumulators 0, 1, 2 in turn;
 then ``(a0 + a1) + (a2 + a3)``, then the 16 lanes pairwise (lane ``l`` with ``l + 8``, then ``l + 4``, ``l + 2``,
-``l + 1``), onto 0 (``-inf`` for max), then the tail past the last multiple of 16 in order. The order of every
+``l + 1``), onto 0 (``-inf`` for max, ``inf`` for min), then the tail past the last multiple of 16 in order. The order of every
 operation is fixed by this code, not by the vector width of the CPU, so results are the same on every CPU (a CPU
 without 16-lane registers splits the vectors). A short row pays a few combining steps, not sixteen in a chain.
 """
@@ -28,20 +28,26 @@ ACCUMULATORS = 4  # vectors in flight
 _VECTOR = ir.VectorType(F32, LANES)
 
 
+_PICK = {"max": ">", "min": "<"}  # the extremes: x replaces acc when ``x OP acc`` (never for a NaN x)
+_START = {"max": float("-inf"), "min": float("inf")}
+
+
 def _combine(builder: ir.IRBuilder, kind: str, acc: ir.Value, x: ir.Value, centre: ir.Value) -> ir.Value:
-    """One step of reduction ``kind`` (vectors or scalars alike): ``acc + x`` (sum, exp), ``acc + (x - centre)^2`` or
-    ``x if x > acc else acc`` (a NaN ``x`` is skipped)."""
+    """One step of reduction ``kind`` (vectors or scalars alike): ``acc + x`` (sum, exp), ``acc + (x - centre)^2``,
+    or ``x if x > acc else acc`` (max; ``<`` for min; a NaN ``x`` is skipped)."""
     if kind in ("sum", "exp"):
         return builder.fadd(acc, x)
     if kind == "squares":
         d = builder.fsub(x, centre)
         return builder.fadd(acc, builder.fmul(d, d))
-    return builder.select(builder.fcmp_ordered(">", x, acc), x, acc)
+    return _merge(builder, kind, acc, x)
 
 
 def _merge(builder: ir.IRBuilder, kind: str, a: ir.Value, b: ir.Value) -> ir.Value:
-    """Two partial reductions combined: ``a + b``, or for max ``b if b > a else a``."""
-    return builder.fadd(a, b) if kind != "max" else builder.select(builder.fcmp_ordered(">", b, a), b, a)
+    """Two partial reductions combined: ``a + b``, or for max ``b if b > a else a`` (min alike)."""
+    if kind not in _PICK:
+        return builder.fadd(a, b)
+    return builder.select(builder.fcmp_ordered(_PICK[kind], b, a), b, a)
 
 
 def _lanes_intrinsic(kind: str):
@@ -59,7 +65,7 @@ def _lanes_intrinsic(kind: str):
             vectors = builder.sdiv(context.cast(builder, args[1], signature.args[1], types.int64),
                                    ir.Constant(I64, LANES))
             spread = splat(builder, args[2], _VECTOR)
-            start = ir.Constant(F32, float("-inf") if kind == "max" else 0.0)
+            start = ir.Constant(F32, _START.get(kind, 0.0))
 
             def step(acc, q):
                 """``acc`` with vector ``q`` of the row taken in (for ``"exp"``, transformed and stored first)."""
@@ -99,7 +105,8 @@ def _lanes_intrinsic(kind: str):
     return reduce
 
 
-_sum_lanes, _squares_lanes, _max_lanes, _exp_lanes = (_lanes_intrinsic(kind) for kind in ("sum", "squares", "max", "exp"))
+_sum_lanes, _squares_lanes, _max_lanes, _min_lanes, _exp_lanes = (
+    _lanes_intrinsic(kind) for kind in ("sum", "squares", "max", "min", "exp"))
 
 
 @kernel(inline="always")
@@ -132,6 +139,16 @@ def lane_max(v):
     for j in range(full, v.size):
         top = v[j] if v[j] > top else top
     return top
+
+
+@kernel(inline="always")
+def lane_min(v):
+    """``min(v)`` of a 1-D C-contiguous float32 array (``inf`` if empty); a NaN is skipped, as by :func:`lane_max`."""
+    full = v.size - v.size % LANES
+    low = _min_lanes(v, full, np.float32(0.0))
+    for j in range(full, v.size):
+        low = v[j] if v[j] < low else low
+    return low
 
 
 @kernel(inline="always")

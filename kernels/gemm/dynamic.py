@@ -23,7 +23,7 @@ import numpy as np
 from kernels import _validate
 from kernels._jit import kernel
 from kernels.gemm.int8 import _weights, gemm_int8_plan, linear_int8_plan
-from kernels.quantize import dynamic_rows
+from kernels.quantize import dynamic_rows, row_ranges
 
 F32 = np.dtype(np.float32)
 MAX_K = (2**31 - 1) // (3 * 255 * 128)  # 21929: every int32 term of the correction stays in range
@@ -33,23 +33,32 @@ _NO_BIAS = np.zeros(0, np.float32)
 @kernel
 def _scale_products(acc, zeros, scales, sums, col_sums, w_zp, w_scale, bias, k, out):
     """``out [M, N] = (acc - za col_sums - zw (sums - K za)) * (sa sw) (+ bias)``: the module's formula from the
-    GEMM's ``acc [M, N]`` int32 (``zeros`` int32, ``scales`` float32, ``sums`` int64 per row; ``col_sums``,
-    ``w_zp`` int32, ``w_scale`` float32, ``bias`` float32 or empty per column). The correction is int32: each of
-    its three terms is at most ``255 * 128 * K`` in magnitude, so the caller keeps ``3 * 255 * 128 * K < 2^31``."""
+    GEMM's ``acc [M, N]`` int32 (``zeros`` int32, ``scales`` float32 per row; ``sums`` int64 per row, or empty when
+    every ``zw`` is 0; ``col_sums``, ``w_zp`` int32, ``w_scale`` float32, ``bias`` float32 or empty per column).
+    The correction is int32: each of its three terms is at most ``255 * 128 * K`` in magnitude, so the caller keeps
+    ``3 * 255 * 128 * K < 2^31``."""
     m, n = acc.shape
-    with_bias = bias.size > 0
+    with_bias, with_zp = bias.size > 0, sums.size > 0
     scale = np.empty(n, np.float32)
+    term = np.empty(n, np.int32)
     for r in range(m):
-        za, centred = zeros[r], np.int32(sums[r] - k * np.int64(zeros[r]))
+        za = np.int32(zeros[r])
+        centred = np.int32(sums[r] - k * np.int64(zeros[r])) if with_zp else np.int32(0)
         for c in range(n):
             scale[c] = scales[r] * w_scale[c]
+        if with_zp:
+            for c in range(n):
+                term[c] = np.int32(za * col_sums[c]) + np.int32(w_zp[c] * centred)
+        else:
+            for c in range(n):
+                term[c] = np.int32(za * col_sums[c])
         a, y = acc[r], out[r]
         if with_bias:
             for c in range(n):
-                y[c] = np.float32(a[c] - za * col_sums[c] - w_zp[c] * centred) * scale[c] + bias[c]
+                y[c] = np.float32(np.int32(a[c] - term[c])) * scale[c] + bias[c]
         else:
             for c in range(n):
-                y[c] = np.float32(a[c] - za * col_sums[c] - w_zp[c] * centred) * scale[c]
+                y[c] = np.float32(np.int32(a[c] - term[c])) * scale[c]
 
 
 class DynamicLinearPlan:
@@ -67,6 +76,7 @@ class DynamicLinearPlan:
             raise ValueError(f"w: K = {k} exceeds {MAX_K}, the longest K whose corrected int32 sums cannot overflow")
         self.col_sums = self.packed.col_sums.astype(np.int32)
         self.w_zp = self.w_zp.astype(np.int32)
+        self._zero_points = bool(self.w_zp.any())
         self.bias = _NO_BIAS if bias is None else np.ascontiguousarray(
             _validate.per_channel("bias", bias, n, np.float32))
         self.per_row = bool(per_row)
@@ -113,13 +123,12 @@ class DynamicLinearPlan:
         if m == 0:
             return out
         codes = np.empty((m, k), np.uint8)
-        if self.per_row:
-            groups, lows, highs = rows, rows.min(axis=1), rows.max(axis=1)
-        else:  # all of x as one row: one range, one pass
-            groups, lows, highs = rows.reshape(1, m * k), rows.min().reshape(1), rows.max().reshape(1)
-        count = groups.shape[0]  # sums of codes: for the per-row correction only
-        scales, zeros, sums = np.empty(count, F32), np.empty(count, np.int32), np.empty(count if self.per_row else 0,
-                                                                                          np.int64)
+        groups = rows if self.per_row else rows.reshape(1, m * k)  # per tensor: all of x as one row
+        count = groups.shape[0]
+        lows, highs, scales, zeros = np.empty(count, F32), np.empty(count, F32), np.empty(count, F32), np.empty(
+            count, np.int32)
+        row_ranges(groups, lows, highs)
+        sums = np.empty(count if self.per_row and self._zero_points else 0, np.int64)  # for the correction only
         if dynamic_rows(groups, lows, highs, codes.reshape(groups.shape), scales, zeros, sums):
             raise ValueError("x: NaN value(s); dynamic quantization is undefined for NaN")
         if not self.per_row:

@@ -123,3 +123,21 @@ def test_plan_on_shared_codes(rng):
             plan.quantized(bad, 0.0 if bad is codes else scale, zero)
     with pytest.raises(ValueError, match="per_row"):
         kernels.linear_dynamic_int8_plan(w, w_scale, per_row=True).quantized(codes, scale, zero)
+
+
+@pytest.mark.parametrize("k", [0, 1, 7, 16, 17, 63, 64, 65, 385])
+def test_row_ranges_are_each_rows_min_and_max(rng, k):
+    """kernels.quantize.row_ranges: per-row min and max in 16 lanes, equal to NumPy's; NaN skipped; empty rows give
+    inf and -inf (the range [0, 0] for dynamic quantization)."""
+    from kernels.quantize import row_ranges
+
+    x = (rng.standard_normal((5, k)) * 10).astype(np.float32)
+    if k > 3:
+        x[2, 3] = np.nan
+    lows, highs = np.empty(5, np.float32), np.empty(5, np.float32)
+    row_ranges(x, lows, highs)
+    if k:
+        np.testing.assert_array_equal(lows, np.nanmin(x, axis=1))
+        np.testing.assert_array_equal(highs, np.nanmax(x, axis=1))
+    else:
+        assert (lows == np.inf).all() and (highs == -np.inf).all()
