@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from kernels import threads
 from kernels._jit import kernel
 from kernels.entry import Entry, In, Out
 from kernels.lanes import lane_exp_sum, lane_max
@@ -23,6 +24,7 @@ F32 = np.dtype(np.float32)
 _NO_MASK = np.zeros((0, 0), np.float32)
 _NO_ROWS = np.zeros(0, np.int64)
 BLOCK = 8  # rows in flight
+US_PER_VALUE = 7e-4  # single-thread time per score, for thread splits (rows go to threads whole)
 
 
 @kernel
@@ -105,7 +107,16 @@ class SoftmaxPlan:
                                          f"expected a float32 mask of shape {self.mask_shape} (prepared with one)"))
         mask = _NO_MASK if mask is None else _checked("mask", mask, self.mask_shape)
         out = np.empty(self.shape, F32) if out is None else _checked_out(out, self.shape)
-        _softmax_all(x, np.float32(self.scale), mask, self.rows, out)
+        s = self.shape[-1]
+        rows = x.size // s
+        parts = min(threads.get_num_threads(), int(x.size * US_PER_VALUE // threads.MIN_US_PER_THREAD))
+        if parts <= 1:
+            _softmax_all(x, np.float32(self.scale), mask, self.rows, out)
+            return out
+        x2, out2, mask2 = x.reshape(rows, s), out.reshape(rows, s), mask.reshape(mask.size // s, s)
+        threads.run_ranges(lambda r0, r1: _softmax_rows(x2[r0:r1], np.float32(self.scale), mask2,
+                                                        self.rows[r0:r1] if self.rows.size else self.rows,
+                                                        out2[r0:r1]), threads.split(rows, parts))
         return out
 
 

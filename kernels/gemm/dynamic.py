@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels import _validate
+from kernels import _validate, threads
 from kernels._jit import kernel
 from kernels.gemm.int8 import _weights, gemm_int8_plan, linear_int8_plan
 from kernels.quantize import dynamic_rows, row_ranges
@@ -59,6 +59,34 @@ def _scale_products(acc, zeros, scales, sums, col_sums, w_zp, w_scale, bias, k, 
         else:
             for c in range(n):
                 y[c] = np.float32(np.int32(a[c] - term[c])) * scale[c]
+
+
+QUANTIZE_US_PER_VALUE = 3e-4  # dynamic_rows' single-thread time per value (its division), for thread splits
+
+
+def _quantized_rows(rows, lows, highs, codes, scales, zeros, sums, per_row: bool) -> bool:
+    """:func:`kernels.quantize.dynamic_rows` of ``rows [M, K]`` into ``codes``, ``scales``, ``zeros`` (``[M]``) and
+    ``sums`` (``[M]`` or empty), over each row's range or (``per_row`` false) every row over the range of all
+    of them, the rows split over ``kernels.threads`` when that pays; True if there was NaN."""
+    m, k = rows.shape
+    parts = min(threads.get_num_threads(), int(m * k * QUANTIZE_US_PER_VALUE // threads.MIN_US_PER_THREAD))
+    if parts <= 1:  # one thread: per tensor, all of x as one row
+        groups = rows if per_row else rows.reshape(1, m * k)
+        g = groups.shape[0]
+        row_ranges(groups, lows[:g], highs[:g])
+        return dynamic_rows(groups, lows[:g], highs[:g], codes.reshape(groups.shape), scales[:g], zeros[:g], sums)
+    ranges = threads.split(m, parts)
+    threads.run_ranges(lambda i0, i1: row_ranges(rows[i0:i1], lows[i0:i1], highs[i0:i1]), ranges)
+    if not per_row:  # one range: the extremes of every row's
+        lows[:], highs[:] = lows.min(), highs.max()
+    found = [False] * len(ranges)
+
+    def part(i0: int, i1: int) -> None:
+        found[ranges.index((i0, i1))] = dynamic_rows(rows[i0:i1], lows[i0:i1], highs[i0:i1], codes[i0:i1],
+                                                     scales[i0:i1], zeros[i0:i1], sums[i0:i1] if sums.size else sums)
+
+    threads.run_ranges(part, ranges)
+    return any(found)
 
 
 class DynamicLinearPlan:
@@ -123,13 +151,9 @@ class DynamicLinearPlan:
         if m == 0:
             return out
         codes = np.empty((m, k), np.uint8)
-        groups = rows if self.per_row else rows.reshape(1, m * k)  # per tensor: all of x as one row
-        count = groups.shape[0]
-        lows, highs, scales, zeros = np.empty(count, F32), np.empty(count, F32), np.empty(count, F32), np.empty(
-            count, np.int32)
-        row_ranges(groups, lows, highs)
-        sums = np.empty(count if self.per_row and self._zero_points else 0, np.int64)  # for the correction only
-        if dynamic_rows(groups, lows, highs, codes.reshape(groups.shape), scales, zeros, sums):
+        lows, highs, scales, zeros = np.empty(m, F32), np.empty(m, F32), np.empty(m, F32), np.empty(m, np.int32)
+        sums = np.empty(m if self.per_row and self._zero_points else 0, np.int64)  # for the correction only
+        if _quantized_rows(rows, lows, highs, codes, scales, zeros, sums, self.per_row):
             raise ValueError("x: NaN value(s); dynamic quantization is undefined for NaN")
         if not self.per_row:
             self._linear(codes, out.reshape(m, n), self._linear.requantized(scales[0], int(zeros[0]), self.w_scale))

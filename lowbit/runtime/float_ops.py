@@ -1078,11 +1078,13 @@ def prepare_softmax(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
 
 
 def _softmax_kernel(shape: Shape, scale: float, mask_shape: Shape | None) -> Kernel:
-    """Softmax of ``scale x (+ mask)`` over the last axis on ``kernels.softmax`` (an entry; inputs x, mask)."""
-    entry = kernels.softmax_plan(shape, scale=scale, mask_shape=mask_shape).entry()
+    """Softmax of ``scale x (+ mask)`` over the last axis on ``kernels.softmax`` (an entry, which compiled chains
+    run on one thread; alone, the plan, which splits rows over the kernels' threads; inputs x, mask)."""
+    plan = kernels.softmax_plan(shape, scale=scale, mask_shape=mask_shape)
+    entry = plan.entry()
 
     def run(ins, outs):
-        entry([np.ascontiguousarray(x) for x in ins], outs)
+        plan(*(np.ascontiguousarray(x) for x in ins), out=outs[0])
 
     return Kernel(run, [(shape, F32)], ops=4 * _product(shape), note="kernels.softmax", entry=entry)
 

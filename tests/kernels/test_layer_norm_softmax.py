@@ -186,3 +186,19 @@ def test_lane_exp_sum_is_exp32_lane_by_lane(rng, size):
     v[size // 2:size // 2 + 1] = np.nan
     run(v, centre)
     assert np.isnan(v[size // 2:size // 2 + 1]).all()
+
+
+def test_softmax_rows_split_over_threads_give_the_same_bits(rng, monkeypatch):
+    """A softmax plan split over two threads (whole rows each, the mask rows with them) equals the one-thread run."""
+    x = rng.standard_normal((3, 4, 37, 29)).astype(np.float32)
+    mask = np.where(rng.random((3, 1, 1, 29)) < 0.2, np.float32(-1e4), np.float32(0))
+    plan = kernels.softmax_plan(x.shape, scale=0.3, mask_shape=mask.shape)
+    one = plan(x, mask)
+    monkeypatch.setattr(kernels.threads, "MIN_US_PER_THREAD", 1e-9)
+    previous = kernels.get_num_threads()
+    kernels.set_num_threads(2)
+    try:
+        np.testing.assert_array_equal(plan(x, mask), one)
+        np.testing.assert_array_equal(kernels.softmax_plan(x.shape)(x), kernels.softmax(x))
+    finally:
+        kernels.set_num_threads(previous)
