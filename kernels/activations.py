@@ -28,7 +28,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from kernels import _validate
+from kernels import _validate, threads
 from kernels._jit import kernel
 from kernels.entry import Entry, In, Out
 from kernels.gemm.llvm_ir import I1, I32, I64, array_ptr, emit_loop, is_array, masked, splat
@@ -52,6 +52,7 @@ _ROUND64_BITS = np.int64(0x4338000000000000)  # the bits of _ROUND64
 _EXP_LO, _EXP_HI = -110.0, 90.0  # e^x rounds to 0 / inf in float32 past these; 2^n stays a normal float64
 _SQRT_HALF, _SQRT_2_PI = 1 / math.sqrt(2.0), math.sqrt(2.0 / math.pi)
 _SIXTH = np.float32(1 / 6)
+US_PER_VALUE = 3e-4  # the slower unary kernels' single-thread time per value, for thread splits
 _FLOAT = ir.FloatType()
 _V16F32 = ir.VectorType(_FLOAT, 16)
 
@@ -320,6 +321,21 @@ UNARY = {"clip": (clip, ("lo", "hi")), "leaky_relu": (leaky_relu, ("alpha",)),
          "abs": (absolute, ()), "sqrt": (sqrt, ()), "reciprocal": (reciprocal, ()), "exp": (exp, ()),
          "sigmoid": (sigmoid, ()), "quick_gelu": (quick_gelu, ("alpha",)), "tanh": (tanh, ()), "erf": (erf, ()),
          "gelu": (gelu, ()), "gelu_tanh": (gelu_tanh, ())}
+
+
+def unary_split(entry: Entry, x: np.ndarray, out: np.ndarray) -> None:
+    """Run :func:`unary_entry`'s ``entry`` on ``x`` and ``out`` (C-contiguous float32 of one size), their flat
+    ranges split over ``kernels.threads`` when that pays (the ops are elementwise: any cut gives the same values)."""
+    fn, params = entry.fn, entry.args[2:]
+    xf, yf = x.reshape(-1), out.reshape(-1)
+    threads.run_split(lambda i0, i1: fn(xf[i0:i1], yf[i0:i1], *params), xf.size, xf.size * US_PER_VALUE)
+
+
+def bias_gelu_split(x: np.ndarray, bias: np.ndarray, out: np.ndarray) -> None:
+    """:func:`bias_gelu` with x's rows split over ``kernels.threads`` when that pays."""
+    c = max(bias.size, 1)
+    x2, y2 = x.reshape(-1, c), out.reshape(-1, c)
+    threads.run_split(lambda r0, r1: bias_gelu(x2[r0:r1], bias, y2[r0:r1]), x2.shape[0], x.size * US_PER_VALUE)
 
 
 def unary_entry(op: str, **params: float) -> Entry:

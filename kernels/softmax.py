@@ -108,15 +108,10 @@ class SoftmaxPlan:
         mask = _NO_MASK if mask is None else _checked("mask", mask, self.mask_shape)
         out = np.empty(self.shape, F32) if out is None else _checked_out(out, self.shape)
         s = self.shape[-1]
-        rows = x.size // s
-        parts = min(threads.get_num_threads(), int(x.size * US_PER_VALUE // threads.MIN_US_PER_THREAD))
-        if parts <= 1:
-            _softmax_all(x, np.float32(self.scale), mask, self.rows, out)
-            return out
-        x2, out2, mask2 = x.reshape(rows, s), out.reshape(rows, s), mask.reshape(mask.size // s, s)
-        threads.run_ranges(lambda r0, r1: _softmax_rows(x2[r0:r1], np.float32(self.scale), mask2,
-                                                        self.rows[r0:r1] if self.rows.size else self.rows,
-                                                        out2[r0:r1]), threads.split(rows, parts))
+        x2, out2, mask2 = x.reshape(-1, s), out.reshape(-1, s), mask.reshape(mask.size // s, s)
+        threads.run_split(lambda r0, r1: _softmax_rows(x2[r0:r1], np.float32(self.scale), mask2,
+                                                       self.rows[r0:r1] if self.rows.size else self.rows,
+                                                       out2[r0:r1]), x2.shape[0], x.size * US_PER_VALUE)
         return out
 
 

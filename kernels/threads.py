@@ -76,6 +76,13 @@ MIN_US_PER_THREAD = 200.0
 MIN_TILES_PER_THREAD = 4  # row tiles each thread needs before a split by rows pays (see run_tiled)
 
 
+def run_split(part: Callable[[int, int], None], count: int, estimate_us: float) -> None:
+    """Run ``part(lo, hi)`` over ``range(count)`` (rows, values: independent units), cut into contiguous ranges for
+    the threads that ``estimate_us`` (the caller's estimate of the single-thread time) pays for."""
+    parts = min(get_num_threads(), int(estimate_us // MIN_US_PER_THREAD))
+    run_ranges(part, split(count, parts) if parts > 1 else [(0, count)])
+
+
 def run_tiled(part: Callable[[int, int, int, int], None], panels: int, m: int, rows: int,
               estimate_us: float) -> None:
     """Run ``part(p0, p1, i0, i1)`` over ``panels`` column panels and ``m`` rows.

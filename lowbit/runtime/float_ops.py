@@ -878,7 +878,11 @@ def prepare_unary(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
     name, params = KERNELS[node.op](node)
     entry = activations.unary_entry(name, **params)
     if node.op not in BIASED or not _given(node, 1):
-        return _compiled(entry, outputs, ops)
+
+        def run_unary(ins, outs):  # alone: split over the kernels' threads; in a compiled chain: the entry
+            activations.unary_split(entry, np.ascontiguousarray(ins[0]), outs[0])
+
+        return Kernel(run_unary, outputs, ops=ops, note="kernels.activations", entry=entry)
     if _broadcast(node, shape, inputs[1][0]) != tuple(shape):
         raise _fail(node, f"bias {list(inputs[1][0])} does not broadcast to the input {list(shape)}")
     _, constants = _operands(node, graph, inputs, (0, 1))
@@ -887,7 +891,7 @@ def prepare_unary(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
 
         def run_bias_gelu(ins, outs):
             x, bias = operands(ins)
-            activations.bias_gelu(np.ascontiguousarray(x), np.ascontiguousarray(bias, F32), outs[0])
+            activations.bias_gelu_split(np.ascontiguousarray(x), np.ascontiguousarray(bias, F32), outs[0])
 
         return Kernel(run_bias_gelu, outputs, ops=2 * ops, note="kernels.activations.bias_gelu")
     biased = np.empty(shape, dtype)

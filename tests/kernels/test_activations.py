@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+import kernels
 from kernels import activations
 from kernels.activations import ERF_CLAMP, ERF_P, ERF_Q
 from kernels.entry import In
@@ -262,3 +263,23 @@ def test_float64_and_unserved_broadcasts_keep_numpy(rng):
     graph64 = Graph([Node("Sigmoid", ["x"], ["y"], name="s")], {"x": TensorSpec((3,), np.float64)}, ["y"]).validate()
     x64 = np.array([-1.0, 0.0, 2.0])
     np.testing.assert_allclose(Session(graph64).run({"x": x64})["y"], 1 / (1 + np.exp(-x64)), rtol=1e-15)
+
+
+def test_unary_and_bias_gelu_splits_give_the_same_bits(rng, monkeypatch):
+    """unary_split and bias_gelu_split over two threads (flat ranges, whole rows) equal one call."""
+    x = rng.standard_normal((37, 29)).astype(np.float32) * 3
+    bias = rng.standard_normal(29).astype(np.float32)
+    entry = activations.unary_entry("gelu")
+    one, biased = _call("gelu", {}, x), np.empty_like(x)
+    activations.bias_gelu(x, bias, biased)
+    monkeypatch.setattr(kernels.threads, "MIN_US_PER_THREAD", 1e-9)
+    previous = kernels.get_num_threads()
+    kernels.set_num_threads(2)
+    try:
+        split, split_biased = np.empty_like(x), np.empty_like(x)
+        activations.unary_split(entry, x, split)
+        activations.bias_gelu_split(x, bias, split_biased)
+    finally:
+        kernels.set_num_threads(previous)
+    np.testing.assert_array_equal(split, one)
+    np.testing.assert_array_equal(split_biased, biased)
