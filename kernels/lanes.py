@@ -4,12 +4,12 @@ sum of exponentials that softmax takes, written back as it goes).
 A plain ``total += v[j]`` or ``top = max(top, v[j])`` loop stays scalar: LLVM may not reorder float operations
 unless told to (``fastmath``, which this package does not use, see ``kernels._jit``), and sixteen scalar
 accumulators written in Python stay sixteen scalar chains. Here the lanes are ``<16 x float>`` registers in
-LLVM IR, four of them so that four additions are in flight: vector ``q`` of the row (``v[16 q .. 16 q + 15]``)
-goes to accumulator ``q % 4`` while whole groups of four remain, the last vectors to accumulators 0, 1, 2 in turn;
-then ``(a0 + a1) + (a2 + a3)``, then the 16 lanes pairwise (lane ``l`` with ``l + 8``, then ``l + 4``, ``l + 2``,
-``l + 1``), onto 0 (``-inf`` for max, ``inf`` for min), then the tail past the last multiple of 16 in order. The order of every
-operation is fixed by this code, not by the vector width of the CPU, so results are the same on every CPU (a CPU
-without 16-lane registers splits the vectors). A short row pays a few combining steps, not sixteen in a chain.
+LLVM IR, four of them so that four additions are in flight: vector ``q`` of the row (``v[16 q .. 16 q + 15]``) goes
+to accumulator ``q % 4`` while whole groups of four remain, the last vectors to accumulators 0, 1, 2 in turn; then
+``(a0 + a1) + (a2 + a3)``, then the 16 lanes pairwise (lane ``l`` with ``l + 8``, then ``l + 4``, ``l + 2``,
+``l + 1``), onto 0 (``-inf`` for max, ``inf`` for min), then the tail past the last multiple of 16 in order. The order
+of every operation is fixed by this code, not by the vector width of the CPU, so results are the same on every CPU (a
+CPU without 16-lane registers splits the vectors). A short row pays a few combining steps, not sixteen in a chain.
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ def _lanes_intrinsic(kind: str):
                 merged.add_incoming(accs[i], before)
                 merged.add_incoming(taken, inside)
                 accs[i] = merged
-            acc = _merge(builder, kind, _merge(builder, kind, accs[0], accs[1]), _merge(builder, kind, accs[2], accs[3]))
+            acc = _merge(builder, kind, _merge(builder, kind, accs[0], accs[1]),
+                         _merge(builder, kind, accs[2], accs[3]))
             for shift in (8, 4, 2, 1):
                 moved = builder.shuffle_vector(acc, ir.Constant(_VECTOR, None),
                                                ir.Constant(ir.VectorType(I32, LANES),

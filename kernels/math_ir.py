@@ -6,8 +6,8 @@ fused multiply-add (one rounding: the same result on every CPU, fewer instructio
 ``2^n`` built from its bits. Within 1.5 ulp for ``x`` in ``[-87.3, 88.72]``; 0 below, inf above, NaN kept.
 
 Erf: ``x P(x^2) / Q(x^2)`` with ``kernels.activations``' rational (:data:`~kernels.activations.ERF_P`, within
-1.9e-9 of erf on ``[0, 3.92]``), ``x`` clamped to ``[-3.92, 3.92]`` (+-1 past it), in float32 with fused multiply-adds and
-one division: within 4e-7 of erf (measured 2.4e-7; tested).
+1.9e-9 of erf on ``[0, 3.92]``), ``x`` clamped to ``[-3.92, 3.92]`` (+-1 past it), in float32 with fused
+multiply-adds and one division: within 4e-7 of erf (measured 2.4e-7; tested).
 
 :func:`exp32` is the scalar form for compiled loops; :func:`emit_exp` the emitter that ``kernels.lanes`` runs on
 ``<16 x float>`` vectors (softmax), so the two agree bit for bit; :func:`emit_erf` serves

@@ -6,9 +6,10 @@ For a row ``x`` of ``S`` scores and its mask row ``m`` (zeros without a mask)::
     v = scale * x + m,    y = e^(v - max v) / sum(e^(v - max v))
 
 ``e^t`` is :func:`kernels.math_ir.exp32` (within 1.5 ulp), the max and the float32 sum in 16 lanes
-(:mod:`kernels.lanes`, the exponentials and their sum in one pass), so each ``y`` is within ``(S + 5) 2^-24`` relative of the exact value; a row whose
-``v`` are all ``-inf`` (wholly masked) gives NaN, as the formula does. The mask broadcasts to the scores: each row
-of ``x`` reads the mask row that NumPy broadcasting would give it (``mask_rows``, an index per row, prepared once).
+(:mod:`kernels.lanes`, the exponentials and their sum in one pass), so each ``y`` is within ``(S + 5) 2^-24``
+relative of the exact value; a row whose ``v`` are all ``-inf`` (wholly masked) gives NaN, as the formula does. The
+mask broadcasts to the scores: each row of ``x`` reads the mask row that NumPy broadcasting would give it
+(``mask_rows``, an index per row, prepared once).
 """
 
 from __future__ import annotations
