@@ -283,6 +283,7 @@ _gelu_plain, _gelu_biased = _gelu_intrinsic(False), _gelu_intrinsic(True)
 
 
 def _at(builder: ir.IRBuilder, base: ir.Value, index: ir.Value) -> ir.Value:
+    """``&base[index]`` as a pointer to 16 float32 lanes."""
     return builder.bitcast(builder.gep(base, [index]), _V16F32.as_pointer())
 
 
@@ -332,7 +333,15 @@ def unary_split(entry: Entry, x: np.ndarray, out: np.ndarray) -> None:
 
 
 def bias_gelu_split(x: np.ndarray, bias: np.ndarray, out: np.ndarray) -> None:
-    """:func:`bias_gelu` with x's rows split over ``kernels.threads`` when that pays."""
+    """:func:`bias_gelu` with x's rows split over ``kernels.threads`` when that pays; the arrays checked first
+    (float32, C-contiguous, ``bias [C]`` along x's last axis, ``out`` x's shape)."""
+    for name, a in (("x", x), ("bias", bias), ("out", out)):
+        if not isinstance(a, np.ndarray) or a.dtype != F32 or not a.flags.c_contiguous:
+            raise TypeError(f"{name}: expected a C-contiguous float32 numpy.ndarray, got "
+                            f"{getattr(a, 'dtype', type(a).__name__)}")
+    if x.ndim < 1 or bias.shape != x.shape[-1:] or out.shape != x.shape or not out.flags.writeable:
+        raise ValueError(f"bias, out: expected bias of shape {x.shape[-1:]} and a writeable out of shape {x.shape}, "
+                         f"got {bias.shape} and {out.shape}")
     c = max(bias.size, 1)
     x2, y2 = x.reshape(-1, c), out.reshape(-1, c)
     threads.run_split(lambda r0, r1: bias_gelu(x2[r0:r1], bias, y2[r0:r1]), x2.shape[0], x.size * US_PER_VALUE)

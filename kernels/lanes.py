@@ -20,11 +20,11 @@ from numba import types
 from numba.extending import intrinsic
 
 from kernels._jit import kernel
-from kernels.math_ir import emit_exp, exp32
 from kernels.gemm.llvm_ir import F32, I32, I64, array_ptr, emit_loop, is_array, load_vector, splat
+from kernels.math_ir import emit_exp, exp32
 
 LANES = 16
-ACCUMULATORS = 4  # vectors in flight
+ACCUMULATORS = 4  # vectors in flight (combined as a pair of pairs below)
 _VECTOR = ir.VectorType(F32, LANES)
 
 
@@ -81,7 +81,7 @@ def _lanes_intrinsic(kind: str):
                 return [step(acc, builder.add(first, ir.Constant(I64, i))) for i, acc in enumerate(accs)]
 
             groups = builder.sdiv(vectors, ir.Constant(I64, ACCUMULATORS))
-            accs = emit_loop(builder, groups, _VECTOR, ACCUMULATORS, group, [splat(builder, start, _VECTOR)] * 4)
+            accs = emit_loop(builder, groups, _VECTOR, ACCUMULATORS, group, [splat(builder, start, _VECTOR)] * ACCUMULATORS)
             done = builder.mul(groups, ir.Constant(I64, ACCUMULATORS))
             for i in range(ACCUMULATORS - 1):  # the last vectors, at most three, each read only if in the row
                 q = builder.add(done, ir.Constant(I64, i))

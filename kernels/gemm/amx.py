@@ -7,14 +7,17 @@ the weight tile's layout: k group q of a panel holds channel c's 4 bytes at ``25
 channels ``16 j .. 16 j + 15`` for k groups ``16 s .. 16 s + 15`` are a tile of stride 256 at ``4096 s + 64 j``.
 
 Per step of 64 bytes of K, one activation tile meets four weight tiles (four accumulators: the 64 channels of a
-panel); a last step takes the ``kq % 16`` remaining k groups, and a tile of ``m < 16`` rows loads ``m`` rows
-only, so nothing is read outside the caller's arrays. The sums are then stored to the stack and handed on as the
-``16 x 4`` vectors of 16 int32 lanes that ``kernels.gemm.vnni``'s tiles produce, so its finishing code (store,
-rescale, requantize from registers) serves the AMX tile too.
+panel). Every tile has the same shape (16 rows, 64 bytes), so LLVM, which shapes the tile registers from the
+``.internal`` intrinsics' row and byte counts, configures them (``ldtilecfg``) once per call. What does not fill a
+tile goes through zero-padded copies on the stack, read with masked loads so that nothing outside the caller's
+arrays is touched: the rows of a tile of ``m < 16`` rows, step by step, and the last ``kq % 16`` k groups of
+activations and weights. The sums are then stored to the stack and handed on as the ``16 x 4`` vectors of 16
+int32 lanes that ``kernels.gemm.vnni``'s tiles produce, so its finishing code (store, rescale, requantize from
+registers) serves the AMX tile too. Sums wrap in int32 as the VNNI tiles' do (``kernels.gemm.driver`` keeps K
+short enough that they do not).
 
-LLVM shapes the tile registers from the ``.internal`` intrinsics' row and byte counts and configures them
-(``ldtilecfg``) itself. Linux grants a process the tile data state only on request
-(:func:`kernels.cpu.amx_permitted`); ``kernels.dispatch`` selects these tiles only after that.
+Linux grants a process the tile data state only on request (:func:`kernels.cpu.amx_permitted`);
+``kernels.dispatch`` selects these tiles only after that.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from __future__ import annotations
 from llvmlite import ir
 from numba import types
 
-from kernels.gemm.llvm_ir import I1, I8, I16, I32, I64, array_ptr, declare, is_array, load_vector, masked, splat
+from kernels.gemm.llvm_ir import (I1, I8, I16, I32, I64, array_ptr, declare, emit_loop, is_array, load_vector, masked,
+                                  splat)
 
 STEP = 64  # bytes of K per tdpbusd: 16 k groups
 CHANNELS = 16  # output channels per accumulator tile
@@ -98,7 +102,7 @@ class Rows:
         load, dot, store, zero = _intrinsics(builder)
         a_base = builder.gep(array_ptr(context, builder, tys[0], a, I8), [a_off])
         b_base = builder.gep(array_ptr(context, builder, tys[4], b, I8), [b_off])
-        # constant shapes only: LLVM then configures the tile registers once, at the entry of the calling kernel
+        # constant shapes only: LLVM then configures the tile registers once, where the micro-kernel starts
         height, step_bytes, step_groups = ir.Constant(I16, ROWS), ir.Constant(I16, STEP), ir.Constant(I16, STEP // 4)
         a_step, b_step = ir.Constant(I64, STEP), ir.Constant(I64, 4 * 64 * STEP // 4)  # bytes per step of a, b
         panel_stride = ir.Constant(I64, 4 * 64)  # one k group of a panel
@@ -116,51 +120,29 @@ class Rows:
                                                            panel_stride])])
                     for j, acc in enumerate(accs)]
 
+        def full_step(s, accs):
+            a_at = builder.gep(a_base, [builder.mul(s, a_step)])
+            with builder.if_then(builder.not_(full)):  # a partial tile: its rows through the zero-padded copy
+                _copy_rows(builder, a_pad, a_at, lda, m, all_bytes, ROWS, STEP)
+            return step(accs, builder.select(full, a_at, a_pad), builder.select(full, lda, a_step),
+                        builder.gep(b_base, [builder.mul(s, b_step)]))
+
         steps = builder.sdiv(kq, ir.Constant(I64, STEP // 4))
         groups = builder.srem(kq, ir.Constant(I64, STEP // 4))
-        entry = builder.block
         starts = [builder.call(zero, [height, step_bytes]) for _ in range(vectors)]
-        loop, after = builder.append_basic_block("amx.loop"), builder.append_basic_block("amx.after")
-        builder.cbranch(builder.icmp_signed(">", steps, ir.Constant(I64, 0)), loop, after)
-        builder.position_at_end(loop)
-        s = builder.phi(I64)
-        accs = [builder.phi(TILE) for _ in range(vectors)]
-        a_at = builder.gep(a_base, [builder.mul(s, a_step)])
-        with builder.if_then(builder.not_(full)):  # a partial tile: its rows through the zero-padded copy
-            _copy_rows(builder, a_pad, a_at, lda, m, all_bytes, ROWS, STEP)
-        updated = step(accs, builder.select(full, a_at, a_pad), builder.select(full, lda, a_step),
-                       builder.gep(b_base, [builder.mul(s, b_step)]))
-        loop_end = builder.block
-        s_next = builder.add(s, ir.Constant(I64, 1))
-        s.add_incoming(ir.Constant(I64, 0), entry)
-        s.add_incoming(s_next, loop_end)
-        for acc, start, new in zip(accs, starts, updated):
-            acc.add_incoming(start, entry)
-            acc.add_incoming(new, loop_end)
-        builder.cbranch(builder.icmp_signed("<", s_next, steps), loop, after)
-
-        builder.position_at_end(after)
-        summed = [builder.phi(TILE) for _ in range(vectors)]
-        for acc, start, new in zip(summed, starts, updated):
-            acc.add_incoming(start, entry)
-            acc.add_incoming(new, loop_end)
+        summed = emit_loop(builder, steps, TILE, vectors, full_step, starts)
         before_tail = builder.block
-        tail, done = builder.append_basic_block("amx.tail"), builder.append_basic_block("amx.done")
-        builder.cbranch(builder.icmp_signed(">", groups, ir.Constant(I64, 0)), tail, done)
-        builder.position_at_end(tail)  # the last kq % 16 k groups, zero-padded to a whole step
-        b_pad = builder.bitcast(_stack(builder, STEP * 64), I8.as_pointer())
-        _copy_rows(builder, a_pad, builder.gep(a_base, [builder.mul(steps, a_step)]), lda, m,
-                   builder.mul(groups, ir.Constant(I64, 4)), ROWS, STEP)
-        b_from = builder.gep(b_base, [builder.mul(steps, b_step)])
-        for quarter in range(4):  # the weights' k groups are contiguous: 256-byte rows, copied in 64-byte columns
-            _copy_rows(builder, builder.gep(b_pad, [ir.Constant(I64, 64 * quarter)]),
-                       builder.gep(b_from, [ir.Constant(I64, 64 * quarter)]), panel_stride, groups, all_bytes,
-                       STEP // 4, 4 * 64)
-        tailed = step(summed, a_pad, a_step, b_pad)
-        tail_end = builder.block
-        builder.branch(done)
-
-        builder.position_at_end(done)
+        with builder.if_then(builder.icmp_signed(">", groups, ir.Constant(I64, 0))):
+            # the last kq % 16 k groups, zero-padded to a whole step
+            b_pad = builder.bitcast(_stack(builder, STEP * 64), I8.as_pointer())
+            _copy_rows(builder, a_pad, builder.gep(a_base, [builder.mul(steps, a_step)]), lda, m,
+                       builder.mul(groups, ir.Constant(I64, 4)), ROWS, STEP)
+            b_from = builder.gep(b_base, [builder.mul(steps, b_step)])
+            for quarter in range(4):  # the weights' k groups are contiguous: 256-byte rows, copied in 64-byte columns
+                _copy_rows(builder, builder.gep(b_pad, [ir.Constant(I64, 64 * quarter)]),
+                           builder.gep(b_from, [ir.Constant(I64, 64 * quarter)]), panel_stride, groups, all_bytes,
+                           STEP // 4, 4 * 64)
+            tailed, tail_end = step(summed, a_pad, a_step, b_pad), builder.block
         finals = [builder.phi(TILE) for _ in range(vectors)]  # phis must open the block
         for final, plain, with_tail in zip(finals, summed, tailed):
             final.add_incoming(plain, before_tail)

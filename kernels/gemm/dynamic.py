@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels import _validate, threads
+from kernels import _validate
 from kernels._jit import kernel
 from kernels.gemm.int8 import _weights, gemm_int8_plan, linear_int8_plan
-from kernels.quantize import dynamic_rows, row_ranges
+from kernels.quantize import dynamic_quantize_rows
 
 F32 = np.dtype(np.float32)
 MAX_K = (2**31 - 1) // (3 * 255 * 128)  # 21929: every int32 term of the correction stays in range
@@ -61,36 +61,11 @@ def _scale_products(acc, zeros, scales, sums, col_sums, w_zp, w_scale, bias, k, 
                 y[c] = np.float32(np.int32(a[c] - term[c])) * scale[c]
 
 
-QUANTIZE_US_PER_VALUE = 3e-4  # dynamic_rows' single-thread time per value (its division), for thread splits
-
-
-def _quantized_rows(rows, lows, highs, codes, scales, zeros, sums, per_row: bool) -> bool:
-    """:func:`kernels.quantize.dynamic_rows` of ``rows [M, K]`` into ``codes``, ``scales``, ``zeros`` (``[M]``) and
-    ``sums`` (``[M]`` or empty), over each row's range or (``per_row`` false) every row over the range of all
-    of them, the rows split over ``kernels.threads`` when that pays; True if there was NaN."""
-    m, k = rows.shape
-    parts = min(threads.get_num_threads(), int(m * k * QUANTIZE_US_PER_VALUE // threads.MIN_US_PER_THREAD))
-    if parts <= 1:  # one thread: per tensor, all of x as one row
-        groups = rows if per_row else rows.reshape(1, m * k)
-        g = groups.shape[0]
-        row_ranges(groups, lows[:g], highs[:g])
-        return dynamic_rows(groups, lows[:g], highs[:g], codes.reshape(groups.shape), scales[:g], zeros[:g], sums)
-    ranges = threads.split(m, parts)
-    threads.run_ranges(lambda i0, i1: row_ranges(rows[i0:i1], lows[i0:i1], highs[i0:i1]), ranges)
-    if not per_row:  # one range: the extremes of every row's
-        lows[:], highs[:] = lows.min(), highs.max()
-    found = [False] * len(ranges)
-
-    def part(i0: int, i1: int) -> None:
-        found[ranges.index((i0, i1))] = dynamic_rows(rows[i0:i1], lows[i0:i1], highs[i0:i1], codes[i0:i1],
-                                                     scales[i0:i1], zeros[i0:i1], sums[i0:i1] if sums.size else sums)
-
-    threads.run_ranges(part, ranges)
-    return any(found)
-
-
 class DynamicLinearPlan:
-    """:func:`linear_dynamic_int8` prepared for one weight: ``plan(x, out=None)`` for float32 ``x [..., K]``."""
+    """:func:`linear_dynamic_int8` prepared for one weight: ``plan(x, out=None)`` for float32 ``x [..., K]``, and
+    ``plan.quantized(codes, scale, zero_point)`` for activations quantized already."""
+
+    max_k = MAX_K
 
     def __init__(self, w, w_scale, w_zero_point, bias, per_row: bool):
         self.packed = _weights(w, "w")
@@ -127,7 +102,10 @@ class DynamicLinearPlan:
                             f"{getattr(codes, 'dtype', type(codes).__name__)}")
         if codes.ndim < 1 or codes.shape[-1] != k:
             raise ValueError(f"codes: expected a last axis of K = {k} (the weights'), got shape {codes.shape}")
-        scale, zero_point = np.float32(scale), int(zero_point)
+        if np.size(scale) != 1 or np.size(zero_point) != 1:
+            raise ValueError(f"scale, zero_point: expected one value each (per tensor), got shapes "
+                             f"{np.shape(scale)} and {np.shape(zero_point)}")
+        scale, zero_point = np.float32(np.ravel(scale)[0]), int(np.ravel(zero_point)[0])
         if not (np.isfinite(scale) and scale > 0) or not 0 <= zero_point <= 255:
             raise ValueError(f"scale, zero_point: expected a finite scale > 0 and a zero point in 0..255, got "
                              f"{scale}, {zero_point}")
@@ -150,11 +128,8 @@ class DynamicLinearPlan:
         m = rows.shape[0]
         if m == 0:
             return out
-        codes = np.empty((m, k), np.uint8)
-        lows, highs, scales, zeros = np.empty(m, F32), np.empty(m, F32), np.empty(m, F32), np.empty(m, np.int32)
-        sums = np.empty(m if self.per_row and self._zero_points else 0, np.int64)  # for the correction only
-        if _quantized_rows(rows, lows, highs, codes, scales, zeros, sums, self.per_row):
-            raise ValueError("x: NaN value(s); dynamic quantization is undefined for NaN")
+        codes = np.empty((m, k), np.uint8)  # sums of codes: for the per-row correction with weight zero points only
+        scales, zeros, sums = dynamic_quantize_rows(rows, codes, self.per_row, self.per_row and self._zero_points)
         if not self.per_row:
             self._linear(codes, out.reshape(m, n), self._linear.requantized(scales[0], int(zeros[0]), self.w_scale))
             return out

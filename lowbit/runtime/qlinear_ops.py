@@ -213,7 +213,10 @@ def prepare_matmul_integer_to_float(node: Node, graph: Graph, inputs: Inputs) ->
 
     exact integer products, the scale product formed in the scales' type and applied in float64, rounded to the
     scales' type (float32; float16 on the NumPy path). ONNX Runtime scales in float32: within float rounding.
-    A 2-D ``B`` parameter with float32 parameter scales runs ``kernels.linear_int8_plan``; the rest exact NumPy.
+    A 2-D ``B`` parameter with float32 parameter scales runs ``kernels.linear_int8_plan``; with ``A``'s scale and
+    zero point computed (uint8 codes of a DynamicQuantizeLinear that several products share, as
+    ``lowbit.runtime.dynamic_fusion`` leaves them), ``kernels.linear_dynamic_int8_plan(...).quantized``; the rest
+    exact NumPy.
     """
     a, b, shape = _matmul_specs(node, graph, inputs, 0, 1)
     columns = b[0][-1] if len(b[0]) > 1 else None
@@ -233,6 +236,7 @@ def prepare_matmul_integer_to_float(node: Node, graph: Graph, inputs: Inputs) ->
                       entry=plan.entry(a[0][0]) if len(a[0]) == 2 else None)
     w_scale = _constant(node, graph, 3)
     if (len(b[0]) == 2 and out[1] == F32 and a[1] == np.uint8 and _present(node, 4) and w_scale is not None
+            and k <= kernels.DynamicLinearPlan.max_k
             and w_scale.dtype == F32 and (w_scale > 0).all() and _all_parameters(node, graph, (1, 5, 6))):
         # A's scale and zero point computed (DynamicQuantizeLinear's codes, shared by several products)
         w, w_zero = _int8_columns(_constant(node, graph, 1), _value(node, graph, 5))
@@ -275,7 +279,7 @@ def prepare_dynamic_quantize_matmul(node: Node, graph: Graph, inputs: Inputs) ->
     out, k = (shape, F32), a[0][-1]
     ops = 2 * math.prod(shape) * k
     per_row = bool(node.attrs.get("per_row", 0))
-    constants = len(b[0]) == 2 and _all_parameters(node, graph, range(1, 5))
+    constants = len(b[0]) == 2 and k <= kernels.DynamicLinearPlan.max_k and _all_parameters(node, graph, range(1, 5))
     if constants and np.dtype(_spec(node, graph, inputs, 2)[1]) == F32:
         w, w_zero = _int8_columns(_constant(node, graph, 1), _value(node, graph, 3))
         bias = _constant(node, graph, 4)
@@ -285,7 +289,8 @@ def prepare_dynamic_quantize_matmul(node: Node, graph: Graph, inputs: Inputs) ->
         note = f"linear_dynamic_int8{', per token' * per_row}"
         return Kernel(lambda ins, outs: [plan(ins[0], out=outs[0])], [out], ops, "int8", note)
     if per_row:
-        raise _fail(node, "per_row needs B, its scale, zero point and bias as constants, B 2-D, the scale float32")
+        raise _fail(node, f"per_row needs B, its scale, zero point and bias as constants, B 2-D, the scale float32 "
+                          f"and K at most {kernels.DynamicLinearPlan.max_k}")
 
     def run(ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
         x, b, b_scale, b_zero, bias = (ins + [None] * 5)[:5]

@@ -283,3 +283,15 @@ def test_unary_and_bias_gelu_splits_give_the_same_bits(rng, monkeypatch):
         kernels.set_num_threads(previous)
     np.testing.assert_array_equal(split, one)
     np.testing.assert_array_equal(split_biased, biased)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda x, b, y: activations.bias_gelu_split(x.astype(np.float64), b, y), TypeError, "x: expected a C-contiguous"),
+    (lambda x, b, y: activations.bias_gelu_split(x[:, ::2], b[::2], y[:, ::2]), TypeError, "x: expected"),
+    (lambda x, b, y: activations.bias_gelu_split(x, b[:3], y), ValueError, r"bias of shape \(8,\)"),
+    (lambda x, b, y: activations.bias_gelu_split(x, b, y[:2]), ValueError, "out of shape"),
+])
+def test_bias_gelu_split_rejects_bad_arguments(call, error, message):
+    x, bias = np.ones((4, 8), np.float32), np.ones(8, np.float32)
+    with pytest.raises(error, match=message):
+        call(x, bias, np.empty_like(x))

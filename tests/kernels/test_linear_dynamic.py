@@ -121,6 +121,8 @@ def test_plan_on_shared_codes(rng):
                                 (codes[..., :7], ValueError, "K = 40"), (codes, ValueError, "scale, zero_point")):
         with pytest.raises(error, match=message):
             plan.quantized(bad, 0.0 if bad is codes else scale, zero)
+    with pytest.raises(ValueError, match="one value each"):
+        plan.quantized(codes, np.float32([scale, scale]), zero)
     with pytest.raises(ValueError, match="per_row"):
         kernels.linear_dynamic_int8_plan(w, w_scale, per_row=True).quantized(codes, scale, zero)
 
