@@ -22,7 +22,8 @@ import numpy as np
 
 from kernels import _validate
 from kernels._jit import kernel
-from kernels.gemm.int8 import _weights, gemm_int8_plan, linear_int8_plan
+from kernels.gemm.int8 import _cached, _stored_key, _weights, gemm_int8_plan, linear_int8_plan
+from kernels.pack.panels import PackedInt8
 from kernels.quantize import dynamic_quantize_rows
 
 F32 = np.dtype(np.float32)
@@ -157,6 +158,13 @@ def linear_dynamic_int8(x: np.ndarray, w, w_scale, w_zero_point=0, bias=None, *,
     per_row : quantize each row of ``x`` (each token) with its own range, instead of all of ``x`` with one
     out : float32 C-contiguous ndarray [..., N], optional
 
-    Returns float32 ndarray [..., N] (``out`` if given). NaN in ``x`` raises ``ValueError``.
+    Returns float32 ndarray [..., N] (``out`` if given). NaN in ``x`` raises ``ValueError``. A packed ``w`` keeps
+    the plan for these arguments (``kernels.pack.plans``): called again, the function only runs it.
     """
-    return linear_dynamic_int8_plan(w, w_scale, w_zero_point, bias, per_row=per_row)(x, out)
+    if type(w) is not PackedInt8:
+        return linear_dynamic_int8_plan(w, w_scale, w_zero_point, bias, per_row=per_row)(x, out)
+    key = ("linear_dynamic_int8", w_scale, type(w_scale), w_zero_point, bias, bool(per_row))
+    plan = _cached(w, key)
+    if plan is None:
+        plan = w.plans.put(_stored_key(key), linear_dynamic_int8_plan(w, w_scale, w_zero_point, bias, per_row=per_row))
+    return plan(x, out)

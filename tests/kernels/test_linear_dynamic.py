@@ -143,3 +143,16 @@ def test_row_ranges_are_each_rows_min_and_max(rng, k):
         np.testing.assert_array_equal(highs, np.nanmax(x, axis=1))
     else:
         assert (lows == np.inf).all() and (highs == -np.inf).all()
+
+
+def test_one_shot_keeps_its_plan_on_the_packed_weight(rng):
+    """linear_dynamic_int8 with a packed weight prepares once per set of arguments; new arguments, a new plan."""
+    w = kernels.pack_int8(rng.integers(-128, 128, (9, 20), dtype=np.int8))
+    x = rng.standard_normal((3, 20)).astype(np.float32)
+    scale = np.full(9, 0.01, np.float32)
+    first = kernels.linear_dynamic_int8(x, w, scale)
+    assert len(w.plans) == 1
+    np.testing.assert_array_equal(kernels.linear_dynamic_int8(x, w, scale), first)
+    assert len(w.plans) == 1
+    kernels.linear_dynamic_int8(x, w, scale * 2, per_row=True)
+    assert len(w.plans) == 2
