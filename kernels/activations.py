@@ -30,7 +30,7 @@ from numba.extending import intrinsic
 
 from kernels import _validate, threads
 from kernels._jit import kernel
-from kernels.entry import Entry, In, Out
+from kernels.entry import Entry, In, Out, flat_rows
 from kernels.gemm.llvm_ir import I1, I32, I64, array_ptr, emit_loop, is_array, masked, splat
 from kernels.math_ir import emit_erf, fused_multiply_add
 
@@ -476,12 +476,18 @@ def binary_entry(op: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...], a=
     lo, hi = (np.float32(v) for v in bounds[activation])
     padded = (1,) * (len(shape) - len(other_shape)) + tuple(other_shape)
     varying = [i for i, d in enumerate(padded) if d != 1]
-    if not varying:  # a scalar
-        return Entry(binary_planes, (BINARY_OPS[op], full, other, Out(0), max(size, 1), reverse, lo, hi))
+    if not varying:  # a scalar: planes of one channel, as many as a split needs
+        rows = flat_rows(size)
+        return Entry(binary_planes, (BINARY_OPS[op], full, other, Out(0), max(size // rows, 1), reverse, lo,
+                                     hi)).split(rows, 1, 3)
     first, last = varying[0], varying[-1] + 1
     if padded[first:last] != shape[first:last]:
         return None
     inner = _product(shape[last:])
+    if 0 < size == _product(other_shape):  # the same shape: both operands cut alike
+        return Entry(binary_rows, (BINARY_OPS[op], full, other, Out(0), reverse, lo, hi)).split(flat_rows(size), 1,
+                                                                                               2, 3)
+    rows = max(size // max(_product(other_shape) * inner, 1), 1)  # of the full operand: each holds all of the other
     if inner == 1:
-        return Entry(binary_rows, (BINARY_OPS[op], full, other, Out(0), reverse, lo, hi))
-    return Entry(binary_planes, (BINARY_OPS[op], full, other, Out(0), inner, reverse, lo, hi))
+        return Entry(binary_rows, (BINARY_OPS[op], full, other, Out(0), reverse, lo, hi)).split(rows, 1, 3)
+    return Entry(binary_planes, (BINARY_OPS[op], full, other, Out(0), inner, reverse, lo, hi)).split(rows, 1, 3)

@@ -7,15 +7,24 @@ input and output array and everything else is bound (weights, tables, scratch, g
 ``entry(ins, outs)`` makes the call from Python; a caller that chains many entries (a whole graph) can
 instead emit one compiled function that makes every call in turn, paying Python's dispatch once.
 
-An entry runs on one thread, and its bound scratch makes it usable by one caller at a time.
+An entry runs on one thread, and its bound scratch makes it usable by one caller at a time. A *split* entry
+(:meth:`Entry.split`) also tells how a team of threads may share it: its output is ``rows`` independent rows,
+and the arguments at positions ``cut`` hold one row each per output row; a thread given rows ``[lo, hi)``
+calls ``fn`` with each of those arguments viewed as ``[rows, -1]`` (flat ``[rows * w]`` for one axis) and cut
+to ``[lo, hi)``, the rest unchanged, and computes those rows only (no shared scratch). A *team* entry
+(``team=True``) shares itself out: ``fn`` takes three more arguments ``ith, nth, sync`` (:mod:`kernels.sync`),
+every thread of a team calls it, and it waits for the others itself where its steps need their results.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from kernels.sync import new_sync
 
 
 @dataclass(frozen=True)
@@ -42,6 +51,9 @@ class Entry:
     fn: Any
     args: tuple = ()
     reshape: tuple[int, ...] | None = None
+    rows: int = 0  # > 0: a split entry (module docstring)
+    cut: tuple[int, ...] = ()
+    team: bool = False  # fn takes ith, nth, sync last (module docstring)
 
     @classmethod
     def view(cls, shape: tuple[int, ...]) -> Entry:
@@ -56,7 +68,16 @@ class Entry:
                 return In(positions[arg.index])
             return tuple(moved(a) for a in arg) if isinstance(arg, tuple) else arg
 
-        return Entry(self.fn, tuple(moved(a) for a in self.args), self.reshape)
+        return Entry(self.fn, tuple(moved(a) for a in self.args), self.reshape, self.rows, self.cut, self.team)
+
+    def split(self, rows: int, *cut: int) -> Entry:
+        """This entry made split (module docstring): ``rows`` independent output rows, the arguments at positions
+        ``cut`` holding one row each per output row (each one's size a multiple of ``rows``)."""
+        if isinstance(rows, bool) or not isinstance(rows, (int, np.integer)) or rows < 1:
+            raise ValueError(f"rows: expected an int >= 1, got {rows!r}")
+        if not cut or any(not 0 <= c < len(self.args) for c in cut):
+            raise ValueError(f"cut: expected positions among the {len(self.args)} arguments, got {cut}")
+        return Entry(self.fn, self.args, self.reshape, int(rows), tuple(int(c) for c in cut), self.team)
 
     def __post_init__(self) -> None:
         # where each marker sits, found once: a call then only fills those slots (the call is on hot paths)
@@ -68,14 +89,24 @@ class Entry:
         """Make the call; a view entry returns its view (like a kernel returning results), others None."""
         if self.reshape is not None:
             return [ins[0].reshape(self.reshape)]
+        alone = (0, 1, _ALONE) if self.team else ()
         if self._slots is None:
-            self.fn(*[_resolve(a, ins, outs) for a in self.args])
+            self.fn(*[_resolve(a, ins, outs) for a in self.args], *alone)
             return None
         args = list(self.args)
         for i, marker in self._slots:
             args[i] = ins[marker.index] if type(marker) is In else outs[marker.index]
-        self.fn(*args)
+        self.fn(*args, *alone)
         return None
+
+
+_ALONE = new_sync()  # a team of one never touches its sync
+
+
+def flat_rows(size: int) -> int:
+    """Rows to split an elementwise entry of ``size`` values into: pieces of at most 1024 values, a power of two
+    (whole vectors while the size allows), the count dividing ``size``."""
+    return max(1, size // math.gcd(size, 1024))
 
 
 def _resolve(arg: Any, ins: list[np.ndarray], outs: list[np.ndarray]) -> Any:

@@ -109,9 +109,12 @@ class LayerNormPlan:
         if "y" not in outputs or unknown or len(set(outputs)) != len(outputs):
             raise ValueError(f"outputs: expected distinct names among y, mean, inv, sum, y included; got {outputs}")
         out = {name: Out(k) for k, name in enumerate(outputs)}
-        return Entry(_layer_norm_all, (In(0), In(1) if self.skip else _NONE, self.bias, self.gamma, self.beta,
-                                       self.epsilon, not self.rms, out.get("sum", _NONE), out.get("mean", _NONE),
-                                       out.get("inv", _NONE), out["y"]))
+        entry = Entry(_layer_norm_all, (In(0), In(1) if self.skip else _NONE, self.bias, self.gamma, self.beta,
+                                        self.epsilon, not self.rms, out.get("sum", _NONE), out.get("mean", _NONE),
+                                        out.get("inv", _NONE), out["y"]))
+        cut = [0, 1] * self.skip or [0]  # x (and skip), then the outputs given
+        cut += [position for position, name in ((7, "sum"), (8, "mean"), (9, "inv"), (10, "y")) if name in out]
+        return entry.split(int(np.prod(self.shape[:-1], dtype=np.int64)), *cut)
 
     def __call__(self, x: np.ndarray, skip: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
         x = _checked("x", x, self.shape)

@@ -34,6 +34,7 @@ from kernels.entry import Entry, In, Out
 from kernels.gemm.int8 import check_zero_point
 from kernels.lanes import lane_max, lane_min
 from kernels.qtypes import qtype_of
+from kernels.sync import barrier, share
 
 QDTYPES = (np.dtype(np.uint8), np.dtype(np.int8))
 DEQUANT_DTYPES = (*QDTYPES, np.dtype(np.int32))
@@ -164,6 +165,50 @@ def row_ranges(x, lows, highs):
     rows of a few hundred values took 8.7x as long (128 x 384, measured with this change)."""
     for r in range(x.shape[0]):
         lows[r], highs[r] = lane_min(x[r]), lane_max(x[r])
+
+
+@kernel
+def dynamic_rows_team(x, lows, highs, codes, scales, zeros, ith, nth, sync):
+    """:func:`dynamic_rows` of all of ``x [M, K]`` over its one range (ONNX DynamicQuantizeLinear), by thread
+    ``ith`` of a team of ``nth`` (:mod:`kernels.sync`): each thread finds the range of its share of the rows
+    (``lows``, ``highs`` float32 ``[M]``, scratch), waits for the others, and quantizes its rows over the extremes
+    of all. Every thread's ``scales``, ``zeros`` (``[M]``) hold the one scale and zero point. Raises ValueError
+    for NaN (the thread that met it; the caller releases the others)."""
+    m = x.shape[0]
+    r0, r1 = share(m, ith, nth)
+    row_ranges(x[r0:r1], lows[r0:r1], highs[r0:r1])
+    barrier(sync, nth)
+    low, high = lows.min() if m else np.float32(0.0), highs.max() if m else np.float32(0.0)
+    if dynamic_rows(x[r0:r1], np.full(r1 - r0, low, np.float32), np.full(r1 - r0, high, np.float32), codes[r0:r1],
+                    scales[r0:r1], zeros[r0:r1], np.empty(0, np.int64)):
+        raise ValueError("x: NaN value(s); dynamic quantization is undefined for NaN")
+
+
+@kernel
+def _dynamic_quantize_team(x, lows, highs, scales, zeros, codes, scale, zero, ith, nth, sync):
+    """:func:`dynamic_quantize_linear` of ``x`` (float32, ``lows.size`` rows of its last axis) into ``codes``
+    (uint8, x's shape), ``scale`` (float32) and ``zero`` (uint8, one value each), by a team (``lows``, ``highs``,
+    ``scales``, ``zeros`` scratch of one value per row)."""
+    m = lows.size
+    k = x.size // m
+    dynamic_rows_team(x.reshape((m, k)), lows, highs, codes.reshape((m, k)), scales, zeros, ith, nth, sync)
+    r0, r1 = share(m, ith, nth)
+    if r0 == 0 < r1:  # the thread of row 0 holds the scale and zero point
+        scale.reshape(1)[0] = scales[0]
+        zero.reshape(1)[0] = zeros[0]
+
+
+def dynamic_quantize_linear_entry(shape: tuple[int, ...]) -> Entry | None:
+    """:func:`dynamic_quantize_linear` of float32 ``x`` of ``shape`` as one unchecked team entry
+    (:mod:`kernels.entry`): input ``x``, outputs the codes (uint8, ``shape``), scale (float32) and zero point
+    (uint8) of one value each, all C-contiguous (checked by the caller); None for an empty ``x``. The entry binds
+    its own scratch (one caller at a time)."""
+    shape = tuple(int(s) for s in shape)
+    if not shape or math.prod(shape) == 0:
+        return None
+    m = math.prod(shape[:-1])
+    scratch = (np.empty(m, F32), np.empty(m, F32), np.empty(m, F32), np.empty(m, np.int32))
+    return Entry(_dynamic_quantize_team, (In(0), *scratch, Out(0), Out(1), Out(2)), team=True)
 
 
 QUANTIZE_US_PER_VALUE = 3e-4  # dynamic_rows' single-thread time per value (its division), for thread splits

@@ -99,7 +99,9 @@ class SoftmaxPlan:
         """The softmax as one unchecked call: inputs the scores (and the mask, when prepared with one), output
         ``y``; C-contiguous float32 of the prepared shapes (checked by the caller)."""
         mask = _NO_MASK if self.mask_shape is None else In(1)
-        return Entry(_softmax_all, (In(0), np.float32(self.scale), mask, self.rows, Out(0)))
+        entry = Entry(_softmax_all, (In(0), np.float32(self.scale), mask, self.rows, Out(0)))
+        rows = int(np.prod(self.shape[:-1], dtype=np.int64))
+        return entry.split(rows, 0, 3, 4) if self.rows.size else entry.split(rows, 0, 4)
 
     def __call__(self, x: np.ndarray, mask: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
         x = _checked("x", x, self.shape)

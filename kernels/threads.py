@@ -65,9 +65,29 @@ def run_ranges(fn: Callable[[int, int], None], ranges: list[tuple[int, int]]) ->
             _pool = ThreadPoolExecutor(max_workers=_pool_size, thread_name_prefix="kernels")
         pool = _pool
     futures = [pool.submit(fn, lo, hi) for lo, hi in ranges[1:]]
-    fn(*ranges[0])
-    for future in futures:
-        future.result()
+    try:
+        fn(*ranges[0])
+    finally:  # every range has ended when this returns or raises (the first failure)
+        errors = [future.exception() for future in futures]
+    for error in errors:
+        if error is not None:
+            raise error
+
+
+_team_lock = threading.Lock()
+
+
+def run_team(member: Callable[[int, int], None], nth: int) -> None:
+    """Call ``member(ith, nth)`` for every ``ith`` of a team of ``nth`` threads at once (:mod:`kernels.sync`), thread
+    0 this one and the rest on the pool. Members wait for each other, so a team must have the pool to itself: while
+    another team runs, this one is this thread alone, ``member(0, 1)``."""
+    if nth > 1 and _team_lock.acquire(blocking=False):
+        try:
+            run_ranges(lambda ith, _: member(ith, nth), [(ith, ith + 1) for ith in range(nth)])
+        finally:
+            _team_lock.release()
+    else:
+        member(0, 1)
 
 
 # Waking a pool thread costs ~30 us here and two threads share caches, so a thread

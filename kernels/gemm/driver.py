@@ -28,6 +28,8 @@ from kernels.epilogue import INTEGER, MODES, finish_tile
 from kernels.gemm.microkernels import ONE_ROW, TILES, microkernel, microkernel_finish, microkernel_store
 from kernels.gemm.select import selector
 from kernels.pack.panels import KGROUP, PANEL
+from kernels.sync import share
+from kernels.threads import MIN_TILES_PER_THREAD
 
 K_CHUNK = 65792  # largest multiple of KGROUP with K_CHUNK * 255 * 128 < 2**31
 assert K_CHUNK % KGROUP == 0 and K_CHUNK * 255 * 128 < 2**31 <= (K_CHUNK + KGROUP) * 255 * 128
@@ -163,3 +165,31 @@ def _make_linear(kind: str, mode: int):
 
 # The entry of every driver: what a prepared layer calls on one thread (kernels.gemm.int8.LinearPlan.entry).
 LINEAR = {(kind, mode): _make_linear(kind, mode) for kind in TILES for mode in MODES}
+
+
+def _make_linear_team(kind: str, mode: int):
+    key, height = f"{kind}:{mode}", TILES[kind].rows
+
+    @kernel
+    def linear_team(a, b, terms, col_term32, scales, single, fused, lo, hi, zp, qmin, qmax, out, ith, nth):
+        """Thread ``ith``'s part of the product of ``nth`` (:mod:`kernels.sync`) for uint8 ``a [M, K]``
+        (C-contiguous, ``K % 4 == 0``) without a row term: its share of the row tiles when every thread gets
+        ``kernels.threads.MIN_TILES_PER_THREAD`` (as ``run_tiled``), else of the column panels (the rest as :func:`linear`)."""
+        m, n = out.shape
+        panels, tiles = -(-n // PANEL), -(-m // height)
+        p0, p1, i0, i1 = 0, panels, 0, m
+        if tiles >= MIN_TILES_PER_THREAD * nth:
+            t0, t1 = share(tiles, ith, nth)
+            i0, i1 = t0 * height, min(m, t1 * height)
+        else:
+            p0, p1 = share(panels, ith, nth)
+        if p1 > p0 and i1 > i0:
+            lda = a.shape[1]
+            _tiles(key, (a.reshape(-1), lda, n, b, lda // KGROUP, p0, p1, i0, i1, terms[0], col_term32, terms[1],
+                         np.empty(0, np.int64), False, fused != 0, scales[0], scales[1], single, lo, hi, zp, qmin, qmax, out))
+
+    return linear_team
+
+
+# A thread's part of a prepared layer's product, for teams (kernels.gemm.dynamic's entries).
+LINEAR_TEAM = {(kind, mode): _make_linear_team(kind, mode) for kind in TILES for mode in MODES}

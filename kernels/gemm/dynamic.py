@@ -18,13 +18,18 @@ range: more accurate than one scale for the whole batch, which ONNX's operator p
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from kernels import _validate
 from kernels._jit import kernel
-from kernels.gemm.int8 import _cached, _stored_key, _weights, gemm_int8_plan, linear_int8_plan
-from kernels.pack.panels import PackedInt8
-from kernels.quantize import dynamic_quantize_rows
+from kernels.entry import Entry, In, Out
+from kernels.gemm.driver import LINEAR_TEAM
+from kernels.gemm.int8 import _cached, _stored_key, _weights, gemm_int8_plan, linear_int8_plan, requantized_terms
+from kernels.pack.panels import KGROUP, PackedInt8
+from kernels.quantize import dynamic_quantize_rows, dynamic_rows_team
+from kernels.sync import barrier
 
 F32 = np.dtype(np.float32)
 MAX_K = (2**31 - 1) // (3 * 255 * 128)  # 21929: every int32 term of the correction stays in range
@@ -62,6 +67,48 @@ def _scale_products(acc, zeros, scales, sums, col_sums, w_zp, w_scale, bias, k, 
                 y[c] = np.float32(np.int32(a[c] - term[c])) * scale[c]
 
 
+@functools.cache
+def _team_kernels(kind: str, mode: int) -> tuple:
+    """The team entries (:mod:`kernels.sync`) of a per-tensor plan whose product runs micro-kernel ``kind`` with
+    epilogue ``mode``: ``(quantize and multiply, multiply codes quantized already)``."""
+    linear = LINEAR_TEAM[kind, mode]
+
+    @kernel
+    def product(codes, scale, zero, col_sums, w_scale, base, terms, col_term32, mults, data, single, fused, lo, hi,
+                zp, qmin, qmax, out, ith, nth, sync):
+        """Once every thread's codes are written: thread 0 derives the terms for ``scale[0]``, ``zero[0]``, then
+        each thread multiplies its share."""
+        barrier(sync, nth)
+        if ith == 0:
+            requantized_terms(np.float32(scale[0]), np.int64(zero[0]), codes.shape[1], col_sums, w_scale, base, terms,
+                              col_term32, mults)
+        barrier(sync, nth)
+        linear(codes, data, terms, col_term32, mults, single, fused, lo, hi, zp, qmin, qmax, out, ith, nth)
+
+    @kernel
+    def quantize_multiply(x, lows, highs, codes, scales, zeros, col_sums, w_scale, base, terms, col_term32, mults, data,
+                          single, fused, lo, hi, zp, qmin, qmax, out, ith, nth, sync):
+        """``plan(x, out)`` by a team: float32 ``x [..., K]`` quantized into ``codes [M, K]`` (scratch, as
+        ``lows``, ``highs``, ``scales``, ``zeros`` ``[M]``), then the product into ``out [..., N]``."""
+        m, k = codes.shape
+        dynamic_rows_team(x.reshape((m, k)), lows, highs, codes, scales, zeros, ith, nth, sync)
+        product(codes, scales, zeros, col_sums, w_scale, base, terms, col_term32, mults, data, single, fused, lo, hi,
+                zp, qmin, qmax, out.reshape((m, out.size // max(m, 1))), ith, nth, sync)
+
+    @kernel
+    def multiply(codes, scale, zero, col_sums, w_scale, base, terms, col_term32, mults, data, single, fused, lo, hi,
+                 zp, qmin, qmax, out, ith, nth, sync):
+        """``plan.quantized(codes, scale, zero, out)`` by a team (``codes [..., K]`` uint8, ``scale`` float32 and
+        ``zero`` uint8 of one value each, any rank)."""
+        k = codes.shape[-1]
+        m = codes.size // max(k, 1)
+        product(codes.reshape((m, k)), scale.reshape(1), zero.reshape(1), col_sums, w_scale, base, terms, col_term32,
+                mults, data, single, fused, lo, hi, zp, qmin, qmax, out.reshape((m, out.size // max(m, 1))), ith, nth,
+                sync)
+
+    return quantize_multiply, multiply
+
+
 class DynamicLinearPlan:
     """:func:`linear_dynamic_int8` prepared for one weight: ``plan(x, out=None)`` for float32 ``x [..., K]``, and
     ``plan.quantized(codes, scale, zero_point)`` for activations quantized already."""
@@ -90,6 +137,27 @@ class DynamicLinearPlan:
             self._linear = linear_int8_plan(self.packed, a_scale=np.float32(1.0), a_zero_point=0,
                                             w_scale=self.w_scale, w_zero_point=self.w_zp,
                                             bias=self.bias if self.bias.size else None)
+
+    def entry(self, m: int, quantized: bool = False) -> Entry | None:
+        """The plan for activations of ``m`` rows as one unchecked team entry (:mod:`kernels.entry`), or None
+        where it has none (per row, weight zero points, K not a multiple of 4). Inputs: ``x`` (float32 ``[..., K]``
+        of ``m`` rows, C-contiguous), or with ``quantized`` the codes, scale and zero point of
+        :meth:`quantized` (any ranks, C-contiguous); output float32 ``[..., N]`` (checked by the caller). The
+        entry binds its own scratch (one caller at a time)."""
+        if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 0:
+            raise ValueError(f"m: expected a row count >= 0, got {m!r}")
+        linear = None if self.per_row else self._linear
+        if linear is None or linear.row_term or self.packed.k % KGROUP:
+            return None
+        data, base, col_term32, mults, single, _, fused, lo, hi, zp, qmin, qmax = linear._bound
+        quantize_multiply, multiply = _team_kernels(linear._for_rows(int(m))[1].kind, linear.epi.mode)
+        product = (self.col_sums, self.w_scale, base, base.copy(), col_term32.copy(), mults.copy(), data, single,
+                   fused, lo, hi, zp, qmin, qmax, Out(0))
+        if quantized:
+            return Entry(multiply, (In(0), In(1), In(2), *product), team=True)
+        scratch = (np.empty(m, F32), np.empty(m, F32), np.empty((m, self.packed.k), np.uint8), np.empty(m, F32),
+                   np.empty(m, np.int32))
+        return Entry(quantize_multiply, (In(0), *scratch, *product), team=True)
 
     def quantized(self, codes: np.ndarray, scale, zero_point, out: np.ndarray | None = None) -> np.ndarray:
         """The product for activations quantized already (per tensor): ``codes [..., K]`` uint8 of one ``scale``

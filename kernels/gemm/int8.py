@@ -226,20 +226,20 @@ class LinearPlan:
         col_bias`` and multipliers ``float32(a_scale * w_scale)`` (``w_scale`` float32 ``[N]``, the plan's). For
         uint8 activations and K at most ``MIN_K_LIMIT``, whose int32 sums fit for every zero point, so the plan's
         choice of fused epilogue holds (``kernels.gemm.dynamic``)."""
-        data, terms, col_term32, scales, *rest = self._bound
-        terms, col_term32, scales = terms.copy(), col_term32.copy(), scales.copy()
-        _requantized_terms(np.float32(a_scale), a_zero_point - self._za, self.packed.k, self.packed.col_sums,
-                           w_scale, terms, col_term32, scales)
+        data, base, col_term32, scales, *rest = self._bound
+        terms, col_term32, scales = base.copy(), col_term32.copy(), scales.copy()
+        requantized_terms(np.float32(a_scale), a_zero_point - self._za, self.packed.k, self.packed.col_sums,
+                          w_scale, base, terms, col_term32, scales)
         return (data, terms, col_term32, scales, *rest)
 
 
 @kernel
-def _requantized_terms(a_scale, dz, k, col_sums, w_scale, terms, col_term32, scales):
-    """Rows 0 of ``terms`` (int64 ``[2, N]``: column terms, weight zero points) and ``scales`` (float64
-    ``[2, panels * 64]``: multipliers, shifts), and ``col_term32``, with the activations' zero point moved by ``dz``
-    and their scale ``a_scale`` (float32)."""
+def requantized_terms(a_scale, dz, k, col_sums, w_scale, base, terms, col_term32, scales):
+    """Rows 0 of ``terms`` (int64 ``[2, N]``: column terms, weight zero points; row 1 as ``base``'s) and ``scales``
+    (float64 ``[2, panels * 64]``: multipliers, shifts), and ``col_term32``: the plan's ``base`` terms with the
+    activations' zero point moved by ``dz`` and their scale ``a_scale`` (float32)."""
     for c in range(col_sums.size):
-        term = terms[0, c] + dz * (k * terms[1, c] - col_sums[c])
+        term = base[0, c] + dz * (k * base[1, c] - col_sums[c])
         terms[0, c] = term
         col_term32[c] = np.int32(term)  # wraps modulo 2**32, as the int32 sums do
         scales[0, c] = np.float64(a_scale * w_scale[c])

@@ -27,7 +27,7 @@ import numpy as np
 
 import kernels
 from kernels import activations, dispatch
-from kernels.entry import Entry, In, Out
+from kernels.entry import Entry, In, Out, flat_rows
 from lowbit.graph.ir import Graph, Node
 from lowbit.runtime.registry import Kernel, Shape, preparer
 from lowbit.runtime.windows import (Window, conv_transpose_window, conv_window, kernel_shape, window_geometry,
@@ -876,7 +876,7 @@ def prepare_unary(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
 
         return Kernel(run, outputs, ops=ops)
     name, params = KERNELS[node.op](node)
-    entry = activations.unary_entry(name, **params)
+    entry = activations.unary_entry(name, **params).split(flat_rows(ops), 0, 1)
     if node.op not in BIASED or not _given(node, 1):
 
         def run_unary(ins, outs):  # alone: split over the kernels' threads; in a compiled chain: the entry

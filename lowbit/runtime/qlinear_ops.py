@@ -247,7 +247,9 @@ def prepare_matmul_integer_to_float(node: Node, graph: Graph, inputs: Inputs) ->
         def run_shared(ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
             shared.quantized(ins[0], ins[2], ins[4], out=outs[0])
 
-        return Kernel(run_shared, [out], ops, "int8", "linear_dynamic_int8, codes shared")
+        entry = shared.entry(math.prod(a[0][:-1]), quantized=True)
+        return Kernel(run_shared, [out], ops, "int8", "linear_dynamic_int8, codes shared",
+                      entry=entry and entry.reading(0, 2, 4))
 
     def run(ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
         a, b, a_scale, b_scale, a_zero, b_zero, bias = (ins + [None] * 7)[:7]
@@ -287,7 +289,8 @@ def prepare_dynamic_quantize_matmul(node: Node, graph: Graph, inputs: Inputs) ->
         plan = kernels.linear_dynamic_int8_plan(kernels.pack_int8(w), w_scale, w_zero,
                                                 None if bias is None else bias.reshape(-1), per_row=per_row)
         note = f"linear_dynamic_int8{', per token' * per_row}"
-        return Kernel(lambda ins, outs: [plan(ins[0], out=outs[0])], [out], ops, "int8", note)
+        return Kernel(lambda ins, outs: [plan(ins[0], out=outs[0])], [out], ops, "int8", note,
+                      entry=plan.entry(math.prod(a[0][:-1])))
     if per_row:
         raise _fail(node, f"per_row needs B, its scale, zero point and bias as constants, B 2-D, the scale float32 "
                           f"and K at most {kernels.DynamicLinearPlan.max_k}")
@@ -869,4 +872,6 @@ def prepare_dynamic_quantize_linear(node: Node, graph: Graph, inputs: Inputs) ->
         for out, value in zip(outs[1:], (scale, zero)):
             out[...] = value
 
-    return Kernel(run, outs_spec[:len(node.outputs)], 3 * math.prod(x[0]), "int8", "kernels.dynamic_quantize_linear")
+    entry = kernels.quantize.dynamic_quantize_linear_entry(x[0]) if len(node.outputs) == 3 else None
+    return Kernel(run, outs_spec[:len(node.outputs)], 3 * math.prod(x[0]), "int8", "kernels.dynamic_quantize_linear",
+                  entry=entry)

@@ -27,10 +27,13 @@ Preparing for new input shapes (cached per shape tuple, for at most :data:`MAX_S
    version. The profile's notes say which ran and why. With ``fallback=False`` nothing is
    raced: the quantized kernels always run.
 
-With ``threads=1``, runs of consecutive nodes whose kernels give an ``entry`` (one call of a compiled function,
-:mod:`kernels.entry`) are chained into one compiled function per run of nodes (:mod:`lowbit.runtime.compiled`,
-cached on disk), so Python dispatches once per chain instead of once per node; ``Session(..., compiled=False)``
-runs node by node. Profiles always time node by node.
+Runs of consecutive nodes whose kernels give an ``entry`` (one call of a compiled function, :mod:`kernels.entry`)
+are chained into one compiled function per run of nodes (:mod:`lowbit.runtime.compiled`, cached on disk), so
+Python dispatches once per chain instead of once per node; ``Session(..., compiled=False)`` runs node by node.
+With more than one thread, a chain with split entries is made for a team: every thread enters it once and
+shares out each split entry's rows, with barriers between the nodes, instead of waking pool threads (and
+passing the GIL) at every node; the first run races it on the team against one thread and keeps the faster.
+Profiles always time node by node.
 
 A session may be called from many threads at once. Kernels keep scratch and plans own their buffers, so a run
 holds one *lane* (the kernels prepared for its input shapes, with their plans) for itself: a thread that finds
@@ -94,6 +97,15 @@ def _race(candidates: list[Callable[[], object]]) -> list[float]:
     return best
 
 
+def _on_one(chain: CompiledSteps, feeds: list[np.ndarray]) -> None:
+    """Run team ``chain`` on one thread."""
+    chain.threads, team = 1, chain.threads
+    try:
+        chain(feeds)
+    finally:
+        chain.threads = team
+
+
 def _aligned(nbytes: int) -> np.ndarray:
     """``nbytes`` uninitialised bytes starting on a cache line (:data:`ALIGNMENT`): vector loads of a row then
     never straddle two lines (measured: 10-30% on NHWC depthwise layers at NumPy's 16-byte alignment)."""
@@ -144,7 +156,7 @@ class _Plan:
     nbytes: int = 0
     program: list[Step] | None = field(default=None, repr=False)  # steps with compiled chains; None: per node
     chained: frozenset[int] = frozenset()  # indices of the nodes run inside compiled chains
-    only_chains: bool = False  # every node runs inside a chain: one thread by construction, no limit to set
+    only_chains: bool = False  # one thread, every node inside a chain: no thread limit to set
 
 
 @dataclass
@@ -434,7 +446,7 @@ class Session:
             for t in {root[s] for s in node.inputs if s in root}:
                 if last[t] == i and t not in pinned and t in flat_of:
                     release(t)
-        if self.compiled and self.threads == 1:  # asked for one thread: the chains' entries run on one
+        if self.compiled:
             self._chain(plan, prepared)
         lane.plans[fetch] = plan
         return plan
@@ -468,7 +480,7 @@ class Session:
             start = i + 1
         if plan.chained:
             plan.program = program
-            plan.only_chains = len(plan.chained) == len(plan.steps)
+            plan.only_chains = self.threads == 1 and len(plan.chained) == len(plan.steps)
 
     def _compiled_chain(self, plan: _Plan, prepared: _Prepared, indices: range, last_read: dict[int, int],
                         fetched: set[int]) -> Step | None:
@@ -490,12 +502,22 @@ class Session:
         exported = tuple(j for j in produced if j in fetched or last_read.get(j, -1) > indices[-1])
         names = {j: t for t, j in self._slot.items()}
         zeros = [np.zeros(*prepared.specs[names[j]]) for j in fed]
+        team = self.threads != 1 and any(entry.rows for entry, _, _ in calls)
         try:
-            chain = CompiledSteps(calls, len(fed), [produced[j] for j in exported])
-            chain(zeros)  # compiles (or loads from the disk cache) now, and proves the entries type
+            chain = CompiledSteps(calls, len(fed), [produced[j] for j in exported], team=team)
+            with self._limit():
+                chain(zeros)  # compiles (or loads from the disk cache) now, and proves the entries type
+                if team and kernels.get_num_threads() > 1:
+                    one, shared = _race([lambda: _on_one(chain, zeros), lambda: chain(zeros)])
+                    if one <= shared:
+                        chain.threads = 1
         except (TypeError, ValueError, NumbaError):
             return None
-        return (lambda ins, outs: chain(ins)), [None] * len(fed), tuple(enumerate(fed)), [], exported
+        def run(ins: list[np.ndarray], outs: list[np.ndarray]) -> tuple[np.ndarray, ...]:
+            return chain(ins)
+
+        run.chain = chain  # for inspection (tests): the compiled chain the step runs
+        return run, [None] * len(fed), tuple(enumerate(fed)), [], exported
 
     # ---- execution -------------------------------------------------------------------------------------------------
 

@@ -52,6 +52,7 @@ from onnx.reference.op_run import OpRun  # noqa: E402
 from onnxruntime.quantization.shape_inference import quant_pre_process  # noqa: E402
 
 import lowbit.onnx  # noqa: E402
+from lowbit.runtime import session as runtime_session  # noqa: E402
 from lowbit.onnx import examples  # noqa: E402
 
 IMAGE = 20  # 20 -> 10 -> 5 (-> 3 -> 2 in MobileNetV2): odd sizes after the strided layers
@@ -315,3 +316,28 @@ def test_quantized_model_matches_onnxruntime(name, scheme, tmp_path_factory, mon
                 clear = top2[:, 1] - top2[:, 0] > 2 * np.max(limit)
                 np.testing.assert_array_equal(mine[output].argmax(1)[clear], logits.argmax(1)[clear], err_msg=where)
     assert strict > 0 or fused_away, f"{name} {scheme}: no quantized tensor with equal inputs to compare"
+
+
+@pytest.mark.parametrize("scheme", [None, "dynamic-tensor"], ids=["float", "dynamic-tensor"])
+def test_encoder_on_a_team_of_threads_matches_one_thread(scheme, tmp_path_factory, monkeypatch):
+    """Two and three threads (compiled chains run by a team, lowbit.runtime.compiled) give one thread's outputs
+    bit for bit: split entries cut rows, team entries (dynamic quantization, its products) share them out."""
+    folder = tmp_path_factory.getbasetemp() / "onnx_models"
+    folder.mkdir(exist_ok=True)
+    monkeypatch.chdir(folder)
+    # every race won by its last candidate: a chain's team, never one thread (the model is small)
+    monkeypatch.setattr(runtime_session, "_race", lambda candidates: [1.0] * (len(candidates) - 1) + [0.0])
+    model = _model("bert_opset17") if scheme is None else _quantized("bert_opset17", scheme, str(folder))
+    sessions = {}
+    for threads in (1, 2, 3):
+        options = lowbit.onnx.SessionOptions()
+        options.intra_op_num_threads = threads
+        sessions[threads] = lowbit.onnx.InferenceSession(model.SerializeToString(), options)
+    for feed in _feeds("bert_opset17", seed=4):
+        want = sessions[1].run(None, feed)
+        for threads in (2, 3):
+            for got, expected in zip(sessions[threads].run(None, feed), want):
+                np.testing.assert_array_equal(got, expected, err_msg=f"{threads} threads")
+    plans = [plan for lanes in sessions[2]._session._lanes.values() for lane in lanes for plan in lane.plans.values()]
+    chains = [step[0].chain for plan in plans for step in plan.program or () if hasattr(step[0], "chain")]
+    assert any(chain.team and chain.threads > 1 for chain in chains)
