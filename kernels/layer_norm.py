@@ -112,7 +112,7 @@ class LayerNormPlan:
         entry = Entry(_layer_norm_all, (In(0), In(1) if self.skip else _NONE, self.bias, self.gamma, self.beta,
                                         self.epsilon, not self.rms, out.get("sum", _NONE), out.get("mean", _NONE),
                                         out.get("inv", _NONE), out["y"]))
-        cut = [0, 1] * self.skip or [0]  # x (and skip), then the outputs given
+        cut = [0, 1] if self.skip else [0]  # x (and skip), then the outputs given
         cut += [position for position, name in ((7, "sum"), (8, "mean"), (9, "inv"), (10, "y")) if name in out]
         return entry.split(int(np.prod(self.shape[:-1], dtype=np.int64)), *cut)
 

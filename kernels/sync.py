@@ -5,7 +5,9 @@ more than a small kernel takes. A team instead enters one compiled function once
 ``ith`` of ``nth``, and then runs a whole chain of kernels without Python: each thread computes its
 :func:`share` of a kernel's units, and :func:`barrier` holds every thread until all have finished the kernel
 (ggml runs a graph the same way). The barrier spins on an atomic counter (``pause`` between reads): a fraction
-of a microsecond while every thread is on a core.
+of a microsecond while every thread is on a core. A thread still waiting after :data:`SPINS` reads yields its
+core between reads (``sched_yield``), so that a team on an oversubscribed machine (more runnable threads than
+cores) lets the member it waits for run instead of spinning against it.
 
 A ``sync`` array (:func:`new_sync`, int64, one per team) holds the barrier's state on separate cache lines:
 the count of threads that arrived, the generation (how many times the barrier opened) and an abort flag. A
@@ -27,7 +29,9 @@ from kernels.gemm.llvm_ir import declare
 
 COUNT, GENERATION, ABORTED = 0, 8, 16  # int64 slots, 64 bytes apart
 SIZE = 24
+SPINS = 1 << 14  # reads with pause (~0.1-1 ms) before a waiting thread starts yielding its core
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+_POSIX = platform.system() != "Windows"
 
 
 def new_sync() -> np.ndarray:
@@ -79,6 +83,19 @@ def _pause(typingctx):
     return types.void(), codegen
 
 
+@intrinsic
+def _yield(typingctx):
+    """Give the core to another runnable thread (POSIX ``sched_yield``; a ``pause`` elsewhere)."""
+    def codegen(context, builder, sig, args):
+        if _POSIX:
+            builder.call(declare(builder, "sched_yield", ir.FunctionType(ir.IntType(32), [])), [])
+        elif _X86:
+            builder.call(declare(builder, "llvm.x86.sse2.pause", ir.FunctionType(ir.VoidType(), [])), [])
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
 @kernel(inline="always")
 def share(units, ith, nth):
     """Thread ``ith``'s contiguous part ``[lo, hi)`` of ``range(units)`` cut into ``nth`` nearly equal parts."""
@@ -96,8 +113,13 @@ def barrier(sync, nth):
         _store(sync, COUNT, 0)
         _store(sync, GENERATION, generation + 1)
         return
+    spins = 0
     while _load(sync, GENERATION) == generation and _load(sync, ABORTED) == 0:
-        _pause()
+        if spins < SPINS:
+            _pause()
+            spins += 1
+        else:
+            _yield()
 
 
 def abort(sync: np.ndarray) -> None:

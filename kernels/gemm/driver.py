@@ -172,9 +172,10 @@ def _make_linear_team(kind: str, mode: int):
 
     @kernel
     def linear_team(a, b, terms, col_term32, scales, single, fused, lo, hi, zp, qmin, qmax, out, ith, nth):
-        """Thread ``ith``'s part of the product of ``nth`` (:mod:`kernels.sync`) for uint8 ``a [M, K]``
-        (C-contiguous, ``K % 4 == 0``) without a row term: its share of the row tiles when every thread gets
-        ``kernels.threads.MIN_TILES_PER_THREAD`` (as ``run_tiled``), else of the column panels (the rest as :func:`linear`)."""
+        """Thread ``ith``'s part of :func:`linear` by a team of ``nth`` (:mod:`kernels.sync`), for uint8
+        ``a [M, K]`` (C-contiguous, ``K % 4 == 0``, used as it is) without a row term: its share of the row tiles
+        when every thread gets ``kernels.threads.MIN_TILES_PER_THREAD`` of them (as ``run_tiled``), else of the
+        column panels. ``out [M, N]`` and the other arguments as :func:`linear`'s; threads write disjoint tiles."""
         m, n = out.shape
         panels, tiles = -(-n // PANEL), -(-m // height)
         p0, p1, i0, i1 = 0, panels, 0, m
@@ -185,8 +186,9 @@ def _make_linear_team(kind: str, mode: int):
             p0, p1 = share(panels, ith, nth)
         if p1 > p0 and i1 > i0:
             lda = a.shape[1]
+            no_sums = np.empty(0, np.int64)  # read only with a row term
             _tiles(key, (a.reshape(-1), lda, n, b, lda // KGROUP, p0, p1, i0, i1, terms[0], col_term32, terms[1],
-                         np.empty(0, np.int64), False, fused != 0, scales[0], scales[1], single, lo, hi, zp, qmin, qmax, out))
+                         no_sums, False, fused != 0, scales[0], scales[1], single, lo, hi, zp, qmin, qmax, out))
 
     return linear_team
 

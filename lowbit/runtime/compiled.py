@@ -175,7 +175,7 @@ class _Source:
                 "from kernels.sync import barrier, share", "from lowbit.runtime.compiled import _at, _cut", "",
                 "@njit(cache=True, nogil=True)", f"def run({', '.join(['table', *team, *self.feeds])}):"]
         end = f"    return ({''.join(f'{t}, ' for t in fetch)})" if fetch else "    return None"
-        alone = [f"    alone = np.zeros({sync.SIZE}, np.int64)  # the sync of team entries run by one thread"] * self.alone
+        alone = [f"    alone = np.zeros({sync.SIZE}, np.int64)  # team entries' sync, run by one thread"] * self.alone
         return "\n".join(head + alone + self.lines + [end, ""])
 
 
@@ -191,7 +191,8 @@ class CompiledSteps:
                  team: bool = False):
         source = _Source(feeds, team)
         self.team, self.threads, self._sync = team, 1 << 30, sync.new_sync()
-        since: set[bool] = set()  # for each entry since the last barrier: whether it was split
+        # since the last barrier: whether an entry ran (pending), and whether one ran on several threads (spread)
+        pending = spread = False
         value: dict[int, str] = {}  # id(array) -> variable holding it (views made by reshape entries)
         held: dict[int, np.ndarray | None] = {}  # id(array) -> the same view made here, None for views of feeds
 
@@ -223,18 +224,15 @@ class CompiledSteps:
                 source.alone |= entry.team
                 source.lines.append(f"    {source.fn(entry.fn)}({', '.join(args)})")
                 continue
+            several = entry.team or entry.rows > 0
+            if pending and (several or spread):  # this entry may read what another thread wrote
+                source.lines.append("    barrier(sync, nth)")
+                spread = False
+            pending, spread = True, spread or several
             if entry.team:
-                if since:
-                    source.lines.append("    barrier(sync, nth)")
-                since = {True}
                 source.lines.append(f"    {source.fn(entry.fn)}({', '.join(args + ['ith', 'nth', 'sync'])})")
                 continue
-            split = entry.rows > 0
-            if since and (split or any(since)):  # an entry may read what other threads wrote
-                source.lines.append("    barrier(sync, nth)")
-                since.clear()
-            since.add(split)
-            if split:
+            if entry.rows:
                 for c in entry.cut:
                     args[c] = f"_cut({args[c]}, {entry.rows}, lo, hi)"
                 source.lines += [f"    lo, hi = share({entry.rows}, ith, nth)", "    if hi > lo:"]

@@ -30,8 +30,8 @@ Preparing for new input shapes (cached per shape tuple, for at most :data:`MAX_S
 Runs of consecutive nodes whose kernels give an ``entry`` (one call of a compiled function, :mod:`kernels.entry`)
 are chained into one compiled function per run of nodes (:mod:`lowbit.runtime.compiled`, cached on disk), so
 Python dispatches once per chain instead of once per node; ``Session(..., compiled=False)`` runs node by node.
-With more than one thread, a chain with split entries is made for a team: every thread enters it once and
-shares out each split entry's rows, with barriers between the nodes, instead of waking pool threads (and
+With more than one thread, a chain with split or team entries is made for a team: every thread enters it once
+and shares out each node (:mod:`kernels.entry`), with barriers between the nodes, instead of waking pool threads (and
 passing the GIL) at every node; the first run races it on the team against one thread and keeps the faster.
 Profiles always time node by node.
 
@@ -502,7 +502,7 @@ class Session:
         exported = tuple(j for j in produced if j in fetched or last_read.get(j, -1) > indices[-1])
         names = {j: t for t, j in self._slot.items()}
         zeros = [np.zeros(*prepared.specs[names[j]]) for j in fed]
-        team = self.threads != 1 and any(entry.rows for entry, _, _ in calls)
+        team = self.threads != 1 and any(entry.rows or entry.team for entry, _, _ in calls)
         try:
             chain = CompiledSteps(calls, len(fed), [produced[j] for j in exported], team=team)
             with self._limit():
