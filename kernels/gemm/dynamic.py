@@ -25,10 +25,10 @@ import numpy as np
 from kernels import _validate
 from kernels._jit import kernel
 from kernels.entry import Entry, In, Out
-from kernels.gemm.driver import LINEAR_TEAM
+from kernels.gemm.driver import LINEAR, LINEAR_TEAM
 from kernels.gemm.int8 import _cached, _stored_key, _weights, gemm_int8_plan, linear_int8_plan, requantized_terms
 from kernels.pack.panels import KGROUP, PackedInt8
-from kernels.quantize import dynamic_quantize_rows, dynamic_rows_team
+from kernels.quantize import dynamic_quantize_rows, dynamic_rows, dynamic_rows_team, row_ranges
 from kernels.sync import barrier
 
 F32 = np.dtype(np.float32)
@@ -109,6 +109,33 @@ def _team_kernels(kind: str, mode: int) -> tuple:
     return quantize_multiply, multiply
 
 
+@functools.cache
+def _per_row_kernel(kind: str, mode: int):
+    """The split entry's kernel of a per-row plan whose integer product runs micro-kernel ``kind``, epilogue
+    ``mode`` (the gemm plan's)."""
+    gemm = LINEAR[kind, mode]
+
+    @kernel
+    def per_row(x, lows, highs, codes, scales, zeros, sums, acc, data, terms, col_term32, mults, single, fused, lo, hi,
+                zp, qmin, qmax, col_sums, w_zp, w_scale, bias, out):
+        """``plan(x, out)`` of a per-row plan on the rows of ``x [..., K]`` (float32, C-contiguous) given, any
+        subset (rows are independent): each row quantized over its own range into ``codes [M, K]`` (uint8;
+        ``lows``, ``highs``, ``scales`` float32 and ``zeros`` int32 ``[M]``; ``sums`` int64 ``[M]``, or empty
+        without weight zero points), the exact product into ``acc [M, N]`` int32 (the gemm plan's arguments
+        ``data`` .. ``qmax``), then :func:`_scale_products` into ``out [..., N]`` float32. Raises ValueError for
+        NaN."""
+        m, k = codes.shape
+        rows = x.reshape((m, k))
+        row_ranges(rows, lows, highs)
+        if dynamic_rows(rows, lows, highs, codes, scales, zeros, sums):
+            raise ValueError("x: NaN value(s); dynamic quantization is undefined for NaN")
+        gemm(codes, 0, np.empty(0, np.uint8), np.empty(0, np.int64), data, terms, col_term32, mults, single, 0, fused,
+             lo, hi, zp, qmin, qmax, acc)
+        _scale_products(acc, zeros, scales, sums, col_sums, w_zp, w_scale, bias, k, out.reshape((m, acc.shape[1])))
+
+    return per_row
+
+
 class DynamicLinearPlan:
     """:func:`linear_dynamic_int8` prepared for one weight: ``plan(x, out=None)`` for float32 ``x [..., K]``, and
     ``plan.quantized(codes, scale, zero_point)`` for activations quantized already."""
@@ -139,15 +166,17 @@ class DynamicLinearPlan:
                                             bias=self.bias if self.bias.size else None)
 
     def entry(self, m: int, quantized: bool = False) -> Entry | None:
-        """The plan for activations of ``m`` rows as one unchecked team entry (:mod:`kernels.entry`), or None
-        where it has none (per row, weight zero points, K not a multiple of 4). Inputs: ``x`` (float32 ``[..., K]``
-        of ``m`` rows, C-contiguous), or with ``quantized`` the codes, scale and zero point of
-        :meth:`quantized` (any ranks, C-contiguous); output float32 ``[..., N]`` (checked by the caller). The
-        entry binds its own scratch (one caller at a time)."""
+        """The plan for activations of ``m`` rows as one unchecked entry (:mod:`kernels.entry`): per row, split
+        by rows; per tensor, a team entry, or None where it has none (weight zero points, K not a multiple of 4).
+        Inputs: ``x`` (float32 ``[..., K]`` of ``m`` rows, C-contiguous), or with ``quantized`` (per tensor) the
+        codes, scale and zero point of :meth:`quantized` (any ranks, C-contiguous); output float32 ``[..., N]``
+        (checked by the caller). The entry binds its own scratch (one caller at a time)."""
         if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 0:
             raise ValueError(f"m: expected a row count >= 0, got {m!r}")
-        linear = None if self.per_row else self._linear
-        if linear is None or linear.row_term or self.packed.k % KGROUP:
+        if self.per_row:
+            return None if quantized or m == 0 or self.packed.k % KGROUP else self._per_row_entry(int(m))
+        linear = self._linear
+        if linear.row_term or self.packed.k % KGROUP:
             return None
         data, base, col_term32, mults, single, _, fused, lo, hi, zp, qmin, qmax = linear._bound
         quantize_multiply, multiply = _team_kernels(linear._for_rows(int(m))[1].kind, linear.epi.mode)
@@ -158,6 +187,17 @@ class DynamicLinearPlan:
         scratch = (np.empty(m, F32), np.empty(m, F32), np.empty((m, self.packed.k), np.uint8), np.empty(m, F32),
                    np.empty(m, np.int32))
         return Entry(quantize_multiply, (In(0), *scratch, *product), team=True)
+
+    def _per_row_entry(self, m: int) -> Entry:
+        """:meth:`entry` of a per-row plan: every row's work in one call, split by rows."""
+        gemm, (n, k) = self._gemm, (self.packed.n, self.packed.k)
+        data, terms, col_term32, mults, single, _, fused, lo, hi, zp, qmin, qmax = gemm._bound
+        scratch = (np.empty(m, F32), np.empty(m, F32), np.empty((m, k), np.uint8), np.empty(m, F32),
+                   np.empty(m, np.int32), np.empty(m if self._zero_points else 0, np.int64), np.empty((m, n), np.int32))
+        per_row = _per_row_kernel(gemm._for_rows(m)[1].kind, gemm.epi.mode)
+        entry = Entry(per_row, (In(0), *scratch, data, terms, col_term32, mults, single, fused, lo, hi, zp, qmin, qmax,
+                                self.col_sums, self.w_zp, self.w_scale, self.bias, Out(0)))
+        return entry.split(m, 0, 1, 2, 3, 4, 5, 6, 7, 23)
 
     def quantized(self, codes: np.ndarray, scale, zero_point, out: np.ndarray | None = None) -> np.ndarray:
         """The product for activations quantized already (per tensor): ``codes [..., K]`` uint8 of one ``scale``

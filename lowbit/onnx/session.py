@@ -58,7 +58,8 @@ class ExecutionMode:
 class SessionOptions:
     """The options of ``onnxruntime.SessionOptions`` that lowbit reads (the rest are accepted and kept).
 
-    ``intra_op_num_threads``: threads of the kernels (0: all cores); ``graph_optimization_level``;
+    ``intra_op_num_threads``: threads of the kernels (0: all cores, nodes run one by one; n > 0: compiled chains
+    of nodes, run by a team of n threads); ``graph_optimization_level``;
     ``enable_profiling``: record lowbit's per-node profile, written by
     :meth:`InferenceSession.end_profiling` to ``<profile_file_prefix>_<time>.json``. Config entry
     :data:`COMPILED_CHAINS` ``"0"``: run node by node (``lowbit.Session(..., compiled=False)``);

@@ -27,9 +27,11 @@ Preparing for new input shapes (cached per shape tuple, for at most :data:`MAX_S
    version. The profile's notes say which ran and why. With ``fallback=False`` nothing is
    raced: the quantized kernels always run.
 
-Runs of consecutive nodes whose kernels give an ``entry`` (one call of a compiled function, :mod:`kernels.entry`)
-are chained into one compiled function per run of nodes (:mod:`lowbit.runtime.compiled`, cached on disk), so
-Python dispatches once per chain instead of once per node; ``Session(..., compiled=False)`` runs node by node.
+Given a thread count (``threads=n``), a session chains runs of consecutive nodes whose kernels give an ``entry``
+(one call of a compiled function, :mod:`kernels.entry`) into one compiled function per run of nodes
+(:mod:`lowbit.runtime.compiled`, cached on disk), so Python dispatches once per chain instead of once per node;
+``Session(..., compiled=False)`` runs node by node, as does a session without a thread count (compiling a chain
+takes seconds the first time, which a session for quick use should not pay).
 With more than one thread, a chain with split or team entries is made for a team: every thread enters it once
 and shares out each node (:mod:`kernels.entry`), with barriers between the nodes, instead of waking pool threads (and
 passing the GIL) at every node; the first run races it on the team against one thread and keeps the faster.
@@ -181,8 +183,9 @@ class Session:
     optimize : bool, default True; fold batch norms and fuse activations first, and move convolution chains
         channels-last (:mod:`lowbit.runtime.layout`; their intermediate tensors then no longer exist and cannot be
         fetched)
-    compiled : bool, default True; with ``threads=1``, chain the nodes whose kernels have an entry into compiled
-        functions (:mod:`lowbit.runtime.compiled`) so that Python dispatches once per chain, not per node
+    compiled : bool, default True; with ``threads`` given, chain the nodes whose kernels have an entry into compiled
+        functions (:mod:`lowbit.runtime.compiled`) so that Python dispatches once per chain, not per node (a team
+        of threads runs a chain when ``threads > 1``)
     """
 
     def __init__(self, graph: Graph, *, threads: int | None = None, fallback: bool = True, optimize: bool = True,
@@ -446,7 +449,7 @@ class Session:
             for t in {root[s] for s in node.inputs if s in root}:
                 if last[t] == i and t not in pinned and t in flat_of:
                     release(t)
-        if self.compiled:
+        if self.compiled and self.threads is not None:  # a thread count asked for: worth compiling chains for
             self._chain(plan, prepared)
         lane.plans[fetch] = plan
         return plan

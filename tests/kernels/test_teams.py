@@ -88,12 +88,14 @@ def test_dynamic_linear_team_entry_matches_the_plan(rng, level, m, k, n):
     np.testing.assert_array_equal(out, want)
 
 
-def test_dynamic_linear_entry_only_where_a_team_serves(rng):
+def test_dynamic_linear_entry_kinds(rng):
     w = rng.integers(-127, 128, (8, 12), dtype=np.int8)
-    assert kernels.linear_dynamic_int8_plan(w, 0.01, 0).entry(4) is not None
-    assert kernels.linear_dynamic_int8_plan(w, 0.01, 0, per_row=True).entry(4) is None
-    assert kernels.linear_dynamic_int8_plan(w, 0.01, 3).entry(4) is None  # weight zero points: a row term
-    assert kernels.linear_dynamic_int8_plan(w[:, :10].copy(), 0.01, 0).entry(4) is None  # K % 4
+    assert kernels.linear_dynamic_int8_plan(w, 0.01, 0).entry(4).team
+    assert kernels.linear_dynamic_int8_plan(w, 0.01, 0, per_row=True).entry(4).rows == 4  # split by rows
+    assert kernels.linear_dynamic_int8_plan(w, 0.01, 0, per_row=True).entry(0) is None
+    assert kernels.linear_dynamic_int8_plan(w, 0.01, 3).entry(4) is None  # per tensor, weight zero points
+    for per_row in (False, True):  # K % 4
+        assert kernels.linear_dynamic_int8_plan(w[:, :10].copy(), 0.01, 0, per_row=per_row).entry(4) is None
     with pytest.raises(ValueError, match="m: expected a row count"):
         kernels.linear_dynamic_int8_plan(w, 0.01, 0).entry(-1)
 
@@ -124,3 +126,30 @@ def test_a_team_formed_while_another_runs_is_one_thread():
     inner = lambda ith, nth: seen.append((ith, nth))  # noqa: E731
     threads.run_team(lambda ith, nth: threads.run_team(inner, 2) if ith == 0 else None, 2)
     assert seen == [(0, 1)]
+
+
+@pytest.mark.parametrize("m, k, n", SHAPES)
+@pytest.mark.parametrize("w_zero_point", [0, 3], ids=["symmetric", "zero-points"])
+def test_per_row_split_entry_matches_the_plan(rng, level, m, k, n, w_zero_point):
+    w = rng.integers(-127, 128, (n, k), dtype=np.int8)
+    plan = kernels.linear_dynamic_int8_plan(w, rng.uniform(0.005, 0.02, n).astype(np.float32), w_zero_point,
+                                            rng.standard_normal(n).astype(np.float32), per_row=True)
+    x = (rng.standard_normal((m, k)) * 3).astype(np.float32)
+    want, entry = plan(x), plan.entry(m)
+    assert entry.rows == m and plan.entry(m, quantized=True) is None
+    out = np.zeros((m, n), np.float32)
+    entry([x], [out])
+    np.testing.assert_array_equal(out, want)
+    for nth in TEAMS[1:]:  # each member's rows, cut as a team chain cuts them (lowbit.runtime.compiled._cut)
+        out = np.zeros((m, n), np.float32)
+        args = [x if isinstance(a, In) else out if isinstance(a, Out) else a for a in entry.args]
+        for ith in range(nth):
+            lo, hi = sync.share(m, ith, nth)
+            entry.fn(*[_rows_of(a, m, lo, hi) if c in entry.cut else a for c, a in enumerate(args)])
+        np.testing.assert_array_equal(out, want)
+
+
+def _rows_of(a: np.ndarray, rows: int, lo: int, hi: int) -> np.ndarray:
+    """Rows ``[lo, hi)`` of ``a`` viewed as ``[rows, -1]``, flat for a one-axis ``a``."""
+    part = a.reshape(rows, a.size // rows)[lo:hi]
+    return part.reshape(-1) if a.ndim == 1 else part
