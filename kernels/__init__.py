@@ -11,6 +11,7 @@ import numba
 import numpy as np
 
 from kernels import cpu
+from kernels.attention import AttentionPlan, attention, attention_plan
 from kernels.conv.binary import conv2d_binary
 from kernels.conv.float32 import Conv2dFloat32Plan, conv2d_float32, conv2d_float32_plan
 from kernels.conv.int4 import PackedConvInt4, conv2d_int4, pack_conv_int4
@@ -41,6 +42,7 @@ from kernels.softmax import SoftmaxPlan, softmax, softmax_plan
 from kernels.threads import get_num_threads, set_num_threads
 
 __all__ = [
+    "AttentionPlan",
     "Conv2dFloat32Plan",
     "ConvPlan",
     "DynamicLinearPlan",
@@ -54,6 +56,8 @@ __all__ = [
     "PackedInt8",
     "PackedTernary",
     "SoftmaxPlan",
+    "attention",
+    "attention_plan",
     "avg_pool2d",
     "avg_pool2d_float32",
     "avg_pool2d_float32_plan",

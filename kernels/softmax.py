@@ -78,7 +78,7 @@ def mask_rows(shape: tuple[int, ...], mask_shape: tuple[int, ...]) -> np.ndarray
         raise ValueError(f"mask: shape {mask_shape} does not broadcast to the scores' {shape}")
     lead = (1,) * (len(shape) - len(mask_shape)) + lead
     index = np.arange(int(np.prod(lead, dtype=np.int64)), dtype=np.int64).reshape(lead)
-    return np.ascontiguousarray(np.broadcast_to(index, shape[:-1]).reshape(-1))
+    return np.broadcast_to(index, shape[:-1]).reshape(-1).copy()  # writable: one compiled type
 
 
 class SoftmaxPlan:

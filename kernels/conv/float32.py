@@ -140,38 +140,42 @@ def _vector_at(builder: ir.IRBuilder, base: ir.Value, offset: ir.Value | int) ->
 
 
 @intrinsic
-def _tile(typingctx, a, a_off, b, b_off, rows, k, bias, o0, out, out_off, ldo, m, n, lo, hi):
-    """``out[out_off + r ldo + j] = clamp(bias[o0 + r] + sum_q a[a_off + q MR + r] b[b_off + rows[q] + j], lo, hi)``
+def strided_tile(typingctx, a, a_off, a_step, a_row, b, b_off, rows, k, bias, o0, out, out_off, ldo, m, n, lo, hi):
+    """``out[out_off + r ldo + j] = clamp(bias[o0 + r] + sum_q a[a_off + q a_step + r a_row] b[b_off + rows[q] + j],
+    lo, hi)``
 
-    for ``r < min(m, MR)``, ``j < min(n, NR)`` (the other rows and lanes are computed, not
-    stored). ``a``, ``b``, ``bias`` and ``out`` are 1-D float32, ``rows`` int64 ``[>= k]``:
-    where each row of the panel starts. ``b`` rows are read whole (``NR`` values each)
-    and ``bias`` at ``o0 .. o0 + MR``. The ``MR x NR`` sums stay in
-    registers over the K loop; each k loads ``VECTORS`` vectors of ``b`` and broadcasts ``MR``
-    weights (memory operands of the multiply-adds once compiled).
+    for ``r < min(m, MR)``, ``j < min(n, NR)`` (the other rows and lanes are computed, not stored; rows
+    ``r >= m`` read ``a``'s row ``m - 1``, never past it; ``m >= 1``). ``a``, ``b``, ``bias`` and ``out`` are 1-D
+    float32, ``rows`` int64 ``[>= k]``: where each row of the panel starts. ``b`` rows are read whole (``NR``
+    values each) and ``bias`` at ``o0 .. o0 + MR``. The ``MR x NR`` sums stay in registers over the K loop; each k
+    loads ``VECTORS`` vectors of ``b`` and broadcasts ``MR`` values of ``a`` (memory operands of the multiply-adds
+    once compiled).
     """
     if not (all(is_array(t, types.float32, 1) for t in (a, b, bias, out)) and is_array(rows, types.int64, 1)):
         return None
 
     def codegen(context, builder, signature, args):
-        a, a_off, b, b_off, rows, k, bias, o0, out, out_off, ldo, m, n, lo, hi = args
+        a, a_off, a_step, a_row, b, b_off, rows, k, bias, o0, out, out_off, ldo, m, n, lo, hi = args
         tys = signature.args
         a_ptr = builder.gep(array_ptr(context, builder, tys[0], a, F32), [a_off])
-        b_ptr = builder.gep(array_ptr(context, builder, tys[2], b, F32), [b_off])
-        bias_ptr = builder.gep(array_ptr(context, builder, tys[6], bias, F32), [o0])
-        out_ptr = builder.gep(array_ptr(context, builder, tys[8], out, F32), [out_off])
-        rows_ptr = array_ptr(context, builder, tys[4], rows, I64)
+        b_ptr = builder.gep(array_ptr(context, builder, tys[4], b, F32), [b_off])
+        bias_ptr = builder.gep(array_ptr(context, builder, tys[8], bias, F32), [o0])
+        out_ptr = builder.gep(array_ptr(context, builder, tys[10], out, F32), [out_off])
+        rows_ptr = array_ptr(context, builder, tys[6], rows, I64)
         fma = declare(builder, "llvm.fmuladd.v16f32", ir.FunctionType(V16F32, [V16F32] * 3))
+        last = builder.sub(m, ir.Constant(I64, 1))
+        a_rows = [builder.gep(a_ptr, [builder.mul(builder.select(
+            builder.icmp_signed("<", ir.Constant(I64, r), m), ir.Constant(I64, r), last), a_row)]) for r in range(MR)]
         init = [splat(builder, builder.load(builder.gep(bias_ptr, [ir.Constant(I64, r)])), V16F32)
                 for r in range(MR) for _ in range(VECTORS)]
 
         def step(q, accs):
             row = builder.gep(b_ptr, [builder.load(builder.gep(rows_ptr, [q]))])
             panel = [builder.load(_vector_at(builder, row, LANES * j), align=4) for j in range(VECTORS)]
-            weights = builder.gep(a_ptr, [builder.mul(q, ir.Constant(I64, MR))])
+            at = builder.mul(q, a_step)
             new = []
             for r in range(MR):
-                w = splat(builder, builder.load(builder.gep(weights, [ir.Constant(I64, r)])), V16F32)
+                w = splat(builder, builder.load(builder.gep(a_rows[r], [at])), V16F32)
                 new += [builder.call(fma, [w, panel[j], accs[r * VECTORS + j]]) for j in range(VECTORS)]
             return new
 
@@ -190,7 +194,14 @@ def _tile(typingctx, a, a_off, b, b_off, rows, k, bias, o0, out, out_off, ldo, m
                     builder.call(store, [y, _vector_at(builder, row, LANES * j), ir.Constant(I32, 4), masks[j]])
         return context.get_dummy_value()
 
-    return types.void(a, a_off, b, b_off, rows, k, bias, o0, out, out_off, ldo, m, n, lo, hi), codegen
+    return (types.void(a, a_off, a_step, a_row, b, b_off, rows, k, bias, o0, out, out_off, ldo, m, n, lo, hi),
+            codegen)
+
+
+@kernel(inline="always")
+def _tile(a, a_off, b, b_off, rows, k, bias, o0, out, out_off, ldo, m, n, lo, hi):
+    """:func:`strided_tile` on weights packed ``MR`` per k: ``a[a_off + q MR + r]``."""
+    strided_tile(a, a_off, MR, 1, b, b_off, rows, k, bias, o0, out, out_off, ldo, m, n, lo, hi)
 
 
 def _emit_copy(builder, d_ptr: ir.Value, s_ptr: ir.Value, n: ir.Value, stride: int, vectors: int) -> None:

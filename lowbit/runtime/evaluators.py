@@ -832,6 +832,23 @@ def _bias_gelu(node: Node, inputs: list, opset: int) -> list[np.ndarray]:
     return [_gelu_tanh(x) if node.op.endswith("FastGelu") else _gelu_erf(x)]
 
 
+@evaluator("lowbit.Attention", shape_inputs=(1, 3, 5))
+def _attention(node: Node, inputs: list, opset: int) -> list[np.ndarray]:
+    """lowbit's attention block (:mod:`lowbit.runtime.transformer_fusion`) as the ONNX ops it stands for::
+
+        qh = Transpose(Reshape(q, q_shape), [0, 2, 1, 3]);  kt = Transpose(Reshape(k, k_shape), [0, 2, 3, 1])
+        vh = Transpose(Reshape(v, v_shape), [0, 2, 1, 3])
+        y = Transpose(MatMul(Softmax(scale * MatMul(qh, kt) + mask), vh), [0, 2, 1, 3])
+    """
+    (q, q_shape, k, k_shape, v, v_shape, mask), scale = inputs, attr(node, "scale", 1.0)
+    qh, kt, vh = (_reshape(node, [x, shape], opset)[0].transpose(perm) for x, shape, perm in
+                  ((q, q_shape, (0, 2, 1, 3)), (k, k_shape, (0, 2, 3, 1)), (v, v_shape, (0, 2, 1, 3))))
+    scores = np.matmul(qh, kt) * np.asarray(scale, q.dtype) + mask
+    scores = np.exp(scores - np.max(scores, axis=-1, keepdims=True))
+    scores /= np.sum(scores, axis=-1, keepdims=True)
+    return [np.ascontiguousarray(np.matmul(scores, vh).transpose(0, 2, 1, 3))]
+
+
 @evaluator("Softmax", "LogSoftmax", "Hardmax")
 def _softmax(node: Node, inputs: list, opset: int) -> list[np.ndarray]:
     """Along ``axis``: Softmax ``e^(x - max) / sum e^(x - max)``, LogSoftmax ``x - max - log sum e^(x - max)``,

@@ -1119,6 +1119,37 @@ def prepare_masked_softmax(node: Node, graph: Graph, inputs: list[Spec]) -> Kern
     return Kernel(run, [(shape, dtype)], ops=5 * _product(shape))
 
 
+@preparer("lowbit.Attention")
+def prepare_attention(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
+    """lowbit's attention block (:mod:`lowbit.runtime.transformer_fusion`; inputs q, q_shape, k, k_shape, v, v_shape,
+    mask) on ``kernels.attention`` when float32 q, k, v ``[B, S, H D]`` are split into H heads along their last axis
+    and the float32 mask broadcasts to the scores ``[B, H, Sq, Sk]`` along their rows: one team entry, output
+    ``[B, Sq, H, Dv]``. Other cases (head shapes computed at run time included) go to the evaluator."""
+    targets = [param(node, graph, i, required=False) for i in (1, 3, 5)]
+    (q, q_dtype), (k, k_dtype), (v, v_dtype), (mask, mask_dtype) = (inputs[i] for i in (0, 2, 4, 6))
+    if any(t is None for t in targets):
+        return _evaluated(node, graph, inputs, "head shapes computed at run time")
+    if any(np.dtype(d) != F32 for d in (q_dtype, k_dtype, v_dtype, mask_dtype)):
+        return _evaluated(node, graph, inputs, "not float32")
+    shapes = [tuple(s) for s in (q, k, v)]
+    split = [_reshaped(node, s, [int(t) for t in target.reshape(-1)], False) for s, target in zip(shapes, targets)]
+    heads_last = all(len(s) == 3 and len(t) == 4 and t[:2] == s[:2] for s, t in zip(shapes, split))
+    if heads_last:
+        (b, sq, h, d), (kb, sk, kh, kd), (vb, vk, vh, dv) = split
+        heads_last = (kb, kh, kd) == (b, h, d) and (vb, vk, vh) == (b, sk, h)
+    mask = tuple(mask)
+    if not heads_last or len(mask) > 4 or not mask or mask[-1] != sk or _broadcast(node, mask, (b, h, sq, sk)) != (
+            b, h, sq, sk):
+        return _evaluated(node, graph, inputs, "heads not split along the last axis of [B, S, H D]")
+    plan = kernels.attention_plan(q, k, v, heads=h, scale=float(attr(node, "scale", 1.0)), mask_shape=mask)
+
+    def run(ins, outs):
+        plan(ins[0], ins[2], ins[4], ins[6], out=outs[0].reshape(plan.out_shape))
+
+    return Kernel(run, [((b, sq, h, dv), F32)], ops=2 * plan.flops, note="kernels.attention",
+                  entry=plan.entry().reading(0, 2, 4, 6))
+
+
 # ---- pooling -------------------------------------------------------------------------------------------------------
 
 def _pool_window(node: Node, shape: Shape) -> tuple[tuple[int, ...], Window]:

@@ -11,9 +11,17 @@ constant vector (a Linear's bias after its MatMul). Attention's scores::
     s = Div(q_k, c) or Mul(q_k, c);  v = Add(s, mask);  p = Softmax(v, axis=-1)
 
 become ``lowbit.MaskedSoftmax(q_k, mask, scale=1/c or c)``: one pass over the scores
-(``kernels.softmax``), where ONNX Runtime's graph runs three. The scalars must match to float32 precision, every
-tensor inside a pattern must have no other reader and not be a graph output. The pass is pure (a new graph) and
-linear in the number of nodes.
+(``kernels.softmax``), where ONNX Runtime's graph runs three. When that softmax sits in a whole attention block,
+heads split from the projections and merged again::
+
+    qh = Transpose(Reshape(q, q_shape), [0, 2, 1, 3]);  kt = Transpose(Reshape(k, k_shape), [0, 2, 3, 1])
+    vh = Transpose(Reshape(v, v_shape), [0, 2, 1, 3])
+    y = Transpose(MatMul(MaskedSoftmax(MatMul(qh, kt), mask), vh), [0, 2, 1, 3])
+
+the eleven nodes become ``lowbit.Attention(q, q_shape, k, k_shape, v, v_shape, mask, scale=...) -> y``
+(``kernels.attention``: no transposed copies, no score tensor, a team of threads over batch and heads). The
+scalars must match to float32 precision, every tensor inside a pattern must have no other reader and not be a
+graph output. The pass is pure (a new graph) and linear in the number of nodes.
 """
 
 from __future__ import annotations
@@ -107,8 +115,50 @@ def _masked_softmax(graph: Graph, index: GraphIndex, softmax: Node) -> tuple[lis
     return None
 
 
+HEADS_PERM = [0, 2, 1, 3]  # [b, s, heads, dh] <-> [b, heads, s, dh]
+KEYS_PERM = [0, 2, 3, 1]  # [b, s, heads, dh] -> [b, heads, dh, s]: torch.onnx's permute and transpose(-1, -2)
+
+
+def _perm_is(node: Node | None, perm: list[int]) -> bool:
+    return node is not None and node.op == "Transpose" and list(node.attrs.get("perm", [])) == perm
+
+
+def _heads(graph: Graph, index: GraphIndex, tensor: str, perm: list[int], reader: Node
+           ) -> tuple[list[Node], str, str] | None:
+    """For ``tensor = Transpose(Reshape(x, shape), perm)`` read by ``reader`` alone: ``(nodes, x, shape)``."""
+    transpose = index.producer.get(tensor)
+    if not _perm_is(transpose, perm) or _private(graph, index, tensor) is not reader:
+        return None
+    reshape = index.producer.get(transpose.inputs[0])
+    if (reshape is None or reshape.op != "Reshape" or len(reshape.inputs) != 2 or reshape.attrs.get("allowzero", 0)
+            or _private(graph, index, transpose.inputs[0]) is not transpose):
+        return None
+    return [reshape, transpose], reshape.inputs[0], reshape.inputs[1]
+
+
+def _attention(graph: Graph, index: GraphIndex, softmax: Node) -> tuple[list[Node], list[str], str] | None:
+    """For a ``lowbit.MaskedSoftmax``: ``(nodes replaced, inputs of lowbit.Attention, its output)`` of the attention
+    block around it (module docstring), or None."""
+    scores = index.producer.get(softmax.inputs[0])
+    product = _private(graph, index, softmax.outputs[0])
+    if (scores is None or scores.op != "MatMul" or _private(graph, index, softmax.inputs[0]) is not softmax
+            or product is None or product.op != "MatMul" or product.inputs[0] != softmax.outputs[0]):
+        return None
+    merge = _private(graph, index, product.outputs[0])
+    if not _perm_is(merge, HEADS_PERM):
+        return None
+    q = _heads(graph, index, scores.inputs[0], HEADS_PERM, scores)
+    k = _heads(graph, index, scores.inputs[1], KEYS_PERM, scores)
+    v = _heads(graph, index, product.inputs[1], HEADS_PERM, product)
+    if q is None or k is None or v is None:
+        return None
+    nodes = [*q[0], *k[0], *v[0], scores, softmax, product, merge]
+    return nodes, [q[1], q[2], k[1], k[2], v[1], v[2], softmax.inputs[1]], merge.outputs[0]
+
+
 def fuse_transformer_ops(graph: Graph) -> Graph:
-    """Rewrite GELU and scaled, masked Softmax patterns (see the module docstring) into single nodes."""
+    """Rewrite GELU, scaled and masked Softmax, and attention patterns (see the module docstring) into single
+    nodes."""
     out = graph.copy()
     index = out.index()
     replaced: dict[int, Node | None] = {}  # id(node) -> the fused node taking its place, or None (removed)
@@ -133,11 +183,25 @@ def fuse_transformer_ops(graph: Graph) -> Graph:
             nodes, inputs, scale = found
             replace(nodes, Node("lowbit.MaskedSoftmax", inputs, list(node.outputs), {"scale": scale},
                                 f"{node.name}_masked"))
-    if not replaced:
-        return out
-    out.nodes = [n for n in (replaced.get(id(n), n) for n in out.nodes) if n is not None]
-    out.opset.setdefault("com.microsoft", 1)
-    return out
+    if replaced:
+        out.nodes = [n for n in (replaced.get(id(n), n) for n in out.nodes) if n is not None]
+        out.opset.setdefault("com.microsoft", 1)
+    return _fuse_attention(out)
+
+
+def _fuse_attention(graph: Graph) -> Graph:
+    """``graph`` (a copy of its own) with each attention block around a MaskedSoftmax as one ``lowbit.Attention``."""
+    index = graph.index()
+    replaced: dict[int, Node | None] = {}
+    for node in graph.nodes:
+        if node.op == "lowbit.MaskedSoftmax" and (found := _attention(graph, index, node)) is not None:
+            nodes, inputs, y = found
+            replaced.update({id(n): None for n in nodes})
+            replaced[id(nodes[-1])] = Node("lowbit.Attention", inputs, [y], {"scale": node.attrs["scale"]},
+                                           f"{node.name}_attention")
+    if replaced:
+        graph.nodes = [n for n in (replaced.get(id(n), n) for n in graph.nodes) if n is not None]
+    return graph
 
 
 def _bias(graph: Graph, add: Node) -> tuple[str, str] | None:

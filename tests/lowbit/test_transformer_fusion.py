@@ -1,5 +1,5 @@
-"""lowbit.runtime.transformer_fusion: torch.onnx's GELU and attention-softmax patterns become single ops, and the
-fused graph computes what the original does."""
+"""lowbit.runtime.transformer_fusion: torch.onnx's GELU, attention-softmax and attention-block patterns become
+single ops, and the fused graph computes what the original does."""
 
 from __future__ import annotations
 
@@ -91,3 +91,55 @@ def test_masked_softmax_with_a_mask_kernels_cannot_take(rng):
     assert fused.nodes[0].op == "lowbit.MaskedSoftmax"
     _same_outputs(graph, fused, {"qk": rng.standard_normal((2, 4, 6)).astype(np.float32),
                                  "mask": rng.standard_normal((2, 4, 1)).astype(np.float32)})
+
+
+def _attention_block(q_shape, k_shape, v_shape) -> list[Node]:
+    """Heads split by Reshape + Transpose, the scaled and masked softmax, heads merged: as torch.onnx writes it."""
+    split = [Node("Reshape", ["q", "q_shape"], ["q4"]), Node("Transpose", ["q4"], ["qh"], {"perm": [0, 2, 1, 3]}),
+             Node("Reshape", ["k", "k_shape"], ["k4"]), Node("Transpose", ["k4"], ["kt"], {"perm": [0, 2, 3, 1]}),
+             Node("Reshape", ["v", "v_shape"], ["v4"]), Node("Transpose", ["v4"], ["vh"], {"perm": [0, 2, 1, 3]})]
+    return split + [Node("MatMul", ["qh", "kt"], ["qk"]), Node("Div", ["qk", "c"], ["s"]),
+                    Node("Add", ["s", "mask"], ["a"]), Node("Softmax", ["a"], ["p"], {"axis": -1}),
+                    Node("MatMul", ["p", "vh"], ["ctx"]), Node("Transpose", ["ctx"], ["y"], {"perm": [0, 2, 1, 3]})]
+
+
+def _attention_graph(shapes: dict, targets: dict, outputs: list[str]) -> Graph:
+    params = {f"{n}_shape": np.array(t, np.int64) for n, t in targets.items()} | {"c": np.array(2.0, np.float32)}
+    return _graph(_attention_block(*(targets[n] for n in "qkv")), shapes, outputs, params)
+
+
+def _attention_feeds(rng, shapes: dict) -> dict:
+    feeds = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+    feeds["mask"] = np.where(rng.random(shapes["mask"]) < 0.3, np.float32(np.finfo(np.float32).min), 0).astype(
+        np.float32)
+    return feeds
+
+
+def test_attention_block_fuses_into_one_node(rng):
+    shapes = {"q": (2, 6, 8), "k": (2, 5, 8), "v": (2, 5, 12), "mask": (2, 1, 1, 5)}
+    targets = {"q": [2, 6, 2, 4], "k": [0, 0, 2, 4], "v": [2, -1, 2, 6]}  # 0 copies a dimension, -1 is inferred
+    graph = _attention_graph(shapes, targets, ["y"])
+    fused = fuse_transformer_ops(graph)
+    assert [(n.op, n.inputs, n.outputs) for n in fused.nodes] == [
+        ("lowbit.Attention", ["q", "q_shape", "k", "k_shape", "v", "v_shape", "mask"], ["y"])]
+    assert fused.nodes[0].attrs == {"scale": 0.5}
+    _same_outputs(graph, fused, _attention_feeds(rng, shapes))
+    rows = Session(fused, optimize=False).profile(_attention_feeds(rng, shapes), repeat=1).rows
+    assert [row.note for row in rows] == ["kernels.attention"]
+
+
+def test_attention_block_with_heads_in_another_layout_runs_the_evaluator(rng):
+    shapes = {"q": (2, 6, 2, 4), "k": (2, 5, 2, 4), "v": (2, 5, 2, 3), "mask": (1, 5)}  # already split into heads
+    targets = {"q": [2, 6, 2, 4], "k": [2, 5, 2, 4], "v": [2, 5, 2, 3]}
+    graph = _attention_graph(shapes, targets, ["y"])
+    fused = fuse_transformer_ops(graph)
+    assert [n.op for n in fused.nodes] == ["lowbit.Attention"]
+    _same_outputs(graph, fused, _attention_feeds(rng, shapes))
+
+
+def test_attention_block_with_an_inner_output_keeps_its_nodes():
+    shapes = {"q": (2, 6, 8), "k": (2, 5, 8), "v": (2, 5, 8), "mask": (2, 1, 1, 5)}
+    targets = {"q": [2, 6, 2, 4], "k": [2, 5, 2, 4], "v": [2, 5, 2, 4]}
+    fused = fuse_transformer_ops(_attention_graph(shapes, targets, ["y", "p"]))
+    assert "lowbit.Attention" not in [n.op for n in fused.nodes]
+    assert "lowbit.MaskedSoftmax" in [n.op for n in fused.nodes]
