@@ -25,6 +25,7 @@ from kernels.elementwise import (lookup_table, qlinear_add, qlinear_add_plan, ql
 from kernels.gemm.binary import gemm_binary, gemm_binary_int8, gemm_binary_plan, gemm_binary_to_bits
 from kernels.gemm.codebook import gemm_codebook, gemm_codebook_plan
 from kernels.gemm.dynamic import DynamicLinearPlan, linear_dynamic_int8, linear_dynamic_int8_plan
+from kernels.gemm.float32 import LinearFloat32Plan, linear_float32_plan
 from kernels.gemm.int4 import gemm_int4, gemm_int4_plan
 from kernels.gemm.int8 import LinearPlan, gemm_int8, gemm_int8_plan, linear_int8, linear_int8_plan, max_k_int32
 from kernels.gemm.ternary import gemm_ternary, gemm_ternary_plan
@@ -47,6 +48,7 @@ __all__ = [
     "ConvPlan",
     "DynamicLinearPlan",
     "LayerNormPlan",
+    "LinearFloat32Plan",
     "LinearPlan",
     "PackedCodebook",
     "PackedConvBinary",
@@ -90,6 +92,7 @@ __all__ = [
     "layer_norm_plan",
     "linear_dynamic_int8",
     "linear_dynamic_int8_plan",
+    "linear_float32_plan",
     "linear_int8",
     "linear_int8_plan",
     "lookup_table",

@@ -139,69 +139,98 @@ def _vector_at(builder: ir.IRBuilder, base: ir.Value, offset: ir.Value | int) ->
     return builder.bitcast(builder.gep(base, [offset]), V16F32.as_pointer())
 
 
-@intrinsic
-def strided_tile(typingctx, a, a_off, a_step, a_row, b, b_off, rows, k, bias, o0, out, out_off, ldo, m, n, lo, hi):
-    """``out[out_off + r ldo + j] = clamp(bias[o0 + r] + sum_q a[a_off + q a_step + r a_row] b[b_off + rows[q] + j],
-    lo, hi)``
+@functools.cache
+def register_tile(lane_bias: bool = False, row_scale: bool = False):
+    """Intrinsic ``tile(a, a_off, a_step, a_row, b, b_off, rows, k, bias, bias_off, bias_step, scales, out, out_off,
+    ldo, m, n, lo, hi)``: an ``MR x NR`` block of a float32 product, in registers over all of K::
 
-    for ``r < min(m, MR)``, ``j < min(n, NR)`` (the other rows and lanes are computed, not stored; rows
-    ``r >= m`` read ``a``'s row ``m - 1``, never past it; ``m >= 1``). ``a``, ``b``, ``bias`` and ``out`` are 1-D
-    float32, ``rows`` int64 ``[>= k]``: where each row of the panel starts. ``b`` rows are read whole (``NR``
-    values each) and ``bias`` at ``o0 .. o0 + MR``. The ``MR x NR`` sums stay in registers over the K loop; each k
-    loads ``VECTORS`` vectors of ``b`` and broadcasts ``MR`` values of ``a`` (memory operands of the multiply-adds
-    once compiled).
+        out[out_off + r ldo + j] = clamp(s_r (c_rj + sum_q A[r, q] b[b_off + rows[q] + j]), lo, hi)
+        A[r, q] = a[a_off + q a_step + r a_row]
+
+    for ``r < min(m, MR)``, ``j < min(n, NR)`` (the other rows and lanes are computed, not stored; rows ``r >= m``
+    read the ``a``, ``bias`` and ``scales`` of row ``m - 1``, never past it; ``m >= 1``), where the start ``c_rj``
+    is ``bias[bias_off + r bias_step]`` (one per row), or with ``lane_bias`` the vector ``bias[bias_off +
+    r bias_step + j]`` (lanes past ``n`` not read), and ``s_r`` is ``scales[r]`` with ``row_scale``, else 1.
+    ``a``, ``b``, ``bias``, ``scales`` and ``out`` are 1-D float32, ``rows`` int64 ``[>= k]``: where each row of the
+    panel starts (``b`` rows are read whole, ``NR`` values each). Each k loads ``VECTORS`` vectors of ``b`` and
+    broadcasts ``MR`` values of ``a`` (memory operands of the multiply-adds once compiled).
     """
-    if not (all(is_array(t, types.float32, 1) for t in (a, b, bias, out)) and is_array(rows, types.int64, 1)):
-        return None
 
-    def codegen(context, builder, signature, args):
-        a, a_off, a_step, a_row, b, b_off, rows, k, bias, o0, out, out_off, ldo, m, n, lo, hi = args
-        tys = signature.args
-        a_ptr = builder.gep(array_ptr(context, builder, tys[0], a, F32), [a_off])
-        b_ptr = builder.gep(array_ptr(context, builder, tys[4], b, F32), [b_off])
-        bias_ptr = builder.gep(array_ptr(context, builder, tys[8], bias, F32), [o0])
-        out_ptr = builder.gep(array_ptr(context, builder, tys[10], out, F32), [out_off])
-        rows_ptr = array_ptr(context, builder, tys[6], rows, I64)
-        fma = declare(builder, "llvm.fmuladd.v16f32", ir.FunctionType(V16F32, [V16F32] * 3))
-        last = builder.sub(m, ir.Constant(I64, 1))
-        a_rows = [builder.gep(a_ptr, [builder.mul(builder.select(
-            builder.icmp_signed("<", ir.Constant(I64, r), m), ir.Constant(I64, r), last), a_row)]) for r in range(MR)]
-        init = [splat(builder, builder.load(builder.gep(bias_ptr, [ir.Constant(I64, r)])), V16F32)
-                for r in range(MR) for _ in range(VECTORS)]
+    @intrinsic
+    def tile(typingctx, a, a_off, a_step, a_row, b, b_off, rows, k, bias, bias_off, bias_step, scales, out, out_off,
+             ldo, m, n, lo, hi):
+        if not (all(is_array(t, types.float32, 1) for t in (a, b, bias, scales, out))
+                and is_array(rows, types.int64, 1)):
+            return None
 
-        def step(q, accs):
-            row = builder.gep(b_ptr, [builder.load(builder.gep(rows_ptr, [q]))])
-            panel = [builder.load(_vector_at(builder, row, LANES * j), align=4) for j in range(VECTORS)]
-            at = builder.mul(q, a_step)
-            new = []
+        def codegen(context, builder, signature, args):
+            (a, a_off, a_step, a_row, b, b_off, rows, k, bias, bias_off, bias_step, scales, out, out_off, ldo, m, n,
+             lo, hi) = args
+            tys = signature.args
+
+            def base(index: int, array: ir.Value, offset: ir.Value | int = 0) -> ir.Value:
+                offset = ir.Constant(I64, offset) if isinstance(offset, int) else offset
+                return builder.gep(array_ptr(context, builder, tys[index], array, F32), [offset])
+
+            a_ptr, b_ptr, bias_ptr, out_ptr = base(0, a, a_off), base(4, b, b_off), base(8, bias, bias_off), base(
+                12, out, out_off)
+            scales_ptr = base(11, scales)
+            rows_ptr = array_ptr(context, builder, tys[6], rows, I64)
+            fma = declare(builder, "llvm.fmuladd.v16f32", ir.FunctionType(V16F32, [V16F32] * 3))
+            last = builder.sub(m, ir.Constant(I64, 1))
+            clamped = [builder.select(builder.icmp_signed("<", ir.Constant(I64, r), m), ir.Constant(I64, r), last)
+                       for r in range(MR)]
+            a_rows = [builder.gep(a_ptr, [builder.mul(r, a_row)]) for r in clamped]
+            bias_rows = [builder.gep(bias_ptr, [builder.mul(r, bias_step)]) for r in clamped]
+            masks = [_lane_mask(builder, n, LANES * j) for j in range(VECTORS)]
+            if lane_bias:
+                load = masked(builder, "load", V16F32)
+                init = [builder.call(load, [_vector_at(builder, row, LANES * j), ir.Constant(I32, 4), masks[j],
+                                            ir.Constant(V16F32, None)]) for row in bias_rows for j in range(VECTORS)]
+            else:
+                init = [splat(builder, builder.load(row), V16F32) for row in bias_rows for _ in range(VECTORS)]
+
+            def step(q, accs):
+                row = builder.gep(b_ptr, [builder.load(builder.gep(rows_ptr, [q]))])
+                panel = [builder.load(_vector_at(builder, row, LANES * j), align=4) for j in range(VECTORS)]
+                at = builder.mul(q, a_step)
+                new = []
+                for r in range(MR):
+                    w = splat(builder, builder.load(builder.gep(a_rows[r], [at])), V16F32)
+                    new += [builder.call(fma, [w, panel[j], accs[r * VECTORS + j]]) for j in range(VECTORS)]
+                return new
+
+            sums = emit_loop(builder, k, V16F32, MR * VECTORS, step, init)
+            low, high = splat(builder, _f32(builder, lo), V16F32), splat(builder, _f32(builder, hi), V16F32)
+            store = masked(builder, "store", V16F32)
             for r in range(MR):
-                w = splat(builder, builder.load(builder.gep(a_rows[r], [at])), V16F32)
-                new += [builder.call(fma, [w, panel[j], accs[r * VECTORS + j]]) for j in range(VECTORS)]
-            return new
+                with builder.if_then(builder.icmp_signed("<", ir.Constant(I64, r), m)):
+                    row = builder.gep(out_ptr, [builder.mul(ir.Constant(I64, r), ldo)])
+                    factor = splat(builder, builder.load(builder.gep(scales_ptr, [clamped[r]])), V16F32) \
+                        if row_scale else None
+                    for j in range(VECTORS):
+                        y = sums[r * VECTORS + j]
+                        if factor is not None:
+                            y = builder.fmul(y, factor)
+                        # selects, not min / max: a NaN sum stays NaN
+                        y = builder.select(builder.fcmp_ordered("<", y, low), low, y)
+                        y = builder.select(builder.fcmp_ordered(">", y, high), high, y)
+                        builder.call(store, [y, _vector_at(builder, row, LANES * j), ir.Constant(I32, 4), masks[j]])
+            return context.get_dummy_value()
 
-        sums = emit_loop(builder, k, V16F32, MR * VECTORS, step, init)
-        low, high = splat(builder, _f32(builder, lo), V16F32), splat(builder, _f32(builder, hi), V16F32)
-        store = masked(builder, "store", V16F32)
-        masks = [_lane_mask(builder, n, LANES * j) for j in range(VECTORS)]
-        for r in range(MR):
-            with builder.if_then(builder.icmp_signed("<", ir.Constant(I64, r), m)):
-                row = builder.gep(out_ptr, [builder.mul(ir.Constant(I64, r), ldo)])
-                for j in range(VECTORS):
-                    y = sums[r * VECTORS + j]
-                    # selects, not min / max: a NaN sum stays NaN
-                    y = builder.select(builder.fcmp_ordered("<", y, low), low, y)
-                    y = builder.select(builder.fcmp_ordered(">", y, high), high, y)
-                    builder.call(store, [y, _vector_at(builder, row, LANES * j), ir.Constant(I32, 4), masks[j]])
-        return context.get_dummy_value()
+        return (types.void(a, a_off, a_step, a_row, b, b_off, rows, k, bias, bias_off, bias_step, scales, out, out_off,
+                           ldo, m, n, lo, hi), codegen)
 
-    return (types.void(a, a_off, a_step, a_row, b, b_off, rows, k, bias, o0, out, out_off, ldo, m, n, lo, hi),
-            codegen)
+    return tile
+
+
+_row_bias_tile = register_tile()
 
 
 @kernel(inline="always")
 def _tile(a, a_off, b, b_off, rows, k, bias, o0, out, out_off, ldo, m, n, lo, hi):
-    """:func:`strided_tile` on weights packed ``MR`` per k: ``a[a_off + q MR + r]``."""
-    strided_tile(a, a_off, MR, 1, b, b_off, rows, k, bias, o0, out, out_off, ldo, m, n, lo, hi)
+    """:func:`register_tile` on weights packed ``MR`` per k (``a[a_off + q MR + r]``), a bias per output channel."""
+    _row_bias_tile(a, a_off, MR, 1, b, b_off, rows, k, bias, o0, 1, bias, out, out_off, ldo, m, n, lo, hi)
 
 
 def _emit_copy(builder, d_ptr: ir.Value, s_ptr: ir.Value, n: ir.Value, stride: int, vectors: int) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 from kernels import _validate, dispatch, threads
 from kernels._jit import machine_entry
 from kernels.entry import Entry, In, Out
-from kernels.gemm.grouped_driver import DRIVERS, PRODUCTS, quantize_activations
+from kernels.gemm.grouped_driver import DRIVERS, PRODUCTS, TEAMS, quantize_activations
 from kernels.gemm.grouped_microkernels import kind_name
 from kernels.pack.grouped import PackedGrouped
 
@@ -45,10 +45,12 @@ class GroupedPlan:
         self._call_args = (packed.group_size, *self._no_scratch, *self._weights)  # all but x and out, read once
 
     def entry(self) -> Entry:
-        """``plan(x, out)`` as one unchecked call on one thread (``x [m, K]`` float32 and ``out [m, N]`` float32,
-        C-contiguous, checked by the caller; non-finite ``x`` raises ValueError); binds its own scratch."""
+        """``plan(x, out)`` as one unchecked team entry (:mod:`kernels.entry`; ``x [..., K]`` of ``m`` rows and
+        ``out [..., N]`` float32, C-contiguous, checked by the caller; non-finite ``x`` raises ValueError); binds
+        its own scratch."""
         packed, m = self.packed, self.m
-        return Entry(self._fn, (In(0), packed.group_size, *_scratch(packed, m), *self._weights, Out(0)))
+        return Entry(TEAMS[self.kind], (In(0), packed.group_size, *_scratch(packed, m), *self._weights, Out(0)),
+                     team=True)
 
     def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """The product for ``x [m, K]`` float32 (C-contiguous, finite); ``out [m, N]`` float32 optional."""

@@ -1,4 +1,5 @@
-"""Preparers of the float ops (ONNX semantics), in NumPy: BLAS for the matrix products, ``out=`` ufuncs elsewhere.
+"""Preparers of the float ops (ONNX semantics), in NumPy: BLAS for the matrix products (float32 ones with a constant
+2-D weight on ``kernels.linear_float32_plan``), ``out=`` ufuncs elsewhere.
 
 Everything that depends only on parameters and shapes is done at prepare time:
 convolution weights reshaped to matrices, Gemm's ``alpha`` / ``transB`` / ``beta``
@@ -487,6 +488,13 @@ def _matmul_kernel(node: Node, inputs: list[Spec], dtype: np.dtype, constants: d
         perms, alpha = (perms[0], None), 1.0
     if w is not None and w.ndim == 2 and len(shapes[0]) >= 2 and not perms[0] and 0 not in constants:
         rows, k = _product(shapes[0][:-1]), shapes[0][-1]
+        if dtype == F32 and min(w.shape) > 0:
+            plan = kernels.linear_float32_plan(w)
+
+            def run_plan(ins, outs):
+                plan(ins[0], out=outs[0])
+
+            return Kernel(run_plan, [(shape, dtype)], ops=ops, note="kernels.linear_float32", entry=plan.entry())
 
         def run_rows(ins, outs):
             np.matmul(ins[0].reshape(rows, k), w, out=outs[0].reshape(rows, w.shape[1]))
@@ -893,7 +901,10 @@ def prepare_unary(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
             x, bias = operands(ins)
             activations.bias_gelu_split(np.ascontiguousarray(x), np.ascontiguousarray(bias, F32), outs[0])
 
-        return Kernel(run_bias_gelu, outputs, ops=2 * ops, note="kernels.activations.bias_gelu")
+        bias = constants.get(1)  # a constant bias: an entry split by rows, chained like the other activations
+        chained = (Entry(activations.bias_gelu, (In(0), bias, Out(0))).split(ops // bias.size, 0, 2)
+                   if bias is not None and ops > 0 else None)
+        return Kernel(run_bias_gelu, outputs, ops=2 * ops, note="kernels.activations.bias_gelu", entry=chained)
     biased = np.empty(shape, dtype)
 
     def run_biased(ins, outs):
@@ -1146,7 +1157,7 @@ def prepare_attention(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
     def run(ins, outs):
         plan(ins[0], ins[2], ins[4], ins[6], out=outs[0].reshape(plan.out_shape))
 
-    return Kernel(run, [((b, sq, h, dv), F32)], ops=2 * plan.flops, note="kernels.attention",
+    return Kernel(run, [((b, sq, h, dv), F32)], ops=2 * plan.macs, note="kernels.attention",
                   entry=plan.entry().reading(0, 2, 4, 6))
 
 

@@ -464,13 +464,16 @@ def prepare_matmul_nbits(node: Node, graph: Graph, inputs: Inputs) -> Kernel:
     if not (level == 4 and bits == 4 and zero.dtype == np.uint8 and block in (32, 64, 128, 256)):
         return float_kernel
     packed = kernels.pack_int4_codes(*(np.ascontiguousarray(v) for v in (codes, scales, zero)), group_size=block)
+    plan = kernels.gemm_int4_plan(packed, math.prod(a[0][:-1]))
 
     def run(ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
-        kernels.gemm_int4(ins[0].reshape(-1, k), packed, out=outs[0].reshape(-1, n))
+        plan(ins[0].reshape(-1, k), out=outs[0].reshape(-1, n))
         if has_bias:
             outs[0] += ins[5].reshape(-1)
 
-    return Kernel(run, [out], ops, "int4", f"gemm_int4 g{block}", fallback=float_kernel)
+    # without a bias, one team entry: compiled chains run the product, shared out by their threads
+    return Kernel(run, [out], ops, "int4", f"gemm_int4 g{block}", fallback=float_kernel,
+                  entry=None if has_bias else plan.entry())
 
 
 # ----------------------------------------------------------------------------- convolution

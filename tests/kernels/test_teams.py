@@ -153,3 +153,27 @@ def _rows_of(a: np.ndarray, rows: int, lo: int, hi: int) -> np.ndarray:
     """Rows ``[lo, hi)`` of ``a`` viewed as ``[rows, -1]``, flat for a one-axis ``a``."""
     part = a.reshape(rows, a.size // rows)[lo:hi]
     return part.reshape(-1) if a.ndim == 1 else part
+
+
+
+grouped_level = level_fixture("gemm_int4", "gemm_ternary", "gemm_codebook")
+GROUPED = {  # format -> (pack w [N, K] float32, plan of m rows)
+    "int4": (lambda w: kernels.pack_int4(w, group_size=32), kernels.gemm_int4_plan),
+    "ternary": (lambda w: kernels.pack_ternary(w, group_size=64), kernels.gemm_ternary_plan),
+    "codebook": (lambda w: kernels.pack_codebook_weights(w, np.linspace(-1, 1, 16), group_size=32),
+                 kernels.gemm_codebook_plan),
+}
+
+
+@pytest.mark.parametrize("fmt", GROUPED)
+@pytest.mark.parametrize("m, k, n", [(1, 64, 7), (7, 96, 65), (63, 128, 130), (65, 64, 256)])
+def test_grouped_team_entry_matches_the_plan(rng, grouped_level, fmt, m, k, n):
+    pack, plan_of = GROUPED[fmt]
+    plan = plan_of(pack(rng.standard_normal((n, k)).astype(np.float32)), m)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    want, entry = plan(x), plan.entry()
+    assert entry.team
+    for nth in TEAMS:
+        out = np.full((1, m, n), np.nan, np.float32)  # any C-contiguous [..., N] of m rows
+        _as_team(entry, [x.reshape(1, m, k)], [out], nth)
+        np.testing.assert_array_equal(out[0], want)
