@@ -843,10 +843,69 @@ def _attention(node: Node, inputs: list, opset: int) -> list[np.ndarray]:
     (q, q_shape, k, k_shape, v, v_shape, mask), scale = inputs, attr(node, "scale", 1.0)
     qh, kt, vh = (_reshape(node, [x, shape], opset)[0].transpose(perm) for x, shape, perm in
                   ((q, q_shape, (0, 2, 1, 3)), (k, k_shape, (0, 2, 3, 1)), (v, v_shape, (0, 2, 1, 3))))
-    scores = np.matmul(qh, kt) * np.asarray(scale, q.dtype) + mask
+    return [np.ascontiguousarray(_attend(qh, kt, vh, scale, mask).transpose(0, 2, 1, 3))]
+
+
+def _attend(qh: np.ndarray, kt: np.ndarray, vh: np.ndarray, scale: float, mask: np.ndarray) -> np.ndarray:
+    """``softmax(scale qh kt + mask) vh`` over the last axis, in the inputs' float type (batched matmuls)."""
+    scores = np.matmul(qh, kt) * np.asarray(scale, qh.dtype) + mask
     scores = np.exp(scores - np.max(scores, axis=-1, keepdims=True))
     scores /= np.sum(scores, axis=-1, keepdims=True)
-    return [np.ascontiguousarray(np.matmul(scores, vh).transpose(0, 2, 1, 3))]
+    return np.matmul(scores, vh)
+
+
+def multi_head_attention_parts(node: Node, shapes: list[tuple[int, ...] | None]) -> tuple[int, float]:
+    """``(heads, scale)`` of a com.microsoft.MultiHeadAttention whose input shapes are ``shapes`` (None: absent),
+    after checking that it is a case lowbit runs: query, key and value ``[B, S, H D]``, ``[B, L, H D]``,
+    ``[B, L, H Dv]``; optional bias ``[2 H D + H Dv]``, key_padding_mask ``[B, L]`` and attention_bias
+    ``[B or 1, H or 1, S, L]``; no past key / value, not unidirectional, one output."""
+    shapes = [None if x is None else tuple(x) for x in (list(shapes) + [None] * 8)[:8]]
+    heads = int(attr(node, "num_heads", 0))
+    q, k, v, bias, padding, _, past_key, past_value = shapes
+    if heads < 1:
+        raise _fail(node, f"num_heads must be >= 1, got {heads}")
+    if q is None or k is None or v is None or len(q) != 3 or len(k) != 3 or len(v) != 3:
+        raise _fail(node, "lowbit runs MultiHeadAttention on separate 3-D query, key and value [B, S, hidden] only "
+                          f"(packed or per-head layouts are not supported), got {q}, {k}, {v}")
+    if past_key is not None or past_value is not None or len(node.outputs) > 1 or attr(node, "unidirectional", 0):
+        raise _fail(node, "past key / value, present outputs and unidirectional (decoding with a cache) are not "
+                          "supported")
+    if q[0] != k[0] or k[:2] != v[:2] or q[2] != k[2] or q[2] % heads or v[2] % heads:
+        raise _fail(node, f"query {q}, key {k} and value {v} do not make {heads} heads")
+    if bias is not None and tuple(bias) != (2 * q[2] + v[2],):
+        raise _fail(node, f"bias must be [{2 * q[2] + v[2]}] (query, key and value biases), got {bias}")
+    if padding is not None and tuple(padding) != (k[0], k[1]):
+        raise _fail(node, f"key_padding_mask: lowbit takes the [batch, key length] = {[k[0], k[1]]} form only, "
+                          f"got {padding}")
+    return heads, float(attr(node, "scale", 0.0)) or 1.0 / math.sqrt(q[2] // heads)
+
+
+@evaluator("com.microsoft.MultiHeadAttention")
+def _multi_head_attention(node: Node, inputs: list, opset: int) -> list[np.ndarray]:
+    """ONNX Runtime's MultiHeadAttention in the cases :func:`multi_head_attention_parts` accepts:
+    ``softmax(scale (q + bq)(k + bk)' + padding + attention_bias) (v + bv)`` per head, where ``padding`` is
+    ``mask_filter_value`` (default -10000) at the keys whose key_padding_mask is 0."""
+    inputs = (list(inputs) + [None] * 8)[:8]
+    heads, scale = multi_head_attention_parts(node, [None if x is None else x.shape for x in inputs])
+    q, k, v, bias, padding, attention_bias = inputs[:6]
+    if bias is not None:
+        width = q.shape[2]
+        q, k, v = q + bias[:width], k + bias[width:2 * width], v + bias[2 * width:]
+    mask = np.zeros((), q.dtype) if attention_bias is None else attention_bias
+    if padding is not None:
+        filler = np.asarray(attr(node, "mask_filter_value", -10000.0), q.dtype)
+        mask = mask + np.where(padding == 0, filler, np.zeros((), q.dtype))[:, None, None, :]
+    (b, length, _), s = k.shape, q.shape[1]
+    qh, kt, vh = (x.reshape(b, n, heads, -1).transpose(perm) for x, n, perm in
+                  ((q, s, (0, 2, 1, 3)), (k, length, (0, 2, 3, 1)), (v, length, (0, 2, 1, 3))))
+    return [np.ascontiguousarray(_attend(qh, kt, vh, scale, mask).transpose(0, 2, 1, 3)).reshape(b, s, -1)]
+
+
+@evaluator("lowbit.Linear")
+def _linear(node: Node, inputs: list, opset: int) -> list[np.ndarray]:
+    """lowbit's MatMul with its bias (:mod:`lowbit.runtime.transformer_fusion`): ``x @ W + b``."""
+    x, w, b = inputs
+    return [np.matmul(x, w) + b]
 
 
 @evaluator("Softmax", "LogSoftmax", "Hardmax")

@@ -1161,6 +1161,49 @@ def prepare_attention(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
                   entry=plan.entry().reading(0, 2, 4, 6))
 
 
+@preparer("lowbit.Linear")
+def prepare_linear(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
+    """lowbit's MatMul with its bias (:mod:`lowbit.runtime.transformer_fusion`): ``x @ W + b`` for float32
+    ``x [..., K]`` and constant ``W [K, N]``, ``b [N]`` on ``kernels.linear_float32_plan`` (one team entry, the bias
+    in the sums); other cases the evaluator."""
+    (shape, dtype), w, b = inputs[0], param(node, graph, 1, required=False), param(node, graph, 2, required=False)
+    if (np.dtype(dtype) != F32 or w is None or b is None or w.dtype != F32 or b.dtype != F32 or w.ndim != 2
+            or not shape or shape[-1] != w.shape[0] or b.shape != (w.shape[1],) or min(w.shape) == 0):
+        return _evaluated(node, graph, inputs, "not float32 [..., K] @ constant [K, N] + [N]")
+    plan = kernels.linear_float32_plan(np.ascontiguousarray(w), np.ascontiguousarray(b))
+    out = (*shape[:-1], w.shape[1])
+
+    def run(ins, outs):
+        plan(ins[0], out=outs[0])
+
+    return Kernel(run, [(out, F32)], ops=2 * _product(out) * w.shape[0], note="kernels.linear_float32",
+                  entry=plan.entry())
+
+
+@preparer("com.microsoft.MultiHeadAttention")
+def prepare_multi_head_attention(node: Node, graph: Graph, inputs: list[Spec]) -> Kernel:
+    """ONNX Runtime's MultiHeadAttention, in the cases :func:`lowbit.runtime.evaluators.multi_head_attention_parts`
+    accepts (separate 3-D query, key and value; no cache): float32 query, key, value and attention_bias without a
+    bias input or key_padding_mask run ``kernels.attention`` (one team entry), the rest the evaluator."""
+    from lowbit.runtime.evaluators import multi_head_attention_parts  # imported here: evaluators import this module
+
+    specs = (list(inputs) + [None] * 8)[:8]
+    heads, scale = multi_head_attention_parts(node, [None if spec is None else spec[0] for spec in specs])
+    present = [i for i, spec in enumerate(specs) if spec is not None]
+    if 3 in present or 4 in present or any(np.dtype(specs[i][1]) != F32 for i in present):
+        return _evaluated(node, graph, inputs, "a bias input, a key padding mask or not float32")
+    (q, _), (k, _), (v, _) = specs[:3]
+    masked = 5 in present
+    plan = kernels.attention_plan(q, k, v, heads=heads, scale=scale,
+                                  mask_shape=tuple(specs[5][0]) if masked else None)
+
+    def run(ins, outs):
+        plan(ins[0], ins[1], ins[2], ins[5] if masked else None, out=outs[0])
+
+    entry = plan.entry().reading(0, 1, 2, 5) if masked else plan.entry()
+    return Kernel(run, [(plan.out_shape, F32)], ops=2 * plan.macs, note="kernels.attention", entry=entry)
+
+
 # ---- pooling -------------------------------------------------------------------------------------------------------
 
 def _pool_window(node: Node, shape: Shape) -> tuple[tuple[int, ...], Window]:

@@ -19,7 +19,9 @@ heads split from the projections and merged again::
     y = Transpose(MatMul(MaskedSoftmax(MatMul(qh, kt), mask), vh), [0, 2, 1, 3])
 
 the eleven nodes become ``lowbit.Attention(q, q_shape, k, k_shape, v, v_shape, mask, scale=...) -> y``
-(``kernels.attention``: no transposed copies, no score tensor, a team of threads over batch and heads). The
+(``kernels.attention``: no transposed copies, no score tensor, a team of threads over batch and heads). Last, a
+float32 MatMul by a constant ``W [K, N]`` whose only reader adds a constant vector ``b [N]`` becomes
+``lowbit.Linear(x, W, b)`` (``kernels.linear_float32_plan``: the bias starts the sums). The
 scalars must match to float32 precision, every tensor inside a pattern must have no other reader and not be a
 graph output. The pass is pure (a new graph) and linear in the number of nodes.
 """
@@ -186,7 +188,28 @@ def fuse_transformer_ops(graph: Graph) -> Graph:
     if replaced:
         out.nodes = [n for n in (replaced.get(id(n), n) for n in out.nodes) if n is not None]
         out.opset.setdefault("com.microsoft", 1)
-    return _fuse_attention(out)
+    return _fuse_linear_bias(_fuse_attention(out))
+
+
+def _fuse_linear_bias(graph: Graph) -> Graph:
+    """``graph`` (a copy of its own) with each ``Add(MatMul(x, W), b)`` of constant float32 ``W [K, N]`` and
+    ``b [N]`` (the MatMul's output read by the Add alone) as one ``lowbit.Linear(x, W, b)``."""
+    index = graph.index()
+    replaced: dict[int, Node | None] = {}
+    for node in graph.nodes:
+        w = graph.params.get(node.inputs[1]) if node.op == "MatMul" and len(node.inputs) == 2 else None
+        if w is None or w.ndim != 2 or w.dtype != np.float32 or node.inputs[0] in graph.params:
+            continue
+        add = _private(graph, index, node.outputs[0])
+        found = _bias(graph, add) if add is not None else None
+        if found is None or found[0] != node.outputs[0] or graph.params[found[1]].shape != (w.shape[1],):
+            continue
+        replaced[id(node)] = None
+        replaced[id(add)] = Node("lowbit.Linear", [node.inputs[0], node.inputs[1], found[1]], list(add.outputs), {},
+                                 f"{node.name}_linear")
+    if replaced:
+        graph.nodes = [n for n in (replaced.get(id(n), n) for n in graph.nodes) if n is not None]
+    return graph
 
 
 def _fuse_attention(graph: Graph) -> Graph:

@@ -143,3 +143,21 @@ def test_attention_block_with_an_inner_output_keeps_its_nodes():
     fused = fuse_transformer_ops(_attention_graph(shapes, targets, ["y", "p"]))
     assert "lowbit.Attention" not in [n.op for n in fused.nodes]
     assert "lowbit.MaskedSoftmax" in [n.op for n in fused.nodes]
+
+
+def test_matmul_and_its_bias_fuse_into_a_linear(rng):
+    params = {"w": rng.standard_normal((8, 5)).astype(np.float32), "b": rng.standard_normal(5).astype(np.float32),
+              "b2": rng.standard_normal((3, 5)).astype(np.float32)}
+    nodes = [Node("MatMul", ["x", "w"], ["t"]), Node("Add", ["b", "t"], ["y"]),
+             Node("MatMul", ["x", "w"], ["t2"]), Node("Add", ["t2", "b2"], ["y2"])]  # a bias of three rows stays
+    graph = _graph(nodes, {"x": (2, 3, 8)}, ["y", "y2"], params)
+    fused = fuse_transformer_ops(graph)
+    assert [(n.op, n.inputs) for n in fused.nodes] == [("lowbit.Linear", ["x", "w", "b"]), ("MatMul", ["x", "w"]),
+                                                       ("Add", ["t2", "b2"])]
+    feeds = {"x": rng.standard_normal((2, 3, 8)).astype(np.float32)}
+    _same_outputs(graph, fused, feeds)
+    rows = Session(fused, optimize=False).profile(feeds, repeat=1).rows
+    assert rows[0].note == "kernels.linear_float32"
+    as_float64 = graph.copy()
+    as_float64.params = {n: v.astype(np.float64) for n, v in params.items()}
+    assert fuse_transformer_ops(as_float64).nodes[0].op == "MatMul"  # float32 weights only
