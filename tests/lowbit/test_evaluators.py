@@ -338,10 +338,48 @@ def test_matches_onnx_reference(op, inputs, attrs, opset, outputs, atol):
 
 
 def test_every_op_is_compared():
-    compared = {p.values[0] for p in CASES + RESIZE_CASES}
+    compared = {p.values[0] for p in CASES + RESIZE_CASES} | set(LOWBIT_OPS)
     compared |= {f"com.microsoft.{p.values[0]}" if p.values[0] in COM_MICROSOFT else p.values[0] for p in ORT_CASES}
     assert set(EVALUATORS) - compared == {"com.microsoft.SimplifiedLayerNormalization"}  # below
     assert compared <= set(EVALUATORS)
+
+
+def _onnx_ops(steps: list[tuple[str, list, dict]], opset: int = 17) -> np.ndarray:
+    """The output of ONNX ops run one after another: each step's inputs are arrays or "y" (the previous output)."""
+    y = None
+    for op, inputs, attrs in steps:
+        xs = [y if isinstance(x, str) else x for x in inputs]
+        y = evaluate(Node(op, [f"x{i}" for i in range(len(xs))], ["y"], attrs, op), xs, opset)[0]
+    return y
+
+
+def _linear_steps(x, w, b):
+    return [("MatMul", [x, w], {}), ("Add", ["y", b], {})]
+
+
+def _attention_steps(q, k, v, mask):
+    heads = i64(2, 5, 3, 4)
+    parts = [_onnx_ops([("Reshape", [x, heads], {}), ("Transpose", ["y"], {"perm": perm})])
+             for x, perm in ((q, [0, 2, 1, 3]), (k, [0, 2, 3, 1]), (v, [0, 2, 1, 3]))]
+    return [("MatMul", parts[:2], {}), ("Mul", ["y", np.array(0.5, F32)], {}), ("Add", ["y", mask], {}),
+            ("Softmax", ["y"], {"axis": -1}), ("MatMul", ["y", parts[2]], {}),
+            ("Transpose", ["y"], {"perm": [0, 2, 1, 3]})]
+
+
+#: lowbit's own ops (from its fusions), compared with the ONNX ops they stand for
+LOWBIT_OPS = {
+    "lowbit.Linear": ([f32(2, 3, 8), f32(8, 5), f32(5)], {}, _linear_steps),
+    "lowbit.Attention": ([f32(2, 5, 12), i64(2, 5, 3, 4), f32(2, 5, 12), i64(0, 0, 3, 4), f32(2, 5, 12),
+                          i64(2, -1, 3, 4), f32(2, 1, 1, 5)], {"scale": 0.5},
+                         lambda q, qs, k, ks, v, vs, mask: _attention_steps(q, k, v, mask)),
+}
+
+
+@pytest.mark.parametrize("op", LOWBIT_OPS)
+def test_lowbit_ops_are_the_onnx_ops_they_stand_for(op):
+    inputs, attrs, steps = LOWBIT_OPS[op]
+    got = evaluate(Node(op, [f"x{i}" for i in range(len(inputs))], ["y"], attrs, "n"), inputs, 1)[0]
+    np.testing.assert_allclose(got, _onnx_ops(steps(*inputs)), rtol=1e-6, atol=1e-6)
 
 
 def test_simplified_layer_norm_reads_under_com_microsoft_too():
@@ -355,7 +393,8 @@ def test_simplified_layer_norm_reads_under_com_microsoft_too():
 # ---- com.microsoft ops, and ONNX semantics the reference runner does not follow, against onnxruntime -----------------
 
 COM_MICROSOFT = ("Gelu", "FastGelu", "BiasGelu", "QuickGelu", "SkipLayerNormalization",
-                 "SkipSimplifiedLayerNormalization", "FusedMatMul")
+                 "SkipSimplifiedLayerNormalization", "FusedMatMul", "MultiHeadAttention")
+KEY_PADDING = np.array([[1, 1, 0, 1, 1, 1, 0], [1, 0, 1, 1, 1, 1, 1]], np.int32)
 X, SKIP, GAMMA, BETA, BIAS = f32(2, 3, 8), f32(2, 3, 8), f32(8), f32(8), f32(8)
 ORT_CASES = [
     case("Gelu", [f32(3, 40, low=-5, high=5)], atol=1e-6),
@@ -371,6 +410,9 @@ ORT_CASES = [
     case("FusedMatMul", [f32(2, 3, 4, 5), f32(3, 4, 5, 6)], {"transBatchA": 1}, id="FusedMatMul-batchA"),
     case("FusedMatMul", [f32(2, 3, 5, 4), f32(2, 3, 5, 6)], {"transBatchA": 1, "transA": 1, "transBatchB": 1},
          id="FusedMatMul-batch-both"),
+    case("MultiHeadAttention", [f32(2, 5, 12), f32(2, 7, 12), f32(2, 7, 6)], {"num_heads": 3}, atol=1e-6),
+    case("MultiHeadAttention", [f32(2, 5, 12), f32(2, 7, 12), f32(2, 7, 6), f32(30), KEY_PADDING, f32(2, 1, 5, 7)],
+         {"num_heads": 3, "scale": 0.3, "mask_filter_value": -1000.0}, atol=1e-6, id="MultiHeadAttention-all"),
     # ONNX Runtime's own op, in the default domain
     case("SimplifiedLayerNormalization", [X, GAMMA], outputs=2, atol=1e-5),
     case("SimplifiedLayerNormalization", [X, f32(3, 8)], {"axis": 1, "epsilon": 1e-3}, outputs=2, atol=1e-5,

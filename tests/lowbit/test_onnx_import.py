@@ -67,7 +67,14 @@ def test_session_api_matches_onnxruntime(rng):
         got = session.run(["y"], {"x": x})
         np.testing.assert_allclose(got[0], _reference(model, {"x": x})[0], rtol=1e-5, atol=1e-6)
     assert session.run([], {"x": x})[0].shape == (8, 4)  # [] and None: all outputs
-    assert session.run(["xw"], {"x": x})[0].shape == (8, 4)  # an intermediate tensor by name
+    assert session.run(["h"], {"x": x})[0].shape == (8, 4)  # an intermediate tensor by name
+    with pytest.raises(ValueError, match=r"\['xw'\] were fused .*ORT_DISABLE_ALL"):  # into lowbit.Linear
+        session.run(["xw"], {"x": x})
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    unfused = ort.InferenceSession(model.SerializeToString(), options)
+    np.testing.assert_allclose(unfused.run(["xw"], {"x": x})[0], x @ numpy_helper.to_array(model.graph.initializer[0]),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_session_options(rng, tmp_path):
