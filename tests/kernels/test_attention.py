@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import kernels
 from kernels.attention import CHUNK, ROWS
@@ -53,6 +55,21 @@ def test_attention_matches_oracle(rng, b, sq, sk, heads, d, dv, mask_kind):
     want, s_max = _attention_ref(q, k, v, mask, heads, scale)
     got = kernels.attention(q, k, v, mask, heads=heads)
     assert got.shape == (b, sq, heads * dv) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=0, atol=_bound(k, v, heads, s_max))
+
+
+@settings(max_examples=40, deadline=None)
+@given(b=st.integers(1, 3), sq=st.integers(1, 80), sk=st.integers(1, 80), heads=st.integers(1, 4),
+       d=st.integers(1, 40), dv=st.sampled_from([1, 5, 32, 33, 64]), mask_axes=st.sampled_from(["", "b", "bq", "bhq"]),
+       scale=st.floats(0.01, 2.0), seed=st.integers(0, 2**32 - 1))
+def test_attention_of_any_shape_is_within_its_bound(b, sq, sk, heads, d, dv, mask_axes, scale, seed):
+    """Random shapes, masks broadcast over any of batch / heads / queries, any scale: within the stated bound."""
+    rng = np.random.default_rng(seed)
+    q, k, v = _inputs(rng, b, sq, sk, heads, d, dv)
+    shape = (b if "b" in mask_axes else 1, heads if "h" in mask_axes else 1, sq if "q" in mask_axes else 1, sk)
+    mask = None if not mask_axes else (rng.standard_normal(shape) * 4).astype(np.float32)
+    want, s_max = _attention_ref(q, k, v, mask, heads, scale)
+    got = kernels.attention(q, k, v, mask, heads=heads, scale=scale)
     np.testing.assert_allclose(got, want, rtol=0, atol=_bound(k, v, heads, s_max))
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import kernels
 from tests.kernels.test_teams import TEAMS, _as_team
@@ -13,17 +15,29 @@ from tests.kernels.test_teams import TEAMS, _as_team
 SHAPES = [(1, 1, 1), (7, 5, 3), (63, 64, 33), (65, 130, 32), (9, 384, 95), (130, 7, 65)]  # (M, K, N)
 
 
-@pytest.mark.parametrize("m, k, n", SHAPES)
-@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
-def test_linear_float32_matches_oracle(rng, m, k, n, with_bias):
+def _check(rng, m, k, n, with_bias):
     x = rng.standard_normal((2, m, k)).astype(np.float32)
     w = rng.standard_normal((k, n)).astype(np.float32)
     bias = rng.standard_normal(n).astype(np.float32) if with_bias else None
     got = kernels.linear_float32_plan(w, bias)(x)
     want = x.astype(np.float64) @ w + (0.0 if bias is None else bias)
-    bound = (k + 1) * 2.0 ** -24 * (np.abs(x.astype(np.float64)) @ np.abs(w)) + 2.0 ** -24 * np.abs(want)
+    magnitude = np.abs(x.astype(np.float64)) @ np.abs(w) + (0.0 if bias is None else np.abs(bias))
+    bound = (k + 1) * 2.0 ** -24 * magnitude
     assert got.shape == (2, m, n) and got.dtype == np.float32
     assert np.all(np.abs(got - want) <= bound)
+
+
+@pytest.mark.parametrize("m, k, n", SHAPES)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+def test_linear_float32_matches_oracle(rng, m, k, n, with_bias):
+    _check(rng, m, k, n, with_bias)
+
+
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(1, 70), k=st.integers(1, 300), n=st.integers(1, 140), with_bias=st.booleans(),
+       seed=st.integers(0, 2**32 - 1))
+def test_linear_float32_of_any_shape_is_within_its_bound(m, k, n, with_bias, seed):
+    _check(np.random.default_rng(seed), m, k, n, with_bias)
 
 
 @pytest.mark.parametrize("m, k, n", SHAPES)
