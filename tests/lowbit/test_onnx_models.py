@@ -333,8 +333,7 @@ def test_encoder_on_a_team_of_threads_matches_one_thread(tmp_path_factory, monke
         options = lowbit.onnx.SessionOptions()
         options.intra_op_num_threads = threads
         sessions[threads] = lowbit.onnx.InferenceSession(model.SerializeToString(), options)
-    feeds = _feeds("bert_opset17", seed=4)
-    for feed in (feeds[0], feeds[-1]):  # the smallest and the largest shapes: each compiles its chains
+    for feed in _feeds("bert_opset17", seed=4)[-1:]:  # the largest shape only: each shape compiles its chains
         want = sessions[1].run(None, feed)
         for threads in (2, 3):
             for got, expected in zip(sessions[threads].run(None, feed), want):
