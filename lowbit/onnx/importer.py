@@ -6,8 +6,8 @@ initializers and ``Constant`` nodes become ``params``, symbolic dimensions (``"b
 until a run binds them. Then the graph is rewritten once: Q/DQ patterns fused into integer ops
 (:func:`lowbit.runtime.qdq_fusion.fuse_qdq`), dynamic quantization chains fused into one op
 (:func:`lowbit.runtime.dynamic_fusion.fuse_dynamic_matmul`), constant subgraphs folded
-(:func:`lowbit.runtime.passes.fold_constants`), transformers' GELU and attention softmax patterns fused
-(:func:`lowbit.runtime.transformer_fusion.fuse_transformer_ops`). The graph stays NCHW as ONNX wrote it (a
+(:func:`lowbit.runtime.passes.fold_constants`), transformers' GELU, attention blocks and float MatMuls with their
+bias fused (:func:`lowbit.runtime.transformer_fusion.fuse_transformer_ops`). The graph stays NCHW as ONNX wrote it (a
 :class:`lowbit.Session` moves convolution chains channels-last when it runs it). A model lowbit cannot run fails
 here, with every unsupported op listed, never halfway through a run.
 
@@ -342,7 +342,7 @@ def import_model(model: Any, *, optimize: bool = True, per_token: bool = False) 
     proto, folder = read_model(model)
     imported = _convert(proto, folder)
     imported.tensors = frozenset(t for node in imported.graph.nodes for t in node.outputs)
-    if optimize:  # fused patterns (Q/DQ, dynamic products, GELU, attention's softmax) and folded constants
+    if optimize:  # fused patterns (Q/DQ, dynamic products, GELU, attention, biased MatMuls), folded constants
         imported.graph = fuse_transformer_ops(fold_constants(fuse_dynamic_matmul(fuse_qdq(imported.graph),
                                                                                   per_token=per_token)))
     _check_supported(imported.graph, {})
