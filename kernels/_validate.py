@@ -32,6 +32,15 @@ def array(name: str, x: object, dtypes: Iterable[type | np.dtype], ndim: int) ->
     return x
 
 
+def float32_input(name: str, x: object, shape: tuple[int, ...]) -> np.ndarray:
+    """A prepared float32 input: ``x`` of exactly ``shape``, returned C-contiguous (a strided one copied once)."""
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32:
+        raise TypeError(f"{name}: expected a float32 numpy.ndarray, got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.shape != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)} (as prepared), got {x.shape}")
+    return np.ascontiguousarray(x)
+
+
 def out(x: object, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """Check a caller's ``out=`` array: exact shape and dtype, C-contiguous, writeable."""
     x = array("out", x, (dtype,), len(shape))

@@ -117,11 +117,11 @@ class LayerNormPlan:
         return entry.split(int(np.prod(self.shape[:-1], dtype=np.int64)), *cut)
 
     def __call__(self, x: np.ndarray, skip: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
-        x = _checked("x", x, self.shape)
+        x = _validate.float32_input("x", x, self.shape)
         if self.skip != (skip is not None):
             raise ValueError("skip: " + ("expected the residual input (prepared with skip=True)" if self.skip else
                                          "not expected (prepared with skip=False)"))
-        skip = _NONE if skip is None else _checked("skip", skip, self.shape)
+        skip = _NONE if skip is None else _validate.float32_input("skip", skip, self.shape)
         out = np.empty(self.shape, F32) if out is None else _validate.out(out, self.shape, F32)
         _layer_norm_all(x, skip, self.bias, self.gamma, self.beta, self.epsilon, not self.rms, _NONE, _NONE, _NONE,
                         out)
@@ -136,13 +136,6 @@ def _float32(name: str, value: object) -> np.ndarray:
     if value.ndim == 0:
         raise ValueError(f"{name}: expected at least one axis, got a 0-d array")
     return np.ascontiguousarray(value)
-
-
-def _checked(name: str, value: object, shape: tuple[int, ...]) -> np.ndarray:
-    value = _float32(name, value)
-    if value.shape != shape:
-        raise ValueError(f"{name}: expected shape {shape} (as prepared), got {value.shape}")
-    return value
 
 
 def layer_norm_plan(shape: tuple[int, ...], gamma: np.ndarray, beta: np.ndarray | None = None, *,

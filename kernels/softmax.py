@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels import threads
+from kernels import _validate, threads
 from kernels._jit import kernel
 from kernels.entry import Entry, In, Out
 from kernels.lanes import lane_exp_sum, lane_max
@@ -104,34 +104,18 @@ class SoftmaxPlan:
         return entry.split(rows, 0, 3, 4) if self.rows.size else entry.split(rows, 0, 4)
 
     def __call__(self, x: np.ndarray, mask: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
-        x = _checked("x", x, self.shape)
+        x = _validate.float32_input("x", x, self.shape)
         if (mask is None) != (self.mask_shape is None):
             raise ValueError("mask: " + ("not expected (prepared without one)" if mask is not None else
                                          f"expected a float32 mask of shape {self.mask_shape} (prepared with one)"))
-        mask = _NO_MASK if mask is None else _checked("mask", mask, self.mask_shape)
-        out = np.empty(self.shape, F32) if out is None else _checked_out(out, self.shape)
+        mask = _NO_MASK if mask is None else _validate.float32_input("mask", mask, self.mask_shape)
+        out = np.empty(self.shape, F32) if out is None else _validate.out(out, self.shape, F32)
         s = self.shape[-1]
         x2, out2, mask2 = x.reshape(-1, s), out.reshape(-1, s), mask.reshape(mask.size // s, s)
         threads.run_split(lambda r0, r1: _softmax_rows(x2[r0:r1], np.float32(self.scale), mask2,
                                                        self.rows[r0:r1] if self.rows.size else self.rows,
                                                        out2[r0:r1]), x2.shape[0], x.size * US_PER_VALUE)
         return out
-
-
-def _checked(name: str, value: object, shape: tuple[int, ...]) -> np.ndarray:
-    if not isinstance(value, np.ndarray) or value.dtype != F32:
-        raise TypeError(f"{name}: expected a float32 numpy.ndarray, got "
-                        f"{getattr(value, 'dtype', type(value).__name__)}")
-    if value.shape != shape:
-        raise ValueError(f"{name}: expected shape {shape}, got {value.shape}")
-    return np.ascontiguousarray(value)
-
-
-def _checked_out(out: object, shape: tuple[int, ...]) -> np.ndarray:
-    out = _checked("out", out, shape)
-    if not out.flags.writeable:
-        raise ValueError("out: the array is read-only")
-    return out
 
 
 def softmax_plan(shape: tuple[int, ...], *, scale: float = 1.0,

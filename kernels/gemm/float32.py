@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels import threads
+from kernels import _validate, threads
 from kernels._jit import kernel
 from kernels.conv.float32 import MR, NR, register_tile
 from kernels.entry import Entry, In, Out
@@ -94,12 +94,7 @@ class LinearFloat32Plan:
         shape = x.shape[:-1] + (self.n,)
         if out is None:
             out = np.empty(shape, F32)
-        elif not isinstance(out, np.ndarray) or out.dtype != F32 or out.shape != shape:
-            raise ValueError(f"out: expected a float32 array of shape {shape}, got "
-                             f"{getattr(out, 'dtype', type(out).__name__)} {getattr(out, 'shape', None)}")
-        elif not (out.flags.c_contiguous and out.flags.writeable):
-            raise ValueError("out: expected a writeable C-contiguous array")
-        elif np.may_share_memory(out, x):
+        elif np.may_share_memory(_validate.out(out, shape, F32), x):
             raise ValueError("out: must not overlap x")
         x = np.ascontiguousarray(x)
         if out.size == 0:

@@ -147,3 +147,9 @@ def test_attention_plan_checks_the_mask_it_was_made_for():
         out = np.zeros((2, 5, 8), np.float32)
         out.flags.writeable = False
         plan(Q, K, V, out=out)
+
+
+def test_attention_out_must_be_c_contiguous():
+    """A strided out would be written through a copy: refused, not silently left unwritten."""
+    with pytest.raises(ValueError, match="out: expected a C-contiguous array"):
+        kernels.attention(Q, K, V.copy(), heads=2, out=np.zeros((2, 8, 5), np.float32).transpose(0, 2, 1))

@@ -129,6 +129,8 @@ def test_softmax_entries_chain(rng, tmp_path, monkeypatch):
     (lambda x: kernels.softmax_plan(x.shape)(x, np.zeros(9, np.float32)), ValueError, "mask: not expected"),
     (lambda x: kernels.softmax_plan(x.shape, mask_shape=(9,))(x), ValueError, "mask: expected"),
     (lambda x: kernels.softmax(x, out=np.empty((4, 8), np.float32)), ValueError, "out"),
+    (lambda x: kernels.softmax(x, out=np.empty((9, 4), np.float32).T), ValueError,  # written through a copy else
+     "out: expected a C-contiguous array"),
 ])
 def test_softmax_rejects_bad_arguments(rng, call, error, message):
     with pytest.raises(error, match=message):
