@@ -1,6 +1,11 @@
 """Fusion of the elementwise patterns torch.onnx writes for transformers into single ops on lowbit's kernels.
 
-GELU (exact), as ``x * 0.5 * (1 + erf(x / sqrt 2))`` in five nodes, in any order of its two products::
+LayerNorm as torch.onnx writes it below opset 17, over the last axis, in nine nodes::
+
+    c = Sub(x, ReduceMean(x));  s = Sqrt(Add(ReduceMean(Pow(c, 2)), eps));  y = Add(Mul(Div(c, s), gamma), beta)
+
+becomes one ``LayerNormalization(x, gamma, beta, axis=-1, epsilon=eps)`` (``kernels.layer_norm``). GELU (exact), as
+``x * 0.5 * (1 + erf(x / sqrt 2))`` in five nodes, in any order of its two products::
 
     d = Div(x, sqrt 2) or Mul(x, 1 / sqrt 2);  e = Erf(d);  a = Add(e, 1)
     y = Mul(Mul(x, a), 0.5)  or  Mul(x, Mul(a, 0.5))  or  Mul(Mul(x, 0.5), a)
@@ -98,6 +103,59 @@ def _gelu(graph: Graph, index: GraphIndex, erf: Node) -> tuple[list[Node], str, 
     return None
 
 
+def _last_axis_mean(graph: Graph, node: Node | None) -> bool:
+    """Whether ``node`` is a ReduceMean over the last axis that keeps it (axes an attribute below opset 18, a
+    constant input from 18)."""
+    if node is None or node.op != "ReduceMean" or not node.attrs.get("keepdims", 1):
+        return False
+    if graph.opset_of(node.op) < 18:
+        axes = node.attrs.get("axes")
+    else:
+        axes = graph.params.get(node.inputs[1]) if len(node.inputs) > 1 else None
+    return axes is not None and [int(a) for a in np.asarray(axes).reshape(-1)] == [-1]
+
+
+def _constant_vector(graph: Graph, node: Node, tensor: str) -> str | None:
+    """The other operand of binary ``node``, when it is a constant float32 vector."""
+    other = _other(node, tensor)
+    value = graph.params.get(other) if other is not None else None
+    return other if value is not None and value.ndim == 1 and value.dtype == np.float32 else None
+
+
+def _layer_norm(graph: Graph, index: GraphIndex, sqrt: Node) -> tuple[list[Node], list[str], float, str] | None:
+    """For a Sqrt: ``(nodes replaced, [x, gamma, beta], epsilon, y)`` of the decomposed LayerNorm around it."""
+    add_eps = index.producer.get(sqrt.inputs[0])
+    if add_eps is None or add_eps.op != "Add" or _private(graph, index, sqrt.inputs[0]) is not sqrt:
+        return None
+    variance = next((t for t in add_eps.inputs if _scalar(graph, t) is None), None)
+    eps = _scalar(graph, _other(add_eps, variance)) if variance is not None else None
+    var_mean = index.producer.get(variance) if variance is not None else None
+    if eps is None or not _last_axis_mean(graph, var_mean) or _private(graph, index, variance) is not add_eps:
+        return None
+    power = index.producer.get(var_mean.inputs[0])
+    if (power is None or power.op != "Pow" or _private(graph, index, var_mean.inputs[0]) is not var_mean
+            or not _near(_scalar(graph, power.inputs[1]), 2.0)):
+        return None
+    sub = index.producer.get(power.inputs[0])
+    mean = index.producer.get(sub.inputs[1]) if sub is not None and sub.op == "Sub" else None
+    if not _last_axis_mean(graph, mean) or mean.inputs[0] != sub.inputs[0] or _private(graph, index,
+                                                                                       sub.inputs[1]) is not sub:
+        return None
+    centred, x = sub.outputs[0], sub.inputs[0]
+    div = _private(graph, index, sqrt.outputs[0])
+    readers = {id(n) for n in index.consumers.get(centred, [])}
+    if (div is None or div.op != "Div" or div.inputs != [centred, sqrt.outputs[0]] or centred in graph.outputs
+            or readers != {id(power), id(div)}):
+        return None
+    mul = _private(graph, index, div.outputs[0])
+    gamma = _constant_vector(graph, mul, div.outputs[0]) if mul is not None and mul.op == "Mul" else None
+    add = _private(graph, index, mul.outputs[0]) if gamma is not None else None
+    beta = _constant_vector(graph, add, mul.outputs[0]) if add is not None and add.op == "Add" else None
+    if beta is None:
+        return None
+    return [mean, sub, power, var_mean, add_eps, sqrt, div, mul, add], [x, gamma, beta], eps, add.outputs[0]
+
+
 def _masked_softmax(graph: Graph, index: GraphIndex, softmax: Node) -> tuple[list[Node], list[str], float] | None:
     """For a Softmax over the last axis: ``(nodes replaced, [scores, mask], scale)``, or None."""
     if graph.opset_of(softmax.op) < 13 or softmax.attrs.get("axis", -1) != -1:  # ranks are not known here
@@ -181,6 +239,11 @@ def fuse_transformer_ops(graph: Graph) -> Graph:
                 replace([add, *nodes], Node("com.microsoft.BiasGelu", list(bias), [y], {}, f"{node.name}_gelu"))
             else:
                 replace(nodes, Node("com.microsoft.Gelu", [x], [y], {}, f"{node.name}_gelu"))
+        elif node.op == "Sqrt" and (found := _layer_norm(out, index, node)) is not None:
+            nodes, inputs, eps, y = found
+            if not any(id(n) in replaced for n in nodes):
+                replace(nodes, Node("LayerNormalization", inputs, [y], {"axis": -1, "epsilon": eps},
+                                    f"{node.name}_layer_norm"))
         elif node.op == "Softmax" and (found := _masked_softmax(out, index, node)) is not None:
             nodes, inputs, scale = found
             replace(nodes, Node("lowbit.MaskedSoftmax", inputs, list(node.outputs), {"scale": scale},

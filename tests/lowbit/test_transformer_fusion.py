@@ -161,3 +161,39 @@ def test_matmul_and_its_bias_fuse_into_a_linear(rng):
     as_float64 = graph.copy()
     as_float64.params = {n: v.astype(np.float64) for n, v in params.items()}
     assert fuse_transformer_ops(as_float64).nodes[0].op == "MatMul"  # float32 weights only
+
+
+def _layer_norm_nodes(axes_input: bool) -> list[Node]:
+    """torch.onnx's LayerNorm below opset 17 (ReduceMean's axes an input from opset 18)."""
+    def mean(x, y):
+        return Node("ReduceMean", [x, "axes"], [y]) if axes_input else Node("ReduceMean", [x], [y], {"axes": [-1]})
+
+    return [mean("x", "mu"), Node("Sub", ["x", "mu"], ["c"]), Node("Pow", ["c", "two"], ["p"]), mean("p", "var"),
+            Node("Add", ["var", "eps"], ["v"]), Node("Sqrt", ["v"], ["s"]), Node("Div", ["c", "s"], ["n"]),
+            Node("Mul", ["n", "gamma"], ["m"]), Node("Add", ["beta", "m"], ["y"])]
+
+
+@pytest.mark.parametrize("axes_input", [False, True], ids=["axes-attribute", "axes-input"])
+def test_decomposed_layer_norm_fuses(rng, axes_input):
+    params = {"two": np.array(2.0, np.float32), "eps": np.array(1e-12, np.float32),
+              "gamma": rng.standard_normal(16).astype(np.float32), "beta": rng.standard_normal(16).astype(np.float32),
+              "axes": np.array([-1], np.int64)}
+    graph = _graph(_layer_norm_nodes(axes_input), {"x": (2, 5, 16)}, ["y"], params)
+    graph.opset[""] = 18 if axes_input else 13
+    fused = fuse_transformer_ops(graph)
+    assert [(n.op, n.inputs, n.attrs) for n in fused.nodes] == [
+        ("LayerNormalization", ["x", "gamma", "beta"], {"axis": -1, "epsilon": pytest.approx(1e-12)})]
+    _same_outputs(graph, fused, {"x": (rng.standard_normal((2, 5, 16)) * 3 + 1).astype(np.float32)})
+
+
+def test_decomposed_layer_norm_over_another_axis_or_read_inside_stays(rng):
+    params = {"two": np.array(2.0, np.float32), "eps": np.array(1e-5, np.float32),
+              "gamma": np.ones(16, np.float32), "beta": np.zeros(16, np.float32)}
+    nodes = _layer_norm_nodes(False)
+    nodes[0].attrs["axes"] = [1]
+    for nodes, outputs, opset in ((nodes, ["y"], 13),  # the mean over another axis
+                                  (_layer_norm_nodes(False), ["y", "c"], 13),  # the centred x is an output
+                                  (_layer_norm_nodes(False), ["y"], 18)):  # from 18 an axes attribute is no axes
+        graph = _graph(nodes, {"x": (2, 5, 16)}, outputs, params)
+        graph.opset[""] = opset
+        assert "LayerNormalization" not in [n.op for n in fuse_transformer_ops(graph).nodes]
