@@ -34,16 +34,9 @@ from threadpoolctl import threadpool_limits
 import kernels
 from bench.contenders import lowbit_threads
 from bench.peers import IR_VERSION, Contender
-from bench.timing import cell, interleave, print_table, save_json
+from bench.timing import cell, interleave, print_table, run_arguments, save_json, sizes
 
 NAMES = ("lowbit", "ORT graph", "ORT MHA", "numpy")
-
-
-def parse(text: str) -> tuple[int, int, int, int]:
-    parts = tuple(int(p) for p in text.lower().split("x"))
-    if len(parts) != 4 or min(parts) < 1:
-        raise argparse.ArgumentTypeError(f"expected BxSxHxD with positive sizes, got {text!r}")
-    return parts
 
 
 def operands(b: int, s: int, h: int, d: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -149,11 +142,9 @@ def measure(shape: tuple[int, int, int, int], threads: int, rounds: int) -> tupl
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.attention", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", type=parse, nargs="+", default=[(1, 128, 12, 32), (8, 128, 12, 32),
+    parser.add_argument("--shapes", type=sizes("BxSxHxD"), nargs="+", default=[(1, 128, 12, 32), (8, 128, 12, 32),
                                                                      (1, 512, 12, 64)], metavar="BxSxHxD")
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts (default: 1 2)")
-    parser.add_argument("--repeat", type=int, default=7, help="interleaved rounds per measurement (default: 7)")
-    parser.add_argument("--json", metavar="PATH", help="write every number, with kernels.cpu_info(), here")
+    run_arguments(parser)
     args = parser.parse_args(argv)
 
     info = kernels.cpu_info()

@@ -7,6 +7,7 @@ therefore compare measurements taken at nearly the same moments.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import time
@@ -109,3 +110,26 @@ def parse_shape(text: str) -> Shape:
     """``"M,N,K"`` as a shape, for ``--shapes`` options."""
     m, n, k = (int(v) for v in text.split(","))
     return m, n, k
+
+
+def sizes(form: str) -> Callable[[str], tuple[int, ...]]:
+    """An argparse type reading sizes written like ``form`` (``"MxKxN"``: that many positive ints joined by x)."""
+    count = len(form.split("x"))
+
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            parts = tuple(int(p) for p in text.lower().split("x"))
+        except ValueError:
+            parts = ()
+        if len(parts) != count or min(parts) < 1:
+            raise argparse.ArgumentTypeError(f"expected {form} with positive sizes, got {text!r}")
+        return parts
+
+    return parse
+
+
+def run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every comparison of one kernel takes: ``--threads``, ``--repeat``, ``--json``."""
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts (default: 1 2)")
+    parser.add_argument("--repeat", type=int, default=7, help="interleaved rounds per measurement (default: 7)")
+    parser.add_argument("--json", metavar="PATH", help="write every number, with kernels.cpu_info(), here")

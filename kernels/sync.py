@@ -26,6 +26,7 @@ from numba.extending import intrinsic
 
 from kernels._jit import kernel
 from kernels.gemm.llvm_ir import declare
+from kernels.threads import MIN_TILES_PER_THREAD
 
 COUNT, GENERATION, ABORTED = 0, 8, 16  # int64 slots, 64 bytes apart
 SIZE = 24
@@ -100,6 +101,19 @@ def _yield(typingctx):
 def share(units, ith, nth):
     """Thread ``ith``'s contiguous part ``[lo, hi)`` of ``range(units)`` cut into ``nth`` nearly equal parts."""
     return units * ith // nth, units * (ith + 1) // nth
+
+
+@kernel(inline="always")
+def tile_share(m, height, panels, ith, nth):
+    """Thread ``ith`` of ``nth``'s part ``(p0, p1, i0, i1)`` of a product's output: column panels ``[p0, p1)`` by
+    rows ``[i0, i1)`` of ``m``. Its share of the row tiles (``height`` rows each) when every thread gets
+    ``MIN_TILES_PER_THREAD`` of them (as ``kernels.threads.run_tiled``), else of the ``panels``, all rows."""
+    tiles = (m + height - 1) // height
+    if tiles >= MIN_TILES_PER_THREAD * nth:
+        t0, t1 = share(tiles, ith, nth)
+        return 0, panels, t0 * height, min(m, t1 * height)
+    p0, p1 = share(panels, ith, nth)
+    return p0, p1, 0, m
 
 
 @kernel

@@ -28,8 +28,7 @@ from kernels.epilogue import INTEGER, MODES, finish_tile
 from kernels.gemm.microkernels import ONE_ROW, TILES, microkernel, microkernel_finish, microkernel_store
 from kernels.gemm.select import selector
 from kernels.pack.panels import KGROUP, PANEL
-from kernels.sync import share
-from kernels.threads import MIN_TILES_PER_THREAD
+from kernels.sync import tile_share
 
 K_CHUNK = 65792  # largest multiple of KGROUP with K_CHUNK * 255 * 128 < 2**31
 assert K_CHUNK % KGROUP == 0 and K_CHUNK * 255 * 128 < 2**31 <= (K_CHUNK + KGROUP) * 255 * 128
@@ -173,17 +172,11 @@ def _make_linear_team(kind: str, mode: int):
     @kernel
     def linear_team(a, b, terms, col_term32, scales, single, fused, lo, hi, zp, qmin, qmax, out, ith, nth):
         """Thread ``ith``'s part of :func:`linear` by a team of ``nth`` (:mod:`kernels.sync`), for uint8
-        ``a [M, K]`` (C-contiguous, ``K % 4 == 0``, used as it is) without a row term: its share of the row tiles
-        when every thread gets ``kernels.threads.MIN_TILES_PER_THREAD`` of them (as ``run_tiled``), else of the
-        column panels. ``out [M, N]`` and the other arguments as :func:`linear`'s; threads write disjoint tiles."""
+        ``a [M, K]`` (C-contiguous, ``K % 4 == 0``, used as it is) without a row term: its
+        :func:`~kernels.sync.tile_share` of the row tiles or column panels. ``out [M, N]`` and the other arguments
+        as :func:`linear`'s; threads write disjoint tiles."""
         m, n = out.shape
-        panels, tiles = -(-n // PANEL), -(-m // height)
-        p0, p1, i0, i1 = 0, panels, 0, m
-        if tiles >= MIN_TILES_PER_THREAD * nth:
-            t0, t1 = share(tiles, ith, nth)
-            i0, i1 = t0 * height, min(m, t1 * height)
-        else:
-            p0, p1 = share(panels, ith, nth)
+        p0, p1, i0, i1 = tile_share(m, height, -(-n // PANEL), ith, nth)
         if p1 > p0 and i1 > i0:
             lda = a.shape[1]
             no_sums = np.empty(0, np.int64)  # read only with a row term

@@ -21,8 +21,7 @@ from kernels import _validate, threads
 from kernels._jit import kernel
 from kernels.conv.float32 import MR, NR, register_tile
 from kernels.entry import Entry, In, Out
-from kernels.sync import new_sync, share
-from kernels.threads import MIN_TILES_PER_THREAD
+from kernels.sync import new_sync, tile_share
 
 F32 = np.dtype(np.float32)
 BLOCK_ROWS = 32  # rows of x per pass over the panels
@@ -35,18 +34,11 @@ _ONE = np.ones(1, np.float32)
 def linear_team(x, panels, bias, out, ith, nth, sync):
     """Thread ``ith`` of ``nth``'s part of ``out = x @ W + bias`` (module docstring): ``x [..., K]`` (M rows, K >= 1),
     ``panels [P K NR]`` the packed ``W``, ``bias [P NR]`` and ``out [..., N]`` (M rows), all C-contiguous float32.
-    Its share of the row tiles when every thread gets ``MIN_TILES_PER_THREAD`` of them, else of the panels; threads
-    write disjoint parts of ``out`` and never wait (``sync`` unused)."""
+    Its :func:`~kernels.sync.tile_share` of the row tiles or panels; threads write disjoint parts of ``out`` and
+    never wait (``sync`` unused)."""
     k, n = x.shape[-1], out.shape[-1]
     m = x.size // k
-    count = panels.size // (k * NR)
-    p0, p1, i0, i1 = 0, count, 0, m
-    tiles = (m + MR - 1) // MR
-    if tiles >= MIN_TILES_PER_THREAD * nth:
-        t0, t1 = share(tiles, ith, nth)
-        i0, i1 = t0 * MR, min(m, t1 * MR)
-    else:
-        p0, p1 = share(count, ith, nth)
+    p0, p1, i0, i1 = tile_share(m, MR, panels.size // (k * NR), ith, nth)
     x_flat, out_flat, rows = x.reshape(-1), out.reshape(-1), np.arange(k) * NR
     low, high = np.float32(-np.inf), np.float32(np.inf)
     for r0 in range(i0, i1, BLOCK_ROWS):

@@ -24,8 +24,7 @@ from numba import types
 from numba.extending import intrinsic
 
 from kernels._jit import kernel
-from kernels.sync import barrier, share
-from kernels.threads import MIN_TILES_PER_THREAD
+from kernels.sync import barrier, share, tile_share
 from kernels.gemm.grouped_microkernels import TILES, grouped_microkernel
 from kernels.gemm.select import selector
 from kernels.pack.grouped import STEP_BYTES
@@ -179,9 +178,9 @@ def _make_team(kind: str):
     def grouped_team(x, group, xq, sx, sumx, w, wz, ws, gsteps, nsteps, zc, tab, out, ith, nth, sync):
         """Thread ``ith``'s part of :func:`grouped_product` by a team of ``nth`` (:mod:`kernels.sync`): its share of
         the rows of ``x [..., K]`` quantized into the scratch ``xq``, ``sx``, ``sumx`` (``x``'s rows each), a
-        barrier, then its share of the row tiles when every thread gets ``MIN_TILES_PER_THREAD`` of them, else of
-        the column panels of ``out [..., N]``. The same bits for every team size; non-finite ``x`` raises ValueError
-        in the thread that meets it (a compiled chain then releases the others)."""
+        barrier, then its :func:`~kernels.sync.tile_share` of the row tiles or column panels of ``out [..., N]``.
+        The same bits for every team size; non-finite ``x`` raises ValueError in the thread that meets it (a
+        compiled chain then releases the others)."""
         k, n = x.shape[-1], out.shape[-1]
         m = x.size // k
         x2, out2 = x.reshape((m, k)), out.reshape((m, n))
@@ -189,13 +188,7 @@ def _make_team(kind: str):
         if not quantize_into(x2[r0:r1], group, xq[r0:r1], sx[r0:r1], sumx[r0:r1]):
             raise ValueError("x: values must be finite")
         barrier(sync, nth)
-        panels, tiles = -(-n // PANEL), -(-m // rows)
-        p0, p1, i0, i1 = 0, panels, 0, m
-        if tiles >= MIN_TILES_PER_THREAD * nth:
-            t0, t1 = share(tiles, ith, nth)
-            i0, i1 = t0 * rows, min(m, t1 * rows)
-        else:
-            p0, p1 = share(panels, ith, nth)
+        p0, p1, i0, i1 = tile_share(m, rows, -(-n // PANEL), ith, nth)
         if p1 > p0 and i1 > i0:
             _tiles(kind, (xq, sx, sumx, w, wz, ws, gsteps, nsteps, zc, tab, n, p0, p1, i0, i1, out2))
 

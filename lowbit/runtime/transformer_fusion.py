@@ -264,11 +264,11 @@ def _fuse_linear_bias(graph: Graph) -> Graph:
         if w is None or w.ndim != 2 or w.dtype != np.float32 or node.inputs[0] in graph.params:
             continue
         add = _private(graph, index, node.outputs[0])
-        found = _bias(graph, add) if add is not None else None
-        if found is None or found[0] != node.outputs[0] or graph.params[found[1]].shape != (w.shape[1],):
+        bias = _constant_vector(graph, add, node.outputs[0]) if add is not None and add.op == "Add" else None
+        if bias is None or graph.params[bias].shape != (w.shape[1],):
             continue
         replaced[id(node)] = None
-        replaced[id(add)] = Node("lowbit.Linear", [node.inputs[0], node.inputs[1], found[1]], list(add.outputs), {},
+        replaced[id(add)] = Node("lowbit.Linear", [node.inputs[0], node.inputs[1], bias], list(add.outputs), {},
                                  f"{node.name}_linear")
     if replaced:
         graph.nodes = [n for n in (replaced.get(id(n), n) for n in graph.nodes) if n is not None]
@@ -291,11 +291,12 @@ def _fuse_attention(graph: Graph) -> Graph:
 
 
 def _bias(graph: Graph, add: Node) -> tuple[str, str] | None:
-    """``(t, b)`` for ``Add(t, b)`` or ``Add(b, t)`` with ``b`` a constant float32 vector, else None."""
+    """``(t, b)`` for ``Add(t, b)`` or ``Add(b, t)`` with ``b`` a constant float32 vector and ``t`` computed, else
+    None."""
     if add.op != "Add" or len(add.inputs) != 2:
         return None
-    for t, b in (add.inputs, add.inputs[::-1]):
-        value = graph.params.get(b)
-        if value is not None and value.ndim == 1 and value.dtype == np.float32 and t not in graph.params:
+    for t in add.inputs:
+        b = _constant_vector(graph, add, t)
+        if b is not None and t not in graph.params:
             return t, b
     return None

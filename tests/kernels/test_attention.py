@@ -16,7 +16,7 @@ from tests.kernels.test_teams import TEAMS, _as_team
 
 def _attention_ref(q, k, v, mask, heads, scale):
     """Reshape, Transpose, MatMul, Softmax, MatMul, Transpose in float64."""
-    (b, sq, width), sk, dv = q.shape, k.shape[1], v.shape[2] // heads
+    (b, sq, _), sk, dv = q.shape, k.shape[1], v.shape[2] // heads
     qh = q.astype(np.float64).reshape(b, sq, heads, -1).transpose(0, 2, 1, 3)
     kt = k.astype(np.float64).reshape(b, sk, heads, -1).transpose(0, 2, 3, 1)
     vh = v.astype(np.float64).reshape(b, sk, heads, dv).transpose(0, 2, 1, 3)
