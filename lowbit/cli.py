@@ -14,6 +14,7 @@ import numpy as np
 
 import kernels
 from kernels import dispatch
+from lowbit.quantization.formats import FORMATS
 
 
 INFO_SHAPES = ((1, 4096, 4096), (8, 4096, 4096), (1024, 1024, 1024))  # decode, small batch, large GEMM
@@ -157,17 +158,107 @@ def _feeds(graph, path: str | None, batch: int) -> dict[str, np.ndarray]:
             for name, spec in graph.inputs.items()}
 
 
+class _CalibrationFiles:
+    """Calibration batches read from ``--calibration`` one at a time (a reader: ``get_next()``), with a progress line.
+
+    An ``.npz`` holds arrays by input name, an ``.npy`` the one input of a single-input model; either is cut into
+    batches of ``batch_size`` along axis 0. A folder's ``.npz`` / ``.npy`` files (in name order) are one batch
+    each, loaded when needed, so a large calibration set never sits in memory at once."""
+
+    def __init__(self, path: str, inputs: list[str], batch_size: int):
+        import os
+
+        self.inputs, self.batch_size, self.done = inputs, batch_size, 0
+        if os.path.isdir(path):
+            self.files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith((".npz", ".npy")))
+            if not self.files:
+                raise SystemExit(f"--calibration: {path} holds no .npz or .npy files")
+            self.total, self.pending = len(self.files), None
+        else:
+            whole = self._load(path)
+            rows = len(next(iter(whole.values())))
+            self.files, self.total = [], -(-rows // batch_size)
+            self.pending = ({n: v[i:i + batch_size] for n, v in whole.items()} for i in range(0, rows, batch_size))
+
+    def _load(self, path: str) -> dict[str, np.ndarray]:
+        try:
+            if path.endswith(".npz"):
+                with np.load(path, allow_pickle=False) as data:
+                    feeds = {n: data[n] for n in data.files}
+                if len(self.inputs) == 1 and list(feeds) == ["arr_0"]:
+                    feeds = {self.inputs[0]: feeds["arr_0"]}
+            else:
+                if len(self.inputs) != 1:
+                    raise SystemExit(f"--calibration: the model has inputs {self.inputs}: give an .npz holding "
+                                     f"an array for each (np.savez(path, name=array, ...))")
+                feeds = {self.inputs[0]: np.load(path, allow_pickle=False)}
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"--calibration: cannot read {path}: {error}") from None
+        missing = sorted(set(self.inputs) - set(feeds))
+        if missing:
+            raise SystemExit(f"--calibration: {path} has no array for the inputs {missing} (it holds {sorted(feeds)})")
+        return {n: feeds[n] for n in self.inputs}
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.pending is not None:
+            batch = next(self.pending, None)
+        else:
+            batch = self._load(self.files[self.done]) if self.done < len(self.files) else None
+        if batch is None:
+            if self.done:
+                print(file=sys.stderr)
+            return None
+        self.done += 1
+        print(f"\rcalibration batch {self.done}/{self.total}", end="", file=sys.stderr, flush=True)
+        return batch
+
+
 def _quantize(args: argparse.Namespace) -> int:
+    if args.model.lower().endswith(".onnx"):
+        return _quantize_onnx(args)
     import lowbit
     from lowbit.io import model_size
 
     graph = lowbit.load(args.model)
-    feeds = _feeds(graph, args.calibration, args.batch)
-    quantized = lowbit.quantize_model(graph, [feeds], {"precision": args.precision,
-                                                        "activations": args.activations})
+    convs = [layer.name for layer in lowbit.ptq.find_layers(graph) if layer.node.op == "Conv"]
+    if not args.calibration and (args.activations == "static" or (convs and args.weights == "int8")):
+        why = "static activations need" if args.activations == "static" else \
+            f"int8 convolutions ({', '.join(convs[:3])}{' ...' if len(convs) > 3 else ''}) are static and need"
+        raise SystemExit(f"lowbit quantize: {why} calibration data: --calibration FILE.npy / FILE.npz / FOLDER "
+                         f"(inputs the model will see)"
+                         + (", or --activations dynamic" if args.activations == "static" and not convs else ""))
+    reader = _CalibrationFiles(args.calibration, list(graph.inputs), args.batch) if args.calibration else None
+    batches = [] if reader is None else list(iter(reader.get_next, None))
+    quantizer = lowbit.ptq.Quantizer(graph, batches or None, {"precision": args.weights,
+                                                               "activations": args.activations})
+    quantized = quantizer.build()
     lowbit.save(quantized, args.output)
-    print(f"{args.model} ({model_size(graph)} bytes) -> {args.output} ({model_size(quantized)} bytes, "
-          f"{args.precision})")
+    print(quantizer.summary())
+    print(f"{args.model} ({model_size(graph)} bytes) -> {args.output} ({model_size(quantized)} bytes)")
+    return 0
+
+
+def _quantize_onnx(args: argparse.Namespace) -> int:
+    from lowbit.onnx import InferenceSession
+    from lowbit.onnx.quantization import quantize_dynamic, quantize_static
+
+    inputs = [i.name for i in InferenceSession(args.model).get_inputs()]
+    reader = _CalibrationFiles(args.calibration, inputs, args.batch) if args.calibration else None
+    if args.activations == "static":
+        if reader is None:
+            raise SystemExit("lowbit quantize: static activations need calibration data: --calibration FILE.npy / "
+                             "FILE.npz / FOLDER (inputs the model will see), or --activations dynamic")
+        if args.accuracy_target is not None:
+            raise SystemExit("lowbit quantize: --accuracy-target applies to --activations dynamic")
+        report = quantize_static(args.model, args.output, reader, weight_type=args.weights, per_channel=True)
+    else:
+        if reader is None and (args.method != "rtn" or args.accuracy_target is not None):
+            raise SystemExit(f"lowbit quantize: {'--accuracy-target' if args.accuracy_target else '--method'} needs "
+                             f"--calibration FILE.npy / FILE.npz / FOLDER (inputs the model will see)")
+        report = quantize_dynamic(args.model, args.output, weight_type=args.weights, block_size=args.block_size,
+                                  method=args.method, calibration_data_reader=reader,
+                                  accuracy_target=args.accuracy_target)
+    print(report)
     return 0
 
 
@@ -242,13 +333,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     ("report", "per-node profile (and error against a reference model)", _report)):
         cmd = sub.add_parser(name, help=helptext)
         cmd.add_argument("model", help="a .lowbit file (lowbit.save)" + (" or an .onnx file" if name == "run" else ""))
-        cmd.add_argument("--batch", type=int, default=1, help="batch of the random input when no file is given")
+        cmd.add_argument("--batch", type=int, default=1 if name != "quantize" else 32,
+                         help="calibration rows per batch" if name == "quantize" else
+                         "batch of the random input when no file is given")
         cmd.set_defaults(run=handler)
         if name == "quantize":
             cmd.add_argument("-o", "--output", required=True, help="where to write the quantized model")
-            cmd.add_argument("--calibration", help=".npy / .npz calibration input (default: random)")
-            cmd.add_argument("--precision", default="int8", choices=("int8", "int4", "ternary", "binary"))
-            cmd.add_argument("--activations", default="static", choices=("static", "dynamic"))
+            cmd.add_argument("--calibration", metavar="FILE_OR_FOLDER",
+                             help="inputs to calibrate on: an .npy (one input), an .npz (arrays by input name), cut "
+                                  "into batches of --batch rows, or a folder of such files, one batch each")
+            cmd.add_argument("--weights", "--precision", dest="weights", default="int8", choices=tuple(FORMATS),
+                             help="weight format (lowbit.quantization.formats; default int8)")
+            cmd.add_argument("--activations", default="static", choices=("static", "dynamic"),
+                             help="static: calibrated int8 activations (needs --calibration); dynamic: quantized "
+                                  "per call (ONNX: per token)")
+            cmd.add_argument("--block-size", type=int, default=128, help="ONNX int4: weights per scale along K")
+            cmd.add_argument("--method", default="rtn", choices=("rtn", "awq", "gptq"),
+                             help="ONNX: how weights are rounded (awq / gptq read --calibration)")
+            cmd.add_argument("--accuracy-target", type=float, metavar="MIN_COSINE",
+                             help="ONNX, dynamic: per layer, the cheapest of --weights / 8-bit / float that keeps "
+                                  "the outputs' cosine to the float model's at least this on --calibration")
         else:
             cmd.add_argument("--input", action="append" if name == "run" else "store",
                              help=".npy (single input) or .npz (by name) input (default: random); ONNX: "

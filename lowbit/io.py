@@ -5,9 +5,10 @@
 opset); each param entry names its file, dtype, shape and storage:
 
 - ``"raw"``: the array itself;
-- ``"s4"`` / ``"t2"`` / ``"b1"``: int8 codes that feed a lowbit.Int4* / TernaryGemm /
-  Binary* node as its codes (input 1) and lie in -8..7 / -1..1 / {-1, +1}, stored packed
-  two / four / eight per byte (``kernels.qtypes``), so the file is the model's real size.
+- a ``kernels.qtypes`` code (``"s4"``, ``"u4"``, ``"t2"``, ``"b1"``, ...): the codes (input 1) of a
+  weight-only op of a sub-byte format (``lowbit.quantization.formats``: Int4*, NF4Gemm,
+  TernaryGemm, Binary*), stored packed as that format stores them (two, four or eight per
+  byte), so the file is the model's real size.
 
 Loading never unpickles (``np.load(allow_pickle=False)``) and checks everything it
 reads: the zip's integrity, the format name and version, each parameter's presence,
@@ -27,12 +28,12 @@ import numpy as np
 
 from kernels.qtypes import QTYPES
 from lowbit.graph.ir import Graph, Node, TensorSpec
+from lowbit.quantization.formats import OPS
 
 FORMAT = "lowbit"
 FORMAT_VERSION = 1
-#: The packed storage of input 1 (the codes) of these ops.
-PACKED_CODES = {"lowbit.Int4Gemm": "s4", "lowbit.Int4Conv": "s4", "lowbit.TernaryGemm": "t2",
-                "lowbit.BinaryConv": "b1", "lowbit.BinaryGemm": "b1"}
+#: The packed storage of input 1 (the codes) of the weight-only ops of sub-byte formats.
+PACKED_CODES = {op: fmt.storage for op, (fmt, _) in OPS.items() if fmt.bits < 8}
 
 
 def _storage(graph: Graph) -> dict[str, str]:
@@ -42,9 +43,9 @@ def _storage(graph: Graph) -> dict[str, str]:
         code = PACKED_CODES.get(node.op)
         name = node.inputs[1] if code and len(node.inputs) > 1 else ""
         value = graph.params.get(name)
-        if value is None or value.dtype != np.int8 or value.size == 0:
+        qtype = QTYPES.get(code)
+        if value is None or qtype is None or value.dtype != qtype.dtype or value.size == 0:
             continue
-        qtype = QTYPES[code]
         ok = np.all(np.abs(value) == 1) if code == "b1" else value.min() >= qtype.qmin and value.max() <= qtype.qmax
         if ok and storage[name] in ("raw", code):
             storage[name] = code

@@ -14,14 +14,14 @@ Steps, on a copy of the graph:
    int8      Conv -> QLinearConv             x, y uint8 per tensor (calibrated, static); w int8
              Gemm -> lowbit.QGemm            symmetric per output channel; bias int32 in units of
              (dynamic: lowbit.DynamicQGemm)  ``x_scale * w_scale`` (QLinearConv) or float32
-   int4      lowbit.Int4Gemm / Int4Conv      weight only: ``scale = max|w| / 7`` per group of
-                                             ``group_size`` along K, codes in -8..7
-   ternary   lowbit.TernaryGemm              TWN: 0 below ``0.7 mean|w|``, scale = mean of the rest
-   binary    lowbit.BinaryGemm / BinaryConv  ``alpha = mean|w|`` per output channel, ``sign(w)``
+   other     the op of its weight format     weight only, round to nearest on the format's grid
+             (``lowbit.quantization.         (int4 / nf4: per group of ``group_size`` along K;
+             formats``)                      ternary, binary: per output channel)
    float     unchanged
    ========  ==============================  ==============================================
 
-   A ternary Conv (no ternary convolution kernel) and a grouped binary Conv become int8.
+   A layer whose format has no op for it (a ternary or nf4 Conv, a grouped binary Conv) becomes
+   int8, and :meth:`Quantizer.substitutions` says so (``quantize_model`` warns).
    Consecutive int8 layers pass uint8 codes to each other: a QuantizeLinear where a run
    starts, a DequantizeLinear only before a consumer that needs floats. MaxPool, Flatten and
    Reshape of codes run on the codes (:data:`CODE_OPS`: max commutes with the monotone
@@ -35,15 +35,17 @@ With ``bias_correction`` each quantized (non-binary) layer's bias becomes
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Iterable, Mapping
 
 import numpy as np
 
-from lowbit.graph.ir import Graph, Node
+from lowbit.graph.ir import Graph, Node, fresh_name
 from lowbit.quantization import grid
 from lowbit.quantization.calibration import OBSERVERS, Observer, get_observer
-from lowbit.quantization.scheme import binary, int4, int8, ternary
+from lowbit.quantization.formats import FORMATS
+from lowbit.quantization.scheme import int8
 from lowbit.quantization.weights import apply_smoothing, bias_correction, smoothquant_scales
 from lowbit.runtime.passes import fold_batch_norm, fuse_activations
 
@@ -51,9 +53,8 @@ from lowbit.runtime.passes import fold_batch_norm, fuse_activations
 CODE_OPS = ("MaxPool", "Flatten", "Reshape")
 from lowbit.runtime.session import Session
 
-PRECISIONS = ("int8", "int4", "ternary", "binary", "float")
-BITS = {"float": 32, "int8": 8, "int4": 4, "ternary": 2, "binary": 1}
-GROUP_SIZES = (32, 64, 128, 256)
+PRECISIONS = (*FORMATS, "float")
+BITS = {"float": 32, **{name: fmt.bits for name, fmt in FORMATS.items()}}
 ACTIVATION_SCHEME = int8(signed=False, symmetric=False)  # uint8 activations, per tensor
 
 
@@ -61,7 +62,8 @@ ACTIVATION_SCHEME = int8(signed=False, symmetric=False)  # uint8 activations, pe
 class QuantConfig:
     """What :func:`quantize_model` does.
 
-    precision : default for Conv / Gemm layers: "int8", "int4", "ternary", "binary" or "float"
+    precision : default for Conv / Gemm layers: a weight format ("int8", "int4", "nf4", "ternary", "binary") or
+        "float"
     layers : node name -> precision, overriding the default (and ``keep_first_last``)
     per_channel : int8 weight scales per output channel (else one per layer)
     observer : activation observer (``lowbit.quantization.calibration.OBSERVERS``)
@@ -69,7 +71,7 @@ class QuantConfig:
     bias_correction : correct each layer's bias for the mean shift of its weight error
     smoothquant : SmoothQuant migration strength ``a`` in [0, 1] for int8 Gemm layers, or None
     keep_first_last : with a binary / ternary default, the first and last layers stay int8
-    group_size : int4 group size along K (32, 64, 128, 256)
+    group_size : group size along K of the grouped formats (int4, nf4), or None for each format's default
     """
 
     precision: str = "int8"
@@ -80,7 +82,7 @@ class QuantConfig:
     bias_correction: bool = False
     smoothquant: float | None = None
     keep_first_last: bool = True
-    group_size: int = 32
+    group_size: int | None = None
 
     def __post_init__(self) -> None:
         _one_of("config.precision", self.precision, PRECISIONS)
@@ -91,7 +93,13 @@ class QuantConfig:
             _one_of(f"config.layers[{name!r}]", precision, PRECISIONS)
         _one_of("config.observer", self.observer, tuple(OBSERVERS))
         _one_of("config.activations", self.activations, ("static", "dynamic"))
-        _one_of("config.group_size", self.group_size, GROUP_SIZES)
+        used = {self.precision, *self.layers.values()} - {"float"}
+        grouped = [f for f in FORMATS.values() if f.grouped and (f.name in used or self.group_size is not None)]
+        for fmt in grouped if self.group_size is None else [f for f in grouped if f.name in used] or grouped[:1]:
+            try:
+                fmt.group_size(self.group_size)
+            except ValueError as error:
+                raise ValueError(f"config.{error}") from None
         if self.smoothquant is not None and (isinstance(self.smoothquant, bool)
                                              or not isinstance(self.smoothquant, (int, float))
                                              or not 0.0 <= self.smoothquant <= 1.0):
@@ -163,12 +171,11 @@ def find_layers(graph: Graph) -> list[Layer]:
     return layers
 
 
-def _effective(layer: Layer, precision: str) -> str:
-    """The precision a layer really gets: no ternary Conv kernel, binary Conv only for group 1."""
-    if layer.node.op == "Conv" and (precision == "ternary"
-                                    or (precision == "binary" and layer.node.attrs.get("group", 1) != 1)):
-        return "int8"
-    return precision
+def effective_precision(layer: Layer, precision: str) -> str:
+    """The precision a layer really gets: its own, or int8 when its format has no op for it (see the module)."""
+    if precision == "float" or FORMATS[precision].op(layer.node.op, layer.node.attrs.get("group", 1)):
+        return precision
+    return "int8"
 
 
 def _feeds(graph: Graph, data: object) -> list[dict[str, np.ndarray]]:
@@ -307,17 +314,47 @@ class Quantizer:
             for name, p in precisions.items():
                 _one_of(f"precisions[{name!r}]", p, PRECISIONS)
             chosen.update(precisions)
-        return _Rewriter(self, {layer.name: _effective(layer, chosen[layer.name]) for layer in self.layers}).graph
+        effective = {layer.name: effective_precision(layer, chosen[layer.name]) for layer in self.layers}
+        return _Rewriter(self, effective).graph
+
+    def substitutions(self, precisions: Mapping[str, str] | None = None) -> list[str]:
+        """One line per layer that does not get the precision asked for (default :meth:`precisions`), saying what
+        it gets instead and why, e.g. ``"conv_3: ternary not available for Conv, kept int8"``."""
+        chosen = {**self.precisions(), **(precisions or {})}
+        lines = []
+        for layer in self.layers:
+            asked = chosen[layer.name]
+            if effective_precision(layer, asked) != asked:
+                group = layer.node.attrs.get("group", 1)
+                what = f"grouped {layer.node.op} (group {group})" if layer.node.op in FORMATS[asked].ops else \
+                    layer.node.op
+                lines.append(f"{layer.name}: {asked} not available for {what}, kept int8")
+        return lines
+
+    def summary(self) -> str:
+        """A table of the config's layers: op, the precision each really gets, and why when it is not the config's
+        default (an override, keep_first_last, or no op of that format for the layer)."""
+        c, chosen = self.config, self.precisions()
+        rows = [("layer", "op", "precision", "why")]
+        for layer in self.layers:
+            asked, got = chosen[layer.name], effective_precision(layer, chosen[layer.name])
+            why = ""
+            if layer.name in c.layers:
+                why = "config.layers"
+            elif asked != c.precision:
+                why = "first or last layer (keep_first_last)"
+            if got != asked:
+                why = f"{asked} not available for {layer.node.op}" + (f" (group {layer.node.attrs['group']})" if
+                                                                       layer.node.attrs.get("group", 1) != 1 else "")
+            rows.append((layer.name, layer.node.op, got, why))
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        lines = ("  ".join(cell.ljust(w) for cell, w in zip(r[:3], widths)) + "  " + r[3] for r in rows)
+        return "\n".join(line.rstrip() for line in lines)
 
 
 def _fresh_name(graph: Graph, stem: str) -> str:
-    taken = set(graph.params) | set(graph.inputs) | {t for n in graph.nodes for t in n.outputs} | {
-        n.name for n in graph.nodes}
-    name, k = stem, 0
-    while name in taken:
-        k += 1
-        name = f"{stem}_{k}"
-    return name
+    return fresh_name(stem, set(graph.params) | set(graph.inputs) | {t for n in graph.nodes for t in n.outputs} | {
+        n.name for n in graph.nodes})
 
 
 class _Rewriter:
@@ -359,12 +396,7 @@ class _Rewriter:
                            {k: v for k, v in self.params.items() if k in used}).copy().validate()
 
     def _fresh(self, stem: str) -> str:
-        name, k = stem, 0
-        while name in self.taken:
-            k += 1
-            name = f"{stem}_{k}"
-        self.taken.add(name)
-        return name
+        return fresh_name(stem, self.taken)
 
     def _param(self, stem: str, value: np.ndarray) -> str:
         name = self._fresh(stem)
@@ -449,7 +481,7 @@ class _Rewriter:
                                layer.name))
 
     def _weight_only(self, layer: Layer, precision: str) -> None:
-        """Layers with float inputs and outputs: dynamic int8, int4, ternary, binary."""
+        """Layers with float inputs and outputs: dynamic int8 Gemm, or a weight-only format of the table."""
         w, stem, attrs = layer.weight, layer.name, self._attrs(layer)
         conv = layer.node.op == "Conv"
         if precision == "int8":  # dynamic Gemm
@@ -457,30 +489,25 @@ class _Rewriter:
             scale = np.broadcast_to(scale, (w.shape[0],)).astype(np.float32)
             inputs = [self._param(f"{stem}_w", codes), self._param(f"{stem}_w_scale", scale), ""]
             op, w_q = "lowbit.DynamicQGemm", codes * scale[:, None]
-        elif precision == "int4":
-            rows = w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1) if conv else w
-            scheme = int4(group_size=self.config.group_size)
-            params = grid.fit(rows, scheme)
-            codes = grid.quantize(rows, scheme, params)
-            inputs = [self._param(f"{stem}_codes", codes), self._param(f"{stem}_scales", params.scale)]
-            w_q = grid.dequantize(codes, scheme, params)
-            if conv:
-                w_q = w_q.reshape(w.shape[0], w.shape[2], w.shape[3], w.shape[1]).transpose(0, 3, 1, 2)
-            op = "lowbit.Int4Conv" if conv else "lowbit.Int4Gemm"
-            attrs["group_size"] = self.config.group_size
         else:
-            scheme = ternary() if precision == "ternary" else binary()
-            params = grid.fit(w, scheme)
-            codes = grid.quantize(w, scheme, params)
-            inputs = [self._param(f"{stem}_codes" if precision == "ternary" else f"{stem}_w", codes),
-                      self._param(f"{stem}_scales" if precision == "ternary" else f"{stem}_alpha", params.scale)]
-            w_q = grid.dequantize(codes, scheme, params)
-            op = {"ternary": "lowbit.TernaryGemm", "binary": "lowbit.BinaryConv" if conv else "lowbit.BinaryGemm"}[
-                precision]
-            if op == "lowbit.BinaryConv":
+            fmt = FORMATS[precision]
+            op = fmt.op(layer.node.op, layer.node.attrs.get("group", 1))
+            group_size = fmt.group_size(self.config.group_size)
+            rows_of_filters = conv and fmt.conv_layout == "rows"  # columns in (ky, kx, c) order
+            rows = w.transpose(0, 2, 3, 1) if rows_of_filters else w
+            codes, scales = fmt.quantize(rows.reshape(w.shape[0], -1), group_size)
+            w_q = fmt.dequantize(codes, scales, group_size).reshape(rows.shape)
+            if rows_of_filters:
+                w_q = w_q.transpose(0, 3, 1, 2)
+            else:
+                codes = codes.reshape(w.shape)
+            inputs = [self._param(f"{stem}_codes", codes), self._param(f"{stem}_scales", scales)]
+            if group_size is not None:
+                attrs["group_size"] = group_size
+            if fmt.binarizes_input and conv:
                 attrs["pad_value"] = 0  # as the float Conv pads sign(x)
         # binary layers also binarize their inputs: a weight-error correction does not apply
-        bias = layer.bias if precision == "binary" else self._corrected_bias(layer, w_q)
+        bias = layer.bias if FORMATS[precision].binarizes_input else self._corrected_bias(layer, w_q)
         inputs.append("" if bias is None else self._param(f"{stem}_b", bias))
         self.nodes.append(Node(op, [layer.x, *inputs], [layer.y], attrs, layer.name))
 
@@ -513,4 +540,7 @@ def quantize_model(graph: Graph, calibration_data: object = None,
     neither bias correction nor SmoothQuant is asked for. ``config``: a :class:`QuantConfig`,
     a dict of its fields, or None for int8 static per-channel min-max.
     """
-    return Quantizer(graph, calibration_data, config).build()
+    quantizer = Quantizer(graph, calibration_data, config)
+    for line in quantizer.substitutions():
+        warnings.warn(line, stacklevel=2)
+    return quantizer.build()

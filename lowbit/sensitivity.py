@@ -22,7 +22,7 @@ import numpy as np
 from lowbit.graph.ir import Graph
 from lowbit.io import model_size
 from lowbit.quantization.metrics import sqnr_db
-from lowbit.ptq import BITS, PRECISIONS, QuantConfig, Quantizer
+from lowbit.ptq import BITS, PRECISIONS, QuantConfig, Quantizer, effective_precision
 from lowbit.runtime.session import Session
 
 Metric = Callable[[dict[str, np.ndarray]], float]
@@ -131,6 +131,8 @@ def _rows(quantizer: Quantizer, reference: dict[str, np.ndarray], metric: Metric
     rows = []
     for layer in quantizer.layers:
         for p in precisions:
+            if effective_precision(layer, p) != p:  # no op of that format for this layer (Quantizer.substitutions)
+                continue
             q = quantizer.build({**everything_float, layer.name: p})
             outputs = evaluate(q, quantizer.feeds)
             value = None if metric is None else float(metric(outputs))
@@ -173,6 +175,7 @@ def mixed_precision(graph: Graph, data: object, *, choices: tuple[str, ...] = ("
     while size_budget is None or size() > size_budget:
         steps = [(n, choices[choices.index(current[n]) + 1]) for n in names
                  if n not in frozen and current[n] != choices[-1]]
+        steps = [s for s in steps if s in score or s[1] == "float"]  # a layer's format must have an op for it
         if not steps:
             break
         name, lower = max(steps, key=lambda s: score.get(s, (0.0, np.inf)))

@@ -15,6 +15,7 @@ import numpy as np
 from numba.core import event
 
 import kernels
+from lowbit.quantization.formats import FORMATS
 
 
 def _calls() -> list[tuple[str, Callable[[], object]]]:
@@ -32,13 +33,9 @@ def _calls() -> list[tuple[str, Callable[[], object]]]:
         ("gemm_int8", lambda: kernels.gemm_int8(a, w)),
         ("gemv_int8", lambda: kernels.gemm_int8(a[:1], w)),
         ("conv2d_int8", lambda: kernels.conv2d_int8(x8, w8, pads="same")),
-        ("gemm_int4", lambda: kernels.gemm_int4(xf, kernels.pack_int4(wf, 32))),
         ("linear_float32", lambda: kernels.linear_float32_plan(wf)(xf)),
         ("attention", lambda: kernels.attention(xf[None], xf[None], xf[None], np.zeros((1, 1, 1, 9), np.float32),
                                                 heads=2)),
-        ("gemm_ternary", lambda: kernels.gemm_ternary(xf, kernels.pack_ternary(wf))),
-        ("gemm_binary", lambda: kernels.gemm_binary(kernels.pack_bits(xf), kernels.pack_bits(wf), 64,
-                                                    multiplier=np.ones(64), bias=np.zeros(64))),
         ("conv2d_binary", lambda: kernels.conv2d_binary(signs, wb, in_channels=64, pads="same",
                                                         multiplier=np.ones(8), bias=np.zeros(8))),
         ("conv2d_int4", lambda: kernels.conv2d_int4(x8.astype(np.float32),
@@ -48,6 +45,10 @@ def _calls() -> list[tuple[str, Callable[[], object]]]:
         ("nchw_to_nhwc", lambda: kernels.nhwc_to_nchw(kernels.nchw_to_nhwc(x8))),
         ("qlinear_lookup", lambda: kernels.qlinear_lookup(x8, np.arange(256, dtype=np.uint8))),
     ]
+    for fmt in FORMATS.values():  # the weight-only products, as the runtime plans them
+        if fmt.name != "int8":
+            codes, scales = fmt.quantize(wf)
+            calls.append((f"gemm {fmt.name}", lambda f=fmt, c=codes, s=scales: f.plan(c, s, f.group_size(None), 9)(xf)))
     for x_dtype in (np.uint8, np.int8):  # both code types in, as ONNX Runtime's quantizer writes either
         xs = x8.astype(x_dtype)
         calls.append((f"qlinear_add {np.dtype(x_dtype)}", lambda xs=xs: kernels.qlinear_add(

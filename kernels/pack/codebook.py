@@ -24,8 +24,8 @@ from __future__ import annotations
 import numpy as np
 
 from kernels import _validate
-from kernels.pack.grouped import PackedGrouped, _per_panel, check_group_size, check_scales, check_weights, pack_fields
-from kernels.pack.int4 import GROUP_SIZES, _groups
+from kernels.pack.grouped import GROUP_SIZES, PackedGrouped, _per_panel, check_group_size, check_scales, check_weights, pack_fields
+from kernels.pack.int4 import _groups
 
 BITS = 4
 MAX_ENTRIES = 1 << BITS

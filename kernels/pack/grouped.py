@@ -146,7 +146,11 @@ def pack_fields(codes: np.ndarray, bits: int) -> np.ndarray:
     return data
 
 
-def check_group_size(group_size: int, allowed: tuple[int, ...]) -> int:
+#: The group sizes (k values per scale) the grouped kernels (int4, ternary, codebook) take.
+GROUP_SIZES = (32, 64, 128, 256)
+
+
+def check_group_size(group_size: int, allowed: tuple[int, ...] = GROUP_SIZES) -> int:
     if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or group_size not in allowed:
         raise ValueError(f"group_size: expected one of {allowed}, got {group_size!r}")
     return int(group_size)

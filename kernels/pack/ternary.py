@@ -16,9 +16,8 @@ from __future__ import annotations
 import numpy as np
 
 from kernels import _validate
-from kernels.pack.grouped import PackedGrouped, check_group_size, check_scales, check_weights, pack_fields
+from kernels.pack.grouped import GROUP_SIZES, PackedGrouped, check_group_size, check_scales, check_weights, pack_fields
 
-GROUP_SIZES = (32, 64, 128, 256)
 BITS = 2
 TWN_THRESHOLD = np.float32(0.7)
 

@@ -27,6 +27,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from lowbit.graph import Graph, GraphBuilder, TensorSpec
 from lowbit.quantization import fake, grid
+from lowbit.quantization.formats import FORMATS
 
 FLOAT = np.float32
 
@@ -367,12 +368,9 @@ def _quantized_layer(builder: GraphBuilder, h: str, layer: Layer, kind: str, bn:
         p = layer.pad
         attrs.update(kernel_shape=list(w.shape[2:]), strides=[1, 1], pads=[p] * 4, dilations=[1, 1], group=1,
                      pad_value=0)  # training pads the signs with zeros
-        inputs = [h, builder.param("w", codes), builder.param("alpha", scale.astype(FLOAT)),
-                  builder.param("b", bias.astype(FLOAT))]
-        return builder.add_node("lowbit.BinaryConv", inputs, attrs)
     inputs = [h, builder.param("codes", codes), builder.param("scales", scale.astype(FLOAT)),
               builder.param("b", bias.astype(FLOAT))]
-    return builder.add_node("lowbit.TernaryGemm", inputs, attrs)
+    return builder.add_node(FORMATS[kind].op("Conv" if w.ndim == 4 else "Gemm"), inputs, attrs)
 
 
 def export(model: Sequential, input_shape: tuple[int, ...] = (1, 8, 8), *, quantized: bool = True) -> Graph:

@@ -36,6 +36,16 @@ DEFAULT_OPSET = 21
 Dim = int | str | None
 
 
+def fresh_name(stem: str, taken: set[str]) -> str:
+    """``stem``, else ``stem_1``, ``stem_2`` ...: the first not in ``taken``, which it is added to."""
+    name, k = stem, 0
+    while name in taken:
+        k += 1
+        name = f"{stem}_{k}"
+    taken.add(name)
+    return name
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """Shape and dtype name of a graph input. A dimension is an int, ``None`` (free) or a symbol such as

@@ -8,7 +8,8 @@
     logits = session.run(None, {name: x})[0]
 
 Float, QDQ and QOperator models (ONNX Runtime's quantizer's two formats) load; the onnx package is
-needed (``pip install 'lowbit[onnx]'``), the rest of lowbit works without it.
+needed (``pip install 'lowbit[onnx]'``), the rest of lowbit works without it. :mod:`lowbit.onnx.quantization`
+writes quantized models with ``onnxruntime.quantization``'s API (``quantize_dynamic``, ``quantize_static``).
 """
 
 from lowbit.onnx.importer import Imported, UnsupportedModelError, ValueInfo, import_model, load

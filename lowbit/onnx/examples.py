@@ -1,5 +1,6 @@
-"""Example ONNX models built in code: a digits CNN, a ResNet, a MobileNetV2 and a BERT encoder, float32, seeded
-random weights.
+"""Example ONNX models built in code: a digits CNN, a ResNet, a MobileNetV2, a BERT encoder and a patch-token
+encoder classifier, float32, seeded random weights (or given ones: ``lowbit.demo.encoder`` fills
+:func:`patch_encoder` with weights it trained).
 
 Each builder returns an ``onnx.ModelProto`` that passes ``onnx.checker.check_model``, with the structure an
 exporter such as ``torch.onnx`` writes for the real network (not a simplified one): batch normalization as its own
@@ -24,11 +25,16 @@ BERT_OPSETS = range(13, 22)  # LayerNormalization from 17
 
 
 class _Builder:
-    """Nodes and initializers of one graph under construction, with unique names and a seeded generator."""
+    """Nodes and initializers of one graph under construction, with unique names and a seeded generator.
 
-    def __init__(self, seed: int):
+    ``params`` (stem -> array) replaces the values drawn for the initializers of those stems (same shape, cast to
+    the drawn dtype); :meth:`model` refuses stems that no initializer took.
+    """
+
+    def __init__(self, seed: int, params: dict[str, np.ndarray] | None = None):
         self.rng = np.random.default_rng(seed)
         self.nodes, self.initializers, self._count = [], [], {}
+        self.params, self._taken = dict(params or {}), set()
 
     def name(self, stem: str) -> str:
         self._count[stem] = self._count.get(stem, -1) + 1
@@ -38,8 +44,14 @@ class _Builder:
         """An initializer holding ``value`` (an ndarray keeps its dtype)."""
         from onnx import numpy_helper
 
-        name = self.name(stem)
-        self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
+        name, value = self.name(stem), np.asarray(value)
+        if stem in self.params:
+            given = np.asarray(self.params[stem])
+            if given.shape != value.shape:
+                raise ValueError(f"params[{stem!r}]: expected shape {list(value.shape)}, got {list(given.shape)}")
+            value = given.astype(value.dtype)
+            self._taken.add(stem)
+        self.initializers.append(numpy_helper.from_array(value, name))
         return name
 
     def constant(self, stem: str, value) -> str:
@@ -72,6 +84,9 @@ class _Builder:
         import onnx
         from onnx import helper
 
+        unused = sorted(set(self.params) - self._taken)
+        if unused:
+            raise ValueError(f"params: no initializer named {unused}")
         graph = helper.make_graph(self.nodes, name, inputs, outputs, self.initializers)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
                                   producer_name="lowbit.onnx.examples", ir_version=IR_VERSION)
@@ -349,6 +364,15 @@ def _extended_mask(b: _Builder, opset: int) -> str:
     return b.op("Mul", [m, _scalar(b, "mask.low", low)], "mask.scale")
 
 
+def _encoder_layer(b: _Builder, x: str, mask: str, hidden: int, heads: int, ffn: int, opset: int, stem: str) -> str:
+    """BERT's (post-LN) layer: ``x = LN(x + attention(x))``, then ``LN(x + W2 gelu(W1 x + b1) + b2)``."""
+    x = _layer_norm(b, b.op("Add", [_attention(b, x, mask, hidden, heads, f"{stem}.attention"), x],
+                            f"{stem}.attention.residual"), hidden, opset, f"{stem}.attention.norm")
+    h = _gelu(b, _linear(b, x, hidden, ffn, f"{stem}.intermediate"), f"{stem}.gelu")
+    return _layer_norm(b, b.op("Add", [_linear(b, h, ffn, hidden, f"{stem}.output"), x], f"{stem}.residual"),
+                       hidden, opset, f"{stem}.output.norm")
+
+
 def bert_encoder(batch: int | str = "batch", seq: int | str = "seq", vocab: int = 1000, hidden: int = 64,
                  heads: int = 4, ffn: int = 128, layers: int = 2, opset: int = 13, seed: int = 0, *,
                  positions: int = 512, pooled: bool = True):
@@ -377,12 +401,7 @@ def bert_encoder(batch: int | str = "batch", seq: int | str = "seq", vocab: int 
     b = _Builder(seed)
     x, mask = _embeddings(b, vocab, hidden, positions, opset), _extended_mask(b, opset)
     for i in range(layers):
-        stem = f"encoder.layer.{i}"
-        x = _layer_norm(b, b.op("Add", [_attention(b, x, mask, hidden, heads, f"{stem}.attention"), x],
-                                f"{stem}.attention.residual"), hidden, opset, f"{stem}.attention.norm")
-        h = _gelu(b, _linear(b, x, hidden, ffn, f"{stem}.intermediate"), f"{stem}.gelu")
-        x = _layer_norm(b, b.op("Add", [_linear(b, h, ffn, hidden, f"{stem}.output"), x], f"{stem}.residual"),
-                        hidden, opset, f"{stem}.output.norm")
+        x = _encoder_layer(b, x, mask, hidden, heads, ffn, opset, f"encoder.layer.{i}")
     b.rename(x, "last_hidden_state")
     outputs = [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, [batch, seq, hidden])]
     if pooled:
@@ -394,6 +413,56 @@ def bert_encoder(batch: int | str = "batch", seq: int | str = "seq", vocab: int 
     inputs = [helper.make_tensor_value_info(name, TensorProto.INT64, [batch, seq])
               for name in ("input_ids", "attention_mask")]
     return b.model(inputs, outputs, opset, "bert_encoder")
+
+
+def patch_encoder(batch: int | str = "batch", seq: int = 8, features: int = 8, hidden: int = 64, heads: int = 4,
+                  ffn: int = 128, layers: int = 2, classes: int = 10, opset: int = 17, seed: int = 0, *,
+                  params: dict[str, np.ndarray] | None = None):
+    """A transformer encoder classifier on float tokens (image patches, as a ViT without class token), with
+    :func:`bert_encoder`'s layers, opset 13 to 21.
+
+    Input ``pixels`` float32 ``[batch, seq, features]`` (``seq`` fixed); outputs ``last_hidden_state``
+    ``[batch, seq, hidden]``, ``embedding`` (its mean over the tokens) ``[batch, hidden]`` and ``logits``
+    ``[batch, classes]``. Embeddings: ``pixels W + b`` (MatMul, Add as a Linear), plus a learned position table
+    ``[seq, hidden]``, then LayerNorm. Then ``layers`` of :func:`bert_encoder`'s post-LN layers; the attention adds
+    ``attention.mask``, a zero ``[1, 1, 1, seq]`` constant (no padding), where BERT adds its padding mask. Head:
+    ReduceMean over the tokens (axes an input from opset 18), Gemm ``transB=1`` to ``classes``.
+
+    ``params`` maps initializer names to trained values, replacing the drawn ones: ``embeddings.patch.weight``
+    ``[features, hidden]`` and ``.bias``, ``embeddings.position``, ``embeddings.norm.weight`` / ``.bias``; per layer
+    ``encoder.layer.{i}.`` + ``attention.{query,key,value,output}.weight`` ``[in, out]`` / ``.bias``,
+    ``attention.norm.*``, ``intermediate.*`` ``[hidden, ffn]``, ``output.*`` ``[ffn, hidden]``, ``output.norm.*``;
+    ``classifier.weight`` ``[classes, hidden]`` and ``.bias``.
+    """
+    _positive(seq=seq, features=features, hidden=hidden, heads=heads, ffn=ffn, layers=layers, classes=classes)
+    if opset not in BERT_OPSETS:
+        raise ValueError(f"opset: expected one of {BERT_OPSETS.start}..{BERT_OPSETS.stop - 1}, got {opset!r}")
+    if hidden % heads:
+        raise ValueError(f"heads: expected a divisor of hidden = {hidden}, got {heads}")
+    batch = _dim(batch, "batch")
+    from onnx import TensorProto, helper
+
+    b = _Builder(seed, params)
+    x = _linear(b, "pixels", features, hidden, "embeddings.patch")
+    x = b.op("Add", [x, b.const("embeddings.position", b.normal((seq, hidden), 0.02))], "embeddings.add_position")
+    x = _layer_norm(b, x, hidden, opset, "embeddings.norm")
+    mask = b.const("attention.mask", np.zeros((1, 1, 1, seq), np.float32))
+    for i in range(layers):
+        x = _encoder_layer(b, x, mask, hidden, heads, ffn, opset, f"encoder.layer.{i}")
+    b.rename(x, "last_hidden_state")
+    if opset >= 18:
+        pooled = b.op("ReduceMean", ["last_hidden_state", _ints(b, "pooler.axes", [1])], "pooler.mean", keepdims=0)
+    else:
+        pooled = b.op("ReduceMean", ["last_hidden_state"], "pooler.mean", axes=[1], keepdims=0)
+    b.rename(pooled, "embedding")
+    w = b.const("classifier.weight", b.normal((classes, hidden), 0.02))
+    b.rename(b.op("Gemm", ["embedding", w, b.const("classifier.bias", b.normal(classes, 0.02))], "classifier",
+                  transB=1), "logits")
+    inputs = [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, [batch, seq, features])]
+    outputs = [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, [batch, seq, hidden]),
+               helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [batch, hidden]),
+               helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, classes])]
+    return b.model(inputs, outputs, opset, "patch_encoder")
 
 
 # ---- feeds ---------------------------------------------------------------------------------------------------------

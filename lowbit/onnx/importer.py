@@ -30,7 +30,8 @@ from lowbit.onnx.types import elem_name, numpy_dtype, type_string
 
 #: Default-domain opsets lowbit reads; newer ones are refused until their changes are known.
 MIN_OPSET = 10
-DOMAINS = ("", "ai.onnx", "com.microsoft")
+#: ``lowbit``: lowbit's own ops, as :mod:`lowbit.onnx.quantization` writes them (``lowbit.DynamicQuantizeMatMul``).
+DOMAINS = ("", "ai.onnx", "com.microsoft", "lowbit")
 #: ONNX's 4-bit and 2-bit element types (uint4, int4, uint2, int2), held one code per byte.
 SUB_BYTE_TYPES = (21, 22, 25, 26)
 #: ONNX attribute types that hold a graph (control flow: If, Loop, Scan) or a sparse tensor.

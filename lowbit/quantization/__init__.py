@@ -7,4 +7,5 @@
 - ``calibration``: streaming observers (min-max, moving average, percentile, MSE, KL entropy)
 - ``fake``: fake quantization with straight-through, LSQ, sign and ternary gradients
 - ``weights``: bias correction, SmoothQuant, GPTQ and AWQ
+- ``formats``: the table of weight formats (int8, int4, nf4, ternary, binary): ops, storage, dequantization
 """

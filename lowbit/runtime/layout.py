@@ -53,7 +53,7 @@ from typing import Callable
 import numpy as np
 
 from kernels import dispatch
-from lowbit.graph.ir import Graph, GraphIndex, Node
+from lowbit.graph.ir import Graph, GraphIndex, Node, fresh_name
 
 NHWC = "NHWC"
 TO_NHWC, TO_NCHW = [0, 2, 3, 1], [0, 3, 1, 2]
@@ -194,14 +194,7 @@ def _reads_nchw(reader: Node, tensor: str, member: set[int]) -> bool:
 
 def _namer(taken: set[str]) -> Callable[[str], str]:
     """A maker of names not in ``taken`` (which it extends): ``stem``, else ``stem_1``, ``stem_2`` ..."""
-    def fresh(stem: str) -> str:
-        name, k = stem, 0
-        while name in taken:
-            k += 1
-            name = f"{stem}_{k}"
-        taken.add(name)
-        return name
-    return fresh
+    return lambda stem: fresh_name(stem, taken)
 
 
 def nhwc_chains(graph: Graph) -> Graph:

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from lowbit.graph.ir import Graph, GraphIndex, Node
+from lowbit.graph.ir import Graph, GraphIndex, Node, fresh_name
+from lowbit.quantization.formats import FORMATS, OPS
 
 #: Producers that apply attr ``activation`` ("relu" / "relu6") after their bias.
-FUSABLE = ("Conv", "Gemm", "Add", "QLinearConv", "lowbit.QGemm", "lowbit.DynamicQGemm", "lowbit.Int4Gemm",
-           "lowbit.Int4Conv", "lowbit.TernaryGemm", "lowbit.BinaryConv", "lowbit.BinaryGemm")
+FUSABLE = ("Conv", "Gemm", "Add", "QLinearConv", "lowbit.QGemm", *OPS)
 #: Producers whose output may be quantized codes (y_zero_point at input 7).
 _QUANTIZED_OUT = ("QLinearConv", "lowbit.QGemm")
 
@@ -29,12 +29,7 @@ def _private(graph: Graph, index: GraphIndex, tensor: str) -> Node | None:
 
 
 def _fresh(graph: Graph, stem: str) -> str:
-    name, k = stem, 0
-    taken = set(graph.params) | set(graph.inputs) | {t for n in graph.nodes for t in n.outputs}
-    while name in taken:
-        k += 1
-        name = f"{stem}_{k}"
-    return name
+    return fresh_name(stem, set(graph.params) | set(graph.inputs) | {t for n in graph.nodes for t in n.outputs})
 
 
 def _drop_unused(graph: Graph, candidates: set[str]) -> None:
@@ -185,34 +180,27 @@ def _dequantized(graph: Graph, node: Node) -> tuple[np.ndarray, np.ndarray | Non
     return w_float.astype(np.float32), np.broadcast_to(bias, (w.shape[0],)).astype(np.float32)
 
 
-#: Weight-only quantized ops (float activations) and the float op their twin runs.
-WEIGHT_ONLY = {"lowbit.Int4Gemm": "Gemm", "lowbit.Int4Conv": "Conv", "lowbit.TernaryGemm": "Gemm",
-               "lowbit.DynamicQGemm": "Gemm"}
+#: Weight-only quantized ops (float activations) the twin maps to float: every op of the weight-format table but the
+#: binary ones, which binarize their inputs too.
+WEIGHT_ONLY = {op: float_op for op, (fmt, float_op) in OPS.items() if not fmt.binarizes_input}
 _CONV_ATTRS = ("kernel_shape", "strides", "pads", "dilations", "group", "auto_pad", "activation")
 
 
 def _weight_only_float(graph: Graph, node: Node) -> tuple[np.ndarray, np.ndarray | None]:
-    """The float weights (``[out, in]``, or OIHW for Int4Conv) and bias of a :data:`WEIGHT_ONLY` node.
-
-    Int4: ``w[o, k] = codes[o, k] scales[o, k // group_size]`` (Int4Conv columns in (ky, kx, c) order,
-    reordered to OIHW); ternary: ``w = codes[o, k] scales[o]``; DynamicQGemm: ``w = (w - w_zp[o]) w_scale[o]``.
-    """
-    p, op = graph.params, node.op
-    codes = p[node.inputs[1]].astype(np.float64)
-    if op == "lowbit.DynamicQGemm":
+    """The float weights (``[out, in]``, or OIHW for a Conv op) and bias of a :data:`WEIGHT_ONLY` node, dequantized
+    as its format says (``lowbit.quantization.formats``; DynamicQGemm: ``w = (w - w_zp[o]) w_scale[o]``, its bias
+    at input 4). Conv codes are ``[out, (ky, kx, c)]`` columns, reordered to OIHW."""
+    p, (fmt, float_op) = graph.params, OPS[node.op]
+    codes, scales = p[node.inputs[1]], p[node.inputs[2]]
+    bias_index = 3
+    if node.op == FORMATS["int8"].ops["Gemm"]:
         zero_name = node.inputs[3] if len(node.inputs) > 3 else ""
-        zero = p[zero_name].astype(np.float64).reshape(-1, 1) if zero_name else 0.0
-        w = (codes - zero) * p[node.inputs[2]].astype(np.float64).reshape(-1, 1)
+        codes = codes.astype(np.int32) - (p[zero_name].astype(np.int32).reshape(-1, 1) if zero_name else 0)
         bias_index = 4
-    elif op == "lowbit.TernaryGemm":
-        w, bias_index = codes * p[node.inputs[2]].astype(np.float64).reshape(-1, 1), 3
-    else:
-        g = int(node.attrs["group_size"])
-        w = codes * np.repeat(p[node.inputs[2]].astype(np.float64), g, axis=1)[:, :codes.shape[1]]
-        bias_index = 3
-        if op == "lowbit.Int4Conv":
-            kh, kw = node.attrs["kernel_shape"]
-            w = w.reshape(w.shape[0], kh, kw, -1).transpose(0, 3, 1, 2)
+    w = fmt.dequantize(codes, scales, node.attrs.get("group_size"))
+    if float_op == "Conv":
+        kh, kw = node.attrs["kernel_shape"]
+        w = w.reshape(w.shape[0], kh, kw, -1).transpose(0, 3, 1, 2)
     bias_name = node.inputs[bias_index] if len(node.inputs) > bias_index else ""
     bias = np.broadcast_to(p[bias_name].astype(np.float32).reshape(-1), (w.shape[0],)) if bias_name else None
     return np.ascontiguousarray(w, np.float32), bias
@@ -283,7 +271,7 @@ def float_twin(graph: Graph) -> Graph | None:
             if bias is not None:
                 names.append(_fresh(out, f"{node.name}_b_float"))
                 out.params[names[1]] = bias
-            conv = node.op in ("QLinearConv", "lowbit.Int4Conv")
+            conv = node.op == "QLinearConv" or WEIGHT_ONLY.get(node.op) == "Conv"
             keep = _CONV_ATTRS if conv else ("activation",)
             attrs = {**({} if conv else {"transB": 1}), **{k: v for k, v in attrs.items() if k in keep}}
             node = Node("Conv" if conv else "Gemm", [inputs[0], *names], outputs, attrs, node.name)

@@ -44,4 +44,20 @@ class Profile:
                          f"{r.share:>5.1f}%  {r.note}".rstrip())
         lines.append("-" * len(head))
         lines.append(f"{'total':<{width}}  {'':<{ops}}  {'':<9}  {self.total_ms:>9.3f}  {'':>8}  {100.0:>5.1f}%")
+        lines.append(self.summary())
         return "\n".join(lines)
+
+    def summary(self) -> str:
+        """One line: how many nodes ran in each precision, and how many quantized ones ran in float instead
+        (their notes say why: a float kernel, or the whole float twin, was faster at these shapes)."""
+        counts: dict[str, int] = {}
+        for r in self.rows:
+            counts[r.precision] = counts.get(r.precision, 0) + 1
+        ran = ", ".join(f"{n} {p}" for p, n in sorted(counts.items(), key=lambda item: -item[1]))
+        if any("fell back to float: the quantized graph" in r.note for r in self.rows):
+            tail = "; the float twin of a quantized graph ran, faster at these shapes (see the notes)"
+        else:
+            fell_back = sum("fell back to float" in r.note for r in self.rows)
+            tail = f"; {fell_back} quantized nodes fell back to float kernels, faster at these shapes (see their " \
+                   f"notes)" if fell_back else ""
+        return f"ran: {ran}{tail}"

@@ -19,6 +19,7 @@ fused formulas; lowbit follows the exact rule each docstring states, and lands w
 ``QLinearGlobalAveragePool``              likewise over all spatial axes (``kernels.global_avg_pool2d``)
 ``QGemm``                                 ``(A - za) @ (B - zb) + C`` exact, times ``alpha sa sb[n] (/ sy)``
 ``DynamicQuantizeMatMul``                 A quantized per call (DynamicQuantizeLinear), then to float
+                                          (``lowbit.DynamicQuantizeMatMul``: the same, A quantized per row)
 ``MatMulIntegerToFloat``                  ``(A - za) @ (B - zb) * sa sb[n] + bias``, float
 ``MatMulNBits``                           A @ block-quantized 2..8-bit weights (``kernels.gemm_int4``)
 
@@ -36,6 +37,7 @@ import numpy as np
 
 import kernels
 from kernels.elementwise import qlinear_add_plan, qlinear_mul_plan
+from kernels.pack.grouped import GROUP_SIZES
 from lowbit.graph.ir import Graph, Node
 from lowbit.quantization.qdq import dynamic_quantize_linear
 from lowbit.runtime.float_ops import _matmul_shape
@@ -304,6 +306,16 @@ def prepare_dynamic_quantize_matmul(node: Node, graph: Graph, inputs: Inputs) ->
     return Kernel(run, [out], ops, "int8", "dynamic uint8 + exact NumPy (float64 BLAS)")
 
 
+@preparer("lowbit.DynamicQuantizeMatMul")
+def prepare_lowbit_dynamic_quantize_matmul(node: Node, graph: Graph, inputs: Inputs) -> Kernel:
+    """lowbit's DynamicQuantizeMatMul(A, B, b_scale, b_zero_point?, bias?), domain ``lowbit``: ONNX Runtime's
+    DynamicQuantizeMatMul with ``A`` quantized per row (each token with its own range, as ``per_row=1``), written by
+    :func:`lowbit.onnx.quantization.quantize_dynamic` (its docstring states the formula). ``B``, its scale, zero point
+    and the bias must be constants, ``B`` 2-D, the scale float32, K at most ``kernels.DynamicLinearPlan.max_k``."""
+    per_row = Node(node.op, node.inputs, node.outputs, {**node.attrs, "per_row": 1}, node.name)
+    return prepare_dynamic_quantize_matmul(per_row, graph, inputs)
+
+
 @preparer("com.microsoft.QGemm")
 def prepare_qgemm(node: Node, graph: Graph, inputs: Inputs) -> Kernel:
     """ONNX Runtime's QGemm(A, a_scale, a_zero_point, B, b_scale, b_zero_point, C?, y_scale?, y_zero_point?)::
@@ -461,7 +473,7 @@ def prepare_matmul_nbits(node: Node, graph: Graph, inputs: Inputs) -> Kernel:
             outs[0] += ins[5].reshape(-1)
 
     float_kernel = Kernel(run_float, [out], ops, "float32", "BLAS on dequantized weights")
-    if not (level == 4 and bits == 4 and zero.dtype == np.uint8 and block in (32, 64, 128, 256)):
+    if not (level == 4 and bits == 4 and zero.dtype == np.uint8 and block in GROUP_SIZES):
         return float_kernel
     packed = kernels.pack_int4_codes(*(np.ascontiguousarray(v) for v in (codes, scales, zero)), group_size=block)
     plan = kernels.gemm_int4_plan(packed, math.prod(a[0][:-1]))

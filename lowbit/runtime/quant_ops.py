@@ -12,12 +12,12 @@ sub-byte weights are stored one per int8 and packed here):
                                    ``(y_scale, y_zero_point)`` or float32 when those are absent
 ``lowbit.DynamicQGemm``            ``x`` float32 quantized per call to uint8 by its min / max
                                    (ONNX DynamicQuantizeLinear), then as ``lowbit.QGemm``, float32 out
-``lowbit.Int4Gemm / Int4Conv``     ``y = act(x @ (scale[n, g] * codes).T + B)`` (``kernels.gemm_int4``,
-                                   ``kernels.conv2d_int4``; groups of ``group_size`` along K)
-``lowbit.TernaryGemm``             ``y = act(x @ (scale[n] * codes).T + B)`` (``kernels.gemm_ternary``)
-``lowbit.BinaryConv / BinaryGemm`` ``y = act(alpha[o] * (sign(x) (*) w) + B[o])``, ``sign(x) = +1`` for
-                                   ``x >= 0`` else -1; BinaryConv pads ``sign(x)`` with ``pad_value``
-                                   (default 0, as a float Conv on ``sign(x)`` would)
+
+The weight-only formats of ``lowbit.quantization.formats`` (int4, nf4, ternary, binary: ``lowbit.Int4Gemm``,
+``NF4Gemm``, ``TernaryGemm``, ``BinaryGemm``, ``Int4Conv``, ``BinaryConv``), each ``y = act(x @ W.T + B)`` (Conv:
+``act(conv(x, W) + B)``) with ``W`` dequantized from ``(codes, scales)`` as the table says; Gemm ops take ``x``
+``[..., K]``. The binary ops compute on ``sign(x)`` (``+1`` for ``x >= 0``, else -1); BinaryConv pads ``sign(x)``
+with ``pad_value`` (default 0, as a float Conv on ``sign(x)`` would).
 
 ``act`` is the optional attribute ``activation`` ("relu" or "relu6"), fused after the bias.
 Every quantized kernel of a ``lowbit.`` op carries a ``fallback``: the same layer in float32 on the
@@ -43,6 +43,7 @@ from kernels.entry import Entry
 from kernels.quantize import dequantize_linear, quantize_linear, quantize_linear_to_nhwc
 from lowbit.graph.ir import Graph, Node
 from lowbit.quantization import grid, qdq
+from lowbit.quantization.formats import FORMATS, WeightFormat
 from lowbit.quantization.qdq import dynamic_quantize_linear
 from lowbit.quantization.scheme import QScheme
 from lowbit.runtime.float_ops import channels_last, nchw_shape, nhwc_shape, prepare_conv, transposed_nhwc
@@ -52,7 +53,6 @@ from lowbit.runtime.windows import Window, conv_window, window_view
 
 Inputs = list[tuple[Shape, np.dtype]]
 ACTIVATIONS = {None: (None, None), "relu": (0.0, None), "relu6": (0.0, 6.0)}
-INT4_GROUP_SIZES = (32, 64, 128, 256)
 
 
 # ----------------------------------------------------------------------------- shared checks
@@ -754,55 +754,86 @@ def prepare_dynamic_qgemm(node: Node, graph: Graph, inputs: Inputs) -> Kernel:
     return _gemm_kernel(node, x_shape, w, "int8", "dynamic uint8 + linear_int8", compute, w_float, bias, act)
 
 
-# ----------------------------------------------------------------------------- int4
+# ----------------------------------------------------------------------------- weight-only formats
 
-def _group_size(node: Node) -> int:
-    g = node.attrs.get("group_size")
-    if g not in INT4_GROUP_SIZES:
-        raise ValueError(f"node {node.name!r} ({node.op}): attribute group_size must be one of {INT4_GROUP_SIZES}, "
-                         f"got {g!r}")
-    return int(g)
-
-
-def _int4_codes(node: Node, graph: Graph, group_size: int) -> tuple[np.ndarray, np.ndarray]:
-    codes = _param(node, graph, 1, "codes")
+def _weight_only(node: Node, graph: Graph, fmt: WeightFormat) -> tuple[np.ndarray, np.ndarray, int | None]:
+    """``(codes [out, K], scales, group_size)`` of a node of ``fmt`` (lowbit.quantization.formats), checked; scales
+    ``[out, groups]`` for grouped formats, else ``[out]``."""
+    where = f"node {node.name!r} ({node.op})"
+    try:
+        g = fmt.group_size(node.attrs.get("group_size")) if fmt.grouped else None
+    except ValueError as error:
+        raise ValueError(f"{where}: attribute {error}") from None
+    if fmt.grouped and "group_size" not in node.attrs:
+        raise ValueError(f"{where}: attribute group_size is required (one of {list(fmt.group_sizes)})")
+    codes = fmt.check_codes(_param(node, graph, 1, "codes"), where)
     scales = _param(node, graph, 2, "scales")
-    if codes.dtype != np.int8 or codes.ndim != 2 or codes.min(initial=0) < -8 or codes.max(initial=0) > 7:
-        raise ValueError(f"node {node.name!r} ({node.op}): codes must be int8 [out, K] in -8..7")
-    want = (codes.shape[0], -(-codes.shape[1] // group_size))
-    if scales.shape != want:
-        raise ValueError(f"node {node.name!r} ({node.op}): scales must have shape {want} for codes "
-                         f"{list(codes.shape)} and group_size {group_size}, got {scales.shape}")
-    return np.ascontiguousarray(codes), np.ascontiguousarray(scales, np.float32)
+    want = (codes.shape[0], -(-codes.shape[1] // g)) if g else (codes.shape[0],)
+    if scales.size != math.prod(want) or (g and scales.shape != want):
+        raise ValueError(f"{where}: scales must have shape {want} for codes {list(codes.shape)}"
+                         f"{f' and group_size {g}' if g else ''}, got {scales.shape}")
+    return codes, np.ascontiguousarray(scales.reshape(want), np.float32), g
 
 
-@preparer("lowbit.Int4Gemm")
-def prepare_int4_gemm(node: Node, graph: Graph, inputs: Inputs) -> Kernel:
-    x_shape = _input(node, inputs, 2, (np.float32,))
-    g = _group_size(node)
-    codes, scales = _int4_codes(node, graph, g)
-    bias = _vector(node, _param(node, graph, 3, "bias", optional=True), codes.shape[0], "the bias")
-    act = _activation(node)
-    packed = kernels.pack_int4_codes(codes, scales, group_size=g)
-
-    def compute(x: np.ndarray, out: np.ndarray) -> None:
-        kernels.gemm_int4(x, packed, out=out)
-        _add_bias_act(out, bias, act)
-
-    return _gemm_kernel(node, x_shape, codes, "int4", f"gemm_int4 g{g}", compute, packed.dequantize(), bias, act)
+def _sign(x: np.ndarray) -> np.ndarray:
+    """``+1`` for ``x >= 0``, else -1 (as ``kernels.pack_bits`` encodes it)."""
+    return np.where(x < 0, np.float32(-1), np.float32(1))
 
 
-@preparer("lowbit.Int4Conv")
+def _weight_only_gemm(fmt: WeightFormat) -> Callable[[Node, Graph, Inputs], Kernel]:
+    """The preparer of ``fmt``'s Gemm op: ``y = act(x @ W.T + bias)`` for ``x`` float32 ``[..., K]`` (binary formats:
+    ``sign(x)``), the product on ``fmt``'s kernel plan, its float fallback on the dequantized weights."""
+
+    def prepare(node: Node, graph: Graph, inputs: Inputs) -> Kernel:
+        shape, dtype = inputs[0]
+        if len(shape) < 2 or np.dtype(dtype) != np.float32:
+            raise ValueError(f"node {node.name!r} ({node.op}): input x must be float32 [..., K] (at least 2-D), "
+                             f"got shape {shape}, dtype {dtype}")
+        codes, scales, g = _weight_only(node, graph, fmt)
+        n, k = codes.shape
+        if shape[-1] != k:
+            raise ValueError(f"node {node.name!r} ({node.op}): input x has {shape[-1]} features, the weights "
+                             f"[out, in] = {[n, k]} expect {k}")
+        bias = _vector(node, _param(node, graph, 3, "bias", optional=True), n, "the bias")
+        act = _activation(node)
+        m = math.prod(shape[:-1])
+        plan = fmt.plan(codes, scales, g, m)
+        out = ((*shape[:-1], n), np.dtype(np.float32))
+        ops = 2 * m * n * k
+        w_t = np.ascontiguousarray(fmt.dequantize(codes, scales, g).T)
+
+        def run(ins: list[np.ndarray], outs: list[np.ndarray]) -> None:
+            plan(ins[0].reshape(m, k), out=outs[0].reshape(m, n))
+            _add_bias_act(outs[0], bias, act)
+
+        def compute_float(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+            np.matmul(_sign(x) if fmt.binarizes_input else x, w_t, out=y)
+            _add_bias_act(y, bias, act)
+            return y
+
+        # a bare product is one team entry: compiled chains run it, shared out by their threads
+        entry = plan.entry() if bias is None and act is None and not fmt.binarizes_input else None
+        note = f"{fmt.name} {'g' + str(g) if g else 'per channel'}"
+        return Kernel(run, [out], ops, fmt.name, note, fallback=_float_kernel(compute_float, out, ops), entry=entry)
+
+    return prepare
+
+
+for _fmt in FORMATS.values():
+    if _fmt.name != "int8":  # lowbit.DynamicQGemm above
+        preparer(_fmt.ops["Gemm"])(_weight_only_gemm(_fmt))
+
+
+@preparer(FORMATS["int4"].ops["Conv"])
 def prepare_int4_conv(node: Node, graph: Graph, inputs: Inputs) -> Kernel:
     x_shape = _input(node, inputs, 4, (np.float32,))
-    g = _group_size(node)
-    codes, scales = _int4_codes(node, graph, g)
+    codes, scales, g = _weight_only(node, graph, FORMATS["int4"])
     if "kernel_shape" not in node.attrs:
-        raise ValueError(f"node {node.name!r} (lowbit.Int4Conv): attribute kernel_shape is required")
+        raise ValueError(f"node {node.name!r} ({node.op}): attribute kernel_shape is required")
     kh, kw = node.attrs["kernel_shape"]
     o, k = codes.shape
     if k % (kh * kw):
-        raise ValueError(f"node {node.name!r} (lowbit.Int4Conv): codes have {k} columns, not a multiple of "
+        raise ValueError(f"node {node.name!r} ({node.op}): codes have {k} columns, not a multiple of "
                          f"KH * KW = {kh * kw}")
     w_shape = (o, k // (kh * kw), kh, kw)
     attrs, out_shape = _conv2d(node, x_shape, w_shape)
@@ -823,47 +854,23 @@ def prepare_int4_conv(node: Node, graph: Graph, inputs: Inputs) -> Kernel:
     return Kernel(run, [out], ops, "int4", f"conv2d_int4 g{g}", fallback=fallback)
 
 
-# ----------------------------------------------------------------------------- ternary
+# ----------------------------------------------------------------------------- binary convolution
 
-@preparer("lowbit.TernaryGemm")
-def prepare_ternary_gemm(node: Node, graph: Graph, inputs: Inputs) -> Kernel:
-    x_shape = _input(node, inputs, 2, (np.float32,))
-    codes = _param(node, graph, 1, "codes")
-    if codes.dtype != np.int8 or codes.ndim != 2 or not np.isin(codes, (-1, 0, 1)).all():
-        raise ValueError(f"node {node.name!r} (lowbit.TernaryGemm): codes must be int8 [out, in] in {{-1, 0, 1}}")
-    scales = _vector(node, _param(node, graph, 2, "scales"), codes.shape[0], "the scales")
-    bias = _vector(node, _param(node, graph, 3, "bias", optional=True), codes.shape[0], "the bias")
-    act = _activation(node)
-    packed = kernels.pack_ternary_codes(np.ascontiguousarray(codes), scales.reshape(-1, 1))
-
-    def compute(x: np.ndarray, out: np.ndarray) -> None:
-        kernels.gemm_ternary(x, packed, out=out)
-        _add_bias_act(out, bias, act)
-
-    return _gemm_kernel(node, x_shape, codes, "ternary", "gemm_ternary", compute,
-                        codes.astype(np.float32) * scales[:, None], bias, act)
-
-
-# ----------------------------------------------------------------------------- binary
-
-def _binary_weights(node: Node, graph: Graph) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def _binary_filters(node: Node, graph: Graph) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(w OIHW int8 +-1, alpha [O], bias [O] or None)`` of a lowbit.BinaryConv."""
     w = _param(node, graph, 1, "weights")
-    if w.dtype != np.int8 or not np.isin(w, (-1, 1)).all():
-        raise ValueError(f"node {node.name!r} ({node.op}): weights must be int8 with values -1 and +1")
+    if w.ndim != 4:
+        raise ValueError(f"node {node.name!r} ({node.op}): weights must be OIHW, got shape {w.shape}")
+    FORMATS["binary"].check_codes(w.reshape(w.shape[0], -1), f"node {node.name!r} ({node.op})")
     alpha = _vector(node, _param(node, graph, 2, "alpha"), w.shape[0], "alpha")
     bias = _vector(node, _param(node, graph, 3, "bias", optional=True), w.shape[0], "the bias")
     return np.ascontiguousarray(w), alpha, bias
 
 
-def _sign(x: np.ndarray) -> np.ndarray:
-    """``+1`` for ``x >= 0``, else -1 (as ``kernels.pack_bits`` encodes it)."""
-    return np.where(x < 0, np.float32(-1), np.float32(1))
-
-
-@preparer("lowbit.BinaryConv")
+@preparer(FORMATS["binary"].ops["Conv"])
 def prepare_binary_conv(node: Node, graph: Graph, inputs: Inputs) -> Kernel:
     x_shape = _input(node, inputs, 4, (np.float32,))
-    w, alpha, bias = _binary_weights(node, graph)
+    w, alpha, bias = _binary_filters(node, graph)
     (attrs, out_shape), act = _conv2d(node, x_shape, w.shape), _activation(node)
     if attrs.pop("group") != 1:
         raise ValueError(f"node {node.name!r} (lowbit.BinaryConv): only group 1 is supported")
@@ -890,23 +897,6 @@ def prepare_binary_conv(node: Node, graph: Graph, inputs: Inputs) -> Kernel:
     fallback = _conv_fallback(node, x_shape, w_float, shifted.astype(np.float32), {**attrs, "group": 1}, act, out,
                               ops, lambda x: _sign(x) - np.float32(pad_value))
     return Kernel(run, [out], ops, "binary", f"conv2d_binary pad {pad_value}", fallback=fallback)
-
-
-@preparer("lowbit.BinaryGemm")
-def prepare_binary_gemm(node: Node, graph: Graph, inputs: Inputs) -> Kernel:
-    x_shape = _input(node, inputs, 2, (np.float32,))
-    w, alpha, bias = _binary_weights(node, graph)
-    if w.ndim != 2:
-        raise ValueError(f"node {node.name!r} (lowbit.BinaryGemm): weights must be [out, in], got {w.shape}")
-    act = _activation(node)
-    w_bits, k = kernels.pack_bits(w), w.shape[1]
-
-    def compute(x: np.ndarray, out: np.ndarray) -> None:
-        kernels.gemm_binary(kernels.pack_bits(x), w_bits, k, multiplier=alpha, bias=bias, out=out)
-        _clamp(out, act)
-
-    return _gemm_kernel(node, x_shape, w, "binary", "gemm_binary", compute, w.astype(np.float32) * alpha[:, None],
-                        bias, act, _sign)
 
 
 # The session imports this module (OP_MODULES) to register its preparers: importing the other quantized ops here

@@ -11,7 +11,8 @@ import kernels
 
 from kernels.gemm.int4 import gemm_int4
 from kernels.pack.grouped import STEP_BYTES
-from kernels.pack.int4 import GROUP_SIZES, pack_int4, pack_int4_codes, quantize_int4
+from kernels.pack.grouped import GROUP_SIZES
+from kernels.pack.int4 import pack_int4, pack_int4_codes, quantize_int4
 from kernels.pack.ternary import pack_ternary
 from tests.levels import level_fixture
 from kernels.reference.int4 import dequantize_int4_ref, gemm_int4_ref, quantize_activations_ref

@@ -101,3 +101,53 @@ def test_onnx_run_inspect_bench(tmp_path, capsys, rng):
     assert "lowbit" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="NAME=SIZE"):
         main(["run", str(path), "--dim", "N"])
+
+
+def test_quantize_refuses_static_without_calibration_data(tmp_path, rng):
+    model = tmp_path / "float.lowbit"
+    lowbit.save(_model(rng), model)
+    with pytest.raises(SystemExit, match="static activations need calibration data: --calibration"):
+        main(["quantize", str(model), "-o", str(tmp_path / "q.lowbit")])
+    with pytest.raises(SystemExit, match=r"int8 convolutions \(conv_\d+\) are static and need calibration data"):
+        main(["quantize", str(model), "-o", str(tmp_path / "q.lowbit"), "--activations", "dynamic"])
+    assert main(["quantize", str(model), "-o", str(tmp_path / "q.lowbit"), "--weights", "int4",
+                 "--activations", "dynamic"]) == 0  # weight-only layers need no data
+
+
+def test_quantize_says_which_layers_keep_int8(tmp_path, capsys, rng):
+    model = tmp_path / "float.lowbit"
+    lowbit.save(_model(rng), model)
+    np.save(tmp_path / "x.npy", rng.standard_normal((8, 3, 8, 8)).astype(np.float32))
+    assert main(["quantize", str(model), "-o", str(tmp_path / "t.lowbit"), "--weights", "ternary",
+                 "--calibration", str(tmp_path / "x.npy"), "--batch", "4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["layer", "op", "precision", "why"]
+    assert lines[1].split()[1:] == ["Conv", "int8", "first", "or", "last", "layer", "(keep_first_last)"]
+    assert lines[2].split()[1:] == ["Gemm", "int8", "first", "or", "last", "layer", "(keep_first_last)"]
+
+
+def test_quantize_onnx_static_from_a_folder_and_dynamic_with_a_target(tmp_path, capsys, rng):
+    onnx = pytest.importorskip("onnx")
+    from lowbit.onnx import InferenceSession, examples
+
+    cnn, bert = tmp_path / "cnn.onnx", tmp_path / "bert.onnx"
+    onnx.save(examples.digits_cnn(), cnn)
+    onnx.save(examples.bert_encoder(layers=1, hidden=64), bert)
+    folder = tmp_path / "calibration"
+    folder.mkdir()
+    for i in range(3):  # one batch a file, read when needed
+        np.savez(folder / f"{i}.npz", input=rng.standard_normal((4, 1, 8, 8)).astype(np.float32))
+    assert main(["quantize", str(cnn), "-o", str(tmp_path / "cnn.qdq.onnx"), "--calibration", str(folder)]) == 0
+    captured = capsys.readouterr()
+    assert "calibration batch 3/3" in captured.err and "QLinearConv" not in captured.out  # QDQ by default
+    assert "conv0" in captured.out and InferenceSession(str(tmp_path / "cnn.qdq.onnx")).run(
+        None, examples.image_feed(2, 8, channels=1))[0].shape == (2, 10)
+    np.savez(tmp_path / "tokens.npz", **examples.token_feed(8, 16))
+    with pytest.raises(SystemExit, match="--accuracy-target needs --calibration"):
+        main(["quantize", str(bert), "-o", str(tmp_path / "b.onnx"), "--activations", "dynamic",
+              "--accuracy-target", "0.99"])
+    assert main(["quantize", str(bert), "-o", str(tmp_path / "b.onnx"), "--activations", "dynamic", "--weights",
+                 "int4", "--block-size", "32", "--calibration", str(tmp_path / "tokens.npz"), "--batch", "4",
+                 "--accuracy-target", "0.99"]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy target min cosine >= 0.99: reached" in out and "MatMulNBits" in out

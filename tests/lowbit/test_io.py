@@ -11,6 +11,7 @@ import pytest
 
 from lowbit.graph import Graph, Node, Sequential, TensorSpec
 from lowbit.io import load, model_size, save
+from lowbit.quantization.formats import FORMATS
 from lowbit.runtime import Session
 
 
@@ -51,23 +52,22 @@ def test_round_trip_keeps_scalar_params(tmp_path):
     np.testing.assert_array_equal(Session(loaded).run(x)["y"], Session(graph).run(x)["y"])
 
 
-@pytest.mark.parametrize("op, low, high, bits", [("lowbit.Int4Gemm", -8, 8, 4), ("lowbit.TernaryGemm", -1, 2, 2),
-                                                 ("lowbit.BinaryGemm", -1, 2, 1)])
-def test_codes_are_stored_packed(rng, tmp_path, op, low, high, bits):
-    codes = rng.integers(low, high, (32, 64)).astype(np.int8)
-    if bits == 1:
-        codes[codes == 0] = 1
-    g = _coded(rng, op, codes)
+@pytest.mark.parametrize("name", [f for f in FORMATS if FORMATS[f].bits < 8])
+def test_codes_are_stored_packed(rng, tmp_path, name):
+    """Every sub-byte format of the table stores its codes as its storage qtype packs them."""
+    fmt = FORMATS[name]
+    codes, _ = fmt.quantize(rng.normal(size=(32, 64)).astype(np.float32))
+    g = _coded(rng, fmt.ops["Gemm"], codes)
     path = tmp_path / "m.lowbit"
     save(g, path)
     loaded = load(path)
     np.testing.assert_array_equal(loaded.params["codes"], codes)
-    assert loaded.params["codes"].dtype == np.int8
-    assert model_size(g) == 32 * 64 * bits // 8 + 32 * 4
+    assert loaded.params["codes"].dtype == codes.dtype == fmt.qtype.dtype
+    assert model_size(g) == 32 * 64 * fmt.bits // 8 + 32 * 4
     assert path.stat().st_size < model_size(g) + 2000  # headers and zip directory only
     with zipfile.ZipFile(path) as z:
         entry = json.loads(z.read("graph.json"))["params"]["codes"]
-    assert entry["storage"] == {4: "s4", 2: "t2", 1: "b1"}[bits] and entry["shape"] == [32, 64]
+    assert entry["storage"] == fmt.storage and entry["shape"] == [32, 64]
 
 
 def test_out_of_range_codes_stay_raw(rng, tmp_path):

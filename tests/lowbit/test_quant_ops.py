@@ -10,6 +10,7 @@ from kernels.reference.int4 import gemm_int4_ref
 from kernels.reference.int8 import finish_ref, linear_int8_ref
 from kernels.reference.ternary import gemm_ternary_ref
 from lowbit.graph.ir import Graph, Node
+from lowbit.quantization.formats import FORMATS
 from lowbit.quantization.qdq import dequantize_linear, dynamic_quantize_linear, quantize_linear
 from lowbit.runtime.registry import prepare
 
@@ -181,8 +182,49 @@ def test_ternary_gemm_matches_reference(rng):
     y, kernel = run("lowbit.TernaryGemm", x, [codes, scales, None], {"activation": "relu"})
     np.testing.assert_allclose(y, np.maximum(gemm_ternary_ref(x, codes, scales[:, None]), 0), rtol=1e-6, atol=1e-6)
     assert kernel.precision == "ternary"
-    with pytest.raises(ValueError, match="-1, 0, 1"):
+    with pytest.raises(ValueError, match=r"values -1..1 \(ternary\), got int8 of shape \(10, 50\) with values -2..2"):
         run("lowbit.TernaryGemm", x, [codes * 2, scales, None])
+
+
+@pytest.mark.parametrize("name", [f for f in FORMATS if f != "int8"])
+@pytest.mark.parametrize("lead", [(1,), (7,), (2, 5)])
+def test_weight_only_gemm_of_every_format(rng, name, lead):
+    """Each weight-only Gemm op of the format table on x [..., K]: within the row's tolerance of x @ W.T on its own
+    dequantized weights, its float fallback within float rounding; the bias and activation applied after."""
+    fmt = FORMATS[name]
+    k, n = 65, 63  # neither a multiple of a group nor of a panel
+    w = rng.normal(0, 0.1, (n, k)).astype(np.float32)
+    codes, scales = fmt.quantize(w)
+    bias = rng.normal(size=n).astype(np.float32)
+    x = rng.normal(size=(*lead, k)).astype(np.float32)
+    attrs = {"activation": "relu"} | ({"group_size": fmt.group_size(None)} if fmt.grouped else {})
+    y, kernel = run(fmt.ops["Gemm"], x, [codes, scales, bias], attrs)
+    fb, _ = run(fmt.ops["Gemm"], x, [codes, scales, bias], attrs, fallback=True)
+    w_q = fmt.dequantize(codes, scales, fmt.group_size(None)).astype(np.float64)
+    want = np.maximum((sign(x) if fmt.binarizes_input else x) @ w_q.T + bias, 0)
+    assert y.shape == (*lead, n) and kernel.precision == name
+    np.testing.assert_allclose(fb, want, rtol=1e-5, atol=1e-5)
+    assert np.abs(y - want).max() <= fmt.tolerance * np.abs(want).max()
+
+
+@pytest.mark.parametrize("name", [f for f in FORMATS if f != "int8"])
+def test_weight_only_gemm_errors(rng, name):
+    fmt = FORMATS[name]
+    codes, scales = fmt.quantize(rng.normal(size=(8, 64)).astype(np.float32))
+    attrs = {"group_size": fmt.group_size(None)} if fmt.grouped else {}
+    x = np.ones((2, 64), np.float32)
+    bad = codes.astype(np.int16)
+    with pytest.raises(ValueError, match=f"codes must be {fmt.qtype.dtype}"):
+        run(fmt.ops["Gemm"], x, [bad, scales, None], attrs)
+    with pytest.raises(ValueError, match="scales must have shape"):
+        run(fmt.ops["Gemm"], x, [codes, scales.reshape(8, -1)[:, :1].repeat(3, axis=1), None], attrs)
+    with pytest.raises(ValueError, match=r"input x has 32 features"):
+        run(fmt.ops["Gemm"], x[:, :32], [codes, scales, None], attrs)
+    with pytest.raises(ValueError, match=r"input x must be float32 \[..., K\]"):
+        run(fmt.ops["Gemm"], x[0], [codes, scales, None], attrs)
+    if fmt.grouped:
+        with pytest.raises(ValueError, match="attribute group_size is required"):
+            run(fmt.ops["Gemm"], x, [codes, scales, None], {})
 
 
 def sign(x):

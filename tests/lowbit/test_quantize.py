@@ -8,7 +8,8 @@ import pytest
 from lowbit.graph import GraphBuilder, TensorSpec
 from lowbit.io import model_size
 from lowbit.quantization.metrics import sqnr_db
-from lowbit.ptq import QuantConfig, quantize_model
+from lowbit.ptq import QuantConfig, Quantizer, quantize_model
+from lowbit.quantization.formats import FORMATS
 from lowbit.runtime.session import Session
 from lowbit.sensitivity import SensitivityReport, mixed_precision, sensitivity
 
@@ -103,8 +104,56 @@ def test_keep_first_last(cnn):
     q = quantize_model(graph, data, {"precision": "binary"})
     assert q.node("conv_a").op == "QLinearConv" and q.node("fc").op == "lowbit.QGemm"
     assert q.node("conv_b").op == "lowbit.BinaryConv"
-    q = quantize_model(graph, data, {"precision": "ternary"})  # no ternary Conv: it stays int8
+    with pytest.warns(UserWarning, match="conv_b: ternary not available for Conv, kept int8"):
+        q = quantize_model(graph, data, {"precision": "ternary"})  # no ternary Conv: it stays int8
     assert q.node("conv_b").op == "QLinearConv"
+
+
+#: the smallest output SQNR (dB) of the MLP with every layer in a format (binary: sign activations, no bound)
+MLP_SQNR = {"int8": 30, "int4": 15, "nf4": 15, "ternary": 3}
+
+
+@pytest.mark.parametrize("name", [f for f in FORMATS if f != "int8"])
+def test_every_weight_format_on_the_mlp(mlp, name):
+    """Each row of the format table quantizes a Gemm to its op, with the codes its storage allows, and runs."""
+    graph, data, x = mlp
+    fmt = FORMATS[name]
+    q = quantize_model(graph, data, {"precision": name, "keep_first_last": False})
+    assert ops(q) == [fmt.ops["Gemm"]] * 3
+    node = q.node("fc1")
+    codes = q.params[node.inputs[1]]
+    assert codes.dtype == fmt.qtype.dtype and fmt.qtype.qmin <= codes.min() and codes.max() <= fmt.qtype.qmax
+    assert node.attrs.get("group_size") == fmt.group_size(None)
+    y = outputs(q, x)
+    assert np.isfinite(y).all()
+    if name in MLP_SQNR:
+        assert sqnr(graph, q, x) > MLP_SQNR[name]
+
+
+@pytest.mark.parametrize("name", [f for f in FORMATS if f != "int8"])
+def test_every_weight_format_on_the_cnn_or_an_honest_substitute(cnn, name):
+    """A Conv gets the format's Conv op, or int8 and a line saying so; never a silent change of precision."""
+    graph, data, _ = cnn
+    quantizer = Quantizer(graph, data, {"precision": name, "keep_first_last": False})
+    q = quantizer.build()
+    conv_op = FORMATS[name].op("Conv")
+    assert q.node("conv_b").op == (conv_op or "QLinearConv")
+    lines = quantizer.substitutions()
+    assert bool(lines) == (conv_op is None)
+    if lines:
+        assert lines == [f"conv_a: {name} not available for Conv, kept int8",
+                         f"conv_b: {name} not available for Conv, kept int8"]
+    table = quantizer.summary().splitlines()
+    assert table[2].split()[:3] == ["conv_b", "Conv", "int8" if lines else name]
+    assert table[2].endswith(f"{name} not available for Conv") == bool(lines)
+
+
+def test_group_size_follows_the_format(mlp):
+    graph, data, _ = mlp
+    q = quantize_model(graph, data, {"precision": "nf4", "group_size": 32, "keep_first_last": False})
+    assert q.node("fc0").attrs["group_size"] == 32
+    with pytest.raises(ValueError, match=r"config.group_size: int4 takes one of \[32, 64, 128, 256\], got 48"):
+        QuantConfig(precision="int4", group_size=48)
 
 
 def test_per_layer_overrides(cnn):

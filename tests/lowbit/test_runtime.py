@@ -358,8 +358,9 @@ def test_profile_rows_and_table(rng):
     assert profile.total_ms == pytest.approx(sum(r.ms for r in profile.rows))
     table = str(profile).splitlines()
     assert table[0].split()[:6] == ["node", "op", "precision", "ms", "GOPS", "share"]
-    assert table[-1].startswith("total") and f"{profile.total_ms:.3f}" in table[-1]
-    assert len({len(line) for line in table[2:-2] if not any(note in line for note in ("view", "BLAS", "conv2d"))}
+    assert table[-2].startswith("total") and f"{profile.total_ms:.3f}" in table[-2]
+    assert table[-1] == "ran: 4 float32"
+    assert len({len(line) for line in table[2:-3] if not any(note in line for note in ("view", "BLAS", "conv2d"))}
                | {0}) <= 2  # rows without a note are as wide as each other
 
 
@@ -448,16 +449,21 @@ def test_float_twin_of_weight_only_layers(rng):
 
 
 def test_session_runs_the_twin_when_the_quantized_graph_is_slower(rng, monkeypatch):
-    import lowbit.runtime.quant_ops as quant_ops
+    import lowbit.quantization.formats as formats
     graph, expected = _int4_mlp(rng)
     x = {"x": rng.standard_normal((8, 64)).astype(np.float32)}
-    real = quant_ops.kernels.gemm_int4
+    real = formats.kernels.gemm_int4_plan
 
-    def slow_gemm_int4(*args, **kwargs):
-        time.sleep(2e-3)
-        return real(*args, **kwargs)
+    def slow_int4_plan(*args, **kwargs):
+        plan = real(*args, **kwargs)
 
-    monkeypatch.setattr(quant_ops.kernels, "gemm_int4", slow_gemm_int4)
+        def slow(x, out=None):
+            time.sleep(2e-3)
+            return plan(x, out=out)
+
+        return slow
+
+    monkeypatch.setattr(formats.kernels, "gemm_int4_plan", slow_int4_plan)
     monkeypatch.setattr("lowbit.runtime.session.RACE_ROUNDS", 3)
     monkeypatch.setattr(Session, "_faster", staticmethod(lambda kernel, ins, outs: kernel))  # no per-node escape
     session = Session(graph)

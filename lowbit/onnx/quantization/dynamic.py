@@ -1,0 +1,374 @@
+"""``quantize_dynamic``: weights quantized ahead, activations at run time (:mod:`lowbit.onnx.quantization`)."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from lowbit.onnx.accuracy import AccuracyTarget
+from lowbit.onnx.quantization._common import (QuantizationReport, QuantType, _batches, _check_reader, _ignored,
+                                               _Model, _op_types, _quant_type, _run_float)
+from lowbit.onnx.quantization._weights import (MAX_ROWS, _int8_scheme, _nbits_rtn, _nbits_scheme, _pack_nibbles,
+                                               _Rows, _weight_codes)
+from lowbit.quantization.formats import DOMAIN, FORMATS
+
+DYNAMIC_OPS = ("MatMul", "Gemm")
+
+
+@dataclass
+class _Product:
+    """A MatMul / Gemm to quantize: input ``a``, float weights ``w [N, K]``, bias, the nodes it replaces."""
+
+    node: Any
+    a: str
+    w: np.ndarray
+    bias: np.ndarray | None
+    output: str
+    replaced: list[Any]
+    detail: str = ""
+
+
+def _bias_vector(value: np.ndarray | None, n: int) -> np.ndarray | None:
+    """``value`` as ``[n]`` float32 when it is one value per column (``[n]`` or ``[1, n]``), else None."""
+    if value is None or value.dtype != np.float32 or value.size != n or any(d != 1 for d in value.shape[:-1]):
+        return None
+    return value.reshape(n)
+
+
+def _product(model: _Model, node: Any, fold_bias: bool = True) -> tuple[_Product | None, str]:
+    """The MatMul / Gemm ``node`` as a :class:`_Product`, or ``(None, why not)``."""
+    a = node.input[0]
+    if model.constant(a) is not None:
+        return None, "its input A is a constant (folded ahead of a run)"
+    if node.op_type == "MatMul":
+        w, why = model.float_weight(node.input[1], 2)
+        if w is None:
+            return None, why
+        product = _Product(node, a, np.ascontiguousarray(w.T), None, node.output[0], [node])
+        add = model.private(node.output[0]) if fold_bias else None
+        if add is not None and add.op_type == "Add" and add.domain in ("", "ai.onnx") and len(add.input) == 2:
+            other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
+            bias = _bias_vector(model.constant(other), w.shape[1])
+            if bias is not None:
+                product.bias, product.output = bias, add.output[0]
+                product.replaced.append(add)
+                product.detail = f"bias of {add.name!r} folded in"
+        return product, ""
+    attrs = {at.name: model.onnx.helper.get_attribute_value(at) for at in node.attribute}
+    c = node.input[2] if len(node.input) > 2 else ""
+    if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or (c and attrs.get("beta", 1.0) != 1.0):
+        return None, "Gemm with transA, alpha != 1 or beta != 1"
+    w, why = model.float_weight(node.input[1], 2)
+    if w is None:
+        return None, why
+    w = np.ascontiguousarray(w if attrs.get("transB", 0) else w.T)
+    bias = None
+    if c:
+        bias = _bias_vector(model.constant(c), w.shape[0])
+        if bias is None:
+            return None, f"its C {c!r} is not a constant float32 vector of N = {w.shape[0]} values"
+    return _Product(node, a, w, bias, node.output[0], [node], "C as the bias" if c else ""), ""
+
+
+def _collect(model: _Model, reader: Any, products: list[_Product], method: str) -> dict[str, _Rows]:
+    """GPTQ's / AWQ's statistics of every product's input, from one pass over the reader."""
+    stats = {p.a: _Rows(p.w.shape[1], method, seed=i) for i, p in enumerate(products)}
+
+    def visit(name: str, value: np.ndarray) -> None:
+        if value.shape[-1:] != (stats[name].k,):
+            raise ValueError(f"calibration_data_reader: tensor {name!r} has shape {value.shape}, expected [..., "
+                             f"{stats[name].k}]")
+        stats[name].add(value)
+
+    _run_float(model.proto, reader, list(stats), visit, "calibration_data_reader")
+    return stats
+
+
+def _awq_or_gptq(method: str, w: np.ndarray, x: np.ndarray, scheme: Any) -> tuple[Any, np.ndarray | None]:
+    """``(QTensor of w [N, K] under scheme, AWQ's factors s or None)``."""
+    from lowbit.quantization.weights import awq, gptq
+
+    if method == "gptq":
+        return gptq(w, x, scheme), None
+    qt, s = awq(w, x, scheme)
+    return qt, s.astype(np.float32)
+
+
+def quantize_dynamic(model_input: Any, model_output: Any, op_types_to_quantize: Any = None, per_channel: bool = True,
+                     reduce_range: bool = False, weight_type: Any = QuantType.QInt8, nodes_to_quantize: Any = None,
+                     nodes_to_exclude: Any = None, use_external_data_format: bool = False,
+                     extra_options: dict | None = None, *, block_size: int = 128, method: str = "rtn",
+                     calibration_data_reader: Any = None, per_token: bool = True,
+                     accuracy_target: Any = None) -> QuantizationReport:
+    """Quantize the weights of ``model_input``'s MatMul and Gemm nodes ahead; activations are quantized at run time.
+    Write the model to ``model_output``; return a :class:`QuantizationReport`.
+
+    ``weight_type``: ``QInt8`` / ``QUInt8`` (DynamicQuantizeMatMul: ``lowbit``'s, per token, or with
+    ``per_token=False`` ``com.microsoft``'s), ``QInt4`` / ``QUInt4`` (``com.microsoft.MatMulNBits`` in blocks of
+    ``block_size`` along K). ``per_channel``: one int8 weight scale per output column (else one in all).
+    ``NF4`` / ``Ternary`` / ``Binary``: lowbit's weight-only ops (module docstring). ``reduce_range``: 7-bit int8
+    weights. ``method``: ``"rtn"`` (round to nearest), ``"gptq"`` or ``"awq"`` (int8 / int4; these two need
+    ``calibration_data_reader``). ``accuracy_target``: a precision per layer meeting it (module docstring; needs
+    ``calibration_data_reader``). ``op_types_to_quantize`` (default MatMul and Gemm), ``nodes_to_quantize``,
+    ``nodes_to_exclude``: which nodes. See the module docstring for what each node becomes.
+    """
+    wtype = _quant_type(weight_type, "weight_type")
+    if wtype not in _PRECISION_OF:
+        raise ValueError(f"weight_type: quantize_dynamic writes {[t.name for t in _PRECISION_OF]}, got {wtype.name}")
+    if not isinstance(method, str) or method.lower() not in ("rtn", "gptq", "awq"):
+        raise ValueError(f"method: expected 'rtn', 'gptq' or 'awq', got {method!r}")
+    method = method.lower()
+    low = _PRECISION_OF[wtype]
+    if low in ("int4", "uint4") and (isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer))
+                                     or not 16 <= block_size <= 256 or block_size & (block_size - 1)):
+        raise ValueError(f"block_size: expected a power of two from 16 to 256 (MatMulNBits' blocks along K), got "
+                         f"{block_size!r}")
+    if low == "nf4":  # lowbit's grouped format (int4 is MatMulNBits, whose blocks are checked above)
+        FORMATS[low].group_size(block_size)  # ValueError naming the sizes the format takes
+    if method != "rtn" and low in FORMATS and low not in ("int8", "int4"):
+        raise ValueError(f"method: {method!r} fits int8 and int4 weights; {low} weights are rounded to nearest "
+                         f"(method='rtn')")
+    if method != "rtn":
+        _check_reader(calibration_data_reader, "calibration_data_reader", f"method={method!r}")
+    target = None
+    if accuracy_target is not None:
+        target = AccuracyTarget.of(accuracy_target)
+        _check_reader(calibration_data_reader, "calibration_data_reader", "accuracy_target")
+    options = dict(extra_options or {})
+    level = int(options.get("accuracy_level", 4))
+    model = _Model(model_input)
+    op_types = _op_types(op_types_to_quantize, DYNAMIC_OPS)
+    excluded = model.selection(nodes_to_quantize, nodes_to_exclude)
+    report = QuantizationReport(str(model_output), f"quantize_dynamic ({wtype.name}, {method})")
+    _ignored(report, options)
+
+    products: list[_Product] = []
+    for node in model.nodes:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in DYNAMIC_OPS + ("Conv",):
+            continue
+        if node.op_type == "Conv":
+            report.add(node, "float", excluded(node) or "quantize_dynamic keeps Conv float in lowbit "
+                                                        "(quantize_static quantizes convolutions)")
+            continue
+        why = excluded(node) or ("" if node.op_type in op_types else "not in op_types_to_quantize")
+        found, because = (None, why) if why else _product(model, node)
+        if found is None:
+            report.add(node, "float", because)
+            continue
+        products.append(found)
+
+    held: list[dict[str, np.ndarray]] = []
+    reader = calibration_data_reader
+    if accuracy_target is not None:
+        reader = _Held(reader, EVALUATION_BATCHES, held)
+    stats = _collect(model, reader, products, method) if method != "rtn" and products else {}
+    if accuracy_target is not None and not held:
+        held.extend(itertools.islice(_batches(reader, "calibration_data_reader"), EVALUATION_BATCHES))
+    writer = _DynamicWriter(model, per_channel, reduce_range, block_size, method, level, per_token, stats)
+    chosen = {id(p): low for p in products}
+    if accuracy_target is not None and products:
+        chosen = _meet(model, products, writer, low, held, target, report)
+    replaced: dict[int, list[Any]] = {}
+    domains = set()
+    for product in products:
+        written = writer(product, chosen[id(product)])
+        report.add(product.node, written.action, written.detail)
+        domains.update({written.domain} - {None})
+        for old in product.replaced:
+            replaced[id(old)] = []
+        replaced[id(product.replaced[-1])] = written.nodes  # the last replaced node's place keeps the order
+    if method != "rtn" and products:
+        report.notes.append(f"{method}: activations of {len(stats)} input tensor(s) from the calibration data"
+                            + (f", at most {MAX_ROWS} sampled rows each" if method == "awq" else ", X^T X streamed"))
+    nodes = [m for n in model.nodes for m in replaced.get(id(n), [n])]
+    model.write(nodes, model_output, use_external_data_format, domains)
+    return report
+
+
+#: Calibration batches kept to measure an accuracy target on (the first ones the reader gives).
+EVALUATION_BATCHES = 8
+#: weight_type -> the precision quantize_dynamic writes (lowbit.quantization.formats' names; uint8 / uint4: ONNX
+#: Runtime's asymmetric 8-bit and 4-bit weights).
+_PRECISION_OF = {QuantType.QInt8: "int8", QuantType.QUInt8: "uint8", QuantType.QInt4: "int4",
+                 QuantType.QUInt4: "uint4", QuantType.NF4: "nf4", QuantType.Ternary: "ternary",
+                 QuantType.Binary: "binary"}
+
+
+class _Held:
+    """A reader passing its batches through, keeping the first ``keep`` of them in ``held``."""
+
+    def __init__(self, reader: Any, keep: int, held: list):
+        self.reader, self.keep, self.held = reader, keep, held
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = self.reader.get_next()
+        if isinstance(batch, dict) and len(self.held) < self.keep:
+            self.held.append(batch)
+        return batch
+
+
+@dataclass
+class _Written:
+    """What one product becomes in one precision: the nodes replacing it, their domain, the report's words and the
+    bytes of its weights as written."""
+
+    nodes: list[Any]
+    domain: str | None
+    action: str
+    detail: str
+    nbytes: int
+
+
+class _DynamicWriter:
+    """The nodes of a product in a precision, made once (weights quantized, initializers added) and then reused, so
+    that an accuracy search can try each layer in each precision without quantizing it again."""
+
+    def __init__(self, model: _Model, per_channel: bool, reduce_range: bool, block_size: int, method: str,
+                 level: int, per_token: bool, stats: dict[str, _Rows]):
+        self.model, self.per_channel, self.reduce_range = model, per_channel, reduce_range
+        self.block_size, self.method, self.level = block_size, method, level
+        self.per_token, self.stats = per_token, stats
+        self.made: dict[tuple[int, str], _Written] = {}
+
+    def __call__(self, product: _Product, precision: str) -> _Written:
+        key = (id(product), precision)
+        if key not in self.made:
+            self.made[key] = self._make(product, precision)
+        return self.made[key]
+
+    def _make(self, product: _Product, precision: str) -> _Written:
+        model, w = self.model, product.w
+        n, k = w.shape
+        if precision == "float":
+            return _Written(product.replaced, None, "float", "kept float (accuracy target)", 4 * n * k)
+        a, stem, new = product.a, product.node.name, []
+        qt = None
+        if self.method != "rtn":
+            four_bit = precision in ("int4", "uint4")
+            scheme = (_nbits_scheme(self.block_size, precision == "int4") if four_bit else
+                      _int8_scheme(self.per_channel, precision, precision == "int8"))
+            qt, s = _awq_or_gptq(self.method, w, self.stats[a].activations(), scheme)
+            if s is not None:  # AWQ: the layer computes (a / s) @ (w s)^T
+                scaled = model.fresh(f"{a}_awq_{stem}")
+                new.append(model.node("Mul", [a, model.add(f"{stem}.awq_inverse_scales", (1 / s).astype(np.float32))],
+                                      [scaled], f"{stem}_awq_scale"))
+                a = scaled
+        bias = model.add(f"{stem}.bias", product.bias) if product.bias is not None else ""
+        if precision in ("int4", "uint4"):
+            written = self._nbits(product, precision, a, bias, qt)
+        elif precision in ("int8", "uint8"):
+            written = self._int8(product, precision, a, bias, qt)
+        else:
+            written = self._lowbit(product, FORMATS[precision], a, bias)
+        written.nodes[:0] = new
+        written.detail = "; ".join(filter(None, [written.detail, product.detail]))
+        return written
+
+    def _nbits(self, product: _Product, precision: str, a: str, bias: str, qt: Any) -> _Written:
+        model, w, block = self.model, product.w, self.block_size
+        n, k = w.shape
+        symmetric, blocks, stem = precision == "int4", -(-k // block), product.node.name
+        if qt is None:
+            codes, scales, zeros = _nbits_rtn(w, block, symmetric)
+        else:
+            codes = np.full((n, blocks * block), 8, np.uint8)
+            codes[:, :k] = qt.codes().astype(np.int16) + (8 if symmetric else 0)
+            scales = qt.scale.reshape(n, blocks)
+            zeros = None if symmetric else qt.zero_point.reshape(n, blocks).astype(np.uint8)
+        packed = _pack_nibbles(codes).reshape(n, blocks, block // 2)
+        inputs = [a, model.add(f"{stem}.q4", packed),
+                  model.add(f"{stem}.q4_scales", scales.astype(np.float32).reshape(-1)),
+                  "" if zeros is None else model.add(f"{stem}.q4_zero_points", _pack_nibbles(
+                      np.pad(zeros, ((0, 0), (0, blocks % 2))))), "", bias]
+        node = model.node("MatMulNBits", inputs, [product.output], stem, "com.microsoft", replacing=True, K=k, N=n,
+                          bits=4, block_size=int(block), accuracy_level=self.level)
+        what = (f"{'symmetric' if symmetric else 'asymmetric'} 4-bit, blocks of {block}"
+                f"{', K padded' if k % block else ''}, {self.method}")
+        return _Written([node], "com.microsoft", "com.microsoft.MatMulNBits", what, packed.nbytes + 4 * n * blocks)
+
+    def _int8(self, product: _Product, dtype: str, a: str, bias: str, qt: Any) -> _Written:
+        import kernels
+
+        model, w, stem = self.model, product.w, product.node.name
+        n, k = w.shape
+        if qt is None:
+            codes, scale, zero = _weight_codes(w, 0 if self.per_channel else None, dtype, dtype == "int8",
+                                               self.reduce_range)
+        else:
+            codes, scale = qt.codes().astype(dtype), qt.scale.astype(np.float32)
+            zero = np.zeros(scale.shape, dtype) if qt.zero_point is None else qt.zero_point.astype(dtype)
+        lowbit_op = self.per_token and k <= kernels.DynamicLinearPlan.max_k
+        domain = "lowbit" if lowbit_op else "com.microsoft"
+        inputs = [a, model.add(f"{stem}.weight_quantized", np.ascontiguousarray(codes.T)),
+                  model.add(f"{stem}.weight_scale", scale), model.add(f"{stem}.weight_zero_point", zero), bias]
+        node = model.node("DynamicQuantizeMatMul", inputs, [product.output], stem, domain, replacing=True)
+        what = (f"{dtype} weights {'per column' if self.per_channel else 'per tensor'}"
+                f"{', 7-bit' if self.reduce_range and qt is None else ''}, {self.method}; activations "
+                + ("per token" if lowbit_op else "per tensor"
+                   + (f" (K = {k} > {kernels.DynamicLinearPlan.max_k}, lowbit's per-token limit)"
+                      if self.per_token else "")))
+        return _Written([node], domain, f"{domain}.DynamicQuantizeMatMul", what, codes.nbytes + 4 * scale.size)
+
+    def _lowbit(self, product: _Product, fmt: Any, a: str, bias: str) -> _Written:
+        """A weight-only op of lowbit's format table (lowbit domain): codes stored in ONNX's sub-byte types."""
+        onnx, model, w, stem = self.model.onnx, self.model, product.w, product.node.name
+        n, k = w.shape
+        group = fmt.group_size(self.block_size) if fmt.grouped else None
+        codes, scales = fmt.quantize(w, group)
+        q = fmt.qtype
+        kind = {(4, True): onnx.TensorProto.INT4, (4, False): onnx.TensorProto.UINT4}.get(
+            (q.bits, q.signed), onnx.TensorProto.INT2)  # ternary and binary codes fit int2
+        name = model.fresh(f"{stem}.codes")
+        model.new_initializers.append(onnx.helper.make_tensor(name, kind, codes.shape, codes.reshape(-1)))
+        inputs = [a, name, model.add(f"{stem}.scales", scales), bias]
+        op = fmt.ops["Gemm"].partition(".")[2]
+        node = model.node(op, inputs, [product.output], stem, DOMAIN, replacing=True,
+                          **({"group_size": group} if group else {}))
+        what = f"{fmt.description}{f', groups of {group}' if group else ''}, rtn"
+        bits = 2 if q.bits == 1 else q.bits
+        return _Written([node], DOMAIN, f"{DOMAIN}.{op}", what, -(-codes.size * bits // 8) + 4 * scales.size)
+
+
+def _meet(model: _Model, products: list[_Product], writer: _DynamicWriter, low: str, held: list, target: Any,
+          report: QuantizationReport) -> dict[int, str]:
+    """Per product, the precision from (``low``, 8-bit, float) that keeps the model within ``target`` on the ``held``
+    batches (:func:`lowbit.onnx.accuracy.choose_precisions`); each choice is noted in the report."""
+    from lowbit.onnx.accuracy import choose_precisions
+    from lowbit.onnx.importer import import_model
+    from lowbit.runtime.session import Session
+
+    def outputs(proto: Any) -> list[list[np.ndarray]]:
+        session = Session(import_model(proto).graph, fallback=False)  # the quantized kernels, never a float twin
+        return [[r[name] for name in model.outputs] for r in (session.run(batch) for batch in held)]
+
+    references = outputs(model.proto)
+    by_name = {p.node.name: p for p in products}
+    middle = "uint8" if low == "uint8" else "int8"
+    ladder = [low, middle, "float"]
+
+    def evaluate(assignment: dict[str, str]) -> float:
+        replaced: dict[int, list[Any]] = {}
+        domains: set[str] = set()
+        for name, precision in assignment.items():
+            written = writer(by_name[name], precision)
+            domains.update({written.domain} - {None})
+            for old in by_name[name].replaced:
+                replaced[id(old)] = []
+            replaced[id(by_name[name].replaced[-1])] = written.nodes
+        proto = model.assemble([m for n in model.nodes for m in replaced.get(id(n), [n])], domains)
+        return target.measure(outputs(proto), references)
+
+    choices, value = choose_precisions(list(by_name), ladder, lambda n, p: writer(by_name[n], p).nbytes, evaluate,
+                                       target)
+    total = sum(c.nbytes for c in choices.values())
+    weights = {p: sum(by_name[n].w.size for n, c in choices.items() if c.precision == p) for p in ladder}
+    share = ", ".join(f"{100 * weights[p] / max(sum(weights.values()), 1):.0f}% {p}" for p in ladder if weights[p])
+    report.notes.append(f"accuracy target {target}: reached {value:.6g} on {len(held)} calibration batch(es); "
+                        f"weights {share}; {total} bytes")
+    for name, choice in choices.items():
+        alone = "" if choice.alone_loss is None else f"; {low} alone costs {choice.alone_loss:.3g}"
+        report.notes.append(f"{name}: {choice.precision} ({choice.nbytes} bytes){alone}")
+    return {id(by_name[n]): c.precision for n, c in choices.items()}
