@@ -14,8 +14,8 @@ in NumPy once and cached. Each row quantizes that float file one way, then measu
   runtime (above 1: faster than the float model in ONNX Runtime), interleaved round by round (``bench.timing``).
 
 Rows: ONNX Runtime's ``quantize_dynamic`` (int8 per channel, per-tensor activations) run by ONNX Runtime; lowbit's
-``quantize_dynamic`` per token (round to nearest, and GPTQ), NF4 in blocks of 32, and int4 (GPTQ, blocks of 32)
-under ``accuracy_target=0.99``, run by lowbit.
+``quantize_dynamic`` per token (round to nearest, GPTQ, and SmoothQuant 0.5), NF4 in blocks of 32, and int4 (GPTQ,
+blocks of 32) under ``accuracy_target=0.99``, run by lowbit.
 """
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ def _rows(fp32: str, folder: str) -> dict[str, tuple[str, str, float]]:
         "lowbit int8 per token": ("lowbit", lambda out: quantize_dynamic(fp32, out)),
         "lowbit int8 per token, GPTQ": ("lowbit", lambda out: quantize_dynamic(
             fp32, out, method="gptq", calibration_data_reader=_Reader())),
+        "lowbit int8 per token, SmoothQuant 0.5": ("lowbit", lambda out: quantize_dynamic(
+            fp32, out, smoothquant=0.5, calibration_data_reader=_Reader())),
         "lowbit nf4 g32": ("lowbit", lambda out: quantize_dynamic(fp32, out, weight_type="nf4", block_size=32)),
         "lowbit int4 g32 GPTQ, target 0.99": ("lowbit", lambda out: quantize_dynamic(
             fp32, out, weight_type="int4", block_size=32, method="gptq", calibration_data_reader=_Reader(),

@@ -248,16 +248,19 @@ def _quantize_onnx(args: argparse.Namespace) -> int:
         if reader is None:
             raise SystemExit("lowbit quantize: static activations need calibration data: --calibration FILE.npy / "
                              "FILE.npz / FOLDER (inputs the model will see), or --activations dynamic")
-        if args.accuracy_target is not None:
-            raise SystemExit("lowbit quantize: --accuracy-target applies to --activations dynamic")
+        if args.accuracy_target is not None or args.smoothquant is not None:
+            raise SystemExit("lowbit quantize: --accuracy-target and --smoothquant apply to --activations dynamic")
         report = quantize_static(args.model, args.output, reader, weight_type=args.weights, per_channel=True)
     else:
-        if reader is None and (args.method != "rtn" or args.accuracy_target is not None):
-            raise SystemExit(f"lowbit quantize: {'--accuracy-target' if args.accuracy_target else '--method'} needs "
-                             f"--calibration FILE.npy / FILE.npz / FOLDER (inputs the model will see)")
+        wanting = [option for option, given in (("--method", args.method != "rtn"),
+                                                ("--accuracy-target", args.accuracy_target is not None),
+                                                ("--smoothquant", args.smoothquant is not None)) if given]
+        if reader is None and wanting:
+            raise SystemExit(f"lowbit quantize: {wanting[0]} needs --calibration FILE.npy / FILE.npz / FOLDER "
+                             f"(inputs the model will see)")
         report = quantize_dynamic(args.model, args.output, weight_type=args.weights, block_size=args.block_size,
                                   method=args.method, calibration_data_reader=reader,
-                                  accuracy_target=args.accuracy_target)
+                                  accuracy_target=args.accuracy_target, smoothquant=args.smoothquant)
     print(report)
     return 0
 
@@ -353,6 +356,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd.add_argument("--accuracy-target", type=float, metavar="MIN_COSINE",
                              help="ONNX, dynamic: per layer, the cheapest of --weights / 8-bit / float that keeps "
                                   "the outputs' cosine to the float model's at least this on --calibration")
+            cmd.add_argument("--smoothquant", type=float, metavar="ALPHA",
+                             help="ONNX, dynamic: SmoothQuant's migration strength in [0, 1] (0.5 is usual)")
         else:
             cmd.add_argument("--input", action="append" if name == "run" else "store",
                              help=".npy (single input) or .npz (by name) input (default: random); ONNX: "

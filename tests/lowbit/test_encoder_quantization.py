@@ -68,6 +68,63 @@ def test_per_token_int8_beats_onnx_runtime(encoder, tmp_path):
     assert accuracy >= (reference[2].argmax(1) == labels).mean() - 0.003
 
 
+def test_smoothquant_per_token_int8_keeps_every_output_within_0999(encoder, tmp_path):
+    """SmoothQuant (alpha 0.5) with per-token activations, weights rounded to nearest: every output's worst row at
+    cosine 0.999 or more, each closer than ONNX Runtime's quantize_dynamic; per tensor it helps as much."""
+    ort_quantization = pytest.importorskip("onnxruntime.quantization")
+    import onnxruntime
+
+    path, feed, _, reference = encoder
+    report = quantize_dynamic(path, tmp_path / "sq.onnx", smoothquant=0.5, calibration_data_reader=Reader())
+    ort_quantization.quantize_dynamic(path, tmp_path / "ort.onnx", weight_type=ort_quantization.QuantType.QInt8,
+                                      per_channel=True)
+    ours = min_cosines(run(tmp_path / "sq.onnx", feed), reference)
+    theirs = min_cosines(onnxruntime.InferenceSession(tmp_path / "ort.onnx").run(None, feed), reference)
+    assert min(ours) >= 0.999 and all(a > b for a, b in zip(ours, theirs)), (ours, theirs)
+    assert any(note.startswith("smoothquant alpha 0.5: ") for note in report.notes)
+    quantize_dynamic(path, tmp_path / "sq_tensor.onnx", smoothquant=0.5, per_token=False,
+                     calibration_data_reader=Reader())
+    assert min(min_cosines(run(tmp_path / "sq_tensor.onnx", feed), reference)) > min(theirs)
+
+
+def test_smoothquant_folds_into_a_layer_norm_read_only_by_the_products(tmp_path, rng):
+    """Pre-LN form (the norm's output read by two products alone): the factors go into its scale and bias, no Mul."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    x_scale = np.ones(32, np.float32)
+    x_scale[:4] = 40  # outlier channels, as transformers have
+    gamma, beta = (x_scale * rng.uniform(0.5, 1.5, 32)).astype(np.float32), rng.normal(0, 0.1, 32).astype(np.float32)
+    w1, w2 = (rng.normal(0, 0.2, (32, n)).astype(np.float32) for n in (24, 40))
+    nodes = [helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["h"], name="norm", axis=-1),
+             helper.make_node("MatMul", ["h", "w1"], ["y1"], name="p1"),
+             helper.make_node("MatMul", ["h", "w2"], ["y2"], name="p2")]
+    graph = helper.make_graph(nodes, "pre_ln", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 32])],
+                              [helper.make_tensor_value_info(y, TensorProto.FLOAT, None) for y in ("y1", "y2")],
+                              [numpy_helper.from_array(v, n) for n, v in (("gamma", gamma), ("beta", beta),
+                                                                            ("w1", w1), ("w2", w2))])
+    path = tmp_path / "pre_ln.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+    class Data:
+        left = 4
+
+        def get_next(self):
+            self.left -= 1
+            return {"x": rng.normal(size=(64, 32)).astype(np.float32)} if self.left >= 0 else None
+
+    quantize_dynamic(path, tmp_path / "plain.onnx", per_token=False)
+    report = quantize_dynamic(path, tmp_path / "sq.onnx", per_token=False, smoothquant=0.5,
+                              calibration_data_reader=Data())
+    model = onnx.load(tmp_path / "sq.onnx")
+    assert "Mul" not in [n.op_type for n in model.graph.node]
+    assert model.graph.node[0].input[1].endswith("scale_smoothed")
+    assert "smoothquant alpha 0.5: p1, p2: folded into 'norm'" in report.notes
+    x = {"x": rng.normal(size=(256, 32)).astype(np.float32)}
+    reference = run(path, x)
+    assert min(min_cosines(run(tmp_path / "sq.onnx", x), reference)) > \
+        min(min_cosines(run(tmp_path / "plain.onnx", x), reference))
+
+
 def test_int4_with_an_accuracy_target_keeps_most_weights_in_int4(encoder, tmp_path):
     path, feed, _, reference = encoder
     report = quantize_dynamic(path, tmp_path / "mixed.onnx", weight_type="int4", block_size=32, method="gptq",
@@ -115,6 +172,10 @@ def test_accuracy_target_errors(encoder, tmp_path):
         quantize_dynamic(path, tmp_path / "x.onnx", accuracy_target="high", calibration_data_reader=Reader())
     with pytest.raises(ValueError, match="method: 'gptq' fits int8 and int4 weights; nf4"):
         quantize_dynamic(path, tmp_path / "x.onnx", weight_type="nf4", method="gptq", calibration_data_reader=Reader())
+    with pytest.raises(ValueError, match=r"smoothquant: expected None or a migration strength in \[0, 1\]"):
+        quantize_dynamic(path, tmp_path / "x.onnx", smoothquant=2, calibration_data_reader=Reader())
+    with pytest.raises(ValueError, match="calibration_data_reader: smoothquant needs calibration data"):
+        quantize_dynamic(path, tmp_path / "x.onnx", smoothquant=0.5)
     with pytest.raises(ValueError, match=r"group_size: nf4 takes one of \[32, 64, 128, 256\], got 16"):
         quantize_dynamic(path, tmp_path / "x.onnx", weight_type="nf4", block_size=16)
 

@@ -40,6 +40,12 @@ or Gemm's ``C`` folded in:
   ``Y = A @ W.T + bias``; the codes are stored in ONNX's 4-bit and 2-bit types (uint4 NF4 indices, int2 ternary and
   binary codes). Round to nearest only.
 
+``smoothquant=alpha`` (SmoothQuant, :func:`lowbit.quantization.weights.smoothquant_scales`) moves activation range
+into the weights before quantizing them: per input channel ``s = max|x| ** alpha / max|w| ** (1 - alpha)`` (over
+the calibration data and every product reading that input), the weights' columns times ``s``, the input divided by
+``s``: folded into the ``LayerNormalization`` that makes the input when only quantized products read it (its scale
+and bias divided by ``s``), else one ``Mul`` by ``1 / s`` after the producer, shared by those products.
+
 ``accuracy_target`` (a minimum cosine such as ``0.99``, or ``{"relative_error": 0.02}``, of the outputs against the
 float model's: :mod:`lowbit.onnx.accuracy`) picks each layer's precision among ``weight_type``, 8-bit (per token)
 and float: the first ``EVALUATION_BATCHES`` (8) batches of ``calibration_data_reader`` are kept and every choice
@@ -86,7 +92,8 @@ float32 throughout, the integer sum exact (``kernels.linear_dynamic_int8``, ``pe
 domain: run these files in lowbit (``lowbit.onnx.InferenceSession``).
 
 Differences from ONNX Runtime: ``quantize_dynamic``'s ``per_channel`` defaults to True and its extra keywords
-(``block_size``, ``method``, ``calibration_data_reader``, ``per_token``, ``accuracy_target``) are lowbit's;
+(``block_size``, ``method``, ``calibration_data_reader``, ``per_token``, ``accuracy_target``, ``smoothquant``) are
+lowbit's;
 ``quantize_static``'s
 ``activation_type`` defaults to QUInt8 and int8 activations are symmetric unless ``ActivationSymmetric`` says
 otherwise; QInt16 / QUInt16 / float8 types and ``CalibrationMethod.Distribution`` (float8's) are refused; of

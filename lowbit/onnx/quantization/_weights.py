@@ -97,21 +97,25 @@ def _int8_scheme(per_channel: bool, dtype: str, symmetric: bool):
 # ---- activation statistics for GPTQ / AWQ ----------------------------------------------------------------------------
 
 class _Rows:
-    """What GPTQ or AWQ needs of one input tensor's rows ``[-1, K]``, in bounded memory: ``X^T X`` (GPTQ), or a
-    uniform sample of at most :data:`MAX_ROWS` rows (AWQ, reservoir sampling, seeded)."""
+    """What the weight methods need of one input tensor's rows ``[-1, K]``, in bounded memory: the largest
+    ``|x_j|`` per channel (SmoothQuant), and ``X^T X`` (GPTQ) or a uniform sample of at most :data:`MAX_ROWS` rows
+    (AWQ, reservoir sampling, seeded)."""
 
     def __init__(self, k: int, method: str, seed: int):
         self.k, self.method, self.seen = k, method, 0
+        self.absmax = np.zeros(k, np.float32)
         self.gram = np.zeros((k, k)) if method == "gptq" else None
         self.rows = np.empty((0, k), np.float32)
         self.rng = np.random.default_rng(seed)
 
     def add(self, x: np.ndarray) -> None:
         rows = np.asarray(x, np.float32).reshape(-1, self.k)
+        if len(rows):
+            np.maximum(self.absmax, np.abs(rows).max(axis=0), out=self.absmax)
         if self.gram is not None:
             as64 = rows.astype(np.float64)
             self.gram += as64.T @ as64
-        else:
+        elif self.method == "awq":
             room = MAX_ROWS - len(self.rows)
             if room > 0:
                 self.rows = np.concatenate([self.rows, rows[:room]])
@@ -122,6 +126,13 @@ class _Rows:
                 keep = slots < MAX_ROWS
                 self.rows[slots[keep]] = rest[keep]
         self.seen += len(rows)
+
+    def divide(self, s: np.ndarray) -> None:
+        """The statistics of ``x / s`` instead (``s`` per channel: SmoothQuant's factors)."""
+        self.absmax = (self.absmax / s).astype(np.float32)
+        if self.gram is not None:
+            self.gram /= np.outer(s, s)
+        self.rows = (self.rows / s).astype(np.float32)
 
     def activations(self) -> np.ndarray:
         """Rows whose ``X^T X`` is the accumulated one (GPTQ: its square root from ``eigh``), or the sample."""

@@ -29,6 +29,8 @@ class _Product:
     output: str
     replaced: list[Any]
     detail: str = ""
+    smoothed: bool = False  # w scaled by SmoothQuant's factors, a the smoothed input
+
 
 
 def _bias_vector(value: np.ndarray | None, n: int) -> np.ndarray | None:
@@ -87,6 +89,56 @@ def _collect(model: _Model, reader: Any, products: list[_Product], method: str) 
     return stats
 
 
+def _smooth(model: _Model, products: list[_Product], stats: dict[str, _Rows], alpha: float,
+            report: QuantizationReport) -> dict[int | None, list[Any]]:
+    """SmoothQuant (:func:`lowbit.quantization.weights.smoothquant_scales`) on each input shared by products: the
+    weights' columns scaled up by ``s``, the input divided by it, folded into the LayerNormalization making it when
+    only these products read it, else one ``Mul(x, 1 / s)`` after its producer. Returns the nodes replacing those
+    producers (id -> nodes; None -> the nodes going first, for graph inputs)."""
+    from lowbit.quantization.weights import smoothquant_scales
+
+    groups: dict[str, list[_Product]] = {}
+    for p in products:
+        groups.setdefault(p.a, []).append(p)
+    quantized = {id(p.node) for p in products}
+    replacing: dict[int | None, list[Any]] = {}
+    for a, group in groups.items():
+        producer = model.producer.get(a)
+        if producer is not None and id(producer) in quantized:
+            report.notes.append(f"smoothquant: {a!r} is a quantized product's output, left as it is")
+            continue
+        s = smoothquant_scales(stats[a].absmax, np.concatenate([p.w for p in group]), alpha).astype(np.float32)
+        stats[a].divide(s)
+        readers = model.consumers.get(a, [])
+        gamma, beta = ((model.constant(producer.input[i]) if len(producer.input) > i and producer.input[i] else None)
+                       for i in (1, 2)) if producer is not None else (None, None)
+        foldable = (producer is not None and producer.op_type == "LayerNormalization" and gamma is not None
+                    and gamma.shape == s.shape and (beta is None or beta.shape == s.shape)
+                    and a not in model.outputs and all(id(r) in {id(p.node) for p in group} for r in readers))
+        if foldable:
+            ln = model.onnx.NodeProto()
+            ln.CopyFrom(producer)
+            ln.input[1] = model.add(f"{ln.name}.scale_smoothed", (gamma / s).astype(np.float32))
+            if beta is not None:
+                ln.input[2] = model.add(f"{ln.name}.bias_smoothed", (beta / s).astype(np.float32))
+            replacing[id(producer)] = [ln]
+            smoothed, how = a, f"folded into {producer.name!r}"
+        else:
+            smoothed = model.fresh(f"{a}_smoothed")
+            mul = model.node("Mul", [a, model.add(f"{a}.smooth_inverse", (1 / s).astype(np.float32))], [smoothed],
+                             f"{a}_smooth")
+            if producer is not None:
+                replacing[id(producer)] = [*replacing.get(id(producer), [producer]), mul]
+            else:  # a graph input: first of all
+                replacing.setdefault(None, []).append(mul)
+            how = f"a Mul by 1 / s on {a!r}"
+        for p in group:
+            p.w, p.a, p.smoothed = (p.w * s).astype(np.float32), smoothed, True
+        stats[smoothed] = stats.pop(a)
+        report.notes.append(f"smoothquant alpha {alpha:g}: {', '.join(p.node.name for p in group)}: {how}")
+    return replacing
+
+
 def _awq_or_gptq(method: str, w: np.ndarray, x: np.ndarray, scheme: Any) -> tuple[Any, np.ndarray | None]:
     """``(QTensor of w [N, K] under scheme, AWQ's factors s or None)``."""
     from lowbit.quantization.weights import awq, gptq
@@ -102,7 +154,7 @@ def quantize_dynamic(model_input: Any, model_output: Any, op_types_to_quantize: 
                      nodes_to_exclude: Any = None, use_external_data_format: bool = False,
                      extra_options: dict | None = None, *, block_size: int = 128, method: str = "rtn",
                      calibration_data_reader: Any = None, per_token: bool = True,
-                     accuracy_target: Any = None) -> QuantizationReport:
+                     accuracy_target: Any = None, smoothquant: float | None = None) -> QuantizationReport:
     """Quantize the weights of ``model_input``'s MatMul and Gemm nodes ahead; activations are quantized at run time.
     Write the model to ``model_output``; return a :class:`QuantizationReport`.
 
@@ -112,6 +164,7 @@ def quantize_dynamic(model_input: Any, model_output: Any, op_types_to_quantize: 
     ``NF4`` / ``Ternary`` / ``Binary``: lowbit's weight-only ops (module docstring). ``reduce_range``: 7-bit int8
     weights. ``method``: ``"rtn"`` (round to nearest), ``"gptq"`` or ``"awq"`` (int8 / int4; these two need
     ``calibration_data_reader``). ``accuracy_target``: a precision per layer meeting it (module docstring; needs
+    ``calibration_data_reader``). ``smoothquant``: SmoothQuant's migration strength (module docstring; needs
     ``calibration_data_reader``). ``op_types_to_quantize`` (default MatMul and Gemm), ``nodes_to_quantize``,
     ``nodes_to_exclude``: which nodes. See the module docstring for what each node becomes.
     """
@@ -133,6 +186,11 @@ def quantize_dynamic(model_input: Any, model_output: Any, op_types_to_quantize: 
                          f"(method='rtn')")
     if method != "rtn":
         _check_reader(calibration_data_reader, "calibration_data_reader", f"method={method!r}")
+    if smoothquant is not None:
+        if isinstance(smoothquant, bool) or not isinstance(smoothquant, (int, float)) or not 0 <= smoothquant <= 1:
+            raise ValueError(f"smoothquant: expected None or a migration strength in [0, 1] (0.5 is usual), got "
+                             f"{smoothquant!r}")
+        _check_reader(calibration_data_reader, "calibration_data_reader", "smoothquant")
     target = None
     if accuracy_target is not None:
         target = AccuracyTarget.of(accuracy_target)
@@ -164,14 +222,16 @@ def quantize_dynamic(model_input: Any, model_output: Any, op_types_to_quantize: 
     reader = calibration_data_reader
     if accuracy_target is not None:
         reader = _Held(reader, EVALUATION_BATCHES, held)
-    stats = _collect(model, reader, products, method) if method != "rtn" and products else {}
+    needs_data = method != "rtn" or smoothquant is not None
+    stats = _collect(model, reader, products, method) if needs_data and products else {}
     if accuracy_target is not None and not held:
         held.extend(itertools.islice(_batches(reader, "calibration_data_reader"), EVALUATION_BATCHES))
+    smoothing = _smooth(model, products, stats, float(smoothquant), report) if smoothquant is not None else {}
     writer = _DynamicWriter(model, per_channel, reduce_range, block_size, method, level, per_token, stats)
     chosen = {id(p): low for p in products}
     if accuracy_target is not None and products:
-        chosen = _meet(model, products, writer, low, held, target, report)
-    replaced: dict[int, list[Any]] = {}
+        chosen = _meet(model, products, writer, low, held, target, report, smoothing)
+    replaced: dict[int | None, list[Any]] = dict(smoothing)
     domains = set()
     for product in products:
         written = writer(product, chosen[id(product)])
@@ -183,9 +243,13 @@ def quantize_dynamic(model_input: Any, model_output: Any, op_types_to_quantize: 
     if method != "rtn" and products:
         report.notes.append(f"{method}: activations of {len(stats)} input tensor(s) from the calibration data"
                             + (f", at most {MAX_ROWS} sampled rows each" if method == "awq" else ", X^T X streamed"))
-    nodes = [m for n in model.nodes for m in replaced.get(id(n), [n])]
-    model.write(nodes, model_output, use_external_data_format, domains)
+    model.write(_nodes(model, replaced), model_output, use_external_data_format, domains)
     return report
+
+
+def _nodes(model: _Model, replaced: dict[int | None, list[Any]]) -> list[Any]:
+    """The model's nodes with ``replaced``'s in their places (id of a node -> its replacements; None -> first)."""
+    return [*replaced.get(None, []), *(m for n in model.nodes for m in replaced.get(id(n), [n]))]
 
 
 #: Calibration batches kept to measure an accuracy target on (the first ones the reader gives).
@@ -243,7 +307,8 @@ class _DynamicWriter:
         model, w = self.model, product.w
         n, k = w.shape
         if precision == "float":
-            return _Written(product.replaced, None, "float", "kept float (accuracy target)", 4 * n * k)
+            nodes = product.replaced if not product.smoothed else self._float(product)
+            return _Written(nodes, None, "float", "kept float (accuracy target)", 4 * n * k)
         a, stem, new = product.a, product.node.name, []
         qt = None
         if self.method != "rtn":
@@ -266,6 +331,17 @@ class _DynamicWriter:
         written.nodes[:0] = new
         written.detail = "; ".join(filter(None, [written.detail, product.detail]))
         return written
+
+    def _float(self, product: _Product) -> list[Any]:
+        """A smoothed product in float: ``MatMul(a, (w s).T)`` and the bias."""
+        model, stem = self.model, product.node.name
+        out = product.output if product.bias is None else model.fresh(f"{stem}.product")
+        nodes = [model.node("MatMul", [product.a, model.add(f"{stem}.weight_smoothed", np.ascontiguousarray(
+            product.w.T))], [out], stem, replacing=True)]
+        if product.bias is not None:
+            nodes.append(model.node("Add", [out, model.add(f"{stem}.bias", product.bias)], [product.output],
+                                    f"{stem}.bias_add"))
+        return nodes
 
     def _nbits(self, product: _Product, precision: str, a: str, bias: str, qt: Any) -> _Written:
         model, w, block = self.model, product.w, self.block_size
@@ -333,7 +409,7 @@ class _DynamicWriter:
 
 
 def _meet(model: _Model, products: list[_Product], writer: _DynamicWriter, low: str, held: list, target: Any,
-          report: QuantizationReport) -> dict[int, str]:
+          report: QuantizationReport, smoothing: dict[int | None, list[Any]]) -> dict[int, str]:
     """Per product, the precision from (``low``, 8-bit, float) that keeps the model within ``target`` on the ``held``
     batches (:func:`lowbit.onnx.accuracy.choose_precisions`); each choice is noted in the report."""
     from lowbit.onnx.accuracy import choose_precisions
@@ -350,7 +426,7 @@ def _meet(model: _Model, products: list[_Product], writer: _DynamicWriter, low: 
     ladder = [low, middle, "float"]
 
     def evaluate(assignment: dict[str, str]) -> float:
-        replaced: dict[int, list[Any]] = {}
+        replaced: dict[int | None, list[Any]] = dict(smoothing)
         domains: set[str] = set()
         for name, precision in assignment.items():
             written = writer(by_name[name], precision)
@@ -358,7 +434,7 @@ def _meet(model: _Model, products: list[_Product], writer: _DynamicWriter, low: 
             for old in by_name[name].replaced:
                 replaced[id(old)] = []
             replaced[id(by_name[name].replaced[-1])] = written.nodes
-        proto = model.assemble([m for n in model.nodes for m in replaced.get(id(n), [n])], domains)
+        proto = model.assemble(_nodes(model, replaced), domains)
         return target.measure(outputs(proto), references)
 
     choices, value = choose_precisions(list(by_name), ladder, lambda n, p: writer(by_name[n], p).nbytes, evaluate,
