@@ -248,19 +248,22 @@ def _quantize_onnx(args: argparse.Namespace) -> int:
         if reader is None:
             raise SystemExit("lowbit quantize: static activations need calibration data: --calibration FILE.npy / "
                              "FILE.npz / FOLDER (inputs the model will see), or --activations dynamic")
-        if args.accuracy_target is not None or args.smoothquant is not None:
-            raise SystemExit("lowbit quantize: --accuracy-target and --smoothquant apply to --activations dynamic")
+        if args.accuracy_target is not None or args.smoothquant is not None or args.bias_correction:
+            raise SystemExit("lowbit quantize: --accuracy-target, --smoothquant and --bias-correction apply to "
+                             "--activations dynamic")
         report = quantize_static(args.model, args.output, reader, weight_type=args.weights, per_channel=True)
     else:
         wanting = [option for option, given in (("--method", args.method != "rtn"),
                                                 ("--accuracy-target", args.accuracy_target is not None),
-                                                ("--smoothquant", args.smoothquant is not None)) if given]
+                                                ("--smoothquant", args.smoothquant is not None),
+                                                ("--bias-correction", args.bias_correction)) if given]
         if reader is None and wanting:
             raise SystemExit(f"lowbit quantize: {wanting[0]} needs --calibration FILE.npy / FILE.npz / FOLDER "
                              f"(inputs the model will see)")
         report = quantize_dynamic(args.model, args.output, weight_type=args.weights, block_size=args.block_size,
                                   method=args.method, calibration_data_reader=reader,
-                                  accuracy_target=args.accuracy_target, smoothquant=args.smoothquant)
+                                  accuracy_target=args.accuracy_target, smoothquant=args.smoothquant,
+                                  bias_correction=args.bias_correction)
     print(report)
     return 0
 
@@ -358,6 +361,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   "the outputs' cosine to the float model's at least this on --calibration")
             cmd.add_argument("--smoothquant", type=float, metavar="ALPHA",
                              help="ONNX, dynamic: SmoothQuant's migration strength in [0, 1] (0.5 is usual)")
+            cmd.add_argument("--bias-correction", action="store_true",
+                             help="ONNX, dynamic: correct each bias for its rounded weights' mean error")
         else:
             cmd.add_argument("--input", action="append" if name == "run" else "store",
                              help=".npy (single input) or .npz (by name) input (default: random); ONNX: "

@@ -125,6 +125,16 @@ def test_smoothquant_folds_into_a_layer_norm_read_only_by_the_products(tmp_path,
         min(min_cosines(run(tmp_path / "plain.onnx", x), reference))
 
 
+@pytest.mark.parametrize("weight_type, block", [("int8", 128), ("int4", 32), ("nf4", 32)])
+def test_bias_correction_brings_rounded_weights_closer(encoder, tmp_path, weight_type, block):
+    path, feed, _, reference = encoder
+    quantize_dynamic(path, tmp_path / "rtn.onnx", weight_type=weight_type, block_size=block)
+    quantize_dynamic(path, tmp_path / "bc.onnx", weight_type=weight_type, block_size=block, bias_correction=True,
+                     calibration_data_reader=Reader())
+    plain, corrected = (min_cosines(run(tmp_path / f, feed), reference) for f in ("rtn.onnx", "bc.onnx"))
+    assert all(c > p for c, p in zip(corrected, plain)), (plain, corrected)
+
+
 def test_int4_with_an_accuracy_target_keeps_most_weights_in_int4(encoder, tmp_path):
     path, feed, _, reference = encoder
     report = quantize_dynamic(path, tmp_path / "mixed.onnx", weight_type="int4", block_size=32, method="gptq",
@@ -176,6 +186,11 @@ def test_accuracy_target_errors(encoder, tmp_path):
         quantize_dynamic(path, tmp_path / "x.onnx", smoothquant=2, calibration_data_reader=Reader())
     with pytest.raises(ValueError, match="calibration_data_reader: smoothquant needs calibration data"):
         quantize_dynamic(path, tmp_path / "x.onnx", smoothquant=0.5)
+    with pytest.raises(ValueError, match="bias_correction: corrects rounded-to-nearest weights; method='gptq'"):
+        quantize_dynamic(path, tmp_path / "x.onnx", bias_correction=True, method="gptq",
+                         calibration_data_reader=Reader())
+    with pytest.raises(ValueError, match="calibration_data_reader: bias_correction needs calibration data"):
+        quantize_dynamic(path, tmp_path / "x.onnx", bias_correction=True)
     with pytest.raises(ValueError, match=r"group_size: nf4 takes one of \[32, 64, 128, 256\], got 16"):
         quantize_dynamic(path, tmp_path / "x.onnx", weight_type="nf4", block_size=16)
 

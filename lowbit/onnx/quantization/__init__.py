@@ -46,6 +46,9 @@ the calibration data and every product reading that input), the weights' columns
 ``s``: folded into the ``LayerNormalization`` that makes the input when only quantized products read it (its scale
 and bias divided by ``s``), else one ``Mul`` by ``1 / s`` after the producer, shared by those products.
 
+``bias_correction=True`` (rounded-to-nearest weights) subtracts from each product's bias the mean output shift of
+its weight error, ``(W_q - W) @ E[x]`` with ``E[x]`` from the calibration data (a product without one gains one).
+
 ``accuracy_target`` (a minimum cosine such as ``0.99``, or ``{"relative_error": 0.02}``, of the outputs against the
 float model's: :mod:`lowbit.onnx.accuracy`) picks each layer's precision among ``weight_type``, 8-bit (per token)
 and float: the first ``EVALUATION_BATCHES`` (8) batches of ``calibration_data_reader`` are kept and every choice
@@ -92,8 +95,8 @@ float32 throughout, the integer sum exact (``kernels.linear_dynamic_int8``, ``pe
 domain: run these files in lowbit (``lowbit.onnx.InferenceSession``).
 
 Differences from ONNX Runtime: ``quantize_dynamic``'s ``per_channel`` defaults to True and its extra keywords
-(``block_size``, ``method``, ``calibration_data_reader``, ``per_token``, ``accuracy_target``, ``smoothquant``) are
-lowbit's;
+(``block_size``, ``method``, ``calibration_data_reader``, ``per_token``, ``accuracy_target``, ``smoothquant``,
+``bias_correction``) are lowbit's;
 ``quantize_static``'s
 ``activation_type`` defaults to QUInt8 and int8 activations are symmetric unless ``ActivationSymmetric`` says
 otherwise; QInt16 / QUInt16 / float8 types and ``CalibrationMethod.Distribution`` (float8's) are refused; of

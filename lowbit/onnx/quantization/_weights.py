@@ -98,12 +98,13 @@ def _int8_scheme(per_channel: bool, dtype: str, symmetric: bool):
 
 class _Rows:
     """What the weight methods need of one input tensor's rows ``[-1, K]``, in bounded memory: the largest
-    ``|x_j|`` per channel (SmoothQuant), and ``X^T X`` (GPTQ) or a uniform sample of at most :data:`MAX_ROWS` rows
+    ``|x_j|`` (SmoothQuant) and the mean (bias correction) per channel, and ``X^T X`` (GPTQ) or a uniform sample of at most :data:`MAX_ROWS` rows
     (AWQ, reservoir sampling, seeded)."""
 
     def __init__(self, k: int, method: str, seed: int):
         self.k, self.method, self.seen = k, method, 0
         self.absmax = np.zeros(k, np.float32)
+        self.sum = np.zeros(k)
         self.gram = np.zeros((k, k)) if method == "gptq" else None
         self.rows = np.empty((0, k), np.float32)
         self.rng = np.random.default_rng(seed)
@@ -112,6 +113,7 @@ class _Rows:
         rows = np.asarray(x, np.float32).reshape(-1, self.k)
         if len(rows):
             np.maximum(self.absmax, np.abs(rows).max(axis=0), out=self.absmax)
+            self.sum += rows.sum(axis=0, dtype=np.float64)
         if self.gram is not None:
             as64 = rows.astype(np.float64)
             self.gram += as64.T @ as64
@@ -130,9 +132,15 @@ class _Rows:
     def divide(self, s: np.ndarray) -> None:
         """The statistics of ``x / s`` instead (``s`` per channel: SmoothQuant's factors)."""
         self.absmax = (self.absmax / s).astype(np.float32)
+        self.sum /= s
         if self.gram is not None:
             self.gram /= np.outer(s, s)
         self.rows = (self.rows / s).astype(np.float32)
+
+    @property
+    def mean(self) -> np.ndarray:
+        """``E[x_j]`` per channel (bias correction)."""
+        return self.sum / max(self.seen, 1)
 
     def activations(self) -> np.ndarray:
         """Rows whose ``X^T X`` is the accumulated one (GPTQ: its square root from ``eigh``), or the sample."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -154,7 +154,8 @@ def quantize_dynamic(model_input: Any, model_output: Any, op_types_to_quantize: 
                      nodes_to_exclude: Any = None, use_external_data_format: bool = False,
                      extra_options: dict | None = None, *, block_size: int = 128, method: str = "rtn",
                      calibration_data_reader: Any = None, per_token: bool = True,
-                     accuracy_target: Any = None, smoothquant: float | None = None) -> QuantizationReport:
+                     accuracy_target: Any = None, smoothquant: float | None = None,
+                     bias_correction: bool = False) -> QuantizationReport:
     """Quantize the weights of ``model_input``'s MatMul and Gemm nodes ahead; activations are quantized at run time.
     Write the model to ``model_output``; return a :class:`QuantizationReport`.
 
@@ -164,8 +165,8 @@ def quantize_dynamic(model_input: Any, model_output: Any, op_types_to_quantize: 
     ``NF4`` / ``Ternary`` / ``Binary``: lowbit's weight-only ops (module docstring). ``reduce_range``: 7-bit int8
     weights. ``method``: ``"rtn"`` (round to nearest), ``"gptq"`` or ``"awq"`` (int8 / int4; these two need
     ``calibration_data_reader``). ``accuracy_target``: a precision per layer meeting it (module docstring; needs
-    ``calibration_data_reader``). ``smoothquant``: SmoothQuant's migration strength (module docstring; needs
-    ``calibration_data_reader``). ``op_types_to_quantize`` (default MatMul and Gemm), ``nodes_to_quantize``,
+    ``calibration_data_reader``). ``smoothquant``: SmoothQuant's migration strength; ``bias_correction``: each
+    bias corrected for its weights' rounding error (module docstring; both need ``calibration_data_reader``). ``op_types_to_quantize`` (default MatMul and Gemm), ``nodes_to_quantize``,
     ``nodes_to_exclude``: which nodes. See the module docstring for what each node becomes.
     """
     wtype = _quant_type(weight_type, "weight_type")
@@ -191,6 +192,11 @@ def quantize_dynamic(model_input: Any, model_output: Any, op_types_to_quantize: 
             raise ValueError(f"smoothquant: expected None or a migration strength in [0, 1] (0.5 is usual), got "
                              f"{smoothquant!r}")
         _check_reader(calibration_data_reader, "calibration_data_reader", "smoothquant")
+    if bias_correction:
+        if method != "rtn":
+            raise ValueError(f"bias_correction: corrects rounded-to-nearest weights; method={method!r} already fits "
+                             f"the weights to the activations")
+        _check_reader(calibration_data_reader, "calibration_data_reader", "bias_correction")
     target = None
     if accuracy_target is not None:
         target = AccuracyTarget.of(accuracy_target)
@@ -222,12 +228,13 @@ def quantize_dynamic(model_input: Any, model_output: Any, op_types_to_quantize: 
     reader = calibration_data_reader
     if accuracy_target is not None:
         reader = _Held(reader, EVALUATION_BATCHES, held)
-    needs_data = method != "rtn" or smoothquant is not None
+    needs_data = method != "rtn" or smoothquant is not None or bias_correction
     stats = _collect(model, reader, products, method) if needs_data and products else {}
     if accuracy_target is not None and not held:
         held.extend(itertools.islice(_batches(reader, "calibration_data_reader"), EVALUATION_BATCHES))
     smoothing = _smooth(model, products, stats, float(smoothquant), report) if smoothquant is not None else {}
-    writer = _DynamicWriter(model, per_channel, reduce_range, block_size, method, level, per_token, stats)
+    writer = _DynamicWriter(model, per_channel, reduce_range, block_size, method, level, per_token, stats,
+                            bias_correction)
     chosen = {id(p): low for p in products}
     if accuracy_target is not None and products:
         chosen = _meet(model, products, writer, low, held, target, report, smoothing)
@@ -291,10 +298,10 @@ class _DynamicWriter:
     that an accuracy search can try each layer in each precision without quantizing it again."""
 
     def __init__(self, model: _Model, per_channel: bool, reduce_range: bool, block_size: int, method: str,
-                 level: int, per_token: bool, stats: dict[str, _Rows]):
+                 level: int, per_token: bool, stats: dict[str, _Rows], bias_correction: bool):
         self.model, self.per_channel, self.reduce_range = model, per_channel, reduce_range
         self.block_size, self.method, self.level = block_size, method, level
-        self.per_token, self.stats = per_token, stats
+        self.per_token, self.stats, self.bias_correction = per_token, stats, bias_correction
         self.made: dict[tuple[int, str], _Written] = {}
 
     def __call__(self, product: _Product, precision: str) -> _Written:
@@ -321,7 +328,7 @@ class _DynamicWriter:
                 new.append(model.node("Mul", [a, model.add(f"{stem}.awq_inverse_scales", (1 / s).astype(np.float32))],
                                       [scaled], f"{stem}_awq_scale"))
                 a = scaled
-        bias = model.add(f"{stem}.bias", product.bias) if product.bias is not None else ""
+        bias = self._bias_of(product)
         if precision in ("int4", "uint4"):
             written = self._nbits(product, precision, a, bias, qt)
         elif precision in ("int8", "uint8"):
@@ -343,7 +350,19 @@ class _DynamicWriter:
                                     f"{stem}.bias_add"))
         return nodes
 
-    def _nbits(self, product: _Product, precision: str, a: str, bias: str, qt: Any) -> _Written:
+    def _bias_of(self, product: _Product) -> Callable[[np.ndarray], str]:
+        """The bias input's name given the dequantized weights ``w_q [N, K]``: the product's bias, corrected with
+        ``bias_correction`` for the mean output shift of the weight error, ``b - (w_q - w) @ E[a]``."""
+        def name(w_q: np.ndarray) -> str:
+            bias = product.bias
+            if self.bias_correction and w_q is not product.w:
+                shift = (w_q.astype(np.float64) - product.w) @ self.stats[product.a].mean
+                bias = ((0 if bias is None else bias) - shift).astype(np.float32)
+            return "" if bias is None else self.model.add(f"{product.node.name}.bias", bias)
+        return name
+
+    def _nbits(self, product: _Product, precision: str, a: str, bias: Callable[[np.ndarray], str],
+               qt: Any) -> _Written:
         model, w, block = self.model, product.w, self.block_size
         n, k = w.shape
         symmetric, blocks, stem = precision == "int4", -(-k // block), product.node.name
@@ -355,17 +374,19 @@ class _DynamicWriter:
             scales = qt.scale.reshape(n, blocks)
             zeros = None if symmetric else qt.zero_point.reshape(n, blocks).astype(np.uint8)
         packed = _pack_nibbles(codes).reshape(n, blocks, block // 2)
+        centered = codes.astype(np.float64) - (8 if zeros is None else np.repeat(zeros, block, axis=1))
+        w_q = (centered * np.repeat(scales, block, axis=1))[:, :k]
         inputs = [a, model.add(f"{stem}.q4", packed),
                   model.add(f"{stem}.q4_scales", scales.astype(np.float32).reshape(-1)),
                   "" if zeros is None else model.add(f"{stem}.q4_zero_points", _pack_nibbles(
-                      np.pad(zeros, ((0, 0), (0, blocks % 2))))), "", bias]
+                      np.pad(zeros, ((0, 0), (0, blocks % 2))))), "", bias(w_q)]
         node = model.node("MatMulNBits", inputs, [product.output], stem, "com.microsoft", replacing=True, K=k, N=n,
                           bits=4, block_size=int(block), accuracy_level=self.level)
         what = (f"{'symmetric' if symmetric else 'asymmetric'} 4-bit, blocks of {block}"
                 f"{', K padded' if k % block else ''}, {self.method}")
         return _Written([node], "com.microsoft", "com.microsoft.MatMulNBits", what, packed.nbytes + 4 * n * blocks)
 
-    def _int8(self, product: _Product, dtype: str, a: str, bias: str, qt: Any) -> _Written:
+    def _int8(self, product: _Product, dtype: str, a: str, bias: Callable[[np.ndarray], str], qt: Any) -> _Written:
         import kernels
 
         model, w, stem = self.model, product.w, product.node.name
@@ -378,8 +399,9 @@ class _DynamicWriter:
             zero = np.zeros(scale.shape, dtype) if qt.zero_point is None else qt.zero_point.astype(dtype)
         lowbit_op = self.per_token and k <= kernels.DynamicLinearPlan.max_k
         domain = "lowbit" if lowbit_op else "com.microsoft"
+        w_q = (codes.astype(np.float64) - np.reshape(zero, (-1, 1))) * np.reshape(scale, (-1, 1))
         inputs = [a, model.add(f"{stem}.weight_quantized", np.ascontiguousarray(codes.T)),
-                  model.add(f"{stem}.weight_scale", scale), model.add(f"{stem}.weight_zero_point", zero), bias]
+                  model.add(f"{stem}.weight_scale", scale), model.add(f"{stem}.weight_zero_point", zero), bias(w_q)]
         node = model.node("DynamicQuantizeMatMul", inputs, [product.output], stem, domain, replacing=True)
         what = (f"{dtype} weights {'per column' if self.per_channel else 'per tensor'}"
                 f"{', 7-bit' if self.reduce_range and qt is None else ''}, {self.method}; activations "
@@ -388,7 +410,7 @@ class _DynamicWriter:
                       if self.per_token else "")))
         return _Written([node], domain, f"{domain}.DynamicQuantizeMatMul", what, codes.nbytes + 4 * scale.size)
 
-    def _lowbit(self, product: _Product, fmt: Any, a: str, bias: str) -> _Written:
+    def _lowbit(self, product: _Product, fmt: Any, a: str, bias: Callable[[np.ndarray], str]) -> _Written:
         """A weight-only op of lowbit's format table (lowbit domain): codes stored in ONNX's sub-byte types."""
         onnx, model, w, stem = self.model.onnx, self.model, product.w, product.node.name
         n, k = w.shape
@@ -399,7 +421,9 @@ class _DynamicWriter:
             (q.bits, q.signed), onnx.TensorProto.INT2)  # ternary and binary codes fit int2
         name = model.fresh(f"{stem}.codes")
         model.new_initializers.append(onnx.helper.make_tensor(name, kind, codes.shape, codes.reshape(-1)))
-        inputs = [a, name, model.add(f"{stem}.scales", scales), bias]
+        # a binary op takes sign(a): a weight-error correction against E[a] does not apply
+        inputs = [a, name, model.add(f"{stem}.scales", scales),
+                  bias(product.w if fmt.binarizes_input else fmt.dequantize(codes, scales, group))]
         op = fmt.ops["Gemm"].partition(".")[2]
         node = model.node(op, inputs, [product.output], stem, DOMAIN, replacing=True,
                           **({"group_size": group} if group else {}))
