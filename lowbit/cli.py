@@ -248,10 +248,10 @@ def _quantize_onnx(args: argparse.Namespace) -> int:
         if reader is None:
             raise SystemExit("lowbit quantize: static activations need calibration data: --calibration FILE.npy / "
                              "FILE.npz / FOLDER (inputs the model will see), or --activations dynamic")
-        if args.accuracy_target is not None or args.smoothquant is not None or args.bias_correction:
-            raise SystemExit("lowbit quantize: --accuracy-target, --smoothquant and --bias-correction apply to "
-                             "--activations dynamic")
-        report = quantize_static(args.model, args.output, reader, weight_type=args.weights, per_channel=True)
+        if args.smoothquant is not None or args.bias_correction:
+            raise SystemExit("lowbit quantize: --smoothquant and --bias-correction apply to --activations dynamic")
+        report = quantize_static(args.model, args.output, reader, weight_type=args.weights, per_channel=True,
+                                 accuracy_target=args.accuracy_target)
     else:
         wanting = [option for option, given in (("--method", args.method != "rtn"),
                                                 ("--accuracy-target", args.accuracy_target is not None),
@@ -357,8 +357,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             cmd.add_argument("--method", default="rtn", choices=("rtn", "awq", "gptq"),
                              help="ONNX: how weights are rounded (awq / gptq read --calibration)")
             cmd.add_argument("--accuracy-target", type=float, metavar="MIN_COSINE",
-                             help="ONNX, dynamic: per layer, the cheapest of --weights / 8-bit / float that keeps "
-                                  "the outputs' cosine to the float model's at least this on --calibration")
+                             help="ONNX: per layer, the cheapest of --weights / 8-bit / float (static: 8-bit / "
+                                  "float) keeping the outputs' cosine to the float model's at least this on "
+                                  "--calibration")
             cmd.add_argument("--smoothquant", type=float, metavar="ALPHA",
                              help="ONNX, dynamic: SmoothQuant's migration strength in [0, 1] (0.5 is usual)")
             cmd.add_argument("--bias-correction", action="store_true",

@@ -62,3 +62,25 @@ def test_to_onnx_round_trips_and_refuses_what_onnx_cannot_hold(trained, rng):
         to_onnx(graph)
     with pytest.raises(TypeError, match="graph: expected a lowbit.graph.Graph"):
         to_onnx(model)
+
+
+@pytest.mark.parametrize("quant_format", [QuantFormat.QDQ, QuantFormat.QOperator])
+def test_an_accuracy_target_keeps_the_most_sensitive_layers_float(trained, tmp_path, quant_format):
+    path, x_train, x_test, _ = trained
+    reference = InferenceSession(path).run(None, {"x": x_test})[0]
+
+    def worst_cosine(model):
+        y = InferenceSession(model).run(None, {"x": x_test})[0].astype(np.float64)
+        return float(((y * reference).sum(1) / np.linalg.norm(y, axis=1) / np.linalg.norm(reference, axis=1)).min())
+
+    plain, strict, loose = (str(tmp_path / f"{name}.onnx") for name in ("plain", "strict", "loose"))
+    quantize_static(path, plain, Images(x_train[:512]), quant_format=quant_format, per_channel=True)
+    report = quantize_static(path, strict, Images(x_train[:512]), quant_format=quant_format, per_channel=True,
+                             accuracy_target=0.9999)
+    assert report.kept_float and all(n.detail == "kept float by the accuracy target (min cosine >= 0.9999)"
+                                     for n in report.kept_float)
+    assert any(note.startswith("accuracy target min cosine >= 0.9999: reached ") for note in report.notes)
+    assert worst_cosine(strict) > worst_cosine(plain)
+    relaxed = quantize_static(path, loose, Images(x_train[:512]), quant_format=quant_format, per_channel=True,
+                              accuracy_target={"relative_error": 0.5})
+    assert not relaxed.kept_float

@@ -55,6 +55,10 @@ and float: the first ``EVALUATION_BATCHES`` (8) batches of ``calibration_data_re
 is measured on them, by lowbit running the model as written; the report's notes give the metric reached, the share
 of the weights in each precision and each layer's choice with what ``weight_type`` alone would cost it.
 
+``quantize_static``'s ``accuracy_target`` (lowbit's) keeps layers float instead, the most helpful per byte first,
+until the outputs meet it (every candidate written and run as above; pass-through ops stay on codes only beside a
+quantized layer).
+
 ``Conv`` stays float under quantize_dynamic (lowbit quantizes convolutions in :func:`quantize_static`).
 
 :func:`quantize_static` (activations calibrated) quantizes ``Conv``, ``MatMul`` and ``Gemm`` with constant weights,

@@ -14,6 +14,8 @@ import numpy as np
 
 from lowbit.graph.ir import fresh_name
 
+#: Calibration batches kept to measure an accuracy target on (the first ones the reader gives).
+EVALUATION_BATCHES = 8
 #: Ops that only move or pick elements: quantized with their input's scale and zero point, they run on codes.
 PASS_THROUGH = ("MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity")
 READ_OPTIONS = ("ActivationSymmetric", "WeightSymmetric", "CalibTensorRangeSymmetric", "CalibMovingAverage",
@@ -190,6 +192,48 @@ def _run_float(proto: Any, reader: Any, fetch: list[str], visit: Callable[[str, 
             visit(name, batch[name] if name in graph.inputs else results[name])
         del results, batch
     return count
+
+
+class _Held:
+    """A reader passing its batches through, keeping the first ``keep`` of them in ``held``."""
+
+    def __init__(self, reader: Any, keep: int, held: list):
+        self.reader, self.keep, self.held = reader, keep, held
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = self.reader.get_next()
+        if isinstance(batch, dict) and len(self.held) < self.keep:
+            self.held.append(batch)
+        return batch
+
+
+def _search(model: _Model, held: list[dict[str, np.ndarray]], sizes: dict[str, int], ladder: list[str],
+            nbytes: Callable[[str, str], int], write: Callable[[dict[str, str]], Any], target: Any,
+            report: QuantizationReport) -> dict[str, str]:
+    """A precision per layer (name -> one of ``ladder``, cheapest first) keeping the model within ``target`` on the
+    ``held`` batches (:func:`lowbit.onnx.accuracy.choose_precisions`), each candidate ``write(assignment)`` run by
+    lowbit's quantized kernels (never a float twin); the choices and the metric reached go into the report's notes.
+    ``sizes``: the weights of each layer, for the share in each precision."""
+    from lowbit.onnx.accuracy import choose_precisions
+    from lowbit.onnx.importer import import_model
+    from lowbit.runtime.session import Session
+
+    def outputs(proto: Any) -> list[list[np.ndarray]]:
+        session = Session(import_model(proto).graph, fallback=False)
+        return [[r[name] for name in model.outputs] for r in (session.run(batch) for batch in held)]
+
+    references = outputs(model.proto)
+    choices, value = choose_precisions(list(sizes), ladder, nbytes,
+                                       lambda assignment: target.measure(outputs(write(assignment)), references),
+                                       target)
+    weights = {p: sum(sizes[n] for n, c in choices.items() if c.precision == p) for p in ladder}
+    share = ", ".join(f"{100 * weights[p] / max(sum(weights.values()), 1):.0f}% {p}" for p in ladder if weights[p])
+    report.notes.append(f"accuracy target {target}: reached {value:.6g} on {len(held)} calibration batch(es); "
+                        f"weights {share}; {sum(c.nbytes for c in choices.values())} bytes")
+    for name, choice in choices.items():
+        alone = "" if choice.alone_loss is None else f"; {ladder[0]} alone costs {choice.alone_loss:.3g}"
+        report.notes.append(f"{name}: {choice.precision} ({choice.nbytes} bytes){alone}")
+    return {n: c.precision for n, c in choices.items()}
 
 
 # ---- the report ------------------------------------------------------------------------------------------------------
@@ -401,16 +445,18 @@ class _Model:
 
     def write(self, nodes: list[Any], path: Any, use_external_data_format: bool, domains: set[str]) -> None:
         """Save the model of these nodes (:meth:`assemble`) to ``path``."""
-        onnx = self.onnx
-        proto = self.assemble(nodes, domains)
+        self.save(self.assemble(nodes, domains), path, use_external_data_format)
+
+    def save(self, proto: Any, path: Any, use_external_data_format: bool) -> None:
+        """Save ``proto`` to ``path`` (its tensors in ``<name>.data`` beside it with ``use_external_data_format``)."""
         if not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"model_output: expected a path, got {type(path).__name__}")
         path = Path(path)
         if use_external_data_format:
-            onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=f"{path.name}.data", size_threshold=1024)
+            self.onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                                 location=f"{path.name}.data", size_threshold=1024)
         else:
-            onnx.save_model(proto, str(path))
+            self.onnx.save_model(proto, str(path))
 
     def node(self, op_type: str, inputs: list[str], outputs: list[str], name: str, domain: str = "", *,
              replacing: bool = False, **attrs: Any):

@@ -9,8 +9,9 @@ from typing import Any, Callable
 import numpy as np
 
 from lowbit.onnx.accuracy import AccuracyTarget
-from lowbit.onnx.quantization._common import (QuantizationReport, QuantType, _batches, _check_reader, _ignored,
-                                               _Model, _op_types, _quant_type, _run_float)
+from lowbit.onnx.quantization._common import (EVALUATION_BATCHES, QuantizationReport, QuantType, _batches,
+                                               _check_reader, _Held, _ignored, _Model, _op_types, _quant_type,
+                                               _run_float, _search)
 from lowbit.onnx.quantization._weights import (MAX_ROWS, _int8_scheme, _nbits_rtn, _nbits_scheme, _pack_nibbles,
                                                _Rows, _weight_codes)
 from lowbit.quantization.formats import DOMAIN, FORMATS
@@ -259,26 +260,11 @@ def _nodes(model: _Model, replaced: dict[int | None, list[Any]]) -> list[Any]:
     return [*replaced.get(None, []), *(m for n in model.nodes for m in replaced.get(id(n), [n]))]
 
 
-#: Calibration batches kept to measure an accuracy target on (the first ones the reader gives).
-EVALUATION_BATCHES = 8
 #: weight_type -> the precision quantize_dynamic writes (lowbit.quantization.formats' names; uint8 / uint4: ONNX
 #: Runtime's asymmetric 8-bit and 4-bit weights).
 _PRECISION_OF = {QuantType.QInt8: "int8", QuantType.QUInt8: "uint8", QuantType.QInt4: "int4",
                  QuantType.QUInt4: "uint4", QuantType.NF4: "nf4", QuantType.Ternary: "ternary",
                  QuantType.Binary: "binary"}
-
-
-class _Held:
-    """A reader passing its batches through, keeping the first ``keep`` of them in ``held``."""
-
-    def __init__(self, reader: Any, keep: int, held: list):
-        self.reader, self.keep, self.held = reader, keep, held
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        batch = self.reader.get_next()
-        if isinstance(batch, dict) and len(self.held) < self.keep:
-            self.held.append(batch)
-        return batch
 
 
 @dataclass
@@ -435,21 +421,10 @@ class _DynamicWriter:
 def _meet(model: _Model, products: list[_Product], writer: _DynamicWriter, low: str, held: list, target: Any,
           report: QuantizationReport, smoothing: dict[int | None, list[Any]]) -> dict[int, str]:
     """Per product, the precision from (``low``, 8-bit, float) that keeps the model within ``target`` on the ``held``
-    batches (:func:`lowbit.onnx.accuracy.choose_precisions`); each choice is noted in the report."""
-    from lowbit.onnx.accuracy import choose_precisions
-    from lowbit.onnx.importer import import_model
-    from lowbit.runtime.session import Session
-
-    def outputs(proto: Any) -> list[list[np.ndarray]]:
-        session = Session(import_model(proto).graph, fallback=False)  # the quantized kernels, never a float twin
-        return [[r[name] for name in model.outputs] for r in (session.run(batch) for batch in held)]
-
-    references = outputs(model.proto)
+    batches (:func:`_search`)."""
     by_name = {p.node.name: p for p in products}
-    middle = "uint8" if low == "uint8" else "int8"
-    ladder = [low, middle, "float"]
 
-    def evaluate(assignment: dict[str, str]) -> float:
+    def write(assignment: dict[str, str]) -> Any:
         replaced: dict[int | None, list[Any]] = dict(smoothing)
         domains: set[str] = set()
         for name, precision in assignment.items():
@@ -458,17 +433,9 @@ def _meet(model: _Model, products: list[_Product], writer: _DynamicWriter, low: 
             for old in by_name[name].replaced:
                 replaced[id(old)] = []
             replaced[id(by_name[name].replaced[-1])] = written.nodes
-        proto = model.assemble(_nodes(model, replaced), domains)
-        return target.measure(outputs(proto), references)
+        return model.assemble(_nodes(model, replaced), domains)
 
-    choices, value = choose_precisions(list(by_name), ladder, lambda n, p: writer(by_name[n], p).nbytes, evaluate,
-                                       target)
-    total = sum(c.nbytes for c in choices.values())
-    weights = {p: sum(by_name[n].w.size for n, c in choices.items() if c.precision == p) for p in ladder}
-    share = ", ".join(f"{100 * weights[p] / max(sum(weights.values()), 1):.0f}% {p}" for p in ladder if weights[p])
-    report.notes.append(f"accuracy target {target}: reached {value:.6g} on {len(held)} calibration batch(es); "
-                        f"weights {share}; {total} bytes")
-    for name, choice in choices.items():
-        alone = "" if choice.alone_loss is None else f"; {low} alone costs {choice.alone_loss:.3g}"
-        report.notes.append(f"{name}: {choice.precision} ({choice.nbytes} bytes){alone}")
-    return {id(by_name[n]): c.precision for n, c in choices.items()}
+    ladder = [low, "uint8" if low == "uint8" else "int8", "float"]
+    chosen = _search(model, held, {n: p.w.size for n, p in by_name.items()}, ladder,
+                     lambda n, p: writer(by_name[n], p).nbytes, write, target, report)
+    return {id(by_name[n]): precision for n, precision in chosen.items()}

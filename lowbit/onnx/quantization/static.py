@@ -8,9 +8,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from lowbit.onnx.quantization._common import (_OBSERVERS, PASS_THROUGH, CalibrationMethod, QuantFormat,
-                                               QuantizationReport, QuantType, _calibration_method, _check_reader,
-                                               _ignored, _Model, _op_types, _quant_format, _quant_type, _run_float)
+from lowbit.onnx.accuracy import AccuracyTarget
+from lowbit.onnx.quantization._common import (_OBSERVERS, EVALUATION_BATCHES, PASS_THROUGH, CalibrationMethod,
+                                               QuantFormat, QuantizationReport, QuantType, _calibration_method,
+                                               _check_reader, _Held, _ignored, _Model, _op_types, _quant_format,
+                                               _quant_type, _run_float, _search)
 from lowbit.onnx.quantization._weights import _weight_codes
 from lowbit.onnx.quantization.dynamic import _bias_vector, _product
 
@@ -144,7 +146,7 @@ def quantize_static(model_input: Any, model_output: Any, calibration_data_reader
                     weight_type: Any = QuantType.QInt8, nodes_to_quantize: Any = None, nodes_to_exclude: Any = None,
                     use_external_data_format: bool = False, calibrate_method: Any = CalibrationMethod.MinMax,
                     calibration_providers: Any = None, extra_options: dict | None = None,
-                    calibration_cache_path: Any = None) -> QuantizationReport:
+                    calibration_cache_path: Any = None, *, accuracy_target: Any = None) -> QuantizationReport:
     """Quantize ``model_input``'s Conv, MatMul and Gemm nodes with constant weights (and the activations between
     them, calibrated on ``calibration_data_reader``'s batches) to 8 bits; write ``model_output`` in ``quant_format``
     (QDQ or QOperator); return a :class:`QuantizationReport`. See the module docstring for what is written.
@@ -152,7 +154,8 @@ def quantize_static(model_input: Any, model_output: Any, calibration_data_reader
     ``activation_type`` / ``weight_type``: QUInt8 or QInt8. ``per_channel``: one weight scale per output channel.
     ``reduce_range``: 7-bit weights. ``calibrate_method``: MinMax, Entropy, Percentile or lowbit's MSE.
     ``calibration_providers`` and ``calibration_cache_path`` are accepted for compatibility and not used (lowbit
-    calibrates on its own CPU kernels, every time).
+    calibrates on its own CPU kernels, every time). ``accuracy_target`` (lowbit's): which layers stay float so that
+    the outputs meet it (module docstring).
     """
     fmt = _quant_format(quant_format, "quant_format")
     activation = _quant_type(activation_type, "activation_type")
@@ -163,6 +166,9 @@ def quantize_static(model_input: Any, model_output: Any, calibration_data_reader
                              "weight formats: quantize_dynamic)")
     method = _calibration_method(calibrate_method, "calibrate_method")
     _check_reader(calibration_data_reader, "calibration_data_reader", "quantize_static")
+    target = None if accuracy_target is None else AccuracyTarget.of(accuracy_target)
+    held: list[dict[str, np.ndarray]] = []
+    reader = calibration_data_reader if target is None else _Held(calibration_data_reader, EVALUATION_BATCHES, held)
     options = dict(extra_options or {})
     act_symmetric = bool(options.get("ActivationSymmetric", options.get("CalibTensorRangeSymmetric",
                                                                         activation is QuantType.QInt8)))
@@ -219,7 +225,7 @@ def quantize_static(model_input: Any, model_output: Any, calibration_data_reader
                                      if fmt is QuantFormat.QOperator else set())
     observers = {t: new_observer() for t in observed}
     if observers:
-        report.batches = _run_float(model.proto, calibration_data_reader, sorted(observers),
+        report.batches = _run_float(model.proto, reader, sorted(observers),
                                     lambda name, value: observers[name].observe(value), "calibration_data_reader")
     codes_type = np.dtype(np.int8 if activation is QuantType.QInt8 else np.uint8)
     params: dict[str, tuple[str, str, float, int]] = {}  # root -> (scale name, zero point name, scale, zero point)
@@ -234,11 +240,40 @@ def quantize_static(model_input: Any, model_output: Any, calibration_data_reader
         return params[key]
 
     writer = (_write_qdq if fmt is QuantFormat.QDQ else _write_qoperator)
-    nodes, domains = writer(model, groups, passes, root, qparams, report,
-                            _WeightWriter(model, w_dtype, w_symmetric, per_channel, reduce_range, fmt),
-                            codes_type)
-    model.write(nodes, model_output, use_external_data_format, domains)
+    weights = _WeightWriter(model, w_dtype, w_symmetric, per_channel, reduce_range, fmt)
+    originals = [_copy(node) for node in model.nodes]
+
+    def write(kept: dict[int, _Group], into: QuantizationReport) -> Any:
+        """The model with the ``kept`` groups quantized, and the pass-through ops on their tensors (the writers
+        rewire nodes in place: undone after)."""
+        weights.start()
+        used = {root[t] for g in kept.values() for t in (g.x, g.out)}
+        active = {key: node for key, node in passes.items() if root[node.output[0]] in used}
+        nodes, domains = writer(model, kept, active, root, qparams, into, weights, codes_type)
+        proto = model.assemble(nodes, domains)
+        for node, original in zip(model.nodes, originals):
+            node.CopyFrom(original)
+        return proto
+
+    if target is not None and groups:
+        by_name = {g.node.name: key for key, g in groups.items()}
+        chosen = _search(model, held, {n: groups[k].weight.size for n, k in by_name.items()}, ["int8", "float"],
+                         lambda n, p: groups[by_name[n]].weight.size * (1 if p == "int8" else 4),
+                         lambda assignment: write({by_name[n]: groups[by_name[n]] for n, p in assignment.items()
+                                                   if p == "int8"}, QuantizationReport("", "")), target, report)
+        for name, precision in chosen.items():
+            if precision == "float":
+                report.add(groups[by_name[name]].node, "float", f"kept float by the accuracy target ({target})")
+                del groups[by_name[name]]
+    proto = write(groups, report)
+    model.save(proto, model_output, use_external_data_format)
     return report
+
+
+def _copy(node: Any) -> Any:
+    copy = type(node)()
+    copy.CopyFrom(node)
+    return copy
 
 
 class _WeightWriter:
@@ -248,27 +283,34 @@ class _WeightWriter:
                  fmt: QuantFormat):
         self.model, self.dtype, self.symmetric = model, dtype, symmetric
         self.per_channel, self.reduce_range, self.fmt = per_channel, reduce_range, fmt
-        self.done: dict[tuple[str, int], tuple[list[str], np.ndarray, Any]] = {}
+        self.done: dict[tuple[str, int], tuple[list[str], np.ndarray, str, Any]] = {}
+        self.placed: set[tuple[str, int]] = set()
+        self.biases: dict[str, list[str]] = {}
+
+    def start(self) -> None:
+        """A new model is written (an accuracy search writes several): each DequantizeLinear is placed again."""
+        self.placed = set()
 
     def weights(self, group: _Group) -> tuple[list[str], np.ndarray, str, Any]:
         """``([codes, scale, zero point], scale value, dequantized name, new DequantizeLinear or None)`` of the
-        group's weight, made once per weight tensor: the DequantizeLinear (QDQ only) comes back the first time, for
-        the caller to place before its first reader."""
+        group's weight, made once per weight tensor: the DequantizeLinear (QDQ only) comes back the first time in a
+        model, for the caller to place before its first reader."""
         key = (group.node.input[1], group.axis)
-        if key in self.done:
-            return (*self.done[key], None)
-        model, stem = self.model, group.node.input[1]
-        codes, scale, zero = _weight_codes(group.weight, group.axis if self.per_channel else None, self.dtype,
-                                           self.symmetric, self.reduce_range)
-        names = [model.add(f"{stem}_quantized", codes), model.add(f"{stem}_scale", scale),
-                 model.add(f"{stem}_zero_point", zero)]
-        dq, out = None, ""
-        if self.fmt is QuantFormat.QDQ:
-            out = model.fresh(f"{stem}_dequantized")
-            attrs = {"axis": group.axis} if self.per_channel else {}
-            dq = model.node("DequantizeLinear", names, [out], f"{stem}_DequantizeLinear", **attrs)
-        self.done[key] = (names, scale, out)
-        return names, scale, out, dq
+        if key not in self.done:
+            model, stem = self.model, group.node.input[1]
+            codes, scale, zero = _weight_codes(group.weight, group.axis if self.per_channel else None, self.dtype,
+                                               self.symmetric, self.reduce_range)
+            names = [model.add(f"{stem}_quantized", codes), model.add(f"{stem}_scale", scale),
+                     model.add(f"{stem}_zero_point", zero)]
+            dq, out = None, ""
+            if self.fmt is QuantFormat.QDQ:
+                out = model.fresh(f"{stem}_dequantized")
+                attrs = {"axis": group.axis} if self.per_channel else {}
+                dq = model.node("DequantizeLinear", names, [out], f"{stem}_DequantizeLinear", **attrs)
+            self.done[key] = (names, scale, out, dq)
+        names, scale, out, dq = self.done[key]
+        placed, self.placed = key in self.placed, self.placed | {key}
+        return names, scale, out, None if placed else dq
 
     def bias(self, group: _Group, x_scale: float, w_scale: np.ndarray, report_detail: list[str]) -> list[str]:
         """``[codes, scale, zero point]`` of the group's bias as int32 codes of ``x_scale * w_scale``."""
@@ -279,8 +321,10 @@ class _WeightWriter:
             report_detail.append("bias clipped to int32")
         codes = np.clip(exact, limit.min, limit.max).astype(np.int32)
         stem = f"{group.node.name}.bias"
-        return [self.model.add(f"{stem}_quantized", codes), self.model.add(f"{stem}_scale", unit),
-                self.model.add(f"{stem}_zero_point", np.zeros(unit.shape, np.int32))]
+        if stem not in self.biases:
+            self.biases[stem] = [self.model.add(f"{stem}_quantized", codes), self.model.add(f"{stem}_scale", unit),
+                                 self.model.add(f"{stem}_zero_point", np.zeros(unit.shape, np.int32))]
+        return self.biases[stem]
 
 
 def _describe(group: _Group, writer: _WeightWriter, activation: np.dtype) -> list[str]:
