@@ -336,7 +336,7 @@ def import_model(model: Any, *, optimize: bool = True, per_token: bool = False) 
     """Read and convert ``model`` (path, bytes or ModelProto); with ``optimize``, fuse patterns and fold constants
     (``per_token``: the fused dynamic int8 products quantize each token, see ``fuse_dynamic_matmul``)."""
     from lowbit.runtime.dynamic_fusion import fuse_dynamic_matmul
-    from lowbit.runtime.passes import fold_constants
+    from lowbit.runtime.passes import fold_constants, split_constant_bias
     from lowbit.runtime.qdq_fusion import fuse_qdq
     from lowbit.runtime.transformer_fusion import fuse_transformer_ops
 
@@ -344,8 +344,8 @@ def import_model(model: Any, *, optimize: bool = True, per_token: bool = False) 
     imported = _convert(proto, folder)
     imported.tensors = frozenset(t for node in imported.graph.nodes for t in node.outputs)
     if optimize:  # fused patterns (Q/DQ, dynamic products, GELU, attention, biased MatMuls), folded constants
-        imported.graph = fuse_transformer_ops(fold_constants(fuse_dynamic_matmul(fuse_qdq(imported.graph),
-                                                                                  per_token=per_token)))
+        imported.graph = fuse_transformer_ops(split_constant_bias(fold_constants(fuse_dynamic_matmul(
+            fuse_qdq(imported.graph), per_token=per_token))))
     _check_supported(imported.graph, {})
     return imported
 

@@ -278,3 +278,25 @@ def test_weights_must_be_parameters(rng):
     node = Node("lowbit.TernaryGemm", ["x", "w", "s"], ["y"], {}, "t")
     with pytest.raises(ValueError, match="must be a parameter"):
         prepare(node, graph, [(x.shape, x.dtype)])
+
+
+def test_split_constant_bias_keeps_the_values_and_gives_the_product_an_entry(rng):
+    """A weight-only product's constant bias moves into an Add after it: same values, and the product (which has a
+    compiled entry only without its bias) and the Add chain."""
+    from lowbit.graph.ir import TensorSpec
+    from lowbit.runtime.passes import split_constant_bias
+    from lowbit.runtime.session import Session
+
+    fmt = FORMATS["int4"]
+    codes, scales = fmt.quantize(rng.normal(size=(24, 64)).astype(np.float32))
+    params = {"c": codes, "s": scales, "b": rng.normal(size=24).astype(np.float32)}
+    nodes = [Node(fmt.ops["Gemm"], ["x", "c", "s", "b"], ["y"], {"group_size": fmt.group_size(None)}, "q"),
+             Node(fmt.ops["Gemm"], ["x", "c", "s", "b"], ["z"], {"group_size": 32, "activation": "relu"}, "r")]
+    graph = Graph(nodes, {"x": TensorSpec((None, 64))}, ["y", "z"], params).validate()
+    split = split_constant_bias(graph)
+    assert [(n.op, n.inputs) for n in split.nodes] == [(fmt.ops["Gemm"], ["x", "c", "s"]), ("Add", ["y_unbiased", "b"]),
+                                                       (fmt.ops["Gemm"], ["x", "c", "s", "b"])]
+    x = {"x": rng.normal(size=(3, 64)).astype(np.float32)}
+    before, after = (Session(g, fallback=False, threads=1).run(x) for g in (graph, split))
+    np.testing.assert_array_equal(before["y"], after["y"])
+    np.testing.assert_array_equal(before["z"], after["z"])
