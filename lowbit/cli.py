@@ -17,6 +17,10 @@ from kernels import dispatch
 from lowbit.quantization.formats import FORMATS
 
 
+class UsageError(Exception):
+    """A command given what it cannot use: printed as one line (``lowbit CMD: error: ...``), exit code 2."""
+
+
 INFO_SHAPES = ((1, 4096, 4096), (8, 4096, 4096), (1024, 1024, 1024))  # decode, small batch, large GEMM
 
 
@@ -76,7 +80,7 @@ def _dims(pairs: list[str] | None) -> dict[str, int]:
     for pair in pairs or []:
         name, _, size = pair.partition("=")
         if not name or not size.isdigit():
-            raise SystemExit(f"--dim: expected NAME=SIZE (a symbolic dimension and its size), got {pair!r}")
+            raise UsageError(f"--dim: expected NAME=SIZE (a symbolic dimension and its size), got {pair!r}")
         dims[name] = int(size)
     return dims
 
@@ -86,19 +90,22 @@ def _onnx_feeds(session, inputs: list[str] | None, batch: int, dims: dict[str, i
     example inputs for the rest."""
     from lowbit.onnx.tools import example_feeds
 
-    feeds = example_feeds(session.get_inputs(), batch, dims)
-    names = [i.name for i in session.get_inputs()]
+    if inputs and batch is not None:
+        raise UsageError("--batch: the arrays of --input set the batch; give one or the other")
+    feeds = example_feeds(session.get_inputs(), batch or 1, dims)
+    declared = {i.name: np.dtype(np.float32) if i.type == "tensor(float)" else None for i in session.get_inputs()}
     for item in inputs or []:
         name, sep, path = item.rpartition("=")
         if path.endswith(".npz"):
             with np.load(path, allow_pickle=False) as data:
-                feeds.update({n: data[n] for n in data.files})
-            continue
-        if not sep:
-            if len(names) != 1:
-                raise SystemExit(f"--input: the model has inputs {names}: give NAME=file.npy for each")
-            name = names[0]
-        feeds[name] = np.load(path, allow_pickle=False)
+                given = {n: data[n] for n in data.files}
+        else:
+            if not sep:
+                if len(declared) != 1:
+                    raise UsageError(f"--input: the model has inputs {list(declared)}: give NAME=file.npy for each")
+                name = next(iter(declared))
+            given = {name: np.load(path, allow_pickle=False)}
+        feeds.update({n: _declared(n, v, declared.get(n), path) for n, v in given.items()})
     return feeds
 
 
@@ -145,16 +152,31 @@ def _bench_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _feeds(graph, path: str | None, batch: int) -> dict[str, np.ndarray]:
+def _declared(name: str, value: np.ndarray, dtype: np.dtype, path: str) -> np.ndarray:
+    """``value`` as the model declares input ``name``: float64 arrays (NumPy's default) cast to float32, with a note."""
+    if value.dtype == np.float64 and dtype == np.float32:
+        print(f"note: {path}: input {name!r} is float64, cast to float32", file=sys.stderr)
+        return value.astype(np.float32)
+    return value
+
+
+def _feeds(graph, path: str | None, batch: int | None) -> dict[str, np.ndarray]:
     """The model's inputs: from an .npy / .npz file, else random data of the declared shapes (batch ``batch``)."""
     if path:
+        if batch is not None:
+            raise UsageError("--batch: the arrays of --input set the batch; give one or the other")
         if path.endswith(".npz"):
             with np.load(path, allow_pickle=False) as data:
-                return {name: data[name] for name in data.files}
-        (name,) = graph.inputs
-        return {name: np.load(path, allow_pickle=False)}
+                feeds = {name: data[name] for name in data.files}
+        elif len(graph.inputs) != 1:
+            raise UsageError(f"--input: the model has inputs {list(graph.inputs)}: give an .npz holding an array for "
+                             f"each (np.savez(path, name=array, ...))")
+        else:
+            feeds = {next(iter(graph.inputs)): np.load(path, allow_pickle=False)}
+        return {n: _declared(n, v, np.dtype(graph.inputs[n].dtype), path) if n in graph.inputs else v
+                for n, v in feeds.items()}
     rng = np.random.default_rng(0)
-    return {name: rng.standard_normal([batch if d is None else d for d in spec.shape]).astype(spec.dtype)
+    return {name: rng.standard_normal([(batch or 1) if d is None else d for d in spec.shape]).astype(spec.dtype)
             for name, spec in graph.inputs.items()}
 
 
@@ -165,14 +187,14 @@ class _CalibrationFiles:
     batches of ``batch_size`` along axis 0. A folder's ``.npz`` / ``.npy`` files (in name order) are one batch
     each, loaded when needed, so a large calibration set never sits in memory at once."""
 
-    def __init__(self, path: str, inputs: list[str], batch_size: int):
+    def __init__(self, path: str, declared: dict[str, np.dtype | None], batch_size: int):
         import os
 
-        self.inputs, self.batch_size, self.done = inputs, batch_size, 0
+        self.declared, self.inputs, self.batch_size, self.done = declared, list(declared), batch_size, 0
         if os.path.isdir(path):
             self.files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith((".npz", ".npy")))
             if not self.files:
-                raise SystemExit(f"--calibration: {path} holds no .npz or .npy files")
+                raise UsageError(f"--calibration: {path} holds no .npz or .npy files")
             self.total, self.pending = len(self.files), None
         else:
             whole = self._load(path)
@@ -189,15 +211,15 @@ class _CalibrationFiles:
                     feeds = {self.inputs[0]: feeds["arr_0"]}
             else:
                 if len(self.inputs) != 1:
-                    raise SystemExit(f"--calibration: the model has inputs {self.inputs}: give an .npz holding "
+                    raise UsageError(f"--calibration: the model has inputs {self.inputs}: give an .npz holding "
                                      f"an array for each (np.savez(path, name=array, ...))")
                 feeds = {self.inputs[0]: np.load(path, allow_pickle=False)}
         except (OSError, ValueError) as error:
-            raise SystemExit(f"--calibration: cannot read {path}: {error}") from None
+            raise UsageError(f"--calibration: cannot read {path}: {error}") from None
         missing = sorted(set(self.inputs) - set(feeds))
         if missing:
-            raise SystemExit(f"--calibration: {path} has no array for the inputs {missing} (it holds {sorted(feeds)})")
-        return {n: feeds[n] for n in self.inputs}
+            raise UsageError(f"--calibration: {path} has no array for the inputs {missing} (it holds {sorted(feeds)})")
+        return {n: _declared(n, feeds[n], self.declared[n], path) for n in self.inputs}
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self.pending is not None:
@@ -224,10 +246,11 @@ def _quantize(args: argparse.Namespace) -> int:
     if not args.calibration and (args.activations == "static" or (convs and args.weights == "int8")):
         why = "static activations need" if args.activations == "static" else \
             f"int8 convolutions ({', '.join(convs[:3])}{' ...' if len(convs) > 3 else ''}) are static and need"
-        raise SystemExit(f"lowbit quantize: {why} calibration data: --calibration FILE.npy / FILE.npz / FOLDER "
+        raise UsageError(f"lowbit quantize: {why} calibration data: --calibration FILE.npy / FILE.npz / FOLDER "
                          f"(inputs the model will see)"
                          + (", or --activations dynamic" if args.activations == "static" and not convs else ""))
-    reader = _CalibrationFiles(args.calibration, list(graph.inputs), args.batch) if args.calibration else None
+    declared = {n: np.dtype(spec.dtype) for n, spec in graph.inputs.items()}
+    reader = _CalibrationFiles(args.calibration, declared, args.batch) if args.calibration else None
     batches = [] if reader is None else list(iter(reader.get_next, None))
     quantizer = lowbit.ptq.Quantizer(graph, batches or None, {"precision": args.weights,
                                                                "activations": args.activations})
@@ -242,14 +265,15 @@ def _quantize_onnx(args: argparse.Namespace) -> int:
     from lowbit.onnx import InferenceSession
     from lowbit.onnx.quantization import quantize_dynamic, quantize_static
 
-    inputs = [i.name for i in InferenceSession(args.model).get_inputs()]
-    reader = _CalibrationFiles(args.calibration, inputs, args.batch) if args.calibration else None
+    declared = {i.name: np.dtype(np.float32) if i.type == "tensor(float)" else None
+                for i in InferenceSession(args.model).get_inputs()}
+    reader = _CalibrationFiles(args.calibration, declared, args.batch) if args.calibration else None
     if args.activations == "static":
         if reader is None:
-            raise SystemExit("lowbit quantize: static activations need calibration data: --calibration FILE.npy / "
+            raise UsageError("lowbit quantize: static activations need calibration data: --calibration FILE.npy / "
                              "FILE.npz / FOLDER (inputs the model will see), or --activations dynamic")
         if args.smoothquant is not None or args.bias_correction:
-            raise SystemExit("lowbit quantize: --smoothquant and --bias-correction apply to --activations dynamic")
+            raise UsageError("lowbit quantize: --smoothquant and --bias-correction apply to --activations dynamic")
         report = quantize_static(args.model, args.output, reader, weight_type=args.weights, per_channel=True,
                                  accuracy_target=args.accuracy_target)
     else:
@@ -258,7 +282,7 @@ def _quantize_onnx(args: argparse.Namespace) -> int:
                                                 ("--smoothquant", args.smoothquant is not None),
                                                 ("--bias-correction", args.bias_correction)) if given]
         if reader is None and wanting:
-            raise SystemExit(f"lowbit quantize: {wanting[0]} needs --calibration FILE.npy / FILE.npz / FOLDER "
+            raise UsageError(f"lowbit quantize: {wanting[0]} needs --calibration FILE.npy / FILE.npz / FOLDER "
                              f"(inputs the model will see)")
         report = quantize_dynamic(args.model, args.output, weight_type=args.weights, block_size=args.block_size,
                                   method=args.method, calibration_data_reader=reader,
@@ -310,7 +334,11 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from lowbit import __version__
+
     parser = argparse.ArgumentParser(prog="lowbit", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"lowbit {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="CPU features, active kernel level, versions, threads")
     info.add_argument("--json", action="store_true", help="print machine-readable JSON")
@@ -330,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     inspect.set_defaults(run=_inspect)
     demo = sub.add_parser("demo", help="train, quantize and run digit classifiers (needs scikit-learn)")
     demo.add_argument("--quick", action="store_true", help="fewer epochs (for a smoke test)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="seed of the data split, weights and batch order")
     demo.set_defaults(run=_demo)
     warm = sub.add_parser("warmup", help="compile every kernel ahead into the on-disk cache")
     warm.set_defaults(run=_warmup)
@@ -339,9 +367,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     ("report", "per-node profile (and error against a reference model)", _report)):
         cmd = sub.add_parser(name, help=helptext)
         cmd.add_argument("model", help="a .lowbit file (lowbit.save)" + (" or an .onnx file" if name == "run" else ""))
-        cmd.add_argument("--batch", type=int, default=1 if name != "quantize" else 32,
-                         help="calibration rows per batch" if name == "quantize" else
-                         "batch of the random input when no file is given")
+        cmd.add_argument("--batch", type=int, default=32 if name == "quantize" else None,
+                         help="calibration rows per batch (default 32)" if name == "quantize" else
+                         "batch of the random input when no --input is given (default 1)")
         cmd.set_defaults(run=handler)
         if name == "quantize":
             cmd.add_argument("-o", "--output", required=True, help="where to write the quantized model")
@@ -375,7 +403,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name == "report":
             cmd.add_argument("--reference", help="a float .lowbit model to measure the output error against")
     args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (UsageError, ValueError, TypeError, OSError, NotImplementedError, ImportError) as error:
+        if args.debug:
+            raise
+        hint = "" if isinstance(error, UsageError) else " (--debug shows where)"
+        print(f"lowbit {args.command}: error: {error}{hint}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -153,6 +153,16 @@ class Graph:
             raise KeyError(f"no node named {name!r}; nodes: {[n.name for n in self.nodes][:20]}...")
         return found
 
+    def __repr__(self) -> str:
+        """A summary (the parameters' values are not printed: a model has millions)."""
+        ops: dict[str, int] = {}
+        for node in self.nodes:
+            ops[node.op] = ops.get(node.op, 0) + 1
+        shown = ", ".join(f"{op} x{n}" if n > 1 else op for op, n in sorted(ops.items(), key=lambda item: -item[1]))
+        inputs = ", ".join(f"{name}: {spec.dtype} {list(spec.shape)}" for name, spec in self.inputs.items())
+        return (f"Graph({len(self.nodes)} nodes: {shown}; inputs {inputs}; outputs {self.outputs}; "
+                f"{len(self.params)} params, {self.nbytes()} bytes)")
+
     def copy(self) -> Graph:
         """A deep copy of the structure; parameter arrays are shared (treat them as read-only)."""
         nodes = [dataclasses.replace(n, inputs=list(n.inputs), outputs=list(n.outputs), attrs=dict(n.attrs))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -99,17 +100,17 @@ def test_onnx_run_inspect_bench(tmp_path, capsys, rng):
     assert "Unique (opset 17): 1 node(s)" in capsys.readouterr().out
     assert main(["bench", str(path), "--batch", "2", "--rounds", "1"]) == 0
     assert "lowbit" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="NAME=SIZE"):
-        main(["run", str(path), "--dim", "N"])
+    assert main(["run", str(path), "--dim", "N"]) == 2
+    assert "lowbit run: error: --dim: expected NAME=SIZE" in capsys.readouterr().err
 
 
-def test_quantize_refuses_static_without_calibration_data(tmp_path, rng):
+def test_quantize_refuses_static_without_calibration_data(tmp_path, capsys, rng):
     model = tmp_path / "float.lowbit"
     lowbit.save(_model(rng), model)
-    with pytest.raises(SystemExit, match="static activations need calibration data: --calibration"):
-        main(["quantize", str(model), "-o", str(tmp_path / "q.lowbit")])
-    with pytest.raises(SystemExit, match=r"int8 convolutions \(conv_\d+\) are static and need calibration data"):
-        main(["quantize", str(model), "-o", str(tmp_path / "q.lowbit"), "--activations", "dynamic"])
+    assert main(["quantize", str(model), "-o", str(tmp_path / "q.lowbit")]) == 2
+    assert "static activations need calibration data: --calibration" in capsys.readouterr().err
+    assert main(["quantize", str(model), "-o", str(tmp_path / "q.lowbit"), "--activations", "dynamic"]) == 2
+    assert re.search(r"int8 convolutions \(conv_\d+\) are static and need calibration data", capsys.readouterr().err)
     assert main(["quantize", str(model), "-o", str(tmp_path / "q.lowbit"), "--weights", "int4",
                  "--activations", "dynamic"]) == 0  # weight-only layers need no data
 
@@ -143,11 +144,55 @@ def test_quantize_onnx_static_from_a_folder_and_dynamic_with_a_target(tmp_path, 
     assert "conv0" in captured.out and InferenceSession(str(tmp_path / "cnn.qdq.onnx")).run(
         None, examples.image_feed(2, 8, channels=1))[0].shape == (2, 10)
     np.savez(tmp_path / "tokens.npz", **examples.token_feed(8, 16))
-    with pytest.raises(SystemExit, match="--accuracy-target needs --calibration"):
-        main(["quantize", str(bert), "-o", str(tmp_path / "b.onnx"), "--activations", "dynamic",
-              "--accuracy-target", "0.99"])
+    assert main(["quantize", str(bert), "-o", str(tmp_path / "b.onnx"), "--activations", "dynamic",
+                 "--accuracy-target", "0.99"]) == 2
+    assert "--accuracy-target needs --calibration" in capsys.readouterr().err
     assert main(["quantize", str(bert), "-o", str(tmp_path / "b.onnx"), "--activations", "dynamic", "--weights",
                  "int4", "--block-size", "32", "--calibration", str(tmp_path / "tokens.npz"), "--batch", "4",
                  "--accuracy-target", "0.99"]) == 0
     out = capsys.readouterr().out
     assert "accuracy target min cosine >= 0.99: reached" in out and "MatMulNBits" in out
+
+
+def test_errors_are_one_line_with_exit_code_2_and_a_traceback_with_debug(tmp_path, capsys, rng):
+    model, quantized = tmp_path / "float.lowbit", tmp_path / "int8.lowbit"
+    lowbit.save(_model(rng), model)
+    (tmp_path / "text.lowbit").write_text("not a model")
+    assert main(["run", str(tmp_path / "text.lowbit")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lowbit run: error: ") and "\n" not in err and err.endswith("(--debug shows where)")
+    with pytest.raises(ValueError, match="not a lowbit model file"):
+        main(["--debug", "run", str(tmp_path / "text.lowbit")])
+    x = rng.standard_normal((4, 3, 8, 8))  # float64, NumPy's default
+    np.save(tmp_path / "x.npy", x)
+    assert main(["run", str(model), "--input", str(tmp_path / "x.npy")]) == 0
+    assert "input 'x' is float64, cast to float32" in capsys.readouterr().err
+    assert main(["run", str(model), "--input", str(tmp_path / "x.npy"), "--batch", "2"]) == 2
+    assert "--batch: the arrays of --input set the batch" in capsys.readouterr().err
+    assert main(["quantize", str(model), "-o", str(quantized), "--calibration", str(tmp_path / "x.npy")]) == 0
+    assert main(["quantize", str(quantized), "-o", str(tmp_path / "again.lowbit"),
+                 "--calibration", str(tmp_path / "x.npy")]) == 2
+    assert "graph: already quantized (nodes" in capsys.readouterr().err
+
+
+def test_version_and_every_option_documented(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"lowbit {lowbit.__version__}"
+    import argparse
+
+    from lowbit import cli
+
+    parsers = []
+    real = argparse.ArgumentParser.parse_args
+    try:
+        argparse.ArgumentParser.parse_args = lambda self, *a, **k: parsers.append(self) or real(self, *a, **k)
+        main(["info", "--json"])
+    finally:
+        argparse.ArgumentParser.parse_args = real
+    capsys.readouterr()
+    (top,) = parsers
+    subs = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction)).choices
+    undocumented = [f"{name} {' / '.join(a.option_strings) or a.dest}" for name, p in [("lowbit", top), *subs.items()]
+                    for a in p._actions if a.help is None and not isinstance(a, argparse._SubParsersAction)]
+    assert not undocumented and cli.UsageError
