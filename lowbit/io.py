@@ -12,7 +12,12 @@ opset); each param entry names its file, dtype, shape and storage:
 
 Loading never unpickles (``np.load(allow_pickle=False)``) and checks everything it
 reads: the zip's integrity, the format name and version, each parameter's presence,
-dtype and shape, and the graph's structure.
+dtype and shape, and the graph's structure. It is bounded by the file: before a member
+is inflated, its declared size is checked against what the header says it holds and
+against :data:`LIMITS` (a compressed member may not inflate more than
+``LIMITS["ratio"]`` times; ``save`` stores members uncompressed), each member is
+inflated once (its CRC checked as it is read), and every problem is a
+:class:`ModelFileError` (a ``ValueError``) naming the file, the member and the problem.
 """
 
 from __future__ import annotations
@@ -32,6 +37,38 @@ from lowbit.quantization.formats import OPS
 
 FORMAT = "lowbit"
 FORMAT_VERSION = 1
+#: What reading a model file may inflate, in bytes: ``header`` (graph.json), ``total`` (all members), and ``ratio``,
+#: the most a compressed member may inflate per stored byte. Raise them for larger files: ``lowbit.io.LIMITS[...] = ``.
+LIMITS = {"header": 64 << 20, "total": 64 << 30, "ratio": 64}
+NPY_HEADER = 4096  # a .npy file's bytes beyond its data: magic, version and the header dict, padded
+
+
+class ModelFileError(ValueError):
+    """A file that is not a readable model (or quantized tensor) file: the message names the file, the member and
+    the problem."""
+
+
+def read_member(archive: zipfile.ZipFile, name: str, limit: int, where: str) -> bytes:
+    """Member ``name`` of ``archive``, inflated only if its declared size is at most ``limit`` and, compressed, at
+    most ``LIMITS["ratio"]`` times its stored size; ModelFileError otherwise (``where``: the file, for messages)."""
+    try:
+        info = archive.getinfo(name)
+    except KeyError:
+        raise ModelFileError(f"{where}: member {name!r} is missing") from None
+    if info.file_size > limit:
+        raise ModelFileError(f"{where}: member {name!r} declares {info.file_size} bytes, more than the "
+                             f"{limit} it can hold (lowbit.io.LIMITS)")
+    if info.compress_type != zipfile.ZIP_STORED and info.file_size > LIMITS["ratio"] * max(info.compress_size, 1024):
+        raise ModelFileError(f"{where}: member {name!r} inflates {info.file_size} bytes from {info.compress_size}, "
+                             f"more than {LIMITS['ratio']} times (lowbit.io.LIMITS['ratio']): a zip bomb?")
+    try:
+        with archive.open(info) as member:
+            data = member.read(limit + 1)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as error:
+        raise ModelFileError(f"{where}: member {name!r} is corrupted ({error})") from None
+    if len(data) > limit:
+        raise ModelFileError(f"{where}: member {name!r} holds more than its declared {limit} bytes")
+    return data
 #: The packed storage of input 1 (the codes) of the weight-only ops of sub-byte formats.
 PACKED_CODES = {op: fmt.storage for op, (fmt, _) in OPS.items() if fmt.bits < 8}
 
@@ -106,26 +143,52 @@ def save(graph: Graph, path: str | os.PathLike) -> None:
             archive.writestr(params[name]["file"], buffer.getvalue())
 
 
-def _read_param(archive: zipfile.ZipFile, name: str, entry: Any) -> np.ndarray:
+def _why(error: Exception) -> str:
+    """``error``'s message, but for NumPy's refusal of object arrays, whose advice (unpickling) lowbit never takes."""
+    if "allow_pickle" in str(error):
+        return "it holds Python objects; lowbit files hold numeric arrays only, and loading never unpickles"
+    return str(error)
+
+
+def _param_bytes(name: str, entry: Any, where: str) -> tuple[np.dtype, tuple[int, ...], str, int]:
+    """``(dtype, shape, storage, bytes stored)`` of a param entry of graph.json, checked before anything is read."""
     try:
         dtype, shape, code = np.dtype(entry["dtype"]), tuple(int(s) for s in entry["shape"]), entry["storage"]
-        data = np.load(io.BytesIO(archive.read(entry["file"])), allow_pickle=False)
-    except KeyError as error:
-        raise ValueError(f"param {name!r}: missing from the file ({error})") from None
+    except (KeyError, TypeError, ValueError, OverflowError) as error:
+        raise ModelFileError(f"{where}: param {name!r}: malformed entry ({error!r})") from None
+    if dtype.hasobject or any(s < 0 for s in shape):
+        raise ModelFileError(f"{where}: param {name!r}: dtype {dtype} / shape {shape} cannot be stored")
+    count = int(np.prod(shape, dtype=object)) if shape else 1
+    if code == "raw":
+        return dtype, shape, code, count * dtype.itemsize
+    if code in PACKED_CODES.values():
+        return dtype, shape, code, QTYPES[code].nbytes(count)
+    raise ModelFileError(f"{where}: param {name!r}: unknown storage {code!r} for dtype {dtype}")
+
+
+def _read_param(archive: zipfile.ZipFile, name: str, entry: Any, where: str) -> np.ndarray:
+    dtype, shape, code, nbytes = _param_bytes(name, entry, where)
+    member = entry.get("file") if isinstance(entry, dict) else None
+    if not isinstance(member, str):
+        raise ModelFileError(f"{where}: param {name!r}: no file named in graph.json")
+    try:
+        data = np.load(io.BytesIO(read_member(archive, member, nbytes + NPY_HEADER, where)), allow_pickle=False)
     except (TypeError, ValueError, EOFError) as error:
-        raise ValueError(f"param {name!r}: unreadable ({error})") from None
+        if isinstance(error, ModelFileError):
+            raise
+        raise ModelFileError(f"{where}: param {name!r}: unreadable ({_why(error)})") from None
     if code == "raw":
         value = data
-    elif code in PACKED_CODES.values() and dtype == QTYPES[code].dtype and data.dtype == np.uint8:
-        count = int(np.prod(shape, dtype=np.int64))
-        if data.size != QTYPES[code].nbytes(count):
-            raise ValueError(f"param {name!r}: {data.size} packed bytes, {shape} {code} codes need "
-                             f"{QTYPES[code].nbytes(count)}")
-        value = QTYPES[code].unpack(data, count).reshape(shape)
+    elif dtype == QTYPES[code].dtype and data.dtype == np.uint8:
+        if data.size != nbytes:
+            raise ModelFileError(f"{where}: param {name!r}: {data.size} packed bytes, {shape} {code} codes need "
+                                 f"{nbytes}")
+        value = QTYPES[code].unpack(data, int(np.prod(shape, dtype=np.int64))).reshape(shape)
     else:
-        raise ValueError(f"param {name!r}: unknown storage {code!r} for dtype {dtype}")
+        raise ModelFileError(f"{where}: param {name!r}: unknown storage {code!r} for dtype {dtype}")
     if value.dtype != dtype or value.shape != shape:
-        raise ValueError(f"param {name!r}: stored as {value.shape} {value.dtype}, declared {shape} {dtype}")
+        raise ModelFileError(f"{where}: param {name!r}: stored as {value.shape} {value.dtype}, declared {shape} "
+                             f"{dtype}")
     return value
 
 
@@ -146,26 +209,35 @@ def load(path: str | os.PathLike) -> Graph:
         from lowbit.onnx import load as load_onnx
 
         return load_onnx(path)
+    where = os.fspath(path)
     try:
         with zipfile.ZipFile(path) as archive:
-            if archive.testzip() is not None:
-                raise zipfile.BadZipFile("CRC mismatch")
-            header = json.loads(archive.read("graph.json"))
+            header = json.loads(read_member(archive, "graph.json", LIMITS["header"], where))
             if not isinstance(header, dict) or header.get("format") != FORMAT:
-                raise ValueError(f"{os.fspath(path)}: not a lowbit model file (format {header.get('format')!r})"
-                                 if isinstance(header, dict) else f"{os.fspath(path)}: not a lowbit model file")
+                raise ModelFileError(f"{where}: not a lowbit model file (format {header.get('format')!r})"
+                                     if isinstance(header, dict) else f"{where}: not a lowbit model file")
             version = header.get("format_version")
             if version != FORMAT_VERSION:
-                raise ValueError(f"{os.fspath(path)}: format_version {version!r} is not supported "
-                                 f"(this lowbit reads version {FORMAT_VERSION})")
-            params = {name: _read_param(archive, name, entry) for name, entry in header["params"].items()}
-    except (zipfile.BadZipFile, EOFError, zlib.error, KeyError, json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{os.fspath(path)}: not a lowbit model file or truncated/corrupted ({error})") from None
+                raise ModelFileError(f"{where}: format_version {version!r} is not supported "
+                                     f"(this lowbit reads version {FORMAT_VERSION})")
+            entries = header.get("params")
+            if not isinstance(entries, dict):
+                raise ModelFileError(f"{where}: malformed graph.json (params is not a mapping)")
+            total = sum(_param_bytes(name, entry, where)[3] for name, entry in entries.items())
+            if total > LIMITS["total"]:
+                raise ModelFileError(f"{where}: the params declare {total} bytes, more than LIMITS['total'] = "
+                                     f"{LIMITS['total']} (lowbit.io.LIMITS)")
+            params = {name: _read_param(archive, name, entry, where) for name, entry in entries.items()}
+    except ModelFileError:
+        raise
+    except (zipfile.BadZipFile, EOFError, zlib.error, KeyError, json.JSONDecodeError, UnicodeDecodeError,
+            RecursionError, AttributeError) as error:
+        raise ModelFileError(f"{where}: not a lowbit model file or truncated/corrupted ({error!r})") from None
     try:
         nodes = [Node(n["op"], list(n["inputs"]), list(n["outputs"]), dict(n["attrs"]), n["name"])
                  for n in header["nodes"]]
         inputs = {name: TensorSpec(tuple(s["shape"]), s["dtype"]) for name, s in header["inputs"].items()}
         graph = Graph(nodes, inputs, list(header["outputs"]), params, **_opset(header))
-    except (KeyError, TypeError) as error:
-        raise ValueError(f"{os.fspath(path)}: malformed graph.json ({error!r})") from None
-    return graph.validate()
+        return graph.validate()
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as error:
+        raise ModelFileError(f"{where}: malformed graph.json ({error!r})") from None

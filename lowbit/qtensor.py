@@ -9,6 +9,7 @@ it back without unpickling anything.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import zipfile
@@ -120,21 +121,33 @@ class QTensor:
         Raises ValueError for a file that is not one, an unknown version, or
         arrays inconsistent with the header.
         """
+        from lowbit.io import LIMITS, ModelFileError, _why, read_member
+
+        where = os.fspath(path)
         try:
-            with np.load(path, allow_pickle=False) as npz:
-                arrays = {name: npz[name] for name in npz.files}
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+                if sum(info.file_size for info in archive.infolist()) > LIMITS["total"]:
+                    raise ModelFileError(f"{where}: the members declare more than LIMITS['total'] = "
+                                         f"{LIMITS['total']} bytes (lowbit.io.LIMITS)")
+                arrays = {n.removesuffix(".npy"): np.load(io.BytesIO(read_member(archive, n, LIMITS["total"], where)),
+                                                          allow_pickle=False) for n in names}
             header = json.loads(arrays.pop("header").tobytes())
-        except (zipfile.BadZipFile, ValueError, KeyError, OSError, EOFError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: not a readable lowbit QTensor file ({e})") from e
+        except ModelFileError:
+            raise
+        except (zipfile.BadZipFile, ValueError, KeyError, EOFError, UnicodeDecodeError, RecursionError) as e:
+            raise ModelFileError(f"{where}: not a lowbit QTensor file (an .npz written by QTensor.save), or a "
+                                 f"damaged one ({type(e).__name__}: {_why(e)})") from None
         if not isinstance(header, dict) or header.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a lowbit QTensor file")
+            raise ModelFileError(f"{where}: not a lowbit QTensor file")
         if header.get("version") != VERSION:
-            raise ValueError(f"{path}: QTensor format version {header.get('version')!r}; this lowbit reads {VERSION}")
+            raise ModelFileError(f"{where}: QTensor format version {header.get('version')!r}; this lowbit reads "
+                                 f"{VERSION}")
         try:
             return cls(arrays["data"], arrays["scale"], arrays.get("zero_point"), QScheme.from_dict(header["scheme"]),
                        tuple(header["shape"]))
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"{path}: incomplete QTensor file ({e!r} missing or malformed)") from e
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelFileError(f"{where}: incomplete QTensor file ({e!r} missing or malformed)") from None
 
 
 def quantize(x: np.ndarray, scheme: str | dict | QScheme = "int8", *, params: grid.QParams | None = None,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lowbit.graph import Graph, Node, Sequential, TensorSpec
-from lowbit.io import load, model_size, save
+from lowbit.io import LIMITS, ModelFileError, load, model_size, save
 from lowbit.quantization.formats import FORMATS
 from lowbit.runtime import Session
 
@@ -85,6 +85,13 @@ def _param_file(path, name: str) -> str:
         return json.loads(z.read("graph.json"))["params"][name]["file"]
 
 
+def _header_of(graph, folder) -> bytes:
+    """graph.json as save writes it for ``graph``."""
+    save(graph, folder / "for_header.lowbit")
+    with zipfile.ZipFile(folder / "for_header.lowbit") as z:
+        return z.read("graph.json")
+
+
 def _rewrite(path, *, header=None, member=None, data=None):
     """Copy the zip at ``path`` with graph.json replaced by ``header(old)`` and/or ``member`` replaced by ``data``."""
     with zipfile.ZipFile(path) as z:
@@ -108,7 +115,7 @@ def test_truncated_and_corrupted_files_are_refused(graph, tmp_path):
     flipped = bytearray(raw)
     flipped[200] ^= 0xFF  # inside the first stored member: the CRC check fails
     (tmp_path / "c.lowbit").write_bytes(bytes(flipped))
-    with pytest.raises(ValueError, match="truncated/corrupted"):
+    with pytest.raises(ModelFileError, match="member 'graph.json' is corrupted"):
         load(tmp_path / "c.lowbit")
     (tmp_path / "n.lowbit").write_text("hello")
     with pytest.raises(ValueError, match="not a lowbit model file"):
@@ -160,7 +167,66 @@ def test_pickled_param_is_refused(graph, tmp_path):
     buffer = io.BytesIO()
     np.save(buffer, np.array([{"evil": 1}], dtype=object), allow_pickle=True)
     _rewrite(path, member=member, data=buffer.getvalue())
-    with pytest.raises(ValueError, match=f"param {name!r}: unreadable .*allow_pickle"):
+    with pytest.raises(ModelFileError, match=f"param {name!r}: unreadable .*never unpickles") as refused:
+        load(path)
+    assert "allow_pickle" not in str(refused.value)
+
+
+def _bomb(path, member: str, header: dict | None, inflated: int) -> None:
+    """A zip whose ``member`` inflates ``inflated`` zero bytes from a few hundred kB (written in chunks)."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        if header is not None:
+            archive.writestr("graph.json", json.dumps(header))
+        with archive.open(member, "w", force_zip64=True) as f:
+            chunk = bytes(1 << 20)
+            for _ in range(inflated >> 20):
+                f.write(chunk)
+
+
+def test_zip_bombs_are_refused_before_inflating(graph, tmp_path):
+    """A small file inflating far more than it stores is refused from the declared sizes: nothing large is
+    allocated (tracemalloc), whether the bomb is graph.json, a param or a QTensor array."""
+    import tracemalloc
+
+    from lowbit.qtensor import QTensor
+
+    header = json.loads(_header_of(graph, tmp_path))
+    name = next(iter(header["params"]))
+    header["params"] = {name: {**header["params"][name], "file": "params/0.npy"}}
+    cases = [("graph.json", None, "member 'graph.json' declares 268435456 bytes, more than the 67108864"),
+             ("params/0.npy", header, "member 'params/0.npy' .*(inflates|declares)")]
+    tracemalloc.start()
+    try:
+        for i, (member, head, match) in enumerate(cases):
+            _bomb(tmp_path / f"b{i}.lowbit", member, head, 256 << 20)
+            with pytest.raises(ModelFileError, match=match):
+                load(tmp_path / f"b{i}.lowbit")
+        _bomb(tmp_path / "q.npz", "data.npy", None, 256 << 20)
+        with pytest.raises(ModelFileError, match="member 'data.npy' inflates .* a zip bomb"):
+            QTensor.load(tmp_path / "q.npz")
+        assert tracemalloc.get_traced_memory()[1] < 32 << 20
+    finally:
+        tracemalloc.stop()
+
+
+def test_declared_sizes_are_bounded_by_the_limits(graph, tmp_path, monkeypatch):
+    path = tmp_path / "m.lowbit"
+    save(graph, path)
+    monkeypatch.setitem(LIMITS, "total", 16)
+    with pytest.raises(ModelFileError, match=r"the params declare \d+ bytes, more than LIMITS\['total'\] = 16"):
+        load(path)
+    monkeypatch.setitem(LIMITS, "total", 64 << 30)
+    header = json.loads(_header_of(graph, tmp_path))
+    name = next(iter(header["params"]))
+    for entry, match in (({"shape": [-1]}, "cannot be stored"), ({"shape": [1 << 40, 1 << 40]}, "more than LIMITS"),
+                         ({"dtype": "object"}, "cannot be stored"), ({"shape": "x"}, "malformed entry")):
+        bad = {**header, "params": {**header["params"], name: {**header["params"][name], **entry}}}
+        _rewrite(path, member="graph.json", data=json.dumps(bad).encode())
+        with pytest.raises(ModelFileError, match=match):
+            load(path)
+    deep = "[" * 100_000 + "]" * 100_000  # the JSON parser's recursion
+    _rewrite(path, member="graph.json", data=deep.encode())
+    with pytest.raises(ModelFileError):
         load(path)
 
 
