@@ -83,7 +83,7 @@ class SensitivityReport:
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
         except ImportError as e:
-            raise ImportError("SensitivityReport.plot needs matplotlib: pip install matplotlib") from e
+            raise ImportError("SensitivityReport.plot needs matplotlib: pip install 'lowbit[plot]'") from e
         layers = list(dict.fromkeys(r.layer for r in self.rows))
         precisions = list(dict.fromkeys(r.precision for r in self.rows))
         fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(layers) * len(precisions)), 3.5))

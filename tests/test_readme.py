@@ -9,13 +9,13 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def test_readme_python_examples_run(tmp_path, monkeypatch):
-    """The blocks run in order in one namespace, as a reader would paste them."""
+    """Each block runs alone, in a namespace of its own, as a reader would paste just that one (in order: a block
+    may read a file an earlier one wrote, as a reader following the README would have it)."""
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
     assert blocks
     monkeypatch.chdir(tmp_path)  # examples may write files
-    namespace: dict = {}
-    for block in blocks:
-        exec(compile(block, str(README), "exec"), namespace)
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"{README} (python block {i})", "exec"), {})
 
 
 def test_ci_runs_the_readme_test_command():

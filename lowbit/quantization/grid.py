@@ -105,8 +105,12 @@ def params_from_range(lo: np.ndarray, hi: np.ndarray, scheme: QScheme) -> QParam
         scale = np.where(amax > 0, amax, np.float32(1)) / half
         zero = np.full(scale.shape, 0 if scheme.signed else (qmin + qmax + 1) // 2, np.int32)
         return QParams(scale.astype(np.float32), zero)
-    span = np.where(hi > lo, hi - lo, np.float32(1))
+    with np.errstate(over="ignore"):
+        span = np.where(hi > lo, hi - lo, np.float32(1))
     scale = (span / np.float32(qmax - qmin)).astype(np.float32)
+    wide = ~np.isfinite(span)
+    if wide.any():  # hi - lo beyond float32 (say +-3e38): the span in float64, its scale still a float32
+        scale = np.where(wide, ((hi.astype(np.float64) - lo) / (qmax - qmin)).astype(np.float32), scale)
     zero = np.rint(np.clip(np.float32(qmin) - lo / scale, qmin, qmax)).astype(np.int32)
     return QParams(scale, zero)
 
@@ -116,9 +120,14 @@ def fit(x: np.ndarray, scheme: QScheme) -> QParams:
 
     Uniform: the data's min / max (``params_from_range``). Ternary: ``threshold =
     0.7 * mean |x|`` and ``scale = mean |x|`` over the values above it (TWN).
-    Binary: ``scale = mean |x|``. pow2 / codebook: ``scale = max |x|``.
+    Binary: ``scale = mean |x|``. pow2 / codebook: ``scale = max |x|``. Non-finite values are an error.
     """
     x = np.asarray(x, np.float32)
+    finite = np.isfinite(x)
+    if not finite.all():
+        first = tuple(int(i) for i in np.argwhere(~finite)[0])
+        raise ValueError(f"x: {int((~finite).sum())} non-finite values (NaN or inf; the first at index {first}) "
+                         f"have no code: quantize finite values (np.nan_to_num replaces the others)")
     if scheme.grid == "uniform":
         return params_from_range(reduce(x, scheme, np.nanmin), reduce(x, scheme, np.nanmax), scheme)
     magnitude = np.abs(x)

@@ -150,3 +150,24 @@ def test_bad_schemes(kw, match):
 def test_axis_out_of_range():
     with pytest.raises(ValueError, match="axis: 2 is out of range for a 2-D tensor"):
         grid.fit(np.zeros((3, 4), np.float32), lowbit.int8(granularity="channel", axis=2))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("preset", ["int8", "int4", "nf4", "ternary", "binary"])
+def test_non_finite_values_have_no_code(preset, bad):
+    """A NaN or infinite weight is an error naming where it is, never an ordinary code or a row of NaN."""
+    import lowbit
+
+    w = np.ones((4, 64), np.float32)
+    w[2, 5] = bad
+    with pytest.raises(ValueError, match=r"x: 1 non-finite values \(NaN or inf; the first at index \(2, 5\)\)"):
+        lowbit.quantize(w, preset)
+
+
+def test_a_range_beyond_float32_still_has_a_finite_scale():
+    import lowbit
+
+    x = np.array([3e38, -3e38, 1.0, 0.0], np.float32)
+    q = lowbit.quantize(x, lowbit.int8(signed=False, symmetric=False))
+    y = q.dequantize()
+    assert np.isfinite(y).all() and np.abs(y - x).max() <= q.scale.max()
