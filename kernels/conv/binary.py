@@ -35,7 +35,7 @@ from kernels.conv.binary_driver import BITS, DRIVERS, SLOT_WORDS, block_pixels, 
 from kernels.conv.geometry import conv_geometry
 from kernels.gemm.binary import check_thresholds
 from kernels.pack.bits import check_padding_bits, word_count
-from kernels.pack.conv_binary import PackedConvBinary, pack_conv_binary
+from kernels.pack.conv_binary import PackedConvBinary, check_packed_conv_binary, pack_conv_binary
 
 MAX_K = 2**31 - 1  # |y| <= KH * KW * C must fit int32
 RATE_OPS_PER_US = 1200e3  # single-thread binary GOPS, for the thread-split estimate
@@ -99,6 +99,7 @@ def _plan(shape_nhwc: tuple, kernel_hw: tuple, out_channels: int, strides, pads,
 
 def _packed(w: object, in_channels: int) -> PackedConvBinary:
     packed = w if isinstance(w, PackedConvBinary) else pack_conv_binary(w)
+    check_packed_conv_binary(packed)
     if packed.in_channels != in_channels:
         raise ValueError(f"w: expected {in_channels} input channels (in_channels), got {packed.in_channels}")
     return packed

@@ -42,6 +42,7 @@ from kernels.entry import Entry, In, Out
 from kernels.epilogue import (INTEGER, MODES, QUANT, REAL, Epilogue, bias_bound, code_bounds, codes_fit, finish_tile,
                               quantized_bounds, single_precision_codes, single_precision_table)
 from kernels.gemm.int8 import _finite
+from kernels.pack.panels import Sealed
 
 MAX_TAP = 255 * 255  # largest |x'| * |w'|
 PAIR_MAX = 2 * MAX_TAP  # largest |sum of one tap pair|
@@ -53,7 +54,7 @@ OUT_DTYPES = {INTEGER: (np.dtype(np.int32),), REAL: (np.dtype(np.float32),),
               QUANT: (np.dtype(np.uint8), np.dtype(np.int8))}
 
 
-class PackedDepthwise:
+class PackedDepthwise(Sealed):
     """Depthwise weights ``[C, 1, KH, KW]`` minus their zero points, paired by :func:`pack_depthwise`.
 
     Attributes

@@ -18,11 +18,12 @@ from kernels.conv.geometry import check_layout, conv_geometry, from_nhwc, im2col
 from kernels.gemm.int4 import gemm_int4
 from kernels.pack.int4 import PackedInt4, pack_int4
 from kernels.pack.plans import PlanCache, value_key
+from kernels.pack.panels import Sealed
 
 BLOCK_BYTES = 256 * 1024  # float32 im2col rows per gemm_int4 call: kept in L2
 
 
-class PackedConvInt4:
+class PackedConvInt4(Sealed):
     """int4 convolution filters packed once by :func:`pack_conv_int4`: one ``PackedInt4`` per group.
 
     Each is ``[O / group, KH * KW * C / group]`` with columns in ``(ky, kx, c)`` order.

@@ -40,14 +40,14 @@ from kernels.entry import Entry, In, Out
 from kernels.epilogue import Epilogue
 from kernels.gemm.driver import K_CHUNK
 from kernels.gemm.int8 import _finite, check_zero_point, fused_epilogue, max_k_int32, register_epilogue
-from kernels.pack.panels import KGROUP, PANEL, PackedInt8, aligned_empty, pack_int8
+from kernels.pack.panels import KGROUP, PANEL, PackedInt8, Sealed, aligned_empty, pack_int8
 from kernels.pack.plans import PlanCache, value_key
 
 ACTIVATION_DTYPES = (np.uint8, np.int8)
 _RANGES = {np.uint8: (0, 255), np.int8: (-128, 127)}  # the codes of an output dtype
 
 
-class PackedConvInt8:
+class PackedConvInt8(Sealed):
     """int8 convolution weights ``[O, C / group, KH, KW]``, packed once by :func:`pack_conv_int8`.
 
     Attributes

@@ -46,7 +46,8 @@ class PackedCodebook(PackedGrouped):
         self.table = table
         self.table_max = np.float32(np.abs(table).max())
         self.table8 = table_int8(table)
-        self.panel_scales = _per_panel(self.kernel_scales, np.float32)
+        # the codebook's kernel scales and zero-point sums replace the grouped ones, still while packing
+        object.__setattr__(self, "panel_scales", _per_panel(self.kernel_scales, np.float32))
         # 128 * sum of T8 over each group's steps, padding included (index 0 there)
         steps = self.steps
         padded = np.zeros((n, steps * self.k_span), np.int64)
@@ -57,7 +58,7 @@ class PackedCodebook(PackedGrouped):
         full = np.zeros((n, groups * span), np.int64)
         full[:, : padded.shape[1]] = padded
         sums = full.reshape(n, groups, span).sum(axis=2) * 128
-        self.panel_zeros = _per_panel(sums.astype(np.int32), np.int32)
+        object.__setattr__(self, "panel_zeros", _per_panel(sums.astype(np.int32), np.int32))
 
     @property
     def kernel_table(self) -> np.ndarray:

@@ -38,6 +38,26 @@ class PackedConvBinary(NamedTuple):
     tap_sums: np.ndarray  # int32 [KH * KW, O]
 
 
+def check_packed_conv_binary(p: PackedConvBinary) -> None:
+    """ValueError unless ``p``'s fields agree with each other and with its arrays, as :func:`pack_conv_binary` made
+    them (a tuple's ``_replace`` can change one; the kernels index the arrays by them)."""
+    try:
+        kh, kw = (int(v) for v in p.kernel_hw)
+        o, c, tap_words, words, ldb = (int(v) for v in (p.out_channels, p.in_channels, p.tap_words, p.words, p.ldb))
+    except (TypeError, ValueError):
+        raise ValueError(f"w: packed binary weights with malformed fields {p._replace(lanes=None, tap_sums=None)}") \
+            from None
+    consistent = (min(kh, kw, o, c) > 0 and tap_words == word_count(c) and words == kh * kw * tap_words
+                  and ldb == words * UNITS_PER_SLOT * VECTOR_UNITS and isinstance(p.lanes, np.ndarray)
+                  and p.lanes.dtype == np.uint32 and p.lanes.flags.c_contiguous and p.lanes.ndim == 1
+                  and p.lanes.size == -(-o // LANES) * ldb and isinstance(p.tap_sums, np.ndarray)
+                  and p.tap_sums.dtype == np.int32 and p.tap_sums.shape == (kh * kw, o))
+    if not consistent:
+        raise ValueError(f"w: packed binary weights whose fields do not match their arrays (kernel {(kh, kw)}, "
+                         f"{o} x {c} channels, lanes {getattr(p.lanes, 'shape', None)}); pack them with "
+                         f"kernels.pack_conv_binary instead of editing them")
+
+
 def lanes_layout(rows: np.ndarray) -> np.ndarray:
     """Rows ``[N, W]`` of packed words in the lanes layout of ``kernels.gemm.popcount_lanes``, flattened.
 

@@ -34,7 +34,26 @@ def aligned_empty(nbytes: int, dtype=np.int8) -> np.ndarray:
     return raw[start : start + nbytes]
 
 
-class PanelWeights:
+class Sealed:
+    """Packed weights whose fields are fixed once set: compiled kernels index the arrays by them through raw
+    pointers, so a changed field (a larger ``k``, a shorter ``data``) would read or write outside the arrays."""
+
+    __slots__ = ()
+
+    def __setattr__(self, name: str, value: object) -> None:
+        try:
+            getattr(self, name)
+        except AttributeError:  # the first assignment, while packing
+            object.__setattr__(self, name, value)
+            return
+        raise AttributeError(f"{type(self).__name__}.{name} is read-only: packed weights keep the fields they were "
+                             f"packed with; pack new weights instead")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"{type(self).__name__}.{name} cannot be deleted: packed weights are read-only")
+
+
+class PanelWeights(Sealed):
     """Base of weights ``[N, K]`` stored in 64-channel panels: sizes derived from ``n`` and ``k``."""
 
     __slots__ = ()
