@@ -65,15 +65,21 @@ def _cases(rng: np.random.Generator) -> list[tuple[str, tuple[int, int, int], Ca
     ]
 
 
-def bench(threads: int | None = None, seed: int = 0) -> list[dict]:
-    """Measure every case; rows of ``name, shape, lowbit_gops, numpy_gflops, ratio``."""
+def bench(threads: int | None = None, seed: int = 0, progress: Callable[[str], None] | None = None) -> list[dict]:
+    """Measure every case; rows of ``name, shape, lowbit_gops, numpy_gflops, ratio``. ``progress`` is told each case
+    as it starts (the first call of a kernel may compile it)."""
     previous = kernels.get_num_threads()
     if threads:
         kernels.set_num_threads(threads)
     try:
         with blas_limit(threads):
-            return [_measure(name, shape, call, np.random.default_rng(seed))
-                    for name, shape, call in _cases(np.random.default_rng(seed))]
+            cases = _cases(np.random.default_rng(seed))
+            rows = []
+            for i, (name, shape, call) in enumerate(cases, start=1):
+                if progress is not None:
+                    progress(f"[{i}/{len(cases)}] {name} {'x'.join(map(str, shape))}")
+                rows.append(_measure(name, shape, call, np.random.default_rng(seed)))
+            return rows
     finally:
         kernels.set_num_threads(previous)
 

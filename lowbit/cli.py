@@ -52,7 +52,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     print(f"{kernels.cpu_info()['cpu']}, level {kernels.cpu_info()['active_level']}, "
           f"{args.threads or kernels.get_num_threads()} thread(s); ratio = NumPy float32 time / lowbit time")
-    print(table(bench(threads=args.threads)))
+    print(table(bench(threads=args.threads, progress=lambda line: print(line, file=sys.stderr, flush=True))))
     return 0
 
 

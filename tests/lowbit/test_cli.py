@@ -29,8 +29,9 @@ def test_info_table(capsys):
 def test_bench_table(capsys, monkeypatch):
     monkeypatch.setattr("lowbit.benchmark.ROUNDS", 1)
     assert main(["bench", "--threads", "1"]) == 0
-    out = capsys.readouterr().out
-    assert "int8 GEMM" in out and "binary conv" in out and "ratio" in out
+    captured = capsys.readouterr()
+    assert "int8 GEMM" in captured.out and "binary conv" in captured.out and "ratio" in captured.out
+    assert captured.err.startswith("[1/") and "binary conv" in captured.err  # progress, case by case
 
 
 def test_warmup(capsys):
