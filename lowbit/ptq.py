@@ -44,10 +44,10 @@ import numpy as np
 from lowbit.graph.ir import Graph, Node, fresh_name
 from lowbit.quantization import grid
 from lowbit.quantization.calibration import OBSERVERS, Observer, get_observer
-from lowbit.quantization.formats import FORMATS, OPS
+from lowbit.quantization.formats import FORMATS
 from lowbit.quantization.scheme import int8
 from lowbit.quantization.weights import apply_smoothing, bias_correction, smoothquant_scales
-from lowbit.runtime.passes import fold_batch_norm, fuse_activations
+from lowbit.runtime.passes import fold_batch_norm, fuse_activations, quantized_op
 
 #: Float ops that run unchanged on uint8 codes, whose output keeps the input's scale and zero point.
 CODE_OPS = ("MaxPool", "Flatten", "Reshape")
@@ -231,8 +231,7 @@ class Quantizer:
         if not isinstance(graph, Graph):
             raise TypeError(f"graph: expected a lowbit.graph.Graph, got {type(graph).__name__}")
         self.config = QuantConfig.of(config)
-        quantized = [n.name for n in graph.nodes if n.op in OPS or any(
-            word in n.op.rpartition(".")[2] for word in ("QLinear", "Integer", "Quantize", "QGemm", "NBits"))]
+        quantized = [n.name for n in graph.nodes if quantized_op(n.op)]
         if quantized:
             raise ValueError(f"graph: already quantized (nodes {quantized[:5]}{' ...' if len(quantized) > 5 else ''}); "
                              f"quantize the float model it was made from")

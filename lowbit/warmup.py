@@ -46,7 +46,7 @@ def _calls() -> list[tuple[str, Callable[[], object]]]:
         ("qlinear_lookup", lambda: kernels.qlinear_lookup(x8, np.arange(256, dtype=np.uint8))),
     ]
     for fmt in FORMATS.values():  # the weight-only products, as the runtime plans them
-        if fmt.name != "int8":
+        if fmt.product is not None:
             codes, scales = fmt.quantize(wf)
             calls.append((f"gemm {fmt.name}", lambda f=fmt, c=codes, s=scales: f.plan(c, s, f.group_size(None), 9)(xf)))
     for x_dtype in (np.uint8, np.int8):  # both code types in, as ONNX Runtime's quantizer writes either

@@ -49,6 +49,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lowbit.demo.train import softmax_cross_entropy
+
 EPS = 1e-12  # LayerNorm's epsilon, as lowbit.onnx.examples writes it
 INPUT = "pixels"
 OUTPUTS = ("last_hidden_state", "embedding", "logits")
@@ -307,21 +309,11 @@ def backward(dlogits: np.ndarray, params: dict[str, np.ndarray], config: Encoder
     return g
 
 
-def cross_entropy(logits: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
-    """Mean softmax cross entropy over the batch and its gradient with respect to ``logits``."""
-    z = logits - logits.max(axis=1, keepdims=True)
-    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    rows = np.arange(len(labels))
-    grad = np.exp(log_p)
-    grad[rows, labels] -= 1
-    return -float(log_p[rows, labels].mean()), grad / np.asarray(len(labels), logits.dtype)
-
-
 def loss_and_grads(params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, config: EncoderConfig
                    ) -> tuple[float, dict[str, np.ndarray]]:
     """Mean cross entropy of the batch and its gradient for each parameter."""
     tape: dict = {}
-    loss, dlogits = cross_entropy(forward(params, x, config, tape)["logits"], y)
+    loss, dlogits = softmax_cross_entropy(forward(params, x, config, tape)["logits"], y)
     return loss, backward(dlogits, params, config, tape)
 
 
@@ -395,7 +387,7 @@ def _train(seed: int, config: EncoderConfig, training: TrainingConfig, opset: in
                 training.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
             tape: dict = {}
             logits = forward(params, x[batch], config, tape)["logits"]
-            loss, dlogits = cross_entropy(logits, y[batch])
+            loss, dlogits = softmax_cross_entropy(logits, y[batch])
             optimizer.step(params, backward(dlogits, params, config, tape), lr)
             losses += loss * len(batch)
             correct += int((logits.argmax(axis=1) == y[batch]).sum())
@@ -471,8 +463,8 @@ def cache_dir() -> Path:
 
 
 def _key(seed: int, config: EncoderConfig, training: TrainingConfig, opset: int) -> str:
-    here = Path(__file__).parent  # the sources that make the file: this module, the data, the ONNX builder
-    source = b"".join(f.read_bytes() for f in (here / "encoder.py", here / "digits.py",
+    here = Path(__file__).parent  # the sources that make the file: this module, the data, the loss, the ONNX builder
+    source = b"".join(f.read_bytes() for f in (here / "encoder.py", here / "digits.py", here / "train.py",
                                                  here.parent / "onnx" / "examples.py"))
     text = json.dumps({"seed": seed, "config": dataclasses.asdict(config),
                        "training": dataclasses.asdict(training), "opset": opset,
@@ -484,11 +476,12 @@ def encoder_model(path: str | os.PathLike | None = None, seed: int = 0, config: 
                   training: TrainingConfig | None = None, *, opset: int = 17, progress=None) -> str:
     """The path of the trained encoder's ONNX file, training it only when the file is missing or was made with
     other settings (its metadata holds the cache key: seed, configurations, opset and the sources of this module,
-    ``lowbit.demo.digits`` and ``lowbit.onnx.examples``).
+    ``lowbit.demo.digits``, ``lowbit.demo.train`` and ``lowbit.onnx.examples``).
 
     ``path`` None: ``cache_dir() / digits_encoder-<key>.onnx``. The file is written to a temporary name and
     renamed, so concurrent callers never read half a file."""
     import onnx
+    from google.protobuf.message import DecodeError
 
     config, training = config or EncoderConfig(), training or TrainingConfig()
     key = _key(seed, config, training, opset)
@@ -497,7 +490,7 @@ def encoder_model(path: str | os.PathLike | None = None, seed: int = 0, config: 
         try:
             if model_metadata(path).get("lowbit.demo.encoder.key") == key:
                 return str(path)
-        except Exception:  # noqa: BLE001 - an unreadable file is retrained
+        except (OSError, ValueError, DecodeError):  # an unreadable or foreign file is retrained
             pass
     model, _ = train_encoder(seed, config, training, opset=opset, progress=progress)
     entry = model.metadata_props.add()

@@ -255,7 +255,7 @@ def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> tuple[float
     loss = -float(log_p[np.arange(n), labels].mean())
     grad = np.exp(log_p)
     grad[np.arange(n), labels] -= 1
-    return loss, (grad / n).astype(FLOAT)
+    return loss, (grad / n).astype(logits.dtype)
 
 
 class Adam:

@@ -35,7 +35,7 @@ way: its static form (calibrated uint8 activations: QLinearConv, lowbit.QGemm) i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -62,6 +62,10 @@ class WeightFormat:
     grouped_conv : whether the Conv op takes ``group > 1``
     conv_layout : the Conv op's codes: "rows" ``[out, (ky, kx, c)]`` (2-D, grouped along K) or "OIHW" (the filters)
     binarizes_input : whether the op computes on ``sign(x)`` instead of ``x``
+    grid : the weight scheme for a group size (None for per-channel formats)
+    product : ``(codes, scales, group_size, m) -> plan`` computing ``x [m, K] @ W.T`` (binary: ``sign(x) @ W.T``)
+        as ``plan(x, out=...)``; None for int8, whose product is lowbit.DynamicQGemm's
+    codebook : the values the codes index (NF4), or None when the codes are the values
     tolerance : relative error of the op against ``x @ W.T`` on its own dequantized weights
         (activations rounded to int8 on the fly; binary: exact up to float rounding)
     """
@@ -75,6 +79,9 @@ class WeightFormat:
     grouped_conv: bool = True
     conv_layout: str = "rows"
     binarizes_input: bool = False
+    grid: Callable[[int | None], QScheme] | None = field(default=None, compare=False)
+    product: Callable[..., Any] | None = field(default=None, compare=False)
+    codebook: tuple[float, ...] | None = None
     tolerance: float = 2e-2
     description: str = field(default="", compare=False)
 
@@ -97,8 +104,7 @@ class WeightFormat:
 
     def scheme(self, group_size: int | None = None) -> QScheme:
         """The weight grid of ``w [out, K]``: groups of ``group_size`` along K, or one scale per output row."""
-        g = self.group_size(group_size)
-        return _SCHEMES[self.name](g)
+        return self.grid(self.group_size(group_size))
 
     def op(self, float_op: str, group: int = 1) -> str | None:
         """The op computing ``float_op`` ("Gemm" / "Conv", with ``group``) in this format, or None (not available)."""
@@ -116,7 +122,7 @@ class WeightFormat:
 
     def dequantize(self, codes: np.ndarray, scales: np.ndarray, group_size: int | None = None) -> np.ndarray:
         """Float32 ``W [out, K]`` of ``codes`` and ``scales`` (the module docstring's table)."""
-        values = np.asarray(NF4, np.float64)[codes] if self.name == "nf4" else codes.astype(np.float64)
+        values = np.asarray(self.codebook, np.float64)[codes] if self.codebook else codes.astype(np.float64)
         s = np.asarray(scales, np.float64).reshape(codes.shape[0], -1)
         if self.grouped:
             s = np.repeat(s, self.group_size(group_size), axis=1)[:, :codes.shape[1]]
@@ -137,17 +143,9 @@ class WeightFormat:
 
     def plan(self, codes: np.ndarray, scales: np.ndarray, group_size: int | None, m: int) -> Any:
         """A ``kernels`` plan computing ``x [m, K] @ W.T`` (binary: ``sign(x) @ W.T``) as ``plan(x, out=...)``."""
-        scales = np.ascontiguousarray(scales, np.float32)
-        g = self.group_size(group_size)
-        if self.name == "int4":
-            return kernels.gemm_int4_plan(kernels.pack_int4_codes(codes, scales, group_size=g), m)
-        if self.name == "nf4":
-            return kernels.gemm_codebook_plan(kernels.pack_codebook(codes, scales, NF4, group_size=g), m)
-        if self.name == "ternary":
-            return kernels.gemm_ternary_plan(kernels.pack_ternary_codes(codes, scales.reshape(-1, 1)), m)
-        if self.name == "binary":
-            return _BinaryPlan(codes, scales.reshape(-1), m)
-        raise ValueError(f"{self.name}: its product runs through lowbit.DynamicQGemm, not a weight-only plan")
+        if self.product is None:
+            raise ValueError(f"{self.name}: its product runs through lowbit.DynamicQGemm, not a weight-only plan")
+        return self.product(codes, np.ascontiguousarray(scales, np.float32), self.group_size(group_size), m)
 
 
 class _BinaryPlan:
@@ -162,25 +160,26 @@ class _BinaryPlan:
         return self.plan(kernels.pack_bits(x), out=out)
 
 
-_SCHEMES = {
-    "int8": lambda g: int8(granularity="channel", axis=0),
-    "int4": lambda g: int4(group_size=g),
-    "nf4": lambda g: nf4(group_size=g),
-    "ternary": lambda g: ternary(),
-    "binary": lambda g: binary(),
-}
-
 _ROWS = (
-    WeightFormat("int8", 8, "s8", {"Gemm": "lowbit.DynamicQGemm"}, tolerance=2e-2,
+    WeightFormat("int8", 8, "s8", {"Gemm": "lowbit.DynamicQGemm"},
+                 grid=lambda g: int8(granularity="channel", axis=0),
                  description="symmetric int8 per output channel; static Conv / Gemm or dynamic Gemm activations"),
     WeightFormat("int4", 4, "s4", {"Gemm": "lowbit.Int4Gemm", "Conv": "lowbit.Int4Conv"}, GROUP_SIZES, 32,
+                 grid=lambda g: int4(group_size=g),
+                 product=lambda c, s, g, m: kernels.gemm_int4_plan(kernels.pack_int4_codes(c, s, group_size=g), m),
                  description="symmetric int4, one float32 scale (max|w| / 7) per group along K"),
-    WeightFormat("nf4", 4, "u4", {"Gemm": "lowbit.NF4Gemm"}, GROUP_SIZES, 64,
+    WeightFormat("nf4", 4, "u4", {"Gemm": "lowbit.NF4Gemm"}, GROUP_SIZES, 64, codebook=NF4,
+                 grid=lambda g: nf4(group_size=g),
+                 product=lambda c, s, g, m: kernels.gemm_codebook_plan(kernels.pack_codebook(c, s, NF4, group_size=g),
+                                                                       m),
                  description="NF4 (QLoRA) codebook indices, one float32 scale (max|w|) per group along K"),
-    WeightFormat("ternary", 2, "t2", {"Gemm": "lowbit.TernaryGemm"},
+    WeightFormat("ternary", 2, "t2", {"Gemm": "lowbit.TernaryGemm"}, grid=lambda g: ternary(),
+                 product=lambda c, s, g, m: kernels.gemm_ternary_plan(kernels.pack_ternary_codes(c, s.reshape(-1, 1)),
+                                                                      m),
                  description="TWN: 0 below 0.7 mean|w|, else the sign, scaled per output channel"),
     WeightFormat("binary", 1, "b1", {"Gemm": "lowbit.BinaryGemm", "Conv": "lowbit.BinaryConv"},
                  grouped_conv=False, conv_layout="OIHW", binarizes_input=True, tolerance=1e-5,
+                 grid=lambda g: binary(), product=lambda c, s, g, m: _BinaryPlan(c, s.reshape(-1), m),
                  description="XNOR-Net: sign(w) times mean|w| per output channel, on sign(x)"),
 )
 
@@ -189,9 +188,3 @@ FORMATS: dict[str, WeightFormat] = {f.name: f for f in _ROWS}
 #: weight-only op -> (its format, the float op it computes)
 OPS: dict[str, tuple[WeightFormat, str]] = {op: (f, float_op) for f in _ROWS for float_op, op in f.ops.items()}
 
-
-def weight_format(name: str) -> WeightFormat:
-    """The row named ``name``, or ValueError listing the formats."""
-    if name not in FORMATS:
-        raise ValueError(f"weight format: expected one of {list(FORMATS)}, got {name!r}")
-    return FORMATS[name]

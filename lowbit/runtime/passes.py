@@ -62,7 +62,7 @@ def fold_constants(graph: Graph) -> Graph:
 
 #: Products whose kernels have a compiled entry only without their bias input (input index of the bias).
 BIAS_INPUT = {"com.microsoft.MatMulNBits": 5,
-              **{op: 3 for op, (fmt, float_op) in OPS.items() if float_op == "Gemm" and fmt.name != "int8"
+              **{op: 3 for op, (fmt, float_op) in OPS.items() if float_op == "Gemm" and fmt.product is not None
                  and not fmt.binarizes_input}}
 
 
@@ -236,14 +236,20 @@ def _weight_only_float(graph: Graph, node: Node) -> tuple[np.ndarray, np.ndarray
     return np.ascontiguousarray(w, np.float32), bias
 
 
+def quantized_op(op: str) -> bool:
+    """Whether ``op`` computes on quantized values: a weight format's op, or an integer / Q-DQ op of ONNX, ONNX
+    Runtime or lowbit (QLinear*, *Integer*, *Quantize*, *QGemm, MatMulNBits)."""
+    name = op.rpartition(".")[2]
+    return op in OPS or any(word in name for word in ("QLinear", "Integer", "Quantize", "QGemm", "NBits"))
+
+
 def _foreign(node: Node) -> bool:
     """A node the twin cannot map to float: an integer op other than those it rewrites (an imported ONNX model's
     QLinearMatMul, com.microsoft QLinearAdd, ...), or one working channels-last (``layout``)."""
     if node.attrs.get("layout") == "NHWC":
         return True
-    known = node.op in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "lowbit.QGemm") or node.op in WEIGHT_ONLY
-    name = node.op.rpartition(".")[2]
-    return not known and any(word in name for word in ("QLinear", "Integer", "Quantize", "QGemm", "NBits"))
+    known = node.op in ("QuantizeLinear", "DequantizeLinear", "QLinearConv", "lowbit.QGemm") or node.op in OPS
+    return not known and quantized_op(node.op)
 
 
 def _twinnable(graph: Graph) -> bool:

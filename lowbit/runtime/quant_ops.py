@@ -820,7 +820,7 @@ def _weight_only_gemm(fmt: WeightFormat) -> Callable[[Node, Graph, Inputs], Kern
 
 
 for _fmt in FORMATS.values():
-    if _fmt.name != "int8":  # lowbit.DynamicQGemm above
+    if _fmt.product is not None:  # int8's lowbit.DynamicQGemm has its preparer above
         preparer(_fmt.ops["Gemm"])(_weight_only_gemm(_fmt))
 
 

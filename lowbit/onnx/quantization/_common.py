@@ -24,7 +24,14 @@ READ_OPTIONS = ("ActivationSymmetric", "WeightSymmetric", "CalibTensorRangeSymme
 
 # ---- enums -----------------------------------------------------------------------------------------------------------
 
-class QuantType(Enum):
+class _Named(Enum):
+    """An enum printed by its member's name, as ONNX Runtime's are."""
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class QuantType(_Named):
     """Weight and activation types: ONNX Runtime's 8-bit and 4-bit ones, and lowbit's (NF4, Ternary, Binary)."""
 
     QInt8 = 0
@@ -36,27 +43,21 @@ class QuantType(Enum):
     Ternary = 101
     Binary = 102
 
-    def __str__(self) -> str:
-        return self.name
-
     @staticmethod
     def from_string(t: str) -> "QuantType":
         return _quant_type(t, "t")
 
 
-class QuantFormat(Enum):
+class QuantFormat(_Named):
     QOperator = 0
     QDQ = 1
-
-    def __str__(self) -> str:
-        return self.name
 
     @staticmethod
     def from_string(format: str) -> "QuantFormat":
         return _quant_format(format, "format")
 
 
-class CalibrationMethod(Enum):
+class CalibrationMethod(_Named):
     """How activation ranges are calibrated: ONNX Runtime's methods and lowbit's MSE (the range of least expected
     quantization error). Distribution (ONNX Runtime's, for float8) is refused."""
 
@@ -114,7 +115,8 @@ def _calibration_method(value: Any, argument: str) -> CalibrationMethod:
 class CalibrationDataReader(abc.ABC):
     """The source of calibration batches: ``get_next()`` returns one dict of input name -> ndarray per call, then
     None. Any object with a ``get_next`` method is accepted (and counts as a subclass). lowbit reads the batches once,
-    in order, and keeps none of them; ``rewind()``, if a reader offers it, is for the caller (lowbit never calls it).
+    in order, and keeps none of them (but the first ``EVALUATION_BATCHES`` with an ``accuracy_target``, to measure it
+    on); ``rewind()``, if a reader offers it, is for the caller (lowbit never calls it).
     """
 
     @classmethod
@@ -310,12 +312,7 @@ class _Model:
                                if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and len(n.output) == 1}
         self.outputs = [o.name for o in self.graph.output]
         self.inputs = [i.name for i in self.graph.input if i.name not in self.initializers]
-        self.producer = {t: n for n in self.nodes for t in n.output if t}
-        self.consumers: dict[str, list[Any]] = {}
-        for node in self.nodes:
-            for t in dict.fromkeys(node.input):
-                if t:
-                    self.consumers.setdefault(t, []).append(node)
+        self._index()
         self.taken = (set(self.initializers) | set(self.inputs) | set(self.producer) | {n.name for n in self.nodes}
                       | set(self.outputs))
         self.opset = {("" if o.domain == "ai.onnx" else o.domain): o.version for o in proto.opset_import}
@@ -405,8 +402,12 @@ class _Model:
         self.graph.initializer.extend(self.new_initializers)
         self.initializers.update((t.name, t) for t in self.new_initializers)
         self.new_initializers = []
+        self._index()
+
+    def _index(self) -> None:
+        """Each tensor's producer and readers, from :attr:`nodes`."""
         self.producer = {t: n for n in self.nodes for t in n.output if t}
-        self.consumers = {}
+        self.consumers: dict[str, list[Any]] = {}
         for node in self.nodes:
             for t in dict.fromkeys(node.input):
                 if t:

@@ -33,7 +33,6 @@ class _Product:
     smoothed: bool = False  # w scaled by SmoothQuant's factors, a the smoothed input
 
 
-
 def _bias_vector(value: np.ndarray | None, n: int) -> np.ndarray | None:
     """``value`` as ``[n]`` float32 when it is one value per column (``[n]`` or ``[1, n]``), else None."""
     if value is None or value.dtype != np.float32 or value.size != n or any(d != 1 for d in value.shape[:-1]):
@@ -167,8 +166,9 @@ def quantize_dynamic(model_input: Any, model_output: Any, op_types_to_quantize: 
     weights. ``method``: ``"rtn"`` (round to nearest), ``"gptq"`` or ``"awq"`` (int8 / int4; these two need
     ``calibration_data_reader``). ``accuracy_target``: a precision per layer meeting it (module docstring; needs
     ``calibration_data_reader``). ``smoothquant``: SmoothQuant's migration strength; ``bias_correction``: each
-    bias corrected for its weights' rounding error (module docstring; both need ``calibration_data_reader``). ``op_types_to_quantize`` (default MatMul and Gemm), ``nodes_to_quantize``,
-    ``nodes_to_exclude``: which nodes. See the module docstring for what each node becomes.
+    bias corrected for its weights' rounding error (module docstring; both need ``calibration_data_reader``).
+    ``op_types_to_quantize`` (default MatMul and Gemm), ``nodes_to_quantize``, ``nodes_to_exclude``: which nodes.
+    See the module docstring for what each node becomes.
     """
     wtype = _quant_type(weight_type, "weight_type")
     if wtype not in _PRECISION_OF:
