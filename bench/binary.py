@@ -8,7 +8,9 @@ Run from the repository root, leaving OpenBLAS free to choose its best kernel::
 Contenders, interleaved round by round as in ``bench.gemm`` (each reports its best
 round, so ratios compare measurements taken at nearly the same moments):
 
-* ``binary``: ``kernels.gemm_binary`` on sign bits packed once (int32 output);
+* ``binary``: ``kernels.gemm_binary`` on sign bits packed once (int32 output); the table's
+  "binary path" is the micro-kernel ``kernels.dispatch`` chose (``avx512-vpopcntdq``: ``vpopcntq``,
+  ``avx512-vnni``: Harley-Seal, ``generic``: portable);
 * ``bin x int8``: ``kernels.gemm_binary_int8``, binary weights times int8 activations;
 * ``numpy``: ``a @ b.T`` in float32 (``bench.peers.numpy_float32``) on the same ±1 values.
 
@@ -28,6 +30,7 @@ import sys
 import numpy as np
 
 import kernels
+from kernels import dispatch
 from bench.binary_peak import popcount_peak_gops
 from bench.contenders import lowbit_threads
 from bench.peers import Contender, blas_libraries, numpy_float32
@@ -71,7 +74,7 @@ def rows_of(results: list[dict]) -> list[list[str]]:
     for r in results:
         g = r["gops"]
         peak = r["peak_gops_per_thread"] and r["peak_gops_per_thread"] * r["threads"]
-        rows.append([label(tuple(r["shape"])), str(r["threads"]), *(cell(g[n], ".1f") for n in NAMES),
+        rows.append([label(tuple(r["shape"])), str(r["threads"]), r["path"], *(cell(g[n], ".1f") for n in NAMES),
                      cell(r["seconds"]["binary"] * 1e3, ".3f"), cell(peak, ".0f"),
                      cell(g["binary"] / g["numpy"], ".1f"), cell(g["bin x int8"] / g["numpy"], ".1f"),
                      cell(peak and g["binary"] / peak, ".2f")])
@@ -103,12 +106,14 @@ def main(argv: list[str] | None = None) -> None:
         for shape in args.shapes:
             seconds = measure(shape, threads, args.repeat)
             results.append({"shape": list(shape), "threads": threads, "seconds": seconds,
+                            "path": dispatch.choose("gemm_binary", *shape).kind,
                             "gops": {name: ops(shape) / s / 1e9 for name, s in seconds.items()},
                             "peak_gops_per_thread": peak})
             print(f"measured {label(shape)} on {threads} thread(s)", file=sys.stderr)
 
     print("\nBinary GEMM (GOPS = 2 M N K / s; numpy in GFLOP/s; peak = threads x register-bound popcount loop)")
-    print_table(["shape", "thr", *NAMES, "binary ms", "peak", "binary/numpy", "binxint8/numpy", "binary/peak"],
+    print_table(["shape", "thr", "binary path", *NAMES, "binary ms", "peak", "binary/numpy", "binxint8/numpy",
+                 "binary/peak"],
                  rows_of(results))
     if args.json:
         with open(args.json, "w") as f:

@@ -51,6 +51,13 @@ def out(x: object, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     return x
 
 
+def disjoint(out: np.ndarray, name: str, x: np.ndarray) -> None:
+    """Raise ValueError when ``out`` overlaps the input ``x`` (called ``name``): kernels write their output while
+    still reading their inputs. Cheap bounds first (``may_share_memory``), the exact test only when they meet."""
+    if np.may_share_memory(out, x) and np.shares_memory(out, x):
+        raise ValueError(f"out: must not overlap the input {name}; pass a separate array")
+
+
 def per_channel(name: str, x: object, n: int, dtype: type | np.dtype) -> np.ndarray:
     """A scalar or a length-``n`` vector, returned as a contiguous ``[n]`` array of ``dtype``.
 

@@ -2,7 +2,7 @@
 
 A *level* names a set of CPU features that one family of kernel variants needs.
 Levels of one architecture are ordered by ``rank`` (generic < avx2 < avx-vnni <
-avx512-vnni < amx on x86-64; generic < neon-dotprod on aarch64). The ranks say which
+avx512-vnni < avx512-vpopcntdq < amx on x86-64; generic < neon-dotprod on aarch64). The ranks say which
 variant to prefer, not which CPUs run what: a Cascade Lake has avx512-vnni but not
 the VEX-encoded avx-vnni, so a level is *supported* only when all of its own
 features are present.
@@ -44,10 +44,12 @@ GENERIC = Level("generic", "any", 0, ())
 AVX2 = Level("avx2", "x86_64", 1, ("avx2", "fma"))
 AVX_VNNI = Level("avx-vnni", "x86_64", 2, ("avx2", "fma", "avxvnni"))
 AVX512_VNNI = Level("avx512-vnni", "x86_64", 3, ("avx512f", "avx512bw", "avx512vl", "avx512vnni"))
-AMX = Level("amx", "x86_64", 4, ("avx512f", "avx512bw", "avx512vl", "avx512vnni", "amx-tile", "amx-int8"))
+AVX512_VPOPCNTDQ = Level("avx512-vpopcntdq", "x86_64", 4, (*AVX512_VNNI.features, "avx512vpopcntdq"))
+AMX = Level("amx", "x86_64", 5, ("avx512f", "avx512bw", "avx512vl", "avx512vnni", "amx-tile", "amx-int8"))
 NEON_DOTPROD = Level("neon-dotprod", "aarch64", 1, ("neon", "dotprod"))
 
-LEVELS: dict[str, Level] = {lv.name: lv for lv in (GENERIC, AVX2, AVX_VNNI, AVX512_VNNI, AMX, NEON_DOTPROD)}
+LEVELS: dict[str, Level] = {lv.name: lv for lv in (GENERIC, AVX2, AVX_VNNI, AVX512_VNNI, AVX512_VPOPCNTDQ, AMX,
+                                                   NEON_DOTPROD)}
 _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA, _SYS_ARCH_PRCTL = 0x1023, 18, 158  # Linux x86-64
 
 

@@ -82,7 +82,7 @@ def _binary(op: str, kind: str, level: cpu.Level, accepts=_any_shape) -> Variant
 
 
 # The AVX-512 binary tiles need avx512f + avx512bw (vpternlogq, vpshufb, vpsadbw, masked
-# loads) and, for binary x int8, avx512vnni: all in AVX512_VNNI.
+# loads) and, for binary x int8, avx512vnni: all in AVX512_VNNI; the vpopcntq tiles also VPOPCNTDQ.
 VARIANTS: tuple[Variant, ...] = (
     _int8("avx512-vnni-gemv", cpu.AVX512_VNNI, _gemv),
     _int8("amx", cpu.AMX),  # from 9 rows: a tile of fewer rows pays for the rows it pads (the GEMV tile reads less)
@@ -97,6 +97,8 @@ VARIANTS: tuple[Variant, ...] = (
     *_grouped("gemm_int4"),
     *_grouped("gemm_ternary"),
     *_grouped("gemm_codebook"),
+    _binary("gemm_binary", "avx512-vpopcntdq-gemv", cpu.AVX512_VPOPCNTDQ, lambda m, n, k: m <= BINARY_GEMV_MAX_ROWS),
+    _binary("gemm_binary", "avx512-vpopcntdq", cpu.AVX512_VPOPCNTDQ),
     _binary("gemm_binary", "avx512-vnni-gemv", cpu.AVX512_VNNI, lambda m, n, k: m <= BINARY_GEMV_MAX_ROWS),
     _binary("gemm_binary", "avx512-vnni", cpu.AVX512_VNNI),
     _binary("gemm_binary", "generic", cpu.GENERIC),

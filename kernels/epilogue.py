@@ -33,7 +33,9 @@ import numpy as np
 from kernels._jit import kernel
 from kernels.epilogue_row import finish_row, finish_row_plain
 
-INTEGER, REAL, QUANT = 0, 1, 2
+# Output modes of every driver, one number each across the package (BITS: the binary products' bit-packed
+# output, see kernels.gemm.binary_driver); this module's epilogues finish the first three.
+INTEGER, REAL, QUANT, BITS = 0, 1, 2, 3
 MODES = (INTEGER, REAL, QUANT)
 _UNUSED = np.zeros(1)
 _UNUSED32 = np.zeros(1, np.float32)

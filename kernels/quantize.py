@@ -252,6 +252,7 @@ def dynamic_quantize_linear(x: np.ndarray, out: np.ndarray | None = None) -> tup
     if not isinstance(x, np.ndarray) or x.dtype != F32:
         raise TypeError(f"x: expected a float32 numpy.ndarray, got {getattr(x, 'dtype', type(x).__name__)}")
     out = np.empty(x.shape, np.uint8) if out is None else _validate.out(out, x.shape, np.dtype(np.uint8))
+    _validate.disjoint(out, "x", x)
     width = x.shape[-1] if x.ndim and x.size else x.size  # rows of the last axis (one row for 0-d or empty x)
     rows = np.ascontiguousarray(x).reshape(-1, width) if width else np.zeros((1, 0), F32)
     scales, zeros, _ = dynamic_quantize_rows(rows, out.reshape(rows.shape), per_row=False)
@@ -388,7 +389,8 @@ def dequantize_linear_plan(shape: tuple[int, ...], dtype, scale: float, zero_poi
 
 def _scale(value: object) -> float:
     """``scale`` rounded to float32 (ONNX computes in float32), checked positive and finite after that."""
-    if isinstance(value, (float, np.floating)) and F32_NORMAL <= value <= F32_MAX:
+    if isinstance(value, (float, np.floating)) and F32_NORMAL <= float(value) <= F32_MAX:  # float(): a float16
+        # compared with F32_MAX would round it to inf and let 0 through
         return float(np.float32(value))  # the common case: converts without overflow or underflow
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         v = np.asarray(value)

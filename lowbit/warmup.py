@@ -28,6 +28,7 @@ def _calls() -> list[tuple[str, Callable[[], object]]]:
     xf = rng.standard_normal((9, 64), dtype=np.float32)
     wf = rng.standard_normal((64, 64), dtype=np.float32)
     signs = kernels.pack_bits(rng.choice(np.array([-1, 1], np.int8), (1, 6, 6, 64)), axis=-1)
+    bits = kernels.pack_bits(rng.choice(np.array([-1, 1], np.int8), (9, 64)))
     wb = kernels.pack_conv_binary(rng.choice(np.array([-1, 1], np.int8), (8, 64, 3, 3)))
     calls = [
         ("gemm_int8", lambda: kernels.gemm_int8(a, w)),
@@ -40,9 +41,30 @@ def _calls() -> list[tuple[str, Callable[[], object]]]:
                                                         multiplier=np.ones(8), bias=np.zeros(8))),
         ("conv2d_int4", lambda: kernels.conv2d_int4(x8.astype(np.float32),
                                                     kernels.pack_conv_int4(w8.astype(np.float32), group_size=32))),
+        ("conv2d_float32", lambda: kernels.conv2d_float32(x8.astype(np.float32), w8.astype(np.float32), pads="same")),
         ("max_pool2d", lambda: kernels.max_pool2d(x8, 2, strides=2)),
+        ("max_pool2d float32", lambda: kernels.max_pool2d(x8.astype(np.float32), 2, strides=2)),
+        ("max_pool2d_bits", lambda: kernels.max_pool2d_bits(signs, 2, strides=2)),
+        ("avg_pool2d", lambda: kernels.avg_pool2d(x8, 2, 0.1, 3, 0.1, 3, strides=2)),
+        ("avg_pool2d_float32", lambda: kernels.avg_pool2d_float32(x8.astype(np.float32), 2, strides=2)),
         ("global_avg_pool2d", lambda: kernels.global_avg_pool2d(x8, 0.1, 3, 0.1, 3)),
-        ("nchw_to_nhwc", lambda: kernels.nhwc_to_nchw(kernels.nchw_to_nhwc(x8))),
+        ("gemm_binary", lambda: kernels.gemm_binary(bits, bits, 64)),
+        ("gemm_binary float32", lambda: kernels.gemm_binary(bits, bits, 64, multiplier=np.ones(9), bias=np.zeros(9))),
+        ("gemm_binary_to_bits", lambda: kernels.gemm_binary_to_bits(bits, bits, 64, thresholds=np.zeros(9))),
+        ("gemm_binary_int8", lambda: kernels.gemm_binary_int8(w[:9], bits, 64)),
+        ("gemm_int4", lambda: kernels.gemm_int4(xf, kernels.pack_int4(wf, group_size=32))),
+        ("gemm_ternary", lambda: kernels.gemm_ternary(xf, kernels.pack_ternary(wf))),
+        ("gemm_codebook", lambda: kernels.gemm_codebook(xf, kernels.pack_codebook_weights(wf, np.linspace(-1, 1, 16),
+                                                                                          group_size=32))),
+        ("linear_dynamic_int8", lambda: kernels.linear_dynamic_int8(xf, kernels.pack_int8(w), w_scale=0.01)),
+        ("quantize_linear", lambda: kernels.quantize_linear(xf, 0.1, 3)),
+        ("quantize_linear_to_nhwc", lambda: kernels.quantize_linear_to_nhwc(x8.astype(np.float32), 0.1, 3)),
+        ("dequantize_linear", lambda: kernels.dequantize_linear(a, 0.1, 3)),
+        ("dynamic_quantize_linear", lambda: kernels.dynamic_quantize_linear(xf)),
+        ("layer_norm", lambda: kernels.layer_norm(xf, wf[0], wf[1])),
+        ("softmax", lambda: kernels.softmax(xf)),
+        ("nchw_to_nhwc", lambda: kernels.nchw_to_nhwc(x8)),
+        ("nhwc_to_nchw", lambda: kernels.nhwc_to_nchw(x8)),
         ("qlinear_lookup", lambda: kernels.qlinear_lookup(x8, np.arange(256, dtype=np.uint8))),
     ]
     for fmt in FORMATS.values():  # the weight-only products, as the runtime plans them

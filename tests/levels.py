@@ -7,6 +7,11 @@ import pytest
 from kernels import cpu, dispatch
 
 
+#: ONNX Runtime's uint8 x int8 products on x86-64 CPUs without VNNI add pairs of products in int16 with
+#: saturation (vpmaddubsw; its quantization guide advises reduce_range there): exact comparisons with it need VNNI
+ORT_SATURATES_U8S8 = cpu.host_arch() == "x86_64" and not {"avx512vnni", "avxvnni"} & cpu.target_features()
+
+
 def levels_for(*ops: str) -> list[cpu.Level]:
     """Levels this CPU supports that some variant of ``ops`` (any op if none) is written for.
 

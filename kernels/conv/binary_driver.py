@@ -30,10 +30,9 @@ import numpy as np
 from kernels._jit import kernel
 from kernels.conv.geometry import ConvGeometry
 from kernels.conv.int8_driver import slug, variant
-from kernels.epilogue import INTEGER, REAL, finish_tile
+from kernels.epilogue import BITS, INTEGER, REAL, finish_tile
 from kernels.gemm.popcount_lanes import LANES, LANES_TILES, UNITS_PER_SLOT, lanes_microkernel
 
-BITS = 3  # besides kernels.epilogue's INTEGER and REAL
 MODES = (INTEGER, REAL, BITS)
 SLOT_WORDS = UNITS_PER_SLOT // 2  # uint64 words of the padded image per input word
 BLOCK_BYTES = 256 * 1024  # padded input rows read by one block of output rows, kept in L2 beside the weights

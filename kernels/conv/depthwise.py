@@ -370,6 +370,7 @@ class DepthwisePlan:
             raise ValueError(f"x: expected {self.layout} shape {self.x_shape}, got {x.shape}")
         out = _validate.array("out", out, self.out_dtypes, len(self.out_shape))
         _validate.out(out, self.out_shape, out.dtype)
+        _validate.disjoint(out, "x", x)
         self.run(x, out)
         return out
 

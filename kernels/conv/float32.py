@@ -93,7 +93,7 @@ from numba.extending import intrinsic
 
 from kernels import _validate, threads
 from kernels._jit import kernel
-from kernels.entry import Entry, In, Out
+from kernels.entry import Entry, In, Out, empty_entry
 from kernels.conv.geometry import ConvGeometry, check_layout, conv_geometry
 from kernels.conv.layout import BLOCKS, _transpose, nchw_to_nhwc, nhwc_to_nchw
 from kernels.gemm.int8 import _activation_bounds
@@ -1163,6 +1163,10 @@ class Conv2dFloat32Plan:
         self.scratch: list[tuple[np.ndarray, ...]] = []  # per thread of a call, kept: calls allocate nothing
         self._busy = threading.Lock()
         self.inner: Conv2dFloat32Plan | None = None  # the plan of the other layout, run between two transposes
+        self.empty = n == 0  # nothing to compute: calls return the empty output
+        if self.empty:
+            self.kind = "empty batch"
+            return
         attrs = {"strides": strides, "pads": pads, "dilations": dilations, "group": group, "activation": activation}
         if layout == "NHWC":
             if geo.group == c == o and (kh, kw) in DEPTHWISE_NHWC:
@@ -1332,12 +1336,15 @@ class Conv2dFloat32Plan:
         if not x.flags.c_contiguous:
             x = np.ascontiguousarray(x)
         out = np.empty(self.out_shape, F32_DTYPE) if out is None else _validate.out(out, self.out_shape, F32_DTYPE)
+        _validate.disjoint(out, "x", x)
         self.run(x, out)
         return out
 
     def run(self, x: np.ndarray, out: np.ndarray) -> None:
         """The convolution of C-contiguous ``x`` into C-contiguous ``out``, unchecked. A call made while another
         thread runs the plan uses scratch of its own (the kept scratch serves one call at a time)."""
+        if self.empty:
+            return
         if not self._busy.acquire(blocking=False):
             self._run(x, out, [])
             return
@@ -1372,6 +1379,8 @@ class Conv2dFloat32Plan:
     def entry(self) -> Entry | None:
         """The convolution as one unchecked compiled call on one thread (:mod:`kernels.entry`): input 0 ``x``,
         output 0 ``out``, with scratch of its own; None for the kinds that run another plan between transposes."""
+        if self.empty:
+            return empty_entry()
         if self.inner is not None:
             return None
         scratch = tuple(np.zeros(size, np.float32) for size in self.scratch_sizes)

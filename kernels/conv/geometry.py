@@ -161,7 +161,8 @@ def conv_geometry(x_shape_nhwc: tuple[int, ...], kernel_hw: tuple[int, int], in_
     ``ceil_mode`` (pooling) rounds the output size up, as ONNX does, but drops a
     last window that would start in the end padding. Raises ``ValueError`` naming
     the offending argument when channels do not match the groups, an attribute is
-    out of range or the output would be empty.
+    out of range or an image would be empty (a batch of 0 images is allowed: every
+    convolution and pool then returns an empty output).
     """
     batch, in_h, in_w, channels = x_shape_nhwc
     if isinstance(group, bool) or not isinstance(group, (int, np.integer)):
@@ -173,7 +174,7 @@ def conv_geometry(x_shape_nhwc: tuple[int, ...], kernel_hw: tuple[int, int], in_
         raise ValueError(f"{w_name}: expected {channels // group} input channels per filter for {x_name} with "
                          f"{channels} channels and group={group}, got {in_per_group}")
     kh, kw = kernel_hw
-    if min(batch, in_h, in_w, channels, out_channels, kh, kw) < 1:
+    if batch < 0 or min(in_h, in_w, channels, out_channels, kh, kw) < 1:  # batch 0: an empty output
         raise ValueError(f"{x_name}, {w_name}: expected non-empty arrays, got activation shape (N, H, W, C) = "
                          f"{tuple(x_shape_nhwc)} and kernel {kh}x{kw} with {out_channels} filters")
     sh, sw = pair("strides", strides, 1)

@@ -36,7 +36,7 @@ from kernels.conv.int8_driver import (DRIVERS, IM2COL, INDIRECT, INDIRECT_DRIVER
                                       activation_codes, block_rows, groups_entry_kernel, indirection, nhwc_entry_args,
                                       runs_indirection)
 from kernels.conv.layout import nchw_to_nhwc
-from kernels.entry import Entry, In, Out
+from kernels.entry import Entry, In, Out, empty_entry
 from kernels.epilogue import Epilogue
 from kernels.gemm.driver import K_CHUNK
 from kernels.gemm.int8 import _finite, check_zero_point, fused_epilogue, max_k_int32, register_epilogue
@@ -128,6 +128,10 @@ class ConvPlan:
         self.channels = geo.in_channels
         self.out_shape = geo.out_shape_nhwc if layout == "NHWC" else (geo.batch, geo.out_channels, geo.out_h,
                                                                       geo.out_w)
+        self.empty = geo.batch == 0  # nothing to compute: calls return the empty output
+        if self.empty:
+            self.direct, self.kind = None, "empty batch"
+            return
         # a direct plan takes the caller's layout itself: depthwise (either layout) or pointwise (NCHW)
         if geo.group == geo.in_channels == geo.out_channels:
             self.direct = DepthwisePlan(geo, pack_depthwise(packed.weights, zw), x_dtype, za, epi, layout)
@@ -227,6 +231,8 @@ class ConvPlan:
         """``plan(x, out)`` as one unchecked call on one thread: ``entry([x], [out])`` with ``x`` and ``out``
         C-contiguous, of the prepared shapes, layout and dtypes (checked by the caller). Its scratch is its own:
         one caller at a time."""
+        if self.empty:
+            return empty_entry()
         if self.direct is None:
             return Entry(self._fn, self._entry_args(True))
         if isinstance(self.direct, DepthwisePlan):
@@ -242,9 +248,13 @@ class ConvPlan:
             x = np.asarray(x)  # an ndarray subclass as a plain array
         if out is None:
             out = np.empty(self.out_shape, self.out_dtype)
-        elif not (type(out) is np.ndarray and out.dtype == self.out_dtype and out.shape == self.out_shape
-                  and out.flags.c_contiguous and out.flags.writeable):
-            out = _validate.out(out, self.out_shape, self.out_dtype)
+        else:
+            if not (type(out) is np.ndarray and out.dtype == self.out_dtype and out.shape == self.out_shape
+                    and out.flags.c_contiguous and out.flags.writeable):
+                out = _validate.out(out, self.out_shape, self.out_dtype)
+            _validate.disjoint(out, "x", x)
+        if self.empty:
+            return out
         flags = x.flags
         if not flags.c_contiguous:
             x = np.ascontiguousarray(x)

@@ -33,7 +33,7 @@ from kernels import _validate, threads
 from kernels._jit import kernel
 from kernels.conv.geometry import ConvGeometry, check_layout, conv_geometry, from_nhwc, pair, to_nhwc
 from kernels.conv.layout import nchw_to_nhwc, nhwc_to_nchw, transpose_all, transpose_arguments
-from kernels.entry import Entry, In, Out
+from kernels.entry import Entry, In, Out, empty_entry
 from kernels.epilogue import QUANT, finish_tile
 from kernels.gemm.int8 import INT32_MAX, check_zero_point
 from kernels.gemm.llvm_ir import I64, array_ptr, emit_loop, is_array
@@ -491,6 +491,8 @@ def _pool(x: np.ndarray, layout: str, g: ConvGeometry, op: int, identity, counts
     nchw = layout == "NCHW"
     shape = (g.batch, g.in_channels, g.out_h, g.out_w) if nchw else g.out_shape_nhwc
     y = np.empty(shape, x.dtype) if out is None else _checked_out(out, shape, x)
+    if g.batch == 0:
+        return y
     if nchw and g.in_w * x.itemsize <= SHORT_ROW_BYTES:
         return nhwc_to_nchw(_pool(nchw_to_nhwc(x), "NHWC", g, op, identity, counts, None), y)
     images = g.batch * g.in_channels if nchw else g.batch
@@ -536,6 +538,8 @@ class PoolPlan:
         """The pool as one unchecked call on one thread: input ``x`` (C-contiguous, the prepared shape and dtype),
         output the pooled C-contiguous array (checked by the caller); binds its own scratch."""
         g, (op, identity, counts) = self.g, self._pool
+        if g.batch == 0:
+            return empty_entry()
         identity = np.full(1, identity, self.dtype)
         if not self.transposed:
             images = g.batch * g.in_channels if self.layout == "NCHW" else g.batch
@@ -620,8 +624,8 @@ class GlobalAvgPlan:
         self.dtype, self.shape, self.layout = _pool_dtype(dtype, QDTYPES), _shape4(shape), layout
         self._quantization = (x_scale, x_zero_point, y_scale, y_zero_point)
         xs, x_zp, ys, y_zp, qmin, qmax = _quantization(self.dtype, *self._quantization)
-        if min(self.shape) < 1:
-            raise ValueError(f"shape: expected a non-empty array, got {self.shape}")
+        if min(self.shape[1:]) < 1:  # a batch of 0 images is allowed: an empty output
+            raise ValueError(f"shape: expected non-empty images, got {self.shape}")
         nhwc = layout == "NHWC"
         n, c = self.shape[0], self.shape[3 if nhwc else 1]
         pixels = self.shape[1] * self.shape[2] if nhwc else self.shape[2] * self.shape[3]
@@ -635,6 +639,8 @@ class GlobalAvgPlan:
     def entry(self):
         """The pool as one unchecked call on one thread: input ``x`` (C-contiguous, the prepared shape and dtype),
         output ``y`` (C-contiguous, ``[N, C, 1, 1]`` or ``[N, 1, 1, C]``), checked by the caller."""
+        if self.shape[0] == 0:
+            return empty_entry()
         scratch = np.zeros(self.shape if self._short else 0, self.dtype)
         return Entry(_global_all, (In(0), self._to_nhwc, scratch, *self._scalars, Out(0)))
 
@@ -896,12 +902,14 @@ def global_avg_pool2d(x: np.ndarray, x_scale: float, x_zero_point: int, y_scale:
         x, nhwc = nchw_to_nhwc(x), True  # too short to sum as planes; the [N, C] output is the same memory
     n, c = x.shape[0], x.shape[3 if nhwc else 1]
     pixels = x.shape[1] * x.shape[2] if nhwc else x.shape[2] * x.shape[3]
-    if min(x.shape) < 1:
-        raise ValueError(f"x: expected a non-empty array, got shape {x.shape}")
+    if min(x.shape[1:]) < 1:  # a batch of 0 images is allowed: an empty output
+        raise ValueError(f"x: expected non-empty images, got shape {x.shape}")
     if pixels > MAX_TAPS:
         raise ValueError(f"x: at most {MAX_TAPS} pixels per image (int32 sums), got {pixels}")
     shape = (n, 1, 1, c) if layout == "NHWC" else (n, c, 1, 1)
     out = np.empty(shape, x.dtype) if out is None else _checked_out(out, shape, x)
+    if n == 0:
+        return out
     m = xs / (ys * float(pixels))
     images, y = x.reshape(n, pixels * c), out.reshape(n, c)
     threads.run_tiled(lambda _p0, _p1, n0, n1: _global_avg(images, pixels, nhwc, x_zp, m, y_zp, qmin, qmax, n0, n1, y),

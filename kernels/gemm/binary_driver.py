@@ -24,10 +24,10 @@ from __future__ import annotations
 import numpy as np
 
 from kernels._jit import kernel
+from kernels.epilogue import BITS, INTEGER, REAL
 from kernels.gemm.binary_tiles import POPCOUNT_TILES, SIGN_TILES, popcount_microkernel, sign_microkernel
 from kernels.gemm.popcount import popcount64
 
-INTEGER, REAL, BITS = 0, 1, 2
 MODES = (INTEGER, REAL, BITS)
 
 

@@ -1,6 +1,7 @@
 """The binary micro-kernels and the compile-time switch between them.
 
-Two products, each with a portable tile and an AVX-512 one:
+Two products, each with a portable tile and AVX-512 ones (for XNOR-popcount, one
+Harley-Seal tile for AVX-512 BW and one ``vpopcntq`` tile for AVX512-VPOPCNTDQ):
 
 * XNOR-popcount (``POPCOUNT_TILES``), over sign bits packed by ``kernels.pack.bits``::
 
@@ -26,7 +27,7 @@ from numba import types
 from numba.extending import overload
 
 from kernels._jit import kernel
-from kernels.gemm import popcount
+from kernels.gemm import popcount, vpopcnt
 from kernels.gemm.popcount import popcount64
 
 UNLIMITED = 1 << 40
@@ -77,8 +78,12 @@ class Tile(NamedTuple):
 # vpxorq); a 2 x 2 tile runs as fast in L1 but spills, and wider ones spill more.
 # GEMM prefetches the next activation row (from L2); GEMV the next four weight
 # rows, which stream from L3 or DRAM (measured 1.5x faster than no prefetch).
+# With VPOPCNTDQ (kernels.gemm.vpopcnt) a pair costs three instructions per vector, so loads matter more:
+# a 4 x 4 tile loads 8 vectors per 16 pairs (24 of the 32 registers); GEMV keeps one row and four columns.
 POPCOUNT_TILES = {
     "generic": Tile(4, 4, popcount_portable),
+    "avx512-vpopcntdq": Tile(4, 4, vpopcnt.make_tile(4, 4, "rows")),
+    "avx512-vpopcntdq-gemv": Tile(1, 4, vpopcnt.make_tile(1, 4, "cols")),
     "avx512-vnni": Tile(1, 4, popcount.make_tile(1, 4, "rows"), popcount.MAX_WORDS),
     "avx512-vnni-gemv": Tile(1, 4, popcount.make_tile(1, 4, "cols"), popcount.MAX_WORDS),
 }

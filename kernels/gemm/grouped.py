@@ -67,6 +67,8 @@ class GroupedPlan:
                   and (out_flags := out.flags).c_contiguous and out_flags.writeable and out_flags.aligned):
             out = _validate.out(out, shape, _F32)
             exact = False
+        else:
+            _validate.disjoint(out, "x", x)
         if self.m == 0:
             return out
         args = self._call_args

@@ -189,6 +189,8 @@ class LinearPlan:
                   and (out_flags := out.flags).c_contiguous and out_flags.writeable and out_flags.aligned):
             out = _validate.out(out, (m, n), out_dtype)
             exact = False
+        else:
+            _validate.disjoint(out, "a", a)
         if parallel and threads.get_num_threads() > 1:
             self._threaded(a, variant, bound, out)
         elif exact and flags.writeable and flags.aligned:
@@ -341,7 +343,9 @@ def _gemm_plan(a: object, b: object, a_zero_point: object, b_zero_point: object)
 def _positive(name: str, value: object, n: int) -> np.ndarray | float | np.floating:
     """A positive finite scale: a float scalar (kept in its own dtype) or a ``[n]`` array."""
     if isinstance(value, (float, np.floating)) and math.isfinite(value) and value > 0:
-        return value  # the common case, without NumPy calls
+        # the common case, without NumPy calls; a Python float is a float64 (NumPy would treat it as weak and
+        # form a_scale * w_scale in float32 with float32 w_scale, 1 ulp from the reference)
+        return np.float64(value) if type(value) is float else value
     v = np.asarray(value)
     if v.dtype.kind != "f" and v.dtype.kind not in "iu":
         raise TypeError(f"{name}: expected a float scalar or [{n}] array, got dtype {v.dtype}")
@@ -369,7 +373,10 @@ def linear_int8(a: np.ndarray, w: np.ndarray | PackedInt8, *, a_scale: float, a_
 
     Rounding is half to even and saturation clips to the output type, as in ONNX
     QLinearMatMul. The multiplier ``a_scale * w_scale / out_scale`` is formed in the
-    scales' own dtype (so float16 scales behave as ONNX's), then applied in float64.
+    scales' own dtype (so float16 scales behave as ONNX's; a Python float is a
+    float64), then applied in float64. Scales and a float bias must be finite, and
+    so must the multiplier (else ``ValueError``); a float32 result beyond float32's
+    range becomes +-inf, as the float32 conversion of the reference does.
 
     Parameters
     ----------
@@ -483,12 +490,16 @@ def fused_epilogue(n: int, a_scale: object, w_scale: object, bias: object, activ
         if np.ndim(s_out):
             raise ValueError(f"{out_name}: expected a scalar, got shape {s_out.shape}")
         zp = check_zero_point(zp_name, 0 if out_zero_point is None else out_zero_point, out_dtype)
-        mult = s_a * s_w / s_out
         unit = float(s_out)
     else:
         if out_scale is not None or out_zero_point is not None:
             raise ValueError(f"{out_name}, {zp_name}: only for integer out_dtype (uint8 or int8)")
-        zp, mult, unit = 0, s_a * s_w, 1.0
+        zp, s_out, unit = 0, None, 1.0
+    with np.errstate(over="ignore", under="ignore"):  # checked below
+        mult = s_a * s_w if s_out is None else s_a * s_w / s_out
+    if not (np.all(np.isfinite(mult)) and np.all(np.asarray(mult) > 0)):
+        raise ValueError(f"{a_name}, w_scale{', ' + out_name if quantized else ''}: their product / quotient "
+                         f"over- or underflows {np.result_type(mult)}; rescale them")
     padded = -(-n // PANEL) * PANEL  # the fused micro-kernels load whole panels
     mult = np.concatenate([np.broadcast_to(np.asarray(mult, np.float64), (n,)), np.zeros(padded - n)])
 
@@ -500,6 +511,8 @@ def fused_epilogue(n: int, a_scale: object, w_scale: object, bias: object, activ
         if b.dtype == np.int32:
             col_bias = b.astype(np.int64)
         elif b.dtype.kind == "f":
+            if not np.all(np.isfinite(b)):
+                raise ValueError(f"bias: {np.count_nonzero(~np.isfinite(b))} value(s) are NaN or infinite")
             shift[:n] = b.astype(np.float64) / unit
         else:
             raise TypeError(f"bias: expected float (real units) or int32 (accumulator units), got {b.dtype}")

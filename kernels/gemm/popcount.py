@@ -98,7 +98,7 @@ binary_tile_intrinsic = _tile_intrinsic(types.uint64, I64)  # sign bits times si
 sign_tile_intrinsic = _tile_intrinsic(types.uint8, I8)  # bytes (offsets in bytes) times sign bits
 
 
-def _load(builder, base, offset, mask=None):
+def load_words(builder, base, offset, mask=None):
     """A <8 x i64> at ``base + offset`` words; with ``mask``, zero in the lanes it leaves out."""
     ptr = builder.bitcast(builder.gep(base, [offset]), V8I64.as_pointer())
     if mask is None:
@@ -144,6 +144,23 @@ def byte_sums(builder, v):
     return builder.call(sad, [v, ir.Constant(V64I8, None)])
 
 
+def next_tile(builder, a_rows: list, lda, b_cols: list, ldb, prefetch_next: str | None) -> list:
+    """The rows to prefetch while a tile runs: the next tile's activation rows (``"rows"``, GEMM: they stream
+    from L2), its weight rows (``"cols"``, GEMV: they stream from L3 or DRAM), or none."""
+    if prefetch_next == "rows":
+        return [builder.gep(p, [builder.mul(lda, ir.Constant(I64, len(a_rows)))]) for p in a_rows]
+    if prefetch_next == "cols":
+        return [builder.gep(p, [builder.mul(ldb, ir.Constant(I64, len(b_cols)))]) for p in b_cols]
+    return []
+
+
+def tail_mask(builder, left):
+    """``<8 x i1>``: the lanes ``< left`` of a vector of 8 words (all of them from 8 on, none at 0 or below)."""
+    limit = builder.insert_element(ir.Constant(V8I64, ir.Undefined), left, ir.Constant(I32, 0))
+    limit = builder.shuffle_vector(limit, ir.Constant(V8I64, ir.Undefined), ir.Constant(ir.VectorType(I32, 8), None))
+    return builder.icmp_signed("<", ir.Constant(V8I64, list(range(WORDS_PER_VECTOR))), limit)
+
+
 def emit_block(builder, a_rows: list, b_cols: list, base: ir.Value, state: list, ahead: list | None = None) -> list:
     """One Harley-Seal block: 8 vectors of every (row, column) pair at word ``base`` of each row pointer.
 
@@ -156,11 +173,11 @@ def emit_block(builder, a_rows: list, b_cols: list, base: ir.Value, state: list,
     twos_a, fours_a = [None] * len(pairs), [None] * len(pairs)
     for step in range(BLOCK // 2):
         offs = [builder.add(base, ir.Constant(I64, (2 * step + u) * WORDS_PER_VECTOR)) for u in (0, 1)]
-        av = [[_load(builder, p, o) for o in offs] for p in a_rows]
+        av = [[load_words(builder, p, o) for o in offs] for p in a_rows]
         for p in ahead or ():
             for o in offs:
                 prefetch(builder, builder.bitcast(builder.gep(p, [o]), I8.as_pointer()))
-        bv = [[_load(builder, p, o) for o in offs] for p in b_cols]
+        bv = [[load_words(builder, p, o) for o in offs] for p in b_cols]
         for index, (r, c) in enumerate(pairs):
             d0, d1 = (builder.xor(av[r][u], bv[c][u]) for u in (0, 1))
             carry, ones[index] = csa(builder, ones[index], d0, d1)
@@ -192,12 +209,7 @@ def make_tile(rows: int, cols: int, prefetch_next: str = "rows"):
     def emit(builder, a_ptr, a_off, lda, m, b_ptr, b_off, ldb, n, words, acc_ptr):
         a_rows = clamped_rows(builder, a_ptr, a_off, lda, m, rows)
         b_cols = clamped_rows(builder, b_ptr, b_off, ldb, n, cols)
-        if prefetch_next == "rows":  # the next tile's activation rows, which stream from L2
-            ahead = [builder.gep(p, [builder.mul(lda, ir.Constant(I64, rows))]) for p in a_rows]
-        elif prefetch_next == "cols":  # the next tile's weight rows, which stream from L3 or DRAM (GEMV)
-            ahead = [builder.gep(p, [builder.mul(ldb, ir.Constant(I64, cols))]) for p in b_cols]
-        else:
-            ahead = []
+        ahead = next_tile(builder, a_rows, lda, b_cols, ldb, prefetch_next)
         vectors = builder.lshr(words, ir.Constant(I64, 3))
         blocks = builder.lshr(vectors, ir.Constant(I64, 3))
 
@@ -211,17 +223,13 @@ def make_tile(rows: int, cols: int, prefetch_next: str = "rows"):
         rest_start = builder.mul(blocks, ir.Constant(I64, BLOCK * WORDS_PER_VECTOR))
         rest_words = builder.sub(words, rest_start)
         rest_count = builder.lshr(builder.add(rest_words, ir.Constant(I64, WORDS_PER_VECTOR - 1)), ir.Constant(I64, 3))
-        lanes = ir.Constant(V8I64, list(range(WORDS_PER_VECTOR)))
 
         def rest(v, counts):
             first = builder.mul(v, ir.Constant(I64, WORDS_PER_VECTOR))
-            left = builder.sub(rest_words, first)
-            limit = builder.insert_element(ir.Constant(V8I64, ir.Undefined), left, ir.Constant(I32, 0))
-            limit = builder.shuffle_vector(limit, ir.Constant(V8I64, ir.Undefined), ir.Constant(ir.VectorType(I32, 8), None))
-            mask = builder.icmp_signed("<", lanes, limit)
+            mask = tail_mask(builder, builder.sub(rest_words, first))
             offset = builder.add(rest_start, first)
-            av = [_load(builder, p, offset, mask) for p in a_rows]
-            bv = [_load(builder, p, offset, mask) for p in b_cols]
+            av = [load_words(builder, p, offset, mask) for p in a_rows]
+            bv = [load_words(builder, p, offset, mask) for p in b_cols]
             out = []
             for index, (r, c) in enumerate(pairs):
                 pc = bytes_popcount(builder, builder.xor(av[r], bv[c]))

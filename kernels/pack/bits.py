@@ -61,7 +61,7 @@ def pack_bits(x: np.ndarray, axis: int = -1) -> np.ndarray:
     Parameters
     ----------
     x : real or boolean array_like, at least 1-D
-        ``x < 0`` is -1 (bit set), ``x >= 0`` is +1 (bit clear).
+        ``x < 0`` is -1 (bit set), ``x >= 0`` is +1 (bit clear); NaN raises ``ValueError``.
     axis : int
         The axis to pack (default: the last, K of a ``[rows, K]`` matrix).
 
@@ -75,6 +75,8 @@ def pack_bits(x: np.ndarray, axis: int = -1) -> np.ndarray:
     if x.ndim == 0:
         raise ValueError("x: expected an array of at least 1 dimension, got a scalar")
     axis = _axis("x", axis, x.ndim)
+    if x.dtype.kind == "f" and np.isnan(x).any():  # NaN < 0 is False: it would pack silently as +1
+        raise ValueError(f"x: {np.count_nonzero(np.isnan(x))} NaN value(s); a NaN has no sign to pack")
     negative = np.moveaxis(x, axis, -1) < 0
     n = negative.shape[-1]
     words = word_count(n)

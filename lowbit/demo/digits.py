@@ -107,9 +107,11 @@ def _latencies(sessions: list[Session], x: np.ndarray, repeat: int) -> list[floa
     return best
 
 
-def _row(model: str, precision: str, graph: Graph, reference: Graph, data: tuple, repeat: int) -> dict:
+def _row(model: str, precision: str, graph: Graph, reference: Graph, data: tuple, repeat: int,
+         progress: Callable[[str], None]) -> dict:
     """One table row: ``graph`` measured against ``reference``, the float graph of the same architecture."""
     _, x_test, _, y_test = data
+    progress(f"  timing the {model}, {precision}, at batch {BATCH} ({repeat} runs)")
     session = Session(graph)
     times = _latencies([session] if graph is reference else [session, Session(reference)], x_test[:BATCH], repeat)
     seconds, float_seconds = times[0], times[-1]
@@ -146,6 +148,8 @@ def run(*, quick: bool = False, seed: int = 0, progress: Callable[[str], None] =
     repeat = 5 if quick else 30
     rng = np.random.default_rng(seed)
     progress(f"digits: {len(x_train)} training and {len(x_test)} test images, 8x8, 10 classes")
+    progress("(a first run compiles each kernel into Numba's disk cache as it is first used: steps then take "
+             "seconds longer, later runs load them)")
 
     def trained(name: str, model: nn.Sequential, epochs: int) -> nn.Sequential:
         nn.fit(model, x_train, y_train, epochs=epochs, seed=seed, validation=(x_test, y_test), progress=progress,
@@ -158,19 +162,22 @@ def run(*, quick: bool = False, seed: int = 0, progress: Callable[[str], None] =
     for name, model in (("CNN", trained("CNN", cnn(rng), epochs["cnn"])),
                         ("MLP", trained("MLP", mlp(rng), epochs["mlp"]))):
         graph = nn.export(model)
-        rows.append(_row(name, "float32", graph, graph, data, repeat))
+        rows.append(_row(name, "float32", graph, graph, data, repeat, progress))
         for precision in ("int8", "int4"):
             progress(f"  quantizing the {name} to {precision}")
             quantized = quantize_model(graph, calibration, {"precision": precision})
-            rows.append(_row(name, precision, quantized, graph, data, repeat))
+            rows.append(_row(name, precision, quantized, graph, data, repeat, progress))
             if name == "CNN" and precision == "int8":
                 int8_cnn = quantized
     ternary = trained("ternary MLP", mlp(rng, weights="twn"), epochs["mlp"])
-    rows.append(_row("MLP", "ternary", nn.export(ternary), nn.export(ternary, quantized=False), data, repeat))
+    rows.append(_row("MLP", "ternary", nn.export(ternary), nn.export(ternary, quantized=False), data, repeat,
+                     progress))
     binary = trained("binary CNN", binary_cnn(rng), epochs["binary"])
-    rows.append(_row("binary CNN", "binary", nn.export(binary), nn.export(binary, quantized=False), data, repeat))
+    rows.append(_row("binary CNN", "binary", nn.export(binary), nn.export(binary, quantized=False), data, repeat,
+                     progress))
 
     progress("\n" + table(rows))
+    progress("saving, loading and rerunning the int8 CNN")
     _check_save_load(int8_cnn, x_test[:BATCH], progress)
     progress(f"\nprofile of the int8 CNN, batch {BATCH}:\n{Session(int8_cnn).profile({'x': x_test[:BATCH]})}")
     progress(f"\ndone in {time.perf_counter() - started:.1f} s")

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from lowbit.graph.collector import paused
 from lowbit.graph.ir import Graph, Node, TensorSpec
 from lowbit.onnx.types import elem_name, numpy_dtype, type_string
 
@@ -332,6 +333,7 @@ def _check_supported(graph: Graph, unsupported: dict[str, list[str]]) -> None:
                                     unsupported)
 
 
+@paused()
 def import_model(model: Any, *, optimize: bool = True, per_token: bool = False) -> Imported:
     """Read and convert ``model`` (path, bytes or ModelProto); with ``optimize``, fuse patterns and fold constants
     (``per_token``: the fused dynamic int8 products quantize each token, see ``fuse_dynamic_matmul``)."""

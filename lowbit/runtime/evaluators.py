@@ -43,7 +43,7 @@ import lowbit.runtime.quant_ops  # noqa: F401
 from lowbit.graph.ir import Graph, Node
 from lowbit.runtime.float_ops import _axis, _fail, _product, attr
 from lowbit.runtime.float_ops import _sigmoid as _sigmoid_into
-from lowbit.runtime.registry import PREPARERS, Kernel, Shape, preparer
+from lowbit.runtime.registry import PREPARERS, Kernel, Shape, check_size, preparer
 
 Evaluator = Callable[[Node, list[np.ndarray | None], int], list[np.ndarray]]
 EVALUATORS: dict[str, Evaluator] = {}
@@ -85,6 +85,9 @@ def evaluate(node: Node, inputs: list[np.ndarray | None], opset: int) -> list[np
             raise
         raise (TypeError if isinstance(error, TypeError) else ValueError)(f"{prefix}{error}") from error
     arrays = [np.asarray(y) for y in outputs]
+    for y in arrays:
+        if not y.flags.c_contiguous:  # a view (Expand's broadcast) about to become an array
+            check_size(node, y.shape, y.dtype)
     return [y if y.flags.c_contiguous else np.ascontiguousarray(y) for y in arrays]
 
 
@@ -333,6 +336,7 @@ def _tile(node: Node, inputs: list, opset: int) -> list[np.ndarray]:
     x, repeats = inputs[0], _ints(inputs[1])
     if len(repeats) != x.ndim or min(repeats, default=0) < 0:
         raise _fail(node, f"repeats {repeats} must be {x.ndim} non-negative counts")
+    check_size(node, tuple(d * r for d, r in zip(x.shape, repeats)), x.dtype)
     return [np.tile(x, repeats)]
 
 
@@ -345,6 +349,7 @@ def _constant_of_shape(node: Node, inputs: list, opset: int) -> list[np.ndarray]
     shape = _ints(inputs[0])
     if min(shape, default=0) < 0:
         raise _fail(node, f"shape {shape} has a negative dimension")
+    check_size(node, shape, value.dtype)
     return [np.full(shape, value.reshape(()), value.dtype)]
 
 
@@ -357,6 +362,7 @@ def _range(node: Node, inputs: list, opset: int) -> list[np.ndarray]:
         raise _fail(node, "delta is 0")
     dtype = inputs[0].dtype
     count = max(-((start - limit) // delta) if dtype.kind in "iu" else math.ceil((limit - start) / delta), 0)
+    check_size(node, (count,), dtype)
     return [np.arange(count, dtype=dtype) * inputs[2].reshape(()) + inputs[0].reshape(())]
 
 
@@ -427,6 +433,7 @@ def _pad(node: Node, inputs: list, opset: int) -> list[np.ndarray]:
         width[axis] = (pads[i], pads[i + len(axes)])
     x = x[tuple(slice(max(-b, 0), d - max(-e, 0)) for (b, e), d in zip(width, x.shape))]
     width = [(max(b, 0), max(e, 0)) for b, e in width]
+    check_size(node, tuple(d + b + e for (b, e), d in zip(width, x.shape)), x.dtype)
     if mode != "constant":
         if any(d == 0 and (b or e) for (b, e), d in zip(width, x.shape)):
             raise _fail(node, f"mode {mode} cannot pad an empty axis of {list(x.shape)}")
@@ -557,6 +564,10 @@ def _resize(node: Node, inputs: list, opset: int) -> list[np.ndarray]:
         if len(factors) != len(axes) or min(factors) <= 0:
             raise _fail(node, f"scales {factors} must be {len(axes)} positive factors")
         sizes = [math.floor(n * s) for n, s in zip(lengths, factors)]
+    shape = list(x.shape)
+    for axis, size in zip(axes, sizes):
+        shape[axis] = size
+    check_size(node, tuple(shape), np.float64 if x.dtype.kind in "iu" and mode != "nearest" else x.dtype)
     if transform == "tf_crop_and_resize":
         if roi is None or roi.size != 2 * len(axes):
             raise _fail(node, f"tf_crop_and_resize needs a roi of {2 * len(axes)} values")
@@ -1040,6 +1051,7 @@ def _one_hot(node: Node, inputs: list, opset: int) -> list[np.ndarray]:
     if values.size != 2 or depth < 1:
         raise _fail(node, f"values must be [off, on] and depth >= 1, got {values.size} values, depth {depth}")
     axis = _axis(node, attr(node, "axis", -1), indices.ndim + 1)
+    check_size(node, (*indices.shape, depth), values.dtype)
     idx = np.trunc(indices).astype(np.int64) if indices.dtype.kind == "f" else indices.astype(np.int64)
     idx = np.expand_dims(np.where(idx < 0, idx + depth, idx), axis)
     shape = [1] * (indices.ndim + 1)

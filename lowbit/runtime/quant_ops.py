@@ -167,9 +167,12 @@ def _gemm_shape(node: Node, x_shape: Shape, w: np.ndarray) -> Shape:
 
 
 def _vector(node: Node, value: np.ndarray | None, length: int, what: str, dtype=np.float32) -> np.ndarray | None:
-    """A per-output-channel array (a scalar is broadcast), or None."""
+    """A per-output-channel array (a scalar is broadcast) of ``dtype``, or None. Only float values change type
+    (to float32 scales or biases): an integer one must already be ``dtype``, as a cast would wrap it silently."""
     if value is None:
         return None
+    if value.dtype != dtype and not (value.dtype.kind == "f" and np.dtype(dtype).kind == "f"):
+        raise ValueError(f"node {node.name!r} ({node.op}): {what} must be {np.dtype(dtype)}, got {value.dtype}")
     if value.size not in (1, length):
         raise ValueError(f"node {node.name!r} ({node.op}): {what} must have 1 or {length} values, "
                          f"got shape {value.shape}")

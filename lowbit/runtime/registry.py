@@ -13,10 +13,15 @@ instead (for instance a view of an input, for Reshape), and the session then
 uses those. A kernel that is one call of a compiled function also gives it as
 its ``entry`` (:mod:`kernels.entry`): a session then chains such nodes into
 one compiled function (:mod:`lowbit.runtime.compiled`).
+
+No tensor may be larger than the machine's memory (:func:`check_size`): a few bytes of model (a shape
+constant, a pad) can ask for terabytes, and that request gets a ValueError naming the node before anything
+is allocated, not a MemoryError or the kernel's out-of-memory killer halfway through.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -26,6 +31,28 @@ from kernels.entry import Entry
 from lowbit.graph.ir import Graph, Node
 
 Shape = tuple[int, ...]
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not POSIX: no bound below NumPy's own
+        return 1 << 62
+
+
+#: The largest tensor a node may compute, in bytes: the machine's physical memory.
+MAX_TENSOR_BYTES = _physical_memory()
+
+
+def check_size(node: Node, shape: Shape, dtype: np.dtype | type) -> None:
+    """Raise ValueError, naming ``node``, when a tensor of ``shape`` and ``dtype`` would not fit in memory."""
+    nbytes = np.dtype(dtype).itemsize
+    for d in shape:
+        nbytes *= int(d)
+    if nbytes > MAX_TENSOR_BYTES:
+        raise ValueError(f"node {node.name!r} ({node.op}): an output of {list(shape)} {np.dtype(dtype)} would take "
+                         f"{nbytes / 2**30:.3g} GiB, more than this machine's memory "
+                         f"({MAX_TENSOR_BYTES / 2**30:.3g} GiB); check the model's shapes")
 
 
 @dataclass

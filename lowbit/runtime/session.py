@@ -56,6 +56,7 @@ from numba.core.errors import NumbaError
 
 import kernels
 from lowbit.blas import blas_limit
+from lowbit.graph.collector import paused
 from lowbit.graph.ir import Graph, Node
 from kernels.entry import In
 from lowbit.runtime import evaluators, float_ops, quant_ops
@@ -63,7 +64,7 @@ from lowbit.runtime.compiled import CompiledSteps
 from lowbit.runtime.layout import nhwc_chains
 from lowbit.runtime.passes import float_twin, fold_batch_norm, fuse_activations
 from lowbit.runtime.profile import Profile
-from lowbit.runtime.registry import Kernel, Shape, prepare
+from lowbit.runtime.registry import Kernel, Shape, check_size, prepare
 from lowbit.runtime.transpose_fusion import fuse_layout_transposes
 
 OP_MODULES = (float_ops, quant_ops, evaluators)  # importing them registers their preparers
@@ -188,6 +189,7 @@ class Session:
         of threads runs a chain when ``threads > 1``)
     """
 
+    @paused()
     def __init__(self, graph: Graph, *, threads: int | None = None, fallback: bool = True, optimize: bool = True,
                  compiled: bool = True):
         if type(graph).__name__ == "ModelProto":  # an onnx model: import it (onnx is an optional extra)
@@ -294,6 +296,7 @@ class Session:
 
     # ---- preparation -----------------------------------------------------------------------------------------------
 
+    @paused()
     def _prepare(self, feeds: dict[str, np.ndarray]) -> _Prepared:
         """Kernels for the shapes of ``feeds`` (new ones at every call: the caller keeps them in a lane)."""
         # Preparers read constants from graph.params: a view of the graph whose params grow by the folded values.
@@ -320,6 +323,8 @@ class Session:
                 raise ValueError(f"node {node.name!r} ({node.op}): the kernel declares {len(kernel.outputs)} outputs, "
                                  f"the node has {len(node.outputs)}")
             ins = [values[t] if t else None for t in node.inputs]
+            for shape, dtype in kernel.outputs:
+                check_size(node, shape, dtype)
             outs = [np.zeros(shape, dtype) for shape, dtype in kernel.outputs]
             if kernel.fallback is not None and self.fallback:
                 kernel = self._faster(kernel, ins, outs)
@@ -398,6 +403,7 @@ class Session:
         return Kernel(kernel.run, kernel.outputs, kernel.ops, kernel.precision,
                       f"{note}{kernel.precision} {1e3 * own:.2f} ms < float {1e3 * other:.2f} ms", entry=kernel.entry)
 
+    @paused()
     def _plan(self, lane: _Lane, fetch: tuple[str, ...]) -> _Plan:
         """The plan of held ``lane`` that computes ``fetch`` (made on first use)."""
         if fetch in lane.plans:

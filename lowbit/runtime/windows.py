@@ -10,7 +10,9 @@ number of spatial axes. Per axis of input size ``i``, kernel ``k``, stride ``s``
 rounded down, or up with ``ceil_mode`` (pools), where a last window that would start past the input
 and the begin padding is dropped (it would see only end padding), as ONNX's reference and PyTorch do.
 ``auto_pad`` SAME_UPPER / SAME_LOWER pad so that ``o = ceil(i / s)``, the odd unit of padding at the end
-(UPPER) or the beginning (LOWER); VALID pads nothing. Pads are in ONNX order: all begins, then all ends.
+(UPPER) or the beginning (LOWER); VALID pads nothing. An explicit pad may not exceed both the window's
+extent ``d (k - 1) + 1`` and the input's size: it would only add windows that see nothing but padding.
+Pads are in ONNX order: all begins, then all ends.
 :func:`window_view` then shows every window of a padded input without copying it.
 """
 
@@ -112,6 +114,13 @@ def window_geometry(node: Node, in_shape_spatial: tuple[int, ...], kernel_shape:
         pads = (0,) * (2 * n)
     else:
         pads = _ints(node, "pads", 2 * n, 0, 0)
+        # a pad wider than both the window and the input only adds outputs that read nothing but padding, and
+        # lets a tiny file ask for gigabytes at run time (pads=4000 on an 8x8 image)
+        sizes = tuple(in_shape_spatial) * 2
+        if any(p >= e and p > i for p, e, i in zip(pads, extents + extents, sizes)):
+            raise _fail(node, f"pads {list(pads)} exceed both the window's extent {extents} (dilation * (kernel - 1)"
+                              f" + 1 per axis) and the input's size {list(in_shape_spatial)}: windows would lie "
+                              f"wholly in the padding")
     out = []
     for axis, (i, s, e) in enumerate(zip(in_shape_spatial, strides, extents)):
         span = i + pads[axis] + pads[axis + n] - e

@@ -266,9 +266,64 @@ def test_generic_level_chooses_the_portable_variants(monkeypatch):
     assert dispatch.choose("gemm_binary", 8, 8, 64).kind == "generic"
     assert dispatch.choose("gemm_binary_int8", 8, 8, 64).kind == "generic"
     monkeypatch.setenv("LOWBIT_ISA", cpu.host_level().name)
-    fast = cpu.allows(cpu.AVX512_VNNI, cpu.host_level())
-    assert dispatch.choose("gemm_binary", 8, 8, 64).kind == ("avx512-vnni" if fast else "generic")
-    assert dispatch.choose("gemm_binary", 1, 8, 64).kind == ("avx512-vnni-gemv" if fast else "generic")
+    fast = next((lv.name for lv in (cpu.AVX512_VPOPCNTDQ, cpu.AVX512_VNNI) if cpu.allows(lv, cpu.host_level())),
+                None)
+    assert dispatch.choose("gemm_binary", 8, 8, 64).kind == (fast or "generic")
+    assert dispatch.choose("gemm_binary", 1, 8, 64).kind == (f"{fast}-gemv" if fast else "generic")
+
+
+@pytest.mark.skipif(cpu.AVX512_VPOPCNTDQ not in cpu.supported_levels(), reason="this CPU has no AVX512-VPOPCNTDQ")
+def test_vpopcntdq_is_chosen_where_the_cpu_has_it(monkeypatch):
+    monkeypatch.setenv("LOWBIT_ISA", cpu.AVX512_VPOPCNTDQ.name)
+    assert dispatch.choose("gemm_binary", 1024, 1024, 8192).kind == "avx512-vpopcntdq"
+    monkeypatch.setenv("LOWBIT_ISA", cpu.AVX512_VNNI.name)  # forced below it: the Harley-Seal tiles
+    assert dispatch.choose("gemm_binary", 1024, 1024, 8192).kind == "avx512-vnni"
+
+
+@pytest.mark.parametrize("kind", ["avx512-vpopcntdq", "avx512-vpopcntdq-gemv"])
+@pytest.mark.parametrize("m, n, k", [(1, 1, 1), (7, 5, 63), (9, 13, 65), (4, 4, 512), (5, 3, 705), (3, 7, 2565),
+                                     (1, 1, 64 * 9)])
+def test_vpopcntdq_tiles_are_exact_on_any_cpu(kind, m, n, k, rng):
+    """The vpopcntq tiles are generic LLVM (ctpop, masked loads): on a CPU without VPOPCNTDQ, LLVM lowers them to
+    other instructions, so their logic (tails, clamped rows and columns) is checked everywhere; the dispatch test
+    above and the suite's level runs check them as vpopcntq where the CPU has it."""
+    from kernels.gemm.binary_driver import INTEGER, POPCOUNT_DRIVERS
+
+    x, y = rng.choice(np.array([-1, 1], np.int8), (m, k)), rng.choice(np.array([-1, 1], np.int8), (n, k))
+    a, b = pack_bits(x), pack_bits(y)
+    out = np.zeros((m, n), np.int32)
+    unused = np.zeros(n)
+    POPCOUNT_DRIVERS[kind, INTEGER](a, b, k, a.shape[1], 0, m, 0, n, 64, unused, unused, np.zeros(n, np.int64), out)
+    np.testing.assert_array_equal(out, x.astype(np.int32) @ y.astype(np.int32).T)
+
+
+VPOPCNTDQ_ASM = """
+from numba import types
+from kernels.gemm.binary_driver import INTEGER, POPCOUNT_DRIVERS
+words, ints, floats = (types.Array(dtype, ndim, "C") for dtype, ndim in ((types.uint64, 2), (types.int64, 1),
+                                                                        (types.float64, 1)))
+sig = (words, words, *[types.int64] * 7, floats, floats, ints, types.Array(types.int32, 2, "C"))
+driver = POPCOUNT_DRIVERS["avx512-vpopcntdq", INTEGER]
+driver.compile(sig)
+asm = driver.inspect_asm(sig)
+print(asm.count("vpopcntq"), asm.count("vpternlogq"))
+"""
+
+
+@pytest.mark.skipif(cpu.host_arch() != "x86_64", reason="an x86-64 code generation check")
+def test_vpopcntdq_tile_compiles_to_vpopcntq(tmp_path):
+    """Compiled (not run) for a Zen 4 in a child process: the tile counts with vpopcntq, without carry-save trees."""
+    import os
+    import subprocess
+    import sys
+
+    features = "+avx,+avx2,+fma,+bmi,+bmi2,+popcnt,+avx512f,+avx512bw,+avx512vl,+avx512dq,+avx512vnni,+avx512vpopcntdq"
+    env = {**os.environ, "NUMBA_CPU_NAME": "znver4", "NUMBA_CPU_FEATURES": features,
+           "NUMBA_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", VPOPCNTDQ_ASM], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    vpopcntq, vpternlogq = map(int, done.stdout.split())
+    assert vpopcntq >= 16 and vpternlogq == 0
 
 
 def test_binary_plan_and_entry(level, rng, tmp_path, monkeypatch):

@@ -22,7 +22,8 @@ def test_generic_always_supported():
 
 def test_levels_rank_within_architecture():
     x86 = [lv for lv in cpu.LEVELS.values() if lv.arch == "x86_64"]
-    assert [lv.name for lv in sorted(x86, key=lambda lv: lv.rank)] == ["avx2", "avx-vnni", "avx512-vnni", "amx"]
+    assert [lv.name for lv in sorted(x86, key=lambda lv: lv.rank)] == ["avx2", "avx-vnni", "avx512-vnni",
+                                                                             "avx512-vpopcntdq", "amx"]
 
 
 @pytest.mark.parametrize("value", ["sse9", "AVX512", "avx512vnni", "generic2"])

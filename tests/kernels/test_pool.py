@@ -438,7 +438,7 @@ def test_bad_inputs(rng):
         max_pool2d(x[0], 2)
     with pytest.raises(ValueError, match="x: expected a 4-D"):
         global_avg_pool2d(x[0], *q)
-    with pytest.raises(ValueError, match="x: expected a non-empty array"):
+    with pytest.raises(ValueError, match="x: expected non-empty images"):
         global_avg_pool2d(x[:, :, :0], *q)
     with pytest.raises(ValueError, match="layout: expected 'NCHW' or 'NHWC'"):
         max_pool2d(x, 2, layout="NCWH")

@@ -41,6 +41,20 @@ def test_warmup(capsys):
     assert "every kernel was already compiled" in capsys.readouterr().out
 
 
+def test_warmup_covers_every_compiled_kernel():
+    """Every public function of ``kernels`` that runs compiled code is among warmup's calls (packing, plans made
+    by the functions they prepare, and the NumPy-only helpers aside)."""
+    import inspect
+
+    import kernels
+    from lowbit.warmup import _calls
+
+    numpy_only = {"cpu_info", "get_num_threads", "set_num_threads", "lookup_table", "max_k_int32"}
+    public = {name for name, f in vars(kernels).items() if inspect.isfunction(f) and not name.startswith("_")}
+    compiled = {n for n in public - numpy_only if not n.endswith("_plan") and not n.startswith(("pack_", "unpack_"))}
+    assert compiled - {name.split()[0] for name, _ in _calls()} == set()
+
+
 def _model(rng) -> lowbit.graph.Graph:
     g = GraphBuilder({"x": TensorSpec((None, 3, 8, 8))})
     h = g.relu(g.conv("x", rng.normal(0, 0.3, (8, 3, 3, 3)), rng.normal(0, 0.1, 8), pads=(1, 1, 1, 1)))

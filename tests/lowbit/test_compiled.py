@@ -6,6 +6,7 @@ import numba
 import numpy as np
 import pytest
 
+from kernels import dispatch
 from kernels.entry import Entry, In, Out
 from lowbit.graph import Graph, Node, TensorSpec
 from lowbit.runtime import Kernel, Session
@@ -150,4 +151,5 @@ def test_a_cnn_runs_the_same_chained_and_node_by_node(rng, quantized):
     np.testing.assert_array_equal(chained.run(x)["logits"], want)
     ((lane,),) = chained._lanes.values()
     (plan,) = lane.plans.values()
-    assert len(plan.chained) >= 2
+    if quantized or dispatch.choose("conv_float32", 144, 16, 144).kind != "blas":  # BLAS: no compiled entry
+        assert len(plan.chained) >= 2

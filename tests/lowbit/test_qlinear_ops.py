@@ -18,6 +18,7 @@ import lowbit.onnx as lowbit_onnx  # noqa: E402
 from kernels.reference.int4 import gemm_int4_ref  # noqa: E402
 from lowbit import Session  # noqa: E402
 from lowbit.runtime.registry import prepare  # noqa: E402
+from tests.levels import ORT_SATURATES_U8S8  # noqa: E402
 
 MS = "com.microsoft"
 U8, I8 = np.uint8, np.int8
@@ -57,8 +58,18 @@ def run_reference(model, feeds) -> list[np.ndarray]:
     return [_codes(y) for y in ReferenceEvaluator(model).run(None, feeds)]
 
 
+def _uint8_by_int8(model, feeds) -> bool:
+    """Whether ``model`` multiplies uint8 codes (given, or quantized by DynamicQuantizeMatMul) by int8 ones."""
+    dtypes = {np.dtype(v.dtype) for v in feeds.values()}
+    dtypes |= {np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)) for t in model.graph.initializer}
+    dynamic = any(node.op_type == "DynamicQuantizeMatMul" for node in model.graph.node)
+    return np.dtype(I8) in dtypes and (np.dtype(U8) in dtypes or dynamic)
+
+
 def run_ort(model, feeds) -> list[np.ndarray]:
     ort = pytest.importorskip("onnxruntime")
+    if ORT_SATURATES_U8S8 and _uint8_by_int8(model, feeds):  # the checks against the reference ran before
+        pytest.skip("ONNX Runtime's uint8 x int8 product saturates int16 pairs on CPUs without VNNI")
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feeds)
@@ -241,6 +252,9 @@ def test_qlinear_matmul_float16_scales_and_onnxruntime(rng):
     model, feeds = one_node("QLinearMatMul", inputs, {"y": U8}, constant=("b", "sa", "za", "sb", "zb", "sy", "zy"))
     assert_exact(model, feeds)
     inputs = _qmatmul_inputs(rng, U8, I8, (2, 7, 65), (65, 63), False)
+    # ONNX Runtime's uint8 x int8 product on CPUs without VNNI (vpmaddubsw) saturates each pair of products at
+    # int16: weights in [-64, 63] keep 2 * 255 * 64 inside it, so its results are exact there too
+    inputs["b"] //= 2
     model, feeds = one_node("QLinearMatMul", inputs, {"y": U8}, constant=("b", "sa", "za", "sb", "zb", "sy", "zy"),
                             opset=10)
     assert_near_ort(model, feeds)

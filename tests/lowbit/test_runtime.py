@@ -484,3 +484,22 @@ def test_planned_buffers_start_on_cache_lines(rng):
     ((lane,),) = session._lanes.values()
     (plan,) = lane.plans.values()
     assert all(out.ctypes.data % 64 == 0 for _, _, _, outs, _ in plan.steps for out in outs)
+
+
+@pytest.mark.parametrize("precision", ["float32", "int8"])
+@pytest.mark.parametrize("threads", [None, 2])
+def test_batch_of_zero_runs_to_empty_outputs(precision, threads, rng):
+    """A CNN (conv, pool, gemm) fed 0 images returns its outputs with a batch of 0, in float and in int8, node by
+    node and in compiled chains."""
+    from lowbit import quantize_model
+
+    g = GraphBuilder({"x": TensorSpec((None, 3, 8, 8))})
+    h = g.max_pool(g.relu(g.conv("x", rng.normal(0, 0.3, (8, 3, 3, 3)), rng.normal(0, 0.1, 8), pads=(1, 1, 1, 1))),
+                   (2, 2))
+    graph = g.build([g.gemm(g.flatten(h), rng.normal(0, 0.05, (10, 128)), np.zeros(10))])
+    if precision == "int8":
+        graph = quantize_model(graph, [rng.standard_normal((4, 3, 8, 8)).astype(np.float32)], {"precision": "int8"})
+    session = Session(graph, threads=threads)
+    (y,) = session.run({"x": np.zeros((0, 3, 8, 8), np.float32)}).values()
+    assert y.shape == (0, 10) and y.dtype == np.float32
+    assert session.run({"x": np.ones((2, 3, 8, 8), np.float32)})[graph.outputs[0]].shape == (2, 10)  # still fine
