@@ -14,6 +14,7 @@ import numpy as np
 
 import kernels
 from kernels import dispatch
+from lowbit.extras import require
 from lowbit.quantization.formats import FORMATS
 
 
@@ -292,7 +293,67 @@ def _quantize_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dask_client(address: str):
+    """A Dask client: of a new local cluster (``local:N``, N one-thread worker processes, loopback only) or of
+    the scheduler at ``address``."""
+    distributed = require("distributed", "dask", "--dask")
+    if address.startswith("local:"):
+        workers = address.partition(":")[2]
+        if not workers.isdigit() or int(workers) < 1:
+            raise UsageError(f"--dask: expected local:N with N >= 1 worker processes, got {address!r}")
+        cluster = distributed.LocalCluster(n_workers=int(workers), threads_per_worker=1, processes=True,
+                                           host="127.0.0.1", dashboard_address=":0")
+        return distributed.Client(cluster)
+    return distributed.Client(address)
+
+
+def _run_dask(args: argparse.Namespace) -> int:
+    """``run --dask``: the model over a whole .npy (memory-mapped) or .parquet file, chunk by chunk on the
+    cluster, with a progress line per finished chunk; the outputs saved to --output."""
+    import dask.array as da
+    import distributed
+
+    from lowbit.dask import predict
+
+    if not args.input or len(args.input) != 1 or not args.input[0].endswith((".npy", ".parquet")):
+        raise UsageError("--dask: give one --input file, .npy (the model's only input) or .parquet (a row per "
+                         "sample)")
+    if not args.output:
+        raise UsageError("--dask: give --output, an .npy (one output) or .npz file for the results")
+    rows = args.batch or 256
+    path = args.input[0]
+    if path.endswith(".npy"):
+        data = np.load(path, mmap_mode="r", allow_pickle=False)
+        data = da.from_array(data, chunks=(rows, *data.shape[1:]))
+    else:
+        import dask.dataframe as dd
+
+        data = dd.read_parquet(path)
+    with _dask_client(args.dask) as client:
+        result = predict(args.model, data, batch_size=rows if path.endswith(".npy") else None,
+                         threads_per_worker=args.threads)
+        if isinstance(result, dict):
+            outputs = result
+        else:  # one output: an array, or a DataFrame from parquet
+            outputs = {"output": result if isinstance(result, da.Array) else result.to_dask_array(lengths=True)}
+        parts = {name: client.compute(list(array.to_delayed().reshape(-1))) for name, array in outputs.items()}
+        total = sum(len(p) for p in parts.values())
+        for done, _ in enumerate(distributed.as_completed([f for p in parts.values() for f in p]), 1):
+            print(f"[{done}/{total}] chunks", file=sys.stderr, end="\r" if sys.stderr.isatty() else "\n")
+        arrays = {name: np.concatenate([f.result() for f in p]) for name, p in parts.items()}
+    if len(arrays) == 1:
+        (value,) = arrays.values()
+        np.save(args.output, value)
+    else:
+        np.savez(args.output, **arrays)
+    for name, value in arrays.items():
+        print(f"{name}: shape {value.shape}, dtype {value.dtype}, saved to {args.output}")
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
+    if args.dask:
+        return _run_dask(args)
     if args.model.lower().endswith(".onnx"):
         return _run_onnx(args)
     import lowbit
@@ -400,6 +461,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name == "run":
             cmd.add_argument("--output", help="save the (first) output here as .npy (ONNX: all outputs, .npz)")
             cmd.add_argument("--dim", action="append", help="ONNX: NAME=SIZE for a symbolic dimension (repeatable)")
+            cmd.add_argument("--dask", metavar="ADDRESS", help="run over the whole --input on a Dask cluster: "
+                             "tcp://scheduler:8786, or local:N for N local worker processes (--batch: rows per "
+                             "chunk, default 256)")
         if name == "report":
             cmd.add_argument("--reference", help="a float .lowbit model to measure the output error against")
     args = parser.parse_args(argv)

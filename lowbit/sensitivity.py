@@ -19,6 +19,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
+from lowbit.extras import require
 from lowbit.graph.ir import Graph
 from lowbit.io import model_size
 from lowbit.quantization.metrics import sqnr_db
@@ -78,12 +79,8 @@ class SensitivityReport:
 
     def plot(self, path: str) -> None:
         """A bar chart of SQNR per layer and precision, saved to ``path`` (needs matplotlib)."""
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError as e:
-            raise ImportError("SensitivityReport.plot needs matplotlib: pip install 'lowbit[plot]'") from e
+        require("matplotlib", "plot", "SensitivityReport.plot").use("Agg")
+        import matplotlib.pyplot as plt
         layers = list(dict.fromkeys(r.layer for r in self.rows))
         precisions = list(dict.fromkeys(r.precision for r in self.rows))
         fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(layers) * len(precisions)), 3.5))

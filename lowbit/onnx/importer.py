@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from lowbit.extras import require
 from lowbit.graph.collector import paused
 from lowbit.graph.ir import Graph, Node, TensorSpec
 from lowbit.onnx.types import elem_name, numpy_dtype, type_string
@@ -49,11 +50,7 @@ class UnsupportedModelError(ValueError):
 
 def onnx_module():
     """The ``onnx`` package, or an ImportError telling how to install it."""
-    try:
-        import onnx
-    except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError("lowbit.onnx needs the onnx package: pip install 'lowbit[onnx]'") from error
-    return onnx
+    return require("onnx", "onnx", "lowbit.onnx")
 
 
 @dataclass(frozen=True)
