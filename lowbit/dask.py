@@ -126,6 +126,7 @@ def _task_threads(threads: int | None) -> int:
 
 def _predict_chunk(source: _Source, data: bytes | None, threads: int | None, names: list[str],
                    inputs: list[str], *arrays: np.ndarray) -> list[np.ndarray]:
+    """One task: the outputs ``names`` of one chunk (``arrays``, in the order of ``inputs``)."""
     runner = _runner(source, data, _task_threads(threads))
     return runner.run(dict(zip(inputs, arrays)), names)
 
