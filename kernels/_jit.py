@@ -55,6 +55,31 @@ _LOCATORS = [type(f"Package{name}", (_PackageStamp, _numba_class(name)), {})
              for name in ("UserProvidedCacheLocator", "InTreeCacheLocator", "UserWideCacheLocator")]
 _numba_class("CacheImpl")._locator_classes[:0] = _LOCATORS  # before any kernel below is decorated
 
+
+class KeyedCacheFile(_numba_class("IndexDataCacheFile")):
+    """Numba's cache index and data files, each overload's data file named by a hash of its key.
+
+    Numba names them by the first free number in the index it just read. Two processes compiling different
+    overloads of one function at once (pytest-xdist workers, Dask workers on a cold cache) then take the same
+    number: the index keeps one key, the file the other's machine code, and a later process loads the wrong
+    code for that key, silently. Named by key, a file only ever holds its own key's code; a concurrent index
+    write can still drop the other process's entry, which costs a compilation later, never a wrong result.
+    The data is written before the index entry that points to it.
+    """
+
+    def save(self, key, data):
+        name = f"{self._index_name[:-len('.nbi')]}.{hashlib.sha256(repr(key).encode()).hexdigest()[:20]}.nbc"
+        self._save_data(name, data)
+        overloads = self._load_index()
+        if overloads.get(key) != name:
+            overloads[key] = name
+            self._save_index(overloads)
+
+
+# caching.Cache builds its files through this module global: every cache made from now on (this package's
+# kernels, lowbit's compiled chains) is keyed
+setattr(caching, _numba_class("IndexDataCacheFile").__name__, KeyedCacheFile)
+
 kernel = functools.partial(numba.njit, cache=True, nogil=True)
 
 

@@ -41,13 +41,16 @@ def float32_input(name: str, x: object, shape: tuple[int, ...]) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-def out(x: object, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """Check a caller's ``out=`` array: exact shape and dtype, C-contiguous, writeable."""
+def out(x: object, shape: tuple[int, ...], dtype: np.dtype, /, **reads: np.ndarray) -> np.ndarray:
+    """Check a caller's ``out=`` array: exact shape and dtype, C-contiguous, writeable, and overlapping none of the
+    input arrays ``reads`` (by name, see :func:`disjoint`)."""
     x = array("out", x, (dtype,), len(shape))
     if x.shape != shape:
         raise ValueError(f"out: expected shape {shape}, got {x.shape}")
     if not x.flags.writeable:
         raise ValueError("out: the array is read-only")
+    for name, read in reads.items():
+        disjoint(x, name, read)
     return x
 
 

@@ -251,8 +251,7 @@ def dynamic_quantize_linear(x: np.ndarray, out: np.ndarray | None = None) -> tup
     :func:`row_ranges`; an empty ``x`` has the range [0, 0]). Raises ValueError for NaN."""
     if not isinstance(x, np.ndarray) or x.dtype != F32:
         raise TypeError(f"x: expected a float32 numpy.ndarray, got {getattr(x, 'dtype', type(x).__name__)}")
-    out = np.empty(x.shape, np.uint8) if out is None else _validate.out(out, x.shape, np.dtype(np.uint8))
-    _validate.disjoint(out, "x", x)
+    out = np.empty(x.shape, np.uint8) if out is None else _validate.out(out, x.shape, np.dtype(np.uint8), x=x)
     width = x.shape[-1] if x.ndim and x.size else x.size  # rows of the last axis (one row for 0-d or empty x)
     rows = np.ascontiguousarray(x).reshape(-1, width) if width else np.zeros((1, 0), F32)
     scales, zeros, _ = dynamic_quantize_rows(rows, out.reshape(rows.shape), per_row=False)

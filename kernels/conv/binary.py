@@ -178,8 +178,7 @@ def conv2d_binary(x_bits: np.ndarray, w: np.ndarray | PackedConvBinary, *, in_ch
         shift = np.zeros(o) if bias is None else _validate.per_channel("bias", bias, o, np.float64)
         lo, hi = _clamp(clamp)
     out = np.empty(plan.out_shape, plan.out_dtype) if out is None else _validate.out(out, plan.out_shape,
-                                                                                     plan.out_dtype)
-    _validate.disjoint(out, "x", x)
+                                                                                     plan.out_dtype, x=x)
 
     border, corr = _NO_BORDER, _NO_CORR
     if fill != 1 and any(plan.pads):

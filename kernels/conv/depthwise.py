@@ -369,8 +369,7 @@ class DepthwisePlan:
         if x.shape != self.x_shape:
             raise ValueError(f"x: expected {self.layout} shape {self.x_shape}, got {x.shape}")
         out = _validate.array("out", out, self.out_dtypes, len(self.out_shape))
-        _validate.out(out, self.out_shape, out.dtype)
-        _validate.disjoint(out, "x", x)
+        _validate.out(out, self.out_shape, out.dtype, x=x)
         self.run(x, out)
         return out
 

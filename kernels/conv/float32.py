@@ -1335,8 +1335,8 @@ class Conv2dFloat32Plan:
             raise ValueError(f"x: expected {self.layout} shape {self.x_shape} as prepared, got {x.shape}")
         if not x.flags.c_contiguous:
             x = np.ascontiguousarray(x)
-        out = np.empty(self.out_shape, F32_DTYPE) if out is None else _validate.out(out, self.out_shape, F32_DTYPE)
-        _validate.disjoint(out, "x", x)
+        out = np.empty(self.out_shape, F32_DTYPE) if out is None else _validate.out(out, self.out_shape, F32_DTYPE,
+                                                                                    x=x)
         self.run(x, out)
         return out
 

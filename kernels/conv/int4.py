@@ -96,8 +96,7 @@ def conv2d_int4(x: np.ndarray, w: PackedConvInt4, bias: np.ndarray | None = None
         bias = _validate.per_channel("bias", bias, o, np.float32)
     shape = geo.out_shape_nhwc if layout == "NHWC" else (geo.batch, o, geo.out_h, geo.out_w)
     if out is not None:
-        out = _validate.out(out, shape, np.dtype(np.float32))
-        _validate.disjoint(out, "x", x)
+        out = _validate.out(out, shape, np.dtype(np.float32), x=x)
     rows = np.empty((geo.rows, o), np.float32) if layout == "NCHW" or out is None else out.reshape(geo.rows, o)
     og, k = geo.group_out, geo.depth
     block = max(1, BLOCK_BYTES // (4 * k))

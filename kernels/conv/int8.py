@@ -248,10 +248,10 @@ class ConvPlan:
             x = np.asarray(x)  # an ndarray subclass as a plain array
         if out is None:
             out = np.empty(self.out_shape, self.out_dtype)
-        else:
-            if not (type(out) is np.ndarray and out.dtype == self.out_dtype and out.shape == self.out_shape
-                    and out.flags.c_contiguous and out.flags.writeable):
-                out = _validate.out(out, self.out_shape, self.out_dtype)
+        elif not (type(out) is np.ndarray and out.dtype == self.out_dtype and out.shape == self.out_shape
+                  and out.flags.c_contiguous and out.flags.writeable):
+            out = _validate.out(out, self.out_shape, self.out_dtype, x=x)
+        else:  # the checks above, inline: only the overlap is left
             _validate.disjoint(out, "x", x)
         if self.empty:
             return out

@@ -177,8 +177,7 @@ class PopcountPlan:
         if out is None:
             out = np.empty(self._shape, self.out_dtype)
         else:
-            out = _validate.out(out, self._shape, self.out_dtype)
-            _validate.disjoint(out, "a_bits", a)
+            out = _validate.out(out, self._shape, self.out_dtype, a_bits=a)
             exact = exact and type(out) is np.ndarray and out.flags.aligned
         if self._parallel and threads.get_num_threads() > 1:
             return _popcount(a, self.b, self.k, self.mode, self.mult, self.shift, _NO_THRESHOLDS, out)
@@ -251,9 +250,7 @@ def gemm_binary(a_bits: np.ndarray, b_bits: np.ndarray, k: int, *, multiplier=No
     if fused and dtype != np.float32:
         raise ValueError("out_dtype: multiplier and bias give float32 output, not int32")
     shape = (m, n)
-    out = np.empty(shape, dtype) if out is None else _validate.out(out, shape, dtype)
-    _validate.disjoint(out, "a_bits", a)
-    _validate.disjoint(out, "b_bits", b)
+    out = np.empty(shape, dtype) if out is None else _validate.out(out, shape, dtype, a_bits=a, b_bits=b)
     if dtype == np.int32:
         return _popcount(a, b, k, INTEGER, _NONE, _NONE, _NO_THRESHOLDS, out)
     mult = _per_channel("multiplier", multiplier, n, 1.0)
@@ -292,9 +289,8 @@ def gemm_binary_to_bits(a_bits: np.ndarray, b_bits: np.ndarray, k: int, threshol
     m, n = a.shape[0], b.shape[0]
     thr = check_thresholds(thresholds, n, k)
     shape = (m, word_count(n))
-    out = np.zeros(shape, np.uint64) if out is None else _validate.out(out, shape, np.dtype(np.uint64))
-    _validate.disjoint(out, "a_bits", a)
-    _validate.disjoint(out, "b_bits", b)
+    out = np.zeros(shape, np.uint64) if out is None else _validate.out(out, shape, np.dtype(np.uint64), a_bits=a,
+                                                                        b_bits=b)
     out[...] = 0
     return _popcount(a, b, k, BITS, _NONE, _NONE, thr, out)
 
@@ -323,9 +319,7 @@ def gemm_binary_int8(a: np.ndarray, b_bits: np.ndarray, k: int, *, out: np.ndarr
         raise ValueError(f"a: expected k = {k} columns, got shape {a.shape}")
     m, n = a.shape[0], b.shape[0]
     shape = (m, n)
-    out = np.empty(shape, np.int32) if out is None else _validate.out(out, shape, np.dtype(np.int32))
-    _validate.disjoint(out, "a", a)
-    _validate.disjoint(out, "b_bits", b)
+    out = np.empty(shape, np.int32) if out is None else _validate.out(out, shape, np.dtype(np.int32), a=a, b_bits=b)
     lda = WORD_BITS * words
     padded = np.zeros((m, lda), np.uint8)
     padded[:, :k] = a.view(np.uint8) ^ 0x80  # u = a + 128; the padding stays 0 and its bits are 0

@@ -219,8 +219,7 @@ class DynamicLinearPlan:
             raise ValueError(f"scale, zero_point: expected a finite scale > 0 and a zero point in 0..255, got "
                              f"{scale}, {zero_point}")
         shape = codes.shape[:-1] + (n,)
-        out = np.empty(shape, F32) if out is None else _validate.out(out, shape, F32)
-        _validate.disjoint(out, "codes", codes)
+        out = np.empty(shape, F32) if out is None else _validate.out(out, shape, F32, codes=codes)
         rows = np.ascontiguousarray(codes).reshape(-1, k)
         if rows.shape[0]:
             self._linear(rows, out.reshape(-1, n), self._linear.requantized(scale, zero_point, self.w_scale))
@@ -233,8 +232,7 @@ class DynamicLinearPlan:
         if x.ndim < 1 or x.shape[-1] != k:
             raise ValueError(f"x: expected a last axis of K = {k} (the weights'), got shape {x.shape}")
         shape = x.shape[:-1] + (n,)
-        out = np.empty(shape, F32) if out is None else _validate.out(out, shape, F32)
-        _validate.disjoint(out, "x", x)
+        out = np.empty(shape, F32) if out is None else _validate.out(out, shape, F32, x=x)
         rows = np.ascontiguousarray(x).reshape(-1, k)
         m = rows.shape[0]
         if m == 0:

@@ -65,9 +65,9 @@ class GroupedPlan:
             out = np.empty(shape, np.float32)
         elif not (type(out) is np.ndarray and out.dtype is _F32 and out.shape == shape
                   and (out_flags := out.flags).c_contiguous and out_flags.writeable and out_flags.aligned):
-            out = _validate.out(out, shape, _F32)
+            out = _validate.out(out, shape, _F32, x=x)
             exact = False
-        else:
+        else:  # the checks above, inline: only the overlap is left
             _validate.disjoint(out, "x", x)
         if self.m == 0:
             return out

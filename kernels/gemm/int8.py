@@ -187,9 +187,9 @@ class LinearPlan:
             out = np.empty((m, n), out_dtype)
         elif not (type(out) is np.ndarray and out.dtype is out_dtype and out.shape == (m, n)
                   and (out_flags := out.flags).c_contiguous and out_flags.writeable and out_flags.aligned):
-            out = _validate.out(out, (m, n), out_dtype)
+            out = _validate.out(out, (m, n), out_dtype, a=a)
             exact = False
-        else:
+        else:  # the checks above, inline: only the overlap is left
             _validate.disjoint(out, "a", a)
         if parallel and threads.get_num_threads() > 1:
             self._threaded(a, variant, bound, out)

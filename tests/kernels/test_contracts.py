@@ -155,3 +155,13 @@ def test_linear_int8_matches_its_oracle_whatever_the_scalar_types(a_scale, w_sca
     w = RNG.integers(-127, 128, (16, 65)).astype(np.int8)
     args = dict(a_scale=a_scale, a_zero_point=3, w_scale=w_scale, bias=RNG.standard_normal(16).astype(np.float32))
     np.testing.assert_array_equal(kernels.linear_int8(a, w, **args), linear_int8_ref(a, w, **args))
+
+
+def test_out_overlapping_through_a_misaligned_view_is_refused():
+    """An ``out`` that fails a plan's inline checks (here: misaligned) goes through the full checks, overlap
+    included."""
+    memory = np.zeros(16 * 64 + 4, np.uint8)
+    x, out = memory[:16 * 64].reshape(16, 64), memory[1:16 * 64 + 1].view(np.int32).reshape(16, 16)
+    assert not out.flags.aligned
+    with pytest.raises(ValueError, match="out: must not overlap the input a"):
+        kernels.gemm_int8(x, kernels.pack_int8(W), out=out)

@@ -56,3 +56,20 @@ def test_second_process_compiles_nothing(tmp_path):
         pytest.skip("the kernels' sources changed between the two processes (an edit in this tree)")
     assert second["compiled"] == []
     assert second["files"] == first["files"]  # and nothing new was written
+
+
+def test_concurrent_saves_never_give_a_key_another_overloads_code(tmp_path, monkeypatch):
+    """Two processes save different overloads of one function from the same (empty) view of its index, as
+    compilers racing on a cold cache do. Numba's numbered files would then hand one key the other's machine
+    code; keyed files can only lose an index entry (a cache miss, compiled again)."""
+    from kernels._jit import KeyedCacheFile
+
+    first, second = (KeyedCacheFile(str(tmp_path), "kernel-1.py311", "stamp") for _ in range(2))
+    first.save(("sig A",), b"code of A")
+    with monkeypatch.context() as stale:
+        stale.setattr(second, "_load_index", lambda: {})  # it read the index before the first saved
+        second.save(("sig B",), b"code of B")
+    assert second.load(("sig B",)) == b"code of B"
+    assert first.load(("sig A",)) in (None, b"code of A")  # never b"code of B"
+    first.save(("sig A",), b"code of A")  # compiled again after the miss
+    assert first.load(("sig A",)) == b"code of A" and second.load(("sig B",)) == b"code of B"
