@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -43,7 +44,7 @@ class _Reader:
         return next(self.feeds, None)
 
 
-def _models(folder: Path) -> dict[str, tuple[str, callable]]:
+def _models(folder: Path) -> dict[str, tuple[str, Callable]]:
     """name -> (int8 ONNX path, make(dask module, samples, chunk) -> the input collections)."""
     import onnx
 
