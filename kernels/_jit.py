@@ -9,16 +9,23 @@ Numba stamps a cached function with the hash of its own source file only, but a
 kernel compiles in the helpers, micro-kernels and tables of other modules: after
 an edit to one of those it would keep loading stale machine code. The locators
 below stamp every function of this package with a hash of all of its sources.
+Two more repairs make a cache that many processes fill at once safe to load:
+data files named by their key (:class:`KeyedCacheFile`) and function ids unique
+across processes (:class:`ProcessUniqueIds`).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
+import os
+import secrets
 from pathlib import Path
 
 import numba
 from numba.core import caching
+from numba.core.bytecode import FunctionIdentity
 
 PACKAGE = Path(__file__).resolve().parent
 
@@ -79,6 +86,36 @@ class KeyedCacheFile(_numba_class("IndexDataCacheFile")):
 # caching.Cache builds its files through this module global: every cache made from now on (this package's
 # kernels, lowbit's compiled chains) is keyed
 setattr(caching, _numba_class("IndexDataCacheFile").__name__, KeyedCacheFile)
+
+
+class ProcessUniqueIds:
+    """Numba's function ids, unique across processes: a counter from a random 62-bit start, drawn again in a
+    forked child.
+
+    Numba puts the id of each compiled function in its symbol name and counts ids from 1 in every process. Two
+    processes that compile different closures of one qualname (the drivers ``kernels.conv.int8_driver.variant``
+    wraps, the micro-kernel factories) with the same argument types in the same order give them one symbol
+    name. A callee linked into a cached kernel is a weak symbol, so a third process that loads both kernels from
+    the cache binds the second kernel's call to the first one's callee: silently wrong results (numba issue
+    10486). From a random start, two processes that draw n ids each overlap with a probability of about
+    n / 2^61.
+    """
+
+    def __init__(self):
+        self.reseed()
+        os.register_at_fork(after_in_child=self.reseed)
+
+    def reseed(self) -> None:
+        self._ids = itertools.count(secrets.randbits(62))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> int:
+        return next(self._ids)
+
+
+FunctionIdentity._unique_ids = ProcessUniqueIds()  # before any function of this package compiles
 
 kernel = functools.partial(numba.njit, cache=True, nogil=True)
 

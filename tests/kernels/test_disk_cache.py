@@ -73,3 +73,63 @@ def test_concurrent_saves_never_give_a_key_another_overloads_code(tmp_path, monk
     assert first.load(("sig A",)) in (None, b"code of A")  # never b"code of B"
     first.save(("sig A",), b"code of A")  # compiled again after the miss
     assert first.load(("sig A",)) == b"code of A" and second.load(("sig B",)) == b"code of B"
+
+
+CLOSURES = '''
+import kernels  # makes Numba's function ids unique across processes
+import numba
+import numpy as np
+
+
+def make(k):
+    def closure(x):  # too long for LLVM to inline: it stays a weak symbol of the kernels that call it
+        s = 0.0
+        for i in range(x.size):
+            v = x[i]
+{steps}
+            s += v
+        return s
+    return numba.njit(closure)
+
+
+one, two = make(1.0), make(2.0)
+
+
+@numba.njit(cache=True)
+def call_one(x):
+    return one(x)
+
+
+@numba.njit(cache=True)
+def call_two(x):
+    return two(x)
+'''
+
+CALL = """
+import sys
+import numpy as np
+import closures
+x = np.linspace(0.0, 1.0, 50)
+print(*[getattr(closures, name)(x) for name in sys.argv[1:]])
+"""
+
+
+def test_closures_of_one_name_keep_their_code_through_the_cache(tmp_path):
+    """Process A caches a kernel calling closure ``one``, process B one calling ``two`` (one qualname, one
+    signature, compiled in the same order); process C loads both kernels. With Numba's per-process id counter
+    both closures had one symbol name and C ran ``one`` for both (numba issue 10486)."""
+    steps = "\n".join(f"            v = np.sin(v * {j + 1.5} + k) if v > {j / 100} else np.cos(v - {j + 0.25} * k)"
+                      for j in range(80))
+    (tmp_path / "closures.py").write_text(CLOSURES.format(steps=steps))
+    path = [str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+
+    def call(*names: str) -> list[float]:
+        run = subprocess.run([sys.executable, "-c", CALL, *names], capture_output=True, text=True, timeout=300,
+                             env=env)
+        assert run.returncode == 0, run.stderr
+        return [float(v) for v in run.stdout.split()]
+
+    alone = call("call_one") + call("call_two")  # each compiled and cached by its own process
+    assert alone[0] != alone[1]
+    assert call("call_one", "call_two") == alone  # both loaded from the cache
