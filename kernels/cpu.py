@@ -94,6 +94,18 @@ def amx_permitted() -> bool:
         return False
 
 
+@functools.cache
+def vector_register_bytes() -> int:
+    """What the vector registers Numba's code uses hold, in bytes: 32 x 64 with AVX-512, 16 x 32 with AVX / AVX2,
+    32 x 16 with NEON (aarch64), else 16 x 16 (SSE). Register tiles size their sums by it."""
+    have = target_features()
+    if "avx512f" in have:
+        return 32 * 64
+    if "avx" in have:
+        return 16 * 32
+    return 32 * 16 if host_arch() == "aarch64" else 16 * 16
+
+
 def host_level() -> Level:
     """The highest level this CPU supports."""
     return supported_levels()[-1]

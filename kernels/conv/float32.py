@@ -18,7 +18,7 @@ SkylakeX kernels) is not used: at one thread it reached 70-115 GFLOPS on these p
 here (150 on 512-cubes), the register tiles below 140-175.
 
 * **Pixel tiles** (``O / group`` a multiple of 32, ``K >= 64``: most 3x3 layers): the
-  transposed product, 64 (or 32) output channels along 4 (2) vectors by 6 (8) pixels
+  transposed product, 64 (or 32) output channels along 4 (2) vectors by 6 (8) pixels (1 (3) with AVX2)
   (:func:`_pixel_tile`); per tap, each pixel's input value is broadcast from where it
   lies in the (zero-padded copy of the) image, through a table of pixel offsets: no
   im2col copy, no wasted column. The pixel-major result of an image is transposed into
@@ -27,8 +27,8 @@ here (150 on 512-cubes), the register tiles below 140-175.
   NHWC_MAX_PIXELS``, more than ``NHWC_MIN_WEIGHTS`` bytes of them) run the NHWC pixel
   tiles below instead, between two transposes ("nhwc-pixels").
 * **Channel-major panels** (the other non-depthwise ones): pixels go in panels of
-  ``NR = 32``; a register tile of ``MR = 8`` output channels by the ``NR`` pixels
-  (:func:`_tile`: 16 vectors of 16 lanes held over all of K, one multiply-add per
+  ``NR = 32``; a register tile of ``MR`` output channels (8 with AVX-512, 2 with AVX2) by the ``NR`` pixels
+  (:func:`_tile`: ``2 MR`` vectors of 16 lanes held over all of K, one multiply-add per
   broadcast weight and panel vector) adds the bias, clamps and stores into the NCHW
   output. A panel's K rows are found through a row table, so three modes share the tile:
 
@@ -78,7 +78,8 @@ The rest (depthwise of other sizes, groups of fewer than 16 filters) runs the NC
 between two transposes (``kind`` "nchw-<kind>").
 
 Everything is plain LLVM IR or Numba code, no target intrinsics: it compiles for any
-CPU. The tiles are sized for 32 vector registers (AVX-512); with 16 they spill.
+CPU. The tiles' heights follow the size of the vector registers (:data:`MR`, :data:`PIXEL_ROWS`): tiles sized for
+AVX-512's 32 registers spill with AVX2's 16 and ran at half the speed there.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from kernels import _validate, threads
+from kernels import _validate, cpu, threads
 from kernels._jit import kernel
 from kernels.entry import Entry, In, Out, empty_entry
 from kernels.conv.geometry import ConvGeometry, check_layout, conv_geometry
@@ -109,10 +110,12 @@ from kernels.gemm.llvm_ir import (
     splat,
 )
 
-MR = 8  # output channels per register tile
 VECTORS = 2  # 16-lane vectors per tile row
 LANES = 16
 NR = LANES * VECTORS  # output pixels per panel
+# output channels per register tile: its MR x NR sums fill half the vector registers, 8 rows with AVX-512's 32 and
+# 2 with AVX2's 16 (8 rows spill there: 2 ran a float32 linear layer 1.8x faster on a Zen 3)
+MR = max(1, cpu.vector_register_bytes() // 2 // (NR * 4))
 V16F32 = ir.VectorType(F32, LANES)
 UNROLLED = ((3, 3, 1), (3, 3, 2), (5, 5, 1), (5, 5, 2))  # depthwise (KH, KW, stride) with taps unrolled
 F32_DTYPE = np.dtype(np.float32)
@@ -140,20 +143,21 @@ def _vector_at(builder: ir.IRBuilder, base: ir.Value, offset: ir.Value | int) ->
 
 
 @functools.cache
-def register_tile(lane_bias: bool = False, row_scale: bool = False):
+def register_tile(lane_bias: bool = False, row_scale: bool = False, height: int = MR):
     """Intrinsic ``tile(a, a_off, a_step, a_row, b, b_off, rows, k, bias, bias_off, bias_step, scales, out, out_off,
-    ldo, m, n, lo, hi)``: an ``MR x NR`` block of a float32 product, in registers over all of K::
+    ldo, m, n, lo, hi)``: a ``height x NR`` block of a float32 product (``height`` is :data:`MR`, sized for this
+    CPU's registers, unless a test asks for another), in registers over all of K::
 
         out[out_off + r ldo + j] = clamp(s_r (c_rj + sum_q A[r, q] b[b_off + rows[q] + j]), lo, hi)
         A[r, q] = a[a_off + q a_step + r a_row]
 
-    for ``r < min(m, MR)``, ``j < min(n, NR)`` (the other rows and lanes are computed, not stored; rows ``r >= m``
+    for ``r < min(m, height)``, ``j < min(n, NR)`` (the other rows and lanes are computed, not stored; rows ``r >= m``
     read the ``a``, ``bias`` and ``scales`` of row ``m - 1``, never past it; ``m >= 1``), where the start ``c_rj``
     is ``bias[bias_off + r bias_step]`` (one per row), or with ``lane_bias`` the vector ``bias[bias_off +
     r bias_step + j]`` (lanes past ``n`` not read), and ``s_r`` is ``scales[r]`` with ``row_scale``, else 1.
     ``a``, ``b``, ``bias``, ``scales`` and ``out`` are 1-D float32, ``rows`` int64 ``[>= k]``: where each row of the
     panel starts (``b`` rows are read whole, ``NR`` values each). Each k loads ``VECTORS`` vectors of ``b`` and
-    broadcasts ``MR`` values of ``a`` (memory operands of the multiply-adds once compiled).
+    broadcasts ``height`` values of ``a`` (memory operands of the multiply-adds once compiled).
     """
 
     @intrinsic
@@ -179,7 +183,7 @@ def register_tile(lane_bias: bool = False, row_scale: bool = False):
             fma = declare(builder, "llvm.fmuladd.v16f32", ir.FunctionType(V16F32, [V16F32] * 3))
             last = builder.sub(m, ir.Constant(I64, 1))
             clamped = [builder.select(builder.icmp_signed("<", ir.Constant(I64, r), m), ir.Constant(I64, r), last)
-                       for r in range(MR)]
+                       for r in range(height)]
             a_rows = [builder.gep(a_ptr, [builder.mul(r, a_row)]) for r in clamped]
             bias_rows = [builder.gep(bias_ptr, [builder.mul(r, bias_step)]) for r in clamped]
             masks = [_lane_mask(builder, n, LANES * j) for j in range(VECTORS)]
@@ -195,15 +199,15 @@ def register_tile(lane_bias: bool = False, row_scale: bool = False):
                 panel = [builder.load(_vector_at(builder, row, LANES * j), align=4) for j in range(VECTORS)]
                 at = builder.mul(q, a_step)
                 new = []
-                for r in range(MR):
+                for r in range(height):
                     w = splat(builder, builder.load(builder.gep(a_rows[r], [at])), V16F32)
                     new += [builder.call(fma, [w, panel[j], accs[r * VECTORS + j]]) for j in range(VECTORS)]
                 return new
 
-            sums = emit_loop(builder, k, V16F32, MR * VECTORS, step, init)
+            sums = emit_loop(builder, k, V16F32, height * VECTORS, step, init)
             low, high = splat(builder, _f32(builder, lo), V16F32), splat(builder, _f32(builder, hi), V16F32)
             store = masked(builder, "store", V16F32)
-            for r in range(MR):
+            for r in range(height):
                 with builder.if_then(builder.icmp_signed("<", ir.Constant(I64, r), m)):
                     row = builder.gep(out_ptr, [builder.mul(ir.Constant(I64, r), ldo)])
                     factor = splat(builder, builder.load(builder.gep(scales_ptr, [clamped[r]])), V16F32) \
@@ -348,8 +352,9 @@ def _fill_padded(x, n, c, h, w, pt, pl, wb, hb, img):
         _copy_rows(img, ch * hb * wb + pt * wb + pl, wb, x, (n * c + ch) * h * w, w, w, h)
 
 
-# pixel tile: vectors of 16 output channels -> pixels per tile (24, 24, 16 or 8 sums); NCHW takes 4 or 2 vectors
-PIXEL_ROWS = {4: 6, 3: 8, 2: 8, 1: 8}
+# pixel tile: vectors of 16 output channels -> pixels per tile, at most 8, its sums filling three quarters of the
+# vector registers (AVX-512: 24, 24, 16 or 8 sums of 16 lanes; AVX2: 4, 6, 6 or 6); NCHW takes 4 or 2 vectors
+PIXEL_ROWS = {v: max(1, min(8, 3 * cpu.vector_register_bytes() // 4 // (4 * LANES * v))) for v in (4, 3, 2, 1)}
 # Shorter filters (1x1 on few channels) run faster as channel-major panels: the pixel tile's fixed costs and the
 # final transpose weigh more there (measured: 1x1 stride-2 16->32 and 32->64 lost 10-30 %, 3x3 ones gained 0-40 %)
 PIXEL_MIN_DEPTH = 64
@@ -904,7 +909,7 @@ def _fill_padded_nhwc(x, n, h, rowlen, pt, pl_c, wbc, hb, j, img):
 def _make_pixels_nhwc():
     """The driver of the NHWC pixel tiles: blocks of 64 channels (4 vectors), a group's tail of 1-3 vectors."""
     tile4, tile3, tile2, tile1 = (_pixel_tile(v) for v in (4, 3, 2, 1))
-    rows4 = PIXEL_ROWS[4]
+    rows4, rows3, rows2, rows1 = (PIXEL_ROWS[v] for v in (4, 3, 2, 1))
 
     @kernel
     def pixels_nhwc(x, wt, bias, lo, hi, geo, taps, pix, i0, i1, img, out):
@@ -954,16 +959,16 @@ def _make_pixels_nhwc():
                                 tile4(wt, w_off, src, i_off, pix, p0, min(rows4, total - p0), taps, q0, q1, bias, o0,
                                       nch, out, out_base + p0 * o + o0, o, mode, lo, hi)
                         elif tail_v == 3:
-                            for p0 in range(0, total, 8):
-                                tile3(wt, w_off, src, i_off, pix, p0, min(8, total - p0), taps, q0, q1, bias, o0,
+                            for p0 in range(0, total, rows3):
+                                tile3(wt, w_off, src, i_off, pix, p0, min(rows3, total - p0), taps, q0, q1, bias, o0,
                                       nch, out, out_base + p0 * o + o0, o, mode, lo, hi)
                         elif tail_v == 2:
-                            for p0 in range(0, total, 8):
-                                tile2(wt, w_off, src, i_off, pix, p0, min(8, total - p0), taps, q0, q1, bias, o0,
+                            for p0 in range(0, total, rows2):
+                                tile2(wt, w_off, src, i_off, pix, p0, min(rows2, total - p0), taps, q0, q1, bias, o0,
                                       nch, out, out_base + p0 * o + o0, o, mode, lo, hi)
                         else:
-                            for p0 in range(0, total, 8):
-                                tile1(wt, w_off, src, i_off, pix, p0, min(8, total - p0), taps, q0, q1, bias, o0,
+                            for p0 in range(0, total, rows1):
+                                tile1(wt, w_off, src, i_off, pix, p0, min(rows1, total - p0), taps, q0, q1, bias, o0,
                                       nch, out, out_base + p0 * o + o0, o, mode, lo, hi)
 
     return pixels_nhwc
@@ -1233,7 +1238,7 @@ class Conv2dFloat32Plan:
         return hb, wb, (np.arange(geo.group_in)[:, None, None] * (hb * wb) + taps).reshape(-1).astype(np.int64)
 
     def _pixels(self, w: np.ndarray, b: np.ndarray) -> None:
-        """Pixel tiles: 64 (or 32) channels by 6 (8) pixels, taps read in place (measured here: 155-175 GFLOPS
+        """Pixel tiles: 64 (or 32) channels by ``PIXEL_ROWS`` pixels, taps read in place (measured here: 155-175 GFLOPS
         for 32-64 channels, where the channel-major tile loses a quarter to im2col copies or wide columns)."""
         geo = self.geo
         self.kind = "pixels"

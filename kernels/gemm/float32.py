@@ -5,11 +5,11 @@ With ``x [..., K]`` (M rows), ``W [K, N]`` (ONNX MatMul's layout) and ``bias [N]
     out[m, n] = bias[n] + sum_k x[m, k] W[k, n]
 
 ``W`` is packed once into column panels of ``NR = 32`` (``[panels, K, 32]``, the last panel zero padded), so that
-:func:`kernels.conv.float32.register_tile` streams one contiguous panel per ``MR = 8`` rows of x, which it
-broadcasts from where they lie (no copy of x); each of the tile's 32 lanes starts at its bias. Rows go in blocks of
-:data:`BLOCK_ROWS` (their part of x stays in cache while every panel passes). On one AVX-512 core this reached
-107-117 GFLOPS on a transformer's shapes (M 128 and 1024, K and N 384 and 1536) where OpenBLAS 0.3.31's ``sgemm``
-reached 96-105. Sums run in a fixed order whatever the thread count (the bias first); against the exact value, each
+:func:`kernels.conv.float32.register_tile` streams one contiguous panel per ``MR`` rows of x (8 with AVX-512, 2 with
+AVX2), which it broadcasts from where they lie (no copy of x); each of the tile's 32 lanes starts at its bias. Rows
+go in blocks of :data:`BLOCK_ROWS` (their part of x stays in cache while every panel passes). On one AVX-512 core
+this reached 107-117 GFLOPS on a transformer's shapes (M 128 and 1024, K and N 384 and 1536) where OpenBLAS 0.3.31's
+``sgemm`` reached 96-105. Sums run in a fixed order whatever the thread count (the bias first); against the exact value, each
 output is within ``(K + 1) 2^-24 (|bias[n]| + sum_k |x[m, k] W[k, n]|)``.
 """
 

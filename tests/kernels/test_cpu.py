@@ -20,6 +20,16 @@ def test_generic_always_supported():
     assert cpu.host_level() in cpu.supported_levels()
 
 
+@pytest.mark.parametrize("arch, features, size", [
+    ("x86_64", {"avx512f", "avx2", "avx"}, 32 * 64), ("x86_64", {"avx2", "avx", "fma"}, 16 * 32),
+    ("x86_64", {"sse4.2"}, 16 * 16), ("aarch64", {"neon"}, 32 * 16)])
+def test_vector_register_bytes_follow_the_features(monkeypatch, arch, features, size):
+    """What the register tiles size themselves by (kernels.conv.float32.MR and PIXEL_ROWS)."""
+    monkeypatch.setattr(cpu, "target_features", lambda: frozenset(features))
+    monkeypatch.setattr(cpu, "host_arch", lambda: arch)
+    assert cpu.vector_register_bytes.__wrapped__() == size
+
+
 def test_levels_rank_within_architecture():
     x86 = [lv for lv in cpu.LEVELS.values() if lv.arch == "x86_64"]
     assert [lv.name for lv in sorted(x86, key=lambda lv: lv.rank)] == ["avx2", "avx-vnni", "avx512-vnni",

@@ -1,15 +1,17 @@
 """kernels.linear_float32_plan: float32 x @ W + bias on panels of the register tile, against a float64 evaluation
 within the module's bound, on odd shapes (ones, sizes around the 8-row tiles, 32-lane panels and 32-row blocks),
-teams of every size (the same bits), and bad arguments."""
+teams of every size (the same bits), the register tile at every height, and bad arguments."""
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kernels
+from kernels.conv.float32 import MR, NR, register_tile
 from tests.kernels.test_teams import TEAMS, _as_team
 
 SHAPES = [(1, 1, 1), (7, 5, 3), (63, 64, 33), (65, 130, 32), (9, 384, 95), (130, 7, 65)]  # (M, K, N)
@@ -31,6 +33,31 @@ def _check(rng, m, k, n, with_bias):
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
 def test_linear_float32_matches_oracle(rng, m, k, n, with_bias):
     _check(rng, m, k, n, with_bias)
+
+
+@pytest.mark.parametrize("height", sorted({1, 2, 3, 8, MR}))
+def test_register_tile_of_every_height(rng, height):
+    """The tile's height follows the CPU's registers (MR: 8 with AVX-512, 2 with AVX2); every height computes the
+    same block, whatever this CPU picks: full, a row short, and with fewer lanes than the panel."""
+    tile = register_tile(lane_bias=True, height=height)
+
+    @numba.njit
+    def block(x, panel, table, bias, out, m, n):
+        k = x.shape[1]
+        tile(x.reshape(-1), 0, 1, k, panel.reshape(-1), 0, table, k, bias, 0, 0, np.ones(1, np.float32), out.reshape(-1), 0,
+             out.shape[1], m, n, np.float32(-np.inf), np.float32(np.inf))
+
+    k = 37
+    x = rng.standard_normal((height, k)).astype(np.float32)
+    panel = rng.standard_normal((k, NR)).astype(np.float32)
+    bias = rng.standard_normal(NR).astype(np.float32)
+    for m, n in ((height, NR), (max(1, height - 1), NR - 5)):
+        out = np.full((height, NR), -7.0, np.float32)
+        block(x, panel, np.arange(k) * NR, bias, out, m, n)
+        want = x[:m].astype(np.float64) @ panel[:, :n] + bias[:n]
+        bound = (k + 1) * 2.0 ** -24 * (np.abs(x[:m].astype(np.float64)) @ np.abs(panel[:, :n]) + np.abs(bias[:n]))
+        assert np.all(np.abs(out[:m, :n] - want) <= bound)
+        assert np.all(out[m:] == -7) and np.all(out[:, n:] == -7)  # nothing stored past m rows and n lanes
 
 
 @settings(max_examples=40, deadline=None)
