@@ -25,6 +25,9 @@ from kernels.gemm.popcount_lanes import LANES_TILES
 GEMV_MAX_ROWS = 8
 NARROW_MAX_CHANNELS = 32  # up to here (output channels per group) the 32-channel VNNI tiles run, twice as fast
 BINARY_GEMV_MAX_ROWS = 4  # up to here, prefetching the binary weights beats prefetching activations
+#: What the vector registers hold, in bytes: the float32 register tiles (kernels.conv.float32, portable code at every
+#: level) take their heights from it, as the variants below take their micro-kernels from the level
+VECTOR_REGISTER_BYTES = cpu.vector_register_bytes()
 
 
 @dataclass(frozen=True)

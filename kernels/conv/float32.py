@@ -92,7 +92,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from kernels import _validate, cpu, threads
+from kernels import _validate, dispatch, threads
 from kernels._jit import kernel
 from kernels.entry import Entry, In, Out, empty_entry
 from kernels.conv.geometry import ConvGeometry, check_layout, conv_geometry
@@ -115,7 +115,7 @@ LANES = 16
 NR = LANES * VECTORS  # output pixels per panel
 # output channels per register tile: its MR x NR sums fill half the vector registers, 8 rows with AVX-512's 32 and
 # 2 with AVX2's 16 (8 rows spill there: 2 ran a float32 linear layer 1.8x faster on a Zen 3)
-MR = max(1, cpu.vector_register_bytes() // 2 // (NR * 4))
+MR = max(1, dispatch.VECTOR_REGISTER_BYTES // 2 // (NR * 4))
 V16F32 = ir.VectorType(F32, LANES)
 UNROLLED = ((3, 3, 1), (3, 3, 2), (5, 5, 1), (5, 5, 2))  # depthwise (KH, KW, stride) with taps unrolled
 F32_DTYPE = np.dtype(np.float32)
@@ -354,7 +354,7 @@ def _fill_padded(x, n, c, h, w, pt, pl, wb, hb, img):
 
 # pixel tile: vectors of 16 output channels -> pixels per tile, at most 8, its sums filling three quarters of the
 # vector registers (AVX-512: 24, 24, 16 or 8 sums of 16 lanes; AVX2: 4, 6, 6 or 6); NCHW takes 4 or 2 vectors
-PIXEL_ROWS = {v: max(1, min(8, 3 * cpu.vector_register_bytes() // 4 // (4 * LANES * v))) for v in (4, 3, 2, 1)}
+PIXEL_ROWS = {v: max(1, min(8, 3 * dispatch.VECTOR_REGISTER_BYTES // 4 // (4 * LANES * v))) for v in (4, 3, 2, 1)}
 # Shorter filters (1x1 on few channels) run faster as channel-major panels: the pixel tile's fixed costs and the
 # final transpose weigh more there (measured: 1x1 stride-2 16->32 and 32->64 lost 10-30 %, 3x3 ones gained 0-40 %)
 PIXEL_MIN_DEPTH = 64
