@@ -34,6 +34,7 @@ from bench.contenders import lowbit_threads
 from bench.peers import Contender, onnxruntime_conv_float, onnxruntime_qlinear_conv
 from bench.timing import cell, interleave, print_table, save_json
 from kernels.reference.conv import conv2d_ref
+from kernels.reference.int8 import finish_ref
 
 SCALES = (0.02, 128, 0.01, 8.0, 128)  # x_scale, x_zero_point, w_scale, y_scale, y_zero_point
 
@@ -145,11 +146,13 @@ def contenders(layer: Layer, threads: int) -> list[Contender]:
 
 
 def requantized_reference(layer: Layer) -> np.ndarray:
-    """An int8 layer's uint8 outputs (NCHW) from ``kernels.reference``'s exact sums, requantized in float64."""
+    """An int8 layer's uint8 outputs (NCHW) by ``kernels.reference``: exact sums, then the kernels' requantization."""
     xs, xz, ws, ys, yz = SCALES
     x, w = operands(layer)
     sums = conv2d_ref(x, w, x_zero_point=xz, strides=(layer.stride,) * 2, pads=(layer.pad,) * 4, group=layer.group)
-    return np.clip(np.rint(sums * (xs * ws / ys)) + yz, 0, 255).astype(np.int32)
+    rows = sums.transpose(0, 2, 3, 1).reshape(-1, layer.filters)  # output channels last, as finish_ref's N
+    codes = finish_ref(rows, a_scale=xs, w_scale=ws, out_dtype=np.uint8, out_scale=ys, out_zero_point=yz)
+    return codes.reshape(sums.shape[0], *sums.shape[2:], layer.filters).transpose(0, 3, 1, 2).astype(np.int32)
 
 
 def measure(layer: Layer, threads: int, rounds: int) -> dict[str, float]:
@@ -158,7 +161,7 @@ def measure(layer: Layer, threads: int, rounds: int) -> dict[str, float]:
     best, outputs = interleave(contenders(layer, threads), rounds, threads)
     if layer.kind == "int8":
         expected = requantized_reference(layer)
-        # ORT requantizes in float32, lowbit and the reference in float64: a rounding tie may land one step apart
+        # ORT requantizes in float32, the reference in float64: a rounding tie may land one step apart
         for name in ("lowbit", "lowbit NHWC", "ORT int8", "ORT NHWC"):
             if name in outputs:
                 nchw = outputs[name] if "NHWC" not in name else outputs[name].transpose(0, 3, 1, 2)

@@ -28,6 +28,7 @@ from bench.peak import vnni_peak_gops
 from bench.peers import blas_libraries
 from bench.shapes import SHAPES, Shape, label, operands, ops
 from bench.timing import OPENBLAS_VARS, cell, interleave, parse_shape, print_table, ratio
+from kernels.reference.int8 import gemm_int8_ref
 
 STARTUP_SHAPE: Shape = (64, 768, 768)
 STARTUP_CHILD = """
@@ -78,21 +79,13 @@ def measure(shape: Shape, threads: int, rounds: int, peak_gops: float | None) ->
     a, b = operands(shape)
     contenders = [c for name in NAMES if (c := build(name, a, b, threads)) is not None]
     best, outputs = interleave(contenders, rounds, threads)
-    exact = exact_product(a, b)
+    exact = gemm_int8_ref(a, b)
     if not np.array_equal(outputs["lowbit"], exact):
         raise RuntimeError(f"lowbit's product is wrong on {label(shape)}")
     if "onnxruntime" in outputs and not np.array_equal(outputs["onnxruntime"], exact):
         print(f"note: ONNX Runtime's MatMulInteger is not exact on {label(shape)} on this CPU (without VNNI it adds "
               "pairs of uint8 x int8 products in int16 with saturation); timed all the same", file=sys.stderr)
     return Measurement(shape, threads, best, peak_gops)
-
-
-def exact_product(a: np.ndarray, b: np.ndarray, rows: int = 1024) -> np.ndarray:
-    """``a @ b.T`` in int32 through float64 BLAS, exact since every partial sum is an integer below 2^53; ``b``
-    in blocks of ``rows`` rows to bound the float64 copies."""
-    a64 = a.astype(np.float64)
-    blocks = [a64 @ b[i:i + rows].astype(np.float64).T for i in range(0, b.shape[0], rows)]
-    return np.hstack(blocks).astype(np.int32)
 
 
 def startup_seconds() -> dict[str, float]:

@@ -44,8 +44,8 @@ def test_register_tile_of_every_height(rng, height):
     @numba.njit
     def block(x, panel, table, bias, out, m, n):
         k = x.shape[1]
-        tile(x.reshape(-1), 0, 1, k, panel.reshape(-1), 0, table, k, bias, 0, 0, np.ones(1, np.float32), out.reshape(-1), 0,
-             out.shape[1], m, n, np.float32(-np.inf), np.float32(np.inf))
+        tile(x.reshape(-1), 0, 1, k, panel.reshape(-1), 0, table, k, bias, 0, 0, np.ones(1, np.float32),
+             out.reshape(-1), 0, out.shape[1], m, n, np.float32(-np.inf), np.float32(np.inf))
 
     k = 37
     x = rng.standard_normal((height, k)).astype(np.float32)
